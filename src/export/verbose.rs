@@ -1,0 +1,231 @@
+//! `--verbose`: one strace-like line per event on stderr.
+
+use std::fmt::Write as _;
+use std::io;
+
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncWriteExt, BufWriter, Stderr};
+
+use crate::proto::{event::Payload, Abi, AddressFamily, Event, ExitCause, Protocol};
+
+pub struct Printer {
+    out: BufWriter<Stderr>,
+    line: String,
+}
+
+impl Printer {
+    pub fn new() -> Self {
+        Printer { out: BufWriter::new(tokio::io::stderr()), line: String::new() }
+    }
+
+    pub async fn write(&mut self, batch: &[Event]) -> io::Result<()> {
+        for event in batch {
+            self.line.clear();
+            format_event(&mut self.line, event);
+            self.line.push('\n');
+            self.out.write_all(self.line.as_bytes()).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> io::Result<()> {
+        self.out.flush().await
+    }
+}
+
+const OPEN_FLAGS: &[(i32, &str)] = &[
+    (libc::O_CREAT, "O_CREAT"),
+    (libc::O_EXCL, "O_EXCL"),
+    (libc::O_NOCTTY, "O_NOCTTY"),
+    (libc::O_TRUNC, "O_TRUNC"),
+    (libc::O_APPEND, "O_APPEND"),
+    (libc::O_NONBLOCK, "O_NONBLOCK"),
+    (libc::O_SYNC, "O_SYNC"),
+    (libc::O_DSYNC, "O_DSYNC"),
+    (libc::O_DIRECT, "O_DIRECT"),
+    (0o100000, "O_LARGEFILE"),
+    (libc::O_TMPFILE, "O_TMPFILE"),
+    (libc::O_DIRECTORY, "O_DIRECTORY"),
+    (libc::O_NOFOLLOW, "O_NOFOLLOW"),
+    (libc::O_NOATIME, "O_NOATIME"),
+    (libc::O_CLOEXEC, "O_CLOEXEC"),
+    (libc::O_PATH, "O_PATH"),
+];
+
+fn format_open_flags(out: &mut String, flags: i32) {
+    out.push_str(match flags & libc::O_ACCMODE {
+        libc::O_RDONLY => "O_RDONLY",
+        libc::O_WRONLY => "O_WRONLY",
+        libc::O_RDWR => "O_RDWR",
+        _ => "O_ACCMODE",
+    });
+    let mut rest = flags & !libc::O_ACCMODE;
+    // Multi-bit flags (O_SYNC, O_TMPFILE) come before their sub-bits.
+    for &(bit, name) in OPEN_FLAGS {
+        if rest & bit == bit {
+            out.push('|');
+            out.push_str(name);
+            rest &= !bit;
+        }
+    }
+    if rest != 0 {
+        let _ = write!(out, "|{rest:#x}");
+    }
+}
+
+fn signal_name(signal: i32) -> String {
+    Signal::try_from(signal).map_or_else(|_| format!("SIG{signal}"), |s| s.as_str().to_owned())
+}
+
+fn format_retval(out: &mut String, retval: i64) {
+    if retval < 0 {
+        let errno = Errno::from_raw(-retval as i32);
+        let _ = write!(out, " = -1 {errno:?} ({})", errno.desc());
+    } else {
+        let _ = write!(out, " = {retval}");
+    }
+}
+
+pub fn format_event(out: &mut String, event: &Event) {
+    let _ = write!(out, "[pid {} ppid {}", event.pid, event.ppid);
+    if event.tid != event.pid {
+        let _ = write!(out, " tid {}", event.tid);
+    }
+    out.push_str("] ");
+    let name = &event.syscall;
+    match &event.payload {
+        Some(Payload::Exec(exec)) => {
+            let _ = write!(out, "{name}({:?}, {:?}", exec.path, exec.args);
+            if exec.args_truncated {
+                out.push_str("...");
+            }
+            let _ = write!(out, ", {} vars", exec.envs.len());
+            if exec.envs_truncated {
+                out.push('+');
+            }
+            out.push(')');
+            format_retval(out, event.retval.unwrap_or(0));
+            if !exec.executable.is_empty() && exec.executable != exec.path {
+                let _ = write!(out, " exe={:?}", exec.executable);
+            }
+            let _ = write!(out, " cwd={:?}", exec.cwd);
+            if let Some(c) = &exec.credentials {
+                let _ = write!(out, " uid={} gid={}", c.uid.unwrap_or(0), c.gid.unwrap_or(0));
+                if c.euid != c.uid || c.egid != c.gid {
+                    let _ = write!(out, " euid={} egid={}", c.euid.unwrap_or(0), c.egid.unwrap_or(0));
+                }
+            }
+        }
+        Some(Payload::Open(open)) => {
+            let _ = write!(out, "{name}({:?}, ", open.path);
+            format_open_flags(out, open.flags);
+            if open.mode != 0 || open.flags & libc::O_CREAT != 0 {
+                let _ = write!(out, ", {:#o}", open.mode);
+            }
+            out.push(')');
+            format_retval(out, event.retval.unwrap_or(0));
+        }
+        Some(Payload::Connect(connect)) => {
+            let _ = write!(out, "{name}({}, ", connect.fd);
+            let protocol = match connect.protocol() {
+                Protocol::Tcp => "TCP ",
+                Protocol::Udp => "UDP ",
+                _ => "",
+            };
+            match connect.family() {
+                AddressFamily::Inet => {
+                    let _ = write!(out, "{protocol}{}:{}", connect.address, connect.port);
+                }
+                AddressFamily::Inet6 => {
+                    let _ = write!(out, "{protocol}[{}]:{}", connect.address, connect.port);
+                }
+                AddressFamily::Unix => {
+                    let _ = write!(out, "unix {:?}", connect.address);
+                }
+                _ => out.push('?'),
+            }
+            out.push(')');
+            format_retval(out, event.retval.unwrap_or(0));
+        }
+        Some(Payload::Fork(fork)) => {
+            if fork.flags != 0 && name.starts_with("clone") {
+                let _ = write!(out, "{name}(flags={:#x})", fork.flags);
+            } else {
+                let _ = write!(out, "{name}()");
+            }
+            format_retval(out, event.retval.unwrap_or(i64::from(fork.child_pid)));
+        }
+        Some(Payload::Exit(exit)) => match exit.cause() {
+            ExitCause::Signaled => {
+                let core = if exit.core_dumped { " (core dumped)" } else { "" };
+                let _ = write!(out, "+++ killed by {}{core} +++", signal_name(exit.signal.unwrap_or(0)));
+            }
+            _ => {
+                let _ = write!(out, "+++ exited with {} +++", exit.code.unwrap_or(0));
+            }
+        },
+        Some(Payload::Chdir(chdir)) => {
+            let _ = write!(out, "{name}({:?})", chdir.path);
+            format_retval(out, event.retval.unwrap_or(0));
+        }
+        None => {
+            let _ = write!(out, "{name}(?)");
+        }
+    }
+    if event.abi() == Abi::I386 {
+        out.push_str(" [i386]");
+    }
+    if event.partial {
+        out.push_str(" (partial)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{ConnectEvent, OpenEvent};
+
+    #[test]
+    fn lines_read_like_strace() {
+        let mut line = String::new();
+        let open = Event {
+            pid: 7,
+            ppid: 1,
+            tid: 7,
+            syscall: "openat".into(),
+            retval: Some(-2),
+            payload: Some(Payload::Open(OpenEvent {
+                path: "/etc/x".into(),
+                flags: libc::O_RDONLY | libc::O_CLOEXEC,
+                mode: 0,
+            })),
+            ..Event::default()
+        };
+        format_event(&mut line, &open);
+        assert_eq!(
+            line,
+            r#"[pid 7 ppid 1] openat("/etc/x", O_RDONLY|O_CLOEXEC) = -1 ENOENT (No such file or directory)"#
+        );
+
+        line.clear();
+        let connect = Event {
+            pid: 7,
+            ppid: 1,
+            tid: 8,
+            syscall: "connect".into(),
+            retval: Some(0),
+            abi: Abi::I386 as i32,
+            payload: Some(Payload::Connect(ConnectEvent {
+                address: "127.0.0.1".into(),
+                port: 80,
+                family: AddressFamily::Inet as i32,
+                protocol: Protocol::Tcp as i32,
+                fd: 3,
+            })),
+            ..Event::default()
+        };
+        format_event(&mut line, &connect);
+        assert_eq!(line, "[pid 7 ppid 1 tid 8] connect(3, TCP 127.0.0.1:80) = 0 [i386]");
+    }
+}

@@ -1,0 +1,72 @@
+//! cws-instrumentation: a ptrace + seccomp workload security tracer for
+//! containers where eBPF cannot run (AWS Fargate and the like).
+//!
+//! `trace -- ENTRYPOINT` forks the entrypoint under ptrace with a seccomp
+//! filter that stops only the syscalls worth watching, decodes them into
+//! events (see `proto/`), and exits with the workload's status. See
+//! ARCHITECTURE.md for the map of the code and its invariants.
+
+mod cli;
+mod export;
+mod proto;
+mod trace;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cli::{Cli, Command};
+
+/// An error that ends the program: one line on stderr, and its exit status.
+#[derive(Debug)]
+pub struct ExitError {
+    code: i32,
+    message: String,
+}
+
+impl ExitError {
+    pub fn new(code: i32, message: String) -> Self {
+        ExitError { code, message }
+    }
+
+    pub fn usage(message: &str) -> Self {
+        ExitError::new(trace::exit_code::USAGE, message.to_owned())
+    }
+
+    pub fn setup(message: String) -> Self {
+        ExitError::new(trace::exit_code::SETUP, message)
+    }
+}
+
+fn main() -> ExitCode {
+    // A bug must end as one line, not a backtrace over the workload's output.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("cws-instrumentation: internal error: {info}");
+    }));
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Trace(args) => {
+            let mode = if args.disable_seccomp || cli::env_flag("DD_CWS_INSTRUMENTATION_SECCOMP_DISABLED") {
+                trace::Mode::Full
+            } else {
+                trace::Mode::Seccomp
+            };
+            trace::run(trace::TraceOptions {
+                command: args.command,
+                mode,
+                uid: args.uid,
+                gid: args.gid,
+                verbose: args.verbose,
+                events_file: args.events_file,
+                stats: args.stats,
+            })
+        }
+    };
+    match result {
+        Ok(status) => ExitCode::from(status as u8),
+        Err(error) => {
+            eprintln!("cws-instrumentation: {}", error.message);
+            ExitCode::from(error.code as u8)
+        }
+    }
+}

@@ -1,0 +1,564 @@
+//! Entry and exit decoders named in the syscall table, and the events they
+//! build. Decoders never fail: what cannot be read is left out and the event
+//! is marked `partial`.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix::unistd::Pid;
+
+use crate::export::EventSink;
+use crate::proto::{self, event::Payload, AddressFamily, Event, Protocol};
+use crate::trace::memory;
+use crate::trace::paths;
+use crate::trace::process::{FdInfo, ForkRequest, ProcessTable};
+use crate::trace::procfs;
+use crate::trace::ptrace;
+use crate::trace::syscalls::{self, Abi, Call, Next};
+
+const AT_FDCWD: i32 = -100;
+const PATH_MAX: usize = 4096;
+const CLONE_UNTRACED: u64 = 0x0080_0000;
+const SOCKADDR_MAX: usize = 128;
+/// Bounds of exec arguments and environment (entries, and bytes per entry),
+/// the same as the agent-side model expects.
+const MAX_EXEC_ENTRIES: usize = 356;
+const MAX_EXEC_ENTRY_LEN: usize = 356;
+/// Environment variables kept before all others when envp is cut.
+const PRIORITY_ENVS: [&str; 6] =
+    ["LD_PRELOAD=", "LD_LIBRARY_PATH=", "PATH=", "HISTSIZE=", "HISTFILESIZE=", "GLIBC_TUNABLES="];
+/// How much of /proc/PID/{cmdline,environ} is read at exec.
+const PROC_EXEC_READ_MAX: usize = 256 * 1024;
+
+/// What a decoder works with: the stopped thread, the process table and the
+/// event queue.
+pub struct Ctx<'a> {
+    pub tid: Pid,
+    pub procs: &'a mut ProcessTable,
+    pub sink: &'a mut EventSink,
+}
+
+pub fn timestamp(time: SystemTime) -> pbjson_types::Timestamp {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    pbjson_types::Timestamp { seconds: since.as_secs() as i64, nanos: since.subsec_nanos() as i32 }
+}
+
+fn abi_field(abi: Abi) -> i32 {
+    match abi {
+        Abi::X86_64 => proto::Abi::X8664 as i32,
+        Abi::I386 => proto::Abi::I386 as i32,
+        Abi::Unknown => proto::Abi::Unspecified as i32,
+    }
+}
+
+impl Ctx<'_> {
+    pub fn tgid(&self) -> Pid {
+        self.procs.thread(self.tid).map_or(self.tid, |t| t.tgid)
+    }
+
+    fn ppid(&self) -> u32 {
+        self.procs.process_of(self.tid).map_or(0, |p| p.ppid.as_raw() as u32)
+    }
+
+    /// An event about this thread, without payload.
+    pub fn event(&self, time: SystemTime) -> Event {
+        Event {
+            pid: self.tgid().as_raw() as u32,
+            tid: self.tid.as_raw() as u32,
+            ppid: self.ppid(),
+            timestamp: Some(timestamp(time)),
+            ..Event::default()
+        }
+    }
+
+    fn emit_call(&mut self, call: &Call, retval: i64, partial: bool, payload: Payload) {
+        let event = Event {
+            retval: Some(retval),
+            syscall: call.def.name.to_owned(),
+            abi: abi_field(call.abi),
+            partial: partial || call.partial,
+            payload: Some(payload),
+            ..self.event(call.time)
+        };
+        self.sink.emit(event);
+    }
+
+    pub fn cwd(&mut self) -> Option<String> {
+        let process = self.procs.process_of(self.tid)?;
+        if let Some(cwd) = &process.fs.borrow().cwd {
+            return Some(cwd.clone());
+        }
+        let cwd = procfs::cwd(self.tid)?;
+        process.fs.borrow_mut().cwd = Some(cwd.clone());
+        Some(cwd)
+    }
+
+    fn fd_info(&self, fd: i32) -> Option<FdInfo> {
+        self.procs.process_of(self.tid)?.fds.borrow().get(&fd).cloned()
+    }
+
+    fn set_fd(&mut self, fd: i32, info: Option<FdInfo>) {
+        if let Some(process) = self.procs.process_of(self.tid) {
+            let mut fds = process.fds.borrow_mut();
+            match info {
+                Some(info) => fds.insert(fd, info),
+                None => fds.remove(&fd),
+            };
+        }
+    }
+
+    /// Path of a descriptor: from the table, else from /proc (and remembered).
+    fn fd_path(&mut self, fd: i32) -> Option<String> {
+        match self.fd_info(fd) {
+            Some(FdInfo::File(path)) => Some(path),
+            Some(FdInfo::Socket { .. }) => procfs::fd_path(self.tid, fd),
+            None => {
+                let path = procfs::fd_path(self.tid, fd)?;
+                if path.starts_with('/') {
+                    self.set_fd(fd, Some(FdInfo::File(path.clone())));
+                }
+                Some(path)
+            }
+        }
+    }
+
+    /// A path argument made absolute against the cwd or a directory fd.
+    fn resolve(&mut self, dirfd: i32, path: &[u8]) -> Option<String> {
+        let path = String::from_utf8_lossy(path);
+        if path.starts_with('/') {
+            return Some(paths::absolute("/", &path));
+        }
+        let base = if dirfd == AT_FDCWD { self.cwd()? } else { self.fd_path(dirfd)? };
+        Some(paths::absolute(&base, &path))
+    }
+
+    /// Reads a path argument and resolves it; None when unreadable.
+    fn read_path(&mut self, dirfd: i32, addr: u64) -> Option<String> {
+        let (raw, _) = memory::read_cstring(self.tid, addr, PATH_MAX).ok()?;
+        self.resolve(dirfd, &raw)
+    }
+}
+
+/// Table entry for calls whose whole story is told at the exit stop.
+pub fn await_exit(_: &mut Ctx<'_>, _: &mut Call) -> Next {
+    Next::Exit
+}
+
+/// Table entry for calls decoded completely at entry; never called because
+/// their entry decoders answer `Next::Done`.
+pub fn never_exit(_: &mut Ctx<'_>, _: &Call, _: i64) {}
+
+fn arg_fd(value: u64) -> i32 {
+    value as i32
+}
+
+// ---- exec -------------------------------------------------------------------
+
+/// (dirfd, path, argv, envp, flags) argument positions of execve/execveat.
+fn exec_args(call: &Call) -> (i32, u64, u64, u64, i32) {
+    let a = call.args;
+    match call.def.name {
+        "execveat" => (arg_fd(a[0]), a[1], a[2], a[3], a[4] as i32),
+        _ => (AT_FDCWD, a[0], a[1], a[2], 0),
+    }
+}
+
+/// The program path must be read before the call: on success the memory
+/// that held it is gone.
+pub fn exec_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
+    let (dirfd, path, _, _, flags) = exec_args(call);
+    let requested = memory::read_cstring(cx.tid, path, PATH_MAX);
+    call.entry_path = match requested {
+        // execveat(fd, "", AT_EMPTY_PATH): the descriptor itself (fileless exec).
+        Ok((raw, _)) if raw.is_empty() && flags & libc::AT_EMPTY_PATH != 0 => cx.fd_path(dirfd),
+        Ok((raw, _)) => cx.resolve(dirfd, &raw),
+        Err(_) => None,
+    };
+    call.partial = call.entry_path.is_none();
+    Next::Exit
+}
+
+fn bound_entry(raw: &[u8], truncated: &mut bool) -> String {
+    if raw.len() > MAX_EXEC_ENTRY_LEN {
+        *truncated = true;
+        let mut cut = String::from_utf8_lossy(&raw[..MAX_EXEC_ENTRY_LEN - 4]).into_owned();
+        cut.push_str("...");
+        cut
+    } else {
+        String::from_utf8_lossy(raw).into_owned()
+    }
+}
+
+/// argv within the bounds; `cut` says entries were already left out.
+fn bound_args<'a>(items: impl IntoIterator<Item = &'a [u8]>, mut cut: bool) -> (Vec<String>, bool) {
+    let mut args = Vec::new();
+    for item in items {
+        if args.len() == MAX_EXEC_ENTRIES {
+            cut = true;
+            break;
+        }
+        args.push(bound_entry(item, &mut cut));
+    }
+    (args, cut)
+}
+
+/// envp within the bounds, the variables that change how programs load and
+/// run first.
+fn bound_envs<'a>(items: impl IntoIterator<Item = &'a [u8]> + Clone, cut: bool) -> (Vec<String>, bool) {
+    let is_priority = |item: &[u8]| PRIORITY_ENVS.iter().any(|p| item.starts_with(p.as_bytes()));
+    let priority = items.clone().into_iter().filter(|i| is_priority(i));
+    let rest = items.into_iter().filter(|i| !is_priority(i));
+    bound_args(priority.chain(rest), cut)
+}
+
+fn split_nul(buf: &[u8]) -> impl Iterator<Item = &[u8]> + Clone {
+    buf.strip_suffix(b"\0").unwrap_or(buf).split(|&b| b == 0).filter(|_| !buf.is_empty())
+}
+
+/// Only failed execs reach their exit stop: a successful one is reported at
+/// PTRACE_EVENT_EXEC, from which the tracee is resumed past its exit stop.
+/// The old image is intact, so argv and envp are read from its memory.
+pub fn exec_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
+    let (_, _, argv, envp, _) = exec_args(call);
+    let limit = MAX_EXEC_ENTRY_LEN + 1;
+    let args = memory::read_string_array(cx.tid, argv, call.abi, MAX_EXEC_ENTRIES, limit);
+    let envs = memory::read_string_array(cx.tid, envp, call.abi, 4 * MAX_EXEC_ENTRIES, limit);
+    let partial = args.is_err() || envs.is_err();
+    let (args, args_cut) = args.unwrap_or_default();
+    let (envs, envs_cut) = envs.unwrap_or_default();
+    let (args, args_truncated) = bound_args(args.iter().map(Vec::as_slice), args_cut);
+    let (envs, envs_truncated) = bound_envs(envs.iter().map(Vec::as_slice), envs_cut);
+    let exec = proto::ExecEvent {
+        path: call.entry_path.clone().unwrap_or_default(),
+        args,
+        args_truncated,
+        envs,
+        envs_truncated,
+        cwd: cx.cwd().unwrap_or_default(),
+        credentials: procfs::status(cx.tid).map(|s| s.credentials),
+        executable: String::new(),
+    };
+    cx.emit_call(call, retval, partial, Payload::Exec(exec));
+}
+
+/// PTRACE_EVENT_EXEC: the new image is in place. argv and envp are read from
+/// what the kernel copied (/proc), not from the old memory a thread could
+/// have changed after the entry stop.
+pub fn exec_succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime) {
+    let pid = cx.tgid();
+    let cmdline = procfs::read_bounded(&format!("/proc/{pid}/cmdline"), PROC_EXEC_READ_MAX);
+    let environ = procfs::read_bounded(&format!("/proc/{pid}/environ"), PROC_EXEC_READ_MAX);
+    let status = procfs::status(pid);
+    let executable = procfs::exe(pid);
+    let partial = cmdline.is_none() || environ.is_none() || status.is_none() || executable.is_none();
+    let (cmdline, cmdline_cut) = cmdline.unwrap_or_default();
+    let (environ, environ_cut) = environ.unwrap_or_default();
+    let (args, args_truncated) = bound_args(split_nul(&cmdline), cmdline_cut);
+    let (envs, envs_truncated) = bound_envs(split_nul(&environ), environ_cut);
+    let executable = executable.unwrap_or_default();
+    let path = call.as_ref().and_then(|c| c.entry_path.clone()).unwrap_or_else(|| executable.clone());
+    let exec = proto::ExecEvent {
+        path,
+        args,
+        args_truncated,
+        envs,
+        envs_truncated,
+        cwd: cx.cwd().unwrap_or_default(),
+        credentials: status.map(|s| s.credentials),
+        executable,
+    };
+    match call {
+        Some(call) => cx.emit_call(&call, 0, partial, Payload::Exec(exec)),
+        None => {
+            let event = Event {
+                retval: Some(0),
+                syscall: "execve".to_owned(),
+                partial: true,
+                payload: Some(Payload::Exec(exec)),
+                ..cx.event(time)
+            };
+            cx.sink.emit(event);
+        }
+    }
+}
+
+// ---- open -------------------------------------------------------------------
+
+/// (dirfd, path, flags, mode) of the open family; openat2 reads `open_how`.
+fn open_args(cx: &Ctx<'_>, call: &Call) -> (i32, u64, i32, u32) {
+    let a = call.args;
+    match call.def.name {
+        "open" => (AT_FDCWD, a[0], a[1] as i32, a[2] as u32),
+        "creat" => (AT_FDCWD, a[0], libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC, a[1] as u32),
+        "openat2" => {
+            let how = memory::read_words(cx.tid, a[2], Abi::X86_64, 2);
+            let flags = how.first().copied().unwrap_or(0) as i32;
+            (arg_fd(a[0]), a[1], flags, how.get(1).copied().unwrap_or(0) as u32)
+        }
+        _ => (arg_fd(a[0]), a[1], a[2] as i32, a[3] as u32),
+    }
+}
+
+pub fn open_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
+    let (dirfd, path_addr, flags, mode) = open_args(cx, call);
+    // On success the kernel's own resolution of the new descriptor is the
+    // truth (symlinks, `..`, and no window for the workload to change the
+    // string after the kernel read it); on failure, the requested path.
+    let path = if retval >= 0 {
+        let fd = retval as i32;
+        let path = procfs::fd_path(cx.tid, fd).or_else(|| cx.read_path(dirfd, path_addr));
+        cx.set_fd(fd, path.clone().map(FdInfo::File));
+        path
+    } else {
+        cx.read_path(dirfd, path_addr)
+    };
+    let creates = flags & (libc::O_CREAT | libc::O_TMPFILE) != 0;
+    let open = proto::OpenEvent { path: path.clone().unwrap_or_default(), flags, mode: if creates { mode } else { 0 } };
+    cx.emit_call(call, retval, path.is_none(), Payload::Open(open));
+}
+
+// ---- sockets ----------------------------------------------------------------
+
+pub fn socket_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
+    if retval >= 0 {
+        let [family, sock_type, protocol, ..] = call.args;
+        let sock_type = sock_type as i32 & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC);
+        let info = FdInfo::Socket { family: family as i32, sock_type, protocol: protocol as i32 };
+        cx.set_fd(retval as i32, Some(info));
+    }
+}
+
+/// A socket address: family, textual address, port.
+fn parse_sockaddr(raw: &[u8]) -> Option<(AddressFamily, String, u32)> {
+    let family = i32::from(u16::from_ne_bytes(raw.get(0..2)?.try_into().ok()?));
+    let port = || raw.get(2..4).map(|p| u32::from(u16::from_be_bytes([p[0], p[1]])));
+    match family {
+        libc::AF_INET => {
+            let ip: [u8; 4] = raw.get(4..8)?.try_into().ok()?;
+            Some((AddressFamily::Inet, Ipv4Addr::from(ip).to_string(), port()?))
+        }
+        libc::AF_INET6 => {
+            let ip: [u8; 16] = raw.get(8..24)?.try_into().ok()?;
+            Some((AddressFamily::Inet6, Ipv6Addr::from(ip).to_string(), port()?))
+        }
+        libc::AF_UNIX => {
+            let path = &raw[2..];
+            let text = match path.first() {
+                // Abstract names start with a NUL and are not terminated.
+                Some(0) => format!("@{}", String::from_utf8_lossy(&path[1..])),
+                _ => {
+                    let end = path.iter().position(|&b| b == 0).unwrap_or(path.len());
+                    String::from_utf8_lossy(&path[..end]).into_owned()
+                }
+            };
+            Some((AddressFamily::Unix, text, 0))
+        }
+        _ => Some((AddressFamily::Other, String::new(), 0)),
+    }
+}
+
+fn protocol_of(family: AddressFamily, sock_type: i32, protocol: i32) -> Protocol {
+    if !matches!(family, AddressFamily::Inet | AddressFamily::Inet6) {
+        return Protocol::Unspecified;
+    }
+    match (sock_type, protocol) {
+        (libc::SOCK_STREAM, 0 | libc::IPPROTO_TCP) => Protocol::Tcp,
+        (libc::SOCK_DGRAM, 0 | libc::IPPROTO_UDP) => Protocol::Udp,
+        _ => Protocol::Other,
+    }
+}
+
+pub fn connect_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
+    let [fd, addr, len, ..] = call.args;
+    let fd = arg_fd(fd);
+    let mut raw = vec![0u8; (len as usize).min(SOCKADDR_MAX)];
+    let got = memory::read(cx.tid, addr, &mut raw);
+    raw.truncate(got);
+    let parsed = parse_sockaddr(&raw);
+    let (family, address, port) = parsed.clone().unwrap_or((AddressFamily::Unspecified, String::new(), 0));
+    let (sock_type, protocol) = match cx.fd_info(fd) {
+        Some(FdInfo::Socket { sock_type, protocol, .. }) => (sock_type, protocol),
+        _ => {
+            // Created before we saw it (inherited, or passed over a socket).
+            let kind = procfs::socket_kind(cx.tid, fd).unwrap_or((0, -1));
+            let info = FdInfo::Socket { family: family as i32, sock_type: kind.0, protocol: kind.1 };
+            cx.set_fd(fd, Some(info));
+            kind
+        }
+    };
+    let connect = proto::ConnectEvent {
+        address,
+        port,
+        family: family as i32,
+        protocol: protocol_of(family, sock_type, protocol) as i32,
+        fd,
+    };
+    cx.emit_call(call, retval, parsed.is_none(), Payload::Connect(connect));
+}
+
+/// i386 `socketcall(call, args)`: the real arguments sit in an array in
+/// memory. The call is rewritten into the socket/connect entry it stands
+/// for, so the same exit decoders run.
+pub fn socketcall_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
+    const SYS_SOCKET: u64 = 1;
+    const SYS_CONNECT: u64 = 3;
+    let target = match call.args[0] {
+        SYS_SOCKET => "socket",
+        SYS_CONNECT => "connect",
+        _ => return Next::Done,
+    };
+    let words = memory::read_words(cx.tid, call.args[1], Abi::I386, 3);
+    if words.len() < 3 {
+        call.partial = true;
+    }
+    call.def = syscalls::by_name(target);
+    call.args = [0; 6];
+    call.args[..words.len()].copy_from_slice(&words);
+    Next::Exit
+}
+
+// ---- descriptor bookkeeping -------------------------------------------------
+
+/// close releases the number whatever it returns, so the table is updated
+/// at entry and no exit stop is needed.
+pub fn close_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
+    cx.set_fd(arg_fd(call.args[0]), None);
+    Next::Done
+}
+
+pub fn close_range_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
+    const CLOSE_RANGE_UNSHARE: u64 = 2;
+    const CLOSE_RANGE_CLOEXEC: u64 = 4;
+    let [first, last, flags, ..] = call.args;
+    let tgid = cx.tgid();
+    let Some(process) = cx.procs.process_mut(tgid) else { return Next::Done };
+    if flags & CLOSE_RANGE_UNSHARE != 0 {
+        let copy = process.fds.borrow().clone();
+        process.fds = std::rc::Rc::new(std::cell::RefCell::new(copy));
+    }
+    if flags & CLOSE_RANGE_CLOEXEC == 0 {
+        let (first, last) = (first as u32, last as u32);
+        process.fds.borrow_mut().retain(|&fd, _| !(first..=last).contains(&(fd as u32)));
+    }
+    Next::Done
+}
+
+/// dup, dup2, dup3, fcntl(F_DUPFD*): the returned number now means what the
+/// first argument means.
+pub fn dup_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
+    if retval >= 0 {
+        let info = cx.fd_info(arg_fd(call.args[0]));
+        cx.set_fd(retval as i32, info);
+    }
+}
+
+pub fn fcntl_entry(_: &mut Ctx<'_>, call: &mut Call) -> Next {
+    match call.args[1] as i32 {
+        libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => Next::Exit,
+        _ => Next::Done,
+    }
+}
+
+// ---- working directory --------------------------------------------------------
+
+pub fn chdir_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
+    let path = if retval == 0 {
+        // The kernel's answer: symlinks and `..` resolved as it did.
+        let cwd = procfs::cwd(cx.tid);
+        if let Some(process) = cx.procs.process_of(cx.tid) {
+            process.fs.borrow_mut().cwd = cwd.clone();
+        }
+        cwd
+    } else if call.def.name == "fchdir" {
+        cx.fd_path(arg_fd(call.args[0]))
+    } else {
+        cx.read_path(AT_FDCWD, call.args[0])
+    };
+    let chdir = proto::ChdirEvent { path: path.clone().unwrap_or_default() };
+    cx.emit_call(call, retval, path.is_none(), Payload::Chdir(chdir));
+}
+
+// ---- process creation ---------------------------------------------------------
+
+/// fork, vfork, clone, clone3 at entry. The child is reported by the
+/// kernel's fork event; here the flags are recorded for it, and
+/// CLONE_UNTRACED is cleared: it would let the child run untraced.
+pub fn fork_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
+    let flags = match call.def.name {
+        "fork" => libc::SIGCHLD as u64,
+        "vfork" => (libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD) as u64,
+        "clone3" => {
+            let flags = memory::read_words(cx.tid, call.args[0], Abi::X86_64, 1).first().copied().unwrap_or(0);
+            if flags & CLONE_UNTRACED != 0 {
+                // Best effort: a failed write leaves the kernel to refuse nothing,
+                // and the child then shows up only in /proc.
+                let _ = memory::write_u64(cx.tid, call.args[0], flags & !CLONE_UNTRACED);
+            }
+            flags
+        }
+        _ => {
+            let flags = call.args[0];
+            if flags & CLONE_UNTRACED != 0 {
+                let _ = ptrace::set_first_arg(cx.tid, call.abi, flags & !CLONE_UNTRACED);
+            }
+            flags
+        }
+    };
+    let request = ForkRequest { syscall: call.def.name, flags: flags & !CLONE_UNTRACED, time: call.time };
+    if let Some(thread) = cx.procs.thread_mut(cx.tid) {
+        thread.forking = Some(request);
+    }
+    Next::Done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockaddrs_decode_to_text() {
+        let mut v4 = vec![0u8; 16];
+        v4[0..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        v4[2..4].copy_from_slice(&8080u16.to_be_bytes());
+        v4[4..8].copy_from_slice(&[127, 0, 0, 1]);
+        assert_eq!(parse_sockaddr(&v4), Some((AddressFamily::Inet, "127.0.0.1".into(), 8080)));
+
+        let mut v6 = vec![0u8; 28];
+        v6[0..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+        v6[2..4].copy_from_slice(&443u16.to_be_bytes());
+        v6[23] = 1;
+        assert_eq!(parse_sockaddr(&v6), Some((AddressFamily::Inet6, "::1".into(), 443)));
+
+        let mut unix = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
+        unix.extend_from_slice(b"/run/x.sock\0garbage");
+        assert_eq!(parse_sockaddr(&unix), Some((AddressFamily::Unix, "/run/x.sock".into(), 0)));
+        let mut abstract_name = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
+        abstract_name.extend_from_slice(b"\0agent");
+        assert_eq!(parse_sockaddr(&abstract_name), Some((AddressFamily::Unix, "@agent".into(), 0)));
+        assert_eq!(parse_sockaddr(&[2]), None);
+    }
+
+    #[test]
+    fn exec_entries_are_bounded_with_priority_envs_first() {
+        let long = vec![b'a'; 400];
+        let (args, cut) = bound_args([b"ls".as_slice(), &long], false);
+        assert!(cut);
+        assert_eq!(args[1].len(), MAX_EXEC_ENTRY_LEN - 1);
+        assert!(args[1].ends_with("..."));
+
+        let many: Vec<Vec<u8>> =
+            (0..400).map(|i| format!("V{i}=x").into_bytes()).chain([b"PATH=/bin".to_vec()]).collect();
+        let (envs, cut) = bound_envs(many.iter().map(Vec::as_slice), false);
+        assert!(cut);
+        assert_eq!(envs.len(), MAX_EXEC_ENTRIES);
+        assert_eq!(envs[0], "PATH=/bin");
+        assert_eq!(envs[1], "V0=x");
+    }
+
+    #[test]
+    fn nul_separated_lists_split_without_a_trailing_empty_entry() {
+        assert_eq!(split_nul(b"a\0bc\0").collect::<Vec<_>>(), vec![b"a".as_slice(), b"bc"]);
+        assert_eq!(split_nul(b"").count(), 0);
+        assert_eq!(split_nul(b"a\0\0b\0").count(), 3);
+    }
+}

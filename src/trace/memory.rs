@@ -1,0 +1,186 @@
+//! Reading (and, for one flag, writing) tracee memory.
+//!
+//! Reads use process_vm_readv with the remote range split at page ends: the
+//! kernel stops at the first unreadable iovec, so a string that runs into an
+//! unmapped page still yields what precedes it. Where process_vm_readv is
+//! missing (CONFIG_CROSS_MEMORY_ATTACH off) or refused, /proc/PID/mem is used.
+
+use std::fs::File;
+use std::io::IoSliceMut;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::errno::Errno;
+use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
+use nix::unistd::Pid;
+
+use crate::trace::syscalls::Abi;
+
+const PAGE: u64 = 4096;
+/// Remote iovecs per process_vm_readv call (well under IOV_MAX).
+const MAX_IOVECS: usize = 64;
+
+static VM_READV_BROKEN: AtomicBool = AtomicBool::new(false);
+
+/// Why a read came back short or empty.
+#[derive(Debug)]
+pub struct Unreadable;
+
+/// Fills as much of `buf` as is readable from `addr`; returns the byte count.
+pub fn read(pid: Pid, addr: u64, buf: &mut [u8]) -> usize {
+    if buf.is_empty() || addr == 0 {
+        return 0;
+    }
+    if !VM_READV_BROKEN.load(Ordering::Relaxed) {
+        match read_vm(pid, addr, buf) {
+            Ok(n) => return n,
+            Err(Errno::ENOSYS | Errno::EPERM) => VM_READV_BROKEN.store(true, Ordering::Relaxed),
+            Err(_) => return 0,
+        }
+    }
+    read_proc_mem(pid, addr, buf)
+}
+
+fn read_vm(pid: Pid, addr: u64, buf: &mut [u8]) -> nix::Result<usize> {
+    let mut remote = Vec::with_capacity(MAX_IOVECS.min(buf.len() / PAGE as usize + 2));
+    let mut base = addr;
+    let end = addr.saturating_add(buf.len() as u64);
+    while base < end && remote.len() < MAX_IOVECS {
+        let page_end = (base / PAGE + 1) * PAGE;
+        let len = page_end.min(end) - base;
+        remote.push(RemoteIoVec { base: base as usize, len: len as usize });
+        base += len;
+    }
+    let wanted = (base - addr) as usize;
+    process_vm_readv(pid, &mut [IoSliceMut::new(&mut buf[..wanted])], &remote)
+}
+
+fn read_proc_mem(pid: Pid, addr: u64, buf: &mut [u8]) -> usize {
+    let Ok(file) = File::open(format!("/proc/{pid}/mem")) else { return 0 };
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], addr + done as u64) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => done += n,
+        }
+    }
+    done
+}
+
+/// A NUL-terminated string of at most `max` bytes. The flag says whether it
+/// was cut at `max`.
+pub fn read_cstring(pid: Pid, addr: u64, max: usize) -> Result<(Vec<u8>, bool), Unreadable> {
+    let mut out = Vec::new();
+    let mut at = addr;
+    while out.len() < max {
+        // One page at a time: most strings end in the page they start in.
+        let chunk = ((at / PAGE + 1) * PAGE - at).min((max - out.len()) as u64) as usize;
+        let start = out.len();
+        out.resize(start + chunk, 0);
+        let got = read(pid, at, &mut out[start..]);
+        if let Some(nul) = out[start..start + got].iter().position(|&b| b == 0) {
+            out.truncate(start + nul);
+            return Ok((out, false));
+        }
+        if got < chunk {
+            out.truncate(start + got);
+            return if out.is_empty() { Err(Unreadable) } else { Ok((out, true)) };
+        }
+        at += chunk as u64;
+    }
+    Ok((out, true))
+}
+
+/// `count` pointer-sized words; fewer when memory ends.
+pub fn read_words(pid: Pid, addr: u64, abi: Abi, count: usize) -> Vec<u64> {
+    let size = abi.word_size();
+    let mut raw = vec![0u8; size * count];
+    let got = read(pid, addr, &mut raw) / size;
+    raw.chunks_exact(size)
+        .take(got)
+        .map(|w| match size {
+            4 => u64::from(u32::from_ne_bytes(w.try_into().expect("4-byte chunk"))),
+            _ => u64::from_ne_bytes(w.try_into().expect("8-byte chunk")),
+        })
+        .collect()
+}
+
+/// A NULL-terminated array of strings (argv, envp): at most `max_entries`
+/// entries of at most `max_len` bytes each. The flag says whether entries
+/// were left out; `Err` means the array itself could not be read.
+pub fn read_string_array(
+    pid: Pid,
+    addr: u64,
+    abi: Abi,
+    max_entries: usize,
+    max_len: usize,
+) -> Result<(Vec<Vec<u8>>, bool), Unreadable> {
+    if addr == 0 {
+        return Ok((Vec::new(), false));
+    }
+    let mut items = Vec::new();
+    let mut at = addr;
+    loop {
+        let words = read_words(pid, at, abi, 64);
+        if words.is_empty() {
+            return if items.is_empty() { Err(Unreadable) } else { Ok((items, true)) };
+        }
+        for &ptr in &words {
+            if ptr == 0 {
+                return Ok((items, false));
+            }
+            if items.len() == max_entries {
+                return Ok((items, true));
+            }
+            // An unreadable element is kept as empty so that positions stay true.
+            items.push(read_cstring(pid, ptr, max_len).map(|(s, _)| s).unwrap_or_default());
+        }
+        at += (words.len() * abi.word_size()) as u64;
+    }
+}
+
+/// Overwrites a u64 in the tracee (used to clear CLONE_UNTRACED in clone3 args).
+pub fn write_u64(pid: Pid, addr: u64, value: u64) -> nix::Result<()> {
+    let bytes = value.to_ne_bytes();
+    let remote = [RemoteIoVec { base: addr as usize, len: bytes.len() }];
+    match process_vm_writev(pid, &[std::io::IoSlice::new(&bytes)], &remote) {
+        Ok(8) => Ok(()),
+        Ok(_) => Err(Errno::EFAULT),
+        // The page may be read-only for process_vm_writev; /proc/PID/mem
+        // writes like a debugger does.
+        Err(_) => std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .and_then(|f| f.write_all_at(&bytes, addr))
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_strings_across_pages_and_stops_at_unmapped_memory() {
+        let me = Pid::this();
+        // A string that straddles a page boundary.
+        let mut buf = vec![b'x'; 3 * PAGE as usize];
+        let start = (PAGE - (buf.as_ptr() as u64 % PAGE)) as usize + PAGE as usize - 5;
+        buf[start + 10] = 0;
+        let (s, cut) = read_cstring(me, buf.as_ptr() as u64 + start as u64, 4096).unwrap();
+        assert_eq!((s.len(), cut), (10, false));
+        let (s, cut) = read_cstring(me, buf.as_ptr() as u64 + start as u64, 4).unwrap();
+        assert_eq!((s, cut), (b"xxxx".to_vec(), true));
+        assert!(read_cstring(me, 8, 16).is_err());
+    }
+
+    #[test]
+    fn reads_pointer_arrays() {
+        let me = Pid::this();
+        let strings = [c"a".as_ptr(), c"bc".as_ptr(), std::ptr::null()];
+        let (items, cut) = read_string_array(me, strings.as_ptr() as u64, Abi::X86_64, 10, 10).unwrap();
+        assert_eq!((items, cut), (vec![b"a".to_vec(), b"bc".to_vec()], false));
+        let (items, cut) = read_string_array(me, strings.as_ptr() as u64, Abi::X86_64, 1, 10).unwrap();
+        assert_eq!((items, cut), (vec![b"a".to_vec()], true));
+    }
+}

@@ -1,0 +1,110 @@
+//! `trace`: run the entrypoint under the ptrace engine and export its events.
+//!
+//! Threads: the caller (waits, then reports), the tracer (forks the
+//! workload, owns every ptrace call), the signal forwarder, and the
+//! exporters' runtime. The exit status is the workload's.
+
+mod decode;
+mod engine;
+mod launch;
+mod memory;
+mod paths;
+mod process;
+mod procfs;
+mod ptrace;
+mod seccomp;
+mod signals;
+mod syscalls;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+pub use engine::Mode;
+use engine::{Engine, Outcome};
+use launch::{Launch, LaunchError};
+use process::LiveProcesses;
+
+use crate::export::{Exporters, Outputs};
+use crate::ExitError;
+
+/// Exit statuses of the tracer itself, distinct from any a workload is
+/// likely to use on purpose.
+pub mod exit_code {
+    /// The command line or an output path is unusable.
+    pub const USAGE: i32 = 2;
+    /// Tracing could not be set up (ptrace refused, fork failed, ...).
+    pub const SETUP: i32 = 125;
+    /// The entrypoint exists but cannot be executed.
+    pub const NOT_EXECUTABLE: i32 = 126;
+    /// The entrypoint does not exist.
+    pub const NOT_FOUND: i32 = 127;
+}
+
+pub struct TraceOptions {
+    pub command: Vec<OsString>,
+    pub mode: Mode,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub verbose: bool,
+    pub events_file: Option<PathBuf>,
+    pub stats: bool,
+}
+
+/// Runs the workload to completion; returns the exit status to leave with.
+pub fn run(options: TraceOptions) -> Result<i32, ExitError> {
+    let entrypoint = options.command.first().ok_or_else(|| ExitError::usage("trace needs an entrypoint after --"))?;
+    let program = launch::resolve_entrypoint(entrypoint).map_err(launch_error)?;
+
+    let outputs = Outputs { verbose: options.verbose, events_file: options.events_file.clone() };
+    // Block before any thread starts, so that every thread inherits it.
+    let signal_mask = signals::block_forwarded().map_err(|e| ExitError::setup(format!("cannot block signals: {e}")))?;
+    let (sink, exporters) = Exporters::start(&outputs).map_err(|e| ExitError::new(exit_code::USAGE, e.to_string()))?;
+
+    let mut launch = Launch::new(&program, &options.command, signal_mask).map_err(launch_error)?;
+    launch.uid = options.uid;
+    launch.gid = options.gid;
+    launch.filter = (options.mode == Mode::Seccomp).then(seccomp::build_filter);
+
+    let live = LiveProcesses::default();
+    let (started_tx, started_rx) = mpsc::channel();
+    let mode = options.mode;
+    let tracer_live = live.clone();
+    let tracer = std::thread::Builder::new()
+        .name("cws-tracer".into())
+        .spawn(move || -> Result<Outcome, LaunchError> {
+            let root = launch.spawn(mode == Mode::Full);
+            let _ = started_tx.send(root.as_ref().map(|pid| *pid).map_err(|_| ()));
+            let root = root?;
+            Ok(Engine::new(mode, root, sink, tracer_live).run())
+        })
+        .map_err(|e| ExitError::setup(format!("cannot start the tracer thread: {e}")))?;
+
+    if let Ok(Ok(root)) = started_rx.recv() {
+        signals::spawn_forwarder(root, live)
+            .map_err(|e| ExitError::setup(format!("cannot start the signal thread: {e}")))?;
+    }
+    let outcome = tracer.join().map_err(|_| ExitError::setup("the tracer thread failed".into()))?;
+    // The engine, and with it the queue's sender, is gone: exporters drain and stop.
+    let exported = exporters.map(Exporters::finish).transpose();
+    let outcome = outcome.map_err(launch_error)?;
+    if let Err(e) = exported {
+        eprintln!("cws-instrumentation: exporting events failed: {e}");
+    }
+    if options.stats {
+        let s = outcome.stats;
+        eprintln!(
+            "cws-instrumentation: stats: seccomp_stops={} syscall_stops={} fork_stops={} exec_stops={} group_stops={} signal_stops={} other_stops={} events={} dropped={}",
+            s.seccomp, s.syscall, s.fork, s.exec, s.group, s.signal, s.other, s.events, s.dropped
+        );
+    }
+    Ok(outcome.root.map_or(exit_code::SETUP, |death| death.shell_status()))
+}
+
+fn launch_error(error: LaunchError) -> ExitError {
+    match error {
+        LaunchError::NotFound(name) => ExitError::new(exit_code::NOT_FOUND, format!("{name}: command not found")),
+        LaunchError::NotExecutable(message) => ExitError::new(exit_code::NOT_EXECUTABLE, message),
+        LaunchError::Setup(message) => ExitError::setup(message),
+    }
+}

@@ -1,0 +1,322 @@
+//! Every ptrace request the tracer makes, and the typed stops they act on.
+//!
+//! `wait_any` turns a wait status into a [`Stop`]; each stop kind is its own
+//! type and only offers the restart operations that are valid for it (a
+//! group-stop can only be LISTENed, a signal-delivery stop only resumed with
+//! its signal or without it, ...). Restarting consumes the stop, so a stop is
+//! restarted exactly once. Errors from restarts are ESRCH in practice (the
+//! tracee was SIGKILLed while stopped); its exit is then reported by `wait_any`
+//! like any other exit, so callers may ignore them.
+//!
+//! This module and `launch`, `seccomp` hold all of the crate's `unsafe`.
+
+use nix::errno::Errno;
+use nix::sys::ptrace::{self, Options};
+use nix::unistd::Pid;
+
+use crate::trace::seccomp::SeccompData;
+use crate::trace::syscalls::Abi;
+
+/// Options set on the workload at seize time; children inherit them.
+pub const OPTIONS: Options = Options::PTRACE_O_TRACESYSGOOD
+    .union(Options::PTRACE_O_TRACEFORK)
+    .union(Options::PTRACE_O_TRACEVFORK)
+    .union(Options::PTRACE_O_TRACECLONE)
+    .union(Options::PTRACE_O_TRACEEXEC)
+    .union(Options::PTRACE_O_TRACESECCOMP)
+    .union(Options::PTRACE_O_EXITKILL);
+
+const PTRACE_GET_SYSCALL_INFO: libc::c_uint = 0x420e;
+const PTRACE_LISTEN: libc::c_uint = 0x4208;
+const SYSCALL_INFO_ENTRY: u8 = 1;
+const SYSCALL_INFO_EXIT: u8 = 2;
+const SYSCALL_INFO_SECCOMP: u8 = 3;
+const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+const AUDIT_ARCH_I386: u32 = 0x4000_0003;
+/// Syscall numbers of the x32 ABI carry this bit within AUDIT_ARCH_X86_64.
+pub const X32_SYSCALL_BIT: u64 = 0x4000_0000;
+
+pub fn seize(pid: Pid) -> nix::Result<()> {
+    ptrace::seize(pid, OPTIONS)
+}
+
+/// How a tracee left the living.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Death {
+    Exited(i32),
+    Signaled { signal: i32, core_dumped: bool },
+}
+
+impl Death {
+    /// The status a shell would report: the code, or 128 + signal.
+    pub fn shell_status(self) -> i32 {
+        match self {
+            Death::Exited(code) => code,
+            Death::Signaled { signal, .. } => 128 + signal,
+        }
+    }
+}
+
+/// One result of `waitpid(-1, __WALL)`.
+pub enum Stop {
+    Dead(Pid, Death),
+    /// SECCOMP_RET_TRACE fired: the syscall entry, before it runs.
+    Seccomp(SyscallStop),
+    /// PTRACE_SYSCALL stop (entry or exit; `syscall_info` tells which).
+    Syscall(SyscallStop),
+    /// fork, vfork or clone completed in the parent.
+    Fork(EventStop, ForkEventKind),
+    /// A successful execve; the tid is already the thread group id.
+    Exec(EventStop),
+    /// PTRACE_EVENT_STOP with a stop signal: job control stopped the tracee.
+    Group(GroupStop),
+    /// PTRACE_EVENT_STOP with SIGTRAP: a new child's first stop, or an interrupt.
+    Trap(EventStop),
+    /// A signal is about to be delivered.
+    Signal(SignalStop),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForkEventKind {
+    Fork,
+    Vfork,
+    Clone,
+}
+
+pub fn wait_any() -> nix::Result<Stop> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: waitpid only writes the status integer we pass.
+    let pid = unsafe { libc::waitpid(-1, &mut status, libc::__WALL) };
+    let pid = Errno::result(pid).map(Pid::from_raw)?;
+    // Decoded by hand rather than with nix's WaitStatus: real-time signals do
+    // not fit its Signal enum, and every signal must be passed on unchanged.
+    if libc::WIFEXITED(status) {
+        return Ok(Stop::Dead(pid, Death::Exited(libc::WEXITSTATUS(status))));
+    }
+    if libc::WIFSIGNALED(status) {
+        let death = Death::Signaled { signal: libc::WTERMSIG(status), core_dumped: libc::WCOREDUMP(status) };
+        return Ok(Stop::Dead(pid, death));
+    }
+    let signal = libc::WSTOPSIG(status);
+    let event = status >> 16;
+    Ok(match (signal, event) {
+        (s, 0) if s == libc::SIGTRAP | 0x80 => Stop::Syscall(SyscallStop { pid }),
+        (libc::SIGTRAP, libc::PTRACE_EVENT_SECCOMP) => Stop::Seccomp(SyscallStop { pid }),
+        (libc::SIGTRAP, libc::PTRACE_EVENT_FORK) => Stop::Fork(EventStop { pid }, ForkEventKind::Fork),
+        (libc::SIGTRAP, libc::PTRACE_EVENT_VFORK) => Stop::Fork(EventStop { pid }, ForkEventKind::Vfork),
+        (libc::SIGTRAP, libc::PTRACE_EVENT_CLONE) => Stop::Fork(EventStop { pid }, ForkEventKind::Clone),
+        (libc::SIGTRAP, libc::PTRACE_EVENT_EXEC) => Stop::Exec(EventStop { pid }),
+        (libc::SIGTRAP, libc::PTRACE_EVENT_STOP) => Stop::Trap(EventStop { pid }),
+        (_, libc::PTRACE_EVENT_STOP) => Stop::Group(GroupStop { pid }),
+        (_, 0) => Stop::Signal(SignalStop { pid, signal }),
+        // Events we did not ask for (VFORK_DONE, EXIT): nothing to decode.
+        _ => Stop::Trap(EventStop { pid }),
+    })
+}
+
+/// How to let a tracee run on from a stop where no signal is pending.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// Run until the next seccomp or event stop.
+    Continue,
+    /// Also stop at the next syscall entry or exit.
+    Syscall,
+}
+
+fn resume(pid: Pid, how: Resume, signal: i32) -> nix::Result<()> {
+    let request = match how {
+        Resume::Continue => libc::PTRACE_CONT,
+        Resume::Syscall => libc::PTRACE_SYSCALL,
+    };
+    // SAFETY: CONT and SYSCALL take no pointers; `data` is the signal number.
+    let rc = unsafe { libc::ptrace(request, pid.as_raw(), 0usize, signal as usize) };
+    Errno::result(rc).map(drop)
+}
+
+pub struct SyscallStop {
+    pub pid: Pid,
+}
+
+impl SyscallStop {
+    pub fn resume(self, how: Resume) -> nix::Result<()> {
+        resume(self.pid, how, 0)
+    }
+}
+
+pub struct EventStop {
+    pub pid: Pid,
+}
+
+impl EventStop {
+    /// PTRACE_GETEVENTMSG: the new child for fork events, the former tid for exec.
+    pub fn message(&self) -> nix::Result<i64> {
+        ptrace::getevent(self.pid)
+    }
+
+    pub fn resume(self, how: Resume) -> nix::Result<()> {
+        resume(self.pid, how, 0)
+    }
+}
+
+pub struct GroupStop {
+    pub pid: Pid,
+}
+
+impl GroupStop {
+    /// Stay stopped as job control asked, yet keep reporting events (SIGCONT).
+    pub fn listen(self) -> nix::Result<()> {
+        // SAFETY: PTRACE_LISTEN takes no pointers.
+        let rc = unsafe { libc::ptrace(PTRACE_LISTEN, self.pid.as_raw(), 0usize, 0usize) };
+        Errno::result(rc).map(drop)
+    }
+}
+
+pub struct SignalStop {
+    pub pid: Pid,
+    pub signal: i32,
+}
+
+impl SignalStop {
+    /// Deliver the signal exactly as the workload would have received it.
+    pub fn deliver(self, how: Resume) -> nix::Result<()> {
+        resume(self.pid, how, self.signal)
+    }
+}
+
+/// A syscall entry as the kernel reports it.
+#[derive(Clone, Copy, Debug)]
+pub struct SyscallEntry {
+    pub abi: Abi,
+    pub nr: u64,
+    pub args: [u64; 6],
+}
+
+/// What one syscall stop holds.
+#[derive(Clone, Copy, Debug)]
+pub enum SyscallState {
+    Entry(SyscallEntry),
+    Exit(i64),
+}
+
+/// Layout of `struct ptrace_syscall_info` (linux/ptrace.h), declared here so
+/// that it does not depend on the C library's headers.
+#[repr(C)]
+#[derive(Default)]
+struct RawSyscallInfo {
+    op: u8,
+    _pad: [u8; 3],
+    arch: u32,
+    instruction_pointer: u64,
+    stack_pointer: u64,
+    // entry: nr, args[6]; exit: rval, is_error; seccomp: nr, args[6], ret_data.
+    data: [u64; 8],
+}
+
+fn abi_of(arch: u32, nr: u64) -> Abi {
+    match arch {
+        AUDIT_ARCH_X86_64 if nr & X32_SYSCALL_BIT == 0 => Abi::X86_64,
+        AUDIT_ARCH_I386 => Abi::I386,
+        _ => Abi::Unknown,
+    }
+}
+
+/// Reads syscall stops, with PTRACE_GET_SYSCALL_INFO (Linux 5.3+) when the
+/// kernel has it and the registers otherwise.
+pub struct SyscallReader {
+    has_syscall_info: Option<bool>,
+}
+
+impl SyscallReader {
+    pub fn new() -> Self {
+        SyscallReader { has_syscall_info: None }
+    }
+
+    /// PTRACE_GET_SYSCALL_INFO, or None when the kernel lacks it (probed on
+    /// first use: EIO means the request is unknown).
+    fn info(&mut self, pid: Pid) -> nix::Result<Option<RawSyscallInfo>> {
+        if self.has_syscall_info == Some(false) {
+            return Ok(None);
+        }
+        let mut info = RawSyscallInfo::default();
+        // SAFETY: the kernel writes at most `size_of::<RawSyscallInfo>()`
+        // bytes into `info`, whose layout matches the UAPI struct.
+        let rc = unsafe {
+            libc::ptrace(
+                PTRACE_GET_SYSCALL_INFO,
+                pid.as_raw(),
+                std::mem::size_of::<RawSyscallInfo>(),
+                &mut info as *mut RawSyscallInfo,
+            )
+        };
+        match Errno::result(rc) {
+            Ok(_) => {
+                self.has_syscall_info = Some(true);
+                Ok(Some(info))
+            }
+            Err(Errno::EIO) if self.has_syscall_info.is_none() => {
+                self.has_syscall_info = Some(false);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// At a seccomp stop: the call, and the filter's data naming its table entry.
+    pub fn read_seccomp(&mut self, pid: Pid) -> nix::Result<(SyscallEntry, SeccompData)> {
+        if let Some(info) = self.info(pid)? {
+            let data = SeccompData::decode(info.data[7] as u32);
+            return match info.op {
+                SYSCALL_INFO_SECCOMP => Ok((entry_of(&info), data)),
+                _ => Err(Errno::EINVAL),
+            };
+        }
+        let data = SeccompData::decode(ptrace::getevent(pid)? as u32);
+        let abi = match data {
+            SeccompData::Known { abi, .. } => abi,
+            SeccompData::Foreign => Abi::Unknown,
+        };
+        Ok((entry_from_registers(pid, abi)?, data))
+    }
+
+    /// At a PTRACE_SYSCALL stop. `in_syscall` is the caller's own entry/exit
+    /// bookkeeping, used only when the kernel cannot tell (register fallback,
+    /// which also assumes the native ABI).
+    pub fn read_syscall(&mut self, pid: Pid, in_syscall: bool) -> nix::Result<SyscallState> {
+        if let Some(info) = self.info(pid)? {
+            return match info.op {
+                SYSCALL_INFO_ENTRY => Ok(SyscallState::Entry(entry_of(&info))),
+                SYSCALL_INFO_EXIT => Ok(SyscallState::Exit(info.data[0] as i64)),
+                _ => Err(Errno::EINVAL),
+            };
+        }
+        if in_syscall {
+            return Ok(SyscallState::Exit(ptrace::getregs(pid)?.rax as i64));
+        }
+        entry_from_registers(pid, Abi::X86_64).map(SyscallState::Entry)
+    }
+}
+
+fn entry_of(info: &RawSyscallInfo) -> SyscallEntry {
+    let d = info.data;
+    SyscallEntry { abi: abi_of(info.arch, d[0]), nr: d[0], args: [d[1], d[2], d[3], d[4], d[5], d[6]] }
+}
+
+fn entry_from_registers(pid: Pid, abi: Abi) -> nix::Result<SyscallEntry> {
+    let regs = ptrace::getregs(pid)?;
+    let args = match abi {
+        Abi::I386 => [regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rbp],
+        _ => [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9],
+    };
+    Ok(SyscallEntry { abi, nr: regs.orig_rax, args })
+}
+
+/// Rewrites the first syscall argument at a syscall-entry stop (used to strip
+/// CLONE_UNTRACED before the kernel sees it).
+pub fn set_first_arg(pid: Pid, abi: Abi, value: u64) -> nix::Result<()> {
+    let mut regs = ptrace::getregs(pid)?;
+    match abi {
+        Abi::I386 => regs.rbx = value,
+        _ => regs.rdi = value,
+    }
+    ptrace::setregs(pid, regs)
+}

@@ -1,0 +1,162 @@
+//! The seccomp-bpf filter, generated from the syscall table.
+//!
+//! The program reads only `arch` and `nr`, never arguments or the instruction
+//! pointer, so since Linux 5.11 the kernel caches every ALLOW verdict in a
+//! per-syscall bitmap: an untraced syscall never runs the filter at all.
+//! Traced syscalls return SECCOMP_RET_TRACE with 16 bits of data that name the
+//! table entry and ABI (see [`SeccompData`]), read back by the engine.
+//! Calls through an architecture we do not decode, and x32 calls, are traced
+//! too (never allowed blindly), so that no ABI is a way around the tracer.
+
+use crate::trace::syscalls::{Abi, SYSCALLS};
+
+const SECCOMP_RET_TRACE: u32 = 0x7ff0_0000;
+const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+const AUDIT_ARCH_I386: u32 = 0x4000_0003;
+const OFFSET_NR: u32 = 0;
+const OFFSET_ARCH: u32 = 4;
+const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+const BPF_JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+const BPF_JA: u16 = (libc::BPF_JMP | libc::BPF_JA) as u16;
+const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+
+/// The 16-bit SECCOMP_RET_DATA of a traced call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeccompData {
+    /// A table entry called through a known ABI.
+    Known { abi: Abi, index: usize },
+    /// Unknown architecture or x32: traced so that it is seen, not decoded.
+    Foreign,
+}
+
+const ABI_SHIFT: u32 = 12;
+const FOREIGN: u32 = 0xffff;
+
+impl SeccompData {
+    fn encode(self) -> u32 {
+        match self {
+            SeccompData::Known { abi, index } => {
+                let abi_bits = match abi {
+                    Abi::X86_64 => 0,
+                    Abi::I386 => 1,
+                    Abi::Unknown => return FOREIGN,
+                };
+                debug_assert!(index < 1 << ABI_SHIFT);
+                (abi_bits << ABI_SHIFT) | index as u32
+            }
+            SeccompData::Foreign => FOREIGN,
+        }
+    }
+
+    pub fn decode(data: u32) -> SeccompData {
+        let data = data & 0xffff;
+        let index = (data & ((1 << ABI_SHIFT) - 1)) as usize;
+        match data >> ABI_SHIFT {
+            _ if data == FOREIGN || index >= SYSCALLS.len() => SeccompData::Foreign,
+            0 => SeccompData::Known { abi: Abi::X86_64, index },
+            1 => SeccompData::Known { abi: Abi::I386, index },
+            _ => SeccompData::Foreign,
+        }
+    }
+}
+
+fn stmt(code: u16, k: u32) -> libc::sock_filter {
+    libc::sock_filter { code, jt: 0, jf: 0, k }
+}
+
+fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
+/// `JEQ nr; RET TRACE|data` for every table entry that has a number in `abi`.
+fn push_abi_block(prog: &mut Vec<libc::sock_filter>, abi: Abi) {
+    prog.push(stmt(BPF_LD_W_ABS, OFFSET_NR));
+    if abi == Abi::X86_64 {
+        prog.push(jump(BPF_JSET_K, crate::trace::ptrace::X32_SYSCALL_BIT as u32, 0, 1));
+        prog.push(stmt(BPF_RET_K, SECCOMP_RET_TRACE | SeccompData::Foreign.encode()));
+    }
+    for (index, def) in SYSCALLS.iter().enumerate() {
+        if let Some(nr) = def.number(abi) {
+            prog.push(jump(BPF_JEQ_K, nr, 0, 1));
+            prog.push(stmt(BPF_RET_K, SECCOMP_RET_TRACE | SeccompData::Known { abi, index }.encode()));
+        }
+    }
+    prog.push(stmt(BPF_RET_K, SECCOMP_RET_ALLOW));
+}
+
+/// Builds the filter program. Done in the parent, before fork, so that the
+/// child only has to hand it to the kernel.
+pub fn build_filter() -> Vec<libc::sock_filter> {
+    let mut native = Vec::new();
+    push_abi_block(&mut native, Abi::X86_64);
+    let mut compat = Vec::new();
+    push_abi_block(&mut compat, Abi::I386);
+
+    let mut prog = vec![stmt(BPF_LD_W_ABS, OFFSET_ARCH)];
+    // arch == x86_64 ? fall into the native block : skip over it (JA takes a
+    // 32-bit offset, so the table can grow past the 255 of conditional jumps).
+    prog.push(jump(BPF_JEQ_K, AUDIT_ARCH_X86_64, 1, 0));
+    prog.push(stmt(BPF_JA, native.len() as u32));
+    prog.extend(native);
+    prog.push(jump(BPF_JEQ_K, AUDIT_ARCH_I386, 1, 0));
+    prog.push(stmt(BPF_RET_K, SECCOMP_RET_TRACE | SeccompData::Foreign.encode()));
+    prog.extend(compat);
+    prog
+}
+
+/// Installs `filter` on the calling thread. Runs in the forked child, so it
+/// only makes raw syscalls. Tries without NO_NEW_PRIVS first: a tracer with
+/// CAP_SYS_ADMIN then leaves setuid programs working in the workload.
+pub fn install(filter: &[libc::sock_filter]) -> Result<(), i32> {
+    let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
+    let set_filter = || {
+        // SAFETY: `prog` points at `filter`, which outlives the call; the
+        // kernel copies the program before returning.
+        unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &prog as *const libc::sock_fprog) }
+    };
+    if set_filter() == 0 {
+        return Ok(());
+    }
+    // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(nix::errno::Errno::last_raw());
+    }
+    if set_filter() == 0 {
+        Ok(())
+    } else {
+        Err(nix::errno::Errno::last_raw())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_round_trips_for_every_entry() {
+        for (index, def) in SYSCALLS.iter().enumerate() {
+            for abi in [Abi::X86_64, Abi::I386] {
+                if def.number(abi).is_some() {
+                    let data = SeccompData::Known { abi, index };
+                    assert_eq!(SeccompData::decode(data.encode()), data, "{}", def.name);
+                }
+            }
+        }
+        assert_eq!(SeccompData::decode(SeccompData::Foreign.encode()), SeccompData::Foreign);
+    }
+
+    #[test]
+    fn filter_is_within_kernel_limits() {
+        let prog = build_filter();
+        assert!(prog.len() < 4096);
+        // Every traced number of both ABIs appears once as a JEQ constant.
+        let jeqs = prog.iter().filter(|i| i.code == BPF_JEQ_K).count();
+        let numbers: usize = SYSCALLS
+            .iter()
+            .map(|d| d.number(Abi::X86_64).is_some() as usize + d.number(Abi::I386).is_some() as usize)
+            .sum();
+        assert_eq!(jeqs, numbers + 2, "two arch checks plus one per number");
+    }
+}

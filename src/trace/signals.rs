@@ -1,0 +1,73 @@
+//! Signals sent to the tracer are the workload's: the tracer is its
+//! container's PID 1, and a `docker stop` or `kill` aimed at it means the
+//! workload. A dedicated thread waits for them (they are blocked in every
+//! tracer thread) and passes them on.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use nix::sys::signal::{kill, pthread_sigmask, SigSet, SigmaskHow, Signal};
+use nix::unistd::Pid;
+
+/// Signals that reach the workload when the tracer receives them.
+const FORWARDED: [Signal; 7] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+];
+
+/// Signals the terminal sends to its whole foreground process group: when
+/// they come from the kernel, the workload got its own copy already.
+const FROM_TERMINAL: [Signal; 3] = [Signal::SIGINT, Signal::SIGQUIT, Signal::SIGWINCH];
+
+fn forwarded_set() -> SigSet {
+    let mut set = SigSet::empty();
+    for signal in FORWARDED {
+        set.add(signal);
+    }
+    set
+}
+
+/// Blocks the forwarded signals in the calling thread (and so in every thread
+/// it starts afterwards). Returns the mask to restore in the workload.
+pub fn block_forwarded() -> nix::Result<SigSet> {
+    let mut previous = SigSet::empty();
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&forwarded_set()), Some(&mut previous))?;
+    Ok(previous)
+}
+
+/// Starts the forwarding thread. Until the entrypoint exits, signals go to
+/// it; after that, to every process still traced.
+pub fn spawn_forwarder(root: Pid, live: Arc<Mutex<BTreeSet<i32>>>) -> std::io::Result<()> {
+    let set = forwarded_set();
+    std::thread::Builder::new().name("cws-signals".into()).spawn(move || loop {
+        let mut info: libc::siginfo_t = zeroed_siginfo();
+        // SAFETY: `set` is a valid sigset and `info` is writable.
+        let signal = unsafe { libc::sigwaitinfo(set.as_ref(), &mut info) };
+        let Ok(signal) = Signal::try_from(signal) else { continue };
+        if info.si_code == libc::SI_KERNEL && FROM_TERMINAL.contains(&signal) {
+            continue;
+        }
+        let targets: Vec<i32> = {
+            let live = live.lock().unwrap_or_else(|e| e.into_inner());
+            if live.contains(&root.as_raw()) {
+                vec![root.as_raw()]
+            } else {
+                live.iter().copied().collect()
+            }
+        };
+        for pid in targets {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+    })?;
+    Ok(())
+}
+
+fn zeroed_siginfo() -> libc::siginfo_t {
+    // SAFETY: siginfo_t is plain data for which all-zero bytes are valid.
+    unsafe { std::mem::zeroed() }
+}

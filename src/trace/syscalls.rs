@@ -1,0 +1,142 @@
+//! The syscall table: one entry per watched syscall, with its number in each
+//! ABI and its decoders. The seccomp filter is generated from this table, so
+//! watching one more syscall is one more entry here.
+//!
+//! An entry decoder runs at the syscall-entry stop (before the kernel acts),
+//! reads what will be gone afterwards, updates state that must change before
+//! the call runs, and says whether the exit stop is needed: that costs a
+//! second stop, so entries ask for it only when the result matters.
+
+use std::time::SystemTime;
+
+use crate::trace::decode::{self, Ctx};
+
+/// The system call table a call went through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Abi {
+    X86_64,
+    /// `int 0x80`, from a 32-bit process or a 64-bit one.
+    I386,
+    /// Another architecture or x32: traced so it is seen, never decoded.
+    Unknown,
+}
+
+impl Abi {
+    /// Size of a pointer (and of `long`) in this ABI.
+    pub fn word_size(self) -> usize {
+        match self {
+            Abi::I386 => 4,
+            _ => 8,
+        }
+    }
+}
+
+/// A syscall stopped at entry, kept until its exit stop when one is needed.
+pub struct Call {
+    pub def: &'static SyscallDef,
+    pub abi: Abi,
+    pub args: [u64; 6],
+    /// When the syscall was entered.
+    pub time: SystemTime,
+    /// Absolute path read at entry, for calls whose memory is gone at exit (exec).
+    pub entry_path: Option<String>,
+    /// Set when something could not be read at entry.
+    pub partial: bool,
+}
+
+/// What the engine does after an entry decoder ran.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing more to learn from this call.
+    Done,
+    /// Stop again at the syscall exit and run the exit decoder.
+    Exit,
+}
+
+pub type EntryDecoder = fn(&mut Ctx<'_>, &mut Call) -> Next;
+pub type ExitDecoder = fn(&mut Ctx<'_>, &Call, i64);
+
+pub struct SyscallDef {
+    pub name: &'static str,
+    pub x86_64: Option<u32>,
+    pub i386: Option<u32>,
+    pub on_entry: EntryDecoder,
+    pub on_exit: ExitDecoder,
+}
+
+impl SyscallDef {
+    pub fn number(&self, abi: Abi) -> Option<u32> {
+        match abi {
+            Abi::X86_64 => self.x86_64,
+            Abi::I386 => self.i386,
+            Abi::Unknown => None,
+        }
+    }
+}
+
+const fn def(
+    name: &'static str,
+    x86_64: Option<u32>,
+    i386: Option<u32>,
+    on_entry: EntryDecoder,
+    on_exit: ExitDecoder,
+) -> SyscallDef {
+    SyscallDef { name, x86_64, i386, on_entry, on_exit }
+}
+
+use decode::*;
+
+#[rustfmt::skip]
+pub static SYSCALLS: &[SyscallDef] = &[
+    //   name               x86_64      i386        entry            exit
+    def("execve",          Some(59),   Some(11),   exec_entry,      exec_exit),
+    def("execveat",        Some(322),  Some(358),  exec_entry,      exec_exit),
+    def("open",            Some(2),    Some(5),    await_exit,      open_exit),
+    def("openat",          Some(257),  Some(295),  await_exit,      open_exit),
+    def("openat2",         Some(437),  Some(437),  await_exit,      open_exit),
+    def("creat",           Some(85),   Some(8),    await_exit,      open_exit),
+    def("socket",          Some(41),   Some(359),  await_exit,      socket_exit),
+    def("connect",         Some(42),   Some(362),  await_exit,      connect_exit),
+    def("socketcall",      None,       Some(102),  socketcall_entry, never_exit),
+    def("close",           Some(3),    Some(6),    close_entry,     never_exit),
+    def("close_range",     Some(436),  Some(436),  close_range_entry, never_exit),
+    def("dup",             Some(32),   Some(41),   await_exit,      dup_exit),
+    def("dup2",            Some(33),   Some(63),   await_exit,      dup_exit),
+    def("dup3",            Some(292),  Some(330),  await_exit,      dup_exit),
+    def("fcntl",           Some(72),   Some(55),   fcntl_entry,     dup_exit),
+    def("fcntl64",         None,       Some(221),  fcntl_entry,     dup_exit),
+    def("chdir",           Some(80),   Some(12),   await_exit,      chdir_exit),
+    def("fchdir",          Some(81),   Some(133),  await_exit,      chdir_exit),
+    def("fork",            Some(57),   Some(2),    fork_entry,      never_exit),
+    def("vfork",           Some(58),   Some(190),  fork_entry,      never_exit),
+    def("clone",           Some(56),   Some(120),  fork_entry,      never_exit),
+    def("clone3",          Some(435),  Some(435),  fork_entry,      never_exit),
+];
+
+/// The entry for a syscall number, for stops that did not come through the
+/// filter (`--disable-seccomp`).
+pub fn lookup(abi: Abi, nr: u64) -> Option<&'static SyscallDef> {
+    SYSCALLS.iter().find(|def| def.number(abi).map(u64::from) == Some(nr))
+}
+
+/// The entry of a syscall by name (i386 `socketcall` dispatches to these).
+pub fn by_name(name: &str) -> &'static SyscallDef {
+    SYSCALLS.iter().find(|def| def.name == name).expect("syscall named in the table")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_unique_per_abi() {
+        for abi in [Abi::X86_64, Abi::I386] {
+            let mut seen = std::collections::HashSet::new();
+            for def in SYSCALLS {
+                if let Some(nr) = def.number(abi) {
+                    assert!(seen.insert(nr), "{} reuses {abi:?} number {nr}", def.name);
+                }
+            }
+        }
+    }
+}
