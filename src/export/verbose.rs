@@ -119,15 +119,16 @@ pub fn format_event(out: &mut String, event: &Event) {
         }
         Some(Payload::Open(open)) => {
             let _ = write!(out, "{name}({:?}, ", open.path);
-            format_open_flags(out, open.flags);
-            if open.mode != 0 || open.flags & libc::O_CREAT != 0 {
+            let flags = open.flags.unwrap_or(0);
+            format_open_flags(out, flags);
+            if open.mode != 0 || flags & libc::O_CREAT != 0 {
                 let _ = write!(out, ", {:#o}", open.mode);
             }
             out.push(')');
             format_retval(out, event.retval.unwrap_or(0));
         }
         Some(Payload::Connect(connect)) => {
-            let _ = write!(out, "{name}({}, ", connect.fd);
+            let _ = write!(out, "{name}({}, ", connect.fd.unwrap_or(-1));
             let protocol = match connect.protocol() {
                 Protocol::Tcp => "TCP ",
                 Protocol::Udp => "UDP ",
@@ -221,7 +222,7 @@ mod tests {
                 port: 80,
                 family: AddressFamily::Inet as i32,
                 protocol: Protocol::Tcp as i32,
-                fd: 3,
+                fd: Some(3),
             })),
             ..Event::default()
         };

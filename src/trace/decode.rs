@@ -313,7 +313,8 @@ pub fn open_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
         cx.read_path(dirfd, path_addr)
     };
     let creates = flags & (libc::O_CREAT | libc::O_TMPFILE) != 0;
-    let open = proto::OpenEvent { path: path.clone().unwrap_or_default(), flags, mode: if creates { mode } else { 0 } };
+    let open =
+        proto::OpenEvent { path: path.clone().unwrap_or_default(), flags: Some(flags), mode: if creates { mode } else { 0 } };
     cx.emit_call(call, retval, path.is_none(), Payload::Open(open));
 }
 
@@ -391,7 +392,7 @@ pub fn connect_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
         port,
         family: family as i32,
         protocol: protocol_of(family, sock_type, protocol) as i32,
-        fd,
+        fd: Some(fd),
     };
     cx.emit_call(call, retval, parsed.is_none(), Payload::Connect(connect));
 }

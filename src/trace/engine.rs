@@ -240,10 +240,11 @@ impl Engine {
                 },
                 |r| r.syscall,
             );
-            let fork_kind = match syscall {
-                "fork" => ForkKind::Fork,
-                "vfork" => ForkKind::Vfork,
-                _ => ForkKind::Clone,
+            // The kernel's own classification: glibc's fork() is a clone.
+            let fork_kind = match kind {
+                ForkEventKind::Fork => ForkKind::Fork,
+                ForkEventKind::Vfork => ForkKind::Vfork,
+                ForkEventKind::Clone => ForkKind::Clone,
             };
             let cx = self.ctx(parent);
             let event = Event {
@@ -252,7 +253,7 @@ impl Engine {
                 payload: Some(Payload::Fork(proto::ForkEvent {
                     child_pid: child.as_raw() as u32,
                     kind: fork_kind as i32,
-                    flags: if fork_kind == ForkKind::Clone { flags } else { 0 },
+                    flags: if syscall.starts_with("clone") { flags } else { 0 },
                 })),
                 ..cx.event(time)
             };

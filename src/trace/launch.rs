@@ -18,6 +18,7 @@ use nix::sys::wait::waitpid;
 use nix::unistd::{fork, pipe2, ForkResult, Pid};
 
 use crate::trace::ptrace;
+use crate::trace::signals::IgnoredSignals;
 
 /// Why the workload could not be started.
 #[derive(Debug)]
@@ -40,8 +41,9 @@ pub struct Launch {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub filter: Option<Vec<libc::sock_filter>>,
-    /// The signal mask to restore in the workload.
+    /// The signal mask and ignored signals to restore in the workload.
     pub signal_mask: SigSet,
+    pub ignored_signals: IgnoredSignals,
 }
 
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -92,7 +94,12 @@ fn cstring(bytes: Vec<u8>) -> Result<CString, LaunchError> {
 
 impl Launch {
     /// `argv[0]` and the environment pass through unchanged.
-    pub fn new(program: &Path, argv: &[OsString], signal_mask: SigSet) -> Result<Self, LaunchError> {
+    pub fn new(
+        program: &Path,
+        argv: &[OsString],
+        signal_mask: SigSet,
+        ignored_signals: IgnoredSignals,
+    ) -> Result<Self, LaunchError> {
         let env = std::env::vars_os().map(|(key, value)| {
             let mut entry = key.into_vec();
             entry.push(b'=');
@@ -107,6 +114,7 @@ impl Launch {
             gid: None,
             filter: None,
             signal_mask,
+            ignored_signals,
         })
     }
 
@@ -177,11 +185,10 @@ fn child(launch: &Launch, release: i32, argv: &[*const libc::c_char], envp: &[*c
     // SAFETY (whole block): raw syscalls on values prepared before fork;
     // none allocates or takes a lock.
     unsafe {
-        // The workload gets the signal state the tracer was started with:
-        // the tracer's own blocked set is undone, and SIGPIPE (ignored by
-        // the Rust runtime) is back to its default.
+        // The workload gets the signal state the tracer was started with,
+        // not the one the tracer's runtime and its own blocked set made.
+        launch.ignored_signals.restore();
         libc::pthread_sigmask(libc::SIG_SETMASK, launch.signal_mask.as_ref(), std::ptr::null_mut());
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         let mut byte = [0u8; 2];
         if libc::read(release, byte.as_mut_ptr().cast(), byte.len()) <= 0 {
             // The tracer is gone before seizing us: never run untraced.

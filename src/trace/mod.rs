@@ -53,6 +53,7 @@ pub struct TraceOptions {
 
 /// Runs the workload to completion; returns the exit status to leave with.
 pub fn run(options: TraceOptions) -> Result<i32, ExitError> {
+    let ignored_signals = signals::IgnoredSignals::capture();
     let entrypoint = options.command.first().ok_or_else(|| ExitError::usage("trace needs an entrypoint after --"))?;
     let program = launch::resolve_entrypoint(entrypoint).map_err(launch_error)?;
 
@@ -61,7 +62,7 @@ pub fn run(options: TraceOptions) -> Result<i32, ExitError> {
     let signal_mask = signals::block_forwarded().map_err(|e| ExitError::setup(format!("cannot block signals: {e}")))?;
     let (sink, exporters) = Exporters::start(&outputs).map_err(|e| ExitError::new(exit_code::USAGE, e.to_string()))?;
 
-    let mut launch = Launch::new(&program, &options.command, signal_mask).map_err(launch_error)?;
+    let mut launch = Launch::new(&program, &options.command, signal_mask, ignored_signals).map_err(launch_error)?;
     launch.uid = options.uid;
     launch.gid = options.gid;
     launch.filter = (options.mode == Mode::Seccomp).then(seccomp::build_filter);

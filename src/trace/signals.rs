@@ -67,6 +67,55 @@ pub fn spawn_forwarder(root: Pid, live: Arc<Mutex<BTreeSet<i32>>>) -> std::io::R
     Ok(())
 }
 
+/// The kernel's `struct sigaction` on x86_64 (the raw syscall bypasses
+/// glibc, which refuses to touch the signals it reserves for itself).
+#[repr(C)]
+#[derive(Default)]
+struct KernelSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Signals (1..=64) that were ignored when the tracer started, as a bit set:
+/// ignored dispositions survive exec, so they are part of what the
+/// workload inherits and must pass through unchanged.
+#[derive(Clone, Copy, Debug)]
+pub struct IgnoredSignals(u64);
+
+impl IgnoredSignals {
+    /// Reads the dispositions. SIGPIPE is left out: the Rust runtime ignores
+    /// it before `main`, so its inherited disposition is unknowable, and the
+    /// default is what nearly every parent gives.
+    pub fn capture() -> Self {
+        let mut bits = 0u64;
+        for signal in 1..=64 {
+            let mut old = KernelSigaction::default();
+            // SAFETY: reads the disposition into `old`; sets nothing.
+            let rc = unsafe { libc::syscall(libc::SYS_rt_sigaction, signal, std::ptr::null::<KernelSigaction>(), &mut old, 8) };
+            if rc == 0 && old.handler == libc::SIG_IGN && signal != libc::SIGPIPE {
+                bits |= 1 << (signal - 1);
+            }
+        }
+        IgnoredSignals(bits)
+    }
+
+    /// In the forked child: every signal back to what the tracer inherited
+    /// (ignored, or default). Raw syscalls only.
+    pub fn restore(self) {
+        for signal in 1..=64 {
+            if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+                continue;
+            }
+            let ignored = self.0 & (1 << (signal - 1)) != 0;
+            let action = KernelSigaction { handler: if ignored { libc::SIG_IGN } else { libc::SIG_DFL }, ..Default::default() };
+            // SAFETY: installs SIG_DFL or SIG_IGN, which need no handler code.
+            unsafe { libc::syscall(libc::SYS_rt_sigaction, signal, &action, std::ptr::null_mut::<KernelSigaction>(), 8) };
+        }
+    }
+}
+
 fn zeroed_siginfo() -> libc::siginfo_t {
     // SAFETY: siginfo_t is plain data for which all-zero bytes are valid.
     unsafe { std::mem::zeroed() }

@@ -1,0 +1,385 @@
+//! `trace` end to end: real programs under the real tracer, exact events.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Stdio;
+
+use common::{fixture, pid_of, retval, Trace};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+#[test]
+fn exit_status_is_the_workload_s() {
+    assert_eq!(Trace::new(&["true"]).run().code(), Some(0));
+    assert_eq!(Trace::new(&["sh", "-c", "exit 7"]).run().code(), Some(7));
+    // Killed by a signal: 128 + N, as a shell reports it.
+    let run = Trace::new(&["sh", "-c", "kill -TERM $$"]).run();
+    assert_eq!(run.code(), Some(143));
+    let exit = run.one("exit", "cause", "EXIT_CAUSE_SIGNALED");
+    assert_eq!(exit["exit"]["signal"], 15);
+}
+
+#[test]
+fn missing_entrypoint_exits_127_with_one_line() {
+    let run = Trace::new(&["no-such-program-anywhere"]).run();
+    assert_eq!(run.code(), Some(127));
+    assert_eq!(run.stderr, "cws-instrumentation: no-such-program-anywhere: command not found\n");
+    assert!(run.events.is_empty());
+}
+
+#[test]
+fn non_executable_entrypoint_exits_126() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("script.sh");
+    std::fs::write(&script, "#!/bin/sh\ntrue\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = Trace::new(&[&script]).run();
+    assert_eq!(run.code(), Some(126));
+    assert_eq!(run.stderr, format!("cws-instrumentation: {}: permission denied\n", script.display()));
+}
+
+#[test]
+fn bad_events_file_is_a_usage_error() {
+    let output = std::process::Command::new(common::binary())
+        .args(["trace", "--events-file", "/nonexistent-dir/x.jsonl", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr),
+        "cws-instrumentation: cannot create events file /nonexistent-dir/x.jsonl: No such file or directory (os error 2)\n"
+    );
+}
+
+/// Starts `sh -c SCRIPT` under the tracer and waits for it to print "ready".
+fn start_ready(script: &str) -> (Trace, std::process::Child, BufReader<std::process::ChildStdout>) {
+    let mut trace = Trace::new(&["sh", "-c", script]);
+    let mut child = trace.spawn();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    (trace, child, stdout)
+}
+
+#[test]
+fn sigterm_to_the_tracer_ends_the_workload_with_143() {
+    let (trace, child, _stdout) = start_ready("echo ready; exec sleep 100");
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let run = trace.finish(child);
+    assert_eq!(run.code(), Some(143));
+}
+
+#[test]
+fn sigterm_reaches_the_workload_s_trap_handler() {
+    // "ready" only once $! names the sleep, so the trap can always end it.
+    let script = r#"trap 'kill $!; echo got-term; exit 3' TERM; sleep 100 & echo ready; wait"#;
+    let (trace, child, mut stdout) = start_ready(script);
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let run = trace.finish(child);
+    assert_eq!(rest, "got-term\n");
+    assert_eq!(run.code(), Some(3));
+}
+
+#[test]
+fn other_forwarded_signals_reach_the_workload() {
+    let script = r#"trap 'echo got-usr1' USR1; trap 'echo got-hup; exit 0' HUP; echo ready; while :; do sleep 0.05; done"#;
+    let (trace, child, mut stdout) = start_ready(script);
+    let tracer = Pid::from_raw(child.id() as i32);
+    kill(tracer, Signal::SIGUSR1).unwrap();
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "got-usr1\n");
+    kill(tracer, Signal::SIGHUP).unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "got-hup\n");
+    assert_eq!(trace.finish(child).code(), Some(0));
+}
+
+#[test]
+fn stdin_passes_through() {
+    let mut trace = Trace::new(&["cat"]);
+    trace.command().stdin(Stdio::piped());
+    let mut child = trace.spawn();
+    child.stdin.take().unwrap().write_all(b"hello through the tracer\n").unwrap();
+    let run = trace.finish(child);
+    assert_eq!(run.stdout, "hello through the tracer\n");
+    assert_eq!(run.code(), Some(0));
+}
+
+#[test]
+fn signal_dispositions_and_environment_are_the_workload_s() {
+    let script = "grep -E '^Sig(Ign|Blk)' /proc/self/status; echo \"$CWS_TEST_MARK\"";
+    let native = std::process::Command::new("sh").args(["-c", script]).env("CWS_TEST_MARK", "m1").output().unwrap();
+    let mut trace = Trace::new(&["sh", "-c", script]);
+    trace.command().env("CWS_TEST_MARK", "m1");
+    let run = trace.run();
+    assert_eq!(run.stdout, String::from_utf8_lossy(&native.stdout));
+}
+
+#[test]
+fn exec_events_carry_path_args_cwd_and_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut trace = Trace::new(&["sh", "-c", "cat /etc/hostname >/dev/null; /nonexistent/prog arg; exit 0"]);
+    trace.command().current_dir(dir.path()).env_clear().env("PATH", "/usr/bin:/bin").env("CWS_TEST_MARK", "m2");
+    let run = trace.run();
+    assert_eq!(run.code(), Some(0));
+    let cwd = dir.path().canonicalize().unwrap();
+
+    let sh = &run.of("exec")[0];
+    assert_eq!(sh["exec"]["path"], "/usr/bin/sh");
+    assert_eq!(sh["exec"]["args"], serde_json::json!(["sh", "-c", "cat /etc/hostname >/dev/null; /nonexistent/prog arg; exit 0"]));
+    assert_eq!(sh["exec"]["envs"], serde_json::json!(["PATH=/usr/bin:/bin", "CWS_TEST_MARK=m2"]));
+
+    let cat = run.one("exec", "path", "/usr/bin/cat");
+    assert_eq!(cat["exec"]["args"], serde_json::json!(["cat", "/etc/hostname"]));
+    assert_eq!(cat["exec"]["cwd"], cwd.to_str().unwrap());
+    assert_eq!(cat["exec"]["executable"], "/usr/bin/cat");
+    assert_eq!(cat["ppid"].as_i64(), Some(pid_of(sh)));
+    assert_eq!(retval(cat), 0);
+    let uid = nix::unistd::getuid().as_raw();
+    assert_eq!(cat["exec"]["credentials"]["uid"], uid);
+    assert_eq!(cat["exec"]["credentials"]["euid"], uid);
+    let mut envs: Vec<_> = cat["exec"]["envs"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect();
+    assert_eq!(envs.remove(0), "PATH=/usr/bin:/bin", "priority variables first");
+    envs.sort();
+    assert_eq!(envs, vec!["CWS_TEST_MARK=m2".to_owned(), format!("PWD={}", cwd.display())]);
+
+    let failed = run.one("exec", "path", "/nonexistent/prog");
+    assert_eq!(retval(failed), -libc_enoent());
+    assert_eq!(failed["exec"]["args"], serde_json::json!(["/nonexistent/prog", "arg"]));
+
+    let opened = run.opens_of("/etc/hostname");
+    assert_eq!(opened.len(), 1);
+    assert_eq!(pid_of(opened[0]), pid_of(cat));
+    assert_eq!(retval(opened[0]), 3);
+    assert_eq!(opened[0]["open"]["flags"], 0);
+}
+
+fn libc_enoent() -> i64 {
+    2
+}
+
+#[test]
+fn exit_events_report_codes_of_every_process() {
+    let run = Trace::new(&["sh", "-c", "sh -c 'exit 5'; exit 0"]).run();
+    let exits = run.of("exit");
+    let codes: Vec<_> = exits.iter().map(|e| e["exit"]["code"].as_i64().unwrap()).collect();
+    assert_eq!(codes, vec![5, 0]);
+    assert_eq!(exits[1]["exit"]["cause"], "EXIT_CAUSE_EXITED");
+}
+
+#[test]
+fn relative_paths_resolve_after_chdir_and_through_dirfds() {
+    for flags in [&[] as &[&str], &["--disable-seccomp"]] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        let base = base.to_str().unwrap();
+        let run = Trace::with_flags(flags, &[fixture("paths").to_str().unwrap(), base]).run();
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+
+        let rel = run.opens_of(&format!("{base}/rel.txt"));
+        assert_eq!(rel.len(), 1, "{flags:?}");
+        assert_eq!(rel[0]["open"]["flags"], libc::O_CREAT | libc::O_WRONLY);
+        assert_eq!(rel[0]["open"]["mode"], 0o600);
+
+        let inner = run.opens_of(&format!("{base}/sub/inner.txt"));
+        // via dirfd, via its dup2, via its F_DUPFD copy, and after fchdir.
+        assert_eq!(inner.len(), 4, "{flags:?}: {inner:#?}");
+        assert_eq!(inner[0]["open"]["mode"], 0o640);
+        assert!(inner[1..].iter().all(|e| e["open"]["flags"] == 0 && e["open"]["mode"].is_null()), "{inner:#?}");
+
+        let missing = run.opens_of(&format!("{base}/missing.txt"));
+        assert_eq!(missing.len(), 1, "{flags:?}");
+        assert_eq!(retval(missing[0]), -2);
+
+        let chdirs: Vec<_> = run.of("chdir").iter().map(|e| e["chdir"]["path"].clone()).collect();
+        assert_eq!(chdirs, vec![serde_json::json!(base), serde_json::json!(format!("{base}/sub"))]);
+    }
+}
+
+#[test]
+fn tcp_and_udp_connects_report_address_port_and_protocol() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let run = Trace::new(&[fixture("net").to_str().unwrap(), "tcp", &port.to_string()]).run();
+    assert_eq!(run.code(), Some(0));
+    let connect = &run.of("connect");
+    assert_eq!(connect.len(), 1);
+    let c = &connect[0]["connect"];
+    assert_eq!((c["address"].as_str(), c["port"].as_u64()), (Some("127.0.0.1"), Some(u64::from(port))));
+    assert_eq!(c["family"], "ADDRESS_FAMILY_INET");
+    assert_eq!(c["protocol"], "PROTOCOL_TCP");
+    assert_eq!(c["fd"], 3);
+    assert_eq!(retval(connect[0]), 0);
+
+    let udp = Trace::new(&[fixture("net").to_str().unwrap(), "udp", "53"]).run();
+    let c = &udp.of("connect")[0]["connect"];
+    assert_eq!((c["protocol"].as_str(), c["port"].as_u64()), (Some("PROTOCOL_UDP"), Some(53)));
+}
+
+#[test]
+fn refused_connect_reports_econnrefused() {
+    // A bound TCP socket that does not listen holds the port: the refusal is
+    // certain and no other process can take the port meanwhile.
+    use nix::sys::socket::{bind, getsockname, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let holder = socket(AddressFamily::Inet, SockType::Stream, SockFlag::empty(), None).unwrap();
+    bind(std::os::fd::AsRawFd::as_raw_fd(&holder), &SockaddrIn::new(127, 0, 0, 1, 0)).unwrap();
+    let port = getsockname::<SockaddrIn>(std::os::fd::AsRawFd::as_raw_fd(&holder)).unwrap().port();
+    let run = Trace::new(&[fixture("net").to_str().unwrap(), "tcp", &port.to_string()]).run();
+    assert_eq!(run.code(), Some(1));
+    let connect = &run.of("connect")[0];
+    assert_eq!(retval(connect), -(libc::ECONNREFUSED as i64));
+    assert_eq!(connect["connect"]["port"].as_u64(), Some(u64::from(port)));
+}
+
+#[test]
+fn unix_socket_connects_report_paths_and_abstract_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let run = Trace::new(&[fixture("net").to_str().unwrap(), "unix", path.to_str().unwrap()]).run();
+    assert_eq!(run.code(), Some(0));
+    let c = &run.of("connect")[0];
+    assert_eq!(c["connect"]["address"], path.to_str().unwrap());
+    assert_eq!(c["connect"]["family"], "ADDRESS_FAMILY_UNIX");
+    assert_eq!(retval(c), 0);
+
+    let name = format!("cws-test-{}", std::process::id());
+    let run = Trace::new(&[fixture("net").to_str().unwrap(), "abstract", &name]).run();
+    let c = &run.of("connect")[0];
+    assert_eq!(c["connect"]["address"], format!("@{name}"));
+    assert_eq!(retval(c), -(libc::ECONNREFUSED as i64));
+}
+
+#[test]
+fn fork_vfork_and_threads_are_followed() {
+    let run = Trace::new(&[fixture("forks")]).run();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let parent = pid_of(run.of("exec")[0]);
+    let ids: Vec<i64> = run.stdout.trim().split(' ').map(|kv| kv.split('=').nth(1).unwrap().parse().unwrap()).collect();
+    let (forked, vforked) = (ids[0], ids[1]);
+
+    let forks = run.of("fork");
+    assert_eq!(forks.len(), 2, "threads are not forks: {forks:#?}");
+    assert_eq!((pid_of(forks[0]), forks[0]["fork"]["child_pid"].as_i64()), (parent, Some(forked)));
+    assert_eq!(forks[0]["fork"]["kind"], "FORK_KIND_FORK");
+    assert_eq!(retval(forks[0]), forked);
+    assert_eq!(forks[1]["fork"]["kind"], "FORK_KIND_VFORK");
+    assert_eq!(forks[1]["fork"]["child_pid"].as_i64(), Some(vforked));
+
+    let null = run.opens_of("/dev/null");
+    assert_eq!(null.len(), 1);
+    assert_eq!((pid_of(null[0]), null[0]["ppid"].as_i64()), (forked, Some(parent)));
+
+    let zero = run.opens_of("/dev/zero");
+    assert_eq!(zero.len(), 1);
+    assert_eq!(pid_of(zero[0]), parent);
+    assert_ne!(zero[0]["tid"].as_i64(), Some(parent), "opened by the thread");
+
+    let exits: Vec<_> = run.of("exit").iter().map(|e| (pid_of(e), e["exit"]["code"].as_i64().unwrap())).collect();
+    assert_eq!(exits, vec![(forked, 3), (vforked, 4), (parent, 0)]);
+}
+
+#[test]
+fn exec_from_a_non_leader_thread_is_reported_under_the_process_id() {
+    let run = Trace::new(&[fixture("thread_exec")]).run();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout, "from-thread\n");
+    let execs = run.of("exec");
+    assert_eq!(execs.len(), 2);
+    let echo = &execs[1];
+    assert_eq!(echo["exec"]["path"], "/bin/echo");
+    assert_eq!(echo["exec"]["args"], serde_json::json!(["echo", "from-thread"]));
+    assert_eq!(pid_of(echo), pid_of(execs[0]));
+    assert_eq!(echo["tid"], echo["pid"], "the exec'ing thread takes the process id");
+    let exits = run.of("exit");
+    assert_eq!(exits.len(), 1);
+    assert_eq!(pid_of(exits[0]), pid_of(echo));
+}
+
+#[test]
+fn int80_syscalls_from_a_64_bit_process_do_not_escape() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let run = Trace::new(&[fixture("int80").to_str().unwrap(), &port.to_string()]).run();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+
+    let open = run.opens_of("/etc/hostname");
+    assert_eq!(open.len(), 1);
+    assert_eq!((open[0]["syscall"].as_str(), open[0]["abi"].as_str()), (Some("open"), Some("ABI_I386")));
+
+    let connect = &run.of("connect")[0];
+    assert_eq!(connect["abi"], "ABI_I386");
+    assert_eq!(connect["connect"]["port"].as_u64(), Some(u64::from(port)));
+    assert_eq!(connect["connect"]["protocol"], "PROTOCOL_TCP");
+    assert_eq!(retval(connect), 0);
+
+    let exec = run.one("exec", "path", "/bin/true");
+    assert_eq!((exec["syscall"].as_str(), exec["abi"].as_str()), (Some("execve"), Some("ABI_I386")));
+    assert_eq!(exec["exec"]["args"], serde_json::json!(["/bin/true"]));
+}
+
+#[test]
+fn clone_untraced_children_are_traced_anyway() {
+    let run = Trace::new(&[fixture("untraced")]).run();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let fork = &run.of("fork")[0];
+    assert_eq!(fork["syscall"], "clone");
+    let child = fork["fork"]["child_pid"].as_i64().unwrap();
+    let exec = run.one("exec", "path", "/bin/true");
+    assert_eq!(pid_of(exec), child);
+    assert_eq!(fork["fork"]["flags"].as_str(), Some(libc::SIGCHLD.to_string().as_str()), "CLONE_UNTRACED cleared");
+}
+
+#[test]
+fn a_thousand_execs_complete_and_are_all_reported() {
+    let script = "i=0; while [ $i -lt 1000 ]; do /bin/true; i=$((i+1)); done";
+    let run = Trace::new(&["sh", "-c", script]).run();
+    assert_eq!(run.code(), Some(0));
+    assert_eq!(run.of("exec").iter().filter(|e| e["exec"]["path"] == "/bin/true").count(), 1000);
+    assert_eq!(run.of("exit").len(), 1001);
+}
+
+#[test]
+fn descendants_outliving_the_entrypoint_stay_traced() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("late");
+    // The entrypoint exits at once; its child opens a file afterwards.
+    let script = format!("(sleep 0.3; : > {}) & exit 4", marker.display());
+    let run = Trace::new(&["sh", "-c", &script]).run();
+    assert_eq!(run.code(), Some(4));
+    assert!(marker.exists());
+    let late = run.opens_of(marker.to_str().unwrap());
+    assert_eq!(late.len(), 1, "the orphan's open is still seen");
+    let exits = run.of("exit");
+    assert_eq!(exits.len(), 3, "entrypoint, subshell and sleep: {exits:#?}");
+}
+
+#[test]
+fn verbose_prints_one_line_per_event() {
+    let run = Trace::with_flags(&["--verbose"], &["cat", "/etc/hostname"]).run();
+    let open = &run.opens_of("/etc/hostname")[0];
+    let pid = pid_of(open);
+    let ppid = open["ppid"].as_i64().unwrap();
+    let expected = format!("[pid {pid} ppid {ppid}] openat(\"/etc/hostname\", O_RDONLY) = 3\n");
+    assert!(run.stderr.contains(&expected), "{}", run.stderr);
+    assert!(run.stderr.contains(&format!("[pid {pid} ppid {ppid}] +++ exited with 0 +++\n")));
+    let lines = run.stderr.lines().count();
+    assert_eq!(lines, run.events.len(), "one line per event");
+}
+
+#[test]
+fn stats_count_stops() {
+    let run = Trace::with_flags(&["--stats"], &["true"]).run();
+    let line = run.stderr.lines().find(|l| l.contains("stats:")).expect("a stats line");
+    assert!(line.contains("exec_stops=1 "), "{line}");
+    assert!(line.contains(&format!("events={} ", run.events.len())), "{line}");
+}
