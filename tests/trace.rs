@@ -88,7 +88,8 @@ fn sigterm_reaches_the_workload_s_trap_handler() {
 
 #[test]
 fn other_forwarded_signals_reach_the_workload() {
-    let script = r#"trap 'echo got-usr1' USR1; trap 'echo got-hup; exit 0' HUP; echo ready; while :; do sleep 0.05; done"#;
+    let script =
+        r#"trap 'echo got-usr1' USR1; trap 'echo got-hup; exit 0' HUP; echo ready; while :; do sleep 0.05; done"#;
     let (trace, child, mut stdout) = start_ready(script);
     let tracer = Pid::from_raw(child.id() as i32);
     kill(tracer, Signal::SIGUSR1).unwrap();
@@ -134,7 +135,10 @@ fn exec_events_carry_path_args_cwd_and_credentials() {
 
     let sh = &run.of("exec")[0];
     assert_eq!(sh["exec"]["path"], "/usr/bin/sh");
-    assert_eq!(sh["exec"]["args"], serde_json::json!(["sh", "-c", "cat /etc/hostname >/dev/null; /nonexistent/prog arg; exit 0"]));
+    assert_eq!(
+        sh["exec"]["args"],
+        serde_json::json!(["sh", "-c", "cat /etc/hostname >/dev/null; /nonexistent/prog arg; exit 0"])
+    );
     assert_eq!(sh["exec"]["envs"], serde_json::json!(["PATH=/usr/bin:/bin", "CWS_TEST_MARK=m2"]));
 
     let cat = run.one("exec", "path", "/usr/bin/cat");

@@ -198,7 +198,7 @@ mod tests {
             retval: Some(-2),
             payload: Some(Payload::Open(OpenEvent {
                 path: "/etc/x".into(),
-                flags: libc::O_RDONLY | libc::O_CLOEXEC,
+                flags: Some(libc::O_RDONLY | libc::O_CLOEXEC),
                 mode: 0,
             })),
             ..Event::default()

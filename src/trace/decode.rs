@@ -313,8 +313,11 @@ pub fn open_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
         cx.read_path(dirfd, path_addr)
     };
     let creates = flags & (libc::O_CREAT | libc::O_TMPFILE) != 0;
-    let open =
-        proto::OpenEvent { path: path.clone().unwrap_or_default(), flags: Some(flags), mode: if creates { mode } else { 0 } };
+    let open = proto::OpenEvent {
+        path: path.clone().unwrap_or_default(),
+        flags: Some(flags),
+        mode: if creates { mode } else { 0 },
+    };
     cx.emit_call(call, retval, path.is_none(), Payload::Open(open));
 }
 

@@ -93,7 +93,9 @@ impl IgnoredSignals {
         for signal in 1..=64 {
             let mut old = KernelSigaction::default();
             // SAFETY: reads the disposition into `old`; sets nothing.
-            let rc = unsafe { libc::syscall(libc::SYS_rt_sigaction, signal, std::ptr::null::<KernelSigaction>(), &mut old, 8) };
+            let rc = unsafe {
+                libc::syscall(libc::SYS_rt_sigaction, signal, std::ptr::null::<KernelSigaction>(), &mut old, 8)
+            };
             if rc == 0 && old.handler == libc::SIG_IGN && signal != libc::SIGPIPE {
                 bits |= 1 << (signal - 1);
             }
@@ -109,9 +111,12 @@ impl IgnoredSignals {
                 continue;
             }
             let ignored = self.0 & (1 << (signal - 1)) != 0;
-            let action = KernelSigaction { handler: if ignored { libc::SIG_IGN } else { libc::SIG_DFL }, ..Default::default() };
+            let action =
+                KernelSigaction { handler: if ignored { libc::SIG_IGN } else { libc::SIG_DFL }, ..Default::default() };
             // SAFETY: installs SIG_DFL or SIG_IGN, which need no handler code.
-            unsafe { libc::syscall(libc::SYS_rt_sigaction, signal, &action, std::ptr::null_mut::<KernelSigaction>(), 8) };
+            unsafe {
+                libc::syscall(libc::SYS_rt_sigaction, signal, &action, std::ptr::null_mut::<KernelSigaction>(), 8)
+            };
         }
     }
 }

@@ -66,7 +66,12 @@ impl Run {
     /// The one event of `kind` whose `field` is `value`; fails otherwise.
     pub fn one(&self, kind: &str, field: &str, value: &str) -> &Value {
         let found: Vec<_> = self.of(kind).into_iter().filter(|e| e[kind][field] == value).collect();
-        assert_eq!(found.len(), 1, "expected one {kind} event with {field}={value}, got {found:#?}\nstderr: {}", self.stderr);
+        assert_eq!(
+            found.len(),
+            1,
+            "expected one {kind} event with {field}={value}, got {found:#?}\nstderr: {}",
+            self.stderr
+        );
         found[0]
     }
 
