@@ -387,3 +387,95 @@ fn stats_count_stops() {
     assert!(line.contains("exec_stops=1 "), "{line}");
     assert!(line.contains(&format!("events={} ", run.events.len())), "{line}");
 }
+
+/// State letter of a process from /proc/PID/stat.
+fn process_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.trim_start().chars().next()
+}
+
+#[test]
+fn sigstop_stops_the_workload_until_sigcont() {
+    let mut trace = Trace::new(&["sh", "-c", "echo $$; kill -STOP $$; echo resumed"]);
+    let mut child = trace.spawn();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let pid: i32 = line.trim().parse().unwrap();
+    // Stopped (job control honoured, not swallowed): "T", or "t" under ptrace.
+    let started = std::time::Instant::now();
+    while !matches!(process_state(pid), Some('T' | 't')) {
+        assert!(started.elapsed() < common::DEADLINE, "workload never stopped");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    kill(Pid::from_raw(pid), Signal::SIGCONT).unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "resumed\n");
+    let run = trace.finish(child);
+    assert_eq!(run.code(), Some(0));
+}
+
+#[test]
+fn terminal_interrupt_reaches_the_workload_once_and_the_tracer_survives() {
+    use std::os::unix::process::CommandExt;
+
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let script = "trap 'echo int' INT; trap 'echo usr1; exit 0' USR1; echo ready; while :; do sleep 0.05; done";
+    let mut trace = Trace::with_flags(&["--verbose"], &["sh", "-c", script]);
+    let slave = || std::process::Stdio::from(pty.slave.try_clone().unwrap());
+    trace.command().stdin(slave()).stdout(slave()).stderr(slave());
+    // SAFETY: setsid and ioctl are async-signal-safe.
+    unsafe {
+        trace.command().pre_exec(|| {
+            nix::unistd::setsid()?;
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = trace.spawn();
+    // Only the tracer and the workload keep the terminal open now, so the
+    // master reads EOF once they are gone.
+    trace.command().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    drop(pty.slave);
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let master = std::fs::File::from(pty.master.try_clone().unwrap());
+    std::thread::spawn(move || {
+        for line in BufReader::new(master).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line.trim_end_matches('\r').to_owned()).is_err() {
+                break;
+            }
+        }
+    });
+    let next_line = || lines.recv_timeout(common::DEADLINE).expect("output from the workload");
+    let mut seen = Vec::new();
+    loop {
+        seen.push(next_line());
+        if seen.last().unwrap() == "ready" {
+            break;
+        }
+    }
+    let mut master = std::fs::File::from(pty.master.try_clone().unwrap());
+    master.write_all(&[3]).unwrap(); // Ctrl-C
+    loop {
+        seen.push(next_line());
+        // The terminal echoes "^C" on the line where the handler writes.
+        if seen.last().unwrap().ends_with("int") {
+            break;
+        }
+    }
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGUSR1).unwrap();
+    let run = trace.finish(child);
+    assert_eq!(run.code(), Some(0));
+    seen.extend(lines.iter());
+    let pid = pid_of(run.of("exec")[0]);
+    // SIGUSR1 came from kill(2) and is passed on; the terminal's SIGINT went
+    // to the workload directly, so the tracer's copy is not passed on.
+    let forwarded: Vec<_> = seen.iter().filter(|l| l.contains("forwarded")).collect();
+    assert_eq!(forwarded, vec![&format!("cws-instrumentation: forwarded SIGUSR1 to pid {pid}")], "{seen:#?}");
+    assert_eq!(seen.iter().filter(|l| l.ends_with("int")).count(), 1, "{seen:#?}");
+    assert!(seen.contains(&"usr1".to_owned()), "{seen:#?}");
+}

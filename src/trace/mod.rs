@@ -82,7 +82,7 @@ pub fn run(options: TraceOptions) -> Result<i32, ExitError> {
         .map_err(|e| ExitError::setup(format!("cannot start the tracer thread: {e}")))?;
 
     if let Ok(Ok(root)) = started_rx.recv() {
-        signals::spawn_forwarder(root, live)
+        signals::spawn_forwarder(root, live, options.verbose)
             .map_err(|e| ExitError::setup(format!("cannot start the signal thread: {e}")))?;
     }
     let outcome = tracer.join().map_err(|_| ExitError::setup("the tracer thread failed".into()))?;

@@ -41,8 +41,8 @@ pub fn block_forwarded() -> nix::Result<SigSet> {
 }
 
 /// Starts the forwarding thread. Until the entrypoint exits, signals go to
-/// it; after that, to every process still traced.
-pub fn spawn_forwarder(root: Pid, live: Arc<Mutex<BTreeSet<i32>>>) -> std::io::Result<()> {
+/// it; after that, to every process still traced. `verbose` logs each one.
+pub fn spawn_forwarder(root: Pid, live: Arc<Mutex<BTreeSet<i32>>>, verbose: bool) -> std::io::Result<()> {
     let set = forwarded_set();
     std::thread::Builder::new().name("cws-signals".into()).spawn(move || loop {
         let mut info: libc::siginfo_t = zeroed_siginfo();
@@ -62,6 +62,9 @@ pub fn spawn_forwarder(root: Pid, live: Arc<Mutex<BTreeSet<i32>>>) -> std::io::R
         };
         for pid in targets {
             let _ = kill(Pid::from_raw(pid), signal);
+            if verbose {
+                eprintln!("cws-instrumentation: forwarded {} to pid {pid}", signal.as_str());
+            }
         }
     })?;
     Ok(())
