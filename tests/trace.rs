@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 
-use common::{fixture, pid_of, retval, Trace};
+use common::{fixture, pid_of, retval, Terminal, Trace};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -358,11 +358,15 @@ fn descendants_outliving_the_entrypoint_stay_traced() {
     let marker = dir.path().join("late");
     // The entrypoint exits at once; its child opens a file afterwards.
     let script = format!("(sleep 0.3; : > {}) & exit 4", marker.display());
-    let run = Trace::new(&["sh", "-c", &script]).run();
+    let mut trace = Trace::new(&["sh", "-c", &script]);
+    let child = trace.spawn();
+    let tracer = i64::from(child.id());
+    let run = trace.finish(child);
     assert_eq!(run.code(), Some(4));
     assert!(marker.exists());
     let late = run.opens_of(marker.to_str().unwrap());
     assert_eq!(late.len(), 1, "the orphan's open is still seen");
+    assert_eq!(late[0]["ppid"].as_i64(), Some(tracer), "orphans are adopted by the tracer");
     let exits = run.of("exit");
     assert_eq!(exits.len(), 3, "entrypoint, subshell and sleep: {exits:#?}");
 }
@@ -418,59 +422,17 @@ fn sigstop_stops_the_workload_until_sigcont() {
 
 #[test]
 fn terminal_interrupt_reaches_the_workload_once_and_the_tracer_survives() {
-    use std::os::unix::process::CommandExt;
-
-    let pty = nix::pty::openpty(None, None).unwrap();
     let script = "trap 'echo int' INT; trap 'echo usr1; exit 0' USR1; echo ready; while :; do sleep 0.05; done";
     let mut trace = Trace::with_flags(&["--verbose"], &["sh", "-c", script]);
-    let slave = || std::process::Stdio::from(pty.slave.try_clone().unwrap());
-    trace.command().stdin(slave()).stdout(slave()).stderr(slave());
-    // SAFETY: setsid and ioctl are async-signal-safe.
-    unsafe {
-        trace.command().pre_exec(|| {
-            nix::unistd::setsid()?;
-            if libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = trace.spawn();
-    // Only the tracer and the workload keep the terminal open now, so the
-    // master reads EOF once they are gone.
-    trace.command().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    drop(pty.slave);
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    let master = std::fs::File::from(pty.master.try_clone().unwrap());
-    std::thread::spawn(move || {
-        for line in BufReader::new(master).lines() {
-            let Ok(line) = line else { break };
-            if lines_tx.send(line.trim_end_matches('\r').to_owned()).is_err() {
-                break;
-            }
-        }
-    });
-    let next_line = || lines.recv_timeout(common::DEADLINE).expect("output from the workload");
-    let mut seen = Vec::new();
-    loop {
-        seen.push(next_line());
-        if seen.last().unwrap() == "ready" {
-            break;
-        }
-    }
-    let mut master = std::fs::File::from(pty.master.try_clone().unwrap());
-    master.write_all(&[3]).unwrap(); // Ctrl-C
-    loop {
-        seen.push(next_line());
-        // The terminal echoes "^C" on the line where the handler writes.
-        if seen.last().unwrap().ends_with("int") {
-            break;
-        }
-    }
+    let (child, mut terminal) = Terminal::spawn(&mut trace);
+    let mut seen = terminal.read_until(|l| l == "ready");
+    terminal.type_keys(&[3]); // Ctrl-C
+                              // The terminal echoes "^C" on the line where the handler writes.
+    seen.extend(terminal.read_until(|l| l.ends_with("int")));
     kill(Pid::from_raw(child.id() as i32), Signal::SIGUSR1).unwrap();
     let run = trace.finish(child);
     assert_eq!(run.code(), Some(0));
-    seen.extend(lines.iter());
+    seen.extend(terminal.rest());
     let pid = pid_of(run.of("exec")[0]);
     // SIGUSR1 came from kill(2) and is passed on; the terminal's SIGINT went
     // to the workload directly, so the tracer's copy is not passed on.
@@ -478,4 +440,94 @@ fn terminal_interrupt_reaches_the_workload_once_and_the_tracer_survives() {
     assert_eq!(forwarded, vec![&format!("cws-instrumentation: forwarded SIGUSR1 to pid {pid}")], "{seen:#?}");
     assert_eq!(seen.iter().filter(|l| l.ends_with("int")).count(), 1, "{seen:#?}");
     assert!(seen.contains(&"usr1".to_owned()), "{seen:#?}");
+}
+
+#[test]
+fn interactive_bash_works_and_ctrl_c_reaches_its_job() {
+    let mut trace = Trace::new(&["bash", "--norc", "--noprofile", "-i"]);
+    trace.command().env("PS1", "prompt> ");
+    let (child, mut terminal) = Terminal::spawn(&mut trace);
+    terminal.type_keys(b"echo hi-$((1+1))\n");
+    // Lines may start with terminal control sequences (bracketed paste).
+    terminal.read_until(|l| l.ends_with("\rhi-2") || l == "hi-2");
+    // The job says it started once bash has made it the foreground job.
+    terminal.type_keys(b"sh -c 'echo started; exec sleep 100'\n");
+    terminal.read_until(|l| l.ends_with("started") && !l.contains("echo"));
+    terminal.type_keys(&[3]); // Ctrl-C: ends the foreground job, not the tracer
+    terminal.type_keys(b"echo back-$?\n");
+    terminal.read_until(|l| l.ends_with("back-130") && !l.contains("echo"));
+    terminal.type_keys(b"exit 3\n");
+    let run = trace.finish(child);
+    assert_eq!(run.code(), Some(3));
+    let job =
+        run.of("exec").into_iter().find(|e| e["exec"]["args"][2] == "echo started; exec sleep 100").expect("the job");
+    let exit = run.of("exit").into_iter().find(|e| pid_of(e) == pid_of(job)).expect("the job's exit");
+    assert_eq!(exit["exit"]["signal"], libc::SIGINT);
+}
+
+#[test]
+fn fileless_exec_of_a_memfd_is_reported() {
+    let run = Trace::new(&[fixture("memfd_exec")]).run();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let execs = run.of("exec");
+    assert_eq!(execs.len(), 2);
+    let fileless = &execs[1];
+    assert_eq!(fileless["syscall"], "execveat");
+    assert_eq!(fileless["exec"]["path"], "/memfd:cws-fileless (deleted)");
+    assert_eq!(fileless["exec"]["executable"], "/memfd:cws-fileless (deleted)");
+    assert_eq!(fileless["exec"]["args"], serde_json::json!(["fileless"]));
+    assert_eq!(fileless["exec"]["envs"], serde_json::json!(["A=1"]));
+    assert_eq!(retval(fileless), 0);
+}
+
+#[test]
+fn nonblocking_connect_reports_einprogress() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let run = Trace::new(&[fixture("net").to_str().unwrap(), "nonblock", &port.to_string()]).run();
+    let connect = &run.of("connect")[0];
+    assert_eq!(retval(connect), -(libc::EINPROGRESS as i64));
+    assert_eq!(connect["connect"]["protocol"], "PROTOCOL_TCP");
+}
+
+/// What a run reported, without pids and times: comparable across runs.
+fn event_shapes(run: &common::Run) -> Vec<String> {
+    let mut shapes: Vec<String> = run
+        .events
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            let map = e.as_object_mut().unwrap();
+            for volatile in ["pid", "tid", "ppid", "timestamp"] {
+                map.remove(volatile);
+            }
+            if let Some(fork) = map.get_mut("fork") {
+                fork.as_object_mut().unwrap().remove("child_pid");
+                map.remove("retval");
+            }
+            e.to_string()
+        })
+        .collect();
+    shapes.sort();
+    shapes
+}
+
+#[test]
+fn full_ptrace_mode_reports_what_seccomp_mode_reports() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let path = |name: &str| fixture(name).to_str().unwrap().to_owned();
+    let commands = [
+        vec![path("forks")],
+        vec![path("thread_exec")],
+        vec![path("int80"), port],
+        vec![path("untraced")],
+        vec![path("memfd_exec")],
+    ];
+    for command in commands {
+        let seccomp = Trace::new(&command).run();
+        let full = Trace::with_flags(&["--disable-seccomp"], &command).run();
+        assert_eq!(seccomp.code(), full.code());
+        assert_eq!(event_shapes(&seccomp), event_shapes(&full), "{command:?}");
+    }
 }

@@ -282,6 +282,7 @@ impl Engine {
             self.release_unclaimed();
         }
         if let Some(process) = process {
+            self.procs.reparent_children(pid, |child| procfs::status(child)?.ppid.map(Pid::from_raw));
             let (cause, code, signal, core_dumped) = match death {
                 Death::Exited(code) => (ExitCause::Exited, Some(code), None, false),
                 Death::Signaled { signal, core_dumped } => (ExitCause::Signaled, None, Some(signal), core_dumped),

@@ -175,6 +175,15 @@ mod tests {
     }
 
     #[test]
+    fn proc_mem_fallback_reads_the_same_bytes() {
+        let data = b"through /proc/PID/mem";
+        let mut buf = [0u8; 21];
+        assert_eq!(read_proc_mem(Pid::this(), data.as_ptr() as u64, &mut buf), data.len());
+        assert_eq!(&buf, data);
+        assert_eq!(read_proc_mem(Pid::this(), 8, &mut buf), 0);
+    }
+
+    #[test]
     fn reads_pointer_arrays() {
         let me = Pid::this();
         let strings = [c"a".as_ptr(), c"bc".as_ptr(), std::ptr::null()];

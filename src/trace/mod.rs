@@ -67,6 +67,11 @@ pub fn run(options: TraceOptions) -> Result<i32, ExitError> {
     launch.gid = options.gid;
     launch.filter = (options.mode == Mode::Seccomp).then(seccomp::build_filter);
 
+    // Orphaned descendants are adopted by the tracer, as by PID 1 in a
+    // container: they stay traced, are reaped, and see the same parent
+    // whether or not the tracer is PID 1.
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| ExitError::setup(format!("cannot become a child subreaper: {e}")))?;
     let live = LiveProcesses::default();
     let (started_tx, started_rx) = mpsc::channel();
     let mode = options.mode;

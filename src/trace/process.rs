@@ -165,6 +165,18 @@ impl ProcessTable {
     }
 }
 
+impl ProcessTable {
+    /// After `dead` exited, its children belong to another parent (the
+    /// tracer, as subreaper); `parent_of` asks the kernel which.
+    pub fn reparent_children(&mut self, dead: Pid, parent_of: impl Fn(Pid) -> Option<Pid>) {
+        for (&pid, process) in self.processes.iter_mut().filter(|(_, p)| p.ppid == dead) {
+            if let Some(parent) = parent_of(pid) {
+                process.ppid = parent;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

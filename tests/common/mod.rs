@@ -1,9 +1,10 @@
 //! Helpers for tests that run the real binary on real programs.
 #![allow(dead_code)] // each test crate uses its own subset
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::Receiver;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -159,5 +160,76 @@ impl Trace {
     pub fn run(mut self) -> Run {
         let child = self.spawn();
         self.finish(child)
+    }
+}
+
+/// A pseudo-terminal that is the traced command's controlling terminal and
+/// stdio, as when a person runs it in a terminal.
+pub struct Terminal {
+    master: std::fs::File,
+    lines: Receiver<String>,
+}
+
+impl Terminal {
+    /// Starts `trace` as the session leader of a new terminal.
+    pub fn spawn(trace: &mut Trace) -> (Child, Terminal) {
+        use std::os::unix::process::CommandExt;
+        let pty = nix::pty::openpty(None, None).unwrap();
+        // openpty's descriptors are inheritable: keep them out of the
+        // commands other tests start meanwhile, or their EOF never comes.
+        for fd in [&pty.master, &pty.slave] {
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC)).unwrap();
+        }
+        let slave = || Stdio::from(pty.slave.try_clone().unwrap());
+        trace.command().stdin(slave()).stdout(slave()).stderr(slave());
+        // SAFETY: setsid and ioctl are async-signal-safe.
+        unsafe {
+            trace.command().pre_exec(|| {
+                nix::unistd::setsid()?;
+                if libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = trace.spawn();
+        // Only the traced processes keep the terminal open now, so the
+        // master reads EOF once they are gone.
+        trace.command().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        drop(pty.slave);
+        let (tx, lines) = std::sync::mpsc::channel();
+        let reader = std::fs::File::from(pty.master.try_clone().unwrap());
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(reader).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line.trim_end_matches('\r').to_owned()).is_err() {
+                    break;
+                }
+            }
+        });
+        (child, Terminal { master: std::fs::File::from(pty.master), lines })
+    }
+
+    /// Types on the keyboard.
+    pub fn type_keys(&mut self, keys: &[u8]) {
+        std::io::Write::write_all(&mut self.master, keys).unwrap();
+    }
+
+    /// Lines up to and including the first one `done` accepts.
+    pub fn read_until(&self, done: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            let line = self.lines.recv_timeout(DEADLINE).unwrap_or_else(|_| panic!("terminal output ended: {seen:#?}"));
+            let finished = done(&line);
+            seen.push(line);
+            if finished {
+                return seen;
+            }
+        }
+    }
+
+    /// Every remaining line, once the terminal is closed.
+    pub fn rest(self) -> Vec<String> {
+        self.lines.iter().collect()
     }
 }
