@@ -484,29 +484,25 @@ pub fn chdir_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
 
 // ---- process creation ---------------------------------------------------------
 
-/// fork, vfork, clone, clone3 at entry. The child is reported by the
-/// kernel's fork event; here the flags are recorded for it, and
-/// CLONE_UNTRACED is cleared: it would let the child run untraced.
-pub fn fork_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
-    let flags = match call.def.name {
-        "fork" => libc::SIGCHLD as u64,
-        "vfork" => (libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD) as u64,
-        "clone3" => {
-            let flags = memory::read_words(cx.tid, call.args[0], Abi::X86_64, 1).first().copied().unwrap_or(0);
-            if flags & CLONE_UNTRACED != 0 {
-                // Best effort: a failed write leaves the kernel to refuse nothing,
-                // and the child then shows up only in /proc.
-                let _ = memory::write_u64(cx.tid, call.args[0], flags & !CLONE_UNTRACED);
-            }
-            flags
+/// clone and clone3 at entry. The child is reported by the kernel's fork
+/// event; here the flags are recorded for it, and CLONE_UNTRACED is
+/// cleared: it would let the child run untraced. (fork and vfork cannot
+/// ask for that, so they are not stopped at entry at all.)
+pub fn clone_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
+    let flags = if call.def.name == "clone3" {
+        // struct clone_args starts with a u64 `flags` in every ABI.
+        let flags = memory::read_words(cx.tid, call.args[0], Abi::X86_64, 1).first().copied().unwrap_or(0);
+        if flags & CLONE_UNTRACED != 0 {
+            // Best effort: if the write fails the child is seen in /proc only.
+            let _ = memory::write_u64(cx.tid, call.args[0], flags & !CLONE_UNTRACED);
         }
-        _ => {
-            let flags = call.args[0];
-            if flags & CLONE_UNTRACED != 0 {
-                let _ = ptrace::set_first_arg(cx.tid, call.abi, flags & !CLONE_UNTRACED);
-            }
-            flags
+        flags
+    } else {
+        let flags = call.args[0];
+        if flags & CLONE_UNTRACED != 0 {
+            let _ = ptrace::set_first_arg(cx.tid, call.abi, flags & !CLONE_UNTRACED);
         }
+        flags
     };
     let request = ForkRequest { syscall: call.def.name, flags: flags & !CLONE_UNTRACED, time: call.time };
     if let Some(thread) = cx.procs.thread_mut(cx.tid) {

@@ -275,11 +275,9 @@ impl Engine {
 
     fn on_death(&mut self, pid: Pid, death: Death) {
         self.unclaimed.remove(&pid);
-        let (thread, process) = self.procs.remove_thread(pid);
-        if thread.is_some_and(|t| t.forking.is_some()) {
-            // It died between fork and the kernel's report of it: whatever
-            // children are held may be waiting for that report forever.
-            self.release_unclaimed();
+        let (_, process) = self.procs.remove_thread(pid);
+        if !self.unclaimed.is_empty() {
+            self.release_orphaned_children();
         }
         if let Some(process) = process {
             self.procs.reparent_children(pid, |child| procfs::status(child)?.ppid.map(Pid::from_raw));
@@ -303,18 +301,28 @@ impl Engine {
         }
     }
 
-    fn release_unclaimed(&mut self) {
-        for (child, stop) in std::mem::take(&mut self.unclaimed) {
+    /// A parent can die between creating a child and the kernel's report of
+    /// it; the held child would then wait forever. Held children whose
+    /// parent is no longer traced (they were reparented to the tracer) are
+    /// let go, with their state read from /proc.
+    fn release_orphaned_children(&mut self) {
+        let held: Vec<Pid> = self.unclaimed.keys().copied().collect();
+        for child in held {
             let status = procfs::status(child);
+            let ppid = status.as_ref().and_then(|s| s.ppid).map(Pid::from_raw);
             let tgid = status.as_ref().and_then(|s| s.tgid).map(Pid::from_raw);
-            let ppid = status.as_ref().and_then(|s| s.ppid).map_or(self.root, Pid::from_raw);
+            if ppid.is_some_and(|p| self.procs.thread(p).is_some()) {
+                continue;
+            }
+            let Some(stop) = self.unclaimed.remove(&child) else { continue };
             match tgid {
                 Some(tgid) if tgid != child => {
                     self.procs.add_child(tgid, child, libc::CLONE_THREAD as u64);
                 }
-                _ => self.procs.add_process(child, ppid),
+                _ => self.procs.add_process(child, ppid.unwrap_or_else(Pid::this)),
             }
-            let _ = stop.resume(self.resume_mode(child));
+            let how = self.resume_mode(child);
+            let _ = stop.resume(how);
         }
     }
 }

@@ -107,10 +107,9 @@ pub static SYSCALLS: &[SyscallDef] = &[
     def("fcntl64",         None,       Some(221),  fcntl_entry,     dup_exit),
     def("chdir",           Some(80),   Some(12),   await_exit,      chdir_exit),
     def("fchdir",          Some(81),   Some(133),  await_exit,      chdir_exit),
-    def("fork",            Some(57),   Some(2),    fork_entry,      never_exit),
-    def("vfork",           Some(58),   Some(190),  fork_entry,      never_exit),
-    def("clone",           Some(56),   Some(120),  fork_entry,      never_exit),
-    def("clone3",          Some(435),  Some(435),  fork_entry,      never_exit),
+    // fork and vfork are seen through their ptrace events only.
+    def("clone",           Some(56),   Some(120),  clone_entry,     never_exit),
+    def("clone3",          Some(435),  Some(435),  clone_entry,     never_exit),
 ];
 
 /// The entry for a syscall number, for stops that did not come through the
