@@ -335,12 +335,18 @@ fn int80_syscalls_from_a_64_bit_process_do_not_escape() {
 fn clone_untraced_children_are_traced_anyway() {
     let run = Trace::new(&[fixture("untraced")]).run();
     assert_eq!(run.code(), Some(0), "{}", run.stderr);
-    let fork = &run.of("fork")[0];
-    assert_eq!(fork["syscall"], "clone");
-    let child = fork["fork"]["child_pid"].as_i64().unwrap();
-    let exec = run.one("exec", "path", "/bin/true");
-    assert_eq!(pid_of(exec), child);
-    assert_eq!(fork["fork"]["flags"].as_str(), Some(libc::SIGCHLD.to_string().as_str()), "CLONE_UNTRACED cleared");
+    let forks = run.of("fork");
+    assert_eq!(forks.len(), 2, "{forks:#?}");
+    for (fork, syscall, argv0) in [(forks[0], "clone", "via-clone"), (forks[1], "clone3", "via-clone3")] {
+        assert_eq!(fork["syscall"], syscall);
+        let child = fork["fork"]["child_pid"].as_i64().unwrap();
+        let execs: Vec<_> = run.of("exec").into_iter().filter(|e| pid_of(e) == child).collect();
+        assert_eq!(execs.len(), 1, "{syscall}: the child was traced");
+        assert_eq!(execs[0]["exec"]["args"], serde_json::json!([argv0]));
+        // protojson: a string, absent when 0.
+        let flags: u64 = fork["fork"]["flags"].as_str().map_or(0, |f| f.parse().unwrap());
+        assert_eq!(flags & 0x0080_0000, 0, "{syscall}: CLONE_UNTRACED cleared");
+    }
 }
 
 #[test]
@@ -530,4 +536,57 @@ fn full_ptrace_mode_reports_what_seccomp_mode_reports() {
         assert_eq!(seccomp.code(), full.code());
         assert_eq!(event_shapes(&seccomp), event_shapes(&full), "{command:?}");
     }
+}
+
+#[test]
+fn uid_and_gid_switch_and_clear_supplementary_groups() {
+    let run = Trace::with_flags(&["--uid", "65534", "--gid", "65534"], &["sh", "-c", "id -u; id -g; id -G"]).run();
+    if nix::unistd::geteuid().is_root() {
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        assert_eq!(run.stdout, "65534\n65534\n65534\n");
+        let creds = &run.of("exec")[0]["exec"]["credentials"];
+        assert_eq!((creds["uid"].as_u64(), creds["egid"].as_u64()), (Some(65534), Some(65534)));
+    } else {
+        assert_eq!(run.code(), Some(125));
+        assert!(run.stderr.starts_with("cws-instrumentation: cannot clear supplementary groups"), "{}", run.stderr);
+    }
+}
+
+#[test]
+fn unreadable_arguments_give_partial_events_and_the_workload_s_own_error() {
+    // open((char *)1, ...) fails with EFAULT for the workload, as without the
+    // tracer; the event says what it could not read.
+    let script = "import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); \
+                  r = libc.open(ctypes.c_void_p(1), os.O_RDONLY); \
+                  print(r, os.strerror(ctypes.get_errno()))";
+    let run = Trace::new(&["python3", "-c", script]).run();
+    assert_eq!(run.stdout, "-1 Bad address\n", "{}", run.stderr);
+    let partial: Vec<_> = run.of("open").into_iter().filter(|e| e["partial"] == true).collect();
+    assert_eq!(partial.len(), 1, "{partial:#?}");
+    assert_eq!(retval(partial[0]), -(libc::EFAULT as i64));
+    assert!(partial[0]["open"]["path"].is_null());
+}
+
+#[test]
+fn ctrl_z_stops_a_traced_job_and_fg_resumes_it() {
+    let mut bash = std::process::Command::new("bash");
+    bash.args(["--norc", "--noprofile", "-i"]).env("PS1", "prompt> ");
+    let (shell, mut terminal) = Terminal::spawn_command(&mut bash);
+    let job =
+        format!("{} trace -- sh -c 'i=0; while :; do i=$((i+1)); echo tick$i; sleep 0.1; done'\n", common::binary());
+    terminal.type_keys(job.as_bytes());
+    let is_tick = |l: &str| l.contains("tick") && !l.contains("echo");
+    terminal.read_until(is_tick);
+    terminal.type_keys(&[0x1a]); // Ctrl-Z: tracer and workload stop together
+    terminal.read_until(|l| l.contains("Stopped"));
+    terminal.type_keys(b"fg\n");
+    terminal.read_until(|l| l.ends_with("trace -- sh -c 'i=0; while :; do i=$((i+1)); echo tick$i; sleep 0.1; done'"));
+    // Only the resumed workload can print after "Stopped" and the fg echo.
+    terminal.read_until(is_tick);
+    terminal.type_keys(&[3]);
+    terminal.type_keys(b"echo rc-$?\n");
+    terminal.read_until(|l| l.ends_with("rc-130") && !l.contains("echo"));
+    terminal.type_keys(b"exit 0\n");
+    let (status, _, _) = common::wait(shell);
+    assert_eq!(status.code(), Some(0));
 }

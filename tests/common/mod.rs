@@ -173,6 +173,11 @@ pub struct Terminal {
 impl Terminal {
     /// Starts `trace` as the session leader of a new terminal.
     pub fn spawn(trace: &mut Trace) -> (Child, Terminal) {
+        Self::spawn_command(trace.command())
+    }
+
+    /// Starts `command` as the session leader of a new terminal.
+    pub fn spawn_command(command: &mut Command) -> (Child, Terminal) {
         use std::os::unix::process::CommandExt;
         let pty = nix::pty::openpty(None, None).unwrap();
         // openpty's descriptors are inheritable: keep them out of the
@@ -181,10 +186,10 @@ impl Terminal {
             nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC)).unwrap();
         }
         let slave = || Stdio::from(pty.slave.try_clone().unwrap());
-        trace.command().stdin(slave()).stdout(slave()).stderr(slave());
+        command.stdin(slave()).stdout(slave()).stderr(slave());
         // SAFETY: setsid and ioctl are async-signal-safe.
         unsafe {
-            trace.command().pre_exec(|| {
+            command.pre_exec(|| {
                 nix::unistd::setsid()?;
                 if libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -192,10 +197,10 @@ impl Terminal {
                 Ok(())
             });
         }
-        let child = trace.spawn();
-        // Only the traced processes keep the terminal open now, so the
+        let child = command.spawn().unwrap();
+        // Only the started processes keep the terminal open now, so the
         // master reads EOF once they are gone.
-        trace.command().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         drop(pty.slave);
         let (tx, lines) = std::sync::mpsc::channel();
         let reader = std::fs::File::from(pty.master.try_clone().unwrap());
