@@ -8,6 +8,7 @@
 
 mod cli;
 mod export;
+mod log;
 mod proto;
 mod trace;
 
@@ -41,7 +42,7 @@ impl ExitError {
 fn main() -> ExitCode {
     // A bug must end as one line, not a backtrace over the workload's output.
     std::panic::set_hook(Box::new(|info| {
-        eprintln!("cws-instrumentation: internal error: {info}");
+        log::log!("internal error: {info}");
     }));
     let cli = Cli::parse();
     let result = match cli.command {
@@ -65,7 +66,7 @@ fn main() -> ExitCode {
     match result {
         Ok(status) => ExitCode::from(status as u8),
         Err(error) => {
-            eprintln!("cws-instrumentation: {}", error.message);
+            log::log!("{}", error.message);
             ExitCode::from(error.code as u8)
         }
     }

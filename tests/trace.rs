@@ -75,8 +75,9 @@ fn sigterm_to_the_tracer_ends_the_workload_with_143() {
 
 #[test]
 fn sigterm_reaches_the_workload_s_trap_handler() {
-    // "ready" only once $! names the sleep, so the trap can always end it.
-    let script = r#"trap 'kill $!; echo got-term; exit 3' TERM; sleep 100 & echo ready; wait"#;
+    // The background job says "ready" itself, once it is a process of its
+    // own (a freshly forked dash would still run its parent's trap code).
+    let script = r#"trap 'kill $!; echo got-term; exit 3' TERM; sh -c 'echo ready; exec sleep 100' & wait"#;
     let (trace, child, mut stdout) = start_ready(script);
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     let mut rest = String::new();
@@ -540,10 +541,13 @@ fn full_ptrace_mode_reports_what_seccomp_mode_reports() {
 
 #[test]
 fn uid_and_gid_switch_and_clear_supplementary_groups() {
-    let run = Trace::with_flags(&["--uid", "65534", "--gid", "65534"], &["sh", "-c", "id -u; id -g; id -G"]).run();
+    let script = "id -u; id -g; id -G; grep NoNewPrivs /proc/self/status";
+    let run = Trace::with_flags(&["--uid", "65534", "--gid", "65534"], &["sh", "-c", script]).run();
     if nix::unistd::geteuid().is_root() {
         assert_eq!(run.code(), Some(0), "{}", run.stderr);
-        assert_eq!(run.stdout, "65534\n65534\n65534\n");
+        // The filter went in with root's privileges: no NO_NEW_PRIVS needed,
+        // setuid programs keep working.
+        assert_eq!(run.stdout, "65534\n65534\n65534\nNoNewPrivs:\t0\n");
         let creds = &run.of("exec")[0]["exec"]["credentials"];
         assert_eq!((creds["uid"].as_u64(), creds["egid"].as_u64()), (Some(65534), Some(65534)));
     } else {
@@ -589,4 +593,32 @@ fn ctrl_z_stops_a_traced_job_and_fg_resumes_it() {
     terminal.type_keys(b"exit 0\n");
     let (status, _, _) = common::wait(shell);
     assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn a_workload_s_own_seccomp_filter_cannot_disguise_a_syscall() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let run = Trace::new(&[fixture("own_filter").to_str().unwrap(), &port.to_string()]).run();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let connects = run.of("connect");
+    assert_eq!(connects.len(), 2, "{connects:#?}");
+    for connect in connects {
+        assert_eq!(connect["connect"]["port"].as_u64(), Some(u64::from(port)));
+        assert_eq!(retval(connect), 0);
+    }
+}
+
+#[test]
+fn a_failed_clone_does_not_describe_the_next_fork() {
+    let run = Trace::new(&[fixture("stale_clone")]).run();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let forks = run.of("fork");
+    assert_eq!(forks.len(), 1, "{forks:#?}");
+    assert_eq!(forks[0]["fork"]["kind"], "FORK_KIND_FORK");
+    let child = forks[0]["fork"]["child_pid"].as_i64().unwrap();
+    let exec = run.one("exec", "path", "/bin/true");
+    assert_eq!(pid_of(exec), child, "the child is a process of its own, not a thread");
+    let exits: Vec<_> = run.of("exit").iter().map(|e| pid_of(e)).collect();
+    assert!(exits.contains(&child));
 }

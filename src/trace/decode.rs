@@ -2,7 +2,9 @@
 //! build. Decoders never fail: what cannot be read is left out and the event
 //! is marked `partial`.
 
+use std::cell::RefCell;
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::unistd::Pid;
@@ -84,22 +86,22 @@ impl Ctx<'_> {
     }
 
     pub fn cwd(&mut self) -> Option<String> {
-        let process = self.procs.process_of(self.tid)?;
-        if let Some(cwd) = &process.fs.borrow().cwd {
+        let thread = self.procs.thread(self.tid)?;
+        if let Some(cwd) = &thread.fs.borrow().cwd {
             return Some(cwd.clone());
         }
         let cwd = procfs::cwd(self.tid)?;
-        process.fs.borrow_mut().cwd = Some(cwd.clone());
+        thread.fs.borrow_mut().cwd = Some(cwd.clone());
         Some(cwd)
     }
 
     fn fd_info(&self, fd: i32) -> Option<FdInfo> {
-        self.procs.process_of(self.tid)?.fds.borrow().get(&fd).cloned()
+        self.procs.thread(self.tid)?.fds.borrow().get(&fd).cloned()
     }
 
     fn set_fd(&mut self, fd: i32, info: Option<FdInfo>) {
-        if let Some(process) = self.procs.process_of(self.tid) {
-            let mut fds = process.fds.borrow_mut();
+        if let Some(thread) = self.procs.thread(self.tid) {
+            let mut fds = thread.fds.borrow_mut();
             match info {
                 Some(info) => fds.insert(fd, info),
                 None => fds.remove(&fd),
@@ -284,23 +286,38 @@ pub fn exec_succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime) {
 
 // ---- open -------------------------------------------------------------------
 
-/// (dirfd, path, flags, mode) of the open family; openat2 reads `open_how`.
-fn open_args(cx: &Ctx<'_>, call: &Call) -> (i32, u64, i32, u32) {
+/// openat2 passes flags and mode in a `struct open_how` {u64 flags, u64
+/// mode, u64 resolve}, read at entry.
+pub fn openat2_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
+    call.entry_bytes = read_bytes(cx, call.args[2], 16);
+    Next::Exit
+}
+
+fn read_bytes(cx: &Ctx<'_>, addr: u64, len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    let got = memory::read(cx.tid, addr, &mut bytes);
+    bytes.truncate(got);
+    bytes
+}
+
+/// (dirfd, path, flags, mode) of the open family.
+fn open_args(call: &Call) -> (i32, u64, i32, u32) {
     let a = call.args;
     match call.def.name {
         "open" => (AT_FDCWD, a[0], a[1] as i32, a[2] as u32),
         "creat" => (AT_FDCWD, a[0], libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC, a[1] as u32),
         "openat2" => {
-            let how = memory::read_words(cx.tid, a[2], Abi::X86_64, 2);
-            let flags = how.first().copied().unwrap_or(0) as i32;
-            (arg_fd(a[0]), a[1], flags, how.get(1).copied().unwrap_or(0) as u32)
+            let word = |i: usize| {
+                call.entry_bytes.get(i * 8..i * 8 + 8).map_or(0, |w| u64::from_ne_bytes(w.try_into().expect("8 bytes")))
+            };
+            (arg_fd(a[0]), a[1], word(0) as i32, word(1) as u32)
         }
         _ => (arg_fd(a[0]), a[1], a[2] as i32, a[3] as u32),
     }
 }
 
 pub fn open_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
-    let (dirfd, path_addr, flags, mode) = open_args(cx, call);
+    let (dirfd, path_addr, flags, mode) = open_args(call);
     // On success the kernel's own resolution of the new descriptor is the
     // truth (symlinks, `..`, and no window for the workload to change the
     // string after the kernel read it); on failure, the requested path.
@@ -372,13 +389,17 @@ fn protocol_of(family: AddressFamily, sock_type: i32, protocol: i32) -> Protocol
     }
 }
 
+/// The address is read at entry, when the kernel copies it: a blocking
+/// connect leaves time for another thread to rewrite it before the exit.
+pub fn connect_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
+    let [_, addr, len, ..] = call.args;
+    call.entry_bytes = read_bytes(cx, addr, (len as usize).min(SOCKADDR_MAX));
+    Next::Exit
+}
+
 pub fn connect_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
-    let [fd, addr, len, ..] = call.args;
-    let fd = arg_fd(fd);
-    let mut raw = vec![0u8; (len as usize).min(SOCKADDR_MAX)];
-    let got = memory::read(cx.tid, addr, &mut raw);
-    raw.truncate(got);
-    let parsed = parse_sockaddr(&raw);
+    let fd = arg_fd(call.args[0]);
+    let parsed = parse_sockaddr(&call.entry_bytes);
     let (family, address, port) = parsed.clone().unwrap_or((AddressFamily::Unspecified, String::new(), 0));
     let (sock_type, protocol) = match cx.fd_info(fd) {
         Some(FdInfo::Socket { sock_type, protocol, .. }) => (sock_type, protocol),
@@ -418,7 +439,7 @@ pub fn socketcall_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
     call.def = syscalls::by_name(target);
     call.args = [0; 6];
     call.args[..words.len()].copy_from_slice(&words);
-    Next::Exit
+    (call.def.on_entry)(cx, call)
 }
 
 // ---- descriptor bookkeeping -------------------------------------------------
@@ -434,15 +455,34 @@ pub fn close_range_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
     const CLOSE_RANGE_UNSHARE: u64 = 2;
     const CLOSE_RANGE_CLOEXEC: u64 = 4;
     let [first, last, flags, ..] = call.args;
-    let tgid = cx.tgid();
-    let Some(process) = cx.procs.process_mut(tgid) else { return Next::Done };
+    let Some(thread) = cx.procs.thread_mut(cx.tid) else { return Next::Done };
     if flags & CLOSE_RANGE_UNSHARE != 0 {
-        let copy = process.fds.borrow().clone();
-        process.fds = std::rc::Rc::new(std::cell::RefCell::new(copy));
+        unshare(&mut thread.fds);
     }
     if flags & CLOSE_RANGE_CLOEXEC == 0 {
         let (first, last) = (first as u32, last as u32);
-        process.fds.borrow_mut().retain(|&fd, _| !(first..=last).contains(&(fd as u32)));
+        thread.fds.borrow_mut().retain(|&fd, _| !(first..=last).contains(&(fd as u32)));
+    }
+    Next::Done
+}
+
+/// This thread's own copy of state it shared.
+fn unshare<T: Clone>(shared: &mut Rc<RefCell<T>>) {
+    let copy = shared.borrow().clone();
+    *shared = Rc::new(RefCell::new(copy));
+}
+
+/// unshare(2) gives the thread private copies of what it names; done at
+/// entry (a failed call leaves a private copy that is still exact).
+pub fn unshare_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
+    let flags = call.args[0] as i32;
+    if let Some(thread) = cx.procs.thread_mut(cx.tid) {
+        if flags & libc::CLONE_FILES != 0 {
+            unshare(&mut thread.fds);
+        }
+        if flags & libc::CLONE_FS != 0 {
+            unshare(&mut thread.fs);
+        }
     }
     Next::Done
 }
@@ -469,8 +509,8 @@ pub fn chdir_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
     let path = if retval == 0 {
         // The kernel's answer: symlinks and `..` resolved as it did.
         let cwd = procfs::cwd(cx.tid);
-        if let Some(process) = cx.procs.process_of(cx.tid) {
-            process.fs.borrow_mut().cwd = cwd.clone();
+        if let Some(thread) = cx.procs.thread(cx.tid) {
+            thread.fs.borrow_mut().cwd = cwd.clone();
         }
         cwd
     } else if call.def.name == "fchdir" {
@@ -508,7 +548,30 @@ pub fn clone_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
     if let Some(thread) = cx.procs.thread_mut(cx.tid) {
         thread.forking = Some(request);
     }
-    Next::Done
+    // clone3's flags live in memory, where another thread can set
+    // CLONE_UNTRACED again after the write above: the exit checks.
+    if call.def.name == "clone3" {
+        Next::Exit
+    } else {
+        Next::Done
+    }
+}
+
+/// A clone3 child the kernel did not report was made untraced behind the
+/// tracer's back: it is seized now, and reported.
+pub fn clone3_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
+    let child = Pid::from_raw(retval as i32);
+    if retval <= 0 || cx.procs.thread(child).is_some() || ptrace::seize(child).is_err() {
+        return;
+    }
+    let flags = cx.procs.thread_mut(cx.tid).and_then(|t| t.forking.take()).map_or(0, |r| r.flags);
+    if flags & libc::CLONE_THREAD as u64 != 0 {
+        cx.procs.add_thread(child, cx.tgid());
+        return;
+    }
+    cx.procs.add_process(child, cx.tgid());
+    let fork = proto::ForkEvent { child_pid: child.as_raw() as u32, kind: proto::ForkKind::Clone as i32, flags };
+    cx.emit_call(call, retval, false, Payload::Fork(fork));
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@
 //! seccomp stop, plus an exit stop only when its decoder asked for one; an
 //! unwatched syscall never stops (the filter allows it in the kernel).
 
-use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::panic::{self, AssertUnwindSafe};
 use std::time::SystemTime;
@@ -14,11 +13,13 @@ use std::time::SystemTime;
 use nix::errno::Errno;
 use nix::unistd::Pid;
 
+use crate::log::log;
+
 use crate::export::EventSink;
 use crate::proto::{self, event::Payload, Event, ExitCause, ForkKind};
 use crate::trace::decode::{self, Ctx};
-use crate::trace::process::{LiveProcesses, ProcessTable};
-use crate::trace::procfs;
+use crate::trace::process::{LiveProcesses, ProcessTable, Sharing};
+use crate::trace::procfs::{self, Shared};
 use crate::trace::ptrace::{self, Death, EventStop, ForkEventKind, Resume, Stop, SyscallReader, SyscallState};
 use crate::trace::seccomp::SeccompData;
 use crate::trace::syscalls::{self, Call, Next, SYSCALLS};
@@ -42,6 +43,8 @@ pub struct Stats {
     pub group: u64,
     pub signal: u64,
     pub other: u64,
+    /// Seccomp stops of calls no table entry decodes (x32, foreign ABIs).
+    pub foreign: u64,
     pub events: u64,
     pub dropped: u64,
 }
@@ -59,9 +62,6 @@ pub struct Engine {
     reader: SyscallReader,
     root: Pid,
     root_death: Option<Death>,
-    /// New children whose first stop came before their parent's fork event:
-    /// held stopped until the parent says who they are.
-    unclaimed: HashMap<Pid, EventStop>,
     stats: Stats,
     /// ptrace requests are only valid from the thread that attached.
     _single_thread: PhantomData<*const ()>,
@@ -79,7 +79,6 @@ impl Engine {
             reader: SyscallReader::new(),
             root,
             root_death: None,
-            unclaimed: HashMap::new(),
             stats: Stats::default(),
             _single_thread: PhantomData,
         }
@@ -87,7 +86,7 @@ impl Engine {
 
     /// Traces until every tracee is gone.
     pub fn run(mut self) -> Outcome {
-        while !(self.root_death.is_some() && self.procs.is_empty() && self.unclaimed.is_empty()) {
+        while !(self.root_death.is_some() && self.procs.is_empty()) {
             let stop = match ptrace::wait_any() {
                 Ok(stop) => stop,
                 Err(Errno::EINTR) => continue,
@@ -97,7 +96,7 @@ impl Engine {
             let handled = panic::catch_unwind(AssertUnwindSafe(|| self.handle(stop)));
             if handled.is_err() {
                 // A decoder bug must not freeze the workload: let it run on.
-                eprintln!("cws-instrumentation: internal error while handling pid {pid}; continuing");
+                log!("internal error while handling pid {pid}; continuing");
                 let _ = nix::sys::ptrace::cont(pid, None);
             }
         }
@@ -151,12 +150,11 @@ impl Engine {
             }
             Stop::Trap(stop) => {
                 self.stats.other += 1;
-                if self.procs.thread(stop.pid).is_some() {
-                    let how = self.resume_mode(stop.pid);
-                    let _ = stop.resume(how);
-                } else {
-                    self.unclaimed.insert(stop.pid, stop);
+                if self.procs.thread(stop.pid).is_none() {
+                    self.adopt(stop.pid);
                 }
+                let how = self.resume_mode(stop.pid);
+                let _ = stop.resume(how);
             }
             Stop::Signal(stop) => {
                 self.stats.signal += 1;
@@ -169,13 +167,28 @@ impl Engine {
 
     /// A watched syscall is about to run. Returns how to resume.
     fn on_seccomp(&mut self, tid: Pid) -> Resume {
+        if self.mode == Mode::Full {
+            // Only a filter of the workload's own can stop here; the
+            // syscall-entry stop decodes the call.
+            return self.resume_mode(tid);
+        }
         let time = SystemTime::now();
         let Ok((entry, data)) = self.reader.read_seccomp(tid) else { return Resume::Continue };
-        let SeccompData::Known { index, .. } = data else {
-            // x32 or a foreign architecture: seen, not decodable.
-            return self.resume_mode(tid);
+        // The filter's data names the table entry, but a filter of the
+        // workload's own can return any data: it is only a hint, checked
+        // against the real syscall number.
+        let hinted = match data {
+            SeccompData::Known { index, .. } => Some(&SYSCALLS[index]),
+            SeccompData::Foreign => None,
         };
-        self.enter(tid, &SYSCALLS[index], entry, time);
+        let def = hinted
+            .filter(|def| def.number(entry.abi).map(u64::from) == Some(entry.nr))
+            .or_else(|| syscalls::lookup(entry.abi, entry.nr));
+        match def {
+            Some(def) => self.enter(tid, def, entry, time),
+            // x32 or a foreign architecture: seen, not decodable.
+            None => self.stats.foreign += 1,
+        }
         self.resume_mode(tid)
     }
 
@@ -200,14 +213,28 @@ impl Engine {
             SyscallState::Exit(retval) => {
                 thread.in_syscall = false;
                 if let Some(call) = thread.pending.take() {
-                    (call.def.on_exit)(&mut self.ctx(tid), &call, retval);
+                    if let Some(retval) = visible_retval(retval) {
+                        (call.def.on_exit)(&mut self.ctx(tid), &call, retval);
+                    }
                 }
             }
         }
     }
 
     fn enter(&mut self, tid: Pid, def: &'static syscalls::SyscallDef, entry: ptrace::SyscallEntry, time: SystemTime) {
-        let mut call = Call { def, abi: entry.abi, args: entry.args, time, entry_path: None, partial: false };
+        if let Some(thread) = self.procs.thread_mut(tid) {
+            // A clone that announced a child and reached no fork event failed.
+            thread.forking = None;
+        }
+        let mut call = Call {
+            def,
+            abi: entry.abi,
+            args: entry.args,
+            time,
+            entry_path: None,
+            entry_bytes: Vec::new(),
+            partial: false,
+        };
         if (def.on_entry)(&mut self.ctx(tid), &mut call) == Next::Exit {
             if let Some(thread) = self.procs.thread_mut(tid) {
                 thread.pending = Some(call);
@@ -219,33 +246,34 @@ impl Engine {
         let parent = stop.pid;
         let Ok(child) = stop.message().map(|pid| Pid::from_raw(pid as i32)) else { return };
         let request = self.procs.thread_mut(parent).and_then(|t| t.forking.take());
-        let flags = match (request, kind) {
-            (Some(request), _) => request.flags,
-            (None, ForkEventKind::Fork) => libc::SIGCHLD as u64,
-            (None, ForkEventKind::Vfork) => (libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD) as u64,
-            // The entry was not seen; ask the kernel whether it is a thread.
-            (None, ForkEventKind::Clone) => match procfs::status(child).and_then(|s| s.tgid) {
-                Some(tgid) if tgid != child.as_raw() => libc::CLONE_THREAD as u64,
-                _ => 0,
-            },
+        // The request must be the clone the kernel reports: a vfork is
+        // reported as VFORK and a thread as CLONE.
+        let request = request.filter(|r| {
+            let flags = r.flags as i32;
+            (flags & libc::CLONE_VFORK != 0) == (kind == ForkEventKind::Vfork)
+                && (flags & libc::CLONE_THREAD == 0 || kind == ForkEventKind::Clone)
+        });
+        let thread = match request {
+            Some(request) => request.flags as i32 & libc::CLONE_THREAD != 0,
+            None => kind == ForkEventKind::Clone && procfs::status(child).and_then(|s| s.tgid) != Some(child.as_raw()),
         };
-        let child_tgid = self.procs.add_child(parent, child, flags);
+        let claimed = |flag: i32| request.is_some_and(|r| r.flags as i32 & flag != 0);
+        // What is shared, the kernel says best; the flags are the fallback.
+        let sharing = Sharing {
+            thread,
+            files: procfs::shares(parent, child, Shared::Files).unwrap_or_else(|| claimed(libc::CLONE_FILES)),
+            fs: procfs::shares(parent, child, Shared::Fs).unwrap_or_else(|| claimed(libc::CLONE_FS)),
+            sibling: claimed(libc::CLONE_PARENT),
+        };
+        let child_tgid = self.procs.add_child(parent, child, sharing);
         if child_tgid == child {
             let time = request.map_or_else(SystemTime::now, |r| r.time);
-            let syscall = request.map_or(
-                match kind {
-                    ForkEventKind::Fork => "fork",
-                    ForkEventKind::Vfork => "vfork",
-                    ForkEventKind::Clone => "clone",
-                },
-                |r| r.syscall,
-            );
-            // The kernel's own classification: glibc's fork() is a clone.
-            let fork_kind = match kind {
-                ForkEventKind::Fork => ForkKind::Fork,
-                ForkEventKind::Vfork => ForkKind::Vfork,
-                ForkEventKind::Clone => ForkKind::Clone,
+            let (fork_kind, default_syscall) = match kind {
+                ForkEventKind::Fork => (ForkKind::Fork, "fork"),
+                ForkEventKind::Vfork => (ForkKind::Vfork, "vfork"),
+                ForkEventKind::Clone => (ForkKind::Clone, "clone"),
             };
+            let syscall = request.map_or(default_syscall, |r| r.syscall);
             let cx = self.ctx(parent);
             let event = Event {
                 retval: Some(i64::from(child.as_raw())),
@@ -253,14 +281,25 @@ impl Engine {
                 payload: Some(Payload::Fork(proto::ForkEvent {
                     child_pid: child.as_raw() as u32,
                     kind: fork_kind as i32,
-                    flags: if syscall.starts_with("clone") { flags } else { 0 },
+                    flags: request.map_or(0, |r| r.flags),
                 })),
                 ..cx.event(time)
             };
             self.sink.emit(event);
         }
-        if let Some(held) = self.unclaimed.remove(&child) {
-            let _ = held.resume(self.resume_mode(child));
+    }
+
+    /// A new task whose first stop came before its creator's fork event:
+    /// traced from now on with its state from /proc; the event, when it
+    /// comes, only announces it.
+    fn adopt(&mut self, pid: Pid) {
+        let status = procfs::status(pid);
+        let tgid = status.as_ref().and_then(|s| s.tgid).map_or(pid, Pid::from_raw);
+        let ppid = status.as_ref().and_then(|s| s.ppid).map_or_else(Pid::this, Pid::from_raw);
+        if tgid != pid && self.procs.thread(tgid).is_some() {
+            self.procs.add_thread(pid, tgid);
+        } else {
+            self.procs.add_process(pid, ppid);
         }
     }
 
@@ -274,11 +313,7 @@ impl Engine {
     }
 
     fn on_death(&mut self, pid: Pid, death: Death) {
-        self.unclaimed.remove(&pid);
         let (_, process) = self.procs.remove_thread(pid);
-        if !self.unclaimed.is_empty() {
-            self.release_orphaned_children();
-        }
         if let Some(process) = process {
             self.procs.reparent_children(pid, |child| procfs::status(child)?.ppid.map(Pid::from_raw));
             let (cause, code, signal, core_dumped) = match death {
@@ -300,30 +335,20 @@ impl Engine {
             self.root_death = Some(death);
         }
     }
+}
 
-    /// A parent can die between creating a child and the kernel's report of
-    /// it; the held child would then wait forever. Held children whose
-    /// parent is no longer traced (they were reparented to the tracer) are
-    /// let go, with their state read from /proc.
-    fn release_orphaned_children(&mut self) {
-        let held: Vec<Pid> = self.unclaimed.keys().copied().collect();
-        for child in held {
-            let status = procfs::status(child);
-            let ppid = status.as_ref().and_then(|s| s.ppid).map(Pid::from_raw);
-            let tgid = status.as_ref().and_then(|s| s.tgid).map(Pid::from_raw);
-            if ppid.is_some_and(|p| self.procs.thread(p).is_some()) {
-                continue;
-            }
-            let Some(stop) = self.unclaimed.remove(&child) else { continue };
-            match tgid {
-                Some(tgid) if tgid != child => {
-                    self.procs.add_child(tgid, child, libc::CLONE_THREAD as u64);
-                }
-                _ => self.procs.add_process(child, ppid.unwrap_or_else(Pid::this)),
-            }
-            let how = self.resume_mode(child);
-            let _ = stop.resume(how);
-        }
+/// The return value as the workload will see it, or None when the kernel
+/// restarts the call (the restarted call is reported instead). Restart codes
+/// that become EINTR when a handler runs are reported as EINTR.
+fn visible_retval(retval: i64) -> Option<i64> {
+    const ERESTARTSYS: i64 = -512;
+    const ERESTARTNOINTR: i64 = -513;
+    const ERESTARTNOHAND: i64 = -514;
+    const ERESTART_RESTARTBLOCK: i64 = -516;
+    match retval {
+        ERESTARTNOINTR | ERESTART_RESTARTBLOCK => None,
+        ERESTARTSYS | ERESTARTNOHAND => Some(-i64::from(libc::EINTR)),
+        _ => Some(retval),
     }
 }
 

@@ -195,6 +195,14 @@ fn child(launch: &Launch, release: i32, argv: &[*const libc::c_char], envp: &[*c
             libc::_exit(125);
         }
         libc::close(release);
+        // The filter goes in while the tracer's privileges are still ours:
+        // with CAP_SYS_ADMIN it needs no NO_NEW_PRIVS, so setuid programs
+        // keep working in the workload even under --uid.
+        if let Some(filter) = &launch.filter {
+            if let Err(e) = crate::trace::seccomp::install(filter) {
+                die(b"cannot install the seccomp filter", e, 125);
+            }
+        }
         if (launch.uid.is_some() || launch.gid.is_some()) && libc::setgroups(0, std::ptr::null()) != 0 {
             die(b"cannot clear supplementary groups (setgroups)", errno(), 125);
         }
@@ -206,11 +214,6 @@ fn child(launch: &Launch, release: i32, argv: &[*const libc::c_char], envp: &[*c
         if let Some(uid) = launch.uid {
             if libc::setuid(uid) != 0 {
                 die(b"cannot change user (setuid)", errno(), 125);
-            }
-        }
-        if let Some(filter) = &launch.filter {
-            if let Err(e) = crate::trace::seccomp::install(filter) {
-                die(b"cannot install the seccomp filter", e, 125);
             }
         }
         libc::execve(launch.program.as_ptr(), argv.as_ptr(), envp.as_ptr());

@@ -26,27 +26,42 @@ static VM_READV_BROKEN: AtomicBool = AtomicBool::new(false);
 #[derive(Debug)]
 pub struct Unreadable;
 
+/// Highest user-space address on x86_64 (47-bit; 57-bit with 5-level
+/// paging). Anything above is a hostile or corrupt pointer.
+const USER_END: u64 = 1 << 57;
+
+/// First address of the page after the one holding `addr`.
+fn next_page(addr: u64) -> u64 {
+    (addr | (PAGE - 1)) + 1
+}
+
 /// Fills as much of `buf` as is readable from `addr`; returns the byte count.
 pub fn read(pid: Pid, addr: u64, buf: &mut [u8]) -> usize {
-    if buf.is_empty() || addr == 0 {
+    let len = buf.len().min(USER_END.saturating_sub(addr) as usize);
+    if len == 0 || addr == 0 {
         return 0;
     }
+    let buf = &mut buf[..len];
     if !VM_READV_BROKEN.load(Ordering::Relaxed) {
         match read_vm(pid, addr, buf) {
             Ok(n) => return n,
-            Err(Errno::ENOSYS | Errno::EPERM) => VM_READV_BROKEN.store(true, Ordering::Relaxed),
+            // The kernel lacks it: never try again.
+            Err(Errno::ENOSYS) => VM_READV_BROKEN.store(true, Ordering::Relaxed),
+            // Refused for this process only (an LSM, say): try /proc below.
+            Err(Errno::EPERM) => {}
             Err(_) => return 0,
         }
     }
     read_proc_mem(pid, addr, buf)
 }
 
+/// `addr + buf.len()` stays below USER_END (checked by `read`).
 fn read_vm(pid: Pid, addr: u64, buf: &mut [u8]) -> nix::Result<usize> {
     let mut remote = Vec::with_capacity(MAX_IOVECS.min(buf.len() / PAGE as usize + 2));
     let mut base = addr;
-    let end = addr.saturating_add(buf.len() as u64);
+    let end = addr + buf.len() as u64;
     while base < end && remote.len() < MAX_IOVECS {
-        let page_end = (base / PAGE + 1) * PAGE;
+        let page_end = next_page(base);
         let len = page_end.min(end) - base;
         remote.push(RemoteIoVec { base: base as usize, len: len as usize });
         base += len;
@@ -73,8 +88,11 @@ pub fn read_cstring(pid: Pid, addr: u64, max: usize) -> Result<(Vec<u8>, bool), 
     let mut out = Vec::new();
     let mut at = addr;
     while out.len() < max {
+        if at >= USER_END {
+            return if out.is_empty() { Err(Unreadable) } else { Ok((out, true)) };
+        }
         // One page at a time: most strings end in the page they start in.
-        let chunk = ((at / PAGE + 1) * PAGE - at).min((max - out.len()) as u64) as usize;
+        let chunk = (next_page(at) - at).min((max - out.len()) as u64) as usize;
         let start = out.len();
         out.resize(start + chunk, 0);
         let got = read(pid, at, &mut out[start..]);
@@ -172,6 +190,10 @@ mod tests {
         let (s, cut) = read_cstring(me, buf.as_ptr() as u64 + start as u64, 4).unwrap();
         assert_eq!((s, cut), (b"xxxx".to_vec(), true));
         assert!(read_cstring(me, 8, 16).is_err());
+        // Hostile pointers near the top of the address space read nothing.
+        assert!(read_cstring(me, u64::MAX - 7, 16).is_err());
+        assert_eq!(read(me, u64::MAX - 3, &mut [0u8; 64]), 0);
+        assert!(read_words(me, u64::MAX - 8, Abi::X86_64, 4).is_empty());
     }
 
     #[test]

@@ -26,6 +26,7 @@ use launch::{Launch, LaunchError};
 use process::LiveProcesses;
 
 use crate::export::{Exporters, Outputs};
+use crate::log::log;
 use crate::ExitError;
 
 /// Exit statuses of the tracer itself, distinct from any a workload is
@@ -79,14 +80,22 @@ pub fn run(options: TraceOptions) -> Result<i32, ExitError> {
     let tracer = std::thread::Builder::new()
         .name("cws-tracer".into())
         .spawn(move || -> Result<Outcome, LaunchError> {
-            let root = launch.spawn(mode == Mode::Full);
-            let _ = started_tx.send(root.as_ref().map(|pid| *pid).map_err(|_| ()));
-            let root = root?;
-            Ok(Engine::new(mode, root, sink, tracer_live).run())
+            let root = match launch.spawn(mode == Mode::Full) {
+                Ok(root) => root,
+                Err(e) => {
+                    let _ = started_tx.send(None);
+                    return Err(e);
+                }
+            };
+            // The engine lists the root as live before the forwarder starts,
+            // so that no signal finds nobody to go to.
+            let engine = Engine::new(mode, root, sink, tracer_live);
+            let _ = started_tx.send(Some(root));
+            Ok(engine.run())
         })
         .map_err(|e| ExitError::setup(format!("cannot start the tracer thread: {e}")))?;
 
-    if let Ok(Ok(root)) = started_rx.recv() {
+    if let Ok(Some(root)) = started_rx.recv() {
         signals::spawn_forwarder(root, live, options.verbose)
             .map_err(|e| ExitError::setup(format!("cannot start the signal thread: {e}")))?;
     }
@@ -95,13 +104,13 @@ pub fn run(options: TraceOptions) -> Result<i32, ExitError> {
     let exported = exporters.map(Exporters::finish).transpose();
     let outcome = outcome.map_err(launch_error)?;
     if let Err(e) = exported {
-        eprintln!("cws-instrumentation: exporting events failed: {e}");
+        log!("exporting events failed: {e}");
     }
     if options.stats {
         let s = outcome.stats;
-        eprintln!(
-            "cws-instrumentation: stats: seccomp_stops={} syscall_stops={} fork_stops={} exec_stops={} group_stops={} signal_stops={} other_stops={} events={} dropped={}",
-            s.seccomp, s.syscall, s.fork, s.exec, s.group, s.signal, s.other, s.events, s.dropped
+        log!(
+            "stats: seccomp_stops={} syscall_stops={} fork_stops={} exec_stops={} group_stops={} signal_stops={} other_stops={} foreign_calls={} events={} dropped={}",
+            s.seccomp, s.syscall, s.fork, s.exec, s.group, s.signal, s.other, s.foreign, s.events, s.dropped
         );
     }
     Ok(outcome.root.map_or(exit_code::SETUP, |death| death.shell_status()))

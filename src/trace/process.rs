@@ -6,9 +6,10 @@
 //! - an fd table entry is exact: every way a descriptor number is released
 //!   (close, close_range, dup2/dup3 onto it, exec) is traced and updates the
 //!   table. A number missing from the table is unknown, not free: ask /proc;
-//! - descriptor tables and working directories are `Rc`-shared exactly as
-//!   the kernel shares them (CLONE_FILES, CLONE_FS, and always between the
-//!   threads of a process). `Rc` also keeps the table on the tracer thread.
+//! - descriptor tables and working directories belong to threads and are
+//!   `Rc`-shared exactly as the kernel shares them (CLONE_FILES, CLONE_FS,
+//!   as the kernel reports through kcmp; unshare(2) splits them). `Rc` also
+//!   keeps the tables on the tracer thread.
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
@@ -29,13 +30,13 @@ pub enum FdInfo {
 
 pub type FdTable = HashMap<i32, FdInfo>;
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct FsState {
-    /// None until first needed (then read from /proc) or after a failed chdir.
+    /// None until first needed (then read from /proc).
     pub cwd: Option<String>,
 }
 
-/// A fork or clone seen at syscall entry, waiting for the kernel's event.
+/// A clone seen at syscall entry, waiting for the kernel's fork event.
 #[derive(Clone, Copy, Debug)]
 pub struct ForkRequest {
     pub syscall: &'static str,
@@ -45,17 +46,36 @@ pub struct ForkRequest {
 
 pub struct Thread {
     pub tgid: Pid,
+    pub fds: Rc<RefCell<FdTable>>,
+    pub fs: Rc<RefCell<FsState>>,
     /// A traced syscall that asked for its exit stop.
     pub pending: Option<Call>,
+    /// Set by a clone entry, taken by the fork event it announces, and
+    /// dropped at the thread's next syscall (the clone failed).
     pub forking: Option<ForkRequest>,
     /// Entry/exit bookkeeping for stops the kernel cannot describe itself.
     pub in_syscall: bool,
 }
 
+impl Thread {
+    /// A thread whose tables are unknown: everything comes from /proc.
+    fn unknown(tgid: Pid) -> Thread {
+        Thread { tgid, fds: Rc::default(), fs: Rc::default(), pending: None, forking: None, in_syscall: false }
+    }
+}
+
 pub struct Process {
     pub ppid: Pid,
-    pub fds: Rc<RefCell<FdTable>>,
-    pub fs: Rc<RefCell<FsState>>,
+}
+
+/// How a new task relates to the one that created it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sharing {
+    pub thread: bool,
+    pub files: bool,
+    pub fs: bool,
+    /// CLONE_PARENT: the child is a sibling of its creator.
+    pub sibling: bool,
 }
 
 /// Processes alive under the tracer, readable from the signal forwarder.
@@ -84,72 +104,64 @@ impl ProcessTable {
         self.threads.get_mut(&tid)
     }
 
-    pub fn process_mut(&mut self, tgid: Pid) -> Option<&mut Process> {
-        self.processes.get_mut(&tgid)
-    }
-
     /// The process a thread belongs to.
     pub fn process_of(&self, tid: Pid) -> Option<&Process> {
         self.threads.get(&tid).and_then(|t| self.processes.get(&t.tgid))
     }
 
-    fn new_thread(tgid: Pid) -> Thread {
-        Thread { tgid, pending: None, forking: None, in_syscall: false }
-    }
-
     /// A process whose state is not known yet: everything comes from /proc.
     pub fn add_process(&mut self, pid: Pid, ppid: Pid) {
-        let process = Process { ppid, fds: Rc::default(), fs: Rc::default() };
-        self.insert_process(pid, process);
+        self.insert_process(pid, ppid, Thread::unknown(pid));
     }
 
-    fn insert_process(&mut self, pid: Pid, process: Process) {
-        self.threads.insert(pid, Self::new_thread(pid));
-        self.processes.insert(pid, process);
+    /// A thread of `tgid` whose state is not known yet.
+    pub fn add_thread(&mut self, tid: Pid, tgid: Pid) {
+        self.threads.insert(tid, Thread::unknown(tgid));
+    }
+
+    fn insert_process(&mut self, pid: Pid, ppid: Pid, leader: Thread) {
+        self.threads.insert(pid, leader);
+        self.processes.insert(pid, Process { ppid });
         self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(pid.as_raw());
     }
 
-    /// A child of `parent` created with clone `flags`; returns its tgid.
-    pub fn add_child(&mut self, parent: Pid, child: Pid, flags: u64) -> Pid {
-        let Some(parent_tgid) = self.threads.get(&parent).map(|t| t.tgid) else {
-            self.add_process(child, parent);
-            return child;
+    /// A task created by thread `parent`; returns its tgid. A child already
+    /// known (its first stop came before its parent's event and it was added
+    /// from /proc) keeps the state it has: it may have run meanwhile.
+    pub fn add_child(&mut self, parent: Pid, child: Pid, sharing: Sharing) -> Pid {
+        let Some(from) = self.threads.get(&parent) else {
+            if !self.threads.contains_key(&child) {
+                self.add_process(child, parent);
+            }
+            return self.threads[&child].tgid;
         };
-        let flags = flags as i32;
-        if flags & libc::CLONE_THREAD != 0 {
-            self.threads.insert(child, Self::new_thread(parent_tgid));
+        let parent_tgid = from.tgid;
+        let fds = if sharing.files { Rc::clone(&from.fds) } else { Rc::new(RefCell::new(from.fds.borrow().clone())) };
+        let fs = if sharing.fs { Rc::clone(&from.fs) } else { Rc::new(RefCell::new(from.fs.borrow().clone())) };
+        if let Some(known) = self.threads.get(&child) {
+            return known.tgid;
+        }
+        if sharing.thread {
+            let thread = Thread { fds, fs, ..Thread::unknown(parent_tgid) };
+            self.threads.insert(child, thread);
             return parent_tgid;
         }
-        let Some(from) = self.processes.get(&parent_tgid) else {
-            self.add_process(child, parent_tgid);
-            return child;
-        };
-        let fds = if flags & libc::CLONE_FILES != 0 {
-            Rc::clone(&from.fds)
-        } else {
-            Rc::new(RefCell::new(from.fds.borrow().clone()))
-        };
-        let fs = if flags & libc::CLONE_FS != 0 {
-            Rc::clone(&from.fs)
-        } else {
-            Rc::new(RefCell::new(FsState { cwd: from.fs.borrow().cwd.clone() }))
-        };
-        let ppid = if flags & libc::CLONE_PARENT != 0 { from.ppid } else { parent_tgid };
-        self.insert_process(child, Process { ppid, fds, fs });
+        let grandparent = self.processes.get(&parent_tgid).map(|p| p.ppid);
+        let ppid = if sharing.sibling { grandparent.unwrap_or(parent_tgid) } else { parent_tgid };
+        self.insert_process(child, ppid, Thread { fds, fs, ..Thread::unknown(child) });
         child
     }
 
     /// After a successful exec by `former_tid` in process `tgid`: the execing
     /// thread now has the tgid as its tid, every other thread is gone, and
-    /// the descriptor table is private (close-on-exec descriptors are closed,
-    /// so it starts unknown again).
+    /// its descriptor table is private (close-on-exec descriptors are
+    /// closed, so it starts unknown again).
     pub fn exec(&mut self, tgid: Pid, former_tid: Pid) {
         let execing = self.threads.remove(&former_tid);
         self.threads.retain(|_, t| t.tgid != tgid);
-        self.threads.insert(tgid, execing.unwrap_or_else(|| Self::new_thread(tgid)));
-        if let Some(process) = self.processes.get_mut(&tgid) {
-            process.fds = Rc::default();
-        }
+        let mut execing = execing.unwrap_or_else(|| Thread::unknown(tgid));
+        execing.fds = Rc::default();
+        self.threads.insert(tgid, execing);
     }
 
     /// Forgets a dead thread; returns it, and its process when it was the
@@ -163,9 +175,7 @@ impl ProcessTable {
         }
         (thread, process)
     }
-}
 
-impl ProcessTable {
     /// After `dead` exited, its children belong to another parent (the
     /// tracer, as subreaper); `parent_of` asks the kernel which.
     pub fn reparent_children(&mut self, dead: Pid, parent_of: impl Fn(Pid) -> Option<Pid>) {
@@ -184,31 +194,44 @@ mod tests {
     fn table() -> ProcessTable {
         let mut table = ProcessTable::new(LiveProcesses::default());
         table.add_process(Pid::from_raw(10), Pid::from_raw(1));
-        table.process_mut(Pid::from_raw(10)).unwrap().fds.borrow_mut().insert(3, FdInfo::File("/a".into()));
+        table.thread(Pid::from_raw(10)).unwrap().fds.borrow_mut().insert(3, FdInfo::File("/a".into()));
         table
+    }
+
+    fn fds(table: &ProcessTable, tid: i32) -> usize {
+        table.thread(Pid::from_raw(tid)).unwrap().fds.borrow().len()
     }
 
     #[test]
     fn fork_copies_and_clone_files_shares_the_fd_table() {
         let mut table = table();
         let (parent, forked, shared) = (Pid::from_raw(10), Pid::from_raw(11), Pid::from_raw(12));
-        table.add_child(parent, forked, libc::SIGCHLD as u64);
-        table.add_child(parent, shared, (libc::CLONE_FILES | libc::SIGCHLD) as u64);
-        table.process_mut(parent).unwrap().fds.borrow_mut().insert(4, FdInfo::File("/b".into()));
-        assert_eq!(table.process_mut(forked).unwrap().fds.borrow().len(), 1);
-        assert_eq!(table.process_mut(shared).unwrap().fds.borrow().len(), 2);
-        assert_eq!(table.process_mut(forked).unwrap().ppid, parent);
+        table.add_child(parent, forked, Sharing::default());
+        table.add_child(parent, shared, Sharing { files: true, ..Sharing::default() });
+        table.thread(parent).unwrap().fds.borrow_mut().insert(4, FdInfo::File("/b".into()));
+        assert_eq!((fds(&table, 11), fds(&table, 12)), (1, 2));
+        assert_eq!(table.process_of(forked).unwrap().ppid, parent);
     }
 
     #[test]
     fn threads_join_their_process_and_vanish_at_exec() {
         let mut table = table();
         let (leader, thread) = (Pid::from_raw(10), Pid::from_raw(13));
-        let flags = libc::CLONE_THREAD | libc::CLONE_VM | libc::CLONE_FILES | libc::CLONE_FS | libc::CLONE_SIGHAND;
-        assert_eq!(table.add_child(leader, thread, flags as u64), leader);
+        let sharing = Sharing { thread: true, files: true, fs: true, sibling: false };
+        assert_eq!(table.add_child(leader, thread, sharing), leader);
         table.exec(leader, thread);
         assert!(table.thread(thread).is_none());
         assert_eq!(table.thread(leader).unwrap().tgid, leader);
-        assert!(table.process_mut(leader).unwrap().fds.borrow().is_empty());
+        assert_eq!(fds(&table, 10), 0);
+    }
+
+    #[test]
+    fn a_child_added_before_its_parent_s_event_keeps_its_state() {
+        let mut table = table();
+        let child = Pid::from_raw(14);
+        table.add_process(child, Pid::from_raw(1));
+        table.thread(child).unwrap().fds.borrow_mut().insert(5, FdInfo::File("/c".into()));
+        assert_eq!(table.add_child(Pid::from_raw(10), child, Sharing::default()), child);
+        assert_eq!(fds(&table, 14), 1);
     }
 }

@@ -102,3 +102,18 @@ pub fn socket_kind(pid: Pid, fd: i32) -> Option<(i32, i32)> {
     };
     Some((option(libc::SO_TYPE)?, option(libc::SO_PROTOCOL)?))
 }
+
+/// What two tasks may share, for [`shares`].
+#[derive(Clone, Copy)]
+pub enum Shared {
+    Files = 2,
+    Fs = 3,
+}
+
+/// Whether two tasks share their descriptor table or filesystem context,
+/// asked of the kernel (kcmp(2)); None when it cannot say.
+pub fn shares(a: Pid, b: Pid, what: Shared) -> Option<bool> {
+    // SAFETY: kcmp takes integers only.
+    let rc = unsafe { libc::syscall(libc::SYS_kcmp, a.as_raw(), b.as_raw(), what as i32, 0, 0) };
+    (rc >= 0).then_some(rc == 0)
+}

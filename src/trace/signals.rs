@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use nix::sys::signal::{kill, pthread_sigmask, SigSet, SigmaskHow, Signal};
 use nix::unistd::Pid;
 
+use crate::log::log;
+
 /// Signals that reach the workload when the tracer receives them.
 const FORWARDED: [Signal; 7] = [
     Signal::SIGTERM,
@@ -63,7 +65,7 @@ pub fn spawn_forwarder(root: Pid, live: Arc<Mutex<BTreeSet<i32>>>, verbose: bool
         for pid in targets {
             let _ = kill(Pid::from_raw(pid), signal);
             if verbose {
-                eprintln!("cws-instrumentation: forwarded {} to pid {pid}", signal.as_str());
+                log!("forwarded {} to pid {pid}", signal.as_str());
             }
         }
     })?;

@@ -40,6 +40,9 @@ pub struct Call {
     pub time: SystemTime,
     /// Absolute path read at entry, for calls whose memory is gone at exit (exec).
     pub entry_path: Option<String>,
+    /// Argument memory read at entry, as the kernel read it, before another
+    /// thread of the workload can change it (a sockaddr, an open_how).
+    pub entry_bytes: Vec<u8>,
     /// Set when something could not be read at entry.
     pub partial: bool,
 }
@@ -93,10 +96,10 @@ pub static SYSCALLS: &[SyscallDef] = &[
     def("execveat",        Some(322),  Some(358),  exec_entry,      exec_exit),
     def("open",            Some(2),    Some(5),    await_exit,      open_exit),
     def("openat",          Some(257),  Some(295),  await_exit,      open_exit),
-    def("openat2",         Some(437),  Some(437),  await_exit,      open_exit),
+    def("openat2",         Some(437),  Some(437),  openat2_entry,   open_exit),
     def("creat",           Some(85),   Some(8),    await_exit,      open_exit),
     def("socket",          Some(41),   Some(359),  await_exit,      socket_exit),
-    def("connect",         Some(42),   Some(362),  await_exit,      connect_exit),
+    def("connect",         Some(42),   Some(362),  connect_entry,   connect_exit),
     def("socketcall",      None,       Some(102),  socketcall_entry, never_exit),
     def("close",           Some(3),    Some(6),    close_entry,     never_exit),
     def("close_range",     Some(436),  Some(436),  close_range_entry, never_exit),
@@ -105,11 +108,12 @@ pub static SYSCALLS: &[SyscallDef] = &[
     def("dup3",            Some(292),  Some(330),  await_exit,      dup_exit),
     def("fcntl",           Some(72),   Some(55),   fcntl_entry,     dup_exit),
     def("fcntl64",         None,       Some(221),  fcntl_entry,     dup_exit),
+    def("unshare",         Some(272),  Some(310),  unshare_entry,   never_exit),
     def("chdir",           Some(80),   Some(12),   await_exit,      chdir_exit),
     def("fchdir",          Some(81),   Some(133),  await_exit,      chdir_exit),
     // fork and vfork are seen through their ptrace events only.
     def("clone",           Some(56),   Some(120),  clone_entry,     never_exit),
-    def("clone3",          Some(435),  Some(435),  clone_entry,     never_exit),
+    def("clone3",          Some(435),  Some(435),  clone_entry,     clone3_exit),
 ];
 
 /// The entry for a syscall number, for stops that did not come through the
