@@ -2,6 +2,7 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -20,6 +21,39 @@ pub struct Cli {
 pub enum Command {
     /// Run ENTRYPOINT under the tracer and report what it does.
     Trace(TraceArgs),
+    /// Receive tracer streams, as the agent sidecar does, and write every
+    /// event as one JSON line.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on: host:port (unix:/path later).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5678")]
+    pub listen: String,
+
+    /// Append events to PATH (default: stdout).
+    #[arg(long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+}
+
+/// A duration: "10s", "500ms", "2m", or plain seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {
+        (ms, 0.001)
+    } else if let Some(s) = text.strip_suffix('s') {
+        (s, 1.0)
+    } else if let Some(m) = text.strip_suffix('m') {
+        (m, 60.0)
+    } else {
+        (text, 1.0)
+    };
+    number
+        .parse::<f64>()
+        .ok()
+        .filter(|n| n.is_finite() && *n >= 0.0)
+        .map(|n| Duration::from_secs_f64(n * scale))
+        .ok_or_else(|| format!("{text:?} is not a duration (like 10s or 500ms)"))
 }
 
 #[derive(Args)]
@@ -45,10 +79,26 @@ pub struct TraceArgs {
     #[arg(long, value_name = "N")]
     pub gid: Option<u32>,
 
-    /// Address of the agent's event endpoint. Events are not sent yet: the
-    /// tracer runs offline.
+    /// Agent endpoint: host:port or http://host:port. Empty: offline.
     #[arg(long, value_name = "ADDR", default_value = "localhost:5678")]
     pub probe_addr: String,
+
+    /// Start the workload at once instead of waiting for the agent.
+    #[arg(long = "async")]
+    pub asynchronous: bool,
+
+    /// How long the workload waits for the agent before starting anyway.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// How long to wait at exit for the agent to acknowledge the last events.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub flush_timeout: Duration,
+
+    /// Events kept for the agent until acknowledged; beyond that, new
+    /// events are dropped and the loss reported.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    pub buffer_events: usize,
 
     /// Print ptrace stop and event counters on stderr at exit.
     #[arg(long)]

@@ -6,10 +6,13 @@
 //! events (see `proto/`), and exits with the workload's status. See
 //! ARCHITECTURE.md for the map of the code and its invariants.
 
+mod address;
 mod cli;
+mod context;
 mod export;
 mod log;
 mod proto;
+mod serve;
 mod trace;
 
 use std::process::ExitCode;
@@ -52,16 +55,34 @@ fn main() -> ExitCode {
             } else {
                 trace::Mode::Seccomp
             };
-            trace::run(trace::TraceOptions {
-                command: args.command,
-                mode,
-                uid: args.uid,
-                gid: args.gid,
-                verbose: args.verbose,
-                events_file: args.events_file,
-                stats: args.stats,
+            let agent = match args.probe_addr.as_str() {
+                "" => Ok(None),
+                addr => address::Address::parse(addr).map(|address| {
+                    Some(trace::AgentOptions {
+                        address,
+                        asynchronous: args.asynchronous,
+                        connect_timeout: args.connect_timeout,
+                        flush_timeout: args.flush_timeout,
+                        buffer_events: args.buffer_events.max(1),
+                    })
+                }),
+            };
+            agent.map_err(|e| ExitError::usage(&format!("--probe-addr {e}"))).and_then(|agent| {
+                trace::run(trace::TraceOptions {
+                    command: args.command,
+                    agent,
+                    mode,
+                    uid: args.uid,
+                    gid: args.gid,
+                    verbose: args.verbose,
+                    events_file: args.events_file,
+                    stats: args.stats,
+                })
             })
         }
+        Command::Serve(args) => address::Address::parse(&args.listen)
+            .map_err(|e| ExitError::usage(&format!("--listen {e}")))
+            .and_then(|listen| serve::run(serve::ServeOptions { listen, output: args.output })),
     };
     match result {
         Ok(status) => ExitCode::from(status as u8),

@@ -576,15 +576,17 @@ fn ctrl_z_stops_a_traced_job_and_fg_resumes_it() {
     let mut bash = std::process::Command::new("bash");
     bash.args(["--norc", "--noprofile", "-i"]).env("PS1", "prompt> ");
     let (shell, mut terminal) = Terminal::spawn_command(&mut bash);
-    let job =
-        format!("{} trace -- sh -c 'i=0; while :; do i=$((i+1)); echo tick$i; sleep 0.1; done'\n", common::binary());
+    let job = format!(
+        "{} trace --probe-addr '' -- sh -c 'i=0; while :; do i=$((i+1)); echo tick$i; sleep 0.1; done'\n",
+        common::binary()
+    );
     terminal.type_keys(job.as_bytes());
     let is_tick = |l: &str| l.contains("tick") && !l.contains("echo");
     terminal.read_until(is_tick);
     terminal.type_keys(&[0x1a]); // Ctrl-Z: tracer and workload stop together
     terminal.read_until(|l| l.contains("Stopped"));
     terminal.type_keys(b"fg\n");
-    terminal.read_until(|l| l.ends_with("trace -- sh -c 'i=0; while :; do i=$((i+1)); echo tick$i; sleep 0.1; done'"));
+    terminal.read_until(|l| l.ends_with("-- sh -c 'i=0; while :; do i=$((i+1)); echo tick$i; sleep 0.1; done'"));
     // Only the resumed workload can print after "Stopped" and the fg echo.
     terminal.read_until(is_tick);
     terminal.type_keys(&[3]);

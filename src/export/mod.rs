@@ -5,6 +5,7 @@
 //! A tokio runtime on its own thread drains the queue and writes each batch
 //! to every configured sink.
 
+pub mod grpc;
 mod jsonl;
 mod verbose;
 
@@ -12,9 +13,9 @@ use std::io;
 use std::path::PathBuf;
 use std::thread::JoinHandle;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::proto::Event;
+use crate::proto::{Event, Goodbye};
 
 /// Events the queue holds before the tracer starts dropping.
 const QUEUE_CAPACITY: usize = 16 * 1024;
@@ -50,11 +51,13 @@ impl EventSink {
 pub struct Outputs {
     pub verbose: bool,
     pub events_file: Option<PathBuf>,
+    pub agent: Option<grpc::Options>,
 }
 
 enum Sink {
     Verbose(verbose::Printer),
     JsonLines(jsonl::Writer),
+    Agent(grpc::Exporter),
 }
 
 impl Sink {
@@ -62,6 +65,10 @@ impl Sink {
         match self {
             Sink::Verbose(printer) => printer.write(batch).await,
             Sink::JsonLines(writer) => writer.write(batch).await,
+            Sink::Agent(exporter) => {
+                exporter.write(batch);
+                Ok(())
+            }
         }
     }
 
@@ -69,19 +76,24 @@ impl Sink {
         match self {
             Sink::Verbose(printer) => printer.flush().await,
             Sink::JsonLines(writer) => writer.flush().await,
+            Sink::Agent(_) => Ok(()),
         }
     }
 }
 
-/// Running exporters; `finish` waits until every queued event is written.
+/// Running exporters; `finish` waits until every queued event is written
+/// (and, for the agent, acknowledged or given up on).
 pub struct Exporters {
-    thread: JoinHandle<io::Result<()>>,
+    thread: JoinHandle<io::Result<grpc::Delivery>>,
+    goodbye: oneshot::Sender<Goodbye>,
+    /// Fires once the agent stream is up (never without an agent).
+    pub connected: std::sync::mpsc::Receiver<()>,
 }
 
 impl Exporters {
     /// Opens every output (so that a bad path fails before the workload
     /// starts) and starts draining the queue. Returns the tracer's sink.
-    pub fn start(outputs: &Outputs) -> io::Result<(EventSink, Option<Exporters>)> {
+    pub fn start(outputs: Outputs) -> io::Result<(EventSink, Option<Exporters>)> {
         let mut sinks = Vec::new();
         if let Some(path) = &outputs.events_file {
             let file = std::fs::File::create(path)
@@ -91,23 +103,39 @@ impl Exporters {
         if outputs.verbose {
             sinks.push(Sink::Verbose(verbose::Printer::new()));
         }
-        if sinks.is_empty() {
+        if sinks.is_empty() && outputs.agent.is_none() {
             return Ok((EventSink::discard(), None));
         }
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let (goodbye, goodbye_rx) = oneshot::channel();
+        let (connected_tx, connected) = std::sync::mpsc::channel();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let thread =
-            std::thread::Builder::new().name("cws-export".into()).spawn(move || runtime.block_on(drain(rx, sinks)))?;
-        Ok((EventSink { tx: Some(tx), emitted: 0, dropped: 0 }, Some(Exporters { thread })))
+        let agent = outputs.agent;
+        let thread = std::thread::Builder::new().name("cws-export".into()).spawn(move || {
+            runtime.block_on(async move {
+                if let Some(options) = agent {
+                    sinks.push(Sink::Agent(grpc::Exporter::start(options, connected_tx)));
+                }
+                drain(rx, sinks, goodbye_rx).await
+            })
+        })?;
+        let exporters = Exporters { thread, goodbye, connected };
+        Ok((EventSink { tx: Some(tx), emitted: 0, dropped: 0 }, Some(exporters)))
     }
 
-    /// Call after the tracer dropped its sink: the queue then ends.
-    pub fn finish(self) -> io::Result<()> {
+    /// Call after the tracer dropped its sink: the queue then ends. The
+    /// Goodbye tells the agent how the workload ended.
+    pub fn finish(self, goodbye: Goodbye) -> io::Result<grpc::Delivery> {
+        let _ = self.goodbye.send(goodbye);
         self.thread.join().unwrap_or_else(|_| Err(io::Error::other("exporter thread panicked")))
     }
 }
 
-async fn drain(mut rx: mpsc::Receiver<Event>, mut sinks: Vec<Sink>) -> io::Result<()> {
+async fn drain(
+    mut rx: mpsc::Receiver<Event>,
+    mut sinks: Vec<Sink>,
+    goodbye: oneshot::Receiver<Goodbye>,
+) -> io::Result<grpc::Delivery> {
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         for sink in &mut sinks {
@@ -121,8 +149,13 @@ async fn drain(mut rx: mpsc::Receiver<Event>, mut sinks: Vec<Sink>) -> io::Resul
             }
         }
     }
-    for sink in &mut sinks {
-        sink.flush().await?;
+    let mut delivery = grpc::Delivery::default();
+    let goodbye = goodbye.await.unwrap_or_default();
+    for sink in sinks {
+        match sink {
+            Sink::Agent(exporter) => delivery = exporter.finish(goodbye).await,
+            mut other => other.flush().await?,
+        }
     }
-    Ok(())
+    Ok(delivery)
 }

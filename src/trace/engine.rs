@@ -16,7 +16,7 @@ use nix::unistd::Pid;
 use crate::log::log;
 
 use crate::export::EventSink;
-use crate::proto::{self, event::Payload, Event, ExitCause, ForkKind};
+use crate::proto::{self, event::Payload, Event, ForkKind};
 use crate::trace::decode::{self, Ctx};
 use crate::trace::process::{LiveProcesses, ProcessTable, Sharing};
 use crate::trace::procfs::{self, Shared};
@@ -47,6 +47,12 @@ pub struct Stats {
     pub foreign: u64,
     pub events: u64,
     pub dropped: u64,
+}
+
+impl Stats {
+    pub fn stops(&self) -> u64 {
+        self.seccomp + self.syscall + self.fork + self.exec + self.group + self.signal + self.other
+    }
 }
 
 pub struct Outcome {
@@ -316,17 +322,13 @@ impl Engine {
         let (_, process) = self.procs.remove_thread(pid);
         if let Some(process) = process {
             self.procs.reparent_children(pid, |child| procfs::status(child)?.ppid.map(Pid::from_raw));
-            let (cause, code, signal, core_dumped) = match death {
-                Death::Exited(code) => (ExitCause::Exited, Some(code), None, false),
-                Death::Signaled { signal, core_dumped } => (ExitCause::Signaled, None, Some(signal), core_dumped),
-            };
             let event = Event {
                 pid: pid.as_raw() as u32,
                 tid: pid.as_raw() as u32,
                 ppid: process.ppid.as_raw() as u32,
                 timestamp: Some(decode::timestamp(SystemTime::now())),
                 syscall: "exit".to_owned(),
-                payload: Some(Payload::Exit(proto::ExitEvent { cause: cause as i32, code, signal, core_dumped })),
+                payload: Some(Payload::Exit(death.event())),
                 ..Event::default()
             };
             self.sink.emit(event);

@@ -19,15 +19,21 @@ mod syscalls;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::mpsc;
+use std::time::Duration;
 
+pub use decode::timestamp;
 pub use engine::Mode;
 use engine::{Engine, Outcome};
 use launch::{Launch, LaunchError};
 use process::LiveProcesses;
 
-use crate::export::{Exporters, Outputs};
+use crate::address::Address;
+use crate::context;
+use crate::export::{grpc, Exporters, Outputs};
 use crate::log::log;
+use crate::proto::{Counters, Goodbye};
 use crate::ExitError;
+use ptrace::Death;
 
 /// Exit statuses of the tracer itself, distinct from any a workload is
 /// likely to use on purpose.
@@ -42,8 +48,19 @@ pub mod exit_code {
     pub const NOT_FOUND: i32 = 127;
 }
 
+/// Where and how events reach the agent.
+pub struct AgentOptions {
+    pub address: Address,
+    /// Start the workload at once instead of waiting for the connection.
+    pub asynchronous: bool,
+    pub connect_timeout: Duration,
+    pub flush_timeout: Duration,
+    pub buffer_events: usize,
+}
+
 pub struct TraceOptions {
     pub command: Vec<OsString>,
+    pub agent: Option<AgentOptions>,
     pub mode: Mode,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
@@ -58,10 +75,27 @@ pub fn run(options: TraceOptions) -> Result<i32, ExitError> {
     let entrypoint = options.command.first().ok_or_else(|| ExitError::usage("trace needs an entrypoint after --"))?;
     let program = launch::resolve_entrypoint(entrypoint).map_err(launch_error)?;
 
-    let outputs = Outputs { verbose: options.verbose, events_file: options.events_file.clone() };
+    let agent = options.agent.as_ref().map(|agent| grpc::Options {
+        address: agent.address.clone(),
+        hello: context::hello(&options.command),
+        capacity: agent.buffer_events,
+        flush_timeout: agent.flush_timeout,
+    });
+    let outputs = Outputs { verbose: options.verbose, events_file: options.events_file.clone(), agent };
     // Block before any thread starts, so that every thread inherits it.
     let signal_mask = signals::block_forwarded().map_err(|e| ExitError::setup(format!("cannot block signals: {e}")))?;
-    let (sink, exporters) = Exporters::start(&outputs).map_err(|e| ExitError::new(exit_code::USAGE, e.to_string()))?;
+    let (sink, exporters) = Exporters::start(outputs).map_err(|e| ExitError::new(exit_code::USAGE, e.to_string()))?;
+    if let (Some(agent), Some(exporters)) = (&options.agent, &exporters) {
+        // Hold the workload until its events have somewhere to go, but
+        // never longer than the timeout: an absent agent must not stop it.
+        if !agent.asynchronous && exporters.connected.recv_timeout(agent.connect_timeout).is_err() {
+            log!(
+                "the agent at {} is not reachable after {:?}; starting the workload anyway, events are buffered",
+                agent.address,
+                agent.connect_timeout
+            );
+        }
+    }
 
     let mut launch = Launch::new(&program, &options.command, signal_mask, ignored_signals).map_err(launch_error)?;
     launch.uid = options.uid;
@@ -100,17 +134,31 @@ pub fn run(options: TraceOptions) -> Result<i32, ExitError> {
             .map_err(|e| ExitError::setup(format!("cannot start the signal thread: {e}")))?;
     }
     let outcome = tracer.join().map_err(|_| ExitError::setup("the tracer thread failed".into()))?;
+    let stats = outcome.as_ref().map(|o| o.stats).unwrap_or_default();
+    let goodbye = Goodbye {
+        exit: outcome.as_ref().ok().and_then(|o| o.root).map(Death::event),
+        counters: Some(Counters {
+            events: stats.events,
+            dropped: stats.dropped,
+            ptrace_stops: stats.stops(),
+            reconnects: 0,
+        }),
+    };
     // The engine, and with it the queue's sender, is gone: exporters drain and stop.
-    let exported = exporters.map(Exporters::finish).transpose();
+    let delivery = match exporters.map(|e| e.finish(goodbye)).transpose() {
+        Ok(delivery) => delivery.unwrap_or_default(),
+        Err(e) => {
+            log!("exporting events failed: {e}");
+            grpc::Delivery::default()
+        }
+    };
     let outcome = outcome.map_err(launch_error)?;
-    if let Err(e) = exported {
-        log!("exporting events failed: {e}");
-    }
     if options.stats {
         let s = outcome.stats;
         log!(
-            "stats: seccomp_stops={} syscall_stops={} fork_stops={} exec_stops={} group_stops={} signal_stops={} other_stops={} foreign_calls={} events={} dropped={}",
-            s.seccomp, s.syscall, s.fork, s.exec, s.group, s.signal, s.other, s.foreign, s.events, s.dropped
+            "stats: seccomp_stops={} syscall_stops={} fork_stops={} exec_stops={} group_stops={} signal_stops={} other_stops={} foreign_calls={} events={} dropped={} undelivered={} reconnects={}",
+            s.seccomp, s.syscall, s.fork, s.exec, s.group, s.signal, s.other, s.foreign, s.events, s.dropped,
+            delivery.undelivered + delivery.dropped, delivery.reconnects
         );
     }
     Ok(outcome.root.map_or(exit_code::SETUP, |death| death.shell_status()))

@@ -48,6 +48,18 @@ pub enum Death {
 }
 
 impl Death {
+    pub fn event(self) -> crate::proto::ExitEvent {
+        use crate::proto::{ExitCause, ExitEvent};
+        match self {
+            Death::Exited(code) => {
+                ExitEvent { cause: ExitCause::Exited as i32, code: Some(code), ..Default::default() }
+            }
+            Death::Signaled { signal, core_dumped } => {
+                ExitEvent { cause: ExitCause::Signaled as i32, signal: Some(signal), core_dumped, ..Default::default() }
+            }
+        }
+    }
+
     /// The status a shell would report: the code, or 128 + signal.
     pub fn shell_status(self) -> i32 {
         match self {

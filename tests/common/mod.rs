@@ -133,6 +133,10 @@ impl Trace {
         let dir = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(binary());
         cmd.arg("trace").arg("--events-file").arg(dir.path().join("events.jsonl"));
+        // Offline unless the test names an agent.
+        if !flags.iter().any(|f| f.as_ref() == "--probe-addr") {
+            cmd.args(["--probe-addr", ""]);
+        }
         cmd.args(flags).arg("--").args(command);
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         Trace { dir, command: cmd }

@@ -1,0 +1,77 @@
+//! Who is tracing what: the Hello that opens every stream to the agent.
+
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::time::SystemTime;
+
+use crate::proto::{ContainerContext, Hello, Mode};
+
+/// A random session id (128 bits, hex).
+fn session_id() -> String {
+    let mut bytes = [0u8; 16];
+    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if random.is_err() {
+        // Unique enough without /dev: time and pid.
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        bytes = (nanos ^ (u128::from(std::process::id()) << 96)).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The container id in one line of /proc/self/cgroup: a 64-hex id (docker,
+/// containerd, EKS), or the last component of an ECS Fargate path
+/// (`/ecs/TASK/TASK-N`).
+fn container_id_in(line: &str) -> Option<String> {
+    let path = line.splitn(3, ':').nth(2)?;
+    for part in path.rsplit('/') {
+        let part = part.trim_end_matches(".scope");
+        let candidate = part.rsplit(['-', ':']).next().unwrap_or(part);
+        if candidate.len() == 64 && candidate.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Some(candidate.to_owned());
+        }
+    }
+    let mut parts = path.split('/').filter(|p| !p.is_empty());
+    (parts.next() == Some("ecs")).then(|| path.rsplit('/').next().map(str::to_owned)).flatten()
+}
+
+fn container_id() -> String {
+    if let Ok(id) = std::env::var("DD_CONTAINER_ID") {
+        return id;
+    }
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    cgroup.lines().find_map(container_id_in).unwrap_or_default()
+}
+
+pub fn hello(entrypoint: &[std::ffi::OsString]) -> Hello {
+    let env = |name| std::env::var(name).unwrap_or_default();
+    Hello {
+        tracer_version: env!("CARGO_PKG_VERSION").to_owned(),
+        session_id: session_id(),
+        mode: Mode::Wrapped as i32,
+        pid_namespace: std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino()),
+        container: Some(ContainerContext {
+            id: container_id(),
+            created_at: Some(crate::trace::timestamp(SystemTime::now())),
+            ecs_metadata_uri: env("ECS_CONTAINER_METADATA_URI_V4"),
+            pod_name: env("POD_NAME"),
+            pod_namespace: env("POD_NAMESPACE"),
+        }),
+        entrypoint_args: entrypoint.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+        hostname: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::container_id_in;
+
+    #[test]
+    fn finds_container_ids_in_cgroup_lines() {
+        let id = "a".repeat(64);
+        assert_eq!(container_id_in(&format!("0::/docker/{id}")), Some(id.clone()));
+        assert_eq!(container_id_in(&format!("0::/system.slice/cri-containerd-{id}.scope")), Some(id.clone()));
+        assert_eq!(container_id_in(&format!("11:cpu:/kubepods/besteffort/pod1234/{id}")), Some(id.clone()));
+        assert_eq!(container_id_in("0::/ecs/8f2e/8f2e-3456"), Some("8f2e-3456".to_owned()));
+        assert_eq!(container_id_in("0::/"), None);
+    }
+}

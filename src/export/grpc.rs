@@ -1,0 +1,294 @@
+//! The gRPC export to the agent: a bounded buffer of unacknowledged events
+//! and a connection task that streams them.
+//!
+//! Every event gets the next sequence number of the session. It stays in
+//! the buffer until the agent acknowledges it, so a reconnect resends what
+//! the last connection may have lost (the agent drops duplicates). When the
+//! buffer is full, new events are dropped, counted, and announced to the
+//! agent with a Loss message: loss is never silent.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use crate::address::Address;
+use crate::log::log;
+use crate::proto::event_service_client::EventServiceClient;
+use crate::proto::{agent_message, tracer_message, Event, EventBatch, Goodbye, Hello, Loss, TracerMessage};
+
+/// Events per batch message.
+const BATCH: usize = 256;
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+pub struct Options {
+    pub address: Address,
+    pub hello: Hello,
+    pub capacity: usize,
+    pub flush_timeout: Duration,
+}
+
+#[derive(Default)]
+struct Buffer {
+    /// Unacknowledged events, oldest first, with their sequence numbers.
+    events: VecDeque<(u64, Event)>,
+    /// Sequence number of the next event.
+    next_sequence: u64,
+    /// Dropped ranges not yet announced on the current connection.
+    losses: Vec<(u64, u64)>,
+    /// Every dropped range, announced again after a reconnect if unacked.
+    dropped: u64,
+}
+
+impl Buffer {
+    fn push(&mut self, event: Event, capacity: usize) {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        if self.events.len() < capacity {
+            self.events.push_back((sequence, event));
+            return;
+        }
+        self.dropped += 1;
+        match self.losses.last_mut() {
+            Some((_, last)) if *last + 1 == sequence => *last = sequence,
+            _ => self.losses.push((sequence, sequence)),
+        }
+    }
+
+    fn ack(&mut self, sequence: u64) {
+        while self.events.front().is_some_and(|(s, _)| *s <= sequence) {
+            self.events.pop_front();
+        }
+    }
+}
+
+/// State shared by the queue drain (producer) and the connection task.
+struct Shared {
+    buffer: Mutex<Buffer>,
+    capacity: usize,
+    wake: Notify,
+}
+
+impl Shared {
+    fn buffer(&self) -> std::sync::MutexGuard<'_, Buffer> {
+        self.buffer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The exporter's handle on the connection task.
+pub struct Exporter {
+    shared: Arc<Shared>,
+    goodbye: watch::Sender<Option<Goodbye>>,
+    task: tokio::task::JoinHandle<Delivery>,
+}
+
+/// What became of the events at exit.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Delivery {
+    pub undelivered: u64,
+    pub dropped: u64,
+    pub reconnects: u64,
+}
+
+impl Exporter {
+    /// Starts connecting at once. `connected` fires when the first stream
+    /// is up (the tracer holds the workload until then, or a timeout).
+    pub fn start(options: Options, connected: std::sync::mpsc::Sender<()>) -> Exporter {
+        let shared = Arc::new(Shared { buffer: Mutex::default(), capacity: options.capacity, wake: Notify::new() });
+        let (goodbye, goodbye_rx) = watch::channel(None);
+        let task = tokio::spawn(run(options, Arc::clone(&shared), connected, goodbye_rx));
+        Exporter { shared, goodbye, task }
+    }
+
+    pub fn write(&self, batch: &[Event]) {
+        let mut buffer = self.shared.buffer();
+        for event in batch {
+            buffer.push(event.clone(), self.shared.capacity);
+        }
+        drop(buffer);
+        self.shared.wake.notify_one();
+    }
+
+    /// Sends what is left and the Goodbye; waits for acknowledgements until
+    /// the flush timeout.
+    pub async fn finish(self, goodbye: Goodbye) -> Delivery {
+        let _ = self.goodbye.send(Some(goodbye));
+        self.shared.wake.notify_one();
+        self.task.await.unwrap_or_default()
+    }
+}
+
+async fn connect(address: &Address) -> Result<EventServiceClient<tonic::transport::Channel>, String> {
+    let Address::Tcp(hostport) = address else {
+        return Err("unix socket endpoints are not supported by the exporter yet".into());
+    };
+    let endpoint = Endpoint::from_shared(format!("http://{hostport}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await.map_err(|e| {
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            message = format!("{message}: {cause}");
+            source = cause.source();
+        }
+        message
+    })?;
+    Ok(EventServiceClient::new(channel))
+}
+
+async fn run(
+    options: Options,
+    shared: Arc<Shared>,
+    connected: std::sync::mpsc::Sender<()>,
+    mut goodbye: watch::Receiver<Option<Goodbye>>,
+) -> Delivery {
+    let mut delivery = Delivery::default();
+    let mut backoff = BACKOFF_FIRST;
+    let mut deadline: Option<Instant> = None;
+    let mut last_error = String::new();
+    let mut connections = 0u64;
+    loop {
+        if deadline.is_none() && goodbye.borrow().is_some() {
+            deadline = Some(Instant::now() + options.flush_timeout);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        let client = match connect(&options.address).await {
+            Ok(client) => client,
+            Err(error) => {
+                if error != last_error {
+                    log!("cannot reach the agent at {}: {error}; retrying", options.address);
+                    last_error = error;
+                }
+                let wait = deadline.map_or(backoff, |d| backoff.min(d.saturating_duration_since(Instant::now())));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = goodbye.changed() => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        connections += 1;
+        delivery.reconnects = connections - 1;
+        match stream(&options, &shared, client, &connected, &mut goodbye, &mut deadline, &delivery).await {
+            Ok(()) => break,
+            Err(error) => {
+                log!("stream to the agent at {} ended: {error}; reconnecting", options.address);
+                backoff = BACKOFF_FIRST;
+            }
+        }
+    }
+    let buffer = shared.buffer();
+    delivery.undelivered = buffer.events.len() as u64;
+    delivery.dropped = buffer.dropped;
+    if delivery.undelivered + delivery.dropped > 0 {
+        log!(
+            "{} events were not delivered to the agent at {} ({} dropped when the buffer was full)",
+            delivery.undelivered + delivery.dropped,
+            options.address,
+            delivery.dropped
+        );
+    }
+    delivery
+}
+
+/// One connection: Hello, then everything unacknowledged, then new events
+/// as they come; the Goodbye once the workload is gone. Ok when all is
+/// acknowledged after the Goodbye (or the flush deadline passed).
+async fn stream(
+    options: &Options,
+    shared: &Shared,
+    mut client: EventServiceClient<tonic::transport::Channel>,
+    connected: &std::sync::mpsc::Sender<()>,
+    goodbye: &mut watch::Receiver<Option<Goodbye>>,
+    deadline: &mut Option<Instant>,
+    delivery: &Delivery,
+) -> Result<(), String> {
+    let (tx, rx) = mpsc::channel::<TracerMessage>(16);
+    let message = |m| TracerMessage { message: Some(m) };
+    tx.send(message(tracer_message::Message::Hello(options.hello.clone()))).await.map_err(|e| e.to_string())?;
+    let mut responses = client.stream_events(ReceiverStream::new(rx)).await.map_err(|e| e.to_string())?.into_inner();
+    let _ = connected.send(());
+    // Resend from the oldest unacknowledged event.
+    let mut next = shared.buffer().events.front().map_or(0, |(s, _)| *s);
+    let mut goodbye_sent = false;
+    loop {
+        // Send everything available.
+        loop {
+            let (losses, batch) = {
+                let mut buffer = shared.buffer();
+                let losses = std::mem::take(&mut buffer.losses);
+                let start = buffer.events.partition_point(|(s, _)| *s < next);
+                let batch: Vec<(u64, Event)> = buffer.events.range(start..).take(BATCH).cloned().collect();
+                (losses, batch)
+            };
+            for (first, last) in losses {
+                let loss = Loss { first_sequence: first, last_sequence: last };
+                tx.send(message(tracer_message::Message::Loss(loss))).await.map_err(|e| e.to_string())?;
+            }
+            let Some(&(first_sequence, _)) = batch.first() else { break };
+            next = batch.last().map_or(next, |(s, _)| s + 1);
+            let events = batch.into_iter().map(|(_, e)| e).collect();
+            tx.send(message(tracer_message::Message::Batch(EventBatch { first_sequence, events })))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let all_acked = shared.buffer().events.is_empty();
+        let bye = *goodbye.borrow();
+        if let Some(mut bye) = bye {
+            deadline.get_or_insert_with(|| Instant::now() + options.flush_timeout);
+            if !goodbye_sent {
+                if let Some(counters) = bye.counters.as_mut() {
+                    counters.reconnects = delivery.reconnects;
+                }
+                tx.send(message(tracer_message::Message::Goodbye(bye))).await.map_err(|e| e.to_string())?;
+                goodbye_sent = true;
+            }
+            if all_acked {
+                return Ok(());
+            }
+        }
+        let until = deadline.map_or_else(|| Instant::now() + Duration::from_secs(3600), |d| d);
+        tokio::select! {
+            response = responses.message() => match response {
+                Ok(Some(reply)) => {
+                    if let Some(agent_message::Message::Ack(ack)) = reply.message {
+                        shared.buffer().ack(ack.sequence);
+                    }
+                }
+                Ok(None) => return Err("closed by the agent".into()),
+                Err(status) => return Err(status.message().to_owned()),
+            },
+            _ = shared.wake.notified() => {}
+            _ = goodbye.changed() => {}
+            _ = tokio::time::sleep_until(until) => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_buffer_drops_new_events_as_contiguous_losses() {
+        let mut buffer = Buffer::default();
+        for _ in 0..5 {
+            buffer.push(Event::default(), 2);
+        }
+        assert_eq!(buffer.events.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!((buffer.losses.clone(), buffer.dropped), (vec![(2, 4)], 3));
+        buffer.ack(0);
+        buffer.push(Event::default(), 2);
+        assert_eq!(buffer.events.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![1, 5]);
+    }
+}

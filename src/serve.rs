@@ -1,0 +1,299 @@
+//! `serve`: a reference agent sidecar. It accepts tracer streams, writes
+//! every event as one JSON line (the `--events-file` object plus the
+//! session, container and sequence of its stream), acknowledges what is
+//! written, and drops what it has already written.
+//!
+//! Exactly once across restarts: each line carries (session_id, sequence);
+//! at start the output file is read back to learn what each session already
+//! delivered, so events a tracer resends after a sidecar crash are not
+//! written twice. Acks are sent only once a batch is written and flushed.
+
+use std::collections::HashMap;
+use std::io::{self, BufRead};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::address::Address;
+use crate::log::log;
+use crate::proto::event_service_server::{EventService, EventServiceServer};
+use crate::proto::{agent_message, tracer_message, Ack, AgentMessage, Hello, TracerMessage};
+use crate::ExitError;
+
+/// A peer that has not said Hello by then is cut off.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest message accepted from a tracer.
+const MAX_MESSAGE: usize = 4 << 20;
+
+/// Lines to write, and who waits for them to be on disk.
+struct Write {
+    lines: Vec<u8>,
+    done: oneshot::Sender<()>,
+}
+
+/// Highest sequence written, per session.
+type Delivered = Arc<Mutex<HashMap<String, u64>>>;
+
+struct Service {
+    writer: mpsc::Sender<Write>,
+    delivered: Delivered,
+    shutdown: watch::Receiver<bool>,
+}
+
+type AgentStream = Pin<Box<dyn Stream<Item = Result<AgentMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EventService for Service {
+    type StreamEventsStream = AgentStream;
+
+    async fn stream_events(&self, request: Request<Streaming<TracerMessage>>) -> Result<Response<AgentStream>, Status> {
+        let peer = request.remote_addr().map_or_else(|| "a local peer".to_owned(), |a| a.to_string());
+        let (acks, rx) = mpsc::channel(64);
+        let session = Session {
+            peer,
+            writer: self.writer.clone(),
+            delivered: Arc::clone(&self.delivered),
+            shutdown: self.shutdown.clone(),
+            acks,
+        };
+        tokio::spawn(session.run(request.into_inner()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct Session {
+    peer: String,
+    writer: mpsc::Sender<Write>,
+    delivered: Delivered,
+    shutdown: watch::Receiver<bool>,
+    acks: mpsc::Sender<Result<AgentMessage, Status>>,
+}
+
+impl Session {
+    async fn run(mut self, mut stream: Streaming<TracerMessage>) {
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, stream.message()).await {
+            Ok(Ok(Some(TracerMessage { message: Some(tracer_message::Message::Hello(hello)) }))) => hello,
+            Ok(Err(status)) => return log!("{}: cut off before hello: {}", self.peer, status.message()),
+            Ok(_) => return self.refuse("the first message must be a Hello").await,
+            Err(_) => return self.refuse("no Hello within 10 s").await,
+        };
+        let container = hello.container.as_ref().map(|c| c.id.clone()).unwrap_or_default();
+        log!(
+            "hello: session {} from {} container {:?} pid namespace {} entrypoint {:?}",
+            hello.session_id,
+            self.peer,
+            container,
+            hello.pid_namespace,
+            hello.entrypoint_args
+        );
+        loop {
+            let message = tokio::select! {
+                message = stream.message() => message,
+                _ = self.shutdown.changed() => return,
+            };
+            let message = match message {
+                Ok(Some(TracerMessage { message: Some(message) })) => message,
+                Ok(_) => return,
+                Err(status) => return log!("session {}: stream ended: {}", hello.session_id, status.message()),
+            };
+            match message {
+                tracer_message::Message::Batch(batch) => {
+                    if let Err(e) = self.write_batch(&hello, &container, batch).await {
+                        return log!("session {}: {e}", hello.session_id);
+                    }
+                }
+                tracer_message::Message::Loss(loss) => log!(
+                    "session {}: the tracer dropped events {}..={}",
+                    hello.session_id,
+                    loss.first_sequence,
+                    loss.last_sequence
+                ),
+                tracer_message::Message::Goodbye(goodbye) => {
+                    let exit = goodbye.exit.unwrap_or_default();
+                    let counters = goodbye.counters.unwrap_or_default();
+                    log!(
+                        "goodbye: session {} exit code {:?} signal {:?} events {} dropped {} ptrace stops {} reconnects {}",
+                        hello.session_id,
+                        exit.code,
+                        exit.signal,
+                        counters.events,
+                        counters.dropped,
+                        counters.ptrace_stops,
+                        counters.reconnects
+                    );
+                }
+                tracer_message::Message::Hello(_) => return self.refuse("a second Hello").await,
+            }
+        }
+    }
+
+    async fn refuse(&self, why: &str) {
+        log!("{}: cut off: {why}", self.peer);
+        let _ = self.acks.send(Err(Status::invalid_argument(why))).await;
+    }
+
+    /// Writes the events not written before, then acknowledges the batch.
+    async fn write_batch(&self, hello: &Hello, container: &str, batch: crate::proto::EventBatch) -> Result<(), String> {
+        let seen = self.delivered.lock().unwrap_or_else(|e| e.into_inner()).get(&hello.session_id).copied();
+        let mut lines = Vec::new();
+        let mut last = None;
+        for (offset, event) in batch.events.iter().enumerate() {
+            let sequence = batch.first_sequence + offset as u64;
+            last = Some(sequence);
+            if seen.is_some_and(|s| sequence <= s) {
+                continue;
+            }
+            append_line(&mut lines, &hello.session_id, container, sequence, event)?;
+        }
+        let Some(last) = last else { return Ok(()) };
+        if !lines.is_empty() {
+            let (done, written) = oneshot::channel();
+            self.writer.send(Write { lines, done }).await.map_err(|_| "output closed")?;
+            written.await.map_err(|_| "output failed")?;
+            let mut delivered = self.delivered.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = delivered.entry(hello.session_id.clone()).or_insert(last);
+            *entry = (*entry).max(last);
+        }
+        let ack = AgentMessage { message: Some(agent_message::Message::Ack(Ack { sequence: last })) };
+        self.acks.send(Ok(ack)).await.map_err(|_| "the tracer went away".to_owned())
+    }
+}
+
+/// `{"session_id":…,"container_id":…,"sequence":N, …the event's fields…}\n`
+fn append_line(
+    out: &mut Vec<u8>,
+    session: &str,
+    container: &str,
+    sequence: u64,
+    event: &crate::proto::Event,
+) -> Result<(), String> {
+    let event = serde_json::to_vec(event).map_err(|e| e.to_string())?;
+    let head =
+        serde_json::json!({ "session_id": session, "container_id": container, "sequence": sequence }).to_string();
+    out.extend_from_slice(&head.as_bytes()[..head.len() - 1]);
+    if event.len() > 2 {
+        out.push(b',');
+        out.extend_from_slice(&event[1..]);
+    } else {
+        out.push(b'}');
+    }
+    out.push(b'\n');
+    Ok(())
+}
+
+/// What each session already delivered, from an existing output file. A
+/// line cut short by a crash is removed.
+fn recover(path: &Path) -> io::Result<HashMap<String, u64>> {
+    let mut delivered = HashMap::new();
+    let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(path) else { return Ok(delivered) };
+    let mut complete = 0u64;
+    let mut reader = io::BufReader::new(&file);
+    let mut line = Vec::new();
+    while reader.read_until(b'\n', &mut line)? > 0 {
+        if line.last() != Some(&b'\n') {
+            break;
+        }
+        complete += line.len() as u64;
+        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&line) {
+            if let (Some(session), Some(sequence)) = (value["session_id"].as_str(), value["sequence"].as_u64()) {
+                let entry = delivered.entry(session.to_owned()).or_insert(sequence);
+                *entry = (*entry).max(sequence);
+            }
+        }
+        line.clear();
+    }
+    file.set_len(complete)?;
+    Ok(delivered)
+}
+
+/// The single writer of the output.
+async fn write_output(
+    mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+    mut writes: mpsc::Receiver<Write>,
+) -> io::Result<()> {
+    while let Some(write) = writes.recv().await {
+        out.write_all(&write.lines).await?;
+        out.flush().await?;
+        let _ = write.done.send(());
+    }
+    out.flush().await
+}
+
+pub struct ServeOptions {
+    pub listen: Address,
+    pub output: Option<PathBuf>,
+}
+
+pub fn run(options: ServeOptions) -> Result<i32, ExitError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ExitError::setup(format!("cannot start the runtime: {e}")))?;
+    runtime.block_on(serve(options))
+}
+
+async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
+    let delivered = match &options.output {
+        Some(path) => recover(path).map_err(|e| ExitError::usage(&format!("cannot read {}: {e}", path.display())))?,
+        None => HashMap::new(),
+    };
+    let out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = match &options.output {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| ExitError::usage(&format!("cannot open {}: {e}", path.display())))?;
+            Box::new(tokio::fs::File::from_std(file))
+        }
+        None => Box::new(tokio::io::stdout()),
+    };
+    let Address::Tcp(hostport) = &options.listen else {
+        return Err(ExitError::usage("serve: unix socket listeners are not supported yet"));
+    };
+    let listener = tokio::net::TcpListener::bind(hostport)
+        .await
+        .map_err(|e| ExitError::usage(&format!("cannot listen on {hostport}: {e}")))?;
+    let local = listener.local_addr().map_err(|e| ExitError::setup(e.to_string()))?;
+    log!("listening on {local}");
+
+    let (writes_tx, writes) = mpsc::channel(256);
+    let writer = tokio::spawn(write_output(out, writes));
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let service = Service { writer: writes_tx, delivered: Arc::new(Mutex::new(delivered)), shutdown };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<EventServiceServer<Service>>().await;
+
+    let stop = async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        log!("stopping: no new streams; draining");
+        let _ = shutdown_tx.send(true);
+    };
+    let server = EventServiceServer::new(service).max_decoding_message_size(MAX_MESSAGE);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(server)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .await
+        .map_err(|e| ExitError::setup(format!("server failed: {e}")))?;
+    // Every session has let go of the writer: the output drains and ends.
+    writer
+        .await
+        .map_err(|e| ExitError::setup(e.to_string()))?
+        .map_err(|e| ExitError::setup(format!("writing events failed: {e}")))?;
+    Ok(0)
+}

@@ -1,0 +1,240 @@
+//! gRPC export end to end: `trace` streaming to a real `serve` on loopback.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::Instant;
+
+use common::{binary, Trace, DEADLINE};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// A running sidecar and its log lines.
+struct Sidecar {
+    child: Child,
+    address: String,
+    log: Receiver<String>,
+}
+
+impl Sidecar {
+    fn start(listen: &str, output: &Path) -> Sidecar {
+        let mut child = Command::new(binary())
+            .args(["serve", "--listen", listen, "--output"])
+            .arg(output)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, log) = std::sync::mpsc::channel();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let first = log.recv_timeout(DEADLINE).expect("the sidecar says where it listens");
+        let address = first.strip_prefix("cws-instrumentation: listening on ").expect("a listening line").to_owned();
+        Sidecar { child, address, log }
+    }
+
+    /// Waits for a log line containing `text`.
+    fn wait_for(&self, text: &str) -> String {
+        loop {
+            let line = self.log.recv_timeout(DEADLINE).unwrap_or_else(|_| panic!("sidecar never logged {text:?}"));
+            if line.contains(text) {
+                return line;
+            }
+        }
+    }
+
+    /// SIGTERM, and the sidecar's exit status.
+    fn stop(mut self) -> Option<i32> {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(started.elapsed() < DEADLINE, "the sidecar did not stop on SIGTERM");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
+/// The complete lines of the sidecar's output (one may be half written).
+fn read_lines(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+    complete.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// Sidecar lines of one session, without the fields the sidecar adds.
+fn session_events(lines: &[Value], session: &str) -> Vec<Value> {
+    lines
+        .iter()
+        .filter(|l| l["session_id"] == session)
+        .map(|l| {
+            let mut event = l.clone();
+            for added in ["session_id", "container_id", "sequence"] {
+                event.as_object_mut().unwrap().remove(added);
+            }
+            event
+        })
+        .collect()
+}
+
+fn sessions(lines: &[Value]) -> Vec<String> {
+    let mut sessions: Vec<String> = lines.iter().map(|l| l["session_id"].as_str().unwrap().to_owned()).collect();
+    sessions.dedup();
+    sessions
+}
+
+fn traced(address: &str, extra: &[&str], command: &[&str]) -> Trace {
+    let mut flags = vec!["--probe-addr", address, "--stats"];
+    flags.extend_from_slice(extra);
+    Trace::with_flags(&flags, command)
+}
+
+fn output_path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("agent.jsonl")
+}
+
+#[test]
+fn events_reach_the_sidecar_as_the_events_file_has_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
+    let run = traced(&sidecar.address, &[], &["sh", "-c", "cat /etc/hostname >/dev/null; exit 3"]).run();
+    assert_eq!(run.code(), Some(3));
+    let goodbye = sidecar.wait_for("goodbye");
+    assert!(goodbye.contains("exit code Some(3)"), "{goodbye}");
+    assert_eq!(sidecar.stop(), Some(0));
+
+    let lines = read_lines(&output_path(&dir));
+    let session = &sessions(&lines)[0];
+    assert_eq!(session_events(&lines, session), run.events, "the same events, in the same order");
+    let sequences: Vec<u64> = lines.iter().map(|l| l["sequence"].as_u64().unwrap()).collect();
+    assert_eq!(sequences, (0..run.events.len() as u64).collect::<Vec<_>>());
+    assert!(run.stderr.contains("undelivered=0 "), "{}", run.stderr);
+}
+
+#[test]
+fn two_tracers_share_one_sidecar() {
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
+    let mut first = traced(&sidecar.address, &[], &["sh", "-c", "cat /etc/hostname >/dev/null"]);
+    let mut second = traced(&sidecar.address, &[], &["sh", "-c", "cat /etc/passwd >/dev/null; exit 1"]);
+    let (a, b) = (first.spawn(), second.spawn());
+    let (a, b) = (first.finish(a), second.finish(b));
+    assert_eq!((a.code(), b.code()), (Some(0), Some(1)));
+    sidecar.wait_for("goodbye");
+    sidecar.wait_for("goodbye");
+    assert_eq!(sidecar.stop(), Some(0));
+
+    let lines = read_lines(&output_path(&dir));
+    let mut ids = sessions(&lines);
+    ids.sort();
+    ids.dedup();
+    let first_args = |events: &Vec<Value>| events[0]["exec"]["args"].to_string();
+    let mut by_session: Vec<Vec<Value>> = ids.iter().map(|s| session_events(&lines, s)).collect();
+    by_session.sort_by_key(first_args);
+    let mut runs = vec![a.events, b.events];
+    runs.sort_by_key(first_args);
+    assert_eq!(by_session, runs);
+}
+
+#[test]
+fn a_restarted_sidecar_gets_every_event_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = output_path(&dir);
+    let sidecar = Sidecar::start("127.0.0.1:0", &output);
+    let address = sidecar.address.clone();
+    // Events keep coming for a while: 60 opens, 20 ms apart.
+    let script = "for i in $(seq 1 60); do cat /etc/hostname >/dev/null; sleep 0.02; done";
+    let mut trace = traced(&address, &["--flush-timeout", "30s"], &["sh", "-c", script]);
+    let child = trace.spawn();
+    // Kill it mid-run, once some events are written.
+    let started = Instant::now();
+    while read_lines(&output).len() < 50 {
+        assert!(started.elapsed() < DEADLINE, "no events reached the sidecar");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut killed = sidecar.child;
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let sidecar = Sidecar::start(&address, &output);
+    let run = trace.finish(child);
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    sidecar.wait_for("goodbye");
+    assert_eq!(sidecar.stop(), Some(0));
+
+    let lines = read_lines(&output);
+    let session = &sessions(&lines)[0];
+    assert_eq!(session_events(&lines, session), run.events, "every event once, in order");
+    assert!(run.stderr.contains("reconnects=1"), "{}", run.stderr);
+}
+
+#[test]
+fn without_a_sidecar_the_workload_runs_and_the_loss_is_counted() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let address = format!("127.0.0.1:{port}");
+    let flags = ["--connect-timeout", "200ms", "--flush-timeout", "200ms"];
+    let run = traced(&address, &flags, &["sh", "-c", "echo ran; exit 5"]).run();
+    assert_eq!((run.code(), run.stdout.as_str()), (Some(5), "ran\n"));
+    assert!(run.stderr.contains(&format!("the agent at {address} is not reachable after 200ms")), "{}", run.stderr);
+    let undelivered = format!("undelivered={} ", run.events.len());
+    assert!(run.stderr.contains(&undelivered), "{}", run.stderr);
+    assert!(run.stderr.contains(&format!("{} events were not delivered", run.events.len())), "{}", run.stderr);
+}
+
+#[test]
+fn by_default_the_workload_waits_for_the_agent_and_async_does_not() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let address = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+
+    // --async: runs at once, no waiting, and no warning about it.
+    let flags = ["--async", "--flush-timeout", "200ms"];
+    let run = traced(&address, &flags, &["sh", "-c", "echo ran"]).run();
+    assert_eq!(run.stdout, "ran\n");
+    assert!(!run.stderr.contains("not reachable after"), "{}", run.stderr);
+
+    // Default: held until the agent is up.
+    let mut trace = traced(&address, &["--connect-timeout", "120s"], &["sh", "-c", "echo ran"]);
+    trace.command().stderr(Stdio::piped());
+    let mut child = trace.spawn();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("cannot reach the agent"), "{line}");
+    // The tracer is trying: the workload must not have been started yet.
+    let tracer = child.id();
+    let tasks = std::fs::read_dir(format!("/proc/{tracer}/task")).unwrap();
+    for task in tasks {
+        let children = std::fs::read_to_string(task.unwrap().path().join("children")).unwrap();
+        assert_eq!(children, "", "the workload started before the agent was up");
+    }
+    let sidecar = Sidecar::start(&address, &output_path(&dir));
+    let run = trace.finish(child);
+    assert_eq!(run.stdout, "ran\n");
+    let lines = read_lines(&output_path(&dir));
+    assert_eq!(lines[0]["exec"]["args"], serde_json::json!(["sh", "-c", "echo ran"]), "the first exec was streamed");
+    assert_eq!(sidecar.stop(), Some(0));
+}
+
+#[test]
+fn a_malformed_peer_does_not_disturb_other_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
+    let mut garbage = std::net::TcpStream::connect(&sidecar.address).unwrap();
+    garbage.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nthis is not a gRPC stream at all\n").unwrap();
+    let run = traced(&sidecar.address, &[], &["sh", "-c", "cat /etc/hostname >/dev/null"]).run();
+    assert_eq!(run.code(), Some(0));
+    sidecar.wait_for("goodbye");
+    assert_eq!(sidecar.stop(), Some(0));
+    let lines = read_lines(&output_path(&dir));
+    assert_eq!(session_events(&lines, &sessions(&lines)[0]), run.events);
+}
