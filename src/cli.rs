@@ -28,7 +28,7 @@ pub enum Command {
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Address to listen on: host:port (unix:/path later).
+    /// Address to listen on: host:port or unix:/path.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5678")]
     pub listen: String,
 
@@ -79,7 +79,7 @@ pub struct TraceArgs {
     #[arg(long, value_name = "N")]
     pub gid: Option<u32>,
 
-    /// Agent endpoint: host:port or http://host:port. Empty: offline.
+    /// Agent endpoint: host:port, http://host:port or unix:/path. Empty: offline.
     #[arg(long, value_name = "ADDR", default_value = "localhost:5678")]
     pub probe_addr: String,
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -226,6 +226,11 @@ async fn write_output(
     out.flush().await
 }
 
+enum Incoming {
+    Tcp(TcpListenerStream),
+    Unix(UnixListenerStream),
+}
+
 pub struct ServeOptions {
     pub listen: Address,
     pub output: Option<PathBuf>,
@@ -255,15 +260,27 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
         }
         None => Box::new(tokio::io::stdout()),
     };
-    let Address::Tcp(hostport) = &options.listen else {
-        return Err(ExitError::usage("serve: unix socket listeners are not supported yet"));
+    let incoming = match &options.listen {
+        Address::Tcp(hostport) => {
+            let listener = tokio::net::TcpListener::bind(hostport)
+                .await
+                .map_err(|e| ExitError::usage(&format!("cannot listen on {hostport}: {e}")))?;
+            let local = listener.local_addr().map_err(|e| ExitError::setup(e.to_string()))?;
+            log!("listening on {local}");
+            Incoming::Tcp(TcpListenerStream::new(listener))
+        }
+        Address::Unix(path) => {
+            // A socket left by a previous run would make bind fail.
+            if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            {
+                let _ = std::fs::remove_file(path);
+            }
+            let listener = tokio::net::UnixListener::bind(path)
+                .map_err(|e| ExitError::usage(&format!("cannot listen on {}: {e}", path.display())))?;
+            log!("listening on unix:{}", path.display());
+            Incoming::Unix(UnixListenerStream::new(listener))
+        }
     };
-    let listener = tokio::net::TcpListener::bind(hostport)
-        .await
-        .map_err(|e| ExitError::usage(&format!("cannot listen on {hostport}: {e}")))?;
-    let local = listener.local_addr().map_err(|e| ExitError::setup(e.to_string()))?;
-    log!("listening on {local}");
-
     let (writes_tx, writes) = mpsc::channel(256);
     let writer = tokio::spawn(write_output(out, writes));
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -284,12 +301,12 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
         let _ = shutdown_tx.send(true);
     };
     let server = EventServiceServer::new(service).max_decoding_message_size(MAX_MESSAGE);
-    tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(server)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
-        .await
-        .map_err(|e| ExitError::setup(format!("server failed: {e}")))?;
+    let router = tonic::transport::Server::builder().add_service(health_service).add_service(server);
+    match incoming {
+        Incoming::Tcp(incoming) => router.serve_with_incoming_shutdown(incoming, stop).await,
+        Incoming::Unix(incoming) => router.serve_with_incoming_shutdown(incoming, stop).await,
+    }
+    .map_err(|e| ExitError::setup(format!("server failed: {e}")))?;
     // Every session has let go of the writer: the output drains and ends.
     writer
         .await

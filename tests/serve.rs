@@ -238,3 +238,17 @@ fn a_malformed_peer_does_not_disturb_other_streams() {
     let lines = read_lines(&output_path(&dir));
     assert_eq!(session_events(&lines, &sessions(&lines)[0]), run.events);
 }
+
+#[test]
+fn a_unix_socket_carries_the_stream_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = format!("unix:{}", dir.path().join("agent.sock").display());
+    let sidecar = Sidecar::start(&socket, &output_path(&dir));
+    assert_eq!(sidecar.address, socket);
+    let run = traced(&socket, &[], &["sh", "-c", "cat /etc/hostname >/dev/null"]).run();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    sidecar.wait_for("goodbye");
+    assert_eq!(sidecar.stop(), Some(0));
+    let lines = read_lines(&output_path(&dir));
+    assert_eq!(session_events(&lines, &sessions(&lines)[0]), run.events);
+}

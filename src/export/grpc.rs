@@ -124,14 +124,22 @@ impl Exporter {
 }
 
 async fn connect(address: &Address) -> Result<EventServiceClient<tonic::transport::Channel>, String> {
-    let Address::Tcp(hostport) = address else {
-        return Err("unix socket endpoints are not supported by the exporter yet".into());
+    let channel = match address {
+        Address::Tcp(hostport) => {
+            let endpoint = Endpoint::from_shared(format!("http://{hostport}")).map_err(|e| e.to_string())?;
+            endpoint.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect().await
+        }
+        Address::Unix(path) => {
+            // The URI is required but unused: the connector dials the socket.
+            let path = path.clone();
+            let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move { tokio::net::UnixStream::connect(path).await.map(hyper_util::rt::TokioIo::new) }
+            });
+            Endpoint::from_static("http://agent").connect_with_connector(connector).await
+        }
     };
-    let endpoint = Endpoint::from_shared(format!("http://{hostport}"))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true);
-    let channel = endpoint.connect().await.map_err(|e| {
+    let channel = channel.map_err(|e| {
         let mut message = e.to_string();
         let mut source = std::error::Error::source(&e);
         while let Some(cause) = source {
