@@ -24,6 +24,18 @@ pub enum Command {
     /// Receive tracer streams, as the agent sidecar does, and write every
     /// event as one JSON line.
     Serve(ServeArgs),
+    /// Copy this binary into DIR (a volume shared with the application
+    /// container), as DIR/cws-instrumentation.
+    Setup(SetupArgs),
+    /// Print OK and exit 0 (a container health check).
+    Health,
+}
+
+#[derive(Args)]
+pub struct SetupArgs {
+    /// The shared volume's mount point.
+    #[arg(long, value_name = "DIR")]
+    pub cws_volume_mount: PathBuf,
 }
 
 #[derive(Args)]

@@ -13,6 +13,7 @@ mod export;
 mod log;
 mod proto;
 mod serve;
+mod setup;
 mod trace;
 
 use std::process::ExitCode;
@@ -83,6 +84,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => address::Address::parse(&args.listen)
             .map_err(|e| ExitError::usage(&format!("--listen {e}")))
             .and_then(|listen| serve::run(serve::ServeOptions { listen, output: args.output })),
+        Command::Setup(args) => setup::setup(&args.cws_volume_mount),
+        Command::Health => Ok(setup::health()),
     };
     match result {
         Ok(status) => ExitCode::from(status as u8),
