@@ -101,7 +101,12 @@ impl Session {
             let message = match message {
                 Ok(Some(TracerMessage { message: Some(message) })) => message,
                 Ok(_) => return,
-                Err(status) => return log!("session {}: stream ended: {}", hello.session_id, status.message()),
+                Err(status) => {
+                    log!("session {}: stream ended: {}", hello.session_id, status.message());
+                    // Tell the peer why (a message over the size limit, say).
+                    let _ = self.acks.send(Err(status)).await;
+                    return;
+                }
             };
             match message {
                 tracer_message::Message::Batch(batch) => {

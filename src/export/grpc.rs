@@ -21,8 +21,12 @@ use crate::log::log;
 use crate::proto::event_service_client::EventServiceClient;
 use crate::proto::{agent_message, tracer_message, Event, EventBatch, Goodbye, Hello, Loss, TracerMessage};
 
-/// Events per batch message.
+/// Events per batch message, and its encoded size: a batch must stay well
+/// under the agent's message size limit (4 MiB for `serve`), or it would be
+/// refused and resent forever. One event is at most about 260 KiB (exec
+/// arguments and environment are bounded).
 const BATCH: usize = 256;
+const BATCH_BYTES: usize = 1 << 20;
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -236,7 +240,18 @@ async fn stream(
                 let mut buffer = shared.buffer();
                 let losses = std::mem::take(&mut buffer.losses);
                 let start = buffer.events.partition_point(|(s, _)| *s < next);
-                let batch: Vec<(u64, Event)> = buffer.events.range(start..).take(BATCH).cloned().collect();
+                let mut bytes = 0;
+                let batch: Vec<(u64, Event)> = buffer
+                    .events
+                    .range(start..)
+                    .take(BATCH)
+                    .take_while(|(_, event)| {
+                        let first = bytes == 0;
+                        bytes += prost::Message::encoded_len(event);
+                        first || bytes <= BATCH_BYTES
+                    })
+                    .cloned()
+                    .collect();
                 (losses, batch)
             };
             for (first, last) in losses {
