@@ -156,9 +156,9 @@ pub fn run(options: TraceOptions) -> Result<i32, ExitError> {
     if options.stats {
         let s = outcome.stats;
         log!(
-            "stats: seccomp_stops={} syscall_stops={} fork_stops={} exec_stops={} group_stops={} signal_stops={} other_stops={} foreign_calls={} events={} dropped={} undelivered={} reconnects={}",
+            "stats: seccomp_stops={} syscall_stops={} fork_stops={} exec_stops={} group_stops={} signal_stops={} other_stops={} foreign_calls={} events={} dropped={} undelivered={} reconnects={} peak_rss_kib={}",
             s.seccomp, s.syscall, s.fork, s.exec, s.group, s.signal, s.other, s.foreign, s.events, s.dropped,
-            delivery.undelivered + delivery.dropped, delivery.reconnects
+            delivery.undelivered + delivery.dropped, delivery.reconnects, procfs::peak_rss_kib().unwrap_or(0)
         );
     }
     Ok(outcome.root.map_or(exit_code::SETUP, |death| death.shell_status()))

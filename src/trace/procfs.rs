@@ -103,6 +103,13 @@ pub fn socket_kind(pid: Pid, fd: i32) -> Option<(i32, i32)> {
     Some((option(libc::SO_TYPE)?, option(libc::SO_PROTOCOL)?))
 }
 
+/// The tracer's own peak resident set (VmHWM), for `--stats`.
+pub fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// What two tasks may share, for [`shares`].
 #[derive(Clone, Copy)]
 pub enum Shared {

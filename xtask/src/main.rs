@@ -4,9 +4,13 @@
 //! - `ci`: what CI checks: formatting, clippy with warnings denied, tests.
 //! - `dist`: the release binary, fully static (glibc, crt-static), stripped
 //!   and LTO-built, at `target/dist/cws-instrumentation`.
+//! - `bench [--quick] [--runs N]`: tracing overhead against native and
+//!   strace, side by side (see `bench.rs`).
 //! - `image`: a `FROM scratch` image holding only `/cws-instrumentation`,
 //!   packaged from the `dist` binary with podman or buildah (works offline:
 //!   there is no base image to pull).
+
+mod bench;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -108,8 +112,9 @@ fn main() -> ExitCode {
         Some("ci") => ci(),
         Some("dist") => dist().map(drop),
         Some("image") => image(),
+        Some("bench") => bench::bench(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => {
-            eprintln!("usage: cargo xtask ci|dist|image");
+            eprintln!("usage: cargo xtask ci|dist|image|bench [--quick] [--runs N]");
             return ExitCode::from(2);
         }
     };
