@@ -29,6 +29,8 @@ use crate::ExitError;
 
 /// A peer that has not said Hello by then is cut off.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long open connections may linger after SIGTERM/SIGINT.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Largest message accepted from a tracer.
 const MAX_MESSAGE: usize = 4 << 20;
 
@@ -218,12 +220,29 @@ fn recover(path: &Path) -> io::Result<HashMap<String, u64>> {
     Ok(delivered)
 }
 
-/// The single writer of the output.
+/// The single writer of the output. It ends when every session is gone, or
+/// when told to: then it writes what is already queued and stops.
 async fn write_output(
     mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
     mut writes: mpsc::Receiver<Write>,
+    mut finish: oneshot::Receiver<()>,
 ) -> io::Result<()> {
-    while let Some(write) = writes.recv().await {
+    let mut finishing = false;
+    loop {
+        let write = if finishing {
+            writes.recv().await
+        } else {
+            tokio::select! {
+                write = writes.recv() => write,
+                _ = &mut finish => {
+                    // What is queued still comes out; nothing new goes in.
+                    finishing = true;
+                    writes.close();
+                    continue;
+                }
+            }
+        };
+        let Some(write) = write else { break };
         out.write_all(&write.lines).await?;
         out.flush().await?;
         let _ = write.done.send(());
@@ -287,8 +306,10 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
         }
     };
     let (writes_tx, writes) = mpsc::channel(256);
-    let writer = tokio::spawn(write_output(out, writes));
+    let (finish, finish_rx) = oneshot::channel();
+    let writer = tokio::spawn(write_output(out, writes, finish_rx));
     let (shutdown_tx, shutdown) = watch::channel(false);
+    let shutdown_seen = shutdown.clone();
     let service = Service { writer: writes_tx, delivered: Arc::new(Mutex::new(delivered)), shutdown };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<EventServiceServer<Service>>().await;
@@ -307,12 +328,27 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
     };
     let server = EventServiceServer::new(service).max_decoding_message_size(MAX_MESSAGE);
     let router = tonic::transport::Server::builder().add_service(health_service).add_service(server);
-    match incoming {
-        Incoming::Tcp(incoming) => router.serve_with_incoming_shutdown(incoming, stop).await,
-        Incoming::Unix(incoming) => router.serve_with_incoming_shutdown(incoming, stop).await,
+    let serving = async {
+        match incoming {
+            Incoming::Tcp(incoming) => router.serve_with_incoming_shutdown(incoming, stop).await,
+            Incoming::Unix(incoming) => router.serve_with_incoming_shutdown(incoming, stop).await,
+        }
+    };
+    // Sessions end at once on shutdown, but a peer may keep its connection
+    // open (an idle health checker, a tracer about to reconnect): after a
+    // grace period those connections are simply dropped.
+    let mut stopping = shutdown_seen;
+    let grace = async move {
+        let _ = stopping.changed().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        served = serving => served.map_err(|e| ExitError::setup(format!("server failed: {e}")))?,
+        () = grace => log!("closing connections still open {SHUTDOWN_GRACE:?} after the stop signal"),
     }
-    .map_err(|e| ExitError::setup(format!("server failed: {e}")))?;
-    // Every session has let go of the writer: the output drains and ends.
+    // Connections still open may hold the writer's queue: what is queued
+    // is written, then the output ends.
+    let _ = finish.send(());
     writer
         .await
         .map_err(|e| ExitError::setup(e.to_string()))?
