@@ -199,7 +199,11 @@ fn append_line(
 /// line cut short by a crash is removed.
 fn recover(path: &Path) -> io::Result<HashMap<String, u64>> {
     let mut delivered = HashMap::new();
-    let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(path) else { return Ok(delivered) };
+    // Only a regular file holds earlier output (not /dev/null or a pipe).
+    if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return Ok(delivered);
+    }
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
     let mut complete = 0u64;
     let mut reader = io::BufReader::new(&file);
     let mut line = Vec::new();
