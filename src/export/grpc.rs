@@ -277,6 +277,11 @@ async fn stream(
                 goodbye_sent = true;
             }
             if all_acked {
+                // End our side and wait for the agent to end its own: then
+                // the Goodbye has been read, not lost in a torn-down stream.
+                drop(tx);
+                let until = deadline.unwrap_or_else(Instant::now);
+                while let Ok(Ok(Some(_))) = tokio::time::timeout_at(until, responses.message()).await {}
                 return Ok(());
             }
         }
