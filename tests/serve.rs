@@ -373,3 +373,19 @@ fn the_sidecar_answers_the_standard_health_check() {
     assert_eq!(statuses, vec![ServingStatus::Serving, ServingStatus::Serving]);
     assert_eq!(sidecar.stop(), Some(0));
 }
+
+#[test]
+fn an_agent_name_that_does_not_resolve_gets_a_clear_message_and_the_workload_runs() {
+    let flags = ["--connect-timeout", "300ms", "--flush-timeout", "300ms"];
+    let run = traced("no-such-agent.invalid:5678", &flags, &["sh", "-c", "echo ran; exit 3"]).run();
+    assert_eq!((run.code(), run.stdout.as_str()), (Some(3), "ran\n"));
+    let first = run.stderr.lines().next().unwrap_or("");
+    assert!(
+        first.starts_with("cws-instrumentation: cannot reach the agent at no-such-agent.invalid:5678: ")
+            && first.contains("dns error")
+            && first.ends_with("; retrying"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains(&format!("undelivered={} ", run.events.len())), "{}", run.stderr);
+}

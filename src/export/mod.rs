@@ -112,12 +112,15 @@ impl Exporters {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let agent = outputs.agent;
         let thread = std::thread::Builder::new().name("cws-export".into()).spawn(move || {
-            runtime.block_on(async move {
+            let result = runtime.block_on(async move {
                 if let Some(options) = agent {
                     sinks.push(Sink::Agent(grpc::Exporter::start(options, connected_tx)));
                 }
                 drain(rx, sinks, goodbye_rx).await
-            })
+            });
+            // A name lookup stuck in a blocking thread must not delay exit.
+            runtime.shutdown_background();
+            result
         })?;
         let exporters = Exporters { thread, goodbye, connected };
         Ok((EventSink { tx: Some(tx), emitted: 0, dropped: 0 }, Some(exporters)))
