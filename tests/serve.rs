@@ -95,6 +95,16 @@ fn session_events(lines: &[Value], session: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Once the tracer said goodbye and the sidecar stopped cleanly, its output
+/// holds exactly `events`, the tracer's own events file, as one session.
+fn assert_delivered(sidecar: &mut Sidecar, output: &Path, events: &[Value]) {
+    sidecar.wait_for("goodbye");
+    assert_eq!(sidecar.stop(), Some(0));
+    let lines = read_lines(output);
+    assert_eq!(sessions(&lines).len(), 1, "one session");
+    assert_eq!(session_events(&lines, &sessions(&lines)[0]), events);
+}
+
 fn sessions(lines: &[Value]) -> Vec<String> {
     let mut sessions: Vec<String> = lines.iter().map(|l| l["session_id"].as_str().unwrap().to_owned()).collect();
     sessions.dedup();
@@ -242,10 +252,7 @@ fn a_malformed_peer_does_not_disturb_other_streams() {
     garbage.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nthis is not a gRPC stream at all\n").unwrap();
     let run = traced(&sidecar.address, &[], &["sh", "-c", "cat /etc/hostname >/dev/null"]).run();
     assert_eq!(run.code(), Some(0));
-    sidecar.wait_for("goodbye");
-    assert_eq!(sidecar.stop(), Some(0));
-    let lines = read_lines(&output_path(&dir));
-    assert_eq!(session_events(&lines, &sessions(&lines)[0]), run.events);
+    assert_delivered(&mut sidecar, &output_path(&dir), &run.events);
 }
 
 #[test]
@@ -256,10 +263,7 @@ fn a_unix_socket_carries_the_stream_too() {
     assert_eq!(sidecar.address, socket);
     let run = traced(&socket, &[], &["sh", "-c", "cat /etc/hostname >/dev/null"]).run();
     assert_eq!(run.code(), Some(0), "{}", run.stderr);
-    sidecar.wait_for("goodbye");
-    assert_eq!(sidecar.stop(), Some(0));
-    let lines = read_lines(&output_path(&dir));
-    assert_eq!(session_events(&lines, &sessions(&lines)[0]), run.events);
+    assert_delivered(&mut sidecar, &output_path(&dir), &run.events);
 }
 
 #[test]
@@ -284,10 +288,7 @@ fn a_large_backlog_is_sent_in_batches_the_sidecar_accepts() {
     let mut sidecar = Sidecar::start(&address, &output_path(&dir));
     let run = trace.finish(child);
     assert!(run.stderr.contains("undelivered=0 "), "{}", run.stderr);
-    sidecar.wait_for("goodbye");
-    assert_eq!(sidecar.stop(), Some(0));
-    let lines = read_lines(&output_path(&dir));
-    assert_eq!(session_events(&lines, &sessions(&lines)[0]), run.events);
+    assert_delivered(&mut sidecar, &output_path(&dir), &run.events);
     assert_eq!(run.of("exec").iter().filter(|e| e["exec"]["args_truncated"] == true).count(), 40);
 }
 
