@@ -149,6 +149,7 @@ impl Session {
     /// Writes the events not written before, then acknowledges the batch.
     async fn write_batch(&self, hello: &Hello, container: &str, batch: crate::proto::EventBatch) -> Result<(), String> {
         let seen = self.delivered.lock().unwrap_or_else(|e| e.into_inner()).get(&hello.session_id).copied();
+        let head = line_head(&hello.session_id, container);
         let mut lines = Vec::new();
         let mut last = None;
         for (offset, event) in batch.events.iter().enumerate() {
@@ -157,7 +158,7 @@ impl Session {
             if seen.is_some_and(|s| sequence <= s) {
                 continue;
             }
-            append_line(&mut lines, &hello.session_id, container, sequence, event)?;
+            append_line(&mut lines, &head, sequence, event)?;
         }
         let Some(last) = last else { return Ok(()) };
         if !lines.is_empty() {
@@ -173,23 +174,26 @@ impl Session {
     }
 }
 
-/// `{"session_id":…,"container_id":…,"sequence":N, …the event's fields…}\n`
-fn append_line(
-    out: &mut Vec<u8>,
-    session: &str,
-    container: &str,
-    sequence: u64,
-    event: &crate::proto::Event,
-) -> Result<(), String> {
-    let event = serde_json::to_vec(event).map_err(|e| e.to_string())?;
-    let head =
-        serde_json::json!({ "session_id": session, "container_id": container, "sequence": sequence }).to_string();
-    out.extend_from_slice(&head.as_bytes()[..head.len() - 1]);
-    if event.len() > 2 {
-        out.push(b',');
-        out.extend_from_slice(&event[1..]);
-    } else {
+/// `{"session_id":…,"container_id":…,"sequence":`, the start of every line
+/// of a stream, escaped once rather than per event.
+fn line_head(session: &str, container: &str) -> Vec<u8> {
+    let quoted = |text: &str| serde_json::Value::from(text).to_string();
+    format!("{{\"session_id\":{},\"container_id\":{},\"sequence\":", quoted(session), quoted(container)).into_bytes()
+}
+
+/// `HEAD N, …the event's fields…}\n`
+fn append_line(out: &mut Vec<u8>, head: &[u8], sequence: u64, event: &crate::proto::Event) -> Result<(), String> {
+    out.extend_from_slice(head);
+    out.extend_from_slice(sequence.to_string().as_bytes());
+    let start = out.len();
+    serde_json::to_writer(&mut *out, event).map_err(|e| e.to_string())?;
+    // The event's own object is spliced in: its `{` becomes the comma after
+    // the sequence, or, for an empty object, the line's closing brace.
+    if out.len() - start == 2 {
+        out.truncate(start);
         out.push(b'}');
+    } else {
+        out[start] = b',';
     }
     out.push(b'\n');
     Ok(())

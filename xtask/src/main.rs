@@ -5,7 +5,7 @@
 //! - `dist`: the release binary, fully static (glibc, crt-static), stripped
 //!   and LTO-built, at `target/dist/cws-instrumentation`.
 //! - `bench [--quick] [--runs N]`: tracing overhead against native and
-//!   strace, side by side (see `bench.rs`).
+//!   strace, side by side, and `serve` ingest (see `bench/mod.rs`).
 //! - `image`: a `FROM scratch` image holding only `/cws-instrumentation`,
 //!   packaged from the `dist` binary with podman or buildah (works offline:
 //!   there is no base image to pull).

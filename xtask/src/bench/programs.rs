@@ -1,0 +1,128 @@
+//! The workloads' programs: C sources compiled by the harness, a generated
+//! make project, and the sizes of each workload for a full or quick run.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const GETPID: &str = r#"#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(int c, char **v) { long n = atol(v[1]); for (long i = 0; i < n; i++) syscall(SYS_getpid); return 0; }
+"#;
+pub const OPENCLOSE: &str = r#"#include <fcntl.h>
+#include <stdlib.h>
+#include <unistd.h>
+int main(int c, char **v) { long n = atol(v[1]); for (long i = 0; i < n; i++) close(open("/etc/hostname", O_RDONLY)); return 0; }
+"#;
+/// Connects to its own loopback listener and accepts each connection
+/// itself, so the accept queue never overflows (an overflow costs a 1 s SYN
+/// retransmission and made native runs the slowest).
+pub const CONNECT: &str = r#"#include <arpa/inet.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+int main(int c, char **v) {
+    long n = atol(v[1]);
+    struct sockaddr_in sa = {.sin_family = AF_INET};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof sa;
+    int listener = socket(AF_INET, SOCK_STREAM, 0);
+    if (bind(listener, (void *)&sa, sizeof sa) || listen(listener, 16) || getsockname(listener, (void *)&sa, &len)) return 1;
+    for (long i = 0; i < n; i++) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (connect(fd, (void *)&sa, sizeof sa)) return 1;
+        close(accept(listener, NULL, NULL));
+        close(fd);
+    }
+    return 0;
+}
+"#;
+pub const CPU: &str = r#"#include <stdio.h>
+#include <stdlib.h>
+int main(int c, char **v) { long n = atol(v[1]); unsigned long x = 1; for (long i = 0; i < n; i++) x = x * 6364136223846793005UL + 1442695040888963407UL; printf("%lu\n", x); return 0; }
+"#;
+pub const THREADS: &str = r#"#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <unistd.h>
+static volatile long hits;
+static void on_signal(int s) { (void)s; hits++; }
+static void *spin(void *a) { volatile long x = 0; for (long i = 0; i < (long)a; i++) x += i; return NULL; }
+int main(int c, char **v) {
+    long signals = atol(v[1]);
+    signal(SIGUSR1, on_signal);
+    pthread_t t[16];
+    for (int i = 0; i < 16; i++) pthread_create(&t[i], NULL, spin, (void *)20000000L);
+    for (long i = 0; i < signals; i++) kill(getpid(), SIGUSR1);
+    for (int i = 0; i < 16; i++) pthread_join(t[i], NULL);
+    return hits > 0 ? 0 : 1;
+}
+"#;
+
+pub struct Sizes {
+    pub getpid: u64,
+    pub openclose: u64,
+    pub execs: u64,
+    pub connects: u64,
+    pub cpu: u64,
+    pub signals: u64,
+    pub find_root: &'static str,
+    pub c_files: usize,
+    /// Requests of each kind (SET, GET) redis-benchmark sends in W7.
+    pub redis_requests: u64,
+    /// Events the ingest load generator sends to `serve` per stream count.
+    pub ingest_events: u64,
+}
+
+pub const FULL: Sizes = Sizes {
+    getpid: 1_000_000,
+    openclose: 200_000,
+    execs: 500,
+    connects: 10_000,
+    cpu: 400_000_000,
+    signals: 10_000,
+    find_root: "/usr",
+    c_files: 24,
+    redis_requests: 200_000,
+    ingest_events: 2_000_000,
+};
+/// Small enough that --quick, full-ptrace configurations included,
+/// finishes within about three minutes on two cores.
+pub const QUICK: Sizes = Sizes {
+    getpid: 30_000,
+    openclose: 2_000,
+    execs: 50,
+    connects: 500,
+    cpu: 100_000_000,
+    signals: 500,
+    find_root: "/usr/include/linux",
+    c_files: 4,
+    redis_requests: 20_000,
+    ingest_events: 500_000,
+};
+
+pub fn compile(dir: &Path, name: &str, source: &str) -> Result<PathBuf, String> {
+    let src = dir.join(format!("{name}.c"));
+    let out = dir.join(name);
+    std::fs::write(&src, source).map_err(|e| e.to_string())?;
+    crate::run(Command::new("cc").args(["-O2", "-pthread", "-o"]).arg(&out).arg(&src))?;
+    Ok(out)
+}
+
+/// A make project of `files` C files, rebuilt from scratch by each run.
+pub fn build_project(dir: &Path, files: usize) -> Result<PathBuf, String> {
+    let project = dir.join("project");
+    std::fs::create_dir_all(&project).map_err(|e| e.to_string())?;
+    let mut objects = String::new();
+    for i in 0..files {
+        let body = format!(
+            "#include <stdio.h>\n#include <string.h>\nint f{i}(int x) {{ char b[64]; snprintf(b, sizeof b, \"%d\", x); return (int)strlen(b) + {i}; }}\n"
+        );
+        std::fs::write(project.join(format!("f{i}.c")), body).map_err(|e| e.to_string())?;
+        let _ = write!(objects, " f{i}.o");
+    }
+    let makefile = format!("all:{objects}\n%.o: %.c\n\tcc -O2 -c $< -o $@\n");
+    std::fs::write(project.join("Makefile"), makefile).map_err(|e| e.to_string())?;
+    Ok(project)
+}

@@ -1,0 +1,139 @@
+//! The bench's output: one row per measurement, the targets of issue 5 with
+//! what was measured against each, and the JSON document.
+
+use serde_json::json;
+
+use super::ingest::Load;
+use super::Measurement;
+
+/// The tracer's peak RSS goal, in KiB.
+const RSS_LIMIT_KIB: u64 = 16 * 1024;
+/// `serve` ingest goal on a 2-core machine, events per second.
+const INGEST_GOAL: f64 = 500_000.0;
+/// Largest mean encoded event, bytes.
+const EVENT_SIZE_GOAL: f64 = 300.0;
+
+pub fn row(m: &Measurement) -> String {
+    let stats: Vec<String> = m.stats.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+    let p99 = m.p99_ms.map(|p| format!(" p99 {p:.2} ms")).unwrap_or_default();
+    format!(
+        "{:<26} {:<24} median {:>9.1} ms  min {:>9.1} ms  x{:<6.3}{p99} {}",
+        m.workload,
+        m.config,
+        m.median.as_secs_f64() * 1e3,
+        m.min.as_secs_f64() * 1e3,
+        m.ratio,
+        stats.join(" ")
+    )
+}
+
+/// A goal, what was measured, and whether the goal is met.
+pub struct Target {
+    pub goal: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+fn find<'a>(results: &'a [Measurement], workload: &str, config: &str) -> Option<&'a Measurement> {
+    results.iter().find(|m| m.workload == workload && m.config == config)
+}
+
+fn workloads(results: &[Measurement]) -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = results.iter().map(|m| m.workload).collect();
+    names.dedup();
+    names
+}
+
+pub fn targets(results: &[Measurement], ingest: &[Load]) -> Vec<Target> {
+    let mut targets = Vec::new();
+    for workload in workloads(results) {
+        if let (Some(ours), Some(strace)) =
+            (find(results, workload, "ours"), find(results, workload, "strace --seccomp-bpf"))
+        {
+            targets.push(Target {
+                goal: format!("{workload}: ours <= strace --seccomp-bpf"),
+                measured: format!("x{:.3} vs x{:.3}", ours.ratio, strace.ratio),
+                met: ours.median <= strace.median,
+            });
+        }
+    }
+    for (id, limit) in [("W0a", 1.01), ("W1", 1.15), ("W4", 1.01), ("W5", 1.05)] {
+        let ours = results.iter().find(|m| m.workload.split(' ').next() == Some(id) && m.config == "ours");
+        if let Some(ours) = ours {
+            targets.push(Target {
+                goal: format!("{}: ours within x{limit:.2} of native", ours.workload),
+                measured: format!("x{:.3}", ours.ratio),
+                met: ours.ratio <= limit,
+            });
+        }
+    }
+    if let Some(ours) = results.iter().find(|m| m.workload.starts_with("W7 ") && m.config == "ours") {
+        // A fixed number of requests: throughput is the inverse of time.
+        let kept = 1.0 / ours.ratio;
+        targets.push(Target {
+            goal: format!("{}: ours throughput >= 0.97 of native", ours.workload),
+            measured: format!("{kept:.3}"),
+            met: kept >= 0.97,
+        });
+    }
+    for workload in workloads(results) {
+        if let (Some(grpc), Some(offline)) = (find(results, workload, "ours + gRPC"), find(results, workload, "ours")) {
+            let ratio = grpc.median.as_secs_f64() / offline.median.as_secs_f64().max(1e-9);
+            targets.push(Target {
+                goal: format!("{workload}: gRPC within x1.10 of offline"),
+                measured: format!("x{ratio:.3}"),
+                met: ratio <= 1.10,
+            });
+        }
+    }
+    let rss = results.iter().filter_map(|m| m.stats.get("peak_rss_kib").map(|kib| (*kib, m))).max_by_key(|(k, _)| *k);
+    if let Some((kib, m)) = rss {
+        targets.push(Target {
+            goal: format!("tracer peak RSS <= {} MiB", RSS_LIMIT_KIB / 1024),
+            measured: format!("{:.1} MiB ({}, {})", kib as f64 / 1024.0, m.workload, m.config),
+            met: kib <= RSS_LIMIT_KIB,
+        });
+    }
+    if let Some(best) = ingest.iter().max_by(|a, b| a.events_per_second.total_cmp(&b.events_per_second)) {
+        targets.push(Target {
+            goal: format!("serve ingests >= {INGEST_GOAL:.0} events/s"),
+            measured: format!("{:.0} events/s ({} streams)", best.events_per_second, best.streams),
+            met: best.events_per_second >= INGEST_GOAL,
+        });
+        targets.push(Target {
+            goal: format!("mean encoded event < {EVENT_SIZE_GOAL:.0} bytes"),
+            measured: format!("{:.1} bytes", best.mean_event_bytes),
+            met: best.mean_event_bytes < EVENT_SIZE_GOAL,
+        });
+    }
+    targets
+}
+
+pub fn print_targets(targets: &[Target]) {
+    println!("\n{:<60} {:<40} met", "target", "measured");
+    for t in targets {
+        println!("{:<60} {:<40} {}", t.goal, t.measured, if t.met { "yes" } else { "NO" });
+    }
+}
+
+pub fn json(runs: usize, quick: bool, results: &[Measurement], ingest: &[Load], targets: &[Target]) -> String {
+    let results: Vec<_> = results
+        .iter()
+        .map(|m| {
+            json!({
+                "workload": m.workload,
+                "config": m.config,
+                "median_ms": m.median.as_secs_f64() * 1e3,
+                "min_ms": m.min.as_secs_f64() * 1e3,
+                "ratio_to_native": m.ratio,
+                "p99_ms": m.p99_ms,
+                "stats": m.stats,
+            })
+        })
+        .collect();
+    let ingest: Vec<_> = ingest.iter().map(|l| l.report.clone()).collect();
+    let targets: Vec<_> =
+        targets.iter().map(|t| json!({ "goal": t.goal, "measured": t.measured, "met": t.met })).collect();
+    let document = json!({ "runs": runs, "quick": quick, "results": results, "ingest": ingest, "targets": targets });
+    serde_json::to_string_pretty(&document).unwrap_or_default() + "\n"
+}
