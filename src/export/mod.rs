@@ -36,7 +36,10 @@ impl EventSink {
     }
 
     pub fn emit(&mut self, event: Event) {
-        let Some(tx) = &self.tx else { return };
+        let Some(tx) = &self.tx else {
+            self.emitted += 1;
+            return;
+        };
         match tx.try_send(event) {
             Ok(()) => self.emitted += 1,
             Err(mpsc::error::TrySendError::Full(_)) => self.dropped += 1,
