@@ -107,8 +107,8 @@ pub struct TraceArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub flush_timeout: Duration,
 
-    /// Events kept for the agent until acknowledged; beyond that, new
-    /// events are dropped and the loss reported.
+    /// Events kept for the agent until acknowledged (and at most 32 MiB of
+    /// them); beyond that, new events are dropped and the loss reported.
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     pub buffer_events: usize,
 

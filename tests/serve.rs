@@ -292,6 +292,33 @@ fn a_large_backlog_is_sent_in_batches_the_sidecar_accepts() {
     assert_eq!(run.of("exec").iter().filter(|e| e["exec"]["args_truncated"] == true).count(), 40);
 }
 
+#[test]
+fn a_backlog_of_large_events_stays_within_the_memory_bound() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // 600 execs with 356 arguments of 350 bytes: about 75 MiB of events
+    // encoded, for an agent that never answers.
+    let script =
+        "a=$(head -c 350 /dev/zero | tr '\\0' x); i=0; while [ $i -lt 356 ]; do set -- \"$@\" $a; i=$((i+1)); done; \
+                  j=0; while [ $j -lt 600 ]; do /bin/true \"$@\"; j=$((j+1)); done; echo done; exit 3";
+    let output = Command::new(common::binary())
+        .args(["trace", "--probe-addr", &format!("127.0.0.1:{port}"), "--async", "--flush-timeout", "100ms", "--stats"])
+        .args(["--", "sh", "-c", script])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!((output.status.code(), output.stdout.as_slice()), (Some(3), b"done\n".as_slice()), "{stderr}");
+    let stats = stderr.lines().find_map(|l| l.split_once("stats: ")).expect("a stats line").1;
+    let stat = |name: &str| -> u64 {
+        let pair = stats.split(' ').find_map(|p| p.strip_prefix(&format!("{name}="))).expect(name);
+        pair.parse().unwrap()
+    };
+    assert!(stat("events") + stat("dropped") > 600, "every exec was seen: {stats}");
+    assert_eq!(stat("undelivered"), stat("events"), "nothing was acknowledged: {stats}");
+    assert!(stat("peak_rss_kib") < 64 * 1024, "the tracer stayed under 64 MiB: {stats}");
+}
+
 mod raw_client {
     use super::*;
     use common::proto::event_service_client::EventServiceClient;

@@ -27,6 +27,9 @@ use crate::proto::{agent_message, tracer_message, Event, EventBatch, Goodbye, He
 /// arguments and environment are bounded).
 const BATCH: usize = 256;
 const BATCH_BYTES: usize = 1 << 20;
+/// Memory the unacknowledged events may take (see `super::footprint`),
+/// whatever `--buffer-events` says: exec events can be 250 KiB each.
+const BUFFER_BYTES: usize = 32 << 20;
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -41,6 +44,8 @@ pub struct Options {
 struct Buffer {
     /// Unacknowledged events, oldest first, with their sequence numbers.
     events: VecDeque<(u64, Event)>,
+    /// Their footprint.
+    bytes: usize,
     /// Sequence number of the next event.
     next_sequence: u64,
     /// Dropped ranges not yet announced on the current connection.
@@ -53,7 +58,9 @@ impl Buffer {
     fn push(&mut self, event: Event, capacity: usize) {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
-        if self.events.len() < capacity {
+        let size = super::footprint(&event);
+        if self.events.len() < capacity && self.bytes + size <= BUFFER_BYTES {
+            self.bytes += size;
             self.events.push_back((sequence, event));
             return;
         }
@@ -66,7 +73,9 @@ impl Buffer {
 
     fn ack(&mut self, sequence: u64) {
         while self.events.front().is_some_and(|(s, _)| *s <= sequence) {
-            self.events.pop_front();
+            if let Some((_, event)) = self.events.pop_front() {
+                self.bytes -= super::footprint(&event);
+            }
         }
     }
 }
@@ -318,5 +327,21 @@ mod tests {
         buffer.ack(0);
         buffer.push(Event::default(), 2);
         assert_eq!(buffer.events.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![1, 5]);
+    }
+
+    #[test]
+    fn the_buffer_holds_at_most_its_bytes_whatever_the_count() {
+        let exec = crate::proto::ExecEvent { args: vec!["x".repeat(350); 356], ..Default::default() };
+        let event = Event { payload: Some(crate::proto::event::Payload::Exec(exec)), ..Default::default() };
+        let fits = BUFFER_BYTES / super::super::footprint(&event);
+        let mut buffer = Buffer::default();
+        for _ in 0..fits + 3 {
+            buffer.push(event.clone(), usize::MAX);
+        }
+        assert_eq!((buffer.events.len(), buffer.dropped), (fits, 3));
+        assert!(buffer.bytes <= BUFFER_BYTES);
+        buffer.ack(0);
+        buffer.push(event, usize::MAX);
+        assert_eq!((buffer.events.len(), buffer.dropped), (fits, 3), "an ack makes room again");
     }
 }

@@ -1,7 +1,8 @@
 //! Exporters: where events go once the tracer has decoded them.
 //!
 //! The tracer thread hands events to a bounded queue with `try_send` and
-//! never waits: when the queue is full the event is dropped and counted.
+//! never waits: when the queue is full (in events or in bytes) the event is
+//! dropped and counted.
 //! A tokio runtime on its own thread drains the queue and writes each batch
 //! to every configured sink.
 
@@ -11,20 +12,34 @@ mod verbose;
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::proto::{Event, Goodbye};
 
-/// Events the queue holds before the tracer starts dropping.
+/// Events the queue holds before the tracer starts dropping, and the memory
+/// they may take: one exec event can hold 250 KiB of arguments and
+/// environment, so a count alone would not bound memory. With the agent
+/// buffer's own byte bound, this keeps the tracer under about 64 MiB.
 const QUEUE_CAPACITY: usize = 16 * 1024;
+const QUEUE_BYTES: usize = 16 << 20;
+
+/// About the memory an event holds: the struct, and for its strings twice
+/// their encoded size (allocation headers and slack, vectors of strings).
+pub fn footprint(event: &Event) -> usize {
+    std::mem::size_of::<Event>() + 2 * prost::Message::encoded_len(event)
+}
 /// Events taken from the queue at once.
 const BATCH: usize = 512;
 
 /// The tracer's end of the queue.
 pub struct EventSink {
     tx: Option<mpsc::Sender<Event>>,
+    /// Footprint of the events in the queue, shared with the drain.
+    queued_bytes: Arc<AtomicUsize>,
     pub emitted: u64,
     pub dropped: u64,
 }
@@ -32,7 +47,7 @@ pub struct EventSink {
 impl EventSink {
     /// A sink that counts events and sends them nowhere (no exporter).
     pub fn discard() -> Self {
-        EventSink { tx: None, emitted: 0, dropped: 0 }
+        EventSink { tx: None, queued_bytes: Arc::default(), emitted: 0, dropped: 0 }
     }
 
     pub fn emit(&mut self, event: Event) {
@@ -40,11 +55,20 @@ impl EventSink {
             self.emitted += 1;
             return;
         };
+        let size = footprint(&event);
+        // Added before sending, so the drain never subtracts more than was added.
+        if self.queued_bytes.fetch_add(size, Ordering::Relaxed) + size > QUEUE_BYTES {
+            self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+            self.dropped += 1;
+            return;
+        }
         match tx.try_send(event) {
             Ok(()) => self.emitted += 1,
-            Err(mpsc::error::TrySendError::Full(_)) => self.dropped += 1,
-            // The exporters are gone (they failed and said why); keep tracing.
-            Err(mpsc::error::TrySendError::Closed(_)) => self.dropped += 1,
+            // Full, or the exporters are gone (they failed and said why): keep tracing.
+            Err(_) => {
+                self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                self.dropped += 1;
+            }
         }
     }
 }
@@ -110,6 +134,8 @@ impl Exporters {
             return Ok((EventSink::discard(), None));
         }
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let queued_bytes = Arc::<AtomicUsize>::default();
+        let drained_bytes = Arc::clone(&queued_bytes);
         let (goodbye, goodbye_rx) = oneshot::channel();
         let (connected_tx, connected) = std::sync::mpsc::channel();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -119,14 +145,14 @@ impl Exporters {
                 if let Some(options) = agent {
                     sinks.push(Sink::Agent(grpc::Exporter::start(options, connected_tx)));
                 }
-                drain(rx, sinks, goodbye_rx).await
+                drain(rx, &drained_bytes, sinks, goodbye_rx).await
             });
             // A name lookup stuck in a blocking thread must not delay exit.
             runtime.shutdown_background();
             result
         })?;
         let exporters = Exporters { thread, goodbye, connected };
-        Ok((EventSink { tx: Some(tx), emitted: 0, dropped: 0 }, Some(exporters)))
+        Ok((EventSink { tx: Some(tx), queued_bytes, emitted: 0, dropped: 0 }, Some(exporters)))
     }
 
     /// Call after the tracer dropped its sink: the queue then ends. The
@@ -139,6 +165,7 @@ impl Exporters {
 
 async fn drain(
     mut rx: mpsc::Receiver<Event>,
+    queued_bytes: &AtomicUsize,
     mut sinks: Vec<Sink>,
     goodbye: oneshot::Receiver<Goodbye>,
 ) -> io::Result<grpc::Delivery> {
@@ -147,6 +174,8 @@ async fn drain(
         for sink in &mut sinks {
             sink.write(&batch).await?;
         }
+        // Only now is the batch's memory free for the tracer to queue more.
+        queued_bytes.fetch_sub(batch.iter().map(footprint).sum(), Ordering::Relaxed);
         batch.clear();
         // Idle: make what was written visible now rather than at exit.
         if rx.is_empty() {
