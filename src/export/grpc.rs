@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
 use crate::address::Address;
-use crate::log::log;
+use crate::log::{causes, log};
 use crate::proto::event_service_client::EventServiceClient;
 use crate::proto::{agent_message, tracer_message, Event, EventBatch, Goodbye, Hello, Loss, TracerMessage};
 
@@ -143,15 +143,7 @@ async fn connect(address: &Address) -> Result<EventServiceClient<tonic::transpor
             Endpoint::from_static("http://agent").connect_with_connector(connector).await
         }
     };
-    let channel = channel.map_err(|e| {
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(cause) = source {
-            message = format!("{message}: {cause}");
-            source = cause.source();
-        }
-        message
-    })?;
+    let channel = channel.map_err(|e| causes(&e))?;
     Ok(EventServiceClient::new(channel))
 }
 
