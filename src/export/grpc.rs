@@ -20,6 +20,7 @@ use crate::address::Address;
 use crate::log::{causes, log};
 use crate::proto::event_service_client::EventServiceClient;
 use crate::proto::{agent_message, tracer_message, Event, EventBatch, Goodbye, Hello, Loss, TracerMessage};
+use crate::{context, ecs};
 
 /// Events per batch message, and its encoded size: a batch must stay well
 /// under the agent's message size limit (4 MiB for `serve`), or it would be
@@ -148,11 +149,15 @@ async fn connect(address: &Address) -> Result<EventServiceClient<tonic::transpor
 }
 
 async fn run(
-    options: Options,
+    mut options: Options,
     shared: Arc<Shared>,
     connected: std::sync::mpsc::Sender<()>,
     mut goodbye: watch::Receiver<Option<Goodbye>>,
 ) -> Delivery {
+    // Read once per run, while the first connection is being made; every
+    // Hello, from the first on, carries what it said.
+    let ecs_uri = options.hello.container.as_ref().map_or("", |c| c.ecs_metadata_uri.as_str());
+    let mut ecs = (!ecs_uri.is_empty()).then(|| tokio::spawn(ecs::fetch(ecs_uri.to_owned())));
     let mut delivery = Delivery::default();
     let mut backoff = BACKOFF_FIRST;
     let mut deadline: Option<Instant> = None;
@@ -181,6 +186,12 @@ async fn run(
                 continue;
             }
         };
+        if let Some(fetch) = ecs.take() {
+            // Bounded by the fetch's own timeout; it has said why if it failed.
+            if let Ok(Some(metadata)) = fetch.await {
+                context::add_ecs(&mut options.hello, metadata);
+            }
+        }
         connections += 1;
         delivery.reconnects = connections - 1;
         match stream(&options, &shared, client, &connected, &mut goodbye, &mut deadline, &delivery).await {
