@@ -4,7 +4,7 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::time::SystemTime;
 
-use crate::proto::{ContainerContext, Hello, Mode};
+use crate::proto::{ContainerContext, EcsContext, Hello, Mode};
 
 /// A random session id (128 bits, hex).
 fn session_id() -> String {
@@ -55,15 +55,27 @@ pub fn hello(entrypoint: &[std::ffi::OsString]) -> Hello {
             ecs_metadata_uri: env("ECS_CONTAINER_METADATA_URI_V4"),
             pod_name: env("POD_NAME"),
             pod_namespace: env("POD_NAMESPACE"),
+            // The exporter reads the endpoint, off the tracer's path: see `add_ecs`.
+            ecs: None,
         }),
         entrypoint_args: entrypoint.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
         hostname: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
     }
 }
 
+/// Adds what the ECS metadata endpoint said. Its container id stands in
+/// when the cgroup names none, as on Fargate with cgroup v2 (`0::/`).
+pub fn add_ecs(hello: &mut Hello, ecs: EcsContext) {
+    let container = hello.container.get_or_insert_with(ContainerContext::default);
+    if container.id.is_empty() {
+        container.id.clone_from(&ecs.docker_id);
+    }
+    container.ecs = Some(ecs);
+}
+
 #[cfg(test)]
 mod tests {
-    use super::container_id_in;
+    use super::*;
 
     #[test]
     fn finds_container_ids_in_cgroup_lines() {
@@ -73,5 +85,21 @@ mod tests {
         assert_eq!(container_id_in(&format!("11:cpu:/kubepods/besteffort/pod1234/{id}")), Some(id.clone()));
         assert_eq!(container_id_in("0::/ecs/8f2e/8f2e-3456"), Some("8f2e-3456".to_owned()));
         assert_eq!(container_id_in("0::/"), None);
+    }
+
+    #[test]
+    fn the_ecs_docker_id_is_the_container_id_only_when_the_cgroup_gave_none() {
+        let ecs = EcsContext { docker_id: "abc-1".into(), cluster: "prod".into(), ..Default::default() };
+        let mut hello = Hello { container: Some(ContainerContext::default()), ..Default::default() };
+        add_ecs(&mut hello, ecs.clone());
+        let container = hello.container.unwrap_or_default();
+        assert_eq!((container.id.as_str(), container.ecs.as_ref()), ("abc-1", Some(&ecs)));
+
+        let mut hello = Hello {
+            container: Some(ContainerContext { id: "b".repeat(64), ..Default::default() }),
+            ..Default::default()
+        };
+        add_ecs(&mut hello, ecs);
+        assert_eq!(hello.container.unwrap_or_default().id, "b".repeat(64));
     }
 }

@@ -11,6 +11,17 @@ pub fn line(message: fmt::Arguments<'_>) {
     let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
+/// An error and its sources, as one line: "outer: cause: root cause".
+pub fn causes(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
+    }
+    message
+}
+
 /// `log!("...", args)`: one line on stderr, prefixed with the program name.
 macro_rules! log {
     ($($arg:tt)*) => {

@@ -9,6 +9,7 @@
 mod address;
 mod cli;
 mod context;
+mod ecs;
 mod export;
 mod log;
 mod proto;

@@ -87,8 +87,12 @@ impl Session {
             Err(_) => return self.refuse("no Hello within 10 s").await,
         };
         let container = hello.container.as_ref().map(|c| c.id.clone()).unwrap_or_default();
+        // Which task this is, for whoever reads the log.
+        let ecs = hello.container.as_ref().and_then(|c| c.ecs.as_ref()).map_or_else(String::new, |ecs| {
+            format!(" ecs cluster {:?} task {:?} container {:?}", ecs.cluster, ecs.task_arn, ecs.container_name)
+        });
         log!(
-            "hello: session {} from {} container {:?} pid namespace {} entrypoint {:?}",
+            "hello: session {} from {} container {:?} pid namespace {} entrypoint {:?}{ecs}",
             hello.session_id,
             self.peer,
             container,

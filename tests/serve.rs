@@ -173,6 +173,8 @@ fn a_restarted_sidecar_gets_every_event_exactly_once() {
     // Events keep coming for a while: 60 opens, 20 ms apart.
     let script = "for i in $(seq 1 60); do cat /etc/hostname >/dev/null; sleep 0.02; done";
     let mut trace = traced(&address, &["--flush-timeout", "30s"], &["sh", "-c", script]);
+    let endpoint = MetadataEndpoint::start();
+    trace.command().env("ECS_CONTAINER_METADATA_URI_V4", &endpoint.uri);
     let child = trace.spawn();
     // Kill it mid-run, once some events are written.
     let started = Instant::now();
@@ -194,6 +196,9 @@ fn a_restarted_sidecar_gets_every_event_exactly_once() {
     let reconnects: u64 =
         run.stderr.split("reconnects=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
     assert!(reconnects >= 1, "{}", run.stderr);
+    let mut requests = endpoint.requests();
+    requests.sort();
+    assert_eq!(requests, ["/v4/abc", "/v4/abc/task"], "the metadata is read once, not again on reconnect");
 }
 
 #[test]
@@ -416,4 +421,164 @@ fn an_agent_name_that_does_not_resolve_gets_a_clear_message_and_the_workload_run
         run.stderr
     );
     assert!(run.stderr.contains(&format!("undelivered={} ", run.events.len())), "{}", run.stderr);
+}
+
+/// A stand-in for the ECS task metadata endpoint v4 on loopback, serving
+/// documents shaped like the AWS examples under `/v4/abc`.
+struct MetadataEndpoint {
+    uri: String,
+    thread: std::thread::JoinHandle<Vec<String>>,
+}
+
+const DOCKER_ID: &str = "3f9c1a7e5b2d4c8e9a0b1c2d3e4f5a6b-2718281828";
+const TASK_ARN: &str = "arn:aws:ecs:us-east-2:210987654321:task/payments/3f9c1a7e5b2d4c8e9a0b1c2d3e4f5a6b";
+
+impl MetadataEndpoint {
+    /// Answers one request per connection, in order, until `GET /end`.
+    fn start() -> MetadataEndpoint {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = format!("http://{}/v4/abc", listener.local_addr().unwrap());
+        let container = serde_json::json!({
+            "DockerId": DOCKER_ID,
+            "Name": "api",
+            "DockerName": "ecs-payments-api-12-api-9e8d7c6b5a4f3e2d1c00",
+            "Image": "210987654321.dkr.ecr.us-east-2.amazonaws.com/payments-api:2.3.1",
+            "ImageID": "sha256:7d2c4e6f8a0b1c3d5e7f9a1b3c5d7e9f0a2b4c6d8e0f1a3b5c7d9e1f2a4b6c8d",
+            "Labels": {
+                "com.amazonaws.ecs.cluster": "arn:aws:ecs:us-east-2:210987654321:cluster/payments",
+                "com.amazonaws.ecs.container-name": "api",
+                "com.amazonaws.ecs.task-arn": TASK_ARN,
+                "com.amazonaws.ecs.task-definition-family": "payments-api",
+                "com.amazonaws.ecs.task-definition-version": "12"
+            },
+            "DesiredStatus": "RUNNING",
+            "KnownStatus": "RUNNING",
+            "Limits": { "CPU": 2 },
+            "CreatedAt": "2025-03-04T08:15:30.123456789Z",
+            "StartedAt": "2025-03-04T08:15:31.987654321Z",
+            "Type": "NORMAL",
+            "ContainerARN": "arn:aws:ecs:us-east-2:210987654321:container/payments/3f9c1a7e/0c1d2e3f",
+            "Networks": [{ "NetworkMode": "awsvpc", "IPv4Addresses": ["10.0.4.27"] }]
+        })
+        .to_string();
+        let task = serde_json::json!({
+            "Cluster": "arn:aws:ecs:us-east-2:210987654321:cluster/payments",
+            "TaskARN": TASK_ARN,
+            "Family": "payments-api",
+            "Revision": "12",
+            "DesiredStatus": "RUNNING",
+            "KnownStatus": "RUNNING",
+            "Containers": [{ "DockerId": DOCKER_ID, "Name": "api" }],
+            "AvailabilityZone": "us-east-2a",
+            "LaunchType": "FARGATE"
+        })
+        .to_string();
+        let thread = std::thread::spawn(move || {
+            let mut paths = Vec::new();
+            for connection in listener.incoming() {
+                let mut connection = connection.unwrap();
+                let mut request = BufReader::new(connection.try_clone().unwrap());
+                // The request line and headers, up to the blank line.
+                let mut head = Vec::new();
+                let mut line = String::new();
+                while request.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    head.push(std::mem::take(&mut line));
+                }
+                let path = head.first().and_then(|l| l.split(' ').nth(1)).unwrap_or("").to_owned();
+                let body = match path.as_str() {
+                    "/end" => return paths,
+                    "/v4/abc" => &container,
+                    "/v4/abc/task" => &task,
+                    _ => "{}",
+                };
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                // A client that went away unanswered is the tracer's business.
+                let _ = connection.write_all(response.as_bytes());
+                paths.push(path);
+            }
+            paths
+        });
+        MetadataEndpoint { uri, thread }
+    }
+
+    /// Every path requested, in the order the connections came. Call once
+    /// the tracer has exited: its connections are then all queued before
+    /// the one that ends the server.
+    fn requests(self) -> Vec<String> {
+        let address = self.uri.trim_start_matches("http://").split('/').next().unwrap().to_owned();
+        let mut end = std::net::TcpStream::connect(address).unwrap();
+        end.write_all(b"GET /end HTTP/1.1\r\n\r\n").unwrap();
+        self.thread.join().unwrap()
+    }
+}
+
+#[test]
+fn the_hello_carries_what_the_ecs_metadata_endpoint_says() {
+    let endpoint = MetadataEndpoint::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
+    let mut trace = traced(&sidecar.address, &[], &["sh", "-c", "cat /etc/hostname >/dev/null; exit 2"]);
+    trace.command().env("ECS_CONTAINER_METADATA_URI_V4", &endpoint.uri).env_remove("DD_CONTAINER_ID");
+    // A cgroup namespace of its own shows the tracer `0::/`, as Fargate on
+    // cgroup v2 does: no container id there, so the DockerId stands in.
+    // SAFETY: unshare is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(trace.command(), || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP).map_err(std::io::Error::from)
+        });
+    }
+    let run = trace.run();
+    assert_eq!(run.code(), Some(2), "{}", run.stderr);
+    assert!(!run.stderr.contains("ECS"), "{}", run.stderr);
+
+    let hello = sidecar.wait_for("hello: ");
+    assert!(hello.contains(&format!(" container {DOCKER_ID:?} pid namespace ")), "{hello}");
+    let ecs = format!(
+        r#" ecs cluster "arn:aws:ecs:us-east-2:210987654321:cluster/payments" task "{TASK_ARN}" container "api""#
+    );
+    assert!(hello.ends_with(&ecs), "{hello}");
+    assert_delivered(&mut sidecar, &output_path(&dir), &run.events);
+    let lines = read_lines(&output_path(&dir));
+    assert!(lines.iter().all(|l| l["container_id"] == DOCKER_ID), "{lines:#?}");
+
+    let mut requests = endpoint.requests();
+    // Both documents at once: in whichever order they were accepted.
+    requests.sort();
+    assert_eq!(requests, ["/v4/abc", "/v4/abc/task"], "each document once");
+}
+
+#[test]
+fn an_ecs_metadata_endpoint_that_refuses_or_never_answers_costs_one_warning_and_nothing_else() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // Never accepts: connections wait in its backlog, requests unanswered.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cases = [
+        (format!("http://127.0.0.1:{port}/v4/abc"), "Connection refused"),
+        (format!("http://{}/v4/abc", silent.local_addr().unwrap()), "no answer within 1s"),
+    ];
+    for (uri, reason) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
+        let mut trace = traced(&sidecar.address, &[], &["sh", "-c", "echo ran; cat /etc/hostname >/dev/null; exit 4"]);
+        trace.command().env("ECS_CONTAINER_METADATA_URI_V4", &uri);
+        let run = trace.run();
+        assert_eq!((run.code(), run.stdout.as_str()), (Some(4), "ran\n"));
+        let warnings: Vec<&str> = run.stderr.lines().filter(|l| l.contains("ECS")).collect();
+        assert_eq!(warnings.len(), 1, "{}", run.stderr);
+        assert!(
+            warnings[0].starts_with(&format!("cws-instrumentation: cannot read ECS metadata at {uri}"))
+                && warnings[0].contains(reason)
+                && warnings[0].ends_with("; the Hello carries the URI only"),
+            "{}",
+            run.stderr
+        );
+        assert!(run.stderr.contains("undelivered=0 "), "{}", run.stderr);
+        let hello = sidecar.wait_for("hello: ");
+        assert!(!hello.contains(" ecs "), "{hello}");
+        assert_delivered(&mut sidecar, &output_path(&dir), &run.events);
+        assert_eq!(run.of("exec").len(), 2, "sh and cat");
+    }
 }

@@ -17,9 +17,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
 use crate::address::Address;
-use crate::log::log;
+use crate::log::{causes, log};
 use crate::proto::event_service_client::EventServiceClient;
 use crate::proto::{agent_message, tracer_message, Event, EventBatch, Goodbye, Hello, Loss, TracerMessage};
+use crate::{context, ecs};
 
 /// Events per batch message, and its encoded size: a batch must stay well
 /// under the agent's message size limit (4 MiB for `serve`), or it would be
@@ -152,24 +153,20 @@ async fn connect(address: &Address) -> Result<EventServiceClient<tonic::transpor
             Endpoint::from_static("http://agent").connect_with_connector(connector).await
         }
     };
-    let channel = channel.map_err(|e| {
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(cause) = source {
-            message = format!("{message}: {cause}");
-            source = cause.source();
-        }
-        message
-    })?;
+    let channel = channel.map_err(|e| causes(&e))?;
     Ok(EventServiceClient::new(channel))
 }
 
 async fn run(
-    options: Options,
+    mut options: Options,
     shared: Arc<Shared>,
     connected: std::sync::mpsc::Sender<()>,
     mut goodbye: watch::Receiver<Option<Goodbye>>,
 ) -> Delivery {
+    // Read once per run, while the first connection is being made; every
+    // Hello, from the first on, carries what it said.
+    let ecs_uri = options.hello.container.as_ref().map_or("", |c| c.ecs_metadata_uri.as_str());
+    let mut ecs = (!ecs_uri.is_empty()).then(|| tokio::spawn(ecs::fetch(ecs_uri.to_owned())));
     let mut delivery = Delivery::default();
     let mut backoff = BACKOFF_FIRST;
     let mut deadline: Option<Instant> = None;
@@ -198,6 +195,12 @@ async fn run(
                 continue;
             }
         };
+        if let Some(fetch) = ecs.take() {
+            // Bounded by the fetch's own timeout; it has said why if it failed.
+            if let Ok(Some(metadata)) = fetch.await {
+                context::add_ecs(&mut options.hello, metadata);
+            }
+        }
         connections += 1;
         delivery.reconnects = connections - 1;
         match stream(&options, &shared, client, &connected, &mut goodbye, &mut deadline, &delivery).await {
