@@ -612,6 +612,20 @@ fn a_workload_s_own_seccomp_filter_cannot_disguise_a_syscall() {
 }
 
 #[test]
+fn without_seccomp_filters_every_syscall_is_traced_instead() {
+    let run = Trace::new(&["sh", "-c", "cat /etc/hostname >/dev/null; exit 4"]).via(&fixture("no_seccomp")).run();
+    assert_eq!(run.code(), Some(4), "{}", run.stderr);
+    assert_eq!(
+        run.stderr,
+        "cws-instrumentation: seccomp filters are not available here (ENOSYS: Function not implemented); tracing every syscall instead\n"
+    );
+    let cat = run.one("exec", "path", "/usr/bin/cat");
+    let open = &run.opens_of("/etc/hostname")[0];
+    assert_eq!((pid_of(open), retval(open)), (pid_of(cat), 3));
+    assert_eq!(run.of("fork").len(), 1);
+}
+
+#[test]
 fn a_failed_clone_does_not_describe_the_next_fork() {
     let run = Trace::new(&[fixture("stale_clone")]).run();
     assert_eq!(run.code(), Some(0), "{}", run.stderr);

@@ -100,7 +100,18 @@ pub fn run(options: TraceOptions) -> Result<i32, ExitError> {
     let mut launch = Launch::new(&program, &options.command, signal_mask, ignored_signals).map_err(launch_error)?;
     launch.uid = options.uid;
     launch.gid = options.gid;
-    launch.filter = (options.mode == Mode::Seccomp).then(seccomp::build_filter);
+    let mode = match options.mode {
+        Mode::Seccomp => match seccomp::available() {
+            Ok(()) => Mode::Seccomp,
+            Err(e) => {
+                // Slower, but the workload runs and nothing goes unseen.
+                log!("seccomp filters are not available here ({e}); tracing every syscall instead");
+                Mode::Full
+            }
+        },
+        Mode::Full => Mode::Full,
+    };
+    launch.filter = (mode == Mode::Seccomp).then(seccomp::build_filter);
 
     // Orphaned descendants are adopted by the tracer, as by PID 1 in a
     // container: they stay traced, are reaped, and see the same parent
@@ -109,7 +120,6 @@ pub fn run(options: TraceOptions) -> Result<i32, ExitError> {
         .map_err(|e| ExitError::setup(format!("cannot become a child subreaper: {e}")))?;
     let live = LiveProcesses::default();
     let (started_tx, started_rx) = mpsc::channel();
-    let mode = options.mode;
     let tracer_live = live.clone();
     let tracer = std::thread::Builder::new()
         .name("cws-tracer".into())

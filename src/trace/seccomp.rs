@@ -109,6 +109,20 @@ pub fn build_filter() -> Vec<libc::sock_filter> {
 /// Installs `filter` on the calling thread. Runs in the forked child, so it
 /// only makes raw syscalls. Tries without NO_NEW_PRIVS first: a tracer with
 /// CAP_SYS_ADMIN then leaves setuid programs working in the workload.
+/// Whether this kernel runs seccomp filters that stop with
+/// SECCOMP_RET_TRACE. Some sandboxes and emulators (valgrind, gVisor
+/// configurations, kernels without CONFIG_SECCOMP_FILTER) do not.
+pub fn available() -> Result<(), nix::errno::Errno> {
+    let action: u32 = libc::SECCOMP_RET_TRACE;
+    // SAFETY: SECCOMP_GET_ACTION_AVAIL only reads the u32 it is pointed at.
+    let ret = unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_GET_ACTION_AVAIL, 0, &action as *const u32) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(nix::errno::Errno::last())
+    }
+}
+
 pub fn install(filter: &[libc::sock_filter]) -> Result<(), i32> {
     let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
     let set_filter = || {

@@ -149,6 +149,16 @@ impl Trace {
         Trace { dir, command: cmd }
     }
 
+    /// Starts the tracer itself as `launcher TRACER ARGS…`.
+    pub fn via(mut self, launcher: &Path) -> Self {
+        let args: Vec<std::ffi::OsString> = self.command.get_args().map(ToOwned::to_owned).collect();
+        let mut cmd = Command::new(launcher);
+        cmd.arg(binary()).args(args);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        self.command = cmd;
+        self
+    }
+
     pub fn command(&mut self) -> &mut Command {
         &mut self.command
     }
