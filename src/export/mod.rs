@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -26,6 +27,11 @@ use crate::proto::{Event, Goodbye};
 /// buffer's own byte bound, this keeps the tracer under about 64 MiB.
 const QUEUE_CAPACITY: usize = 16 * 1024;
 const QUEUE_BYTES: usize = 16 << 20;
+
+/// How long an idle exporter lets events gather before it wakes for them.
+/// Under load it never sleeps; the queue holds far more than this many
+/// milliseconds of events.
+const GATHER: Duration = Duration::from_millis(10);
 
 /// About the memory an event holds: the struct, and for its strings twice
 /// their encoded size (allocation headers and slack, vectors of strings).
@@ -177,11 +183,14 @@ async fn drain(
         // Only now is the batch's memory free for the tracer to queue more.
         queued_bytes.fetch_sub(batch.iter().map(footprint).sum(), Ordering::Relaxed);
         batch.clear();
-        // Idle: make what was written visible now rather than at exit.
+        // Idle: make what was written visible now rather than at exit, then
+        // let events gather for a moment. Waking for every event would
+        // cost the workload a thread switch per event on a small machine.
         if rx.is_empty() {
             for sink in &mut sinks {
                 sink.flush().await?;
             }
+            tokio::time::sleep(GATHER).await;
         }
     }
     let mut delivery = grpc::Delivery::default();
