@@ -71,7 +71,10 @@ fn dist() -> Result<PathBuf, String> {
     let dist = root.join("target/dist");
     std::fs::create_dir_all(&dist).map_err(|e| e.to_string())?;
     let out = dist.join("cws-instrumentation");
-    std::fs::copy(&built, &out).map_err(|e| format!("cannot copy {}: {e}", built.display()))?;
+    // A rename, not a copy over it: the old binary may still be running.
+    let staged = dist.join(".cws-instrumentation.new");
+    std::fs::copy(&built, &staged).map_err(|e| format!("cannot copy {}: {e}", built.display()))?;
+    std::fs::rename(&staged, &out).map_err(|e| format!("cannot replace {}: {e}", out.display()))?;
     let bytes = std::fs::read(&out).map_err(|e| e.to_string())?;
     if is_dynamic(&bytes)? {
         return Err(format!("{} is dynamically linked", out.display()));
