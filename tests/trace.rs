@@ -228,6 +228,13 @@ fn tcp_and_udp_connects_report_address_port_and_protocol() {
     let udp = Trace::new(&[fixture("net").to_str().unwrap(), "udp", "53"]).run();
     let c = &udp.of("connect")[0]["connect"];
     assert_eq!((c["protocol"].as_str(), c["port"].as_u64()), (Some("PROTOCOL_UDP"), Some(53)));
+
+    // A descriptor number that meant a UDP socket and now means a TCP one:
+    // the protocol is the socket's, whatever the number was before.
+    let swapped = Trace::new(&[fixture("net").to_str().unwrap(), "swapped", &port.to_string()]).run();
+    assert_eq!(swapped.code(), Some(0));
+    let c = &swapped.of("connect")[0]["connect"];
+    assert_eq!((c["protocol"].as_str(), c["fd"].as_i64()), (Some("PROTOCOL_TCP"), Some(4)));
 }
 
 #[test]

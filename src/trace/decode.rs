@@ -13,7 +13,7 @@ use crate::export::EventSink;
 use crate::proto::{self, event::Payload, AddressFamily, Event, Protocol};
 use crate::trace::memory;
 use crate::trace::paths;
-use crate::trace::process::{FdInfo, ForkRequest, ProcessTable};
+use crate::trace::process::{ForkRequest, ProcessTable};
 use crate::trace::procfs;
 use crate::trace::ptrace;
 use crate::trace::syscalls::{self, Abi, Call, Next};
@@ -95,33 +95,9 @@ impl Ctx<'_> {
         Some(cwd)
     }
 
-    fn fd_info(&self, fd: i32) -> Option<FdInfo> {
-        self.procs.thread(self.tid)?.fds.borrow().get(&fd).cloned()
-    }
-
-    fn set_fd(&mut self, fd: i32, info: Option<FdInfo>) {
-        if let Some(thread) = self.procs.thread(self.tid) {
-            let mut fds = thread.fds.borrow_mut();
-            match info {
-                Some(info) => fds.insert(fd, info),
-                None => fds.remove(&fd),
-            };
-        }
-    }
-
-    /// Path of a descriptor: from the table, else from /proc (and remembered).
+    /// Path of a descriptor, as the kernel's table has it now.
     fn fd_path(&mut self, fd: i32) -> Option<String> {
-        match self.fd_info(fd) {
-            Some(FdInfo::File(path)) => Some(path),
-            Some(FdInfo::Socket { .. }) => procfs::fd_path(self.tid, fd),
-            None => {
-                let path = procfs::fd_path(self.tid, fd)?;
-                if path.starts_with('/') {
-                    self.set_fd(fd, Some(FdInfo::File(path.clone())));
-                }
-                Some(path)
-            }
-        }
+        procfs::fd_path(self.tid, fd)
     }
 
     /// A path argument made absolute against the cwd or a directory fd.
@@ -323,9 +299,7 @@ pub fn open_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
     // string after the kernel read it); on failure, the requested path.
     let path = if retval >= 0 {
         let fd = retval as i32;
-        let path = procfs::fd_path(cx.tid, fd).or_else(|| cx.read_path(dirfd, path_addr));
-        cx.set_fd(fd, path.clone().map(FdInfo::File));
-        path
+        procfs::fd_path(cx.tid, fd).or_else(|| cx.read_path(dirfd, path_addr))
     } else {
         cx.read_path(dirfd, path_addr)
     };
@@ -339,15 +313,6 @@ pub fn open_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
 }
 
 // ---- sockets ----------------------------------------------------------------
-
-pub fn socket_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
-    if retval >= 0 {
-        let [family, sock_type, protocol, ..] = call.args;
-        let sock_type = sock_type as i32 & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC);
-        let info = FdInfo::Socket { family: family as i32, sock_type, protocol: protocol as i32 };
-        cx.set_fd(retval as i32, Some(info));
-    }
-}
 
 /// A socket address: family, textual address, port.
 fn parse_sockaddr(raw: &[u8]) -> Option<(AddressFamily, String, u32)> {
@@ -401,16 +366,9 @@ pub fn connect_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
     let fd = arg_fd(call.args[0]);
     let parsed = parse_sockaddr(&call.entry_bytes);
     let (family, address, port) = parsed.clone().unwrap_or((AddressFamily::Unspecified, String::new(), 0));
-    let (sock_type, protocol) = match cx.fd_info(fd) {
-        Some(FdInfo::Socket { sock_type, protocol, .. }) => (sock_type, protocol),
-        _ => {
-            // Created before we saw it (inherited, or passed over a socket).
-            let kind = procfs::socket_kind(cx.tid, fd).unwrap_or((0, -1));
-            let info = FdInfo::Socket { family: family as i32, sock_type: kind.0, protocol: kind.1 };
-            cx.set_fd(fd, Some(info));
-            kind
-        }
-    };
+    // The kernel's socket behind the descriptor now, not a table kept from
+    // socket(2) calls: inherited, passed or dup'ed sockets are all the same.
+    let (sock_type, protocol) = procfs::socket_kind(cx.tid, fd).unwrap_or((0, -1));
     let connect = proto::ConnectEvent {
         address,
         port,
@@ -422,85 +380,36 @@ pub fn connect_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
 }
 
 /// i386 `socketcall(call, args)`: the real arguments sit in an array in
-/// memory. The call is rewritten into the socket/connect entry it stands
-/// for, so the same exit decoders run.
+/// memory. A connect is rewritten into the connect entry it stands for, so
+/// the same exit decoder runs.
 pub fn socketcall_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
-    const SYS_SOCKET: u64 = 1;
     const SYS_CONNECT: u64 = 3;
-    let target = match call.args[0] {
-        SYS_SOCKET => "socket",
-        SYS_CONNECT => "connect",
-        _ => return Next::Done,
-    };
+    if call.args[0] != SYS_CONNECT {
+        return Next::Done;
+    }
     let words = memory::read_words(cx.tid, call.args[1], Abi::I386, 3);
     if words.len() < 3 {
         call.partial = true;
     }
-    call.def = syscalls::by_name(target);
+    call.def = syscalls::by_name("connect");
     call.args = [0; 6];
     call.args[..words.len()].copy_from_slice(&words);
     (call.def.on_entry)(cx, call)
 }
 
-// ---- descriptor bookkeeping -------------------------------------------------
+// ---- shared state ------------------------------------------------------------
 
-/// close releases the number whatever it returns, so the table is updated
-/// at entry and no exit stop is needed.
-pub fn close_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
-    cx.set_fd(arg_fd(call.args[0]), None);
-    Next::Done
-}
-
-pub fn close_range_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
-    const CLOSE_RANGE_UNSHARE: u64 = 2;
-    const CLOSE_RANGE_CLOEXEC: u64 = 4;
-    let [first, last, flags, ..] = call.args;
-    let Some(thread) = cx.procs.thread_mut(cx.tid) else { return Next::Done };
-    if flags & CLOSE_RANGE_UNSHARE != 0 {
-        unshare(&mut thread.fds);
-    }
-    if flags & CLOSE_RANGE_CLOEXEC == 0 {
-        let (first, last) = (first as u32, last as u32);
-        thread.fds.borrow_mut().retain(|&fd, _| !(first..=last).contains(&(fd as u32)));
-    }
-    Next::Done
-}
-
-/// This thread's own copy of state it shared.
-fn unshare<T: Clone>(shared: &mut Rc<RefCell<T>>) {
-    let copy = shared.borrow().clone();
-    *shared = Rc::new(RefCell::new(copy));
-}
-
-/// unshare(2) gives the thread private copies of what it names; done at
-/// entry (a failed call leaves a private copy that is still exact).
+/// unshare(CLONE_FS) gives the thread a private copy of its working
+/// directory; done at entry (a failed call leaves a private copy that is
+/// still exact).
 pub fn unshare_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
-    let flags = call.args[0] as i32;
-    if let Some(thread) = cx.procs.thread_mut(cx.tid) {
-        if flags & libc::CLONE_FILES != 0 {
-            unshare(&mut thread.fds);
-        }
-        if flags & libc::CLONE_FS != 0 {
-            unshare(&mut thread.fs);
+    if call.args[0] as i32 & libc::CLONE_FS != 0 {
+        if let Some(thread) = cx.procs.thread_mut(cx.tid) {
+            let copy = thread.fs.borrow().clone();
+            thread.fs = Rc::new(RefCell::new(copy));
         }
     }
     Next::Done
-}
-
-/// dup, dup2, dup3, fcntl(F_DUPFD*): the returned number now means what the
-/// first argument means.
-pub fn dup_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
-    if retval >= 0 {
-        let info = cx.fd_info(arg_fd(call.args[0]));
-        cx.set_fd(retval as i32, info);
-    }
-}
-
-pub fn fcntl_entry(_: &mut Ctx<'_>, call: &mut Call) -> Next {
-    match call.args[1] as i32 {
-        libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => Next::Exit,
-        _ => Next::Done,
-    }
 }
 
 // ---- working directory --------------------------------------------------------

@@ -19,7 +19,7 @@ use crate::export::EventSink;
 use crate::proto::{self, event::Payload, Event, ForkKind};
 use crate::trace::decode::{self, Ctx};
 use crate::trace::process::{LiveProcesses, ProcessTable, Sharing};
-use crate::trace::procfs::{self, Shared};
+use crate::trace::procfs;
 use crate::trace::ptrace::{self, Death, EventStop, ForkEventKind, Resume, Stop, SyscallReader, SyscallState};
 use crate::trace::seccomp::SeccompData;
 use crate::trace::syscalls::{self, Call, Next, SYSCALLS};
@@ -267,8 +267,7 @@ impl Engine {
         // What is shared, the kernel says best; the flags are the fallback.
         let sharing = Sharing {
             thread,
-            files: procfs::shares(parent, child, Shared::Files).unwrap_or_else(|| claimed(libc::CLONE_FILES)),
-            fs: procfs::shares(parent, child, Shared::Fs).unwrap_or_else(|| claimed(libc::CLONE_FS)),
+            fs: procfs::shares_fs(parent, child).unwrap_or_else(|| claimed(libc::CLONE_FS)),
             sibling: claimed(libc::CLONE_PARENT),
         };
         let child_tgid = self.procs.add_child(parent, child, sharing);

@@ -1,15 +1,15 @@
 //! The process table: every traced thread and process, with the state that
-//! decoding needs (descriptor table, working directory, parent).
+//! decoding needs (working directory, parent).
 //!
 //! Invariants:
 //! - every traced tid has a [`Thread`], and its `tgid` has a [`Process`];
-//! - an fd table entry is exact: every way a descriptor number is released
-//!   (close, close_range, dup2/dup3 onto it, exec) is traced and updates the
-//!   table. A number missing from the table is unknown, not free: ask /proc;
-//! - descriptor tables and working directories belong to threads and are
-//!   `Rc`-shared exactly as the kernel shares them (CLONE_FILES, CLONE_FS,
-//!   as the kernel reports through kcmp; unshare(2) splits them). `Rc` also
-//!   keeps the tables on the tracer thread.
+//! - there is no descriptor table: what a descriptor is, the kernel's own
+//!   table says when an event needs it (/proc/TID/fd, pidfd_getfd). So
+//!   close, dup and fcntl need no stops, and no table can drift from the
+//!   kernel's;
+//! - working directories belong to threads and are `Rc`-shared exactly as
+//!   the kernel shares them (CLONE_FS, as the kernel reports through kcmp;
+//!   unshare(2) splits them). `Rc` also keeps them on the tracer thread.
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
@@ -20,15 +20,6 @@ use std::time::SystemTime;
 use nix::unistd::Pid;
 
 use crate::trace::syscalls::Call;
-
-/// What the tracer knows of a descriptor.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum FdInfo {
-    File(String),
-    Socket { family: i32, sock_type: i32, protocol: i32 },
-}
-
-pub type FdTable = HashMap<i32, FdInfo>;
 
 #[derive(Clone, Default)]
 pub struct FsState {
@@ -46,7 +37,6 @@ pub struct ForkRequest {
 
 pub struct Thread {
     pub tgid: Pid,
-    pub fds: Rc<RefCell<FdTable>>,
     pub fs: Rc<RefCell<FsState>>,
     /// A traced syscall that asked for its exit stop.
     pub pending: Option<Call>,
@@ -60,7 +50,7 @@ pub struct Thread {
 impl Thread {
     /// A thread whose tables are unknown: everything comes from /proc.
     fn unknown(tgid: Pid) -> Thread {
-        Thread { tgid, fds: Rc::default(), fs: Rc::default(), pending: None, forking: None, in_syscall: false }
+        Thread { tgid, fs: Rc::default(), pending: None, forking: None, in_syscall: false }
     }
 }
 
@@ -72,7 +62,6 @@ pub struct Process {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sharing {
     pub thread: bool,
-    pub files: bool,
     pub fs: bool,
     /// CLONE_PARENT: the child is a sibling of its creator.
     pub sibling: bool,
@@ -136,32 +125,27 @@ impl ProcessTable {
             return self.threads[&child].tgid;
         };
         let parent_tgid = from.tgid;
-        let fds = if sharing.files { Rc::clone(&from.fds) } else { Rc::new(RefCell::new(from.fds.borrow().clone())) };
         let fs = if sharing.fs { Rc::clone(&from.fs) } else { Rc::new(RefCell::new(from.fs.borrow().clone())) };
         if let Some(known) = self.threads.get(&child) {
             return known.tgid;
         }
         if sharing.thread {
-            let thread = Thread { fds, fs, ..Thread::unknown(parent_tgid) };
+            let thread = Thread { fs, ..Thread::unknown(parent_tgid) };
             self.threads.insert(child, thread);
             return parent_tgid;
         }
         let grandparent = self.processes.get(&parent_tgid).map(|p| p.ppid);
         let ppid = if sharing.sibling { grandparent.unwrap_or(parent_tgid) } else { parent_tgid };
-        self.insert_process(child, ppid, Thread { fds, fs, ..Thread::unknown(child) });
+        self.insert_process(child, ppid, Thread { fs, ..Thread::unknown(child) });
         child
     }
 
     /// After a successful exec by `former_tid` in process `tgid`: the execing
-    /// thread now has the tgid as its tid, every other thread is gone, and
-    /// its descriptor table is private (close-on-exec descriptors are
-    /// closed, so it starts unknown again).
+    /// thread now has the tgid as its tid and every other thread is gone.
     pub fn exec(&mut self, tgid: Pid, former_tid: Pid) {
         let execing = self.threads.remove(&former_tid);
         self.threads.retain(|_, t| t.tgid != tgid);
-        let mut execing = execing.unwrap_or_else(|| Thread::unknown(tgid));
-        execing.fds = Rc::default();
-        self.threads.insert(tgid, execing);
+        self.threads.insert(tgid, execing.unwrap_or_else(|| Thread::unknown(tgid)));
     }
 
     /// Forgets a dead thread; returns it, and its process when it was the
@@ -194,22 +178,22 @@ mod tests {
     fn table() -> ProcessTable {
         let mut table = ProcessTable::new(LiveProcesses::default());
         table.add_process(Pid::from_raw(10), Pid::from_raw(1));
-        table.thread(Pid::from_raw(10)).unwrap().fds.borrow_mut().insert(3, FdInfo::File("/a".into()));
+        table.thread(Pid::from_raw(10)).unwrap().fs.borrow_mut().cwd = Some("/a".into());
         table
     }
 
-    fn fds(table: &ProcessTable, tid: i32) -> usize {
-        table.thread(Pid::from_raw(tid)).unwrap().fds.borrow().len()
+    fn cwd(table: &ProcessTable, tid: i32) -> Option<String> {
+        table.thread(Pid::from_raw(tid)).unwrap().fs.borrow().cwd.clone()
     }
 
     #[test]
-    fn fork_copies_and_clone_files_shares_the_fd_table() {
+    fn fork_copies_and_clone_fs_shares_the_working_directory() {
         let mut table = table();
         let (parent, forked, shared) = (Pid::from_raw(10), Pid::from_raw(11), Pid::from_raw(12));
         table.add_child(parent, forked, Sharing::default());
-        table.add_child(parent, shared, Sharing { files: true, ..Sharing::default() });
-        table.thread(parent).unwrap().fds.borrow_mut().insert(4, FdInfo::File("/b".into()));
-        assert_eq!((fds(&table, 11), fds(&table, 12)), (1, 2));
+        table.add_child(parent, shared, Sharing { fs: true, ..Sharing::default() });
+        table.thread(parent).unwrap().fs.borrow_mut().cwd = Some("/b".into());
+        assert_eq!((cwd(&table, 11), cwd(&table, 12)), (Some("/a".into()), Some("/b".into())));
         assert_eq!(table.process_of(forked).unwrap().ppid, parent);
     }
 
@@ -217,12 +201,12 @@ mod tests {
     fn threads_join_their_process_and_vanish_at_exec() {
         let mut table = table();
         let (leader, thread) = (Pid::from_raw(10), Pid::from_raw(13));
-        let sharing = Sharing { thread: true, files: true, fs: true, sibling: false };
+        let sharing = Sharing { thread: true, fs: true, sibling: false };
         assert_eq!(table.add_child(leader, thread, sharing), leader);
         table.exec(leader, thread);
         assert!(table.thread(thread).is_none());
         assert_eq!(table.thread(leader).unwrap().tgid, leader);
-        assert_eq!(fds(&table, 10), 0);
+        assert_eq!(cwd(&table, 10), Some("/a".into()), "exec keeps the working directory");
     }
 
     #[test]
@@ -230,8 +214,8 @@ mod tests {
         let mut table = table();
         let child = Pid::from_raw(14);
         table.add_process(child, Pid::from_raw(1));
-        table.thread(child).unwrap().fds.borrow_mut().insert(5, FdInfo::File("/c".into()));
+        table.thread(child).unwrap().fs.borrow_mut().cwd = Some("/c".into());
         assert_eq!(table.add_child(Pid::from_raw(10), child, Sharing::default()), child);
-        assert_eq!(fds(&table, 14), 1);
+        assert_eq!(cwd(&table, 14), Some("/c".into()));
     }
 }

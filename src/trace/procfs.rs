@@ -67,8 +67,8 @@ pub fn status(tid: Pid) -> Option<Status> {
     Some(status)
 }
 
-/// (type, protocol) of a socket descriptor the tracer has not seen created,
-/// asked of the socket itself through a pidfd duplicate (Linux 5.6+).
+/// (type, protocol) of a socket descriptor, asked of the socket itself
+/// through a pidfd duplicate (Linux 5.6+).
 pub fn socket_kind(pid: Pid, fd: i32) -> Option<(i32, i32)> {
     // SAFETY: pidfd_open and pidfd_getfd take integers and return a new
     // descriptor or -1; every descriptor is wrapped in an OwnedFd at once.
@@ -110,17 +110,11 @@ pub fn peak_rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// What two tasks may share, for [`shares`].
-#[derive(Clone, Copy)]
-pub enum Shared {
-    Files = 2,
-    Fs = 3,
-}
-
-/// Whether two tasks share their descriptor table or filesystem context,
+/// Whether two tasks share their filesystem context (working directory),
 /// asked of the kernel (kcmp(2)); None when it cannot say.
-pub fn shares(a: Pid, b: Pid, what: Shared) -> Option<bool> {
+pub fn shares_fs(a: Pid, b: Pid) -> Option<bool> {
+    const KCMP_FS: i32 = 3;
     // SAFETY: kcmp takes integers only.
-    let rc = unsafe { libc::syscall(libc::SYS_kcmp, a.as_raw(), b.as_raw(), what as i32, 0, 0) };
+    let rc = unsafe { libc::syscall(libc::SYS_kcmp, a.as_raw(), b.as_raw(), KCMP_FS, 0, 0) };
     (rc >= 0).then_some(rc == 0)
 }

@@ -98,16 +98,8 @@ pub static SYSCALLS: &[SyscallDef] = &[
     def("openat",          Some(257),  Some(295),  await_exit,      open_exit),
     def("openat2",         Some(437),  Some(437),  openat2_entry,   open_exit),
     def("creat",           Some(85),   Some(8),    await_exit,      open_exit),
-    def("socket",          Some(41),   Some(359),  await_exit,      socket_exit),
     def("connect",         Some(42),   Some(362),  connect_entry,   connect_exit),
     def("socketcall",      None,       Some(102),  socketcall_entry, never_exit),
-    def("close",           Some(3),    Some(6),    close_entry,     never_exit),
-    def("close_range",     Some(436),  Some(436),  close_range_entry, never_exit),
-    def("dup",             Some(32),   Some(41),   await_exit,      dup_exit),
-    def("dup2",            Some(33),   Some(63),   await_exit,      dup_exit),
-    def("dup3",            Some(292),  Some(330),  await_exit,      dup_exit),
-    def("fcntl",           Some(72),   Some(55),   fcntl_entry,     dup_exit),
-    def("fcntl64",         None,       Some(221),  fcntl_entry,     dup_exit),
     def("unshare",         Some(272),  Some(310),  unshare_entry,   never_exit),
     def("chdir",           Some(80),   Some(12),   await_exit,      chdir_exit),
     def("fchdir",          Some(81),   Some(133),  await_exit,      chdir_exit),
@@ -122,7 +114,7 @@ pub fn lookup(abi: Abi, nr: u64) -> Option<&'static SyscallDef> {
     SYSCALLS.iter().find(|def| def.number(abi).map(u64::from) == Some(nr))
 }
 
-/// The entry of a syscall by name (i386 `socketcall` dispatches to these).
+/// The entry of a syscall by name (i386 `socketcall` dispatches to connect).
 pub fn by_name(name: &str) -> &'static SyscallDef {
     SYSCALLS.iter().find(|def| def.name == name).expect("syscall named in the table")
 }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use programs::{compile, Sizes};
 
 /// The syscalls every traced configuration watches: this tracer's table.
-const SET: &str = "execve,execveat,open,openat,openat2,creat,socket,connect,close,close_range,dup,dup2,dup3,fcntl,chdir,fchdir,unshare,clone,clone3";
+const SET: &str = "execve,execveat,open,openat,openat2,creat,connect,chdir,fchdir,unshare,clone,clone3";
 
 /// One workload under one configuration.
 pub struct Measurement {
