@@ -173,9 +173,11 @@ async fn drain(
     mut rx: mpsc::Receiver<Event>,
     queued_bytes: &AtomicUsize,
     mut sinks: Vec<Sink>,
-    goodbye: oneshot::Receiver<Goodbye>,
+    mut goodbye: oneshot::Receiver<Goodbye>,
 ) -> io::Result<grpc::Delivery> {
     let mut batch = Vec::with_capacity(BATCH);
+    // Set once the tracer is done: the Goodbye comes after its last event.
+    let mut ended: Option<Goodbye> = None;
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         for sink in &mut sinks {
             sink.write(&batch).await?;
@@ -190,11 +192,20 @@ async fn drain(
             for sink in &mut sinks {
                 sink.flush().await?;
             }
-            tokio::time::sleep(GATHER).await;
+            if ended.is_none() {
+                tokio::select! {
+                    _ = tokio::time::sleep(GATHER) => {}
+                    // The workload is gone: what is left is queued already.
+                    result = &mut goodbye => ended = Some(result.unwrap_or_default()),
+                }
+            }
         }
     }
     let mut delivery = grpc::Delivery::default();
-    let goodbye = goodbye.await.unwrap_or_default();
+    let goodbye = match ended {
+        Some(goodbye) => goodbye,
+        None => goodbye.await.unwrap_or_default(),
+    };
     for sink in sinks {
         match sink {
             Sink::Agent(exporter) => delivery = exporter.finish(goodbye).await,
