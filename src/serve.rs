@@ -17,8 +17,9 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_stream::Stream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::address::Address;
@@ -263,7 +264,7 @@ async fn write_output(
 }
 
 enum Incoming {
-    Tcp(TcpListenerStream),
+    Tcp(TcpIncoming),
     Unix(UnixListenerStream),
 }
 
@@ -303,7 +304,9 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
                 .map_err(|e| ExitError::usage(&format!("cannot listen on {hostport}: {e}")))?;
             let local = listener.local_addr().map_err(|e| ExitError::setup(e.to_string()))?;
             log!("listening on {local}");
-            Incoming::Tcp(TcpListenerStream::new(listener))
+            // Acks are small writes: without NODELAY, Nagle holds one back
+            // while the previous is unacknowledged, and a tracer waits 40 ms.
+            Incoming::Tcp(TcpIncoming::from(listener).with_nodelay(Some(true)))
         }
         Address::Unix(path) => {
             // A socket left by a previous run would make bind fail.
