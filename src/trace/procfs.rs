@@ -9,6 +9,8 @@ use nix::unistd::Pid;
 
 use crate::proto::Credentials;
 
+const PAGE: usize = 4096;
+
 fn readlink(path: &str) -> Option<String> {
     std::fs::read_link(path).ok().map(|p| p.to_string_lossy().into_owned())
 }
@@ -29,7 +31,10 @@ pub fn exe(pid: Pid) -> Option<String> {
 
 /// Up to `max` bytes of a /proc file; the flag says whether there was more.
 pub fn read_bounded(path: &str, max: usize) -> Option<(Vec<u8>, bool)> {
-    let mut buf = Vec::new();
+    // /proc files report a size of 0: without room to start with, the read
+    // would grow from a few bytes, one syscall per doubling, while a tracee
+    // waits. Most of these files fit in one page.
+    let mut buf = Vec::with_capacity(max.min(PAGE) + 1);
     let read = File::open(path).ok()?.take(max as u64 + 1).read_to_end(&mut buf).ok()?;
     let cut = read > max;
     buf.truncate(max);
@@ -45,7 +50,8 @@ pub struct Status {
 }
 
 pub fn status(tid: Pid) -> Option<Status> {
-    let text = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    let (bytes, _) = read_bounded(&format!("/proc/{tid}/status"), 4 * PAGE)?;
+    let text = String::from_utf8(bytes).ok()?;
     let mut status = Status::default();
     for line in text.lines() {
         let Some((key, value)) = line.split_once(':') else { continue };
