@@ -6,7 +6,12 @@
 //! Exactly once across restarts: each line carries (session_id, sequence);
 //! at start the output file is read back to learn what each session already
 //! delivered, so events a tracer resends after a sidecar crash are not
-//! written twice. Acks are sent only once a batch is written and flushed.
+//! written twice. The single writer task decides what is new, so two
+//! connections of one session cannot both write a batch. Acks are sent only
+//! once a batch is written and flushed.
+//!
+//! A session does not wait for its batch to be written before it reads and
+//! encodes the next: a per-session ack task waits for the writes in order.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead};
@@ -25,7 +30,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::address::Address;
 use crate::log::log;
 use crate::proto::event_service_server::{EventService, EventServiceServer};
-use crate::proto::{agent_message, tracer_message, Ack, AgentMessage, Hello, TracerMessage};
+use crate::proto::{agent_message, tracer_message, Ack, AgentMessage, TracerMessage};
 use crate::ExitError;
 
 /// A peer that has not said Hello by then is cut off.
@@ -35,13 +40,26 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Largest message accepted from a tracer.
 const MAX_MESSAGE: usize = 4 << 20;
 
-/// Lines to write, and who waits for them to be on disk.
+/// Lines of one batch to write, and who waits for them to be on disk.
 struct Write {
+    session: Arc<str>,
+    /// Sequence number of the first line; the others follow.
+    first: u64,
+    /// Where each line ends in `lines`.
+    ends: Vec<usize>,
     lines: Vec<u8>,
     done: oneshot::Sender<()>,
 }
 
-/// Highest sequence written, per session.
+/// A batch's acknowledgement, sent once its write (if any) is done.
+type PendingAck = (Option<oneshot::Receiver<()>>, u64);
+
+/// Batches a session may have read but not yet seen written.
+const PIPELINE: usize = 8;
+/// Writes that share one flush.
+const MAX_GROUP: usize = 64;
+
+/// Highest sequence written, per session; updated by the writer only.
 type Delivered = Arc<Mutex<HashMap<String, u64>>>;
 
 struct Service {
@@ -100,6 +118,10 @@ impl Session {
             hello.pid_namespace,
             hello.entrypoint_args
         );
+        let session: Arc<str> = Arc::from(hello.session_id.as_str());
+        let head = line_head(&hello.session_id, &container);
+        let (pending, pending_rx) = mpsc::channel(PIPELINE);
+        tokio::spawn(acknowledge(session.clone(), pending_rx, self.acks.clone()));
         loop {
             let message = tokio::select! {
                 message = stream.message() => message,
@@ -117,7 +139,7 @@ impl Session {
             };
             match message {
                 tracer_message::Message::Batch(batch) => {
-                    if let Err(e) = self.write_batch(&hello, &container, batch).await {
+                    if let Err(e) = self.write_batch(&session, &head, batch, &pending).await {
                         return log!("session {}: {e}", hello.session_id);
                     }
                 }
@@ -151,31 +173,58 @@ impl Session {
         let _ = self.acks.send(Err(Status::invalid_argument(why))).await;
     }
 
-    /// Writes the events not written before, then acknowledges the batch.
-    async fn write_batch(&self, hello: &Hello, container: &str, batch: crate::proto::EventBatch) -> Result<(), String> {
-        let seen = self.delivered.lock().unwrap_or_else(|e| e.into_inner()).get(&hello.session_id).copied();
-        let head = line_head(&hello.session_id, container);
-        let mut lines = Vec::new();
-        let mut last = None;
+    /// Encodes the events not written before and queues them for the
+    /// writer; the ack task acknowledges the batch once they are written.
+    async fn write_batch(
+        &self,
+        session: &Arc<str>,
+        head: &[u8],
+        batch: crate::proto::EventBatch,
+        pending: &mpsc::Sender<PendingAck>,
+    ) -> Result<(), String> {
+        let Some(count) = (batch.events.len() as u64).checked_sub(1) else { return Ok(()) };
+        let last = batch.first_sequence.checked_add(count).ok_or("sequence numbers past 2^64")?;
+        // Only to spare encoding what is known to be written; the writer decides.
+        let seen = self.delivered.lock().unwrap_or_else(|e| e.into_inner()).get(&**session).copied();
+        let (mut lines, mut ends, mut first) = (Vec::new(), Vec::new(), None);
         for (offset, event) in batch.events.iter().enumerate() {
             let sequence = batch.first_sequence + offset as u64;
-            last = Some(sequence);
             if seen.is_some_and(|s| sequence <= s) {
                 continue;
             }
-            append_line(&mut lines, &head, sequence, event)?;
+            first.get_or_insert(sequence);
+            append_line(&mut lines, head, sequence, event)?;
+            ends.push(lines.len());
         }
-        let Some(last) = last else { return Ok(()) };
-        if !lines.is_empty() {
-            let (done, written) = oneshot::channel();
-            self.writer.send(Write { lines, done }).await.map_err(|_| "output closed")?;
-            written.await.map_err(|_| "output failed")?;
-            let mut delivered = self.delivered.lock().unwrap_or_else(|e| e.into_inner());
-            let entry = delivered.entry(hello.session_id.clone()).or_insert(last);
-            *entry = (*entry).max(last);
+        let written = match first {
+            Some(first) => {
+                let (done, written) = oneshot::channel();
+                let write = Write { session: Arc::clone(session), first, ends, lines, done };
+                self.writer.send(write).await.map_err(|_| "output closed")?;
+                Some(written)
+            }
+            None => None,
+        };
+        pending.send((written, last)).await.map_err(|_| "the tracer went away".to_owned())
+    }
+}
+
+/// Acknowledges a session's batches in order, each once it is written.
+async fn acknowledge(
+    session: Arc<str>,
+    mut pending: mpsc::Receiver<PendingAck>,
+    acks: mpsc::Sender<Result<AgentMessage, Status>>,
+) {
+    while let Some((written, last)) = pending.recv().await {
+        if let Some(written) = written {
+            if written.await.is_err() {
+                return log!("session {session}: output failed");
+            }
         }
         let ack = AgentMessage { message: Some(agent_message::Message::Ack(Ack { sequence: last })) };
-        self.acks.send(Ok(ack)).await.map_err(|_| "the tracer went away".to_owned())
+        if acks.send(Ok(ack)).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -233,14 +282,17 @@ fn recover(path: &Path) -> io::Result<HashMap<String, u64>> {
     Ok(delivered)
 }
 
-/// The single writer of the output. It ends when every session is gone, or
-/// when told to: then it writes what is already queued and stops.
+/// The single writer of the output, and the only one to decide what a
+/// session already has. It ends when every session is gone, or when told
+/// to: then it writes what is already queued and stops.
 async fn write_output(
     mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
     mut writes: mpsc::Receiver<Write>,
     mut finish: oneshot::Receiver<()>,
+    delivered: Delivered,
 ) -> io::Result<()> {
     let mut finishing = false;
+    let mut group = Vec::with_capacity(MAX_GROUP);
     loop {
         let write = if finishing {
             writes.recv().await
@@ -256,11 +308,37 @@ async fn write_output(
             }
         };
         let Some(write) = write else { break };
-        out.write_all(&write.lines).await?;
+        group.push(write);
+        // Whatever else is queued goes out under the same flush.
+        while group.len() < MAX_GROUP {
+            match writes.try_recv() {
+                Ok(write) => group.push(write),
+                Err(_) => break,
+            }
+        }
+        for write in &group {
+            let from = new_lines_start(&delivered, write);
+            out.write_all(&write.lines[from..]).await?;
+        }
         out.flush().await?;
-        let _ = write.done.send(());
+        for write in group.drain(..) {
+            let _ = write.done.send(());
+        }
     }
     out.flush().await
+}
+
+/// Where the lines of `write` that its session has not written yet begin,
+/// recording them as written.
+fn new_lines_start(delivered: &Delivered, write: &Write) -> usize {
+    let last = write.first + write.ends.len() as u64 - 1;
+    let mut delivered = delivered.lock().unwrap_or_else(|e| e.into_inner());
+    let seen = delivered.get(&*write.session).copied();
+    let known =
+        seen.map_or(0, |s| s.saturating_add(1).saturating_sub(write.first).min(write.ends.len() as u64) as usize);
+    let entry = delivered.entry(write.session.to_string()).or_insert(last);
+    *entry = (*entry).max(last);
+    known.checked_sub(1).map_or(0, |i| write.ends[i])
 }
 
 enum Incoming {
@@ -322,10 +400,11 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
     };
     let (writes_tx, writes) = mpsc::channel(256);
     let (finish, finish_rx) = oneshot::channel();
-    let writer = tokio::spawn(write_output(out, writes, finish_rx));
+    let delivered: Delivered = Arc::new(Mutex::new(delivered));
+    let writer = tokio::spawn(write_output(out, writes, finish_rx, Arc::clone(&delivered)));
     let (shutdown_tx, shutdown) = watch::channel(false);
     let shutdown_seen = shutdown.clone();
-    let service = Service { writer: writes_tx, delivered: Arc::new(Mutex::new(delivered)), shutdown };
+    let service = Service { writer: writes_tx, delivered, shutdown };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<EventServiceServer<Service>>().await;
 
@@ -369,4 +448,34 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
         .map_err(|e| ExitError::setup(e.to_string()))?
         .map_err(|e| ExitError::setup(format!("writing events failed: {e}")))?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(session: &str, first: u64, lines: &[&str]) -> Write {
+        let mut bytes = Vec::new();
+        let mut ends = Vec::new();
+        for line in lines {
+            bytes.extend_from_slice(line.as_bytes());
+            ends.push(bytes.len());
+        }
+        Write { session: Arc::from(session), first, ends, lines: bytes, done: oneshot::channel().0 }
+    }
+
+    #[test]
+    fn the_writer_skips_what_another_connection_of_the_session_wrote() {
+        let delivered = Delivered::default();
+        let first = write("s", 0, &["0\n", "1\n", "2\n"]);
+        assert_eq!(new_lines_start(&delivered, &first), 0);
+        // A resend overlapping the first write by two lines.
+        let resend = write("s", 1, &["1\n", "2\n", "3\n"]);
+        assert_eq!(&resend.lines[new_lines_start(&delivered, &resend)..], b"3\n");
+        let old = write("s", 0, &["0\n"]);
+        assert_eq!(new_lines_start(&delivered, &old), old.lines.len(), "nothing left to write");
+        let other = write("t", 2, &["2\n"]);
+        assert_eq!(new_lines_start(&delivered, &other), 0, "sessions are apart");
+        assert_eq!(delivered.lock().unwrap().get("s"), Some(&3));
+    }
 }
