@@ -29,8 +29,8 @@ const MAX_EXEC_ENTRY_LEN: usize = 356;
 /// Environment variables kept before all others when envp is cut.
 const PRIORITY_ENVS: [&str; 6] =
     ["LD_PRELOAD=", "LD_LIBRARY_PATH=", "PATH=", "HISTSIZE=", "HISTFILESIZE=", "GLIBC_TUNABLES="];
-/// How much of /proc/PID/{cmdline,environ} is read at exec.
-const PROC_EXEC_READ_MAX: usize = 256 * 1024;
+/// How much of the argument strings, and of the environment, is read at exec.
+const EXEC_STRINGS_MAX: usize = 256 * 1024;
 
 /// What a decoder works with: the stopped thread, the process table and the
 /// event queue.
@@ -220,12 +220,22 @@ pub fn exec_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
 }
 
 /// PTRACE_EVENT_EXEC: the new image is in place. argv and envp are read from
-/// what the kernel copied (/proc), not from the old memory a thread could
-/// have changed after the entry stop.
+/// what the kernel copied onto the new stack (before the program runs; /proc
+/// when that stack is not as expected), not from the old memory a thread
+/// could have changed after the entry stop.
 pub fn exec_succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime) {
     let pid = cx.tgid();
-    let cmdline = procfs::read_bounded(&format!("/proc/{pid}/cmdline"), PROC_EXEC_READ_MAX);
-    let environ = procfs::read_bounded(&format!("/proc/{pid}/environ"), PROC_EXEC_READ_MAX);
+    let from_stack = ptrace::stack_at_exec(pid)
+        .ok()
+        .filter(|(_, abi)| *abi != Abi::Unknown)
+        .and_then(|(sp, abi)| memory::exec_strings(pid, sp, abi, EXEC_STRINGS_MAX));
+    let (cmdline, environ) = match from_stack {
+        Some((cmdline, environ)) => (Some(cmdline), Some(environ)),
+        None => (
+            procfs::read_bounded(&format!("/proc/{pid}/cmdline"), EXEC_STRINGS_MAX),
+            procfs::read_bounded(&format!("/proc/{pid}/environ"), EXEC_STRINGS_MAX),
+        ),
+    };
     let status = procfs::status(pid);
     let executable = procfs::exe(pid);
     let partial = cmdline.is_none() || environ.is_none() || status.is_none() || executable.is_none();

@@ -157,6 +157,107 @@ pub fn read_string_array(
     }
 }
 
+/// Bytes read up to a bound, and whether there were more.
+pub type Bounded = (Vec<u8>, bool);
+
+/// `len` bytes at `addr`, or fewer where memory ends being readable.
+fn read_exact_or_less(pid: Pid, addr: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        let got = read(pid, addr + done as u64, &mut buf[done..]);
+        if got == 0 {
+            break;
+        }
+        done += got;
+    }
+    buf.truncate(done);
+    buf
+}
+
+/// Where a new image's arguments and environment lie, from the words at
+/// its stack pointer: `argc, argv[0..argc], 0, envp[..], 0, auxv pairs`.
+#[derive(Debug, PartialEq)]
+struct ExecLayout {
+    /// Start of the argument strings (they run up to `env`).
+    args: u64,
+    /// Start of the environment strings (they run up to `end`).
+    env: u64,
+    /// AT_EXECFN: the file name the kernel copied right after them.
+    end: u64,
+}
+
+/// None when the words are cut short (read more) or are not such a stack.
+fn exec_layout(words: &[u64]) -> Option<ExecLayout> {
+    const AT_NULL: u64 = 0;
+    const AT_EXECFN: u64 = 31;
+    let argc = usize::try_from(*words.first()?).ok()?;
+    let argv = words.get(1..1 + argc)?;
+    let env_at = argc.checked_add(2)?;
+    let envc = words.get(env_at..)?.iter().position(|&w| w == 0)?;
+    let envp = &words[env_at..env_at + envc];
+    let mut auxv = words.get(env_at + envc + 1..)?.chunks_exact(2);
+    let end = loop {
+        match auxv.next()? {
+            [AT_EXECFN, value] => break *value,
+            [AT_NULL, _] => return None,
+            _ => {}
+        }
+    };
+    let args = argv.first().or(envp.first()).copied().unwrap_or(end);
+    let env = envp.first().copied().unwrap_or(end);
+    // The kernel lays the strings out in order, arguments first: anything
+    // else is not a stack it built (an x32 image read with 8-byte words).
+    let ordered = argv.iter().chain(envp).chain([&end]).try_fold(args, |at, &p| (p >= at).then_some(p));
+    (ordered.is_some() && argv.iter().all(|&p| p < env)).then_some(ExecLayout { args, env, end })
+}
+
+/// A new image's argument and environment strings as the kernel copied
+/// them onto its stack, read at its exec stop before it runs any of its own
+/// code: the same bytes as /proc/PID/{cmdline,environ}, in two reads of
+/// memory instead of two files. Each is at most `max` bytes, with a flag
+/// saying whether it was cut. None when the stack is not as expected.
+pub fn exec_strings(pid: Pid, sp: u64, abi: Abi, max: usize) -> Option<(Bounded, Bounded)> {
+    /// Enough for the pointers of any argv and envp we keep, and more.
+    const STACK_READ_MAX: usize = 1 << 20;
+    let word = abi.word_size();
+    let mut size = 4 * PAGE as usize;
+    let layout = loop {
+        // One read: the stack ends a little above its strings, and a read
+        // stops there.
+        let mut raw = vec![0u8; size];
+        let got = read(pid, sp, &mut raw);
+        raw.truncate(got);
+        let words: Vec<u64> = raw
+            .chunks_exact(word)
+            .map(|w| match word {
+                4 => u64::from(u32::from_ne_bytes(w.try_into().expect("4-byte chunk"))),
+                _ => u64::from_ne_bytes(w.try_into().expect("8-byte chunk")),
+            })
+            .collect();
+        match exec_layout(&words) {
+            Some(layout) => break layout,
+            None if raw.len() == size && size < STACK_READ_MAX => size *= 4,
+            None => return None,
+        }
+    };
+    let (args_len, env_len) = ((layout.env - layout.args) as usize, (layout.end - layout.env) as usize);
+    if args_len <= max && env_len <= max {
+        // Contiguous: one read for both.
+        let mut both = read_exact_or_less(pid, layout.args, args_len + env_len);
+        if both.len() != args_len + env_len {
+            return None;
+        }
+        let env = both.split_off(args_len);
+        return Some(((both, false), (env, false)));
+    }
+    let strings = |from: u64, len: usize| {
+        let bytes = read_exact_or_less(pid, from, len.min(max));
+        (bytes.len() == len.min(max)).then_some((bytes, len > max))
+    };
+    Some((strings(layout.args, args_len)?, strings(layout.env, env_len)?))
+}
+
 /// Overwrites a u64 in the tracee (used to clear CLONE_UNTRACED in clone3 args).
 pub fn write_u64(pid: Pid, addr: u64, value: u64) -> nix::Result<()> {
     let bytes = value.to_ne_bytes();
@@ -176,6 +277,21 @@ pub fn write_u64(pid: Pid, addr: u64, value: u64) -> nix::Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_exec_stack_gives_where_arguments_and_environment_lie() {
+        // argc=2, argv, 0, envp (1), 0, auxv: AT_PAGESZ, AT_EXECFN, AT_NULL.
+        let words = [2, 100, 105, 0, 110, 0, 6, 4096, 31, 120, 0, 0];
+        assert_eq!(exec_layout(&words), Some(ExecLayout { args: 100, env: 110, end: 120 }));
+        let no_env = [1, 100, 0, 0, 31, 108, 0, 0];
+        assert_eq!(exec_layout(&no_env), Some(ExecLayout { args: 100, env: 108, end: 108 }));
+        assert_eq!(exec_layout(&words[..7]), None, "cut short: read more");
+        let unordered = [2, 105, 100, 0, 110, 0, 31, 120, 0, 0];
+        assert_eq!(exec_layout(&unordered), None);
+        let no_execfn = [1, 100, 0, 0, 6, 4096, 0, 0];
+        assert_eq!(exec_layout(&no_execfn), None);
+    }
+
     use super::*;
 
     #[test]

@@ -322,6 +322,20 @@ fn entry_from_registers(pid: Pid, abi: Abi) -> nix::Result<SyscallEntry> {
     Ok(SyscallEntry { abi, nr: regs.orig_rax, args })
 }
 
+/// At an exec stop: the new image's stack pointer and ABI (from its code
+/// segment: x86_64 and i386 user code use fixed selectors).
+pub fn stack_at_exec(pid: Pid) -> nix::Result<(u64, Abi)> {
+    const USER_CS_64: u64 = 0x33;
+    const USER_CS_32: u64 = 0x23;
+    let regs = ptrace::getregs(pid)?;
+    let abi = match regs.cs {
+        USER_CS_64 => Abi::X86_64,
+        USER_CS_32 => Abi::I386,
+        _ => Abi::Unknown,
+    };
+    Ok((regs.rsp, abi))
+}
+
 /// Rewrites the first syscall argument at a syscall-entry stop (used to strip
 /// CLONE_UNTRACED before the kernel sees it).
 pub fn set_first_arg(pid: Pid, abi: Abi, value: u64) -> nix::Result<()> {
