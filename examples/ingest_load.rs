@@ -38,6 +38,7 @@ fn kind(event: &proto::Event) -> &'static str {
         Some(Payload::Fork(_)) => "fork",
         Some(Payload::Exit(_)) => "exit",
         Some(Payload::Chdir(_)) => "chdir",
+        Some(Payload::IoUring(_)) => "io_uring",
         None => "other",
     }
 }

@@ -633,6 +633,33 @@ fn without_seccomp_filters_every_syscall_is_traced_instead() {
 }
 
 #[test]
+fn file_handles_and_io_uring_cannot_open_unseen() {
+    let run = Trace::new(&[fixture("handles")]).run();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let returned: Vec<i64> = run.stdout.lines().map(|l| l.parse().unwrap()).collect();
+    let [by_handle, ring] = returned[..] else { panic!("{}", run.stdout) };
+
+    let calls = |kind: &str, name: &str| -> Vec<serde_json::Value> {
+        run.of(kind).into_iter().filter(|e| e["syscall"] == name).cloned().collect()
+    };
+    let opens = calls("open", "open_by_handle_at");
+    assert_eq!(opens.len(), 1, "{opens:#?}");
+    let open = &opens[0];
+    assert_eq!(retval(open), by_handle);
+    assert_eq!(open["open"]["flags"], 0, "O_RDONLY");
+    if by_handle >= 0 {
+        assert_eq!(open["open"]["path"], "/etc/hostname", "the kernel's path of the opened file");
+    }
+
+    let setups = calls("io_uring", "io_uring_setup");
+    assert_eq!(setups.len(), 1, "{setups:#?}");
+    let setup = &setups[0];
+    assert_eq!(retval(setup), ring);
+    assert_eq!(setup["io_uring"]["entries"], 4);
+    assert_eq!(setup["io_uring"]["flags"], 1 << 4, "IORING_SETUP_CLAMP");
+}
+
+#[test]
 fn a_failed_clone_does_not_describe_the_next_fork() {
     let run = Trace::new(&[fixture("stale_clone")]).run();
     assert_eq!(run.code(), Some(0), "{}", run.stderr);

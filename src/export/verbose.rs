@@ -170,6 +170,10 @@ pub fn format_event(out: &mut String, event: &Event) {
             let _ = write!(out, "{name}({:?})", chdir.path);
             format_retval(out, event.retval.unwrap_or(0));
         }
+        Some(Payload::IoUring(ring)) => {
+            let _ = write!(out, "{name}({}, flags={:#x})", ring.entries, ring.flags);
+            format_retval(out, event.retval.unwrap_or(0));
+        }
         None => {
             let _ = write!(out, "{name}(?)");
         }

@@ -286,10 +286,12 @@ fn read_bytes(cx: &Ctx<'_>, addr: u64, len: usize) -> Vec<u8> {
     bytes
 }
 
-/// (dirfd, path, flags, mode) of the open family.
+/// (dirfd, path, flags, mode) of the open family. open_by_handle_at names
+/// no path (a file handle instead): its path is known only on success.
 fn open_args(call: &Call) -> (i32, u64, i32, u32) {
     let a = call.args;
     match call.def.name {
+        "open_by_handle_at" => (arg_fd(a[0]), 0, a[2] as i32, 0),
         "open" => (AT_FDCWD, a[0], a[1] as i32, a[2] as u32),
         "creat" => (AT_FDCWD, a[0], libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC, a[1] as u32),
         "openat2" => {
@@ -420,6 +422,21 @@ pub fn unshare_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
         }
     }
     Next::Done
+}
+
+// ---- io_uring -------------------------------------------------------------------
+
+/// io_uring_setup(entries, params): the flags sit in `struct io_uring_params`
+/// (after `sq_entries` and `cq_entries`), read at entry as the kernel does.
+pub fn io_uring_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
+    call.entry_bytes = read_bytes(cx, call.args[1], 12);
+    Next::Exit
+}
+
+pub fn io_uring_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
+    let flags = call.entry_bytes.get(8..12).map(|f| u32::from_ne_bytes(f.try_into().expect("4 bytes")));
+    let io_uring = proto::IoUringEvent { entries: call.args[0] as u32, flags: flags.unwrap_or(0) };
+    cx.emit_call(call, retval, flags.is_none(), Payload::IoUring(io_uring));
 }
 
 // ---- working directory --------------------------------------------------------

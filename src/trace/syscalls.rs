@@ -98,11 +98,13 @@ pub static SYSCALLS: &[SyscallDef] = &[
     def("openat",          Some(257),  Some(295),  await_exit,      open_exit),
     def("openat2",         Some(437),  Some(437),  openat2_entry,   open_exit),
     def("creat",           Some(85),   Some(8),    await_exit,      open_exit),
+    def("open_by_handle_at", Some(304), Some(342), await_exit,      open_exit),
     def("connect",         Some(42),   Some(362),  connect_entry,   connect_exit),
     def("socketcall",      None,       Some(102),  socketcall_entry, never_exit),
     def("unshare",         Some(272),  Some(310),  unshare_entry,   never_exit),
     def("chdir",           Some(80),   Some(12),   await_exit,      chdir_exit),
     def("fchdir",          Some(81),   Some(133),  await_exit,      chdir_exit),
+    def("io_uring_setup",  Some(425),  Some(425),  io_uring_entry,  io_uring_exit),
     // fork and vfork are seen through their ptrace events only.
     def("clone",           Some(56),   Some(120),  clone_entry,     never_exit),
     def("clone3",          Some(435),  Some(435),  clone_entry,     clone3_exit),
