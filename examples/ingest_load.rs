@@ -39,6 +39,7 @@ fn kind(event: &proto::Event) -> &'static str {
         Some(Payload::Exit(_)) => "exit",
         Some(Payload::Chdir(_)) => "chdir",
         Some(Payload::IoUring(_)) => "io_uring",
+        Some(Payload::Credentials(_)) => "credentials",
         None => "other",
     }
 }

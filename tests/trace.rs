@@ -660,6 +660,46 @@ fn file_handles_and_io_uring_cannot_open_unseen() {
 }
 
 #[test]
+fn credential_changes_report_what_the_kernel_then_has() {
+    let run = Trace::new(&[fixture("creds")]).run();
+    assert_eq!((run.code(), run.stdout.as_str()), (Some(0), "0\n0\n0\n-1\n0\n"), "{}", run.stderr);
+    let changes = run.of("credentials");
+    let summary: Vec<(String, serde_json::Value, i64, serde_json::Value)> = changes
+        .iter()
+        .map(|e| {
+            let c = &e["credentials"]["credentials"];
+            let ids = serde_json::json!([
+                [c["uid"], c["euid"], c["suid"], c["fsuid"]],
+                [c["gid"], c["egid"], c["sgid"], c["fsgid"]],
+            ]);
+            let requested = e["credentials"]["requested"].clone();
+            (e["syscall"].as_str().unwrap().to_owned(), requested, retval(e), ids)
+        })
+        .collect();
+    let setuid_cap = 1 << 7;
+    let asked = |ids: &[i64]| serde_json::json!(ids.iter().map(|i| i.to_string()).collect::<Vec<_>>());
+    let ids = |u: [u32; 4], g: [u32; 4]| serde_json::json!([u, g]);
+    assert_eq!(
+        summary,
+        vec![
+            ("setresgid".to_owned(), asked(&[1000, 1000, 1000]), 0, ids([0, 0, 0, 0], [1000; 4])),
+            ("capset".to_owned(), asked(&[setuid_cap, setuid_cap, 0]), 0, ids([0, 0, 0, 0], [1000; 4])),
+            ("setresuid".to_owned(), asked(&[1000, 1001, 1002]), 0, ids([1000, 1001, 1002, 1001], [1000; 4])),
+            ("setuid".to_owned(), asked(&[0]), -libc::EPERM as i64, ids([1000, 1001, 1002, 1001], [1000; 4])),
+            ("capset".to_owned(), asked(&[0, 0, 0]), 0, ids([1000, 1001, 1002, 1001], [1000; 4])),
+        ]
+    );
+    let caps = |i: usize| {
+        let c = &changes[i]["credentials"]["credentials"];
+        [&c["cap_effective"], &c["cap_permitted"], &c["cap_inheritable"]].map(|m| m.as_str().unwrap().to_owned())
+    };
+    let masks = |m: [i64; 3]| m.map(|m| m.to_string());
+    assert_ne!(caps(0), masks([0, 0, 0]), "root still has its capabilities");
+    assert_eq!(caps(1), masks([setuid_cap, setuid_cap, 0]));
+    assert_eq!(caps(2), masks([0, 0, 0]), "leaving uid 0 clears them");
+}
+
+#[test]
 fn a_failed_clone_does_not_describe_the_next_fork() {
     let run = Trace::new(&[fixture("stale_clone")]).run();
     assert_eq!(run.code(), Some(0), "{}", run.stderr);

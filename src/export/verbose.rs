@@ -170,6 +170,26 @@ pub fn format_event(out: &mut String, event: &Event) {
             let _ = write!(out, "{name}({:?})", chdir.path);
             format_retval(out, event.retval.unwrap_or(0));
         }
+        Some(Payload::Credentials(changed)) => {
+            let c = changed.credentials.unwrap_or_default();
+            let id = |v: Option<u32>| v.map_or_else(|| "?".to_owned(), |v| v.to_string());
+            let requested: Vec<String> = changed.requested.iter().map(|r| r.to_string()).collect();
+            let _ = write!(out, "{name}({})", requested.join(", "));
+            format_retval(out, event.retval.unwrap_or(0));
+            let _ = write!(
+                out,
+                " uid={}/{}/{}/{} gid={}/{}/{}/{} cap_eff={:#x}",
+                id(c.uid),
+                id(c.euid),
+                id(c.suid),
+                id(c.fsuid),
+                id(c.gid),
+                id(c.egid),
+                id(c.sgid),
+                id(c.fsgid),
+                c.cap_effective.unwrap_or(0)
+            );
+        }
         Some(Payload::IoUring(ring)) => {
             let _ = write!(out, "{name}({}, flags={:#x})", ring.entries, ring.flags);
             format_retval(out, event.retval.unwrap_or(0));

@@ -424,6 +424,53 @@ pub fn unshare_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
     Next::Done
 }
 
+// ---- credentials ----------------------------------------------------------------
+
+/// The thread's credentials after the call, from the kernel: what set*id
+/// changed is what matters, not the arguments (-1 means "unchanged", and
+/// setfs*id reports failure only through its return value).
+pub fn credentials_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
+    let credentials = procfs::status(cx.tid).map(|s| s.credentials);
+    let (requested, unreadable) = requested_credentials(call);
+    let partial = credentials.is_none() || unreadable;
+    let event = proto::CredentialsEvent { credentials, requested };
+    cx.emit_call(call, retval, partial, Payload::Credentials(event));
+}
+
+/// capset(header, data): the masks are in memory, read at entry as the
+/// kernel reads them. Version 3 headers carry two 32-bit halves of each.
+pub fn capset_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
+    call.entry_bytes = read_bytes(cx, call.args[1], 24);
+    Next::Exit
+}
+
+/// The ids a set*id call passed, or capset's masks; the flag says the masks
+/// could not be read.
+fn requested_credentials(call: &Call) -> (Vec<i64>, bool) {
+    let name = call.def.name;
+    if name == "capset" {
+        let word = |i: usize| {
+            call.entry_bytes.get(i * 4..i * 4 + 4).map(|w| u32::from_ne_bytes(w.try_into().expect("4 bytes")))
+        };
+        // struct __user_cap_data_struct { effective, permitted, inheritable } × 2.
+        let masks: Option<Vec<i64>> =
+            (0..3).map(|set| Some(i64::from(word(set)?) | i64::from(word(3 + set).unwrap_or(0)) << 32)).collect();
+        return masks.map_or((Vec::new(), true), |m| (m, false));
+    }
+    let base = name.trim_end_matches("32");
+    let count = if base.starts_with("setres") {
+        3
+    } else if base.starts_with("setre") {
+        2
+    } else {
+        1
+    };
+    // i386's calls without the "32" suffix take 16-bit ids.
+    let narrow = call.abi == Abi::I386 && !name.ends_with("32");
+    let id = |raw: u64| if narrow { i64::from(raw as u16 as i16) } else { i64::from(raw as u32 as i32) };
+    (call.args[..count].iter().map(|&a| id(a)).collect(), false)
+}
+
 // ---- io_uring -------------------------------------------------------------------
 
 /// io_uring_setup(entries, params): the flags sit in `struct io_uring_params`
@@ -513,6 +560,29 @@ pub fn clone3_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn call(name: &str, abi: Abi, args: [u64; 6], entry_bytes: Vec<u8>) -> Call {
+        let def = syscalls::by_name(name);
+        Call { def, abi, args, time: SystemTime::now(), entry_path: None, entry_bytes, partial: false }
+    }
+
+    #[test]
+    fn requested_credentials_keep_minus_one_whatever_the_id_width() {
+        let unchanged = u64::from(u32::MAX);
+        let setresuid = call("setresuid", Abi::X86_64, [unchanged, 0, 1000, 0, 0, 0], vec![]);
+        assert_eq!(requested_credentials(&setresuid), (vec![-1, 0, 1000], false));
+        // i386's setuid takes a 16-bit id; setuid32 a 32-bit one.
+        let narrow = call("setreuid", Abi::I386, [0xffff, 5, 0, 0, 0, 0], vec![]);
+        assert_eq!(requested_credentials(&narrow), (vec![-1, 5], false));
+        let wide = call("setuid32", Abi::I386, [0xffff, 0, 0, 0, 0, 0], vec![]);
+        assert_eq!(requested_credentials(&wide), (vec![0xffff], false));
+
+        let halves: Vec<u8> = [1u32, 2, 4, 8, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let capset = call("capset", Abi::X86_64, [0; 6], halves);
+        assert_eq!(requested_credentials(&capset), (vec![1 | 8 << 32, 2, 4], false));
+        let unreadable = call("capset", Abi::X86_64, [0; 6], vec![]);
+        assert_eq!(requested_credentials(&unreadable), (vec![], true));
+    }
 
     #[test]
     fn sockaddrs_decode_to_text() {

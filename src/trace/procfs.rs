@@ -56,17 +56,17 @@ pub fn status(tid: Pid) -> Option<Status> {
     for line in text.lines() {
         let Some((key, value)) = line.split_once(':') else { continue };
         let mut numbers = value.split_whitespace().map(|v| v.parse::<u32>().ok());
+        let mask = || u64::from_str_radix(value.trim(), 16).ok();
+        let c = &mut status.credentials;
         match key {
             "Tgid" => status.tgid = numbers.next().flatten().map(|v| v as i32),
             "PPid" => status.ppid = numbers.next().flatten().map(|v| v as i32),
-            "Uid" => {
-                status.credentials.uid = numbers.next().flatten();
-                status.credentials.euid = numbers.next().flatten();
-            }
-            "Gid" => {
-                status.credentials.gid = numbers.next().flatten();
-                status.credentials.egid = numbers.next().flatten();
-            }
+            // Real, effective, saved, filesystem.
+            "Uid" => [c.uid, c.euid, c.suid, c.fsuid] = std::array::from_fn(|_| numbers.next().flatten()),
+            "Gid" => [c.gid, c.egid, c.sgid, c.fsgid] = std::array::from_fn(|_| numbers.next().flatten()),
+            "CapInh" => c.cap_inheritable = mask(),
+            "CapPrm" => c.cap_permitted = mask(),
+            "CapEff" => c.cap_effective = mask(),
             _ => {}
         }
     }
