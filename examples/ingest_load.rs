@@ -40,6 +40,8 @@ fn kind(event: &proto::Event) -> &'static str {
         Some(Payload::Chdir(_)) => "chdir",
         Some(Payload::IoUring(_)) => "io_uring",
         Some(Payload::Credentials(_)) => "credentials",
+        Some(Payload::Bind(_)) => "bind",
+        Some(Payload::Accept(_)) => "accept",
         None => "other",
     }
 }

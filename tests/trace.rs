@@ -238,6 +238,44 @@ fn tcp_and_udp_connects_report_address_port_and_protocol() {
 }
 
 #[test]
+fn binds_and_accepts_report_the_kernel_s_addresses() {
+    let run = Trace::new(&[fixture("server")]).run();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let printed: Vec<u64> = run.stdout.split_whitespace().map(|n| n.parse().unwrap()).collect();
+    let [port, client_port, accepted] = printed[..] else { panic!("{}", run.stdout) };
+
+    let binds = run.of("bind");
+    let summary: Vec<_> = binds
+        .iter()
+        .map(|e| (e["bind"]["address"].clone(), e["bind"]["port"].as_u64(), e["bind"]["protocol"].clone(), retval(e)))
+        .collect();
+    let tcp = serde_json::json!("PROTOCOL_TCP");
+    let localhost = serde_json::json!("127.0.0.1");
+    assert_eq!(
+        summary,
+        vec![
+            (localhost.clone(), Some(port), tcp.clone(), 0),
+            (localhost.clone(), Some(port), tcp.clone(), -libc::EADDRINUSE as i64),
+        ],
+        "port 0 is reported as the port the kernel chose"
+    );
+
+    let connect = &run.of("connect")[0];
+    assert_ne!(connect["tid"], connect["pid"], "from a thread");
+    assert_eq!(connect["connect"]["protocol"], tcp, "asked of the socket through the thread");
+
+    let accepts = run.of("accept");
+    assert_eq!(accepts.len(), 1, "{accepts:#?}");
+    let accept = &accepts[0];
+    assert_eq!(retval(accept), accepted as i64);
+    assert_eq!(accept["accept"]["address"], localhost, "no address buffer was passed");
+    assert_eq!(accept["accept"]["port"].as_u64(), Some(client_port));
+    assert_eq!(accept["accept"]["local_port"].as_u64(), Some(port));
+    assert_eq!(accept["accept"]["fd"], binds[0]["bind"]["fd"]);
+    assert_eq!(accept["accept"]["protocol"], tcp);
+}
+
+#[test]
 fn refused_connect_reports_econnrefused() {
     // A bound TCP socket that does not listen holds the port: the refusal is
     // certain and no other process can take the port meanwhile.

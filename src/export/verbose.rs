@@ -87,6 +87,27 @@ fn format_retval(out: &mut String, retval: i64) {
     }
 }
 
+/// `TCP 127.0.0.1:80`, `UDP [::1]:53`, `unix "/path"`.
+fn format_address(out: &mut String, protocol: Protocol, family: AddressFamily, address: &str, port: u32) {
+    let protocol = match protocol {
+        Protocol::Tcp => "TCP ",
+        Protocol::Udp => "UDP ",
+        _ => "",
+    };
+    match family {
+        AddressFamily::Inet => {
+            let _ = write!(out, "{protocol}{address}:{port}");
+        }
+        AddressFamily::Inet6 => {
+            let _ = write!(out, "{protocol}[{address}]:{port}");
+        }
+        AddressFamily::Unix => {
+            let _ = write!(out, "unix {address:?}");
+        }
+        _ => out.push('?'),
+    }
+}
+
 pub fn format_event(out: &mut String, event: &Event) {
     let _ = write!(out, "[pid {} ppid {}", event.pid, event.ppid);
     if event.tid != event.pid {
@@ -127,26 +148,22 @@ pub fn format_event(out: &mut String, event: &Event) {
             out.push(')');
             format_retval(out, event.retval.unwrap_or(0));
         }
-        Some(Payload::Connect(connect)) => {
-            let _ = write!(out, "{name}({}, ", connect.fd.unwrap_or(-1));
-            let protocol = match connect.protocol() {
-                Protocol::Tcp => "TCP ",
-                Protocol::Udp => "UDP ",
-                _ => "",
-            };
-            match connect.family() {
-                AddressFamily::Inet => {
-                    let _ = write!(out, "{protocol}{}:{}", connect.address, connect.port);
-                }
-                AddressFamily::Inet6 => {
-                    let _ = write!(out, "{protocol}[{}]:{}", connect.address, connect.port);
-                }
-                AddressFamily::Unix => {
-                    let _ = write!(out, "unix {:?}", connect.address);
-                }
-                _ => out.push('?'),
-            }
+        Some(Payload::Connect(c)) => {
+            let _ = write!(out, "{name}({}, ", c.fd.unwrap_or(-1));
+            format_address(out, c.protocol(), c.family(), &c.address, c.port);
             out.push(')');
+            format_retval(out, event.retval.unwrap_or(0));
+        }
+        Some(Payload::Bind(b)) => {
+            let _ = write!(out, "{name}({}, ", b.fd.unwrap_or(-1));
+            format_address(out, b.protocol(), b.family(), &b.address, b.port);
+            out.push(')');
+            format_retval(out, event.retval.unwrap_or(0));
+        }
+        Some(Payload::Accept(a)) => {
+            let _ = write!(out, "{name}({}, from ", a.fd.unwrap_or(-1));
+            format_address(out, a.protocol(), a.family(), &a.address, a.port);
+            let _ = write!(out, " to port {})", a.local_port);
             format_retval(out, event.retval.unwrap_or(0));
         }
         Some(Payload::Fork(fork)) => {

@@ -14,7 +14,7 @@ use crate::proto::{self, event::Payload, AddressFamily, Event, Protocol};
 use crate::trace::memory;
 use crate::trace::paths;
 use crate::trace::process::{ForkRequest, ProcessTable};
-use crate::trace::procfs;
+use crate::trace::procfs::{self, End};
 use crate::trace::ptrace;
 use crate::trace::syscalls::{self, Abi, Call, Next};
 
@@ -368,42 +368,96 @@ fn protocol_of(family: AddressFamily, sock_type: i32, protocol: i32) -> Protocol
 
 /// The address is read at entry, when the kernel copies it: a blocking
 /// connect leaves time for another thread to rewrite it before the exit.
-pub fn connect_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
+/// (bind's address too.)
+pub fn sockaddr_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
     let [_, addr, len, ..] = call.args;
     call.entry_bytes = read_bytes(cx, addr, (len as usize).min(SOCKADDR_MAX));
     Next::Exit
+}
+
+/// The socket behind a tracee's descriptor, asked of the kernel now rather
+/// than of a table kept from socket(2) calls: inherited, passed or dup'ed
+/// sockets are all the same.
+fn socket_of(cx: &Ctx<'_>, fd: i32) -> Option<std::os::fd::OwnedFd> {
+    procfs::descriptor_copy(cx.tid, cx.tgid(), fd)
+}
+
+fn protocol_of_socket(socket: Option<&std::os::fd::OwnedFd>, family: AddressFamily) -> Protocol {
+    let (sock_type, protocol) = socket.and_then(procfs::socket_kind).unwrap_or((0, -1));
+    protocol_of(family, sock_type, protocol)
 }
 
 pub fn connect_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
     let fd = arg_fd(call.args[0]);
     let parsed = parse_sockaddr(&call.entry_bytes);
     let (family, address, port) = parsed.clone().unwrap_or((AddressFamily::Unspecified, String::new(), 0));
-    // The kernel's socket behind the descriptor now, not a table kept from
-    // socket(2) calls: inherited, passed or dup'ed sockets are all the same.
-    let (sock_type, protocol) = procfs::socket_kind(cx.tid, fd).unwrap_or((0, -1));
     let connect = proto::ConnectEvent {
         address,
         port,
         family: family as i32,
-        protocol: protocol_of(family, sock_type, protocol) as i32,
+        protocol: protocol_of_socket(socket_of(cx, fd).as_ref(), family) as i32,
         fd: Some(fd),
     };
     cx.emit_call(call, retval, parsed.is_none(), Payload::Connect(connect));
 }
 
-/// i386 `socketcall(call, args)`: the real arguments sit in an array in
-/// memory. A connect is rewritten into the connect entry it stands for, so
-/// the same exit decoder runs.
-pub fn socketcall_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
-    const SYS_CONNECT: u64 = 3;
-    if call.args[0] != SYS_CONNECT {
-        return Next::Done;
+/// bind: on success, the address the kernel bound (port 0 becomes the port
+/// it chose); on failure, the one asked for.
+pub fn bind_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
+    let fd = arg_fd(call.args[0]);
+    let socket = socket_of(cx, fd);
+    let bound = (retval == 0).then(|| socket.as_ref().and_then(|s| procfs::socket_address(s, End::Local))).flatten();
+    let parsed = parse_sockaddr(bound.as_deref().unwrap_or(&call.entry_bytes));
+    let (family, address, port) = parsed.clone().unwrap_or((AddressFamily::Unspecified, String::new(), 0));
+    let bind = proto::BindEvent {
+        address,
+        port,
+        family: family as i32,
+        protocol: protocol_of_socket(socket.as_ref(), family) as i32,
+        fd: Some(fd),
+    };
+    cx.emit_call(call, retval, parsed.is_none(), Payload::Bind(bind));
+}
+
+/// accept, accept4: the peer and local port of the new connection, asked of
+/// its socket (so an accept that passes no address buffer is seen too).
+/// Failed accepts are not reported: a non-blocking server fails with EAGAIN
+/// at every idle wake-up.
+pub fn accept_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
+    if retval < 0 {
+        return;
     }
-    let words = memory::read_words(cx.tid, call.args[1], Abi::I386, 3);
-    if words.len() < 3 {
+    let socket = socket_of(cx, retval as i32);
+    let end = |end| socket.as_ref().and_then(|s| procfs::socket_address(s, end)).and_then(|a| parse_sockaddr(&a));
+    let (peer, local) = (end(End::Peer), end(End::Local));
+    let (family, address, port) = peer.clone().unwrap_or((AddressFamily::Unspecified, String::new(), 0));
+    let accept = proto::AcceptEvent {
+        address,
+        port,
+        family: family as i32,
+        protocol: protocol_of_socket(socket.as_ref(), family) as i32,
+        fd: Some(arg_fd(call.args[0])),
+        local_port: local.map_or(0, |(_, _, port)| port),
+    };
+    cx.emit_call(call, retval, peer.is_none(), Payload::Accept(accept));
+}
+
+/// i386 `socketcall(call, args)`: the real arguments sit in an array in
+/// memory. A call we watch is rewritten into the entry it stands for, so the
+/// same exit decoder runs.
+pub fn socketcall_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
+    let (name, count) = match call.args[0] {
+        2 => ("bind", 3),
+        3 => ("connect", 3),
+        5 => ("accept", 3),
+        18 => ("accept4", 4),
+        _ => return Next::Done,
+    };
+    let words = memory::read_words(cx.tid, call.args[1], Abi::I386, count);
+    if words.len() < count {
         call.partial = true;
     }
-    call.def = syscalls::by_name("connect");
+    call.def = syscalls::by_name(name);
     call.args = [0; 6];
     call.args[..words.len()].copy_from_slice(&words);
     (call.def.on_entry)(cx, call)

@@ -73,31 +73,34 @@ pub fn status(tid: Pid) -> Option<Status> {
     Some(status)
 }
 
-/// (type, protocol) of a socket descriptor, asked of the socket itself
-/// through a pidfd duplicate (Linux 5.6+).
-pub fn socket_kind(pid: Pid, fd: i32) -> Option<(i32, i32)> {
-    // SAFETY: pidfd_open and pidfd_getfd take integers and return a new
-    // descriptor or -1; every descriptor is wrapped in an OwnedFd at once.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if pidfd < 0 {
-        return None;
-    }
-    // SAFETY: pidfd is a fresh descriptor we own.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
-    // SAFETY: as above.
+/// A duplicate of a tracee's descriptor (pidfd_getfd, Linux 5.6+), to ask
+/// the socket itself what it is. The thread's own table when the kernel can
+/// name a thread (PIDFD_THREAD, 6.9+), else its process's: threads share
+/// their table in practice.
+pub fn descriptor_copy(tid: Pid, tgid: Pid, fd: i32) -> Option<OwnedFd> {
+    const PIDFD_THREAD: libc::c_long = libc::O_EXCL as libc::c_long;
+    let open = |pid: Pid, flags: libc::c_long| {
+        // SAFETY: pidfd_open takes integers and returns a new descriptor or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), flags) };
+        // SAFETY: a non-negative return is a fresh descriptor we own.
+        (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as i32) })
+    };
+    let pidfd = if tid == tgid { open(tid, 0) } else { open(tid, PIDFD_THREAD).or_else(|| open(tgid, 0)) }?;
+    // SAFETY: pidfd_getfd takes integers and returns a new descriptor or -1.
     let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    if copy < 0 {
-        return None;
-    }
-    // SAFETY: copy is a fresh descriptor we own.
-    let copy = unsafe { OwnedFd::from_raw_fd(copy as i32) };
+    // SAFETY: a non-negative return is a fresh descriptor we own.
+    (copy >= 0).then(|| unsafe { OwnedFd::from_raw_fd(copy as i32) })
+}
+
+/// (type, protocol) of a socket.
+pub fn socket_kind(socket: &OwnedFd) -> Option<(i32, i32)> {
     let option = |name| {
         let mut value: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: value and len are valid for writes of their sizes.
         let rc = unsafe {
             libc::getsockopt(
-                copy.as_raw_fd(),
+                socket.as_raw_fd(),
                 libc::SOL_SOCKET,
                 name,
                 (&mut value as *mut libc::c_int).cast(),
@@ -107,6 +110,36 @@ pub fn socket_kind(pid: Pid, fd: i32) -> Option<(i32, i32)> {
         (rc == 0).then_some(value)
     };
     Some((option(libc::SO_TYPE)?, option(libc::SO_PROTOCOL)?))
+}
+
+/// Which end of a socket: its own address, or its peer's.
+#[derive(Clone, Copy)]
+pub enum End {
+    Local,
+    Peer,
+}
+
+/// The raw sockaddr of one end of a socket (getsockname, getpeername).
+pub fn socket_address(socket: &OwnedFd, end: End) -> Option<Vec<u8>> {
+    // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let address = (&mut storage as *mut libc::sockaddr_storage).cast();
+    // SAFETY: address and len describe `storage`, valid for writes of its size.
+    let rc = unsafe {
+        match end {
+            End::Local => libc::getsockname(socket.as_raw_fd(), address, &mut len),
+            End::Peer => libc::getpeername(socket.as_raw_fd(), address, &mut len),
+        }
+    };
+    if rc != 0 {
+        return None;
+    }
+    // A longer address is cut to the storage by the kernel, which still says its full length.
+    let len = (len as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
+    // SAFETY: the kernel wrote `len` bytes, within the storage, into it.
+    let bytes = unsafe { std::slice::from_raw_parts((&storage as *const libc::sockaddr_storage).cast::<u8>(), len) };
+    Some(bytes.to_vec())
 }
 
 /// The tracer's own peak resident set (VmHWM), for `--stats`.

@@ -99,7 +99,11 @@ pub static SYSCALLS: &[SyscallDef] = &[
     def("openat2",         Some(437),  Some(437),  openat2_entry,   open_exit),
     def("creat",           Some(85),   Some(8),    await_exit,      open_exit),
     def("open_by_handle_at", Some(304), Some(342), await_exit,      open_exit),
-    def("connect",         Some(42),   Some(362),  connect_entry,   connect_exit),
+    def("connect",         Some(42),   Some(362),  sockaddr_entry,  connect_exit),
+    def("bind",            Some(49),   Some(361),  sockaddr_entry,  bind_exit),
+    // i386 has accept only through socketcall.
+    def("accept",          Some(43),   None,       await_exit,      accept_exit),
+    def("accept4",         Some(288),  Some(364),  await_exit,      accept_exit),
     def("socketcall",      None,       Some(102),  socketcall_entry, never_exit),
     def("unshare",         Some(272),  Some(310),  unshare_entry,   never_exit),
     def("chdir",           Some(80),   Some(12),   await_exit,      chdir_exit),
