@@ -42,6 +42,7 @@ fn kind(event: &proto::Event) -> &'static str {
         Some(Payload::Credentials(_)) => "credentials",
         Some(Payload::Bind(_)) => "bind",
         Some(Payload::Accept(_)) => "accept",
+        Some(Payload::File(_)) => "file",
         None => "other",
     }
 }

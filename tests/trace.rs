@@ -738,6 +738,50 @@ fn credential_changes_report_what_the_kernel_then_has() {
 }
 
 #[test]
+fn file_changes_report_paths_as_the_calls_named_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap().to_owned();
+    let run = Trace::new(&[fixture("files").to_str().unwrap(), &base]).run();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let at = |path: &str| format!("{base}/{path}");
+    let changes: Vec<String> = run
+        .of("file")
+        .iter()
+        .map(|e| {
+            let f = &e["file"];
+            let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
+            format!(
+                "{} {} {} {:?} {} {} {} {} = {}",
+                e["syscall"].as_str().unwrap(),
+                text(&f["operation"]).trim_start_matches("FILE_OPERATION_"),
+                text(&f["path"]),
+                text(&f["target"]),
+                f["mode"].as_u64().map_or("-".to_owned(), |m| format!("{m:o}")),
+                f["uid"].as_str().unwrap_or("-"),
+                f["gid"].as_str().unwrap_or("-"),
+                f["flags"].as_u64().unwrap_or(0),
+                retval(e)
+            )
+        })
+        .collect();
+    let expected = [
+        format!("mkdir MKDIR {} \"\" 750 - - 0 = 0", at("d")),
+        format!("fchmod CHMOD {} \"\" 640 - - 0 = 0", at("d/f")),
+        format!("chmod CHMOD {} \"\" 644 - - 0 = 0", at("d/f")),
+        format!("fchownat CHOWN {} \"\" - 1000 -1 0 = 0", at("d/f")),
+        format!("symlink SYMLINK {} \"f\" - - - 0 = 0", at("d/s")),
+        format!("linkat LINK {} {:?} - - - 0 = 0", at("hard"), at("d/f")),
+        format!("renameat2 RENAME {} {:?} - - - 1 = 0", at("hard"), at("d/moved")),
+        format!("unlink UNLINK {} \"\" - - - 0 = 0", at("d/moved")),
+        format!("unlinkat UNLINK {} \"\" - - - 0 = 0", at("d/s")),
+        format!("unlink UNLINK {} \"\" - - - 0 = 0", at("d/f")),
+        format!("rmdir RMDIR {} \"\" - - - 0 = -2", at("d/missing")),
+        format!("unlinkat RMDIR {} \"\" - - - {} = 0", at("d"), libc::AT_REMOVEDIR),
+    ];
+    assert_eq!(changes, expected);
+}
+
+#[test]
 fn a_failed_clone_does_not_describe_the_next_fork() {
     let run = Trace::new(&[fixture("stale_clone")]).run();
     assert_eq!(run.code(), Some(0), "{}", run.stderr);

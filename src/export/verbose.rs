@@ -7,7 +7,7 @@ use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncWriteExt, BufWriter, Stderr};
 
-use crate::proto::{event::Payload, Abi, AddressFamily, Event, ExitCause, Protocol};
+use crate::proto::{event::Payload, Abi, AddressFamily, Event, ExitCause, FileOperation, Protocol};
 
 pub struct Printer {
     out: BufWriter<Stderr>,
@@ -206,6 +206,25 @@ pub fn format_event(out: &mut String, event: &Event) {
                 id(c.fsgid),
                 c.cap_effective.unwrap_or(0)
             );
+        }
+        Some(Payload::File(file)) => {
+            let _ = write!(out, "{name}({:?}", file.path);
+            if !file.target.is_empty() {
+                // A link points at its target; a rename goes from path to target.
+                let arrow = if file.operation() == FileOperation::Rename { ", " } else { " -> " };
+                let _ = write!(out, "{arrow}{:?}", file.target);
+            }
+            if let Some(mode) = file.mode {
+                let _ = write!(out, ", {mode:#o}");
+            }
+            if let (Some(uid), Some(gid)) = (file.uid, file.gid) {
+                let _ = write!(out, ", {uid}, {gid}");
+            }
+            if file.flags != 0 {
+                let _ = write!(out, ", flags={:#x}", file.flags);
+            }
+            out.push(')');
+            format_retval(out, event.retval.unwrap_or(0));
         }
         Some(Payload::IoUring(ring)) => {
             let _ = write!(out, "{name}({}, flags={:#x})", ring.entries, ring.flags);

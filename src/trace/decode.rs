@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use nix::unistd::Pid;
 
 use crate::export::EventSink;
-use crate::proto::{self, event::Payload, AddressFamily, Event, Protocol};
+use crate::proto::{self, event::Payload, AddressFamily, Event, FileOperation, Protocol};
 use crate::trace::memory;
 use crate::trace::paths;
 use crate::trace::process::{ForkRequest, ProcessTable};
@@ -519,10 +519,124 @@ fn requested_credentials(call: &Call) -> (Vec<i64>, bool) {
     } else {
         1
     };
-    // i386's calls without the "32" suffix take 16-bit ids.
-    let narrow = call.abi == Abi::I386 && !name.ends_with("32");
-    let id = |raw: u64| if narrow { i64::from(raw as u16 as i16) } else { i64::from(raw as u32 as i32) };
-    (call.args[..count].iter().map(|&a| id(a)).collect(), false)
+    (call.args[..count].iter().map(|&a| id_arg(call, a)).collect(), false)
+}
+
+/// A user or group id argument, -1 for "unchanged". i386's original id
+/// calls (without the "32" suffix) take 16-bit ids.
+fn id_arg(call: &Call, raw: u64) -> i64 {
+    const SIXTEEN_BIT: [&str; 11] = [
+        "setuid",
+        "setgid",
+        "setreuid",
+        "setregid",
+        "setresuid",
+        "setresgid",
+        "setfsuid",
+        "setfsgid",
+        "chown",
+        "lchown",
+        "fchown",
+    ];
+    if call.abi == Abi::I386 && SIXTEEN_BIT.contains(&call.def.name) {
+        i64::from(raw as u16 as i16)
+    } else {
+        i64::from(raw as u32 as i32)
+    }
+}
+
+// ---- file changes -----------------------------------------------------------------
+
+/// Where a file call finds a path.
+#[derive(Clone, Copy)]
+enum PathArg {
+    /// A path argument, against the cwd.
+    Path(usize),
+    /// A directory descriptor argument and a path argument.
+    At(usize, usize),
+    /// A descriptor argument: its path.
+    Fd(usize),
+    /// Text kept as given (a symlink's contents).
+    Text(usize),
+}
+
+/// Which arguments of a file call mean what.
+struct FileCall {
+    operation: FileOperation,
+    path: PathArg,
+    target: Option<PathArg>,
+    mode: Option<usize>,
+    owner: Option<usize>,
+    flags: Option<usize>,
+}
+
+fn file_call(name: &str) -> Option<FileCall> {
+    use FileOperation as Op;
+    use PathArg::{At, Fd, Path, Text};
+    let call = |operation, path, target| FileCall { operation, path, target, mode: None, owner: None, flags: None };
+    Some(match name {
+        "unlink" => call(Op::Unlink, Path(0), None),
+        "unlinkat" => FileCall { flags: Some(2), ..call(Op::Unlink, At(0, 1), None) },
+        "rmdir" => call(Op::Rmdir, Path(0), None),
+        "rename" => call(Op::Rename, Path(0), Some(Path(1))),
+        "renameat" => call(Op::Rename, At(0, 1), Some(At(2, 3))),
+        "renameat2" => FileCall { flags: Some(4), ..call(Op::Rename, At(0, 1), Some(At(2, 3))) },
+        "mkdir" => FileCall { mode: Some(1), ..call(Op::Mkdir, Path(0), None) },
+        "mkdirat" => FileCall { mode: Some(2), ..call(Op::Mkdir, At(0, 1), None) },
+        "link" => call(Op::Link, Path(1), Some(Path(0))),
+        "linkat" => FileCall { flags: Some(4), ..call(Op::Link, At(2, 3), Some(At(0, 1))) },
+        "symlink" => call(Op::Symlink, Path(1), Some(Text(0))),
+        "symlinkat" => call(Op::Symlink, At(1, 2), Some(Text(0))),
+        "chmod" => FileCall { mode: Some(1), ..call(Op::Chmod, Path(0), None) },
+        "fchmod" => FileCall { mode: Some(1), ..call(Op::Chmod, Fd(0), None) },
+        "fchmodat" => FileCall { mode: Some(2), ..call(Op::Chmod, At(0, 1), None) },
+        "fchmodat2" => FileCall { mode: Some(2), flags: Some(3), ..call(Op::Chmod, At(0, 1), None) },
+        "chown" | "lchown" | "chown32" | "lchown32" => FileCall { owner: Some(1), ..call(Op::Chown, Path(0), None) },
+        "fchown" | "fchown32" => FileCall { owner: Some(1), ..call(Op::Chown, Fd(0), None) },
+        "fchownat" => FileCall { owner: Some(2), flags: Some(4), ..call(Op::Chown, At(0, 1), None) },
+        _ => return None,
+    })
+}
+
+fn read_path_arg(cx: &mut Ctx<'_>, call: &Call, arg: PathArg) -> Option<String> {
+    match arg {
+        PathArg::Path(i) => cx.read_path(AT_FDCWD, call.args[i]),
+        // With AT_EMPTY_PATH and "", this is the descriptor's own path.
+        PathArg::At(dirfd, i) => cx.read_path(arg_fd(call.args[dirfd]), call.args[i]),
+        PathArg::Fd(i) => cx.fd_path(arg_fd(call.args[i])),
+        PathArg::Text(i) => {
+            let (raw, _) = memory::read_cstring(cx.tid, call.args[i], PATH_MAX).ok()?;
+            Some(String::from_utf8_lossy(&raw).into_owned())
+        }
+    }
+}
+
+/// Paths are read at entry, when the kernel reads them: after an unlink or
+/// rename there is nothing left to ask /proc about.
+pub fn file_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
+    let Some(spec) = file_call(call.def.name) else { return Next::Done };
+    let path = read_path_arg(cx, call, spec.path);
+    let target = spec.target.map(|t| read_path_arg(cx, call, t));
+    call.partial |= path.is_none() || target.as_ref().is_some_and(Option::is_none);
+    call.entry_path = path;
+    call.entry_target = target.flatten();
+    Next::Exit
+}
+
+pub fn file_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
+    let Some(spec) = file_call(call.def.name) else { return };
+    let flags = spec.flags.map_or(0, |i| call.args[i] as u32);
+    let removes_dir = call.def.name == "unlinkat" && flags & libc::AT_REMOVEDIR as u32 != 0;
+    let file = proto::FileEvent {
+        operation: if removes_dir { FileOperation::Rmdir } else { spec.operation } as i32,
+        path: call.entry_path.clone().unwrap_or_default(),
+        target: call.entry_target.clone().unwrap_or_default(),
+        mode: spec.mode.map(|i| call.args[i] as u32),
+        uid: spec.owner.map(|i| id_arg(call, call.args[i])),
+        gid: spec.owner.map(|i| id_arg(call, call.args[i + 1])),
+        flags,
+    };
+    cx.emit_call(call, retval, call.partial, Payload::File(file));
 }
 
 // ---- io_uring -------------------------------------------------------------------
@@ -617,7 +731,16 @@ mod tests {
 
     fn call(name: &str, abi: Abi, args: [u64; 6], entry_bytes: Vec<u8>) -> Call {
         let def = syscalls::by_name(name);
-        Call { def, abi, args, time: SystemTime::now(), entry_path: None, entry_bytes, partial: false }
+        Call {
+            def,
+            abi,
+            args,
+            time: SystemTime::now(),
+            entry_path: None,
+            entry_target: None,
+            entry_bytes,
+            partial: false,
+        }
     }
 
     #[test]

@@ -238,6 +238,7 @@ impl Engine {
             args: entry.args,
             time,
             entry_path: None,
+            entry_target: None,
             entry_bytes: Vec::new(),
             partial: false,
         };

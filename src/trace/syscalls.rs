@@ -38,8 +38,11 @@ pub struct Call {
     pub args: [u64; 6],
     /// When the syscall was entered.
     pub time: SystemTime,
-    /// Absolute path read at entry, for calls whose memory is gone at exit (exec).
+    /// Absolute path read at entry, for calls whose memory is gone at exit
+    /// (exec) or whose file is (unlink).
     pub entry_path: Option<String>,
+    /// A second path read at entry (rename's new name, a symlink's contents).
+    pub entry_target: Option<String>,
     /// Argument memory read at entry, as the kernel read it, before another
     /// thread of the workload can change it (a sockaddr, an open_how).
     pub entry_bytes: Vec<u8>,
@@ -109,6 +112,30 @@ pub static SYSCALLS: &[SyscallDef] = &[
     def("chdir",           Some(80),   Some(12),   await_exit,      chdir_exit),
     def("fchdir",          Some(81),   Some(133),  await_exit,      chdir_exit),
     def("io_uring_setup",  Some(425),  Some(425),  io_uring_entry,  io_uring_exit),
+    def("unlink",          Some(87),   Some(10),   file_entry,      file_exit),
+    def("unlinkat",        Some(263),  Some(301),  file_entry,      file_exit),
+    def("rmdir",           Some(84),   Some(40),   file_entry,      file_exit),
+    def("rename",          Some(82),   Some(38),   file_entry,      file_exit),
+    def("renameat",        Some(264),  Some(302),  file_entry,      file_exit),
+    def("renameat2",       Some(316),  Some(353),  file_entry,      file_exit),
+    def("mkdir",           Some(83),   Some(39),   file_entry,      file_exit),
+    def("mkdirat",         Some(258),  Some(296),  file_entry,      file_exit),
+    def("link",            Some(86),   Some(9),    file_entry,      file_exit),
+    def("linkat",          Some(265),  Some(303),  file_entry,      file_exit),
+    def("symlink",         Some(88),   Some(83),   file_entry,      file_exit),
+    def("symlinkat",       Some(266),  Some(304),  file_entry,      file_exit),
+    def("chmod",           Some(90),   Some(15),   file_entry,      file_exit),
+    def("fchmod",          Some(91),   Some(94),   file_entry,      file_exit),
+    def("fchmodat",        Some(268),  Some(306),  file_entry,      file_exit),
+    def("fchmodat2",       Some(452),  Some(452),  file_entry,      file_exit),
+    // On i386, chown, lchown and fchown take 16-bit ids; the *32 forms 32-bit ones.
+    def("chown",           Some(92),   Some(182),  file_entry,      file_exit),
+    def("lchown",          Some(94),   Some(16),   file_entry,      file_exit),
+    def("fchown",          Some(93),   Some(95),   file_entry,      file_exit),
+    def("fchownat",        Some(260),  Some(298),  file_entry,      file_exit),
+    def("chown32",         None,       Some(212),  file_entry,      file_exit),
+    def("lchown32",        None,       Some(198),  file_entry,      file_exit),
+    def("fchown32",        None,       Some(207),  file_entry,      file_exit),
     def("setuid",          Some(105),  Some(23),   await_exit,      credentials_exit),
     def("setgid",          Some(106),  Some(46),   await_exit,      credentials_exit),
     def("setreuid",        Some(113),  Some(70),   await_exit,      credentials_exit),
