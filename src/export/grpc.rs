@@ -43,9 +43,10 @@ pub struct Options {
 
 #[derive(Default)]
 struct Buffer {
-    /// Unacknowledged events, oldest first, with their sequence numbers.
-    events: VecDeque<(u64, Event)>,
-    /// Their footprint.
+    /// Unacknowledged events, oldest first, with their sequence numbers
+    /// and encoded lengths.
+    events: VecDeque<(u64, Event, usize)>,
+    /// The sum of their footprints (`super::footprint`).
     bytes: usize,
     /// Sequence number of the next event.
     next_sequence: u64,
@@ -59,10 +60,11 @@ impl Buffer {
     fn push(&mut self, event: Event, capacity: usize) {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
-        let size = super::footprint(&event);
+        let encoded_len = prost::Message::encoded_len(&event);
+        let size = super::footprint_of_encoded(encoded_len);
         if self.events.len() < capacity && self.bytes + size <= BUFFER_BYTES {
             self.bytes += size;
-            self.events.push_back((sequence, event));
+            self.events.push_back((sequence, event, encoded_len));
             return;
         }
         self.dropped += 1;
@@ -73,9 +75,9 @@ impl Buffer {
     }
 
     fn ack(&mut self, sequence: u64) {
-        while self.events.front().is_some_and(|(s, _)| *s <= sequence) {
-            if let Some((_, event)) = self.events.pop_front() {
-                self.bytes -= super::footprint(&event);
+        while self.events.front().is_some_and(|(s, _, _)| *s <= sequence) {
+            if let Some((_, _, encoded_len)) = self.events.pop_front() {
+                self.bytes -= super::footprint_of_encoded(encoded_len);
             }
         }
     }
@@ -243,7 +245,7 @@ async fn stream(
     let mut responses = client.stream_events(ReceiverStream::new(rx)).await.map_err(|e| e.to_string())?.into_inner();
     let _ = connected.send(());
     // Resend from the oldest unacknowledged event.
-    let mut next = shared.buffer().events.front().map_or(0, |(s, _)| *s);
+    let mut next = shared.buffer().events.front().map_or(0, |(s, _, _)| *s);
     let mut goodbye_sent = false;
     loop {
         // Send everything available.
@@ -251,18 +253,18 @@ async fn stream(
             let (losses, batch) = {
                 let mut buffer = shared.buffer();
                 let losses = std::mem::take(&mut buffer.losses);
-                let start = buffer.events.partition_point(|(s, _)| *s < next);
+                let start = buffer.events.partition_point(|(s, _, _)| *s < next);
                 let mut bytes = 0;
                 let batch: Vec<(u64, Event)> = buffer
                     .events
                     .range(start..)
                     .take(BATCH)
-                    .take_while(|(_, event)| {
+                    .take_while(|(_, _, encoded_len)| {
                         let first = bytes == 0;
-                        bytes += prost::Message::encoded_len(event);
+                        bytes += encoded_len;
                         first || bytes <= BATCH_BYTES
                     })
-                    .cloned()
+                    .map(|(s, event, _)| (*s, event.clone()))
                     .collect();
                 (losses, batch)
             };
@@ -325,11 +327,11 @@ mod tests {
         for _ in 0..5 {
             buffer.push(Event::default(), 2);
         }
-        assert_eq!(buffer.events.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(buffer.events.iter().map(|(s, _, _)| *s).collect::<Vec<_>>(), vec![0, 1]);
         assert_eq!((buffer.losses.clone(), buffer.dropped), (vec![(2, 4)], 3));
         buffer.ack(0);
         buffer.push(Event::default(), 2);
-        assert_eq!(buffer.events.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![1, 5]);
+        assert_eq!(buffer.events.iter().map(|(s, _, _)| *s).collect::<Vec<_>>(), vec![1, 5]);
     }
 
     #[test]

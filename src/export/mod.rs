@@ -36,7 +36,12 @@ const GATHER: Duration = Duration::from_millis(10);
 /// About the memory an event holds: the struct, and for its strings twice
 /// their encoded size (allocation headers and slack, vectors of strings).
 pub fn footprint(event: &Event) -> usize {
-    std::mem::size_of::<Event>() + 2 * prost::Message::encoded_len(event)
+    footprint_of_encoded(prost::Message::encoded_len(event))
+}
+
+/// [`footprint`] of an event whose encoded length is known.
+pub fn footprint_of_encoded(encoded_len: usize) -> usize {
+    std::mem::size_of::<Event>() + 2 * encoded_len
 }
 /// Events taken from the queue at once.
 const BATCH: usize = 512;

@@ -375,6 +375,11 @@ pub fn sockaddr_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
     Next::Exit
 }
 
+/// An address that could not be read is reported empty (the event partial).
+fn address_or_empty(parsed: Option<(AddressFamily, String, u32)>) -> (AddressFamily, String, u32) {
+    parsed.unwrap_or((AddressFamily::Unspecified, String::new(), 0))
+}
+
 /// The socket behind a tracee's descriptor, asked of the kernel now rather
 /// than of a table kept from socket(2) calls: inherited, passed or dup'ed
 /// sockets are all the same.
@@ -390,7 +395,8 @@ fn protocol_of_socket(socket: Option<&std::os::fd::OwnedFd>, family: AddressFami
 pub fn connect_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
     let fd = arg_fd(call.args[0]);
     let parsed = parse_sockaddr(&call.entry_bytes);
-    let (family, address, port) = parsed.clone().unwrap_or((AddressFamily::Unspecified, String::new(), 0));
+    let partial = parsed.is_none();
+    let (family, address, port) = address_or_empty(parsed);
     let connect = proto::ConnectEvent {
         address,
         port,
@@ -398,7 +404,7 @@ pub fn connect_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
         protocol: protocol_of_socket(socket_of(cx, fd).as_ref(), family) as i32,
         fd: Some(fd),
     };
-    cx.emit_call(call, retval, parsed.is_none(), Payload::Connect(connect));
+    cx.emit_call(call, retval, partial, Payload::Connect(connect));
 }
 
 /// bind: on success, the address the kernel bound (port 0 becomes the port
@@ -408,7 +414,8 @@ pub fn bind_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
     let socket = socket_of(cx, fd);
     let bound = (retval == 0).then(|| socket.as_ref().and_then(|s| procfs::socket_address(s, End::Local))).flatten();
     let parsed = parse_sockaddr(bound.as_deref().unwrap_or(&call.entry_bytes));
-    let (family, address, port) = parsed.clone().unwrap_or((AddressFamily::Unspecified, String::new(), 0));
+    let partial = parsed.is_none();
+    let (family, address, port) = address_or_empty(parsed);
     let bind = proto::BindEvent {
         address,
         port,
@@ -416,7 +423,7 @@ pub fn bind_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
         protocol: protocol_of_socket(socket.as_ref(), family) as i32,
         fd: Some(fd),
     };
-    cx.emit_call(call, retval, parsed.is_none(), Payload::Bind(bind));
+    cx.emit_call(call, retval, partial, Payload::Bind(bind));
 }
 
 /// accept, accept4: the peer and local port of the new connection, asked of
@@ -430,7 +437,8 @@ pub fn accept_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
     let socket = socket_of(cx, retval as i32);
     let end = |end| socket.as_ref().and_then(|s| procfs::socket_address(s, end)).and_then(|a| parse_sockaddr(&a));
     let (peer, local) = (end(End::Peer), end(End::Local));
-    let (family, address, port) = peer.clone().unwrap_or((AddressFamily::Unspecified, String::new(), 0));
+    let partial = peer.is_none();
+    let (family, address, port) = address_or_empty(peer);
     let accept = proto::AcceptEvent {
         address,
         port,
@@ -439,7 +447,7 @@ pub fn accept_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
         fd: Some(arg_fd(call.args[0])),
         local_port: local.map_or(0, |(_, _, port)| port),
     };
-    cx.emit_call(call, retval, peer.is_none(), Payload::Accept(accept));
+    cx.emit_call(call, retval, partial, Payload::Accept(accept));
 }
 
 /// i386 `socketcall(call, args)`: the real arguments sit in an array in

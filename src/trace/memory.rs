@@ -220,24 +220,14 @@ fn exec_layout(words: &[u64]) -> Option<ExecLayout> {
 pub fn exec_strings(pid: Pid, sp: u64, abi: Abi, max: usize) -> Option<(Bounded, Bounded)> {
     /// Enough for the pointers of any argv and envp we keep, and more.
     const STACK_READ_MAX: usize = 1 << 20;
-    let word = abi.word_size();
-    let mut size = 4 * PAGE as usize;
+    let mut count = 4 * PAGE as usize / abi.word_size();
     let layout = loop {
         // One read: the stack ends a little above its strings, and a read
         // stops there.
-        let mut raw = vec![0u8; size];
-        let got = read(pid, sp, &mut raw);
-        raw.truncate(got);
-        let words: Vec<u64> = raw
-            .chunks_exact(word)
-            .map(|w| match word {
-                4 => u64::from(u32::from_ne_bytes(w.try_into().expect("4-byte chunk"))),
-                _ => u64::from_ne_bytes(w.try_into().expect("8-byte chunk")),
-            })
-            .collect();
+        let words = read_words(pid, sp, abi, count);
         match exec_layout(&words) {
             Some(layout) => break layout,
-            None if raw.len() == size && size < STACK_READ_MAX => size *= 4,
+            None if words.len() == count && count * abi.word_size() < STACK_READ_MAX => count *= 4,
             None => return None,
         }
     };
@@ -277,6 +267,7 @@ pub fn write_u64(pid: Pid, addr: u64, value: u64) -> nix::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn an_exec_stack_gives_where_arguments_and_environment_lie() {
@@ -291,8 +282,6 @@ mod tests {
         let no_execfn = [1, 100, 0, 0, 6, 4096, 0, 0];
         assert_eq!(exec_layout(&no_execfn), None);
     }
-
-    use super::*;
 
     #[test]
     fn reads_strings_across_pages_and_stops_at_unmapped_memory() {
