@@ -50,9 +50,12 @@ struct Buffer {
     bytes: usize,
     /// Sequence number of the next event.
     next_sequence: u64,
-    /// Dropped ranges not yet announced on the current connection.
+    /// Dropped ranges the agent may not have heard of, oldest first: each is
+    /// announced on every connection until an ack passes it.
     losses: Vec<(u64, u64)>,
-    /// Every dropped range, announced again after a reconnect if unacked.
+    /// How many of `losses` the current connection has announced.
+    announced: usize,
+    /// Events dropped in all.
     dropped: u64,
 }
 
@@ -68,13 +71,27 @@ impl Buffer {
             return;
         }
         self.dropped += 1;
+        // An announced range is not widened afterwards: the rest is a range of its own.
+        let open = self.losses.len() > self.announced;
         match self.losses.last_mut() {
-            Some((_, last)) if *last + 1 == sequence => *last = sequence,
+            Some((_, last)) if open && *last + 1 == sequence => *last = sequence,
             _ => self.losses.push((sequence, sequence)),
         }
     }
 
+    /// The loss ranges this connection has not announced yet.
+    fn take_unannounced_losses(&mut self) -> Vec<(u64, u64)> {
+        let fresh = self.losses[self.announced..].to_vec();
+        self.announced = self.losses.len();
+        fresh
+    }
+
+    /// An ack of `sequence` also says the agent read every Loss sent before
+    /// it on this stream, and each was sent before any later event.
     fn ack(&mut self, sequence: u64) {
+        let heard = self.losses.partition_point(|(_, last)| *last < sequence);
+        self.losses.drain(..heard);
+        self.announced = self.announced.saturating_sub(heard);
         while self.events.front().is_some_and(|(s, _, _)| *s <= sequence) {
             if let Some((_, _, encoded_len)) = self.events.pop_front() {
                 self.bytes -= super::footprint_of_encoded(encoded_len);
@@ -244,15 +261,19 @@ async fn stream(
     tx.send(message(tracer_message::Message::Hello(options.hello.clone()))).await.map_err(|e| e.to_string())?;
     let mut responses = client.stream_events(ReceiverStream::new(rx)).await.map_err(|e| e.to_string())?.into_inner();
     let _ = connected.send(());
-    // Resend from the oldest unacknowledged event.
-    let mut next = shared.buffer().events.front().map_or(0, |(s, _, _)| *s);
+    // Resend from the oldest unacknowledged event, and every loss not known heard.
+    let mut next = {
+        let mut buffer = shared.buffer();
+        buffer.announced = 0;
+        buffer.events.front().map_or(0, |(s, _, _)| *s)
+    };
     let mut goodbye_sent = false;
     loop {
         // Send everything available.
         loop {
             let (losses, batch) = {
                 let mut buffer = shared.buffer();
-                let losses = std::mem::take(&mut buffer.losses);
+                let losses = buffer.take_unannounced_losses();
                 let start = buffer.events.partition_point(|(s, _, _)| *s < next);
                 let mut bytes = 0;
                 let batch: Vec<(u64, Event)> = buffer
@@ -332,6 +353,27 @@ mod tests {
         buffer.ack(0);
         buffer.push(Event::default(), 2);
         assert_eq!(buffer.events.iter().map(|(s, _, _)| *s).collect::<Vec<_>>(), vec![1, 5]);
+    }
+
+    #[test]
+    fn losses_are_announced_on_every_connection_until_an_ack_passes_them() {
+        let mut buffer = Buffer::default();
+        for _ in 0..3 {
+            buffer.push(Event::default(), 1);
+        }
+        assert_eq!(buffer.take_unannounced_losses(), vec![(1, 2)]);
+        buffer.push(Event::default(), 1);
+        assert_eq!(buffer.take_unannounced_losses(), vec![(3, 3)], "an announced range is not widened");
+        assert_eq!(buffer.take_unannounced_losses(), vec![]);
+        // The connection died before the agent read them: a new one says them again.
+        buffer.announced = 0;
+        assert_eq!(buffer.take_unannounced_losses(), vec![(1, 2), (3, 3)]);
+        // An event after the losses acknowledged: they were heard.
+        buffer.ack(0);
+        assert_eq!(buffer.losses, vec![(1, 2), (3, 3)], "an ack before them says nothing of them");
+        buffer.push(Event::default(), 1);
+        buffer.ack(4);
+        assert_eq!((buffer.losses.clone(), buffer.announced), (vec![], 0));
     }
 
     #[test]
