@@ -279,6 +279,18 @@ pub fn openat2_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
     Next::Exit
 }
 
+/// The `index`th native-endian u32 of the memory read at entry, if read.
+fn entry_u32(call: &Call, index: usize) -> Option<u32> {
+    let bytes = call.entry_bytes.get(index * 4..index * 4 + 4)?;
+    Some(u32::from_ne_bytes(bytes.try_into().expect("4 bytes")))
+}
+
+/// The `index`th native-endian u64 of the memory read at entry, if read.
+fn entry_u64(call: &Call, index: usize) -> Option<u64> {
+    let bytes = call.entry_bytes.get(index * 8..index * 8 + 8)?;
+    Some(u64::from_ne_bytes(bytes.try_into().expect("8 bytes")))
+}
+
 fn read_bytes(cx: &Ctx<'_>, addr: u64, len: usize) -> Vec<u8> {
     let mut bytes = vec![0u8; len];
     let got = memory::read(cx.tid, addr, &mut bytes);
@@ -295,9 +307,7 @@ fn open_args(call: &Call) -> (i32, u64, i32, u32) {
         "open" => (AT_FDCWD, a[0], a[1] as i32, a[2] as u32),
         "creat" => (AT_FDCWD, a[0], libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC, a[1] as u32),
         "openat2" => {
-            let word = |i: usize| {
-                call.entry_bytes.get(i * 8..i * 8 + 8).map_or(0, |w| u64::from_ne_bytes(w.try_into().expect("8 bytes")))
-            };
+            let word = |i| entry_u64(call, i).unwrap_or(0);
             (arg_fd(a[0]), a[1], word(0) as i32, word(1) as u32)
         }
         _ => (arg_fd(a[0]), a[1], a[2] as i32, a[3] as u32),
@@ -511,9 +521,7 @@ pub fn capset_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
 fn requested_credentials(call: &Call) -> (Vec<i64>, bool) {
     let name = call.def.name;
     if name == "capset" {
-        let word = |i: usize| {
-            call.entry_bytes.get(i * 4..i * 4 + 4).map(|w| u32::from_ne_bytes(w.try_into().expect("4 bytes")))
-        };
+        let word = |i| entry_u32(call, i);
         // struct __user_cap_data_struct { effective, permitted, inheritable } × 2.
         let masks: Option<Vec<i64>> =
             (0..3).map(|set| Some(i64::from(word(set)?) | i64::from(word(3 + set).unwrap_or(0)) << 32)).collect();
@@ -657,7 +665,7 @@ pub fn io_uring_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
 }
 
 pub fn io_uring_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
-    let flags = call.entry_bytes.get(8..12).map(|f| u32::from_ne_bytes(f.try_into().expect("4 bytes")));
+    let flags = entry_u32(call, 2);
     let io_uring = proto::IoUringEvent { entries: call.args[0] as u32, flags: flags.unwrap_or(0) };
     cx.emit_call(call, retval, flags.is_none(), Payload::IoUring(io_uring));
 }

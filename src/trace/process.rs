@@ -124,11 +124,11 @@ impl ProcessTable {
             }
             return self.threads[&child].tgid;
         };
-        let parent_tgid = from.tgid;
-        let fs = if sharing.fs { Rc::clone(&from.fs) } else { Rc::new(RefCell::new(from.fs.borrow().clone())) };
         if let Some(known) = self.threads.get(&child) {
             return known.tgid;
         }
+        let parent_tgid = from.tgid;
+        let fs = if sharing.fs { Rc::clone(&from.fs) } else { Rc::new(RefCell::new(from.fs.borrow().clone())) };
         if sharing.thread {
             let thread = Thread { fs, ..Thread::unknown(parent_tgid) };
             self.threads.insert(child, thread);
