@@ -363,6 +363,39 @@ mod raw_client {
     }
 
     #[test]
+    fn a_restarted_sidecar_writes_nothing_its_output_already_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let output = output_path(&dir);
+        let hello = || TracerMessage {
+            message: Some(tracer_message::Message::Hello(Hello { session_id: "s".into(), ..Default::default() })),
+        };
+        let batch_from = |first_sequence, events| {
+            let mut message = batch(events, 10);
+            if let Some(tracer_message::Message::Batch(batch)) = &mut message.message {
+                batch.first_sequence = first_sequence;
+            }
+            message
+        };
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output);
+        assert_eq!(exchange(&sidecar.address, vec![hello(), batch_from(0, 10)]), Ok(1));
+        assert_eq!(sidecar.stop(), Some(0));
+        // As if the sidecar had died in the middle of a line.
+        let mut file = std::fs::OpenOptions::new().append(true).open(&output).unwrap();
+        file.write_all(b"{\"session_id\":\"s\",\"seq").unwrap();
+
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output);
+        // The tracer resends 5..=9, which were written, with 10..=14.
+        assert_eq!(exchange(&sidecar.address, vec![hello(), batch_from(5, 10)]), Ok(1));
+        assert_eq!(sidecar.stop(), Some(0));
+        let text = std::fs::read_to_string(&output).unwrap();
+        let sequences: Vec<u64> = text
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).expect("no cut line is left")["sequence"].as_u64().unwrap())
+            .collect();
+        assert_eq!(sequences, (0..15).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn peers_that_skip_hello_or_send_too_much_are_cut_off_alone() {
         let dir = tempfile::tempdir().unwrap();
         let mut sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
