@@ -15,12 +15,7 @@ use std::time::Instant;
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 
-mod proto {
-    #![allow(clippy::all)]
-    include!(concat!(env!("OUT_DIR"), "/cws.v1.rs"));
-    include!(concat!(env!("OUT_DIR"), "/cws.v1.serde.rs"));
-}
-
+use cws_instrumentation::proto;
 use proto::event_service_client::EventServiceClient;
 use proto::{agent_message, tracer_message, EventBatch, Goodbye, Hello, TracerMessage};
 

@@ -49,6 +49,15 @@ pub struct ServeArgs {
     pub output: Option<PathBuf>,
 }
 
+/// A duration as the command line writes it: "10s", "1.5s", "500ms".
+pub fn format_duration(duration: Duration) -> String {
+    if duration.subsec_millis() != 0 && duration < Duration::from_secs(1) {
+        format!("{}ms", duration.as_millis())
+    } else {
+        format!("{}s", duration.as_secs_f64())
+    }
+}
+
 /// A duration: "10s", "500ms", "2m", or plain seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {

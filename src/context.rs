@@ -51,7 +51,7 @@ pub fn hello(entrypoint: &[std::ffi::OsString]) -> Hello {
         pid_namespace: std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino()),
         container: Some(ContainerContext {
             id: container_id(),
-            created_at: Some(crate::trace::timestamp(SystemTime::now())),
+            created_at: Some(crate::proto::timestamp(SystemTime::now())),
             ecs_metadata_uri: env("ECS_CONTAINER_METADATA_URI_V4"),
             pod_name: env("POD_NAME"),
             pod_namespace: env("POD_NAMESPACE"),

@@ -28,10 +28,10 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::address::Address;
+use crate::exit::ExitError;
 use crate::log::log;
 use crate::proto::event_service_server::{EventService, EventServiceServer};
 use crate::proto::{agent_message, tracer_message, Ack, AgentMessage, TracerMessage};
-use crate::ExitError;
 
 /// A peer that has not said Hello by then is cut off.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -361,7 +361,7 @@ pub fn run(options: ServeOptions) -> Result<i32, ExitError> {
 
 async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
     let delivered = match &options.output {
-        Some(path) => recover(path).map_err(|e| ExitError::usage(&format!("cannot read {}: {e}", path.display())))?,
+        Some(path) => recover(path).map_err(|e| ExitError::usage(format!("cannot read {}: {e}", path.display())))?,
         None => HashMap::new(),
     };
     let out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = match &options.output {
@@ -370,7 +370,7 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|e| ExitError::usage(&format!("cannot open {}: {e}", path.display())))?;
+                .map_err(|e| ExitError::usage(format!("cannot open {}: {e}", path.display())))?;
             Box::new(tokio::fs::File::from_std(file))
         }
         None => Box::new(tokio::io::stdout()),
@@ -379,7 +379,7 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
         Address::Tcp(hostport) => {
             let listener = tokio::net::TcpListener::bind(hostport)
                 .await
-                .map_err(|e| ExitError::usage(&format!("cannot listen on {hostport}: {e}")))?;
+                .map_err(|e| ExitError::usage(format!("cannot listen on {hostport}: {e}")))?;
             let local = listener.local_addr().map_err(|e| ExitError::setup(e.to_string()))?;
             log!("listening on {local}");
             // Acks are small writes: without NODELAY, Nagle holds one back
@@ -393,7 +393,7 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
                 let _ = std::fs::remove_file(path);
             }
             let listener = tokio::net::UnixListener::bind(path)
-                .map_err(|e| ExitError::usage(&format!("cannot listen on {}: {e}", path.display())))?;
+                .map_err(|e| ExitError::usage(format!("cannot listen on {}: {e}", path.display())))?;
             log!("listening on unix:{}", path.display());
             Incoming::Unix(UnixListenerStream::new(listener))
         }

@@ -12,8 +12,7 @@ use std::io::{self, ErrorKind};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use crate::trace::exit_code;
-use crate::ExitError;
+use crate::exit::ExitError;
 
 pub const BINARY_NAME: &str = "cws-instrumentation";
 
@@ -32,7 +31,7 @@ pub fn setup(dir: &Path) -> Result<i32, ExitError> {
 }
 
 fn bad(message: String) -> ExitError {
-    ExitError::new(exit_code::USAGE, format!("setup: {message}"))
+    ExitError::usage(format!("setup: {message}"))
 }
 
 fn explain(dir: &Path, error: &io::Error) -> String {

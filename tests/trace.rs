@@ -432,8 +432,18 @@ fn verbose_prints_one_line_per_event() {
     let expected = format!("[pid {pid} ppid {ppid}] openat(\"/etc/hostname\", O_RDONLY) = 3\n");
     assert!(run.stderr.contains(&expected), "{}", run.stderr);
     assert!(run.stderr.contains(&format!("[pid {pid} ppid {ppid}] +++ exited with 0 +++\n")));
-    let lines = run.stderr.lines().count();
-    assert_eq!(lines, run.events.len(), "one line per event");
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    let (summary, event_lines) = lines.split_last().unwrap();
+    assert_eq!(event_lines.len(), run.events.len(), "one line per event");
+    // The last line sums the run up, by event kind in the tracer's order.
+    let kinds: Vec<String> = ["exec", "open", "connect", "fork", "exit", "chdir", "io_uring", "credentials"]
+        .iter()
+        .map(|kind| (kind, run.of(kind).len()))
+        .filter(|(_, count)| *count > 0)
+        .map(|(kind, count)| format!("{kind} {count}"))
+        .collect();
+    let head = format!("cws-instrumentation: summary: {} events ({}), ", run.events.len(), kinds.join(", "));
+    assert!(summary.starts_with(&head) && summary.ends_with(" ptrace stops, 0 dropped"), "{summary}\n{head}");
 }
 
 #[test]

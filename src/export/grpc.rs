@@ -28,7 +28,7 @@ use crate::{context, ecs};
 /// arguments and environment are bounded).
 const BATCH: usize = 256;
 const BATCH_BYTES: usize = 1 << 20;
-/// Memory the unacknowledged events may take (see `super::footprint`),
+/// Memory the unacknowledged events may take (see `crate::queue::footprint`),
 /// whatever `--buffer-events` says: exec events can be 250 KiB each.
 const BUFFER_BYTES: usize = 32 << 20;
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
@@ -46,7 +46,7 @@ struct Buffer {
     /// Unacknowledged events, oldest first, with their sequence numbers
     /// and encoded lengths.
     events: VecDeque<(u64, Event, usize)>,
-    /// The sum of their footprints (`super::footprint`).
+    /// The sum of their footprints (`crate::queue::footprint`).
     bytes: usize,
     /// Sequence number of the next event.
     next_sequence: u64,
@@ -64,7 +64,7 @@ impl Buffer {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         let encoded_len = prost::Message::encoded_len(&event);
-        let size = super::footprint_of_encoded(encoded_len);
+        let size = crate::queue::footprint_of_encoded(encoded_len);
         if self.events.len() < capacity && self.bytes + size <= BUFFER_BYTES {
             self.bytes += size;
             self.events.push_back((sequence, event, encoded_len));
@@ -94,7 +94,7 @@ impl Buffer {
         self.announced = self.announced.saturating_sub(heard);
         while self.events.front().is_some_and(|(s, _, _)| *s <= sequence) {
             if let Some((_, _, encoded_len)) = self.events.pop_front() {
-                self.bytes -= super::footprint_of_encoded(encoded_len);
+                self.bytes -= crate::queue::footprint_of_encoded(encoded_len);
             }
         }
     }
@@ -380,7 +380,7 @@ mod tests {
     fn the_buffer_holds_at_most_its_bytes_whatever_the_count() {
         let exec = crate::proto::ExecEvent { args: vec!["x".repeat(350); 356], ..Default::default() };
         let event = Event { payload: Some(crate::proto::event::Payload::Exec(exec)), ..Default::default() };
-        let fits = BUFFER_BYTES / super::super::footprint(&event);
+        let fits = BUFFER_BYTES / crate::queue::footprint(&event);
         let mut buffer = Buffer::default();
         for _ in 0..fits + 3 {
             buffer.push(event.clone(), usize::MAX);

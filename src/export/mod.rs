@@ -1,10 +1,7 @@
 //! Exporters: where events go once the tracer has decoded them.
 //!
-//! The tracer thread hands events to a bounded queue with `try_send` and
-//! never waits: when the queue is full (in events or in bytes) the event is
-//! dropped and counted.
-//! A tokio runtime on its own thread drains the queue and writes each batch
-//! to every configured sink.
+//! A tokio runtime on its own thread drains the queue (`crate::queue`) and
+//! writes each batch to every configured sink.
 
 pub mod grpc;
 mod jsonl;
@@ -12,77 +9,21 @@ mod verbose;
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::proto::{Event, Goodbye};
-
-/// Events the queue holds before the tracer starts dropping, and the memory
-/// they may take: one exec event can hold 250 KiB of arguments and
-/// environment, so a count alone would not bound memory. With the agent
-/// buffer's own byte bound, this keeps the tracer under about 64 MiB.
-const QUEUE_CAPACITY: usize = 16 * 1024;
-const QUEUE_BYTES: usize = 16 << 20;
+use crate::queue::{self, EventQueue, EventSink};
 
 /// How long an idle exporter lets events gather before it wakes for them.
 /// Under load it never sleeps; the queue holds far more than this many
 /// milliseconds of events.
 const GATHER: Duration = Duration::from_millis(10);
 
-/// About the memory an event holds: the struct, and for its strings twice
-/// their encoded size (allocation headers and slack, vectors of strings).
-pub fn footprint(event: &Event) -> usize {
-    footprint_of_encoded(prost::Message::encoded_len(event))
-}
-
-/// [`footprint`] of an event whose encoded length is known.
-pub fn footprint_of_encoded(encoded_len: usize) -> usize {
-    std::mem::size_of::<Event>() + 2 * encoded_len
-}
 /// Events taken from the queue at once.
-const BATCH: usize = 512;
-
-/// The tracer's end of the queue.
-pub struct EventSink {
-    tx: Option<mpsc::Sender<Event>>,
-    /// Footprint of the events in the queue, shared with the drain.
-    queued_bytes: Arc<AtomicUsize>,
-    pub emitted: u64,
-    pub dropped: u64,
-}
-
-impl EventSink {
-    /// A sink that counts events and sends them nowhere (no exporter).
-    pub fn discard() -> Self {
-        EventSink { tx: None, queued_bytes: Arc::default(), emitted: 0, dropped: 0 }
-    }
-
-    pub fn emit(&mut self, event: Event) {
-        let Some(tx) = &self.tx else {
-            self.emitted += 1;
-            return;
-        };
-        let size = footprint(&event);
-        // Added before sending, so the drain never subtracts more than was added.
-        if self.queued_bytes.fetch_add(size, Ordering::Relaxed) + size > QUEUE_BYTES {
-            self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-            self.dropped += 1;
-            return;
-        }
-        match tx.try_send(event) {
-            Ok(()) => self.emitted += 1,
-            // Full, or the exporters are gone (they failed and said why): keep tracing.
-            Err(_) => {
-                self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-                self.dropped += 1;
-            }
-        }
-    }
-}
+const DRAIN_EVENTS: usize = 512;
 
 /// Where events should go.
 #[derive(Default)]
@@ -144,9 +85,7 @@ impl Exporters {
         if sinks.is_empty() && outputs.agent.is_none() {
             return Ok((EventSink::discard(), None));
         }
-        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let queued_bytes = Arc::<AtomicUsize>::default();
-        let drained_bytes = Arc::clone(&queued_bytes);
+        let (sink, queue) = queue::bounded();
         let (goodbye, goodbye_rx) = oneshot::channel();
         let (connected_tx, connected) = std::sync::mpsc::channel();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -156,14 +95,14 @@ impl Exporters {
                 if let Some(options) = agent {
                     sinks.push(Sink::Agent(grpc::Exporter::start(options, connected_tx)));
                 }
-                drain(rx, &drained_bytes, sinks, goodbye_rx).await
+                drain(queue, sinks, goodbye_rx).await
             });
             // A name lookup stuck in a blocking thread must not delay exit.
             runtime.shutdown_background();
             result
         })?;
         let exporters = Exporters { thread, goodbye, connected };
-        Ok((EventSink { tx: Some(tx), queued_bytes, emitted: 0, dropped: 0 }, Some(exporters)))
+        Ok((sink, Some(exporters)))
     }
 
     /// Call after the tracer dropped its sink: the queue then ends. The
@@ -175,25 +114,24 @@ impl Exporters {
 }
 
 async fn drain(
-    mut rx: mpsc::Receiver<Event>,
-    queued_bytes: &AtomicUsize,
+    mut queue: EventQueue,
     mut sinks: Vec<Sink>,
     mut goodbye: oneshot::Receiver<Goodbye>,
 ) -> io::Result<grpc::Delivery> {
-    let mut batch = Vec::with_capacity(BATCH);
+    let mut batch = Vec::with_capacity(DRAIN_EVENTS);
     // Set once the tracer is done: the Goodbye comes after its last event.
     let mut ended: Option<Goodbye> = None;
-    while rx.recv_many(&mut batch, BATCH).await > 0 {
+    while queue.recv_many(&mut batch, DRAIN_EVENTS).await > 0 {
         for sink in &mut sinks {
             sink.write(&batch).await?;
         }
         // Only now is the batch's memory free for the tracer to queue more.
-        queued_bytes.fetch_sub(batch.iter().map(footprint).sum(), Ordering::Relaxed);
+        queue.release(&batch);
         batch.clear();
         // Idle: make what was written visible now rather than at exit, then
         // let events gather for a moment. Waking for every event would
         // cost the workload a thread switch per event on a small machine.
-        if rx.is_empty() {
+        if queue.is_empty() {
             for sink in &mut sinks {
                 sink.flush().await?;
             }

@@ -6,6 +6,7 @@
 //! seccomp stop, plus an exit stop only when its decoder asked for one; an
 //! unwatched syscall never stops (the filter allows it in the kernel).
 
+use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::panic::{self, AssertUnwindSafe};
 use std::time::SystemTime;
@@ -14,15 +15,15 @@ use nix::errno::Errno;
 use nix::unistd::Pid;
 
 use crate::log::log;
-
-use crate::export::EventSink;
 use crate::proto::{self, event::Payload, Event, ForkKind};
-use crate::trace::decode::{self, Ctx};
+use crate::queue::EventSink;
+use crate::trace::abi::SyscallEntry;
+use crate::trace::decode::{self, Call, Ctx, Decoder, Next};
 use crate::trace::process::{LiveProcesses, ProcessTable, Sharing};
 use crate::trace::procfs;
 use crate::trace::ptrace::{self, Death, EventStop, ForkEventKind, Resume, Stop, SyscallReader, SyscallState};
 use crate::trace::seccomp::SeccompData;
-use crate::trace::syscalls::{self, Call, Next, SYSCALLS};
+use crate::trace::syscalls::{self, SyscallDef, SYSCALLS};
 
 /// How syscalls reach the tracer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +48,8 @@ pub struct Stats {
     pub foreign: u64,
     pub events: u64,
     pub dropped: u64,
+    /// Events by kind (as `crate::queue::KINDS`), dropped or not.
+    pub events_by_kind: [u64; crate::queue::KINDS.len()],
 }
 
 impl Stats {
@@ -61,9 +64,17 @@ pub struct Outcome {
     pub stats: Stats,
 }
 
+/// A call that asked for its exit stop, and how to decode it there.
+struct Pending {
+    decoder: Decoder,
+    call: Call,
+}
+
 pub struct Engine {
     mode: Mode,
     procs: ProcessTable,
+    /// Per thread, the traced syscall waiting for its exit stop.
+    pending: HashMap<Pid, Pending>,
     sink: EventSink,
     reader: SyscallReader,
     root: Pid,
@@ -81,6 +92,7 @@ impl Engine {
         Engine {
             mode,
             procs,
+            pending: HashMap::new(),
             sink,
             reader: SyscallReader::new(),
             root,
@@ -108,6 +120,7 @@ impl Engine {
         }
         self.stats.events = self.sink.emitted;
         self.stats.dropped = self.sink.dropped;
+        self.stats.events_by_kind = self.sink.by_kind;
         Outcome { root: self.root_death, stats: self.stats }
     }
 
@@ -117,8 +130,7 @@ impl Engine {
 
     /// How to resume a thread that has no signal to receive.
     fn resume_mode(&self, tid: Pid) -> Resume {
-        let pending = self.procs.thread(tid).is_some_and(|t| t.pending.is_some());
-        if pending || self.mode == Mode::Full {
+        if self.pending.contains_key(&tid) || self.mode == Mode::Full {
             Resume::Syscall
         } else {
             Resume::Continue
@@ -179,11 +191,12 @@ impl Engine {
             return self.resume_mode(tid);
         }
         let time = SystemTime::now();
-        let Ok((entry, data)) = self.reader.read_seccomp(tid) else { return Resume::Continue };
+        let abi_in_data = |data| SeccompData::decode(data).abi();
+        let Ok((entry, data)) = self.reader.read_seccomp(tid, abi_in_data) else { return Resume::Continue };
         // The filter's data names the table entry, but a filter of the
         // workload's own can return any data: it is only a hint, checked
         // against the real syscall number.
-        let hinted = match data {
+        let hinted = match SeccompData::decode(data) {
             SeccompData::Known { index, .. } => Some(&SYSCALLS[index]),
             SeccompData::Foreign => None,
         };
@@ -201,16 +214,15 @@ impl Engine {
     /// A PTRACE_SYSCALL stop: an entry in full mode, or a watched call's exit.
     fn on_syscall(&mut self, tid: Pid) {
         let time = SystemTime::now();
-        let Some(thread) = self.procs.thread(tid) else { return };
-        let in_syscall = thread.in_syscall || thread.pending.is_some();
-        let Ok(state) = self.reader.read_syscall(tid, in_syscall) else { return };
+        let pending = self.pending.contains_key(&tid);
         let Some(thread) = self.procs.thread_mut(tid) else { return };
+        let Ok(state) = self.reader.read_syscall(tid, thread.in_syscall || pending) else { return };
         match state {
             SyscallState::Entry(entry) => {
                 thread.in_syscall = true;
                 // An entry stop while a call is pending is the same call seen
                 // again (pre-4.8 kernels stop at entry after the seccomp stop).
-                if thread.pending.is_none() {
+                if !pending {
                     if let Some(def) = syscalls::lookup(entry.abi, entry.nr) {
                         self.enter(tid, def, entry, time);
                     }
@@ -218,34 +230,24 @@ impl Engine {
             }
             SyscallState::Exit(retval) => {
                 thread.in_syscall = false;
-                if let Some(call) = thread.pending.take() {
+                if let Some(Pending { decoder, call }) = self.pending.remove(&tid) {
                     if let Some(retval) = visible_retval(retval) {
-                        (call.def.on_exit)(&mut self.ctx(tid), &call, retval);
+                        decoder.exit(&mut self.ctx(tid), &call, retval);
                     }
                 }
             }
         }
     }
 
-    fn enter(&mut self, tid: Pid, def: &'static syscalls::SyscallDef, entry: ptrace::SyscallEntry, time: SystemTime) {
+    fn enter(&mut self, tid: Pid, def: &'static SyscallDef, entry: SyscallEntry, time: SystemTime) {
         if let Some(thread) = self.procs.thread_mut(tid) {
             // A clone that announced a child and reached no fork event failed.
             thread.forking = None;
         }
-        let mut call = Call {
-            def,
-            abi: entry.abi,
-            args: entry.args,
-            time,
-            entry_path: None,
-            entry_target: None,
-            entry_bytes: Vec::new(),
-            partial: false,
-        };
-        if (def.on_entry)(&mut self.ctx(tid), &mut call) == Next::Exit {
-            if let Some(thread) = self.procs.thread_mut(tid) {
-                thread.pending = Some(call);
-            }
+        let mut call = Call::new(def.name, &entry, time);
+        let mut decoder = def.decoder;
+        if decoder.entry(&mut self.ctx(tid), &mut call) == Next::Exit {
+            self.pending.insert(tid, Pending { decoder, call });
         }
     }
 
@@ -314,11 +316,15 @@ impl Engine {
         let tgid = stop.pid;
         let former = stop.message().map_or(tgid, |tid| Pid::from_raw(tid as i32));
         self.procs.exec(tgid, former);
-        let call = self.procs.thread_mut(tgid).and_then(|t| t.pending.take());
+        // The leader's own pending call, if another thread exec'd, is gone with it.
+        let pending = self.pending.remove(&former);
+        self.pending.remove(&tgid);
+        let call = pending.filter(|p| matches!(p.decoder, Decoder::Exec(_))).map(|p| p.call);
         decode::exec_succeeded(&mut self.ctx(tgid), call, time);
     }
 
     fn on_death(&mut self, pid: Pid, death: Death) {
+        self.pending.remove(&pid);
         let (_, process) = self.procs.remove_thread(pid);
         if let Some(process) = process {
             self.procs.reparent_children(pid, |child| procfs::status(child)?.ppid.map(Pid::from_raw));
@@ -326,7 +332,7 @@ impl Engine {
                 pid: pid.as_raw() as u32,
                 tid: pid.as_raw() as u32,
                 ppid: process.ppid.as_raw() as u32,
-                timestamp: Some(decode::timestamp(SystemTime::now())),
+                timestamp: Some(proto::timestamp(SystemTime::now())),
                 syscall: "exit".to_owned(),
                 payload: Some(Payload::Exit(death.event())),
                 ..Event::default()

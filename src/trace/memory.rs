@@ -14,7 +14,7 @@ use nix::errno::Errno;
 use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
 use nix::unistd::Pid;
 
-use crate::trace::syscalls::Abi;
+use crate::trace::abi::Abi;
 
 const PAGE: u64 = 4096;
 /// Remote iovecs per process_vm_readv call (well under IOV_MAX).

@@ -19,8 +19,6 @@ use std::time::SystemTime;
 
 use nix::unistd::Pid;
 
-use crate::trace::syscalls::Call;
-
 #[derive(Clone, Default)]
 pub struct FsState {
     /// None until first needed (then read from /proc).
@@ -38,8 +36,6 @@ pub struct ForkRequest {
 pub struct Thread {
     pub tgid: Pid,
     pub fs: Rc<RefCell<FsState>>,
-    /// A traced syscall that asked for its exit stop.
-    pub pending: Option<Call>,
     /// Set by a clone entry, taken by the fork event it announces, and
     /// dropped at the thread's next syscall (the clone failed).
     pub forking: Option<ForkRequest>,
@@ -50,7 +46,7 @@ pub struct Thread {
 impl Thread {
     /// A thread whose tables are unknown: everything comes from /proc.
     fn unknown(tgid: Pid) -> Thread {
-        Thread { tgid, fs: Rc::default(), pending: None, forking: None, in_syscall: false }
+        Thread { tgid, fs: Rc::default(), forking: None, in_syscall: false }
     }
 }
 

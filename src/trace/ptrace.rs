@@ -8,14 +8,13 @@
 //! tracee was SIGKILLed while stopped); its exit is then reported by `wait_any`
 //! like any other exit, so callers may ignore them.
 //!
-//! This module and `launch`, `seccomp` hold all of the crate's `unsafe`.
+//! `unsafe` lives here and in `launch`, `seccomp`, `signals` and `procfs`.
 
 use nix::errno::Errno;
 use nix::sys::ptrace::{self, Options};
 use nix::unistd::Pid;
 
-use crate::trace::seccomp::SeccompData;
-use crate::trace::syscalls::Abi;
+use crate::trace::abi::{Abi, SyscallEntry};
 
 /// Options set on the workload at seize time; children inherit them.
 pub const OPTIONS: Options = Options::PTRACE_O_TRACESYSGOOD
@@ -25,16 +24,6 @@ pub const OPTIONS: Options = Options::PTRACE_O_TRACESYSGOOD
     .union(Options::PTRACE_O_TRACEEXEC)
     .union(Options::PTRACE_O_TRACESECCOMP)
     .union(Options::PTRACE_O_EXITKILL);
-
-const PTRACE_GET_SYSCALL_INFO: libc::c_uint = 0x420e;
-const PTRACE_LISTEN: libc::c_uint = 0x4208;
-const SYSCALL_INFO_ENTRY: u8 = 1;
-const SYSCALL_INFO_EXIT: u8 = 2;
-const SYSCALL_INFO_SECCOMP: u8 = 3;
-const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
-const AUDIT_ARCH_I386: u32 = 0x4000_0003;
-/// Syscall numbers of the x32 ABI carry this bit within AUDIT_ARCH_X86_64.
-pub const X32_SYSCALL_BIT: u64 = 0x4000_0000;
 
 pub fn seize(pid: Pid) -> nix::Result<()> {
     ptrace::seize(pid, OPTIONS)
@@ -178,7 +167,7 @@ impl GroupStop {
     /// Stay stopped as job control asked, yet keep reporting events (SIGCONT).
     pub fn listen(self) -> nix::Result<()> {
         // SAFETY: PTRACE_LISTEN takes no pointers.
-        let rc = unsafe { libc::ptrace(PTRACE_LISTEN, self.pid.as_raw(), 0usize, 0usize) };
+        let rc = unsafe { libc::ptrace(libc::PTRACE_LISTEN, self.pid.as_raw(), 0usize, 0usize) };
         Errno::result(rc).map(drop)
     }
 }
@@ -195,41 +184,11 @@ impl SignalStop {
     }
 }
 
-/// A syscall entry as the kernel reports it.
-#[derive(Clone, Copy, Debug)]
-pub struct SyscallEntry {
-    pub abi: Abi,
-    pub nr: u64,
-    pub args: [u64; 6],
-}
-
 /// What one syscall stop holds.
 #[derive(Clone, Copy, Debug)]
 pub enum SyscallState {
     Entry(SyscallEntry),
     Exit(i64),
-}
-
-/// Layout of `struct ptrace_syscall_info` (linux/ptrace.h), declared here so
-/// that it does not depend on the C library's headers.
-#[repr(C)]
-#[derive(Default)]
-struct RawSyscallInfo {
-    op: u8,
-    _pad: [u8; 3],
-    arch: u32,
-    instruction_pointer: u64,
-    stack_pointer: u64,
-    // entry: nr, args[6]; exit: rval, is_error; seccomp: nr, args[6], ret_data.
-    data: [u64; 8],
-}
-
-fn abi_of(arch: u32, nr: u64) -> Abi {
-    match arch {
-        AUDIT_ARCH_X86_64 if nr & X32_SYSCALL_BIT == 0 => Abi::X86_64,
-        AUDIT_ARCH_I386 => Abi::I386,
-        _ => Abi::Unknown,
-    }
 }
 
 /// Reads syscall stops, with PTRACE_GET_SYSCALL_INFO (Linux 5.3+) when the
@@ -245,19 +204,20 @@ impl SyscallReader {
 
     /// PTRACE_GET_SYSCALL_INFO, or None when the kernel lacks it (probed on
     /// first use: EIO means the request is unknown).
-    fn info(&mut self, pid: Pid) -> nix::Result<Option<RawSyscallInfo>> {
+    fn info(&mut self, pid: Pid) -> nix::Result<Option<libc::ptrace_syscall_info>> {
         if self.has_syscall_info == Some(false) {
             return Ok(None);
         }
-        let mut info = RawSyscallInfo::default();
-        // SAFETY: the kernel writes at most `size_of::<RawSyscallInfo>()`
-        // bytes into `info`, whose layout matches the UAPI struct.
+        // SAFETY: ptrace_syscall_info is plain data; all zeroes is a valid value.
+        let mut info: libc::ptrace_syscall_info = unsafe { std::mem::zeroed() };
+        // SAFETY: the kernel writes at most `size_of::<ptrace_syscall_info>()`
+        // bytes into `info`.
         let rc = unsafe {
             libc::ptrace(
-                PTRACE_GET_SYSCALL_INFO,
+                libc::PTRACE_GET_SYSCALL_INFO,
                 pid.as_raw(),
-                std::mem::size_of::<RawSyscallInfo>(),
-                &mut info as *mut RawSyscallInfo,
+                std::mem::size_of::<libc::ptrace_syscall_info>(),
+                &mut info as *mut libc::ptrace_syscall_info,
             )
         };
         match Errno::result(rc) {
@@ -273,21 +233,22 @@ impl SyscallReader {
         }
     }
 
-    /// At a seccomp stop: the call, and the filter's data naming its table entry.
-    pub fn read_seccomp(&mut self, pid: Pid) -> nix::Result<(SyscallEntry, SeccompData)> {
+    /// At a seccomp stop: the call, and the filter's return data (which
+    /// names the table entry, as a hint the caller must check). Without
+    /// syscall info (pre-5.3 kernels) only that data can tell an `int 0x80`
+    /// call from a 64-bit one: `abi_in_data` reads it.
+    pub fn read_seccomp(&mut self, pid: Pid, abi_in_data: fn(u32) -> Abi) -> nix::Result<(SyscallEntry, u32)> {
         if let Some(info) = self.info(pid)? {
-            let data = SeccompData::decode(info.data[7] as u32);
-            return match info.op {
-                SYSCALL_INFO_SECCOMP => Ok((entry_of(&info), data)),
-                _ => Err(Errno::EINVAL),
-            };
+            if info.op != libc::PTRACE_SYSCALL_INFO_SECCOMP {
+                return Err(Errno::EINVAL);
+            }
+            // SAFETY: op SECCOMP says the kernel filled the `seccomp` member.
+            let seccomp = unsafe { info.u.seccomp };
+            let entry = SyscallEntry { abi: Abi::of(info.arch, seccomp.nr), nr: seccomp.nr, args: seccomp.args };
+            return Ok((entry, seccomp.ret_data));
         }
-        let data = SeccompData::decode(ptrace::getevent(pid)? as u32);
-        let abi = match data {
-            SeccompData::Known { abi, .. } => abi,
-            SeccompData::Foreign => Abi::Unknown,
-        };
-        Ok((entry_from_registers(pid, abi)?, data))
+        let data = ptrace::getevent(pid)? as u32;
+        Ok((entry_from_registers(&ptrace::getregs(pid)?, abi_in_data(data)), data))
     }
 
     /// At a PTRACE_SYSCALL stop. `in_syscall` is the caller's own entry/exit
@@ -296,44 +257,52 @@ impl SyscallReader {
     pub fn read_syscall(&mut self, pid: Pid, in_syscall: bool) -> nix::Result<SyscallState> {
         if let Some(info) = self.info(pid)? {
             return match info.op {
-                SYSCALL_INFO_ENTRY => Ok(SyscallState::Entry(entry_of(&info))),
-                SYSCALL_INFO_EXIT => Ok(SyscallState::Exit(info.data[0] as i64)),
+                libc::PTRACE_SYSCALL_INFO_ENTRY => {
+                    // SAFETY: op ENTRY says the kernel filled the `entry` member.
+                    let entry = unsafe { info.u.entry };
+                    Ok(SyscallState::Entry(SyscallEntry {
+                        abi: Abi::of(info.arch, entry.nr),
+                        nr: entry.nr,
+                        args: entry.args,
+                    }))
+                }
+                // SAFETY: op EXIT says the kernel filled the `exit` member.
+                libc::PTRACE_SYSCALL_INFO_EXIT => Ok(SyscallState::Exit(unsafe { info.u.exit }.sval)),
                 _ => Err(Errno::EINVAL),
             };
         }
+        let regs = ptrace::getregs(pid)?;
         if in_syscall {
-            return Ok(SyscallState::Exit(ptrace::getregs(pid)?.rax as i64));
+            return Ok(SyscallState::Exit(regs.rax as i64));
         }
-        entry_from_registers(pid, Abi::X86_64).map(SyscallState::Entry)
+        Ok(SyscallState::Entry(entry_from_registers(&regs, Abi::X86_64)))
     }
 }
 
-fn entry_of(info: &RawSyscallInfo) -> SyscallEntry {
-    let d = info.data;
-    SyscallEntry { abi: abi_of(info.arch, d[0]), nr: d[0], args: [d[1], d[2], d[3], d[4], d[5], d[6]] }
-}
-
-fn entry_from_registers(pid: Pid, abi: Abi) -> nix::Result<SyscallEntry> {
-    let regs = ptrace::getregs(pid)?;
+fn entry_from_registers(regs: &libc::user_regs_struct, abi: Abi) -> SyscallEntry {
     let args = match abi {
         Abi::I386 => [regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rbp],
         _ => [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9],
     };
-    Ok(SyscallEntry { abi, nr: regs.orig_rax, args })
+    SyscallEntry { abi, nr: regs.orig_rax, args }
 }
 
-/// At an exec stop: the new image's stack pointer and ABI (from its code
-/// segment: x86_64 and i386 user code use fixed selectors).
-pub fn stack_at_exec(pid: Pid) -> nix::Result<(u64, Abi)> {
+/// The ABI of user code by its code segment: x86_64 and i386 user code use
+/// fixed selectors.
+fn abi_of_code(cs: u64) -> Option<Abi> {
     const USER_CS_64: u64 = 0x33;
     const USER_CS_32: u64 = 0x23;
+    match cs {
+        USER_CS_64 => Some(Abi::X86_64),
+        USER_CS_32 => Some(Abi::I386),
+        _ => None,
+    }
+}
+
+/// At an exec stop: the new image's stack pointer and ABI.
+pub fn stack_at_exec(pid: Pid) -> nix::Result<(u64, Abi)> {
     let regs = ptrace::getregs(pid)?;
-    let abi = match regs.cs {
-        USER_CS_64 => Abi::X86_64,
-        USER_CS_32 => Abi::I386,
-        _ => Abi::Unknown,
-    };
-    Ok((regs.rsp, abi))
+    Ok((regs.rsp, abi_of_code(regs.cs).unwrap_or(Abi::Unknown)))
 }
 
 /// Rewrites the first syscall argument at a syscall-entry stop (used to strip

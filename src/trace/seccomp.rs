@@ -8,12 +8,9 @@
 //! Calls through an architecture we do not decode, and x32 calls, are traced
 //! too (never allowed blindly), so that no ABI is a way around the tracer.
 
-use crate::trace::syscalls::{Abi, SYSCALLS};
+use crate::trace::abi::{Abi, AUDIT_ARCH_I386, AUDIT_ARCH_X86_64, X32_SYSCALL_BIT};
+use crate::trace::syscalls::SYSCALLS;
 
-const SECCOMP_RET_TRACE: u32 = 0x7ff0_0000;
-const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
-const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
-const AUDIT_ARCH_I386: u32 = 0x4000_0003;
 const OFFSET_NR: u32 = 0;
 const OFFSET_ARCH: u32 = 4;
 const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
@@ -50,6 +47,14 @@ impl SeccompData {
         }
     }
 
+    /// The ABI the data names (for kernels that report nothing else).
+    pub fn abi(self) -> Abi {
+        match self {
+            SeccompData::Known { abi, .. } => abi,
+            SeccompData::Foreign => Abi::Unknown,
+        }
+    }
+
     pub fn decode(data: u32) -> SeccompData {
         let data = data & 0xffff;
         let index = (data & ((1 << ABI_SHIFT) - 1)) as usize;
@@ -74,16 +79,16 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
 fn push_abi_block(prog: &mut Vec<libc::sock_filter>, abi: Abi) {
     prog.push(stmt(BPF_LD_W_ABS, OFFSET_NR));
     if abi == Abi::X86_64 {
-        prog.push(jump(BPF_JSET_K, crate::trace::ptrace::X32_SYSCALL_BIT as u32, 0, 1));
-        prog.push(stmt(BPF_RET_K, SECCOMP_RET_TRACE | SeccompData::Foreign.encode()));
+        prog.push(jump(BPF_JSET_K, X32_SYSCALL_BIT as u32, 0, 1));
+        prog.push(stmt(BPF_RET_K, libc::SECCOMP_RET_TRACE | SeccompData::Foreign.encode()));
     }
     for (index, def) in SYSCALLS.iter().enumerate() {
         if let Some(nr) = def.number(abi) {
             prog.push(jump(BPF_JEQ_K, nr, 0, 1));
-            prog.push(stmt(BPF_RET_K, SECCOMP_RET_TRACE | SeccompData::Known { abi, index }.encode()));
+            prog.push(stmt(BPF_RET_K, libc::SECCOMP_RET_TRACE | SeccompData::Known { abi, index }.encode()));
         }
     }
-    prog.push(stmt(BPF_RET_K, SECCOMP_RET_ALLOW));
+    prog.push(stmt(BPF_RET_K, libc::SECCOMP_RET_ALLOW));
 }
 
 /// Builds the filter program. Done in the parent, before fork, so that the
@@ -101,14 +106,11 @@ pub fn build_filter() -> Vec<libc::sock_filter> {
     prog.push(stmt(BPF_JA, native.len() as u32));
     prog.extend(native);
     prog.push(jump(BPF_JEQ_K, AUDIT_ARCH_I386, 1, 0));
-    prog.push(stmt(BPF_RET_K, SECCOMP_RET_TRACE | SeccompData::Foreign.encode()));
+    prog.push(stmt(BPF_RET_K, libc::SECCOMP_RET_TRACE | SeccompData::Foreign.encode()));
     prog.extend(compat);
     prog
 }
 
-/// Installs `filter` on the calling thread. Runs in the forked child, so it
-/// only makes raw syscalls. Tries without NO_NEW_PRIVS first: a tracer with
-/// CAP_SYS_ADMIN then leaves setuid programs working in the workload.
 /// Whether this kernel runs seccomp filters that stop with
 /// SECCOMP_RET_TRACE. Some sandboxes and emulators (valgrind, gVisor
 /// configurations, kernels without CONFIG_SECCOMP_FILTER) do not.
@@ -123,6 +125,9 @@ pub fn available() -> Result<(), nix::errno::Errno> {
     }
 }
 
+/// Installs `filter` on the calling thread. Runs in the forked child, so it
+/// only makes raw syscalls. Tries without NO_NEW_PRIVS first: a tracer with
+/// CAP_SYS_ADMIN then leaves setuid programs working in the workload.
 pub fn install(filter: &[libc::sock_filter]) -> Result<(), i32> {
     let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
     let set_filter = || {

@@ -1,0 +1,125 @@
+//! The bounded queue between the tracer thread and the exporters.
+//!
+//! The tracer hands events over with `try_send` and never waits: when the
+//! queue is full, in events or in bytes, the event is dropped and counted.
+//! This module is the only thing the tracer and the exporters share, so
+//! neither depends on the other.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::proto::{event::Payload, Event};
+
+/// Events the queue holds before the tracer starts dropping, and the memory
+/// they may take: one exec event can hold 250 KiB of arguments and
+/// environment, so a count alone would not bound memory. With the agent
+/// buffer's own byte bound, this keeps the tracer under about 64 MiB.
+const CAPACITY: usize = 16 * 1024;
+const CAPACITY_BYTES: usize = 16 << 20;
+
+/// About the memory an event holds: the struct, and for its strings twice
+/// their encoded size (allocation headers and slack, vectors of strings).
+pub fn footprint(event: &Event) -> usize {
+    footprint_of_encoded(prost::Message::encoded_len(event))
+}
+
+/// [`footprint`] of an event whose encoded length is known.
+pub fn footprint_of_encoded(encoded_len: usize) -> usize {
+    std::mem::size_of::<Event>() + 2 * encoded_len
+}
+
+/// Event kinds, by the name of their payload, for counters.
+pub const KINDS: [&str; 12] =
+    ["exec", "open", "connect", "fork", "exit", "chdir", "io_uring", "credentials", "bind", "accept", "file", "none"];
+
+fn kind_index(event: &Event) -> usize {
+    match &event.payload {
+        Some(Payload::Exec(_)) => 0,
+        Some(Payload::Open(_)) => 1,
+        Some(Payload::Connect(_)) => 2,
+        Some(Payload::Fork(_)) => 3,
+        Some(Payload::Exit(_)) => 4,
+        Some(Payload::Chdir(_)) => 5,
+        Some(Payload::IoUring(_)) => 6,
+        Some(Payload::Credentials(_)) => 7,
+        Some(Payload::Bind(_)) => 8,
+        Some(Payload::Accept(_)) => 9,
+        Some(Payload::File(_)) => 10,
+        None => 11,
+    }
+}
+
+/// The tracer's end of the queue.
+pub struct EventSink {
+    tx: Option<mpsc::Sender<Event>>,
+    /// Footprint of the events in the queue, shared with the drain.
+    queued_bytes: Arc<AtomicUsize>,
+    /// Events emitted, dropped or not, by kind (indexed as [`KINDS`]).
+    pub by_kind: [u64; KINDS.len()],
+    pub emitted: u64,
+    pub dropped: u64,
+}
+
+/// The exporters' end of the queue.
+pub struct EventQueue {
+    rx: mpsc::Receiver<Event>,
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+/// A queue and its two ends.
+pub fn bounded() -> (EventSink, EventQueue) {
+    let (tx, rx) = mpsc::channel(CAPACITY);
+    let queued_bytes = Arc::<AtomicUsize>::default();
+    let sink = EventSink { tx: Some(tx), queued_bytes: Arc::clone(&queued_bytes), ..EventSink::discard() };
+    (sink, EventQueue { rx, queued_bytes })
+}
+
+impl EventSink {
+    /// A sink that counts events and sends them nowhere (no exporter).
+    pub fn discard() -> Self {
+        EventSink { tx: None, queued_bytes: Arc::default(), by_kind: [0; KINDS.len()], emitted: 0, dropped: 0 }
+    }
+
+    pub fn emit(&mut self, event: Event) {
+        self.by_kind[kind_index(&event)] += 1;
+        let Some(tx) = &self.tx else {
+            self.emitted += 1;
+            return;
+        };
+        let size = footprint(&event);
+        // Added before sending, so the drain never subtracts more than was added.
+        if self.queued_bytes.fetch_add(size, Ordering::Relaxed) + size > CAPACITY_BYTES {
+            self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+            self.dropped += 1;
+            return;
+        }
+        match tx.try_send(event) {
+            Ok(()) => self.emitted += 1,
+            // Full, or the exporters are gone (they failed and said why): keep tracing.
+            Err(_) => {
+                self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                self.dropped += 1;
+            }
+        }
+    }
+}
+
+impl EventQueue {
+    /// Waits for events and moves up to `limit` of them into `batch`; 0 once
+    /// the sink is gone and the queue empty.
+    pub async fn recv_many(&mut self, batch: &mut Vec<Event>, limit: usize) -> usize {
+        self.rx.recv_many(batch, limit).await
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    /// Gives the memory of events taken from the queue back to the tracer,
+    /// once they are written.
+    pub fn release(&self, events: &[Event]) {
+        self.queued_bytes.fetch_sub(events.iter().map(footprint).sum(), Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,167 @@
+//! What every decoder works with: the stopped thread and its process state
+//! (`Ctx`), the call being decoded (`Call`), and the helpers that read its
+//! arguments.
+
+use std::time::SystemTime;
+
+use nix::unistd::Pid;
+
+use crate::proto::{self, event::Payload, Event};
+use crate::queue::EventSink;
+use crate::trace::abi::{Abi, SyscallEntry};
+use crate::trace::memory;
+use crate::trace::paths;
+use crate::trace::process::ProcessTable;
+use crate::trace::procfs;
+
+pub const AT_FDCWD: i32 = -100;
+pub const PATH_MAX: usize = 4096;
+
+/// A syscall stopped at entry, kept until its exit stop when one is needed.
+pub struct Call {
+    /// The syscall's name, as events report it.
+    pub name: &'static str,
+    pub abi: Abi,
+    pub args: [u64; 6],
+    /// When the syscall was entered.
+    pub time: SystemTime,
+    /// Absolute path read at entry, for calls whose memory is gone at exit
+    /// (exec) or whose file is (unlink).
+    pub entry_path: Option<String>,
+    /// A second path read at entry (rename's new name, a symlink's contents).
+    pub entry_target: Option<String>,
+    /// Argument memory read at entry, as the kernel read it, before another
+    /// thread of the workload can change it (a sockaddr, an open_how).
+    pub entry_bytes: Vec<u8>,
+    /// Set when something could not be read at entry.
+    pub partial: bool,
+}
+
+impl Call {
+    pub fn new(name: &'static str, entry: &SyscallEntry, time: SystemTime) -> Call {
+        Call {
+            name,
+            abi: entry.abi,
+            args: entry.args,
+            time,
+            entry_path: None,
+            entry_target: None,
+            entry_bytes: Vec::new(),
+            partial: false,
+        }
+    }
+
+    /// The `index`th native-endian u32 of the memory read at entry, if read.
+    pub fn entry_u32(&self, index: usize) -> Option<u32> {
+        let bytes = self.entry_bytes.get(index * 4..index * 4 + 4)?;
+        Some(u32::from_ne_bytes(bytes.try_into().expect("4 bytes")))
+    }
+
+    /// The `index`th native-endian u64 of the memory read at entry, if read.
+    pub fn entry_u64(&self, index: usize) -> Option<u64> {
+        let bytes = self.entry_bytes.get(index * 8..index * 8 + 8)?;
+        Some(u64::from_ne_bytes(bytes.try_into().expect("8 bytes")))
+    }
+
+    /// Argument `index` as a descriptor (the kernel reads an `int`).
+    pub fn fd(&self, index: usize) -> i32 {
+        self.args[index] as i32
+    }
+}
+
+/// What the engine does after an entry decoder ran.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing more to learn from this call.
+    Done,
+    /// Stop again at the syscall exit and run the exit decoder.
+    Exit,
+}
+
+/// The stopped thread, the process table and the event queue.
+pub struct Ctx<'a> {
+    pub tid: Pid,
+    pub procs: &'a mut ProcessTable,
+    pub sink: &'a mut EventSink,
+}
+
+fn abi_field(abi: Abi) -> i32 {
+    match abi {
+        Abi::X86_64 => proto::Abi::X8664 as i32,
+        Abi::I386 => proto::Abi::I386 as i32,
+        Abi::Unknown => proto::Abi::Unspecified as i32,
+    }
+}
+
+impl Ctx<'_> {
+    pub fn tgid(&self) -> Pid {
+        self.procs.thread(self.tid).map_or(self.tid, |t| t.tgid)
+    }
+
+    fn ppid(&self) -> u32 {
+        self.procs.process_of(self.tid).map_or(0, |p| p.ppid.as_raw() as u32)
+    }
+
+    /// An event about this thread, without payload.
+    pub fn event(&self, time: SystemTime) -> Event {
+        Event {
+            pid: self.tgid().as_raw() as u32,
+            tid: self.tid.as_raw() as u32,
+            ppid: self.ppid(),
+            timestamp: Some(proto::timestamp(time)),
+            ..Event::default()
+        }
+    }
+
+    /// Queues the event of a decoded call.
+    pub fn emit_call(&mut self, call: &Call, retval: i64, partial: bool, payload: Payload) {
+        let event = Event {
+            retval: Some(retval),
+            syscall: call.name.to_owned(),
+            abi: abi_field(call.abi),
+            partial: partial || call.partial,
+            payload: Some(payload),
+            ..self.event(call.time)
+        };
+        self.sink.emit(event);
+    }
+
+    pub fn cwd(&mut self) -> Option<String> {
+        let thread = self.procs.thread(self.tid)?;
+        if let Some(cwd) = &thread.fs.borrow().cwd {
+            return Some(cwd.clone());
+        }
+        let cwd = procfs::cwd(self.tid)?;
+        thread.fs.borrow_mut().cwd = Some(cwd.clone());
+        Some(cwd)
+    }
+
+    /// Path of a descriptor, as the kernel's table has it now.
+    pub fn fd_path(&self, fd: i32) -> Option<String> {
+        procfs::fd_path(self.tid, fd)
+    }
+
+    /// A path argument made absolute against the cwd or a directory fd.
+    pub fn resolve(&mut self, dirfd: i32, path: &[u8]) -> Option<String> {
+        let path = String::from_utf8_lossy(path);
+        if path.starts_with('/') {
+            return Some(paths::absolute("/", &path));
+        }
+        let base = if dirfd == AT_FDCWD { self.cwd()? } else { self.fd_path(dirfd)? };
+        Some(paths::absolute(&base, &path))
+    }
+
+    /// Reads a path argument and resolves it; None when unreadable.
+    pub fn read_path(&mut self, dirfd: i32, addr: u64) -> Option<String> {
+        let (raw, _) = memory::read_cstring(self.tid, addr, PATH_MAX).ok()?;
+        self.resolve(dirfd, &raw)
+    }
+
+    /// Up to `len` bytes of tracee memory at `addr`; fewer where it ends.
+    pub fn read_bytes(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; len];
+        let got = memory::read(self.tid, addr, &mut bytes);
+        bytes.truncate(got);
+        bytes
+    }
+}

@@ -1,0 +1,208 @@
+//! execve and execveat: the path at entry, argv and envp from what the
+//! kernel copied into the new image (or, for a failed exec, from the old
+//! one), bounded as the agent-side model expects.
+
+use std::time::SystemTime;
+
+use crate::proto::{self, event::Payload, Event};
+use crate::trace::abi::Abi;
+use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
+use crate::trace::memory;
+use crate::trace::procfs;
+use crate::trace::ptrace;
+
+/// Bounds of exec arguments and environment (entries, and bytes per entry),
+/// the same as the agent-side model expects.
+const MAX_EXEC_ENTRIES: usize = 356;
+const MAX_EXEC_ENTRY_LEN: usize = 356;
+/// Environment variables kept before all others when envp is cut.
+const PRIORITY_ENVS: [&str; 6] =
+    ["LD_PRELOAD=", "LD_LIBRARY_PATH=", "PATH=", "HISTSIZE=", "HISTFILESIZE=", "GLIBC_TUNABLES="];
+/// How much of the argument strings, and of the environment, is read at exec.
+const EXEC_STRINGS_MAX: usize = 256 * 1024;
+
+/// Which of the two exec calls, for their argument positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExecCall {
+    Execve,
+    Execveat,
+}
+
+/// Argument values of an exec call.
+struct ExecArgs {
+    dirfd: i32,
+    path: u64,
+    argv: u64,
+    envp: u64,
+    flags: i32,
+}
+
+impl ExecCall {
+    fn args(self, call: &Call) -> ExecArgs {
+        let a = call.args;
+        match self {
+            ExecCall::Execve => ExecArgs { dirfd: AT_FDCWD, path: a[0], argv: a[1], envp: a[2], flags: 0 },
+            ExecCall::Execveat => {
+                ExecArgs { dirfd: call.fd(0), path: a[1], argv: a[2], envp: a[3], flags: a[4] as i32 }
+            }
+        }
+    }
+}
+
+/// The program path must be read before the call: on success the memory
+/// that held it is gone.
+pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, exec: ExecCall) -> Next {
+    let args = exec.args(call);
+    call.entry_path = match memory::read_cstring(cx.tid, args.path, PATH_MAX) {
+        // execveat(fd, "", AT_EMPTY_PATH): the descriptor itself (fileless exec).
+        Ok((raw, _)) if raw.is_empty() && args.flags & libc::AT_EMPTY_PATH != 0 => cx.fd_path(args.dirfd),
+        Ok((raw, _)) => cx.resolve(args.dirfd, &raw),
+        Err(_) => None,
+    };
+    call.partial = call.entry_path.is_none();
+    Next::Exit
+}
+
+fn bound_entry(raw: &[u8], truncated: &mut bool) -> String {
+    if raw.len() > MAX_EXEC_ENTRY_LEN {
+        *truncated = true;
+        let mut cut = String::from_utf8_lossy(&raw[..MAX_EXEC_ENTRY_LEN - 4]).into_owned();
+        cut.push_str("...");
+        cut
+    } else {
+        String::from_utf8_lossy(raw).into_owned()
+    }
+}
+
+/// argv within the bounds; `cut` says entries were already left out.
+fn bound_args<'a>(items: impl IntoIterator<Item = &'a [u8]>, mut cut: bool) -> (Vec<String>, bool) {
+    let mut args = Vec::new();
+    for item in items {
+        if args.len() == MAX_EXEC_ENTRIES {
+            cut = true;
+            break;
+        }
+        args.push(bound_entry(item, &mut cut));
+    }
+    (args, cut)
+}
+
+/// envp within the bounds, the variables that change how programs load and
+/// run first.
+fn bound_envs<'a>(items: impl IntoIterator<Item = &'a [u8]> + Clone, cut: bool) -> (Vec<String>, bool) {
+    let is_priority = |item: &[u8]| PRIORITY_ENVS.iter().any(|p| item.starts_with(p.as_bytes()));
+    let priority = items.clone().into_iter().filter(|i| is_priority(i));
+    let rest = items.into_iter().filter(|i| !is_priority(i));
+    bound_args(priority.chain(rest), cut)
+}
+
+fn split_nul(buf: &[u8]) -> impl Iterator<Item = &[u8]> + Clone {
+    buf.strip_suffix(b"\0").unwrap_or(buf).split(|&b| b == 0).filter(|_| !buf.is_empty())
+}
+
+/// Only failed execs reach their exit stop: a successful one is reported at
+/// PTRACE_EVENT_EXEC, from which the tracee is resumed past its exit stop.
+/// The old image is intact, so argv and envp are read from its memory.
+pub fn failed(cx: &mut Ctx<'_>, call: &Call, retval: i64, exec: ExecCall) {
+    let args = exec.args(call);
+    let limit = MAX_EXEC_ENTRY_LEN + 1;
+    let argv = memory::read_string_array(cx.tid, args.argv, call.abi, MAX_EXEC_ENTRIES, limit);
+    let envp = memory::read_string_array(cx.tid, args.envp, call.abi, 4 * MAX_EXEC_ENTRIES, limit);
+    let partial = argv.is_err() || envp.is_err();
+    let (argv, argv_cut) = argv.unwrap_or_default();
+    let (envp, envp_cut) = envp.unwrap_or_default();
+    let (args, args_truncated) = bound_args(argv.iter().map(Vec::as_slice), argv_cut);
+    let (envs, envs_truncated) = bound_envs(envp.iter().map(Vec::as_slice), envp_cut);
+    let exec = proto::ExecEvent {
+        path: call.entry_path.clone().unwrap_or_default(),
+        args,
+        args_truncated,
+        envs,
+        envs_truncated,
+        cwd: cx.cwd().unwrap_or_default(),
+        credentials: procfs::status(cx.tid).map(|s| s.credentials),
+        executable: String::new(),
+    };
+    cx.emit_call(call, retval, partial, Payload::Exec(exec));
+}
+
+/// PTRACE_EVENT_EXEC: the new image is in place. argv and envp are read from
+/// what the kernel copied onto the new stack (before the program runs; /proc
+/// when that stack is not as expected), not from the old memory a thread
+/// could have changed after the entry stop. `call` is the exec's entry, when
+/// it was seen.
+pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime) {
+    let pid = cx.tgid();
+    let from_stack = ptrace::stack_at_exec(pid)
+        .ok()
+        .filter(|(_, abi)| *abi != Abi::Unknown)
+        .and_then(|(sp, abi)| memory::exec_strings(pid, sp, abi, EXEC_STRINGS_MAX));
+    let (cmdline, environ) = match from_stack {
+        Some((cmdline, environ)) => (Some(cmdline), Some(environ)),
+        None => (
+            procfs::read_bounded(&format!("/proc/{pid}/cmdline"), EXEC_STRINGS_MAX),
+            procfs::read_bounded(&format!("/proc/{pid}/environ"), EXEC_STRINGS_MAX),
+        ),
+    };
+    let status = procfs::status(pid);
+    let executable = procfs::exe(pid);
+    let partial = cmdline.is_none() || environ.is_none() || status.is_none() || executable.is_none();
+    let (cmdline, cmdline_cut) = cmdline.unwrap_or_default();
+    let (environ, environ_cut) = environ.unwrap_or_default();
+    let (args, args_truncated) = bound_args(split_nul(&cmdline), cmdline_cut);
+    let (envs, envs_truncated) = bound_envs(split_nul(&environ), environ_cut);
+    let executable = executable.unwrap_or_default();
+    let path = call.as_ref().and_then(|c| c.entry_path.clone()).unwrap_or_else(|| executable.clone());
+    let exec = proto::ExecEvent {
+        path,
+        args,
+        args_truncated,
+        envs,
+        envs_truncated,
+        cwd: cx.cwd().unwrap_or_default(),
+        credentials: status.map(|s| s.credentials),
+        executable,
+    };
+    match call {
+        Some(call) => cx.emit_call(&call, 0, partial, Payload::Exec(exec)),
+        None => {
+            let event = Event {
+                retval: Some(0),
+                syscall: "execve".to_owned(),
+                partial: true,
+                payload: Some(Payload::Exec(exec)),
+                ..cx.event(time)
+            };
+            cx.sink.emit(event);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_entries_are_bounded_with_priority_envs_first() {
+        let long = vec![b'a'; 400];
+        let (args, cut) = bound_args([b"ls".as_slice(), &long], false);
+        assert!(cut);
+        assert_eq!(args[1].len(), MAX_EXEC_ENTRY_LEN - 1);
+        assert!(args[1].ends_with("..."));
+
+        let many: Vec<Vec<u8>> =
+            (0..400).map(|i| format!("V{i}=x").into_bytes()).chain([b"PATH=/bin".to_vec()]).collect();
+        let (envs, cut) = bound_envs(many.iter().map(Vec::as_slice), false);
+        assert!(cut);
+        assert_eq!(envs.len(), MAX_EXEC_ENTRIES);
+        assert_eq!(envs[0], "PATH=/bin");
+        assert_eq!(envs[1], "V0=x");
+    }
+
+    #[test]
+    fn nul_separated_lists_split_without_a_trailing_empty_entry() {
+        assert_eq!(split_nul(b"a\0bc\0").collect::<Vec<_>>(), vec![b"a".as_slice(), b"bc"]);
+        assert_eq!(split_nul(b"").count(), 0);
+        assert_eq!(split_nul(b"a\0\0b\0").count(), 3);
+    }
+}

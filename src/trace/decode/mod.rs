@@ -1,0 +1,83 @@
+//! Decoders: what each watched syscall means, turned into events. Decoders
+//! never fail: what cannot be read is left out and the event is marked
+//! `partial`.
+//!
+//! A [`Decoder`] is the typed identity of a table entry: its family and,
+//! within the family, which call it is (which argument means what). Each
+//! family lives in its own module; this one only dispatches.
+
+mod context;
+mod creds;
+mod exec;
+mod files;
+mod net;
+mod open;
+mod tasks;
+
+pub use context::{Call, Ctx, Next};
+pub use creds::CredCall;
+pub use exec::{succeeded as exec_succeeded, ExecCall};
+pub use files::{FileCall, PathArg};
+pub use net::NetCall;
+pub use open::OpenCall;
+pub use tasks::{ChdirCall, CloneCall};
+
+/// What a table entry decodes as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decoder {
+    Exec(ExecCall),
+    Open(OpenCall),
+    IoUring,
+    Net(NetCall),
+    /// i386's multiplexed socket calls; becomes the `Net` call it stands for.
+    Socketcall,
+    File(FileCall),
+    Credentials(CredCall),
+    Clone(CloneCall),
+    Unshare,
+    Chdir(ChdirCall),
+}
+
+impl Decoder {
+    /// At the syscall-entry stop, before the kernel acts: reads what will be
+    /// gone afterwards, updates state that must change before the call runs,
+    /// and says whether the exit stop is needed (a second stop: asked only
+    /// when the result matters). May turn into the decoder of the call this
+    /// one stands for (socketcall).
+    pub fn entry(&mut self, cx: &mut Ctx<'_>, call: &mut Call) -> Next {
+        match *self {
+            Decoder::Exec(exec) => exec::entry(cx, call, exec),
+            Decoder::Open(open) => open::entry(cx, call, open),
+            Decoder::IoUring => open::io_uring_entry(cx, call),
+            Decoder::Net(net) => net::entry(cx, call, net),
+            Decoder::Socketcall => match net::unpack_socketcall(cx, call) {
+                Some(net) => {
+                    *self = Decoder::Net(net);
+                    self.entry(cx, call)
+                }
+                None => Next::Done,
+            },
+            Decoder::File(spec) => files::entry(cx, call, spec),
+            Decoder::Credentials(cred) => creds::entry(cx, call, cred),
+            Decoder::Clone(clone) => tasks::clone_entry(cx, call, clone),
+            Decoder::Unshare => tasks::unshare_entry(cx, call),
+            Decoder::Chdir(_) => Next::Exit,
+        }
+    }
+
+    /// At the exit stop of a call whose entry asked for it.
+    pub fn exit(self, cx: &mut Ctx<'_>, call: &Call, retval: i64) {
+        match self {
+            Decoder::Exec(exec) => exec::failed(cx, call, retval, exec),
+            Decoder::Open(open) => open::exit(cx, call, retval, open),
+            Decoder::IoUring => open::io_uring_exit(cx, call, retval),
+            Decoder::Net(net) => net::exit(cx, call, retval, net),
+            Decoder::File(spec) => files::exit(cx, call, retval, spec),
+            Decoder::Credentials(cred) => creds::exit(cx, call, retval, cred),
+            Decoder::Clone(CloneCall::Clone3) => tasks::clone3_exit(cx, call, retval),
+            Decoder::Chdir(chdir) => tasks::chdir_exit(cx, call, retval, chdir),
+            // Decoded whole at entry: they never ask for the exit stop.
+            Decoder::Socketcall | Decoder::Clone(CloneCall::Clone) | Decoder::Unshare => {}
+        }
+    }
+}
