@@ -125,8 +125,10 @@ pub struct TraceArgs {
     #[arg(long)]
     pub stats: bool,
 
-    /// The program to run, and its arguments.
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "ENTRYPOINT")]
+    /// The program to run, and its arguments. Options of `trace` come
+    /// before it (or before `--`); an unknown option is an error, not the
+    /// entrypoint.
+    #[arg(required = true, trailing_var_arg = true, value_name = "ENTRYPOINT")]
     pub command: Vec<OsString>,
 }
 

@@ -54,6 +54,23 @@ fn bad_events_file_is_a_usage_error() {
     );
 }
 
+#[test]
+fn a_mistyped_option_is_a_usage_error_not_the_entrypoint() {
+    for (flag, hint) in [("--verbos", "a similar argument exists: '--verbose'"), ("--bogus", "'--bogus'")] {
+        let output = std::process::Command::new(common::binary()).args(["trace", flag, "--", "true"]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.starts_with(&format!("error: unexpected argument '{flag}' found")), "{stderr}");
+        assert!(stderr.contains(hint), "{stderr}");
+    }
+    // Without `--`, what follows the entrypoint is the entrypoint's, whatever it looks like.
+    let output = std::process::Command::new(common::binary())
+        .args(["trace", "--probe-addr", "", "sh", "-c", "echo \"$@\"", "sh", "--verbose", "-x"])
+        .output()
+        .unwrap();
+    assert_eq!((output.status.code(), output.stdout.as_slice()), (Some(0), b"--verbose -x\n".as_slice()));
+}
+
 /// Starts `sh -c SCRIPT` under the tracer and waits for it to print "ready".
 fn start_ready(script: &str) -> (Trace, std::process::Child, BufReader<std::process::ChildStdout>) {
     let mut trace = Trace::new(&["sh", "-c", script]);
