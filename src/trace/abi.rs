@@ -9,6 +9,10 @@ pub const AUDIT_ARCH_I386: u32 = 0x4000_0003;
 /// Syscall numbers of the x32 ABI carry this bit within AUDIT_ARCH_X86_64.
 pub const X32_SYSCALL_BIT: u64 = 0x4000_0000;
 
+/// The size of a memory page on x86_64 (and i386): reads of tracee memory
+/// and of /proc files are sized by it.
+pub const PAGE: usize = 4096;
+
 /// The system call table a call went through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Abi {

@@ -14,9 +14,8 @@ use nix::errno::Errno;
 use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
 use nix::unistd::Pid;
 
-use crate::trace::abi::Abi;
+use crate::trace::abi::{Abi, PAGE};
 
-const PAGE: u64 = 4096;
 /// Remote iovecs per process_vm_readv call (well under IOV_MAX).
 const MAX_IOVECS: usize = 64;
 
@@ -32,7 +31,7 @@ const USER_END: u64 = 1 << 57;
 
 /// First address of the page after the one holding `addr`.
 fn next_page(addr: u64) -> u64 {
-    (addr | (PAGE - 1)) + 1
+    (addr | (PAGE as u64 - 1)) + 1
 }
 
 /// Fills as much of `buf` as is readable from `addr`; returns the byte count.
@@ -57,7 +56,7 @@ pub fn read(pid: Pid, addr: u64, buf: &mut [u8]) -> usize {
 
 /// `addr + buf.len()` stays below USER_END (checked by `read`).
 fn read_vm(pid: Pid, addr: u64, buf: &mut [u8]) -> nix::Result<usize> {
-    let mut remote = Vec::with_capacity(MAX_IOVECS.min(buf.len() / PAGE as usize + 2));
+    let mut remote = Vec::with_capacity(MAX_IOVECS.min(buf.len() / PAGE + 2));
     let mut base = addr;
     let end = addr + buf.len() as u64;
     while base < end && remote.len() < MAX_IOVECS {
@@ -220,7 +219,7 @@ fn exec_layout(words: &[u64]) -> Option<ExecLayout> {
 pub fn exec_strings(pid: Pid, sp: u64, abi: Abi, max: usize) -> Option<(Bounded, Bounded)> {
     /// Enough for the pointers of any argv and envp we keep, and more.
     const STACK_READ_MAX: usize = 1 << 20;
-    let mut count = 4 * PAGE as usize / abi.word_size();
+    let mut count = 4 * PAGE / abi.word_size();
     let layout = loop {
         // One read: the stack ends a little above its strings, and a read
         // stops there.
@@ -287,8 +286,8 @@ mod tests {
     fn reads_strings_across_pages_and_stops_at_unmapped_memory() {
         let me = Pid::this();
         // A string that straddles a page boundary.
-        let mut buf = vec![b'x'; 3 * PAGE as usize];
-        let start = (PAGE - (buf.as_ptr() as u64 % PAGE)) as usize + PAGE as usize - 5;
+        let mut buf = vec![b'x'; 3 * PAGE];
+        let start = PAGE - (buf.as_ptr() as usize % PAGE) + PAGE - 5;
         buf[start + 10] = 0;
         let (s, cut) = read_cstring(me, buf.as_ptr() as u64 + start as u64, 4096).unwrap();
         assert_eq!((s.len(), cut), (10, false));

@@ -8,8 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use nix::unistd::Pid;
 
 use crate::proto::Credentials;
-
-const PAGE: usize = 4096;
+use crate::trace::abi::PAGE;
 
 fn readlink(path: &str) -> Option<String> {
     std::fs::read_link(path).ok().map(|p| p.to_string_lossy().into_owned())
