@@ -24,24 +24,6 @@ const BATCH_EVENTS: usize = 256;
 /// Batches a stream may have sent but not seen acknowledged.
 const WINDOW: usize = 16;
 
-fn kind(event: &proto::Event) -> &'static str {
-    use proto::event::Payload;
-    match event.payload {
-        Some(Payload::Exec(_)) => "exec",
-        Some(Payload::Open(_)) => "open",
-        Some(Payload::Connect(_)) => "connect",
-        Some(Payload::Fork(_)) => "fork",
-        Some(Payload::Exit(_)) => "exit",
-        Some(Payload::Chdir(_)) => "chdir",
-        Some(Payload::IoUring(_)) => "io_uring",
-        Some(Payload::Credentials(_)) => "credentials",
-        Some(Payload::Bind(_)) => "bind",
-        Some(Payload::Accept(_)) => "accept",
-        Some(Payload::File(_)) => "file",
-        None => "other",
-    }
-}
-
 /// Bytes an event takes inside an EventBatch: tag, length, body.
 fn wire_size(event: &proto::Event) -> usize {
     let body = event.encoded_len();
@@ -114,7 +96,7 @@ fn run() -> Result<(), String> {
 
     let mut by_kind: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     for event in &corpus {
-        let entry = by_kind.entry(kind(event)).or_default();
+        let entry = by_kind.entry(cws_instrumentation::queue::kind(event)).or_default();
         entry.0 += 1;
         entry.1 += wire_size(event);
     }

@@ -5,6 +5,7 @@
 //! This module is the only thing the tracer and the exporters share, so
 //! neither depends on the other.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -30,24 +31,24 @@ pub fn footprint_of_encoded(encoded_len: usize) -> usize {
     std::mem::size_of::<Event>() + 2 * encoded_len
 }
 
-/// Event kinds, by the name of their payload, for counters.
-pub const KINDS: [&str; 12] =
-    ["exec", "open", "connect", "fork", "exit", "chdir", "io_uring", "credentials", "bind", "accept", "file", "none"];
-
-fn kind_index(event: &Event) -> usize {
+/// The kind of an event: the name of its payload, as JSON lines key it.
+pub fn kind(event: &Event) -> &'static str {
     match &event.payload {
-        Some(Payload::Exec(_)) => 0,
-        Some(Payload::Open(_)) => 1,
-        Some(Payload::Connect(_)) => 2,
-        Some(Payload::Fork(_)) => 3,
-        Some(Payload::Exit(_)) => 4,
-        Some(Payload::Chdir(_)) => 5,
-        Some(Payload::IoUring(_)) => 6,
-        Some(Payload::Credentials(_)) => 7,
-        Some(Payload::Bind(_)) => 8,
-        Some(Payload::Accept(_)) => 9,
-        Some(Payload::File(_)) => 10,
-        None => 11,
+        Some(Payload::Exec(_)) => "exec",
+        Some(Payload::Open(_)) => "open",
+        Some(Payload::Connect(_)) => "connect",
+        Some(Payload::Fork(_)) => "fork",
+        Some(Payload::Exit(_)) => "exit",
+        Some(Payload::Chdir(_)) => "chdir",
+        Some(Payload::IoUring(_)) => "io_uring",
+        Some(Payload::Credentials(_)) => "credentials",
+        Some(Payload::Bind(_)) => "bind",
+        Some(Payload::Accept(_)) => "accept",
+        Some(Payload::File(_)) => "file",
+        Some(Payload::Ptrace(_)) => "ptrace",
+        Some(Payload::Seccomp(_)) => "seccomp",
+        Some(Payload::Userfaultfd(_)) => "userfaultfd",
+        None => "none",
     }
 }
 
@@ -56,8 +57,8 @@ pub struct EventSink {
     tx: Option<mpsc::Sender<Event>>,
     /// Footprint of the events in the queue, shared with the drain.
     queued_bytes: Arc<AtomicUsize>,
-    /// Events emitted, dropped or not, by kind (indexed as [`KINDS`]).
-    pub by_kind: [u64; KINDS.len()],
+    /// Events emitted, dropped or not, by kind.
+    pub by_kind: BTreeMap<&'static str, u64>,
     pub emitted: u64,
     pub dropped: u64,
 }
@@ -79,11 +80,11 @@ pub fn bounded() -> (EventSink, EventQueue) {
 impl EventSink {
     /// A sink that counts events and sends them nowhere (no exporter).
     pub fn discard() -> Self {
-        EventSink { tx: None, queued_bytes: Arc::default(), by_kind: [0; KINDS.len()], emitted: 0, dropped: 0 }
+        EventSink { tx: None, queued_bytes: Arc::default(), by_kind: BTreeMap::new(), emitted: 0, dropped: 0 }
     }
 
     pub fn emit(&mut self, event: Event) {
-        self.by_kind[kind_index(&event)] += 1;
+        *self.by_kind.entry(kind(&event)).or_default() += 1;
         let Some(tx) = &self.tx else {
             self.emitted += 1;
             return;

@@ -8,7 +8,6 @@ use crate::exit::{code, ExitError};
 use crate::export::{grpc, Exporters, Outputs};
 use crate::log::log;
 use crate::proto::{Counters, Goodbye};
-use crate::queue;
 use crate::trace::{self, Inheritance, LaunchError, Mode, Outcome, Tracer, Workload};
 
 pub fn run(args: TraceArgs) -> Result<i32, ExitError> {
@@ -88,7 +87,7 @@ fn hold_for_agent(args: &TraceArgs, exporters: &Exporters) {
 /// How the workload ended and what the tracer counted, for the agent.
 fn goodbye(outcome: &Result<Outcome, LaunchError>) -> Goodbye {
     let outcome = outcome.as_ref().ok();
-    let stats = outcome.map(|o| o.stats).unwrap_or_default();
+    let stats = outcome.map(|o| o.stats.clone()).unwrap_or_default();
     Goodbye {
         exit: outcome.and_then(|o| o.root).map(trace::Death::event),
         counters: Some(Counters {
@@ -101,7 +100,7 @@ fn goodbye(outcome: &Result<Outcome, LaunchError>) -> Goodbye {
 }
 
 fn log_stats(outcome: &Outcome, delivery: &grpc::Delivery) {
-    let s = outcome.stats;
+    let s = &outcome.stats;
     log!(
         "stats: seccomp_stops={} syscall_stops={} fork_stops={} exec_stops={} group_stops={} signal_stops={} other_stops={} foreign_calls={} events={} dropped={} undelivered={} reconnects={} peak_rss_kib={}",
         s.seccomp, s.syscall, s.fork, s.exec, s.group, s.signal, s.other, s.foreign, s.events, s.dropped,
@@ -111,13 +110,8 @@ fn log_stats(outcome: &Outcome, delivery: &grpc::Delivery) {
 
 /// `--verbose`'s last line: what the run amounted to.
 fn log_summary(outcome: &Outcome, delivery: &grpc::Delivery) {
-    let s = outcome.stats;
-    let kinds: Vec<String> = queue::KINDS
-        .iter()
-        .zip(s.events_by_kind)
-        .filter(|(_, count)| *count > 0)
-        .map(|(kind, count)| format!("{kind} {count}"))
-        .collect();
+    let s = &outcome.stats;
+    let kinds: Vec<String> = s.events_by_kind.iter().map(|(kind, count)| format!("{kind} {count}")).collect();
     let undelivered = delivery.undelivered + delivery.dropped;
     log!(
         "summary: {} events ({}), {} ptrace stops, {} dropped{}",

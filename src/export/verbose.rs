@@ -230,6 +230,33 @@ pub fn format_event(out: &mut String, event: &Event) {
             let _ = write!(out, "{name}({}, flags={:#x})", ring.entries, ring.flags);
             format_retval(out, event.retval.unwrap_or(0));
         }
+        Some(Payload::Ptrace(ptrace)) => {
+            match ptrace.request_name.as_str() {
+                "" => write!(out, "{name}({}, {})", ptrace.request, ptrace.pid),
+                request => write!(out, "{name}({request}, {})", ptrace.pid),
+            }
+            .unwrap_or_default();
+            format_retval(out, event.retval.unwrap_or(0));
+        }
+        Some(Payload::Seccomp(seccomp)) => {
+            match seccomp.operation_name.as_str() {
+                "" => write!(out, "{name}({}", seccomp.operation),
+                operation => write!(out, "{name}({operation}"),
+            }
+            .unwrap_or_default();
+            if seccomp.flags != 0 {
+                let _ = write!(out, ", flags={:#x}", seccomp.flags);
+            }
+            if let Some(instructions) = seccomp.instructions {
+                let _ = write!(out, ", {instructions} instructions");
+            }
+            out.push(')');
+            format_retval(out, event.retval.unwrap_or(0));
+        }
+        Some(Payload::Userfaultfd(uffd)) => {
+            let _ = write!(out, "{name}(flags={:#x})", uffd.flags);
+            format_retval(out, event.retval.unwrap_or(0));
+        }
         None => {
             let _ = write!(out, "{name}(?)");
         }
@@ -239,6 +266,9 @@ pub fn format_event(out: &mut String, event: &Event) {
     }
     if event.partial {
         out.push_str(" (partial)");
+    }
+    if !event.denied.is_empty() {
+        let _ = write!(out, " (denied: {})", event.denied);
     }
 }
 

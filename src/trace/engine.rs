@@ -23,7 +23,7 @@ use crate::trace::process::{LiveProcesses, ProcessTable, Sharing};
 use crate::trace::procfs;
 use crate::trace::ptrace::{self, Death, EventStop, ForkEventKind, Resume, Stop, SyscallReader, SyscallState};
 use crate::trace::seccomp::SeccompData;
-use crate::trace::syscalls::{self, SyscallDef, SYSCALLS};
+use crate::trace::syscalls::{self, Action, SyscallDef, SYSCALLS};
 
 /// How syscalls reach the tracer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,7 +35,7 @@ pub enum Mode {
 }
 
 /// Stops handled, by kind, reported with `--stats`.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Stats {
     pub seccomp: u64,
     pub syscall: u64,
@@ -48,8 +48,8 @@ pub struct Stats {
     pub foreign: u64,
     pub events: u64,
     pub dropped: u64,
-    /// Events by kind (as `crate::queue::KINDS`), dropped or not.
-    pub events_by_kind: [u64; crate::queue::KINDS.len()],
+    /// Events by kind (`crate::queue::kind`), dropped or not.
+    pub events_by_kind: std::collections::BTreeMap<&'static str, u64>,
 }
 
 impl Stats {
@@ -78,6 +78,10 @@ pub struct Engine {
     sink: EventSink,
     reader: SyscallReader,
     root: Pid,
+    /// Until the root's first exec, its calls (but that exec) are the
+    /// tracer's own set-up (capabilities, the filter, --uid/--gid): not the
+    /// workload's.
+    root_started: bool,
     root_death: Option<Death>,
     stats: Stats,
     /// ptrace requests are only valid from the thread that attached.
@@ -97,6 +101,7 @@ impl Engine {
             reader: SyscallReader::new(),
             root,
             root_death: None,
+            root_started: false,
             stats: Stats::default(),
             _single_thread: PhantomData,
         }
@@ -120,7 +125,7 @@ impl Engine {
         }
         self.stats.events = self.sink.emitted;
         self.stats.dropped = self.sink.dropped;
-        self.stats.events_by_kind = self.sink.by_kind;
+        self.stats.events_by_kind = std::mem::take(&mut self.sink.by_kind);
         Outcome { root: self.root_death, stats: self.stats }
     }
 
@@ -240,14 +245,34 @@ impl Engine {
     }
 
     fn enter(&mut self, tid: Pid, def: &'static SyscallDef, entry: SyscallEntry, time: SystemTime) {
+        let exec = matches!(def.action, Action::Trace(Decoder::Exec(_)));
+        if tid == self.root && !self.root_started && !exec {
+            return;
+        }
         if let Some(thread) = self.procs.thread_mut(tid) {
             // A clone that announced a child and reached no fork event failed.
             thread.forking = None;
         }
+        let mut decoder = match def.action {
+            Action::Trace(decoder) => decoder,
+            // The filter checks the argument too; a stop from a filter of the
+            // workload's own, or from full-ptrace mode, is checked here.
+            Action::TraceWhen { index, value, decoder } if entry.args[index] as u32 == value => decoder,
+            Action::TraceWhen { .. } => return,
+            Action::Refuse(errno) => {
+                let _ = ptrace::refuse_syscall(tid, errno);
+                return;
+            }
+        };
         let mut call = Call::new(def.name, &entry, time);
-        let mut decoder = def.decoder;
-        if decoder.entry(&mut self.ctx(tid), &mut call) == Next::Exit {
-            self.pending.insert(tid, Pending { decoder, call });
+        match decoder.entry(&mut self.ctx(tid), &mut call) {
+            Next::Done => {}
+            Next::Exit => {
+                self.pending.insert(tid, Pending { decoder, call });
+            }
+            Next::Refuse(errno) => {
+                let _ = ptrace::refuse_syscall(tid, errno);
+            }
         }
     }
 
@@ -314,6 +339,7 @@ impl Engine {
     fn on_exec(&mut self, stop: &EventStop) {
         let time = SystemTime::now();
         let tgid = stop.pid;
+        self.root_started |= tgid == self.root;
         let former = stop.message().map_or(tgid, |tid| Pid::from_raw(tid as i32));
         self.procs.exec(tgid, former);
         // The leader's own pending call, if another thread exec'd, is gone with it.

@@ -1,11 +1,13 @@
 //! Starting the workload: find the entrypoint as execvp would, fork, and
 //! have the tracer seize the child before it can run anything of its own.
 //!
-//! Start-up handshake: the child blocks on a pipe while the tracer
+//! Start-up handshake: the child blocks on a socket while the tracer
 //! PTRACE_SEIZEs it (with EXITKILL: if the tracer dies, the workload dies
 //! with it rather than run on with a filter whose traced syscalls would all
-//! fail with ENOSYS). Released, the child drops privileges if asked,
-//! installs the seccomp filter and execs; that exec is the first stop.
+//! fail with ENOSYS) and makes itself undumpable. Released, the child gives
+//! up CAP_SYS_PTRACE, installs the seccomp filter and hands its
+//! notification listener back to the tracer over the same socket, drops
+//! privileges if asked, and execs; that exec is the first stop.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -13,11 +15,16 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use nix::sys::signal::{kill, SigSet, Signal};
-use nix::sys::wait::waitpid;
-use nix::unistd::{fork, pipe2, ForkResult, Pid};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::sys::wait::waitpid;
+use nix::unistd::{fork, ForkResult, Pid};
+
+use crate::log::log;
 use crate::trace::ptrace;
+use crate::trace::seccomp::{self, Listener};
 use crate::trace::signals::IgnoredSignals;
 
 /// Why the workload could not be started.
@@ -119,9 +126,14 @@ impl Launch {
     }
 
     /// Forks the workload and seizes it. Must run on the tracer thread.
-    pub fn spawn(&self, interrupt: bool) -> Result<Pid, LaunchError> {
-        let (release_read, release_write) = pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| LaunchError::Setup(format!("cannot create a pipe: {e}")))?;
+    /// Returns the workload and, with a filter, its notification listener:
+    /// while the tracer holds it open, the kernel refuses the workload a
+    /// listener of its own (whose notifications would outrank the filter's
+    /// stops and let calls run unseen).
+    pub fn spawn(&self, interrupt: bool) -> Result<(Pid, Option<OwnedFd>), LaunchError> {
+        let (tracer_end, child_end) =
+            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+                .map_err(|e| LaunchError::Setup(format!("cannot create a socket pair: {e}")))?;
         let argv: Vec<*const libc::c_char> = self.argv.iter().map(|a| a.as_ptr()).chain([std::ptr::null()]).collect();
         let envp: Vec<*const libc::c_char> = self.env.iter().map(|e| e.as_ptr()).chain([std::ptr::null()]).collect();
         // SAFETY: the child only makes async-signal-safe calls (see `child`)
@@ -129,11 +141,11 @@ impl Launch {
         match unsafe { fork() } {
             Err(e) => Err(LaunchError::Setup(format!("cannot fork: {e}"))),
             Ok(ForkResult::Child) => {
-                drop(release_write);
-                child(self, std::os::fd::AsRawFd::as_raw_fd(&release_read), &argv, &envp)
+                drop(tracer_end);
+                child(self, child_end.as_raw_fd(), &argv, &envp)
             }
             Ok(ForkResult::Parent { child }) => {
-                drop(release_read);
+                drop(child_end);
                 if let Err(e) = ptrace::seize(child) {
                     let _ = kill(child, Signal::SIGKILL);
                     let _ = waitpid(child, None);
@@ -141,16 +153,86 @@ impl Launch {
                         "cannot trace the workload: ptrace(PTRACE_SEIZE): {e} (the container needs the SYS_PTRACE capability, or ptrace is forbidden by a security profile)"
                     )));
                 }
+                // Only now: a child that is not dumpable cannot be seized
+                // without CAP_SYS_PTRACE. From here on the workload cannot
+                // attach to the tracer or open its memory (it also loses
+                // CAP_SYS_PTRACE before exec).
+                nix::sys::prctl::set_dumpable(false)
+                    .map_err(|e| LaunchError::Setup(format!("cannot make the tracer undumpable: {e}")))?;
                 if interrupt {
                     // Full-ptrace mode: stop it once so that it can be resumed
                     // with PTRACE_SYSCALL.
                     let _ = nix::sys::ptrace::interrupt(child);
                 }
-                // Release the child; the write end closes on return.
-                let _ = nix::unistd::write(&release_write, b"go");
-                Ok(child)
+                // Release the child.
+                let _ = nix::unistd::write(&tracer_end, b"go");
+                let listener = match &self.filter {
+                    Some(_) => receive_listener(&tracer_end),
+                    None => None,
+                };
+                Ok((child, listener))
             }
         }
+    }
+}
+
+/// The child's answer after installing the filter: its listener, or why
+/// the filter has none (logged: the workload could then install a
+/// notifying filter of its own, whose calls the tracer would not see).
+fn receive_listener(socket: &OwnedFd) -> Option<OwnedFd> {
+    let mut status = [0u8; 4];
+    let mut iov = [std::io::IoSliceMut::new(&mut status)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let flags = nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC;
+    // The child is still our own code, which answers or dies (and then the
+    // socket ends): this read cannot hang on the workload.
+    let message = nix::sys::socket::recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut space), flags).ok()?;
+    let received = message.bytes;
+    for cmsg in message.cmsgs().ok()? {
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = cmsg {
+            // SAFETY: SCM_RIGHTS gives the receiver new descriptors it owns.
+            return fds.first().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+    if received == status.len() {
+        let errno = nix::errno::Errno::from_raw(i32::from_ne_bytes(status));
+        log!(
+            "the seccomp filter could not reserve the notification listener ({errno}); a workload could install a notifying filter whose calls are not seen"
+        );
+    }
+    None
+}
+
+/// In the child: sends the listener (SCM_RIGHTS) or the errno that refused
+/// it, with one sendmsg(2) on a buffer on the stack.
+///
+/// # Safety
+/// Raw syscalls only, as after fork in a multi-threaded process.
+unsafe fn send_listener(socket: i32, listener: Listener) {
+    let status = match listener {
+        Listener::Fd(_) => 0i32,
+        Listener::Refused(errno) => errno,
+    }
+    .to_ne_bytes();
+    let mut iov = libc::iovec { iov_base: status.as_ptr() as *mut libc::c_void, iov_len: status.len() };
+    // Room for one cmsghdr and one descriptor, 8-byte aligned.
+    let mut control = [0u64; 4];
+    let mut message: libc::msghdr = std::mem::zeroed();
+    message.msg_iov = &mut iov;
+    message.msg_iovlen = 1;
+    if let Listener::Fd(fd) = listener {
+        let len = libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) as usize;
+        message.msg_control = control.as_mut_ptr().cast();
+        message.msg_controllen = len;
+        let header = libc::CMSG_FIRSTHDR(&message);
+        (*header).cmsg_level = libc::SOL_SOCKET;
+        (*header).cmsg_type = libc::SCM_RIGHTS;
+        (*header).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<i32>(), fd);
+    }
+    libc::sendmsg(socket, &message, 0);
+    if let Listener::Fd(fd) = listener {
+        libc::close(fd);
     }
 }
 
@@ -180,6 +262,51 @@ fn errno() -> i32 {
     nix::errno::Errno::last_raw()
 }
 
+/// CAP_SYS_PTRACE (linux/capability.h).
+const CAP_SYS_PTRACE: u32 = 19;
+
+/// In the child: CAP_SYS_PTRACE leaves every set, the bounding set
+/// included, so no later exec gives it back. Without it the workload cannot
+/// attach to the tracer, which is not dumpable; it could not trace its own
+/// children anyway (they are the tracer's). Failures are left as they are:
+/// without CAP_SETPCAP the bounding set cannot change, and a tracer without
+/// the capability has none to pass on.
+///
+/// # Safety
+/// Raw syscalls only, as after fork in a multi-threaded process.
+unsafe fn drop_cap_sys_ptrace() {
+    #[repr(C)]
+    struct CapHeader {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct CapData {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_PTRACE as libc::c_ulong, 0, 0, 0);
+    libc::prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_LOWER as libc::c_ulong,
+        CAP_SYS_PTRACE as libc::c_ulong,
+        0,
+        0,
+    );
+    let mut header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let mut data = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    if libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) == 0 {
+        let bit = !(1u32 << CAP_SYS_PTRACE);
+        data[0].effective &= bit;
+        data[0].permitted &= bit;
+        data[0].inheritable &= bit;
+        libc::syscall(libc::SYS_capset, &mut header, data.as_ptr());
+    }
+}
+
 /// The forked child, up to exec.
 fn child(launch: &Launch, release: i32, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> ! {
     // SAFETY (whole block): raw syscalls on values prepared before fork;
@@ -194,15 +321,18 @@ fn child(launch: &Launch, release: i32, argv: &[*const libc::c_char], envp: &[*c
             // The tracer is gone before seizing us: never run untraced.
             libc::_exit(125);
         }
-        libc::close(release);
+        // Before the filter, so that the tracer's own setup is not traced.
+        drop_cap_sys_ptrace();
         // The filter goes in while the tracer's privileges are still ours:
         // with CAP_SYS_ADMIN it needs no NO_NEW_PRIVS, so setuid programs
         // keep working in the workload even under --uid.
         if let Some(filter) = &launch.filter {
-            if let Err(e) = crate::trace::seccomp::install(filter) {
-                die(b"cannot install the seccomp filter", e, 125);
+            match seccomp::install(filter) {
+                Ok(listener) => send_listener(release, listener),
+                Err(e) => die(b"cannot install the seccomp filter", e, 125),
             }
         }
+        libc::close(release);
         if (launch.uid.is_some() || launch.gid.is_some()) && libc::setgroups(0, std::ptr::null()) != 0 {
             die(b"cannot clear supplementary groups (setgroups)", errno(), 125);
         }

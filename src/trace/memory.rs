@@ -1,4 +1,4 @@
-//! Reading (and, for one flag, writing) tracee memory.
+//! Reading tracee memory.
 //!
 //! Reads use process_vm_readv with the remote range split at page ends: the
 //! kernel stops at the first unreadable iovec, so a string that runs into an
@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
-use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
+use nix::sys::uio::{process_vm_readv, RemoteIoVec};
 use nix::unistd::Pid;
 
 use crate::trace::abi::{Abi, PAGE};
@@ -245,23 +245,6 @@ pub fn exec_strings(pid: Pid, sp: u64, abi: Abi, max: usize) -> Option<(Bounded,
         (bytes.len() == len.min(max)).then_some((bytes, len > max))
     };
     Some((strings(layout.args, args_len)?, strings(layout.env, env_len)?))
-}
-
-/// Overwrites a u64 in the tracee (used to clear CLONE_UNTRACED in clone3 args).
-pub fn write_u64(pid: Pid, addr: u64, value: u64) -> nix::Result<()> {
-    let bytes = value.to_ne_bytes();
-    let remote = [RemoteIoVec { base: addr as usize, len: bytes.len() }];
-    match process_vm_writev(pid, &[std::io::IoSlice::new(&bytes)], &remote) {
-        Ok(8) => Ok(()),
-        Ok(_) => Err(Errno::EFAULT),
-        // The page may be read-only for process_vm_writev; /proc/PID/mem
-        // writes like a debugger does.
-        Err(_) => std::fs::OpenOptions::new()
-            .write(true)
-            .open(format!("/proc/{pid}/mem"))
-            .and_then(|f| f.write_all_at(&bytes, addr))
-            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))),
-    }
 }
 
 #[cfg(test)]

@@ -108,8 +108,9 @@ impl Tracer {
         let thread = std::thread::Builder::new()
             .name("cws-tracer".into())
             .spawn(move || -> Result<Outcome, LaunchError> {
-                let root = match launch.spawn(mode == Mode::Full) {
-                    Ok(root) => root,
+                // The filter's listener stays open until every tracee is gone.
+                let (root, _listener) = match launch.spawn(mode == Mode::Full) {
+                    Ok(spawned) => spawned,
                     Err(e) => {
                         let _ = started_tx.send(None);
                         return Err(e);

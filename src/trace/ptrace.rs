@@ -305,6 +305,16 @@ pub fn stack_at_exec(pid: Pid) -> nix::Result<(u64, Abi)> {
     Ok((regs.rsp, abi_of_code(regs.cs).unwrap_or(Abi::Unknown)))
 }
 
+/// At a syscall-entry or seccomp stop: the call is skipped (syscall number
+/// -1) and the thread sees -`errno` as its result. The kernel leaves the
+/// return register alone for a skipped call, so no exit stop is needed.
+pub fn refuse_syscall(pid: Pid, errno: i32) -> nix::Result<()> {
+    let mut regs = ptrace::getregs(pid)?;
+    regs.orig_rax = u64::MAX;
+    regs.rax = (-i64::from(errno)) as u64;
+    ptrace::setregs(pid, regs)
+}
+
 /// Rewrites the first syscall argument at a syscall-entry stop (used to strip
 /// CLONE_UNTRACED before the kernel sees it).
 pub fn set_first_arg(pid: Pid, abi: Abi, value: u64) -> nix::Result<()> {

@@ -9,10 +9,13 @@
 //! too (never allowed blindly), so that no ABI is a way around the tracer.
 
 use crate::trace::abi::{Abi, AUDIT_ARCH_I386, AUDIT_ARCH_X86_64, X32_SYSCALL_BIT};
-use crate::trace::syscalls::SYSCALLS;
+use crate::trace::syscalls::{Action, SYSCALLS};
 
 const OFFSET_NR: u32 = 0;
 const OFFSET_ARCH: u32 = 4;
+/// `seccomp_data.args[i]` is at 16 + 8 i; its low 32 bits come first (x86
+/// is little-endian).
+const OFFSET_ARGS: u32 = 16;
 const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
 const BPF_JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
@@ -75,7 +78,8 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
 
-/// `JEQ nr; RET TRACE|data` for every table entry that has a number in `abi`.
+/// For every table entry that has a number in `abi`: `JEQ nr; RET action`
+/// (with an argument check first for `TraceWhen`).
 fn push_abi_block(prog: &mut Vec<libc::sock_filter>, abi: Abi) {
     prog.push(stmt(BPF_LD_W_ABS, OFFSET_NR));
     if abi == Abi::X86_64 {
@@ -83,9 +87,26 @@ fn push_abi_block(prog: &mut Vec<libc::sock_filter>, abi: Abi) {
         prog.push(stmt(BPF_RET_K, libc::SECCOMP_RET_TRACE | SeccompData::Foreign.encode()));
     }
     for (index, def) in SYSCALLS.iter().enumerate() {
-        if let Some(nr) = def.number(abi) {
-            prog.push(jump(BPF_JEQ_K, nr, 0, 1));
-            prog.push(stmt(BPF_RET_K, libc::SECCOMP_RET_TRACE | SeccompData::Known { abi, index }.encode()));
+        let Some(nr) = def.number(abi) else { continue };
+        let trace = libc::SECCOMP_RET_TRACE | SeccompData::Known { abi, index }.encode();
+        match def.action {
+            Action::Trace(_) => {
+                prog.push(jump(BPF_JEQ_K, nr, 0, 1));
+                prog.push(stmt(BPF_RET_K, trace));
+            }
+            Action::TraceWhen { index: arg, value, .. } => {
+                // The accumulator then holds the argument, not the number:
+                // both branches return.
+                prog.push(jump(BPF_JEQ_K, nr, 0, 4));
+                prog.push(stmt(BPF_LD_W_ABS, OFFSET_ARGS + 8 * arg as u32));
+                prog.push(jump(BPF_JEQ_K, value, 0, 1));
+                prog.push(stmt(BPF_RET_K, trace));
+                prog.push(stmt(BPF_RET_K, libc::SECCOMP_RET_ALLOW));
+            }
+            Action::Refuse(errno) => {
+                prog.push(jump(BPF_JEQ_K, nr, 0, 1));
+                prog.push(stmt(BPF_RET_K, libc::SECCOMP_RET_ERRNO | errno as u32));
+            }
         }
     }
     prog.push(stmt(BPF_RET_K, libc::SECCOMP_RET_ALLOW));
@@ -125,27 +146,48 @@ pub fn available() -> Result<(), nix::errno::Errno> {
     }
 }
 
-/// Installs `filter` on the calling thread. Runs in the forked child, so it
-/// only makes raw syscalls. Tries without NO_NEW_PRIVS first: a tracer with
-/// CAP_SYS_ADMIN then leaves setuid programs working in the workload.
-pub fn install(filter: &[libc::sock_filter]) -> Result<(), i32> {
+/// The filter's user-notification listener, or why it has none.
+#[derive(Clone, Copy, Debug)]
+pub enum Listener {
+    /// A descriptor in the calling process (close-on-exec).
+    Fd(i32),
+    /// The kernel refused one (EBUSY: a filter above already has one, as
+    /// under some container runtimes; EINVAL: a kernel before 5.0).
+    Refused(i32),
+}
+
+/// Installs `filter` on the calling thread, with a user-notification
+/// listener that the filter never uses: a thread group may have only one,
+/// so holding it keeps the workload from getting one of its own. Runs in
+/// the forked child, so it only makes raw syscalls. Tries without
+/// NO_NEW_PRIVS first: a tracer with CAP_SYS_ADMIN then leaves setuid
+/// programs working in the workload.
+pub fn install(filter: &[libc::sock_filter]) -> Result<Listener, i32> {
     let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
-    let set_filter = || {
+    let set_filter = |flags: libc::c_ulong| {
         // SAFETY: `prog` points at `filter`, which outlives the call; the
         // kernel copies the program before returning.
-        unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &prog as *const libc::sock_fprog) }
+        let rc = unsafe {
+            libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, &prog as *const libc::sock_fprog)
+        };
+        if rc < 0 {
+            Err(nix::errno::Errno::last_raw())
+        } else {
+            Ok(rc as i32)
+        }
     };
-    if set_filter() == 0 {
-        return Ok(());
+    let mut attached = set_filter(libc::SECCOMP_FILTER_FLAG_NEW_LISTENER);
+    if attached == Err(libc::EACCES) {
+        // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integer arguments only.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+            return Err(nix::errno::Errno::last_raw());
+        }
+        attached = set_filter(libc::SECCOMP_FILTER_FLAG_NEW_LISTENER);
     }
-    // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(nix::errno::Errno::last_raw());
-    }
-    if set_filter() == 0 {
-        Ok(())
-    } else {
-        Err(nix::errno::Errno::last_raw())
+    match attached {
+        Ok(fd) => Ok(Listener::Fd(fd)),
+        Err(libc::EACCES) => Err(libc::EACCES),
+        Err(refused) => set_filter(0).map(|_| Listener::Refused(refused)),
     }
 }
 
@@ -170,12 +212,16 @@ mod tests {
     fn filter_is_within_kernel_limits() {
         let prog = build_filter();
         assert!(prog.len() < 4096);
-        // Every traced number of both ABIs appears once as a JEQ constant.
+        // Every number of both ABIs appears once as a JEQ constant, and
+        // every argument check once more.
         let jeqs = prog.iter().filter(|i| i.code == BPF_JEQ_K).count();
-        let numbers: usize = SYSCALLS
+        let checks: usize = SYSCALLS
             .iter()
-            .map(|d| d.number(Abi::X86_64).is_some() as usize + d.number(Abi::I386).is_some() as usize)
+            .map(|d| {
+                let per_number = 1 + matches!(d.action, Action::TraceWhen { .. }) as usize;
+                per_number * (d.number(Abi::X86_64).is_some() as usize + d.number(Abi::I386).is_some() as usize)
+            })
             .sum();
-        assert_eq!(jeqs, numbers + 2, "two arch checks plus one per number");
+        assert_eq!(jeqs, checks + 2, "two arch checks plus one per number and argument");
     }
 }

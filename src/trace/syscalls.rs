@@ -1,19 +1,35 @@
 //! The syscall table: one entry per watched syscall, with its number in each
-//! ABI and what it decodes as. The seccomp filter is generated from this
-//! table, so watching one more syscall is one more entry here (and, for a
-//! new kind of call, its decoder).
+//! ABI, when it stops, and what it decodes as. The seccomp filter is
+//! generated from this table, so watching one more syscall is one more entry
+//! here (and, for a new kind of call, its decoder).
 
 use crate::proto::FileOperation as Op;
 use crate::trace::abi::Abi;
 use crate::trace::decode::PathArg::{At, Fd, Path, Text};
-use crate::trace::decode::{ChdirCall, CloneCall, CredCall, Decoder, ExecCall, FileCall as F, NetCall, OpenCall};
+use crate::trace::decode::{
+    ChdirCall, CredCall, Decoder, ExecCall, FileCall as F, NetCall, OpenCall, SeccompCall, UffdCall,
+};
+
+/// What the tracer does with a call of the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Every call stops and is decoded.
+    Trace(Decoder),
+    /// Only calls whose argument `index` (its low 32 bits, as the kernel
+    /// reads an int) equals `value` stop; the filter lets the others run
+    /// untouched, so a hot call with nothing to report costs no stop.
+    TraceWhen { index: usize, value: u32, decoder: Decoder },
+    /// The call never runs: it fails with this errno, unreported (a policy
+    /// the filter applies by itself, as container runtimes' profiles do).
+    Refuse(i32),
+}
 
 pub struct SyscallDef {
     /// The kernel's name for the call, as events report it.
     pub name: &'static str,
     pub x86_64: Option<u32>,
     pub i386: Option<u32>,
-    pub decoder: Decoder,
+    pub action: Action,
 }
 
 impl SyscallDef {
@@ -26,44 +42,54 @@ impl SyscallDef {
     }
 }
 
-const fn row(name: &'static str, x86_64: Option<u32>, i386: Option<u32>, decoder: Decoder) -> SyscallDef {
-    SyscallDef { name, x86_64, i386, decoder }
+const fn row(name: &'static str, x86_64: Option<u32>, i386: Option<u32>, action: Action) -> SyscallDef {
+    SyscallDef { name, x86_64, i386, action }
 }
 
-const fn ids(count: usize) -> Decoder {
-    Decoder::Credentials(CredCall::Ids { count, narrow_on_i386: true })
+const fn ids(count: usize) -> Action {
+    Trace(Decoder::Credentials(CredCall::Ids { count, narrow_on_i386: true }))
 }
 
-const fn ids32(count: usize) -> Decoder {
-    Decoder::Credentials(CredCall::Ids { count, narrow_on_i386: false })
+const fn ids32(count: usize) -> Action {
+    Trace(Decoder::Credentials(CredCall::Ids { count, narrow_on_i386: false }))
 }
 
-const fn file(spec: F) -> Decoder {
-    Decoder::File(spec)
+const fn file(spec: F) -> Action {
+    Trace(Decoder::File(spec))
 }
 
-use Decoder::{Chdir, Clone, Exec, IoUring, Net, Open, Socketcall, Unshare};
+const fn decode(decoder: Decoder) -> Action {
+    Trace(decoder)
+}
+
+/// prctl(PR_SET_SECCOMP, ...): the only prctl option that stops.
+const PR_SET_SECCOMP: u32 = 22;
+/// ioctl(fd, USERFAULTFD_IOC_NEW) on /dev/userfaultfd: `_IO(0xAA, 0x00)`.
+const USERFAULTFD_IOC_NEW: u32 = 0xaa00;
+
+use Action::{Refuse, Trace, TraceWhen};
+use Decoder::{Chdir, Clone, Exec, IoUring, Net, Open, Ptrace, Seccomp, Socketcall, Unshare, Userfaultfd};
 
 #[rustfmt::skip]
 pub static SYSCALLS: &[SyscallDef] = &[
     //   name               x86_64      i386        decodes as
-    row("execve",          Some(59),   Some(11),   Exec(ExecCall::Execve)),
-    row("execveat",        Some(322),  Some(358),  Exec(ExecCall::Execveat)),
-    row("open",            Some(2),    Some(5),    Open(OpenCall::Open)),
-    row("openat",          Some(257),  Some(295),  Open(OpenCall::Openat)),
-    row("openat2",         Some(437),  Some(437),  Open(OpenCall::Openat2)),
-    row("creat",           Some(85),   Some(8),    Open(OpenCall::Creat)),
-    row("open_by_handle_at", Some(304), Some(342), Open(OpenCall::ByHandle)),
-    row("io_uring_setup",  Some(425),  Some(425),  IoUring),
-    row("connect",         Some(42),   Some(362),  Net(NetCall::Connect)),
-    row("bind",            Some(49),   Some(361),  Net(NetCall::Bind)),
+    row("execve",          Some(59),   Some(11),   decode(Exec(ExecCall::Execve))),
+    row("execveat",        Some(322),  Some(358),  decode(Exec(ExecCall::Execveat))),
+    row("open",            Some(2),    Some(5),    decode(Open(OpenCall::Open))),
+    row("openat",          Some(257),  Some(295),  decode(Open(OpenCall::Openat))),
+    row("openat2",         Some(437),  Some(437),  decode(Open(OpenCall::Openat2))),
+    row("creat",           Some(85),   Some(8),    decode(Open(OpenCall::Creat))),
+    row("open_by_handle_at", Some(304), Some(342), decode(Open(OpenCall::ByHandle))),
+    row("io_uring_setup",  Some(425),  Some(425),  decode(IoUring)),
+    row("connect",         Some(42),   Some(362),  decode(Net(NetCall::Connect))),
+    row("bind",            Some(49),   Some(361),  decode(Net(NetCall::Bind))),
     // i386 has accept only through socketcall.
-    row("accept",          Some(43),   None,       Net(NetCall::Accept)),
-    row("accept4",         Some(288),  Some(364),  Net(NetCall::Accept)),
-    row("socketcall",      None,       Some(102),  Socketcall),
-    row("unshare",         Some(272),  Some(310),  Unshare),
-    row("chdir",           Some(80),   Some(12),   Chdir(ChdirCall::Chdir)),
-    row("fchdir",          Some(81),   Some(133),  Chdir(ChdirCall::Fchdir)),
+    row("accept",          Some(43),   None,       decode(Net(NetCall::Accept))),
+    row("accept4",         Some(288),  Some(364),  decode(Net(NetCall::Accept))),
+    row("socketcall",      None,       Some(102),  decode(Socketcall)),
+    row("unshare",         Some(272),  Some(310),  decode(Unshare)),
+    row("chdir",           Some(80),   Some(12),   decode(Chdir(ChdirCall::Chdir))),
+    row("fchdir",          Some(81),   Some(133),  decode(Chdir(ChdirCall::Fchdir))),
     row("unlink",          Some(87),   Some(10),   file(F::new(Op::Unlink, Path(0)))),
     row("unlinkat",        Some(263),  Some(301),  file(F::new(Op::Unlink, At(0, 1)).flags(2))),
     row("rmdir",           Some(84),   Some(40),   file(F::new(Op::Rmdir, Path(0)))),
@@ -96,7 +122,7 @@ pub static SYSCALLS: &[SyscallDef] = &[
     row("setresgid",       Some(119),  Some(170),  ids(3)),
     row("setfsuid",        Some(122),  Some(138),  ids(1)),
     row("setfsgid",        Some(123),  Some(139),  ids(1)),
-    row("capset",          Some(126),  Some(185),  Decoder::Credentials(CredCall::Capset)),
+    row("capset",          Some(126),  Some(185),  decode(Decoder::Credentials(CredCall::Capset))),
     // i386's 32-bit id variants (the calls above take 16-bit ids there).
     row("setuid32",        None,       Some(213),  ids32(1)),
     row("setgid32",        None,       Some(214),  ids32(1)),
@@ -106,9 +132,19 @@ pub static SYSCALLS: &[SyscallDef] = &[
     row("setresgid32",     None,       Some(210),  ids32(3)),
     row("setfsuid32",      None,       Some(215),  ids32(1)),
     row("setfsgid32",      None,       Some(216),  ids32(1)),
-    // fork and vfork are seen through their ptrace events only.
-    row("clone",           Some(56),   Some(120),  Clone(CloneCall::Clone)),
-    row("clone3",          Some(435),  Some(435),  Clone(CloneCall::Clone3)),
+    // fork and vfork are seen through their ptrace events only. clone3's
+    // flags are in memory that a sibling thread can rewrite after the entry
+    // stop (CLONE_UNTRACED, CLONE_THREAD): it is refused, and libc falls
+    // back to clone, whose flags are in a register the tracer reads and
+    // rewrites exactly as the kernel uses them.
+    row("clone",           Some(56),   Some(120),  decode(Clone)),
+    row("clone3",          Some(435),  Some(435),  Refuse(libc::ENOSYS)),
+    // Calls that reach for the tracer or the kernel's control of processes.
+    row("ptrace",          Some(101),  Some(26),   decode(Ptrace)),
+    row("seccomp",         Some(317),  Some(354),  decode(Seccomp(SeccompCall::Seccomp))),
+    row("prctl",           Some(157),  Some(172),  TraceWhen { index: 0, value: PR_SET_SECCOMP, decoder: Seccomp(SeccompCall::Prctl) }),
+    row("userfaultfd",     Some(323),  Some(374),  decode(Userfaultfd(UffdCall::Syscall))),
+    row("ioctl",           Some(16),   Some(54),   TraceWhen { index: 1, value: USERFAULTFD_IOC_NEW, decoder: Userfaultfd(UffdCall::Ioctl) }),
 ];
 
 /// The entry for a syscall number, for stops that did not come through the

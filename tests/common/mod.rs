@@ -156,6 +156,24 @@ impl Trace {
         &mut self.command
     }
 
+    /// Runs the tracer itself as user and group `id`, from a copy of the
+    /// binary in `dir` (which that user must be able to enter): the build
+    /// tree may be closed to it.
+    pub fn run_by_user(mut self, id: u32, dir: &Path) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
+        let copy = dir.join("cws-instrumentation");
+        if !copy.exists() {
+            std::fs::copy(binary(), &copy).unwrap();
+        }
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let mut command = Command::new(copy);
+        command.args(self.command.get_args()).uid(id).gid(id);
+        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        self.command = command;
+        self
+    }
+
     pub fn spawn(&mut self) -> Child {
         self.command.spawn().unwrap()
     }

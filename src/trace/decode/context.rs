@@ -76,6 +76,8 @@ pub enum Next {
     Done,
     /// Stop again at the syscall exit and run the exit decoder.
     Exit,
+    /// The call must not run: it fails with this errno instead.
+    Refuse(i32),
 }
 
 /// The stopped thread, the process table and the event queue.
@@ -113,16 +115,27 @@ impl Ctx<'_> {
         }
     }
 
-    /// Queues the event of a decoded call.
-    pub fn emit_call(&mut self, call: &Call, retval: i64, partial: bool, payload: Payload) {
-        let event = Event {
+    fn call_event(&self, call: &Call, retval: i64, partial: bool, payload: Payload) -> Event {
+        Event {
             retval: Some(retval),
             syscall: call.name.to_owned(),
             abi: abi_field(call.abi),
             partial: partial || call.partial,
             payload: Some(payload),
             ..self.event(call.time)
-        };
+        }
+    }
+
+    /// Queues the event of a decoded call.
+    pub fn emit_call(&mut self, call: &Call, retval: i64, partial: bool, payload: Payload) {
+        let event = self.call_event(call, retval, partial, payload);
+        self.sink.emit(event);
+    }
+
+    /// Queues the event of a call the tracer refuses: the workload gets
+    /// -`errno`, and the event says why.
+    pub fn emit_refused(&mut self, call: &Call, errno: i32, reason: &str, payload: Payload) {
+        let event = Event { denied: reason.to_owned(), ..self.call_event(call, -i64::from(errno), false, payload) };
         self.sink.emit(event);
     }
 

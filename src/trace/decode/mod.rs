@@ -7,6 +7,7 @@
 //! family lives in its own module; this one only dispatches.
 
 mod context;
+mod control;
 mod creds;
 mod exec;
 mod files;
@@ -15,12 +16,13 @@ mod open;
 mod tasks;
 
 pub use context::{Call, Ctx, Next};
+pub use control::{SeccompCall, UffdCall};
 pub use creds::CredCall;
 pub use exec::{succeeded as exec_succeeded, ExecCall};
 pub use files::{FileCall, PathArg};
 pub use net::NetCall;
 pub use open::OpenCall;
-pub use tasks::{ChdirCall, CloneCall};
+pub use tasks::ChdirCall;
 
 /// What a table entry decodes as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,9 +35,12 @@ pub enum Decoder {
     Socketcall,
     File(FileCall),
     Credentials(CredCall),
-    Clone(CloneCall),
+    Clone,
     Unshare,
     Chdir(ChdirCall),
+    Ptrace,
+    Seccomp(SeccompCall),
+    Userfaultfd(UffdCall),
 }
 
 impl Decoder {
@@ -59,9 +64,12 @@ impl Decoder {
             },
             Decoder::File(spec) => files::entry(cx, call, spec),
             Decoder::Credentials(cred) => creds::entry(cx, call, cred),
-            Decoder::Clone(clone) => tasks::clone_entry(cx, call, clone),
+            Decoder::Clone => tasks::clone_entry(cx, call),
             Decoder::Unshare => tasks::unshare_entry(cx, call),
             Decoder::Chdir(_) => Next::Exit,
+            Decoder::Ptrace => control::ptrace_entry(cx, call),
+            Decoder::Seccomp(seccomp) => control::seccomp_entry(cx, call, seccomp),
+            Decoder::Userfaultfd(uffd) => control::userfaultfd_entry(cx, call, uffd),
         }
     }
 
@@ -74,10 +82,11 @@ impl Decoder {
             Decoder::Net(net) => net::exit(cx, call, retval, net),
             Decoder::File(spec) => files::exit(cx, call, retval, spec),
             Decoder::Credentials(cred) => creds::exit(cx, call, retval, cred),
-            Decoder::Clone(CloneCall::Clone3) => tasks::clone3_exit(cx, call, retval),
             Decoder::Chdir(chdir) => tasks::chdir_exit(cx, call, retval, chdir),
+            Decoder::Ptrace => control::ptrace_exit(cx, call, retval),
+            Decoder::Seccomp(seccomp) => control::seccomp_exit(cx, call, retval, seccomp),
             // Decoded whole at entry: they never ask for the exit stop.
-            Decoder::Socketcall | Decoder::Clone(CloneCall::Clone) | Decoder::Unshare => {}
+            Decoder::Socketcall | Decoder::Clone | Decoder::Unshare | Decoder::Userfaultfd(_) => {}
         }
     }
 }

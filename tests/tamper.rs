@@ -1,0 +1,154 @@
+//! A workload that knows the tracer and attacks it: one attacker program
+//! per threat class (tests/fixtures/attack_*.c), run under the real tracer,
+//! checked against what the kernel answered the attacker.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use common::{fixture, pid_of, retval, Run, Trace};
+
+const MODES: [&[&str]; 2] = [&[], &["--disable-seccomp"]];
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// A directory anyone may enter, for files an unprivileged workload reads.
+fn open_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// A copy of `program` that user nobody can run (the build tree may not be
+/// open to it).
+fn runnable_by_anyone(dir: &Path, program: &Path) -> PathBuf {
+    let copy = dir.join(program.file_name().unwrap());
+    std::fs::copy(program, &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    copy
+}
+
+fn ptrace_events(run: &Run) -> Vec<(String, i64, i64)> {
+    run.of("ptrace")
+        .into_iter()
+        .map(|e| {
+            let name = e["ptrace"]["request_name"].as_str().unwrap().to_owned();
+            (name, e["ptrace"]["pid"].as_str().map_or(0, |p| p.parse().unwrap()), retval(e))
+        })
+        .collect()
+}
+
+#[test]
+fn a_workload_gets_no_seccomp_listener_to_run_calls_unseen() {
+    let dir = open_dir();
+    let marker = dir.path().join("marker");
+    std::fs::write(&marker, "x").unwrap();
+    let program = runnable_by_anyone(dir.path(), &fixture("attack_notify"));
+    let users: &[&[&str]] = if is_root() { &[&[], &["--uid", "65534", "--gid", "65534"]] } else { &[&[]] };
+    for user in users {
+        for mode in MODES {
+            let flags = [*user, mode].concat();
+            let run = Trace::with_flags(&flags, &[&program, &marker]).run();
+            assert_eq!(run.code(), Some(0), "{flags:?}: {}", run.stderr);
+            let seccomp = run.one("seccomp", "operation_name", "SECCOMP_SET_MODE_FILTER");
+            assert_eq!(seccomp["seccomp"]["flags"], "8", "SECCOMP_FILTER_FLAG_NEW_LISTENER");
+            assert_eq!(seccomp["seccomp"]["instructions"], 4);
+            if mode.is_empty() {
+                // The tracer's filter holds the only listener the kernel allows.
+                assert_eq!(run.stdout, "listener: EBUSY\nopen: ok\n", "{flags:?}");
+                assert_eq!(retval(seccomp), -i64::from(libc::EBUSY));
+            } else {
+                // Without a filter of the tracer's, the workload gets its
+                // listener; the syscall-entry stop still comes first.
+                assert_eq!(run.stdout, "listener: granted\nopen: ok\n", "{flags:?}");
+                assert!(retval(seccomp) >= 0);
+            }
+            let opens = run.opens_of(marker.to_str().unwrap());
+            assert_eq!(opens.len(), 1, "{flags:?}: the open is seen: {:#?}", run.events);
+            assert!(retval(opens[0]) >= 0);
+        }
+    }
+}
+
+#[test]
+fn a_workload_cannot_attach_to_the_tracer_or_touch_its_memory() {
+    let expected = "tracer: found\nthreads: EPERM\nattach: EPERM\nmem: EACCES\nprocess_vm_readv: EPERM\n";
+    let dir = open_dir();
+    let program = runnable_by_anyone(dir.path(), &fixture("attack_tracer"));
+    // A root tracer and workload with every capability (CAP_SYS_PTRACE
+    // included); and a tracer that is not root, whose workload has its uid.
+    let tracers: &[Option<u32>] = if is_root() { &[None, Some(65534)] } else { &[None] };
+    for &tracer_uid in tracers {
+        for mode in MODES {
+            let mut trace = Trace::with_flags(mode, &[&program]);
+            if let Some(uid) = tracer_uid {
+                trace = trace.run_by_user(uid, dir.path());
+            }
+            let child = trace.spawn();
+            let tracer = i64::from(child.id());
+            let run = trace.finish(child);
+            let context = format!("tracer uid {tracer_uid:?}, {mode:?}: {}", run.stderr);
+            assert_eq!((run.code(), run.stdout.as_str()), (Some(0), expected), "{context}");
+            // Every attempt is an event, and the kernel refused each.
+            let attempts = ptrace_events(&run);
+            assert!(attempts.iter().all(|(_, _, rv)| *rv == -i64::from(libc::EPERM)), "{attempts:?}");
+            // Each of the tracer's threads, the tracer process among them.
+            let seized: Vec<i64> = attempts.iter().filter(|(n, _, _)| n == "PTRACE_SEIZE").map(|a| a.1).collect();
+            assert!(seized.contains(&tracer), "{attempts:?}");
+            // TracerPid names the thread that owns the ptrace calls.
+            let (_, tracer_thread, _) = attempts.iter().find(|(n, _, _)| n == "PTRACE_ATTACH").unwrap();
+            assert!(seized.contains(tracer_thread), "{attempts:?}");
+            let mem = run.opens_of(&format!("/proc/{tracer_thread}/mem"));
+            assert_eq!((mem.len(), mem.first().map(|e| retval(e))), (1, Some(-i64::from(libc::EACCES))), "{context}");
+        }
+    }
+}
+
+#[test]
+fn the_workload_runs_without_cap_sys_ptrace() {
+    const CAP_SYS_PTRACE: u64 = 1 << 19;
+    let run = Trace::new(&["grep", "-E", "^Cap(Prm|Eff|Bnd|Amb)", "/proc/self/status"]).run();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    let mask = |text: &str, key: &str| {
+        let line = text.lines().find(|l| l.starts_with(key)).unwrap();
+        u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+    };
+    for key in ["CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        let workload = mask(&run.stdout, key);
+        assert_eq!(workload & CAP_SYS_PTRACE, 0, "{key} {workload:#x}");
+        // Nothing else is taken away.
+        assert_eq!(workload, mask(&own, key) & !CAP_SYS_PTRACE, "{key}");
+    }
+}
+
+#[test]
+fn userfaultfd_is_refused_and_reported() {
+    let device = Path::new("/dev/userfaultfd").exists();
+    for mode in MODES {
+        let run = Trace::with_flags(mode, &[fixture("attack_uffd")]).run();
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        let expected =
+            if device { "userfaultfd: EPERM\nioctl: EPERM\n" } else { "userfaultfd: EPERM\nioctl: no device\n" };
+        assert_eq!(run.stdout, expected, "{mode:?}");
+        let refused: Vec<(&str, i64, &str, &str)> = run
+            .of("userfaultfd")
+            .into_iter()
+            .map(|e| {
+                let flags = e["userfaultfd"]["flags"].as_str().unwrap_or("0");
+                (e["syscall"].as_str().unwrap(), retval(e), e["denied"].as_str().unwrap(), flags)
+            })
+            .collect();
+        let reason = "userfaultfd is refused to traced workloads";
+        let cloexec = libc::O_CLOEXEC.to_string();
+        let mut expected = vec![("userfaultfd", -i64::from(libc::EPERM), reason, cloexec.as_str())];
+        if device {
+            expected.push(("ioctl", -i64::from(libc::EPERM), reason, cloexec.as_str()));
+        }
+        assert_eq!(refused, expected, "{mode:?}");
+        assert!(run.of("userfaultfd").iter().all(|e| pid_of(e) == pid_of(run.of("exec")[0])));
+    }
+}
