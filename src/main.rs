@@ -9,6 +9,7 @@
 mod address;
 mod cli;
 mod context;
+mod datadog;
 mod ecs;
 mod export;
 mod log;
