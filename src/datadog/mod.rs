@@ -6,7 +6,8 @@
 //!
 //! - `wire`: msgpack as the Go encoder writes it and the agent reads it;
 //! - `msg`: the agent's structs, in Go's field order;
-//! - `frame`: framing, and the 256 KiB limit.
+//! - `frame`: framing, and the 256 KiB limit;
+//! - `outbound`: our Hello and events as messages; `inbound`: the reverse.
 //!
 //! Invariants: a frame is written as one buffer, never over 256 KiB; a
 //! syscall message's type comes from its payload, so the key the agent
@@ -19,7 +20,9 @@
 #![allow(dead_code)]
 
 pub mod frame;
+pub mod inbound;
 pub mod msg;
+pub mod outbound;
 pub mod wire;
 
 #[cfg(test)]

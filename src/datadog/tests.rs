@@ -9,6 +9,8 @@ use serde_json::Value as Json;
 use super::frame::{frame, read_frame, FrameError, TooLarge, MAX_BODY};
 use super::msg::*;
 use super::wire::{DecodeError, Int, Writer};
+use super::{inbound, outbound};
+use crate::proto::{self, event::Payload as Ours, AddressFamily, Event, ExitCause, FileOperation, Protocol};
 
 // ---- the golden frames ----------------------------------------------------------
 
@@ -691,4 +693,448 @@ fn a_hello_loses_entrypoint_arguments_and_other_messages_are_refused() {
         o.file.filename = "/".repeat(MAX_BODY);
     }
     assert!(matches!(frame(Message::Syscall(Box::new(open))), Err(TooLarge { body }) if body > MAX_BODY));
+}
+
+// ---- our events as Datadog messages ---------------------------------------------------
+
+const CONTAINER: &str = "8f1d2c3b4a5968778695a4b3c2d1e0f1-1234567890";
+
+fn event(pid: u32, timestamp_ns: u64, retval: Option<i64>, syscall: &str, payload: Ours) -> Event {
+    Event {
+        pid,
+        tid: pid,
+        ppid: 1,
+        timestamp: Some(pbjson_types::Timestamp {
+            seconds: (timestamp_ns / 1_000_000_000) as i64,
+            nanos: (timestamp_ns % 1_000_000_000) as i32,
+        }),
+        retval,
+        syscall: syscall.into(),
+        payload: Some(payload),
+        ..Default::default()
+    }
+}
+
+/// The golden message, less what we never know (the cgroup path).
+fn golden_without_cgroup(name: &str) -> SyscallMsg {
+    SyscallMsg { cgroup_id: String::new(), ..golden_syscall(name) }
+}
+
+#[test]
+fn events_we_know_whole_give_the_golden_messages() {
+    let connect = |address: &str, port, family: AddressFamily| {
+        Ours::Connect(proto::ConnectEvent {
+            address: address.into(),
+            port,
+            family: family as i32,
+            protocol: Protocol::Tcp as i32,
+            fd: Some(3),
+        })
+    };
+    let exit = |cause: ExitCause, code, signal| {
+        Ours::Exit(proto::ExitEvent { cause: cause as i32, code, signal, core_dumped: false })
+    };
+    let caps =
+        proto::Credentials { cap_effective: Some(2818844155), cap_permitted: Some(2818844155), ..Default::default() };
+    let cases = [
+        (
+            "04-connect",
+            event(7, 1767225600003000009, Some(-115), "connect", connect("10.0.2.15", 443, AddressFamily::Inet)),
+        ),
+        (
+            "20-connect-ipv6",
+            event(7, 1767225600107000321, Some(0), "connect", connect("2001:db8::10", 5432, AddressFamily::Inet6)),
+        ),
+        (
+            "05-fork",
+            event(
+                7,
+                1767225600004000012,
+                Some(31),
+                "clone",
+                Ours::Fork(proto::ForkEvent { child_pid: 31, kind: 1, flags: 0 }),
+            ),
+        ),
+        ("06-exit", event(31, 1767225600005000015, None, "exit", exit(ExitCause::Exited, Some(0), None))),
+        ("18-exit-signaled", event(31, 1767225600105000315, None, "exit", exit(ExitCause::Signaled, None, Some(9)))),
+        (
+            "11-capset",
+            event(
+                7,
+                1767225600010000030,
+                Some(0),
+                "capset",
+                Ours::Credentials(proto::CredentialsEvent {
+                    credentials: Some(caps),
+                    requested: vec![2818844155, 2818844155, 0],
+                }),
+            ),
+        ),
+        (
+            "12-bind",
+            event(
+                7,
+                1767225600011000033,
+                Some(0),
+                "bind",
+                Ours::Bind(proto::BindEvent {
+                    address: "0.0.0.0".into(),
+                    port: 8080,
+                    family: AddressFamily::Inet as i32,
+                    protocol: Protocol::Tcp as i32,
+                    fd: Some(3),
+                }),
+            ),
+        ),
+        (
+            "21-bind-unix",
+            event(
+                7,
+                1767225600108000324,
+                Some(0),
+                "bind",
+                Ours::Bind(proto::BindEvent {
+                    address: "/run/app.sock".into(),
+                    port: 0,
+                    family: AddressFamily::Unix as i32,
+                    protocol: Protocol::Unspecified as i32,
+                    fd: Some(3),
+                }),
+            ),
+        ),
+        (
+            "13-accept",
+            event(
+                7,
+                1767225600012000036,
+                Some(5),
+                "accept4",
+                Ours::Accept(proto::AcceptEvent {
+                    address: "10.0.3.77".into(),
+                    port: 51234,
+                    family: AddressFamily::Inet as i32,
+                    protocol: Protocol::Tcp as i32,
+                    fd: Some(0),
+                    local_port: 8080,
+                }),
+            ),
+        ),
+    ];
+    for (name, ours) in cases {
+        let message = outbound::syscall(&ours, CONTAINER).unwrap_or_else(|| panic!("{name}: no message"));
+        assert_eq!(message, golden_without_cgroup(name), "{name}");
+    }
+}
+
+#[test]
+fn file_events_keep_paths_modes_and_ids_without_file_metadata() {
+    let file_event =
+        |syscall: &str, operation: FileOperation, path: &str, target: &str, mode, ids: Option<(i64, i64)>| {
+            let file = proto::FileEvent {
+                operation: operation as i32,
+                path: path.into(),
+                target: target.into(),
+                mode,
+                uid: ids.map(|i| i.0),
+                gid: ids.map(|i| i.1),
+                flags: 0,
+            };
+            outbound::syscall(&event(7, 5, Some(0), syscall, Ours::File(file)), "").map(|m| m.payload)
+        };
+    let named = |path: &str| FileSyscallMsg { filename: path.into(), ..Default::default() };
+    assert_eq!(
+        file_event("unlinkat", FileOperation::Rmdir, "/var/lib/app", "", None, None),
+        Some(Payload::Rmdir(RmdirSyscallMsg { file: named("/var/lib/app") }))
+    );
+    assert_eq!(
+        file_event("renameat2", FileOperation::Rename, "/tmp/a.tmp", "/tmp/a", None, None),
+        Some(Payload::Rename(RenameSyscallMsg { old_file: named("/tmp/a.tmp"), new_file: named("/tmp/a") }))
+    );
+    assert_eq!(
+        file_event("symlink", FileOperation::Symlink, "/tmp/current", "app.cfg", None, None),
+        Some(Payload::Link(LinkSyscallMsg {
+            link_type: LINK_SYMBOLIC,
+            target: named("app.cfg"),
+            link: named("/tmp/current")
+        }))
+    );
+    assert_eq!(
+        file_event("linkat", FileOperation::Link, "/tmp/b", "/tmp/a", None, None),
+        Some(Payload::Link(LinkSyscallMsg { link_type: LINK_HARD, target: named("/tmp/a"), link: named("/tmp/b") }))
+    );
+    assert_eq!(
+        file_event("mkdir", FileOperation::Mkdir, "/tmp/cache", "", Some(0o755), None),
+        Some(Payload::Mkdir(MkdirSyscallMsg { dir: named("/tmp/cache"), mode: 0o755 }))
+    );
+    assert_eq!(
+        file_event("fchmod", FileOperation::Chmod, "/tmp/a", "", Some(0o600), None),
+        Some(Payload::Chmod(ChmodSyscallMsg { file: named("/tmp/a"), mode: 0o600 }))
+    );
+    assert_eq!(
+        file_event("chown", FileOperation::Chown, "/tmp/a", "", None, Some((1000, -1))),
+        Some(Payload::Chown(ChownSyscallMsg { file: named("/tmp/a"), uid: 1000, gid: -1, ..Default::default() }))
+    );
+    assert_eq!(
+        file_event("unlink", FileOperation::Unlink, "/tmp/a", "", None, None),
+        Some(Payload::Unlink(UnlinkSyscallMsg { file: named("/tmp/a") }))
+    );
+}
+
+#[test]
+fn execs_carry_the_program_argv_envp_flags_credentials_and_parent() {
+    let exec = proto::ExecEvent {
+        path: "/usr/bin/sh".into(),
+        args: vec!["sh".into(), "-c".into(), "id".into()],
+        args_truncated: false,
+        envs: vec![],
+        envs_truncated: true,
+        cwd: "/".into(),
+        credentials: Some(proto::Credentials {
+            uid: Some(1000),
+            gid: Some(1001),
+            euid: Some(0),
+            egid: Some(1001),
+            ..Default::default()
+        }),
+        executable: "/usr/bin/dash".into(),
+    };
+    let mut ours = event(31, 9, Some(0), "execve", Ours::Exec(exec.clone()));
+    ours.ppid = 7;
+    let message = outbound::syscall(&ours, CONTAINER).expect("exec");
+    let expected = ExecSyscallMsg {
+        file: FileSyscallMsg { filename: "/usr/bin/sh".into(), ..Default::default() },
+        args: Some(exec.args.clone()),
+        args_truncated: false,
+        envs: Some(vec![]),
+        envs_truncated: true,
+        tty: String::new(),
+        credentials: Some(Credentials { uid: 1000, euid: 0, gid: 1001, egid: 1001, ..Default::default() }),
+        ppid: 7,
+        from_procfs: false,
+    };
+    assert_eq!((message.pid, message.retval, message.payload), (31, 0, Payload::Exec(expected)));
+    // An empty argv is nil, as Datadog's tracer sends it.
+    let bare = Ours::Exec(proto::ExecEvent { args: vec![], ..exec.clone() });
+    match outbound::syscall(&event(31, 9, Some(0), "execve", bare), CONTAINER).map(|m| m.payload) {
+        Some(Payload::Exec(e)) => assert_eq!(e.args, None),
+        other => panic!("{other:?}"),
+    }
+    // A failed exec is not sent: the agent would take it for done.
+    assert_eq!(outbound::syscall(&event(31, 9, Some(-13), "execve", Ours::Exec(exec)), CONTAINER), None);
+}
+
+#[test]
+fn credential_changes_send_the_kernel_ids_after_success_only() {
+    let after = proto::Credentials {
+        uid: Some(1000),
+        euid: Some(1000),
+        suid: Some(1000),
+        fsuid: Some(1000),
+        gid: Some(50),
+        egid: Some(51),
+        sgid: Some(52),
+        fsgid: Some(53),
+        ..Default::default()
+    };
+    let change = |syscall: &str, retval: i64, requested: Vec<i64>| {
+        let credentials = proto::CredentialsEvent { credentials: Some(after), requested };
+        outbound::syscall(&event(7, 1, Some(retval), syscall, Ours::Credentials(credentials)), "").map(|m| m.payload)
+    };
+    let set_uid = Some(Payload::SetUid(SetUidSyscallMsg { uid: 1000, euid: 1000, ..Default::default() }));
+    assert_eq!(change("setuid", 0, vec![1000]), set_uid);
+    assert_eq!(change("setresuid32", 0, vec![-1, 1000, -1]), set_uid);
+    assert_eq!(
+        change("setregid", 0, vec![50, 51]),
+        Some(Payload::SetGid(SetGidSyscallMsg { gid: 50, egid: 51, ..Default::default() }))
+    );
+    // Refused: the agent would apply the ids it is sent.
+    assert_eq!(change("setuid", -1, vec![0]), None);
+    assert_eq!(change("capset", -1, vec![0, 0, 0]), None);
+    // setfs*id has no failure but its return value: the kernel's ids are the truth.
+    assert_eq!(
+        change("setfsuid", 1000, vec![0]),
+        Some(Payload::SetFsUid(SetFsUidSyscallMsg { fsuid: 1000, ..Default::default() }))
+    );
+    assert_eq!(
+        change("setfsgid32", 53, vec![0]),
+        Some(Payload::SetFsGid(SetFsGidSyscallMsg { fsgid: 53, ..Default::default() }))
+    );
+}
+
+#[test]
+fn events_the_agent_has_no_type_for_or_would_misread_are_none() {
+    let open = || Ours::Open(proto::OpenEvent { path: "/lib/libc.so.6".into(), flags: Some(0), mode: 0 });
+    let send = |retval: i64, payload: Ours| outbound::syscall(&event(7, 1, Some(retval), "x", payload), "").is_some();
+    assert!(send(3, open()));
+    assert!(send(-13, open()));
+    assert!(!send(-2, open()));
+    let connect = |family: AddressFamily, address: &str| {
+        Ours::Connect(proto::ConnectEvent {
+            address: address.into(),
+            port: 80,
+            family: family as i32,
+            protocol: 1,
+            fd: Some(3),
+        })
+    };
+    assert!(send(-111, connect(AddressFamily::Inet, "127.0.0.1")));
+    assert!(!send(-101, connect(AddressFamily::Inet, "127.0.0.1")));
+    assert!(!send(0, connect(AddressFamily::Unix, "/run/agent.sock")));
+    assert!(!send(0, connect(AddressFamily::Other, "")));
+    // An address the agent could not parse would cost the connection.
+    assert!(!send(0, connect(AddressFamily::Inet, "")));
+    assert!(!send(0, connect(AddressFamily::Inet, "::1")));
+    assert!(!send(0, Ours::IoUring(proto::IoUringEvent { entries: 8, flags: 0 })));
+    let exit = Ours::Exit(proto::ExitEvent::default());
+    assert!(!send(0, exit));
+}
+
+#[test]
+fn the_hello_carries_mode_namespace_container_and_entrypoint() {
+    let ours = proto::Hello {
+        tracer_version: "0.1.0".into(),
+        session_id: "00112233445566778899aabbccddeeff".into(),
+        mode: proto::Mode::Wrapped as i32,
+        pid_namespace: 4026531836,
+        container: Some(proto::ContainerContext {
+            id: CONTAINER.into(),
+            created_at: Some(pbjson_types::Timestamp { seconds: 1767225595, nanos: 0 }),
+            ..Default::default()
+        }),
+        entrypoint_args: vec!["python3".into(), "app.py".into(), "--port".into(), "8080".into()],
+        hostname: "ip-10-0-1-23".into(),
+    };
+    let golden = golden_named("01-hello");
+    assert_eq!(frame(Message::Hello(outbound::hello(&ours))), Ok(golden.frame));
+    // Without a pid namespace: non-zero, and the same for the whole session.
+    let unknown = proto::Hello { pid_namespace: 0, mode: proto::Mode::Attached as i32, ..ours.clone() };
+    let hello = outbound::hello(&unknown);
+    assert_ne!(hello.nsid, 0);
+    assert_eq!(hello.nsid, outbound::hello(&unknown).nsid);
+    assert_ne!(hello.nsid, outbound::hello(&proto::Hello { session_id: "other".into(), ..unknown }).nsid);
+    assert_eq!((hello.mode.as_str(), hello.entrypoint_args), (MODE_ATTACHED, None));
+}
+
+// ---- Datadog messages as our events ---------------------------------------------------
+
+fn inbound_event(name: &str) -> Option<Event> {
+    inbound::event(&golden_syscall(name))
+}
+
+fn payload_of(name: &str) -> Ours {
+    inbound_event(name).and_then(|e| e.payload).unwrap_or_else(|| panic!("{name}: no event"))
+}
+
+#[test]
+fn golden_messages_become_our_events() {
+    let exec = inbound_event("02-exec").expect("exec");
+    assert_eq!((exec.pid, exec.tid, exec.ppid, exec.retval, exec.syscall.as_str()), (7, 7, 0, Some(0), "execve"));
+    assert_eq!(exec.timestamp, Some(pbjson_types::Timestamp { seconds: 1767225600, nanos: 1000003 }));
+    match exec.payload {
+        Some(Ours::Exec(e)) => {
+            assert_eq!(e.path, "/usr/local/bin/python3.12");
+            assert_eq!(e.args, ["python3", "app.py", "--port", "8080"]);
+            assert_eq!(e.envs.len(), 4);
+            assert_eq!(e.credentials.and_then(|c| c.uid), Some(0));
+        }
+        other => panic!("{other:?}"),
+    }
+    let fork = inbound_event("05-fork").expect("fork");
+    assert_eq!((fork.pid, fork.retval), (7, Some(31)));
+    assert_eq!(fork.payload, Some(Ours::Fork(proto::ForkEvent { child_pid: 31, kind: 0, flags: 0 })));
+    let signaled = inbound_event("18-exit-signaled").expect("exit");
+    assert_eq!((signaled.pid, signaled.retval), (31, None));
+    let expected = proto::ExitEvent { cause: ExitCause::Signaled as i32, signal: Some(9), ..Default::default() };
+    assert_eq!(signaled.payload, Some(Ours::Exit(expected)));
+    // An open with O_CREAT keeps the permission bits of Mode.
+    assert_eq!(
+        payload_of("19-open-spancontext"),
+        Ours::Open(proto::OpenEvent { path: "/srv/data/report.csv".into(), flags: Some(577), mode: 0o644 })
+    );
+    assert_eq!(
+        payload_of("03-open"),
+        Ours::Open(proto::OpenEvent { path: "/etc/passwd".into(), flags: Some(0o2000000), mode: 0 })
+    );
+    assert_eq!(
+        payload_of("20-connect-ipv6"),
+        Ours::Connect(proto::ConnectEvent {
+            address: "2001:db8::10".into(),
+            port: 5432,
+            family: AddressFamily::Inet6 as i32,
+            protocol: Protocol::Tcp as i32,
+            fd: None,
+        })
+    );
+    assert_eq!(
+        payload_of("21-bind-unix"),
+        Ours::Bind(proto::BindEvent {
+            address: String::new(),
+            port: 0,
+            family: AddressFamily::Unix as i32,
+            protocol: Protocol::Unspecified as i32,
+            fd: None,
+        })
+    );
+    assert_eq!(
+        payload_of("13-accept"),
+        Ours::Accept(proto::AcceptEvent {
+            address: "10.0.3.77".into(),
+            local_port: 8080,
+            family: AddressFamily::Inet as i32,
+            ..Default::default()
+        })
+    );
+    let requested = |ids: Vec<i64>| Ours::Credentials(proto::CredentialsEvent { credentials: None, requested: ids });
+    assert_eq!(payload_of("10-setuid"), requested(vec![1000, -1]));
+    assert_eq!(inbound_event("10-setuid").map(|e| e.syscall), Some("setreuid".into()));
+    assert_eq!(payload_of("11-capset"), requested(vec![2818844155, 2818844155]));
+    let file = |operation: FileOperation, path: &str, target: &str| proto::FileEvent {
+        operation: operation as i32,
+        path: path.into(),
+        target: target.into(),
+        ..Default::default()
+    };
+    assert_eq!(payload_of("08-rename"), Ours::File(file(FileOperation::Rename, "/tmp/app.cfg.tmp", "/tmp/app.cfg")));
+    assert_eq!(payload_of("26-rmdir"), Ours::File(file(FileOperation::Rmdir, "/var/lib/app", "")));
+    assert_eq!(
+        payload_of("28-link-symlink"),
+        Ours::File(file(FileOperation::Symlink, "/tmp/current.cfg", "/tmp/app.cfg"))
+    );
+    assert_eq!(
+        payload_of("29-link-hardlink"),
+        Ours::File(file(FileOperation::Link, "/tmp/app.cfg.bak", "/tmp/app.cfg"))
+    );
+    let chown = proto::FileEvent { uid: Some(1000), gid: Some(-1), ..file(FileOperation::Chown, "/tmp/app.cfg", "") };
+    assert_eq!(payload_of("30-chown"), Ours::File(chown));
+    let mkdir = proto::FileEvent { mode: Some(0o755), ..file(FileOperation::Mkdir, "/tmp/cache", "") };
+    assert_eq!(payload_of("25-mkdir"), Ours::File(mkdir));
+    assert_eq!(payload_of("33-chdir"), Ours::Chdir(proto::ChdirEvent { path: "/srv/data".into() }));
+}
+
+#[test]
+fn types_without_an_event_of_ours_are_none() {
+    for name in [
+        "27-utimes",
+        "31-loadmodule",
+        "32-unloadmodule",
+        "34-mount",
+        "35-umount",
+        "36-setsockopt-filter",
+        "38-setrlimit",
+        "39-prctl",
+        "40-socket",
+    ] {
+        assert_eq!(inbound_event(name), None, "{name}");
+    }
+}
+
+#[test]
+fn the_golden_hello_becomes_ours() {
+    let Message::Hello(hello) = message_from_json(&golden_named("01-hello").json) else { panic!("not a hello") };
+    let ours = inbound::hello(&hello);
+    assert_eq!((ours.mode, ours.pid_namespace), (proto::Mode::Wrapped as i32, 4026531836));
+    assert_eq!(ours.entrypoint_args, ["python3", "app.py", "--port", "8080"]);
+    let container = ours.container.expect("container");
+    assert_eq!(container.id, CONTAINER);
+    assert_eq!(container.created_at, Some(pbjson_types::Timestamp { seconds: 1767225595, nanos: 0 }));
 }
