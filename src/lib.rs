@@ -12,6 +12,7 @@
 //! - [`queue`]: the bounded queue between the tracer and the exporters;
 //! - [`trace`]: the engine (one thread owns every ptrace call);
 //!   [`context`] and [`ecs`]: who is tracing what, for the agent;
+//! - [`datadog`]: the Datadog agent's eBPF-less protocol (msgpack frames);
 //! - [`export`] (the queue's consumers: JSON lines, verbose printer, gRPC),
 //!   [`serve`], [`setup`];
 //! - [`command`]: the subcommands, which put the layers together.
@@ -22,6 +23,7 @@ pub mod address;
 pub mod cli;
 pub mod command;
 pub mod context;
+pub mod datadog;
 pub mod ecs;
 pub mod exit;
 pub mod export;

@@ -1,0 +1,255 @@
+//! Our Hello and events as the agent's messages.
+//!
+//! What the agent is sent is what Datadog's tracer sends, where that is
+//! true: the agent applies some messages to its process cache whatever their
+//! return value says, so an event it would take for a fact it is not is left
+//! out (None, for the caller to count):
+//! - exec: successful ones only (a failed exec would replace the process's
+//!   image in the agent's cache);
+//! - set*uid, set*gid, capset: successful ones only, with the ids and
+//!   capabilities the kernel has after the call (Datadog's tracer sends the
+//!   ids asked for, also when refused, and the agent applies them);
+//!   setfsuid and setfsgid always, with the kernel's fsuid/fsgid;
+//! - other calls with the return values Datadog's tracer sends them with:
+//!   success, EACCES and EPERM, and for connect ECONNREFUSED, ETIMEDOUT and
+//!   EINPROGRESS, for bind EADDRINUSE and EFAULT, for accept ECONNABORTED.
+//!   The agent's rules rarely test return values: the failed opens of every
+//!   library search would each look like an open;
+//! - AF_UNIX connects are not sent (nor by Datadog's tracer); sockets of
+//!   other families than IPv4, IPv6 and AF_UNIX, and unreadable addresses,
+//!   cannot be: the agent drops the connection for an IP it cannot parse;
+//! - io_uring_setup has no Datadog type.
+//!
+//! Fields we cannot fill: the file metadata (CTime, MTime, Mode, Inode and
+//! owner of each file: zero and nil, as with Datadog's `--disable-stats`),
+//! user and group names, TTY, SpanContext and CGroupID; ContainerID is the
+//! tracer's for every process. Fields we fill differently: Timestamp is when
+//! the syscall was entered (Datadog's: when the message is sent); an exec's
+//! Filename is the path asked for made absolute, symlinks not resolved
+//! (Datadog's tracer resolves them in its own mount namespace).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::proto::{self, event::Payload as Ours, AddressFamily, Event, ExitCause, FileOperation, Mode, Protocol};
+
+use super::msg::*;
+
+/// The Hello that opens every connection.
+pub fn hello(hello: &proto::Hello) -> HelloMsg {
+    let container = hello.container.as_ref();
+    HelloMsg {
+        nsid: match hello.pid_namespace {
+            0 => nsid_of_session(&hello.session_id),
+            inode => inode,
+        },
+        container_context: Some(ContainerContext {
+            id: container.map(|c| c.id.clone()).unwrap_or_default(),
+            created_at: nanos(container.and_then(|c| c.created_at.as_ref())),
+        }),
+        entrypoint_args: (hello.mode() != Mode::Attached).then(|| hello.entrypoint_args.clone()),
+        mode: match hello.mode() {
+            Mode::Wrapped => MODE_WRAPPED,
+            Mode::Attached => MODE_ATTACHED,
+            Mode::Unspecified => MODE_UNKNOWN,
+        }
+        .to_owned(),
+    }
+}
+
+/// An NSID when the pid namespace could not be read: the agent ignores a
+/// Hello with NSID 0, and keys its process cache by NSID, so it must be
+/// non-zero and the same on every connection of this run (as the session
+/// id is). FNV-1a.
+fn nsid_of_session(session_id: &str) -> u64 {
+    let hash =
+        session_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    hash.max(1)
+}
+
+/// Nanoseconds since the epoch (0 when unknown or before 1970).
+fn nanos(time: Option<&pbjson_types::Timestamp>) -> u64 {
+    time.and_then(|t| {
+        let seconds = u64::try_from(t.seconds).ok()?;
+        seconds.checked_mul(1_000_000_000)?.checked_add(u64::try_from(t.nanos).ok()?)
+    })
+    .unwrap_or(0)
+}
+
+/// The message for one of our events, or None when the agent has no type
+/// for it or would take it for what it is not (see the module comment).
+/// `container_id` is the tracer's, as we know no other per process.
+pub fn syscall(event: &Event, container_id: &str) -> Option<SyscallMsg> {
+    let retval = event.retval.unwrap_or(0);
+    let (pid, payload) = match event.payload.as_ref()? {
+        Ours::Exec(exec) if retval == 0 => (event.pid, Payload::Exec(exec_msg(exec, event.ppid))),
+        Ours::Exec(_) => return None,
+        // The agent wants the child's pid, and the parent in the payload.
+        Ours::Fork(fork) => (fork.child_pid, Payload::Fork(ForkSyscallMsg { ppid: event.pid })),
+        Ours::Exit(exit) => (event.pid, Payload::Exit(exit_msg(exit)?)),
+        Ours::Open(open) if accepted(retval) => (event.pid, Payload::Open(open_msg(open)?)),
+        Ours::File(file) if accepted(retval) => (event.pid, file_msg(file)?),
+        Ours::Chdir(chdir) if accepted(retval) => {
+            (event.pid, Payload::Chdir(ChdirSyscallMsg { dir: file_named(&chdir.path) }))
+        }
+        Ours::Credentials(credentials) => (event.pid, credentials_msg(&event.syscall, credentials, retval)?),
+        Ours::Connect(connect) if connect_sent(retval) && connect.family() != AddressFamily::Unix => {
+            let socket = socket_info(connect.family(), &connect.address, connect.port)?;
+            (event.pid, Payload::Connect(ConnectSyscallMsg { socket, protocol: protocol_number(connect.protocol()) }))
+        }
+        Ours::Bind(bind) if bind_sent(retval) => {
+            let socket = socket_info(bind.family(), &bind.address, bind.port)?;
+            (event.pid, Payload::Bind(BindSyscallMsg { socket, protocol: protocol_number(bind.protocol()) }))
+        }
+        // The agent's Port is the port the connection arrived on.
+        Ours::Accept(accept) if accept_sent(retval) => {
+            let socket = socket_info(accept.family(), &accept.address, accept.local_port)?;
+            (event.pid, Payload::Accept(AcceptSyscallMsg { socket, socket_fd: accept.fd.unwrap_or(0) }))
+        }
+        _ => return None,
+    };
+    Some(SyscallMsg {
+        pid,
+        span_context: None,
+        timestamp: nanos(event.timestamp.as_ref()),
+        // Datadog's tracer sends 0 for forks and exits.
+        retval: if matches!(payload, Payload::Fork(_) | Payload::Exit(_)) { 0 } else { retval },
+        container_id: container_id.to_owned(),
+        cgroup_id: String::new(),
+        payload,
+        fake_socket: None,
+    })
+}
+
+fn accepted(retval: i64) -> bool {
+    retval >= 0 || errno_in(retval, &[libc::EACCES, libc::EPERM])
+}
+
+fn connect_sent(retval: i64) -> bool {
+    accepted(retval) || errno_in(retval, &[libc::ECONNREFUSED, libc::ETIMEDOUT, libc::EINPROGRESS])
+}
+
+fn bind_sent(retval: i64) -> bool {
+    accepted(retval) || errno_in(retval, &[libc::EADDRINUSE, libc::EFAULT])
+}
+
+fn accept_sent(retval: i64) -> bool {
+    accepted(retval) || errno_in(retval, &[libc::ECONNABORTED])
+}
+
+fn errno_in(retval: i64, errnos: &[i32]) -> bool {
+    errnos.iter().any(|&errno| retval == -i64::from(errno))
+}
+
+/// A file known by its path only.
+fn file_named(path: &str) -> FileSyscallMsg {
+    FileSyscallMsg { filename: path.to_owned(), ..Default::default() }
+}
+
+fn exec_msg(exec: &proto::ExecEvent, ppid: u32) -> ExecSyscallMsg {
+    // The program asked for (a script, not its interpreter), as Datadog's
+    // tracer names it; what the kernel runs when that could not be read.
+    let filename = if exec.path.is_empty() { &exec.executable } else { &exec.path };
+    ExecSyscallMsg {
+        file: file_named(filename),
+        // Datadog's tracer sends a nil argv when it is empty.
+        args: (!exec.args.is_empty()).then(|| exec.args.clone()),
+        args_truncated: exec.args_truncated,
+        envs: Some(exec.envs.clone()),
+        envs_truncated: exec.envs_truncated,
+        tty: String::new(),
+        credentials: exec.credentials.as_ref().and_then(process_credentials),
+        ppid,
+        from_procfs: false,
+    }
+}
+
+/// Real and effective ids after the exec, when the kernel gave them all;
+/// nil leaves the agent with the ones it has.
+fn process_credentials(ids: &proto::Credentials) -> Option<Credentials> {
+    Some(Credentials { uid: ids.uid?, euid: ids.euid?, gid: ids.gid?, egid: ids.egid?, ..Default::default() })
+}
+
+fn exit_msg(exit: &proto::ExitEvent) -> Option<ExitSyscallMsg> {
+    Some(match exit.cause() {
+        ExitCause::Exited => ExitSyscallMsg { code: exit.code? as u32, cause: EXIT_CAUSE_EXITED },
+        ExitCause::Signaled => ExitSyscallMsg {
+            code: exit.signal? as u32,
+            cause: if exit.core_dumped { EXIT_CAUSE_CORE_DUMPED } else { EXIT_CAUSE_SIGNALED },
+        },
+        ExitCause::Unspecified => return None,
+    })
+}
+
+fn open_msg(open: &proto::OpenEvent) -> Option<OpenSyscallMsg> {
+    // Mode is the creation mode, as Datadog's tracer sends it when the call
+    // carries one (otherwise it is the file's st_mode, which we do not have).
+    let file = FileSyscallMsg { mode: open.mode, ..file_named(&open.path) };
+    Some(OpenSyscallMsg { file, flags: open.flags? as u32 })
+}
+
+fn file_msg(file: &proto::FileEvent) -> Option<Payload> {
+    let path = || file_named(&file.path);
+    let target = || file_named(&file.target);
+    Some(match file.operation() {
+        FileOperation::Unlink => Payload::Unlink(UnlinkSyscallMsg { file: path() }),
+        FileOperation::Rmdir => Payload::Rmdir(RmdirSyscallMsg { file: path() }),
+        FileOperation::Rename => Payload::Rename(RenameSyscallMsg { old_file: path(), new_file: target() }),
+        FileOperation::Mkdir => Payload::Mkdir(MkdirSyscallMsg { dir: path(), mode: file.mode? }),
+        FileOperation::Link => Payload::Link(LinkSyscallMsg { link_type: LINK_HARD, target: target(), link: path() }),
+        FileOperation::Symlink => {
+            Payload::Link(LinkSyscallMsg { link_type: LINK_SYMBOLIC, target: target(), link: path() })
+        }
+        FileOperation::Chmod => Payload::Chmod(ChmodSyscallMsg { file: path(), mode: file.mode? }),
+        // Ids are 32-bit, -1 for unchanged, as the kernel takes them.
+        FileOperation::Chown => Payload::Chown(ChownSyscallMsg {
+            file: path(),
+            uid: file.uid? as i32,
+            gid: file.gid? as i32,
+            ..Default::default()
+        }),
+        FileOperation::Unspecified => return None,
+    })
+}
+
+fn credentials_msg(syscall: &str, event: &proto::CredentialsEvent, retval: i64) -> Option<Payload> {
+    let now = event.credentials.as_ref()?;
+    let id = |value: Option<u32>| value.map(|v| v as i32);
+    let succeeded = retval == 0;
+    // i386's 32-bit id calls are the same calls.
+    Some(match syscall.trim_end_matches("32") {
+        "setuid" | "setreuid" | "setresuid" if succeeded => {
+            Payload::SetUid(SetUidSyscallMsg { uid: id(now.uid)?, euid: id(now.euid)?, ..Default::default() })
+        }
+        "setgid" | "setregid" | "setresgid" if succeeded => {
+            Payload::SetGid(SetGidSyscallMsg { gid: id(now.gid)?, egid: id(now.egid)?, ..Default::default() })
+        }
+        "setfsuid" => Payload::SetFsUid(SetFsUidSyscallMsg { fsuid: id(now.fsuid)?, ..Default::default() }),
+        "setfsgid" => Payload::SetFsGid(SetFsGidSyscallMsg { fsgid: id(now.fsgid)?, ..Default::default() }),
+        "capset" if succeeded => {
+            Payload::Capset(CapsetSyscallMsg { effective: now.cap_effective?, permitted: now.cap_permitted? })
+        }
+        _ => return None,
+    })
+}
+
+/// Family, address and port; None when the agent could not be given a true
+/// one.
+fn socket_info(family: AddressFamily, address: &str, port: u32) -> Option<MsgSocketInfo> {
+    let (family, addr) = match family {
+        AddressFamily::Inet => (libc::AF_INET, Some(IpAddr::V4(address.parse::<Ipv4Addr>().ok()?))),
+        AddressFamily::Inet6 => (libc::AF_INET6, Some(IpAddr::V6(address.parse::<Ipv6Addr>().ok()?))),
+        // The empty IP, as Datadog's tracer sends for AF_UNIX.
+        AddressFamily::Unix => (libc::AF_UNIX, None),
+        AddressFamily::Other | AddressFamily::Unspecified => return None,
+    };
+    Some(MsgSocketInfo { address_family: family as u16, addr, port: u16::try_from(port).ok()? })
+}
+
+/// IPPROTO_*; 0 when not TCP or UDP (the number is not in our model).
+fn protocol_number(protocol: Protocol) -> u16 {
+    match protocol {
+        Protocol::Tcp => libc::IPPROTO_TCP as u16,
+        Protocol::Udp => libc::IPPROTO_UDP as u16,
+        Protocol::Other | Protocol::Unspecified => 0,
+    }
+}
