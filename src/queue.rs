@@ -2,6 +2,8 @@
 //!
 //! The tracer hands events over with `try_send` and never waits: when the
 //! queue is full, in events or in bytes, the event is dropped and counted.
+//! A flood of cheap events cannot push a valuable one out: each event may
+//! only fill the queue up to the share its [`Value`] allows.
 //! This module is the only thing the tracer and the exporters share, so
 //! neither depends on the other.
 
@@ -31,6 +33,49 @@ pub fn footprint_of_encoded(encoded_len: usize) -> usize {
     std::mem::size_of::<Event>() + 2 * encoded_len
 }
 
+/// What losing an event would cost its reader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Value {
+    /// Failed opens and file calls: a workload can make millions.
+    Low,
+    Normal,
+    /// Execs, connects, credential changes, calls against the tracer, and
+    /// whatever the tracer refused.
+    High,
+}
+
+impl Value {
+    /// The percentage of the queue an event of this value may fill.
+    fn share(self) -> usize {
+        match self {
+            Value::Low => 50,
+            Value::Normal => 80,
+            Value::High => 100,
+        }
+    }
+}
+
+pub fn value(event: &Event) -> Value {
+    if !event.denied.is_empty() {
+        return Value::High;
+    }
+    let failed = event.retval.is_some_and(|r| r < 0);
+    match &event.payload {
+        Some(
+            Payload::Exec(_)
+            | Payload::Connect(_)
+            | Payload::Bind(_)
+            | Payload::Credentials(_)
+            | Payload::IoUring(_)
+            | Payload::Ptrace(_)
+            | Payload::Seccomp(_)
+            | Payload::Userfaultfd(_),
+        ) => Value::High,
+        Some(Payload::Open(_) | Payload::File(_) | Payload::Chdir(_)) | None if failed => Value::Low,
+        _ => Value::Normal,
+    }
+}
+
 /// The kind of an event: the name of its payload, as JSON lines key it.
 pub fn kind(event: &Event) -> &'static str {
     match &event.payload {
@@ -57,6 +102,8 @@ pub struct EventSink {
     tx: Option<mpsc::Sender<Event>>,
     /// Footprint of the events in the queue, shared with the drain.
     queued_bytes: Arc<AtomicUsize>,
+    capacity: usize,
+    capacity_bytes: usize,
     /// Events emitted, dropped or not, by kind.
     pub by_kind: BTreeMap<&'static str, u64>,
     pub emitted: u64,
@@ -71,16 +118,34 @@ pub struct EventQueue {
 
 /// A queue and its two ends.
 pub fn bounded() -> (EventSink, EventQueue) {
-    let (tx, rx) = mpsc::channel(CAPACITY);
+    bounded_to(CAPACITY, CAPACITY_BYTES)
+}
+
+fn bounded_to(capacity: usize, capacity_bytes: usize) -> (EventSink, EventQueue) {
+    let (tx, rx) = mpsc::channel(capacity);
     let queued_bytes = Arc::<AtomicUsize>::default();
-    let sink = EventSink { tx: Some(tx), queued_bytes: Arc::clone(&queued_bytes), ..EventSink::discard() };
+    let sink = EventSink {
+        tx: Some(tx),
+        queued_bytes: Arc::clone(&queued_bytes),
+        capacity,
+        capacity_bytes,
+        ..EventSink::discard()
+    };
     (sink, EventQueue { rx, queued_bytes })
 }
 
 impl EventSink {
     /// A sink that counts events and sends them nowhere (no exporter).
     pub fn discard() -> Self {
-        EventSink { tx: None, queued_bytes: Arc::default(), by_kind: BTreeMap::new(), emitted: 0, dropped: 0 }
+        EventSink {
+            tx: None,
+            queued_bytes: Arc::default(),
+            capacity: CAPACITY,
+            capacity_bytes: CAPACITY_BYTES,
+            by_kind: BTreeMap::new(),
+            emitted: 0,
+            dropped: 0,
+        }
     }
 
     pub fn emit(&mut self, event: Event) {
@@ -90,8 +155,11 @@ impl EventSink {
             return;
         };
         let size = footprint(&event);
+        let share = value(&event).share();
+        let queued = self.capacity - tx.capacity();
         // Added before sending, so the drain never subtracts more than was added.
-        if self.queued_bytes.fetch_add(size, Ordering::Relaxed) + size > CAPACITY_BYTES {
+        let bytes = self.queued_bytes.fetch_add(size, Ordering::Relaxed) + size;
+        if queued * 100 >= self.capacity * share || bytes > self.capacity_bytes / 100 * share {
             self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
             self.dropped += 1;
             return;
@@ -122,5 +190,35 @@ impl EventQueue {
     /// once they are written.
     pub fn release(&self, events: &[Event]) {
         self.queued_bytes.fetch_sub(events.iter().map(footprint).sum(), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::OpenEvent;
+
+    fn open(retval: i64) -> Event {
+        Event { retval: Some(retval), payload: Some(Payload::Open(OpenEvent::default())), ..Event::default() }
+    }
+
+    #[test]
+    fn a_flood_of_failed_opens_leaves_room_for_what_matters() {
+        let (mut sink, _queue) = bounded_to(10, usize::MAX);
+        for _ in 0..100 {
+            sink.emit(open(-2));
+        }
+        assert_eq!((sink.emitted, sink.dropped), (5, 95), "failed opens fill half the queue at most");
+        for _ in 0..4 {
+            sink.emit(open(3));
+        }
+        assert_eq!((sink.emitted, sink.dropped), (8, 96), "successful ones fill it to 80%");
+        let exec = Event { payload: Some(Payload::Exec(Default::default())), ..Event::default() };
+        sink.emit(exec.clone());
+        sink.emit(exec.clone());
+        sink.emit(exec);
+        assert_eq!((sink.emitted, sink.dropped), (10, 97), "an exec may take the last places");
+        let denied = Event { denied: "why".into(), ..open(-1) };
+        assert_eq!(value(&denied), Value::High);
     }
 }
