@@ -152,3 +152,41 @@ fn userfaultfd_is_refused_and_reported() {
         assert!(run.of("userfaultfd").iter().all(|e| pid_of(e) == pid_of(run.of("exec")[0])));
     }
 }
+
+#[test]
+fn a_connect_reports_the_peer_the_kernel_reached_whatever_a_sibling_writes() {
+    // Two listeners that accept everything; a sibling thread flips the
+    // port of the connect's address between them.
+    let listeners: Vec<std::net::TcpListener> =
+        (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let ports: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().port().to_string()).collect();
+    for listener in listeners {
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                drop(stream);
+            }
+        });
+    }
+    const COUNT: usize = 300;
+    for mode in MODES {
+        let count = COUNT.to_string();
+        let run =
+            Trace::with_flags(mode, &[fixture("attack_connect").to_str().unwrap(), &ports[0], &ports[1], &count]).run();
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        let reached: Vec<&str> = run.stdout.lines().collect();
+        assert_eq!(reached.len(), COUNT);
+        let connects: Vec<_> =
+            run.of("connect").into_iter().filter(|e| e["connect"]["family"] == "ADDRESS_FAMILY_INET").collect();
+        assert_eq!(connects.len(), COUNT);
+        let mut corrected = 0;
+        for (event, port) in connects.iter().zip(&reached) {
+            // Every event names the port the kernel connected to.
+            assert_eq!(retval(event), 0);
+            assert_eq!(event["connect"]["port"].to_string(), *port, "{event:#?}");
+            if event["unverified"].is_string() {
+                corrected += 1;
+            }
+        }
+        eprintln!("{mode:?}: {corrected} of {COUNT} connects had their address changed after the tracer read it");
+    }
+}

@@ -241,6 +241,7 @@ fn tcp_and_udp_connects_report_address_port_and_protocol() {
     assert_eq!(c["protocol"], "PROTOCOL_TCP");
     assert_eq!(c["fd"], 3);
     assert_eq!(retval(connect[0]), 0);
+    assert!(connect[0].get("unverified").is_none(), "the peer confirmed the address");
 
     let udp = Trace::new(&[fixture("net").to_str().unwrap(), "udp", "53"]).run();
     let c = &udp.of("connect")[0]["connect"];
@@ -305,6 +306,8 @@ fn refused_connect_reports_econnrefused() {
     let connect = &run.of("connect")[0];
     assert_eq!(retval(connect), -(libc::ECONNREFUSED as i64));
     assert_eq!(connect["connect"]["port"].as_u64(), Some(u64::from(port)));
+    // A refused connect leaves no peer to check the address against.
+    assert!(connect["unverified"].as_str().unwrap().starts_with("address: read from the workload's memory"));
 }
 
 #[test]

@@ -132,6 +132,13 @@ impl Ctx<'_> {
         self.sink.emit(event);
     }
 
+    /// Queues the event of a decoded call whose fields could not all be
+    /// checked against the kernel: `unverified` says which and why.
+    pub fn emit_unverified(&mut self, call: &Call, retval: i64, unverified: String, payload: Payload) {
+        let event = Event { unverified, ..self.call_event(call, retval, false, payload) };
+        self.sink.emit(event);
+    }
+
     /// Queues the event of a call the tracer refuses: the workload gets
     /// -`errno`, and the event says why.
     pub fn emit_refused(&mut self, call: &Call, errno: i32, reason: &str, payload: Payload) {

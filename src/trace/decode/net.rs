@@ -97,19 +97,56 @@ fn protocol_of_socket(socket: Option<&OwnedFd>, family: AddressFamily) -> Protoc
     protocol_of(family, sock_type, protocol)
 }
 
+/// connect: the address read at entry, checked against the socket's peer
+/// after a successful IP connect. Another thread can rewrite the address
+/// between the tracer's read and the kernel's; the peer is the kernel's
+/// word, so it is what a mismatch reports.
 fn connect_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
     let fd = call.fd(0);
-    let parsed = parse_sockaddr(&call.entry_bytes);
-    let partial = parsed.is_none();
-    let (family, address, port) = address_or_empty(parsed);
+    let socket = socket_of(cx, fd);
+    let requested = parse_sockaddr(&call.entry_bytes);
+    let partial = requested.is_none();
+    let (checked, unverified) = verify_peer(socket.as_ref(), requested, retval);
+    let (family, address, port) = address_or_empty(checked);
     let connect = proto::ConnectEvent {
         address,
         port,
         family: family as i32,
-        protocol: protocol_of_socket(socket_of(cx, fd).as_ref(), family) as i32,
+        protocol: protocol_of_socket(socket.as_ref(), family) as i32,
         fd: Some(fd),
     };
-    cx.emit_call(call, retval, partial, Payload::Connect(connect));
+    match unverified {
+        Some(why) => cx.emit_unverified(call, retval, why, Payload::Connect(connect)),
+        None => cx.emit_call(call, retval, partial, Payload::Connect(connect)),
+    }
+}
+
+type Address = (AddressFamily, String, u32);
+
+/// The address a connect reached, and why it could not be checked if not.
+fn verify_peer(socket: Option<&OwnedFd>, requested: Option<Address>, retval: i64) -> (Option<Address>, Option<String>) {
+    let Some(requested) = requested else { return (None, None) };
+    if !matches!(requested.0, AddressFamily::Inet | AddressFamily::Inet6) {
+        // A unix peer's name is whatever it bound, not what was asked.
+        return (Some(requested), None);
+    }
+    if retval != 0 {
+        let why = "address: read from the workload's memory; the kernel keeps no peer to check it against \
+                   (the connect failed or is in progress)";
+        return (Some(requested), Some(why.to_owned()));
+    }
+    match socket.and_then(|s| procfs::socket_address(s, End::Peer)).and_then(|a| parse_sockaddr(&a)) {
+        Some(peer) if peer == requested => (Some(peer), None),
+        Some(peer) => {
+            let why = format!(
+                "address: {}:{} was read from the workload's memory, but the socket's peer is the kernel's answer \
+                 (the memory changed after the read, or the descriptor was replaced)",
+                requested.1, requested.2
+            );
+            (Some(peer), Some(why))
+        }
+        None => (Some(requested), Some("address: the socket has no peer to check it against".to_owned())),
+    }
 }
 
 /// bind: on success, the address the kernel bound (port 0 becomes the port
