@@ -126,6 +126,17 @@ fn the_workload_runs_without_cap_sys_ptrace() {
 }
 
 #[test]
+fn the_filter_leaves_the_workload_s_speculation_controls_as_they_were() {
+    // Kernels whose default forces the speculative store bypass mitigation
+    // on seccomp-filtered tasks would slow the workload down (and make it
+    // differ from itself untraced) without SECCOMP_FILTER_FLAG_SPEC_ALLOW.
+    let run = Trace::new(&["grep", "^Speculation", "/proc/self/status"]).run();
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    let expected: String = own.lines().filter(|l| l.starts_with("Speculation")).map(|l| format!("{l}\n")).collect();
+    assert_eq!((run.code(), run.stdout), (Some(0), expected));
+}
+
+#[test]
 fn userfaultfd_is_refused_and_reported() {
     let device = Path::new("/dev/userfaultfd").exists();
     for mode in MODES {

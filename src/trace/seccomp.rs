@@ -158,8 +158,13 @@ pub enum Listener {
 
 /// Installs `filter` on the calling thread, with a user-notification
 /// listener that the filter never uses: a thread group may have only one,
-/// so holding it keeps the workload from getting one of its own. Runs in
-/// the forked child, so it only makes raw syscalls. Tries without
+/// so holding it keeps the workload from getting one of its own. With
+/// SECCOMP_FILTER_FLAG_SPEC_ALLOW where the kernel has it: kernels whose
+/// default forces the speculative store bypass mitigation on filtered
+/// tasks would otherwise slow the workload's own code, tracing or not, and
+/// make it differ from the same workload untraced.
+///
+/// Runs in the forked child, so it only makes raw syscalls. Tries without
 /// NO_NEW_PRIVS first: a tracer with CAP_SYS_ADMIN then leaves setuid
 /// programs working in the workload.
 pub fn install(filter: &[libc::sock_filter]) -> Result<Listener, i32> {
@@ -176,18 +181,34 @@ pub fn install(filter: &[libc::sock_filter]) -> Result<Listener, i32> {
             Ok(rc as i32)
         }
     };
-    let mut attached = set_filter(libc::SECCOMP_FILTER_FLAG_NEW_LISTENER);
-    if attached == Err(libc::EACCES) {
-        // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integer arguments only.
-        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-            return Err(nix::errno::Errno::last_raw());
+    let mut flags = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW;
+    let mut no_new_privs = false;
+    let mut listener_refused = None;
+    loop {
+        match set_filter(flags) {
+            Ok(fd) => {
+                return Ok(match listener_refused {
+                    None => Listener::Fd(fd),
+                    Some(errno) => Listener::Refused(errno),
+                })
+            }
+            Err(libc::EACCES) if !no_new_privs => {
+                // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integer arguments only.
+                if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+                    return Err(nix::errno::Errno::last_raw());
+                }
+                no_new_privs = true;
+            }
+            // A kernel before 4.17 knows no SPEC_ALLOW.
+            Err(libc::EINVAL) if flags & libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW != 0 => {
+                flags &= !libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW;
+            }
+            Err(errno) if flags & libc::SECCOMP_FILTER_FLAG_NEW_LISTENER != 0 => {
+                listener_refused = Some(errno);
+                flags &= !libc::SECCOMP_FILTER_FLAG_NEW_LISTENER;
+            }
+            Err(errno) => return Err(errno),
         }
-        attached = set_filter(libc::SECCOMP_FILTER_FLAG_NEW_LISTENER);
-    }
-    match attached {
-        Ok(fd) => Ok(Listener::Fd(fd)),
-        Err(libc::EACCES) => Err(libc::EACCES),
-        Err(refused) => set_filter(0).map(|_| Listener::Refused(refused)),
     }
 }
 
