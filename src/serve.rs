@@ -221,7 +221,7 @@ async fn acknowledge(
                 return log!("session {session}: output failed");
             }
         }
-        let ack = AgentMessage { message: Some(agent_message::Message::Ack(Ack { sequence: last })) };
+        let ack = AgentMessage { message: Some(agent_message::Message::Ack(Ack { sequence: Some(last) })) };
         if acks.send(Ok(ack)).await.is_err() {
             return;
         }

@@ -18,7 +18,7 @@ mod syscalls;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 pub use decode::timestamp;
@@ -75,11 +75,13 @@ pub fn run(options: TraceOptions) -> Result<i32, ExitError> {
     let entrypoint = options.command.first().ok_or_else(|| ExitError::usage("trace needs an entrypoint after --"))?;
     let program = launch::resolve_entrypoint(entrypoint).map_err(launch_error)?;
 
+    let stop_flush = Arc::new(tokio::sync::Notify::new());
     let agent = options.agent.as_ref().map(|agent| grpc::Options {
         address: agent.address.clone(),
         hello: context::hello(&options.command),
         capacity: agent.buffer_events,
         flush_timeout: agent.flush_timeout,
+        abandon: Arc::clone(&stop_flush),
     });
     let outputs = Outputs { verbose: options.verbose, events_file: options.events_file.clone(), agent };
     // Block before any thread starts, so that every thread inherits it.
@@ -140,7 +142,7 @@ pub fn run(options: TraceOptions) -> Result<i32, ExitError> {
         .map_err(|e| ExitError::setup(format!("cannot start the tracer thread: {e}")))?;
 
     if let Ok(Some(root)) = started_rx.recv() {
-        signals::spawn_forwarder(root, live, options.verbose)
+        signals::spawn_forwarder(root, live, options.verbose, stop_flush)
             .map_err(|e| ExitError::setup(format!("cannot start the signal thread: {e}")))?;
     }
     let outcome = tracer.join().map_err(|_| ExitError::setup("the tracer thread failed".into()))?;
