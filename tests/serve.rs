@@ -12,6 +12,7 @@ use common::{binary, Trace, DEADLINE};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// A running sidecar and its log lines.
 struct Sidecar {
@@ -327,26 +328,58 @@ fn a_backlog_of_large_events_stays_within_the_memory_bound() {
 mod raw_client {
     use super::*;
     use common::proto::event_service_client::EventServiceClient;
-    use common::proto::{tracer_message, EventBatch, Hello, TracerMessage};
+    use common::proto::{agent_message, tracer_message, AgentMessage, EventBatch, Hello, TracerMessage};
 
-    /// Sends `messages` on one stream; returns how the sidecar answered.
-    fn exchange(address: &str, messages: Vec<TracerMessage>) -> Result<usize, String> {
+    /// Sends `messages` on one stream, then ends it; returns the sequences
+    /// the sidecar acknowledged, or the status it ended the stream with.
+    fn exchange(address: &str, messages: Vec<TracerMessage>) -> Result<Vec<u64>, String> {
+        exchange_acks(address, messages).map_err(|(_, status)| status)
+    }
+
+    /// As `exchange`, with the acks that came before an error status.
+    fn exchange_acks(address: &str, messages: Vec<TracerMessage>) -> Result<Vec<u64>, (Vec<u64>, String)> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
-            let mut client =
-                EventServiceClient::connect(format!("http://{address}")).await.map_err(|e| e.to_string())?;
+            let mut client = EventServiceClient::connect(format!("http://{address}"))
+                .await
+                .map_err(|e| (Vec::new(), e.to_string()))?;
             client = client.max_encoding_message_size(64 << 20);
             let stream = tokio_stream::iter(messages);
-            let mut replies = client.stream_events(stream).await.map_err(|e| e.message().to_owned())?.into_inner();
-            let mut acks = 0;
+            let mut replies =
+                client.stream_events(stream).await.map_err(|e| (Vec::new(), e.message().to_owned()))?.into_inner();
+            let mut acks = Vec::new();
             loop {
                 match replies.message().await {
-                    Ok(Some(_)) => acks += 1,
+                    Ok(Some(AgentMessage { message: Some(agent_message::Message::Ack(ack)) })) => {
+                        acks.push(ack.sequence.expect("an explicit sequence"))
+                    }
+                    Ok(Some(_)) => {}
                     Ok(None) => return Ok(acks),
-                    Err(status) => return Err(status.message().to_owned()),
+                    Err(status) => return Err((acks, format!("{:?}: {}", status.code(), status.message()))),
                 }
             }
         })
+    }
+
+    fn hello(session: &str) -> TracerMessage {
+        TracerMessage {
+            message: Some(tracer_message::Message::Hello(Hello { session_id: session.into(), ..Default::default() })),
+        }
+    }
+
+    /// `events` small open events numbered from `first_sequence`.
+    fn batch_from(first_sequence: u64, events: usize) -> TracerMessage {
+        let mut message = batch(events, 10);
+        if let Some(tracer_message::Message::Batch(batch)) = &mut message.message {
+            batch.first_sequence = first_sequence;
+        }
+        message
+    }
+
+    /// The sequences of `session` in the sidecar's output, in file order.
+    fn sequences_of(output: &Path, session: &str) -> Vec<u64> {
+        let lines = read_lines(output);
+        lines.iter().filter(|l| l["session_id"] == session).map(|l| l["sequence"].as_u64().unwrap()).collect()
     }
 
     fn batch(events: usize, path_len: usize) -> TracerMessage {
@@ -366,18 +399,8 @@ mod raw_client {
     fn a_restarted_sidecar_writes_nothing_its_output_already_holds() {
         let dir = tempfile::tempdir().unwrap();
         let output = output_path(&dir);
-        let hello = || TracerMessage {
-            message: Some(tracer_message::Message::Hello(Hello { session_id: "s".into(), ..Default::default() })),
-        };
-        let batch_from = |first_sequence, events| {
-            let mut message = batch(events, 10);
-            if let Some(tracer_message::Message::Batch(batch)) = &mut message.message {
-                batch.first_sequence = first_sequence;
-            }
-            message
-        };
         let mut sidecar = Sidecar::start("127.0.0.1:0", &output);
-        assert_eq!(exchange(&sidecar.address, vec![hello(), batch_from(0, 10)]), Ok(1));
+        assert_eq!(exchange(&sidecar.address, vec![hello("s"), batch_from(0, 10)]), Ok(vec![9]));
         assert_eq!(sidecar.stop(), Some(0));
         // As if the sidecar had died in the middle of a line.
         let mut file = std::fs::OpenOptions::new().append(true).open(&output).unwrap();
@@ -385,7 +408,7 @@ mod raw_client {
 
         let mut sidecar = Sidecar::start("127.0.0.1:0", &output);
         // The tracer resends 5..=9, which were written, with 10..=14.
-        assert_eq!(exchange(&sidecar.address, vec![hello(), batch_from(5, 10)]), Ok(1));
+        assert_eq!(exchange(&sidecar.address, vec![hello("s"), batch_from(5, 10)]), Ok(vec![14]));
         assert_eq!(sidecar.stop(), Some(0));
         let text = std::fs::read_to_string(&output).unwrap();
         let sequences: Vec<u64> = text
@@ -401,15 +424,12 @@ mod raw_client {
         let mut sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
         // No Hello first.
         let refused = exchange(&sidecar.address, vec![batch(1, 10)]);
-        assert_eq!(refused, Err("the first message must be a Hello".to_owned()));
+        assert_eq!(refused, Err("InvalidArgument: the first message must be a Hello".to_owned()));
         sidecar.wait_for("cut off: the first message must be a Hello");
         // A message over the 4 MiB limit, after a proper Hello.
-        let hello = TracerMessage {
-            message: Some(tracer_message::Message::Hello(Hello { session_id: "big".into(), ..Default::default() })),
-        };
-        let too_big = exchange(&sidecar.address, vec![hello, batch(5, 1 << 20)]);
+        let too_big = exchange(&sidecar.address, vec![hello("big"), batch(5, 1 << 20)]);
         assert!(too_big.is_err(), "{too_big:?}");
-        sidecar.wait_for("session big: stream ended");
+        sidecar.wait_for("session \"big\": stream ended");
         // The sidecar serves others as before.
         let run = traced(&sidecar.address, &[], &["sh", "-c", "cat /etc/hostname >/dev/null"]).run();
         sidecar.wait_for("goodbye");
@@ -418,16 +438,180 @@ mod raw_client {
         assert_eq!(sessions(&lines).len(), 1, "nothing was written for the refused peers");
         assert_eq!(session_events(&lines, &sessions(&lines)[0]), run.events);
     }
+
+    #[test]
+    fn batches_out_of_order_or_forged_take_nothing_from_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let output = output_path(&dir);
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output);
+        let address = sidecar.address.clone();
+        // A later batch first, on its own stream; then the earlier one.
+        assert_eq!(exchange(&address, vec![hello("s"), batch_from(10, 10)]), Ok(vec![19]));
+        assert_eq!(exchange(&address, vec![hello("s"), batch_from(0, 10)]), Ok(vec![9]));
+        // A forged batch far ahead in the live session.
+        let far = 1_000_000_000_000;
+        assert_eq!(exchange(&address, vec![hello("s"), batch_from(far, 1)]), Ok(vec![far]));
+        // The session goes on: what it had not sent yet is written, not dropped.
+        assert_eq!(exchange(&address, vec![hello("s"), batch_from(15, 10)]), Ok(vec![24]));
+        assert_eq!(sidecar.stop(), Some(0));
+        let expected: Vec<u64> = (10..20).chain(0..10).chain([far]).chain(20..25).collect();
+        assert_eq!(sequences_of(&output, "s"), expected);
+    }
+
+    #[test]
+    fn a_batch_that_goes_back_on_its_stream_is_refused_after_the_acks_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let output = output_path(&dir);
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output);
+        let refused = exchange_acks(&sidecar.address, vec![hello("s"), batch_from(10, 10), batch_from(0, 10)]);
+        let why = "a batch at 0 goes back: this stream is at 20";
+        assert_eq!(refused, Err((vec![19], format!("InvalidArgument: {why}"))));
+        let logged = sidecar.wait_for("cut off: a batch at 0 goes back");
+        assert!(logged.starts_with("cws-instrumentation: session \"s\" from 127.0.0.1:"), "{logged}");
+        // Sent again on a stream of its own, the batch is written.
+        assert_eq!(exchange(&sidecar.address, vec![hello("s"), batch_from(0, 10)]), Ok(vec![9]));
+        assert_eq!(sidecar.stop(), Some(0));
+        assert_eq!(sequences_of(&output, "s"), (10..20).chain(0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn hostile_session_ids_are_escaped_in_the_log_and_unusable_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let output = output_path(&dir);
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output);
+        let forged = "x\ncws-instrumentation: goodbye: session \"y\" exit code Some(0)";
+        assert_eq!(exchange(&sidecar.address, vec![hello(forged), batch_from(0, 1)]), Ok(vec![0]));
+        let logged = sidecar.wait_for("hello: session ");
+        assert!(logged.starts_with(&format!("cws-instrumentation: hello: session {forged:?} from ")), "{logged}");
+        let unusable = "InvalidArgument: a session id must have 1 to 128 bytes".to_owned();
+        assert_eq!(exchange(&sidecar.address, vec![hello(""), batch_from(0, 1)]), Err(unusable.clone()));
+        assert_eq!(exchange(&sidecar.address, vec![hello(&"x".repeat(129)), batch_from(0, 1)]), Err(unusable));
+        assert_eq!(sidecar.stop(), Some(0));
+        let rest: Vec<String> = sidecar.log.try_iter().collect();
+        assert!(rest.iter().all(|l| l.starts_with("cws-instrumentation: ") && !l.contains("goodbye")), "{rest:#?}");
+        assert_eq!(sequences_of(&output, forged), vec![0], "the id is JSON-escaped in the output");
+        assert_eq!(read_lines(&output).len(), 1);
+    }
+
+    /// A Hello whose session id is not UTF-8: what a decoder must refuse.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RawHello {
+        #[prost(bytes = "vec", tag = "2")]
+        session_id: Vec<u8>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RawTracerMessage {
+        #[prost(message, optional, tag = "1")]
+        hello: Option<RawHello>,
+    }
+
+    #[test]
+    fn an_undecodable_hello_gets_an_error_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let status = runtime.block_on(async {
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", sidecar.address)).unwrap();
+            let mut grpc = tonic::client::Grpc::new(endpoint.connect().await.unwrap());
+            grpc.ready().await.unwrap();
+            let hello = RawTracerMessage { hello: Some(RawHello { session_id: b"\xff\xfe".to_vec() }) };
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static("/cws.v1.EventService/StreamEvents");
+            let codec = tonic_prost::ProstCodec::<RawTracerMessage, AgentMessage>::default();
+            let request = tonic::Request::new(tokio_stream::iter(vec![hello]));
+            let mut replies = grpc.streaming(request, path, codec).await.unwrap().into_inner();
+            match replies.message().await {
+                Ok(Some(reply)) => panic!("an answer to an undecodable Hello: {reply:?}"),
+                Ok(None) => panic!("the stream ended with OK"),
+                Err(status) => status,
+            }
+        });
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with("undecodable first message: "), "{status:?}");
+        sidecar.wait_for("cut off: undecodable first message");
+        assert_eq!(sidecar.stop(), Some(0));
+        assert!(read_lines(&output_path(&dir)).is_empty());
+    }
+
+    #[test]
+    fn an_output_that_cannot_be_written_turns_health_to_not_serving_and_streams_to_unavailable() {
+        // /dev/full: every write fails with ENOSPC.
+        let mut sidecar = Sidecar::start("127.0.0.1:0", Path::new("/dev/full"));
+        let refused = exchange(&sidecar.address, vec![hello("s"), batch_from(0, 3)]);
+        assert_eq!(refused, Err("Unavailable: cannot write events: No space left on device (os error 28)".to_owned()));
+        sidecar
+            .wait_for("cannot write events to /dev/full: No space left on device (os error 28); batches are refused");
+        assert_eq!(health_of(&sidecar.address), [ServingStatus::NotServing, ServingStatus::NotServing]);
+        assert_eq!(sidecar.stop(), Some(1), "the output was failing when it stopped");
+    }
+
+    /// A small tmpfs, unmounted when dropped.
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        /// None (and why, on stderr) where mounting is not allowed.
+        fn mount(size: &str) -> Option<Tmpfs> {
+            let dir = tempfile::tempdir().unwrap();
+            let status = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+                .arg(dir.path())
+                .stderr(Stdio::null())
+                .status();
+            if !status.is_ok_and(|s| s.success()) {
+                eprintln!("skipped: cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)");
+                return None;
+            }
+            Some(Tmpfs(dir))
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+        }
+    }
+
+    /// Fills the filesystem of `dir` with one file; returns its path.
+    fn fill(dir: &Path) -> PathBuf {
+        let path = dir.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![b'f'; 1024];
+        while file.write_all(&chunk).is_ok() {}
+        path
+    }
+
+    #[test]
+    fn a_full_disk_leaves_no_partial_line_and_serving_resumes_when_there_is_room() {
+        let Some(tmpfs) = Tmpfs::mount("256k") else { return };
+        let output = tmpfs.0.path().join("agent.jsonl");
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output);
+        let address = sidecar.address.clone();
+        assert_eq!(exchange(&address, vec![hello("s"), batch_from(0, 10)]), Ok(vec![9]));
+        let filler = fill(tmpfs.0.path());
+        // About 36 KiB of lines: more than the room left in the output's last page.
+        let full = "Unavailable: cannot write events: No space left on device (os error 28)".to_owned();
+        assert_eq!(exchange(&address, vec![hello("s"), batch_from(10, 200)]), Err(full));
+        sidecar.wait_for("No space left on device (os error 28); batches are refused (UNAVAILABLE)");
+        assert_eq!(health_of(&address), [ServingStatus::NotServing, ServingStatus::NotServing]);
+        let text = std::fs::read_to_string(&output).unwrap();
+        assert!(text.ends_with('\n'), "a partial line was left: {:?}", &text[text.len().saturating_sub(80)..]);
+        assert_eq!(sequences_of(&output, "s"), (0..10).collect::<Vec<_>>(), "exactly what was acknowledged");
+
+        std::fs::remove_file(filler).unwrap();
+        assert_eq!(exchange(&address, vec![hello("s"), batch_from(10, 200)]), Ok(vec![209]));
+        sidecar.wait_for("written to");
+        assert_eq!(health_of(&address), [ServingStatus::Serving, ServingStatus::Serving]);
+        assert_eq!(sidecar.stop(), Some(0));
+        assert_eq!(sequences_of(&output, "s"), (0..210).collect::<Vec<_>>());
+    }
 }
 
-#[test]
-fn the_sidecar_answers_the_standard_health_check() {
-    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
-    let dir = tempfile::tempdir().unwrap();
-    let mut sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
+/// What the sidecar's health service says for "" and "cws.v1.EventService".
+fn health_of(address: &str) -> Vec<ServingStatus> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let statuses = runtime.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", sidecar.address)).unwrap();
+    runtime.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap();
         let mut client = HealthClient::new(channel.connect().await.unwrap());
         let mut statuses = Vec::new();
         for service in ["", "cws.v1.EventService"] {
@@ -435,8 +619,14 @@ fn the_sidecar_answers_the_standard_health_check() {
             statuses.push(client.check(request).await.unwrap().into_inner().status());
         }
         statuses
-    });
-    assert_eq!(statuses, vec![ServingStatus::Serving, ServingStatus::Serving]);
+    })
+}
+
+#[test]
+fn the_sidecar_answers_the_standard_health_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
+    assert_eq!(health_of(&sidecar.address), vec![ServingStatus::Serving, ServingStatus::Serving]);
     assert_eq!(sidecar.stop(), Some(0));
 }
 
