@@ -44,9 +44,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5678")]
     pub listen: String,
 
-    /// Append events to PATH (default: stdout).
+    /// Append events to PATH (default: stdout; a new file is created 0600).
     #[arg(long, value_name = "PATH")]
     pub output: Option<PathBuf>,
+
+    /// Require this shared token of every tracer stream (default: from
+    /// DD_CWS_INSTRUMENTATION_AUTH_TOKEN, else none).
+    #[arg(long, value_name = "PATH")]
+    pub auth_token_file: Option<PathBuf>,
 }
 
 /// A duration: "10s", "500ms", "2m", or plain seconds.
@@ -106,6 +111,11 @@ pub struct TraceArgs {
     /// How long to wait at exit for the agent to acknowledge the last events.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub flush_timeout: Duration,
+
+    /// Present this shared token to the agent (default: from
+    /// DD_CWS_INSTRUMENTATION_AUTH_TOKEN, which the workload does not inherit).
+    #[arg(long, value_name = "PATH")]
+    pub auth_token_file: Option<PathBuf>,
 
     /// Events kept for the agent until acknowledged (and at most 32 MiB of
     /// them); beyond that, new events are dropped and the loss reported.

@@ -7,6 +7,7 @@
 //! ARCHITECTURE.md for the map of the code and its invariants.
 
 mod address;
+mod auth;
 mod cli;
 mod context;
 mod ecs;
@@ -52,6 +53,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Trace(args) => {
+            // Read (and taken out of the workload's environment) before any thread starts.
+            let token = match auth::Token::load(args.auth_token_file.as_deref()) {
+                Ok(token) => token,
+                Err(e) => return exit_with(ExitError::usage(&e)),
+            };
             let mode = if args.disable_seccomp || cli::env_flag("DD_CWS_INSTRUMENTATION_SECCOMP_DISABLED") {
                 trace::Mode::Full
             } else {
@@ -66,6 +72,7 @@ fn main() -> ExitCode {
                         connect_timeout: args.connect_timeout,
                         flush_timeout: args.flush_timeout,
                         buffer_events: args.buffer_events.max(1),
+                        token,
                     })
                 }),
             };
@@ -84,15 +91,20 @@ fn main() -> ExitCode {
         }
         Command::Serve(args) => address::Address::parse(&args.listen)
             .map_err(|e| ExitError::usage(&format!("--listen {e}")))
-            .and_then(|listen| serve::run(serve::ServeOptions { listen, output: args.output })),
+            .and_then(|listen| {
+                let token = auth::Token::load(args.auth_token_file.as_deref()).map_err(|e| ExitError::usage(&e))?;
+                serve::run(serve::ServeOptions { listen, output: args.output, token })
+            }),
         Command::Setup(args) => setup::setup(&args.cws_volume_mount),
         Command::Health => Ok(setup::health()),
     };
     match result {
         Ok(status) => ExitCode::from(status as u8),
-        Err(error) => {
-            log::log!("{}", error.message);
-            ExitCode::from(error.code as u8)
-        }
+        Err(error) => exit_with(error),
     }
+}
+
+fn exit_with(error: ExitError) -> ExitCode {
+    log::log!("{}", error.message);
+    ExitCode::from(error.code as u8)
 }

@@ -23,6 +23,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::{self, BufRead, Write as _};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -37,6 +38,7 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::address::Address;
+use crate::auth::Token;
 use crate::log::log;
 use crate::proto::event_service_server::{EventService, EventServiceServer};
 use crate::proto::{agent_message, tracer_message, Ack, AgentMessage, TracerMessage, Welcome};
@@ -116,6 +118,7 @@ impl Ranges {
 type Written = Arc<Mutex<HashMap<String, Ranges>>>;
 
 struct Service {
+    token: Option<Token>,
     writer: mpsc::Sender<Write>,
     written: Written,
     shutdown: watch::Receiver<bool>,
@@ -129,6 +132,10 @@ impl EventService for Service {
 
     async fn stream_events(&self, request: Request<Streaming<TracerMessage>>) -> Result<Response<AgentStream>, Status> {
         let peer = request.remote_addr().map_or_else(|| "a local peer".to_owned(), |a| a.to_string());
+        if self.token.as_ref().is_some_and(|token| !token.admits(request.metadata())) {
+            log!("{peer}: refused: no valid token");
+            return Err(Status::unauthenticated("a valid token is required (authorization: Bearer TOKEN)"));
+        }
         let (acks, rx) = mpsc::channel(64);
         let session = Session {
             peer,
@@ -554,6 +561,26 @@ pub const OUTPUT_FAILED: i32 = 1;
 pub struct ServeOptions {
     pub listen: Address,
     pub output: Option<PathBuf>,
+    /// Required of every stream, when set.
+    pub token: Option<Token>,
+}
+
+/// A new output file is for its owner only: exec events carry environment
+/// variables, and the lines carry session ids.
+const OUTPUT_MODE: u32 = 0o600;
+/// The unix socket: its owner and group may connect.
+const SOCKET_MODE: u32 = 0o660;
+
+/// Binds the socket, narrows its mode, and only then listens: nobody can
+/// connect in between.
+fn listen_unix(path: &Path) -> io::Result<tokio::net::UnixListener> {
+    use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+    let socket = socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
+    bind(std::os::fd::AsRawFd::as_raw_fd(&socket), &UnixAddr::new(path)?)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))?;
+    listen(&socket, Backlog::MAXCONN)?;
+    tokio::net::UnixListener::from_std(std::os::unix::net::UnixListener::from(socket))
 }
 
 pub fn run(options: ServeOptions) -> Result<i32, ExitError> {
@@ -565,6 +592,11 @@ pub fn run(options: ServeOptions) -> Result<i32, ExitError> {
 }
 
 async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
+    // Before "listening" is said: a stop signal from then on is handled.
+    let signal =
+        |kind| tokio::signal::unix::signal(kind).map_err(|e| ExitError::setup(format!("cannot handle signals: {e}")));
+    let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = signal(tokio::signal::unix::SignalKind::interrupt())?;
     let written = match &options.output {
         Some(path) => recover(path).map_err(|e| ExitError::usage(&format!("cannot read {}: {e}", path.display())))?,
         None => HashMap::new(),
@@ -574,9 +606,19 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(OUTPUT_MODE)
                 .open(path)
                 .map_err(|e| ExitError::usage(&format!("cannot open {}: {e}", path.display())))?;
-            let complete = file.metadata().map_or(0, |m| m.len());
+            let metadata =
+                file.metadata().map_err(|e| ExitError::usage(&format!("cannot stat {}: {e}", path.display())))?;
+            if metadata.is_file() && metadata.permissions().mode() & 0o077 != 0 {
+                log!(
+                    "warning: {} is open to other users (mode {:04o}); events carry environment variables",
+                    path.display(),
+                    metadata.permissions().mode() & 0o7777
+                );
+            }
+            let complete = metadata.len();
             Output::File { file, path: path.clone(), complete }
         }
         None => Output::Stdout,
@@ -598,7 +640,7 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
             {
                 let _ = std::fs::remove_file(path);
             }
-            let listener = tokio::net::UnixListener::bind(path)
+            let listener = listen_unix(path)
                 .map_err(|e| ExitError::usage(&format!("cannot listen on {}: {e}", path.display())))?;
             log!("listening on unix:{}", path.display());
             Incoming::Unix(UnixListenerStream::new(listener))
@@ -612,13 +654,9 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
     let writer = tokio::spawn(write_output(output, writes, finish_rx, Arc::clone(&written), health));
     let (shutdown_tx, shutdown) = watch::channel(false);
     let shutdown_seen = shutdown.clone();
-    let service = Service { writer: writes_tx, written, shutdown };
+    let service = Service { token: options.token, writer: writes_tx, written, shutdown };
 
     let stop = async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT handler");
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}

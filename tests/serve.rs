@@ -31,13 +31,16 @@ impl Drop for Sidecar {
 
 impl Sidecar {
     fn start(listen: &str, output: &Path) -> Sidecar {
-        let mut child = Command::new(binary())
-            .args(["serve", "--listen", listen, "--output"])
-            .arg(output)
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        Sidecar::start_with(listen, output, |_| {})
+    }
+
+    /// With more flags or environment, set by `configure`.
+    fn start_with(listen: &str, output: &Path, configure: impl FnOnce(&mut Command)) -> Sidecar {
+        let mut command = Command::new(binary());
+        command.args(["serve", "--listen", listen, "--output"]).arg(output);
+        command.stdin(Stdio::null()).stderr(Stdio::piped());
+        configure(&mut command);
+        let mut child = command.spawn().unwrap();
         let (tx, log) = std::sync::mpsc::channel();
         let stderr = BufReader::new(child.stderr.take().unwrap());
         std::thread::spawn(move || {
@@ -803,5 +806,75 @@ fn an_ecs_metadata_endpoint_that_refuses_or_never_answers_costs_one_warning_and_
         assert!(!hello.contains(" ecs "), "{hello}");
         assert_delivered(&mut sidecar, &output_path(&dir), &run.events);
         assert_eq!(run.of("exec").len(), 2, "sh and cat");
+    }
+}
+
+mod auth {
+    use super::*;
+
+    const TOKEN: &str = "tok-5f2a9c7e1b";
+    const TOKEN_ENV: &str = "DD_CWS_INSTRUMENTATION_AUTH_TOKEN";
+
+    #[test]
+    fn a_sidecar_with_a_token_takes_only_streams_that_present_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+        let output = output_path(&dir);
+        let mut sidecar = Sidecar::start_with("127.0.0.1:0", &output, |c| {
+            c.arg("--auth-token-file").arg(&token_file);
+        });
+        let address = sidecar.address.clone();
+
+        // Without a token, or with another: refused, nothing written.
+        let flags = ["--connect-timeout", "300ms", "--flush-timeout", "300ms"];
+        let mut wrong = traced(&address, &flags, &["sh", "-c", "echo ran; exit 3"]);
+        wrong.command().env(TOKEN_ENV, "tok-5f2a9c7e1c");
+        let run = wrong.run();
+        assert_eq!((run.code(), run.stdout.as_str()), (Some(3), "ran\n"), "{}", run.stderr);
+        let refused = format!(
+            "stream to the agent at {address} failed: status Unauthenticated \"a valid token is required (authorization: Bearer TOKEN)\"; retrying"
+        );
+        assert!(run.stderr.lines().any(|l| l.ends_with(&refused)), "{}", run.stderr);
+        assert!(run.stderr.contains(&format!("undelivered={} ", run.events.len())), "{}", run.stderr);
+        sidecar.wait_for("refused: no valid token");
+
+        // The token from the environment: the workload does not inherit it.
+        let mut right = traced(&address, &[], &["sh", "-c", &format!("echo ${{{TOKEN_ENV}:-unset}}")]);
+        right.command().env(TOKEN_ENV, TOKEN);
+        let from_env = right.run();
+        assert_eq!((from_env.code(), from_env.stdout.as_str()), (Some(0), "unset\n"), "{}", from_env.stderr);
+        assert!(from_env.stderr.contains("undelivered=0 "), "{}", from_env.stderr);
+        sidecar.wait_for("goodbye");
+
+        // The token from a file.
+        let flags = ["--auth-token-file".to_owned(), token_file.display().to_string()];
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let from_file = traced(&address, &flags, &["sh", "-c", "cat /etc/hostname >/dev/null"]).run();
+        assert!(from_file.stderr.contains("undelivered=0 "), "{}", from_file.stderr);
+        sidecar.wait_for("goodbye");
+        assert_eq!(sidecar.stop(), Some(0));
+
+        let lines = read_lines(&output);
+        let mut delivered: Vec<Vec<Value>> = sessions(&lines).iter().map(|s| session_events(&lines, s)).collect();
+        delivered.sort_by_key(|events| events.len());
+        let mut expected = vec![from_env.events, from_file.events];
+        expected.sort_by_key(|events| events.len());
+        assert_eq!(delivered, expected, "only the two runs with the token were written");
+        let text = std::fs::read_to_string(&output).unwrap();
+        assert!(!text.contains(TOKEN), "the token reached the output");
+        assert!(!text.contains(&format!("{TOKEN_ENV}=")), "the variable reached the workload's environment");
+    }
+
+    #[test]
+    fn the_output_file_and_the_socket_are_for_their_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let mut sidecar = Sidecar::start(&format!("unix:{}", socket.display()), &output_path(&dir));
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&output_path(&dir)), 0o600);
+        assert_eq!(mode(&socket), 0o660);
+        assert_eq!(sidecar.stop(), Some(0));
     }
 }

@@ -23,6 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::address::Address;
+use crate::auth::Token;
 use crate::log::{causes, log};
 use crate::proto::event_service_client::EventServiceClient;
 use crate::proto::{
@@ -54,6 +55,8 @@ pub struct Options {
     pub flush_timeout: Duration,
     /// Notified when the flush must end at once (SIGTERM after the workload's end).
     pub abandon: Arc<Notify>,
+    /// Presented on every stream.
+    pub token: Option<Token>,
 }
 
 #[derive(Default)]
@@ -404,9 +407,18 @@ fn describe(status: &tonic::Status) -> String {
 /// Opens the stream and passes on everything the agent sends. It runs on
 /// its own, so that the tracer sends while the agent holds back its
 /// response headers (grpcio sends them with its first message).
-async fn read_replies(channel: Channel, requests: mpsc::Receiver<TracerMessage>, replies: mpsc::Sender<Reply>) {
+async fn read_replies(
+    channel: Channel,
+    token: Option<Token>,
+    requests: mpsc::Receiver<TracerMessage>,
+    replies: mpsc::Sender<Reply>,
+) {
     let mut client = EventServiceClient::new(channel);
-    let mut stream = match client.stream_events(ReceiverStream::new(requests)).await {
+    let mut request = tonic::Request::new(ReceiverStream::new(requests));
+    if let Some(token) = &token {
+        token.attach(request.metadata_mut());
+    }
+    let mut stream = match client.stream_events(request).await {
         Ok(response) => response.into_inner(),
         Err(status) => {
             let _ = replies.send(Reply::Failed(describe(&status))).await;
@@ -453,7 +465,7 @@ async fn stream(
     let (replies_tx, mut replies) = mpsc::channel(16);
     let message = |m| TracerMessage { message: Some(m) };
     tx.send(message(tracer_message::Message::Hello(options.hello.clone()))).await.map_err(|e| e.to_string())?;
-    let _reader = AbortOnDrop(tokio::spawn(read_replies(channel, rx, replies_tx)));
+    let _reader = AbortOnDrop(tokio::spawn(read_replies(channel, options.token.clone(), rx, replies_tx)));
     // Resend from the oldest unacknowledged event, and every loss not known heard.
     let mut next = {
         let mut buffer = shared.buffer();
