@@ -52,6 +52,11 @@ pub struct ServeArgs {
     /// DD_CWS_INSTRUMENTATION_AUTH_TOKEN, else none).
     #[arg(long, value_name = "PATH")]
     pub auth_token_file: Option<PathBuf>,
+
+    /// On a unix socket, take streams only from processes of these user ids
+    /// (SO_PEERCRED); repeat or separate with commas.
+    #[arg(long, value_name = "UID", value_delimiter = ',')]
+    pub allow_uid: Vec<u32>,
 }
 
 /// A duration: "10s", "500ms", "2m", or plain seconds.

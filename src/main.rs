@@ -93,7 +93,7 @@ fn main() -> ExitCode {
             .map_err(|e| ExitError::usage(&format!("--listen {e}")))
             .and_then(|listen| {
                 let token = auth::Token::load(args.auth_token_file.as_deref()).map_err(|e| ExitError::usage(&e))?;
-                serve::run(serve::ServeOptions { listen, output: args.output, token })
+                serve::run(serve::ServeOptions { listen, output: args.output, token, allowed_uids: args.allow_uid })
             }),
         Command::Setup(args) => setup::setup(&args.cws_volume_mount),
         Command::Health => Ok(setup::health()),

@@ -32,7 +32,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_stream::Stream;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::{TcpIncoming, UdsConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -119,6 +119,7 @@ type Written = Arc<Mutex<HashMap<String, Ranges>>>;
 
 struct Service {
     token: Option<Token>,
+    allowed_uids: Vec<u32>,
     writer: mpsc::Sender<Write>,
     written: Written,
     shutdown: watch::Receiver<bool>,
@@ -131,7 +132,20 @@ impl EventService for Service {
     type StreamEventsStream = AgentStream;
 
     async fn stream_events(&self, request: Request<Streaming<TracerMessage>>) -> Result<Response<AgentStream>, Status> {
-        let peer = request.remote_addr().map_or_else(|| "a local peer".to_owned(), |a| a.to_string());
+        let credentials = request.extensions().get::<UdsConnectInfo>().and_then(|info| info.peer_cred);
+        let peer = match (request.remote_addr(), credentials) {
+            (Some(address), _) => address.to_string(),
+            (None, Some(credentials)) => format!(
+                "uid {} pid {}",
+                credentials.uid(),
+                credentials.pid().map_or_else(|| "unknown".to_owned(), |pid| pid.to_string())
+            ),
+            (None, None) => "a local peer".to_owned(),
+        };
+        if !self.allowed_uids.is_empty() && !credentials.is_some_and(|c| self.allowed_uids.contains(&c.uid())) {
+            log!("{peer}: refused: its uid is not allowed");
+            return Err(Status::permission_denied("this user may not stream events here"));
+        }
         if self.token.as_ref().is_some_and(|token| !token.admits(request.metadata())) {
             log!("{peer}: refused: no valid token");
             return Err(Status::unauthenticated("a valid token is required (authorization: Bearer TOKEN)"));
@@ -563,6 +577,8 @@ pub struct ServeOptions {
     pub output: Option<PathBuf>,
     /// Required of every stream, when set.
     pub token: Option<Token>,
+    /// On a unix socket, the only user ids streams are taken from (all when empty).
+    pub allowed_uids: Vec<u32>,
 }
 
 /// A new output file is for its owner only: exec events carry environment
@@ -592,6 +608,9 @@ pub fn run(options: ServeOptions) -> Result<i32, ExitError> {
 }
 
 async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
+    if matches!(options.listen, Address::Tcp(_)) && !options.allowed_uids.is_empty() {
+        return Err(ExitError::usage("--allow-uid needs a unix socket (--listen unix:/path)"));
+    }
     // Before "listening" is said: a stop signal from then on is handled.
     let signal =
         |kind| tokio::signal::unix::signal(kind).map_err(|e| ExitError::setup(format!("cannot handle signals: {e}")));
@@ -654,7 +673,8 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
     let writer = tokio::spawn(write_output(output, writes, finish_rx, Arc::clone(&written), health));
     let (shutdown_tx, shutdown) = watch::channel(false);
     let shutdown_seen = shutdown.clone();
-    let service = Service { token: options.token, writer: writes_tx, written, shutdown };
+    let service =
+        Service { token: options.token, allowed_uids: options.allowed_uids, writer: writes_tx, written, shutdown };
 
     let stop = async move {
         tokio::select! {

@@ -867,6 +867,48 @@ mod auth {
     }
 
     #[test]
+    fn on_a_unix_socket_only_the_allowed_uids_may_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = format!("unix:{}", dir.path().join("agent.sock").display());
+        let own = nix::unistd::geteuid().as_raw();
+        let other = own + 4242;
+        let mut sidecar = Sidecar::start_with(&socket, &output_path(&dir), |c| {
+            c.arg("--allow-uid").arg(other.to_string());
+        });
+        let flags = ["--connect-timeout", "300ms", "--flush-timeout", "300ms"];
+        let run = traced(&socket, &flags, &["sh", "-c", "exit 7"]).run();
+        assert_eq!(run.code(), Some(7), "{}", run.stderr);
+        let denied = "failed: status PermissionDenied \"this user may not stream events here\"; retrying";
+        assert!(run.stderr.lines().any(|l| l.ends_with(denied)), "{}", run.stderr);
+        assert!(run.stderr.contains(&format!("undelivered={} ", run.events.len())), "{}", run.stderr);
+        let refused = sidecar.wait_for("refused: its uid is not allowed");
+        assert!(refused.starts_with(&format!("cws-instrumentation: uid {own} pid ")), "{refused}");
+        assert_eq!(sidecar.stop(), Some(0));
+        assert!(read_lines(&output_path(&dir)).is_empty());
+
+        let mut sidecar = Sidecar::start_with(&socket, &output_path(&dir), |c| {
+            c.arg("--allow-uid").arg(format!("{other},{own}"));
+        });
+        let run = traced(&socket, &[], &["sh", "-c", "cat /etc/hostname >/dev/null"]).run();
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        assert_delivered(&mut sidecar, &output_path(&dir), &run.events);
+    }
+
+    #[test]
+    fn allowed_uids_need_a_unix_socket() {
+        let output = Command::new(binary())
+            .args(["serve", "--listen", "127.0.0.1:0", "--allow-uid", "0"])
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2));
+        assert_eq!(
+            String::from_utf8_lossy(&output.stderr),
+            "cws-instrumentation: --allow-uid needs a unix socket (--listen unix:/path)\n"
+        );
+    }
+
+    #[test]
     fn the_output_file_and_the_socket_are_for_their_owner() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
