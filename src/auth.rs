@@ -1,6 +1,6 @@
-//! The shared token that `trace` presents and `serve` requires: anyone else
-//! on the machine who can reach the agent's port must not be able to write
-//! into a session.
+//! Who may write into a session: the shared token that `trace` presents and
+//! `serve` requires, and the TLS configurations of both ends. Anyone else on
+//! the machine who can reach the agent's port must not be able to.
 //!
 //! The token comes from `--auth-token-file` or, failing that, from the
 //! `DD_CWS_INSTRUMENTATION_AUTH_TOKEN` environment variable, which is then
@@ -13,6 +13,7 @@ use std::fmt;
 use std::path::Path;
 
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 /// The environment variable a token may come from.
 pub const TOKEN_ENV: &str = "DD_CWS_INSTRUMENTATION_AUTH_TOKEN";
@@ -73,6 +74,85 @@ impl Token {
     pub fn admits(&self, metadata: &MetadataMap) -> bool {
         let presented = metadata.get(HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix(SCHEME));
         presented.is_some_and(|presented| equal_in_constant_time(presented.as_bytes(), self.0.as_bytes()))
+    }
+}
+
+fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read the {what} {}: {e}", path.display()))
+}
+
+/// A certificate and its key, both or neither.
+fn identity(cert: Option<&Path>, key: Option<&Path>) -> Result<Option<Identity>, String> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            Ok(Some(Identity::from_pem(read_pem(cert, "certificate")?, read_pem(key, "private key")?)))
+        }
+        (None, None) => Ok(None),
+        _ => Err("--tls-cert and --tls-key go together".to_owned()),
+    }
+}
+
+/// The tracer's TLS: the agent's certificate must chain to `ca`; `cert`
+/// and `key` are its own, for an agent that asks for one. None without `ca`.
+pub fn client_tls(
+    ca: Option<&Path>,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> Result<Option<ClientTlsConfig>, String> {
+    let identity = identity(cert, key)?;
+    let Some(ca) = ca else {
+        return match identity {
+            Some(_) => Err("--tls-cert needs --tls-ca (the authority the agent's certificate comes from)".to_owned()),
+            None => Ok(None),
+        };
+    };
+    let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem(ca, "CA certificate")?));
+    if let Some(identity) = identity {
+        config = config.identity(identity);
+    }
+    // Built once here so that unusable files fail at start, not at each connect.
+    tonic::transport::Endpoint::from_static("https://localhost")
+        .tls_config(config.clone())
+        .map_err(|e| format!("unusable TLS files: {}", crate::log::causes(&e)))?;
+    Ok(Some(config))
+}
+
+/// `serve`'s TLS: its certificate and key; with `client_ca`, every client
+/// must present a certificate that chains to it. None without a certificate.
+pub fn server_tls(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    client_ca: Option<&Path>,
+) -> Result<Option<ServerTlsConfig>, String> {
+    let Some(identity) = identity(cert, key)? else {
+        return match client_ca {
+            Some(_) => Err("--tls-client-ca needs --tls-cert and --tls-key".to_owned()),
+            None => Ok(None),
+        };
+    };
+    let mut config = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = client_ca {
+        config = config.client_ca_root(Certificate::from_pem(read_pem(ca, "client CA certificate")?));
+    }
+    Ok(Some(config))
+}
+
+/// What the tracer shows the agent.
+#[derive(Clone, Debug, Default)]
+pub struct AgentCredentials {
+    pub token: Option<Token>,
+    pub tls: Option<ClientTlsConfig>,
+}
+
+impl AgentCredentials {
+    /// From `trace`'s flags and environment; call before any thread starts.
+    pub fn load(args: &crate::cli::TraceArgs) -> Result<AgentCredentials, String> {
+        let token = Token::load(args.auth_token_file.as_deref())?;
+        let tls = client_tls(args.tls_ca.as_deref(), args.tls_cert.as_deref(), args.tls_key.as_deref())?;
+        if tls.is_some() && args.probe_addr.starts_with("unix:") {
+            return Err("--tls-ca is for an agent over TCP, not a unix socket".to_owned());
+        }
+        Ok(AgentCredentials { token, tls })
     }
 }
 

@@ -57,6 +57,18 @@ pub struct ServeArgs {
     /// (SO_PEERCRED); repeat or separate with commas.
     #[arg(long, value_name = "UID", value_delimiter = ',')]
     pub allow_uid: Vec<u32>,
+
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require of every client a certificate from this authority (PEM).
+    #[arg(long, value_name = "PATH")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// A duration: "10s", "500ms", "2m", or plain seconds.
@@ -121,6 +133,19 @@ pub struct TraceArgs {
     /// DD_CWS_INSTRUMENTATION_AUTH_TOKEN, which the workload does not inherit).
     #[arg(long, value_name = "PATH")]
     pub auth_token_file: Option<PathBuf>,
+
+    /// Connect to the agent over TLS, its certificate checked against this
+    /// authority (PEM). TCP only.
+    #[arg(long, value_name = "PATH")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// A client certificate (PEM) for an agent that requires one; needs --tls-key and --tls-ca.
+    #[arg(long, value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
 
     /// Events kept for the agent until acknowledged (and at most 32 MiB of
     /// them); beyond that, new events are dropped and the loss reported.

@@ -54,8 +54,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Trace(args) => {
             // Read (and taken out of the workload's environment) before any thread starts.
-            let token = match auth::Token::load(args.auth_token_file.as_deref()) {
-                Ok(token) => token,
+            let credentials = match auth::AgentCredentials::load(&args) {
+                Ok(credentials) => credentials,
                 Err(e) => return exit_with(ExitError::usage(&e)),
             };
             let mode = if args.disable_seccomp || cli::env_flag("DD_CWS_INSTRUMENTATION_SECCOMP_DISABLED") {
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
                         connect_timeout: args.connect_timeout,
                         flush_timeout: args.flush_timeout,
                         buffer_events: args.buffer_events.max(1),
-                        token,
+                        credentials,
                     })
                 }),
             };
@@ -91,10 +91,7 @@ fn main() -> ExitCode {
         }
         Command::Serve(args) => address::Address::parse(&args.listen)
             .map_err(|e| ExitError::usage(&format!("--listen {e}")))
-            .and_then(|listen| {
-                let token = auth::Token::load(args.auth_token_file.as_deref()).map_err(|e| ExitError::usage(&e))?;
-                serve::run(serve::ServeOptions { listen, output: args.output, token, allowed_uids: args.allow_uid })
-            }),
+            .and_then(|listen| serve::run(serve::ServeOptions::new(listen, args)?)),
         Command::Setup(args) => setup::setup(&args.cws_volume_mount),
         Command::Health => Ok(setup::health()),
     };

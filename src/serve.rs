@@ -32,14 +32,15 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_stream::Stream;
-use tonic::transport::server::{TcpIncoming, UdsConnectInfo};
+use tonic::transport::server::{TcpIncoming, TlsConnectInfo, UdsConnectInfo};
+use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response, Status, Streaming};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::address::Address;
 use crate::auth::Token;
-use crate::log::log;
+use crate::log::{causes, log};
 use crate::proto::event_service_server::{EventService, EventServiceServer};
 use crate::proto::{agent_message, tracer_message, Ack, AgentMessage, TracerMessage, Welcome};
 use crate::ExitError;
@@ -132,7 +133,11 @@ impl EventService for Service {
     type StreamEventsStream = AgentStream;
 
     async fn stream_events(&self, request: Request<Streaming<TracerMessage>>) -> Result<Response<AgentStream>, Status> {
-        let credentials = request.extensions().get::<UdsConnectInfo>().and_then(|info| info.peer_cred);
+        let extensions = request.extensions();
+        let unix = extensions
+            .get::<UdsConnectInfo>()
+            .or_else(|| extensions.get::<TlsConnectInfo<UdsConnectInfo>>().map(TlsConnectInfo::get_ref));
+        let credentials = unix.and_then(|info| info.peer_cred);
         let peer = match (request.remote_addr(), credentials) {
             (Some(address), _) => address.to_string(),
             (None, Some(credentials)) => format!(
@@ -579,6 +584,18 @@ pub struct ServeOptions {
     pub token: Option<Token>,
     /// On a unix socket, the only user ids streams are taken from (all when empty).
     pub allowed_uids: Vec<u32>,
+    pub tls: Option<ServerTlsConfig>,
+}
+
+impl ServeOptions {
+    /// From the command line; the token and TLS files are read now.
+    pub fn new(listen: Address, args: crate::cli::ServeArgs) -> Result<ServeOptions, ExitError> {
+        let token = Token::load(args.auth_token_file.as_deref()).map_err(|e| ExitError::usage(&e))?;
+        let tls =
+            crate::auth::server_tls(args.tls_cert.as_deref(), args.tls_key.as_deref(), args.tls_client_ca.as_deref())
+                .map_err(|e| ExitError::usage(&e))?;
+        Ok(ServeOptions { listen, output: args.output, token, allowed_uids: args.allow_uid, tls })
+    }
 }
 
 /// A new output file is for its owner only: exec events carry environment
@@ -685,7 +702,12 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
         let _ = shutdown_tx.send(true);
     };
     let server = EventServiceServer::new(service).max_decoding_message_size(MAX_MESSAGE);
-    let router = tonic::transport::Server::builder().add_service(health_service).add_service(server);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = options.tls {
+        builder =
+            builder.tls_config(tls).map_err(|e| ExitError::usage(&format!("unusable TLS files: {}", causes(&e))))?;
+    }
+    let router = builder.add_service(health_service).add_service(server);
     let serving = async {
         match incoming {
             Incoming::Tcp(incoming) => router.serve_with_incoming_shutdown(incoming, stop).await,

@@ -908,6 +908,126 @@ mod auth {
         );
     }
 
+    /// A test PKI made with the openssl command: a CA, a server certificate
+    /// for 127.0.0.1, a client certificate, and a second CA nobody trusts.
+    struct Pki(tempfile::TempDir);
+
+    impl Pki {
+        /// None (and why, on stderr) without the openssl command.
+        fn new() -> Option<Pki> {
+            let pki = Pki(tempfile::tempdir().unwrap());
+            let made = pki.ca("ca")
+                && pki.ca("other-ca")
+                && pki.issue("ca", "server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+                && pki.issue("ca", "client", "extendedKeyUsage=clientAuth\n");
+            if !made {
+                eprintln!("skipped: cannot make certificates (is the openssl command installed?)");
+                return None;
+            }
+            Some(pki)
+        }
+
+        fn path(&self, name: &str) -> String {
+            self.0.path().join(name).display().to_string()
+        }
+
+        fn openssl(&self, args: &[&str]) -> bool {
+            let status = Command::new("openssl").args(args).current_dir(self.0.path()).stderr(Stdio::null()).status();
+            status.is_ok_and(|s| s.success())
+        }
+
+        fn key_and_request(&self, name: &str, extra: &[&str]) -> bool {
+            let (key, subject) = (format!("{name}.key"), format!("/CN={name}"));
+            let mut args = vec!["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+            args.extend_from_slice(&["-keyout", &key, "-subj", &subject]);
+            args.extend_from_slice(extra);
+            self.openssl(&args)
+        }
+
+        fn ca(&self, name: &str) -> bool {
+            let pem = format!("{name}.pem");
+            self.key_and_request(name, &["-x509", "-days", "2", "-out", &pem])
+        }
+
+        fn issue(&self, ca: &str, name: &str, extensions: &str) -> bool {
+            let (csr, pem, ext) = (format!("{name}.csr"), format!("{name}.pem"), format!("{name}.ext"));
+            std::fs::write(self.0.path().join(&ext), extensions).unwrap();
+            let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+            self.key_and_request(name, &["-out", &csr])
+                && self.openssl(&[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    &ca_pem,
+                    "-CAkey",
+                    &ca_key,
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &ext,
+                    "-out",
+                    &pem,
+                ])
+        }
+    }
+
+    #[test]
+    fn tls_carries_the_stream_and_a_required_client_certificate_is_checked() {
+        let Some(pki) = Pki::new() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let output = output_path(&dir);
+        let mut sidecar = Sidecar::start_with("127.0.0.1:0", &output, |c| {
+            c.args(["--tls-cert", &pki.path("server.pem"), "--tls-key", &pki.path("server.key")]);
+            c.args(["--tls-client-ca", &pki.path("ca.pem")]);
+        });
+        let address = sidecar.address.clone();
+        let quick = ["--connect-timeout", "300ms", "--flush-timeout", "300ms"];
+        let refused = |flags: &[&str], why: &str| {
+            let mut all = quick.to_vec();
+            all.extend_from_slice(flags);
+            let run = traced(&address, &all, &["sh", "-c", "exit 3"]).run();
+            assert_eq!(run.code(), Some(3), "{}", run.stderr);
+            assert!(run.stderr.contains(&format!("undelivered={} ", run.events.len())), "{why}: {}", run.stderr);
+        };
+        // Plain HTTP/2 to a TLS port; an authority the tracer does not trust;
+        // no client certificate.
+        refused(&[], "without TLS");
+        refused(&["--tls-ca", &pki.path("other-ca.pem")], "another CA");
+        refused(&["--tls-ca", &pki.path("ca.pem")], "no client certificate");
+        let client = ["--tls-ca", &pki.path("ca.pem"), "--tls-cert", &pki.path("client.pem")];
+        let mut flags = client.to_vec();
+        let key = pki.path("client.key");
+        flags.extend_from_slice(&["--tls-key", &key]);
+        let run = traced(&address, &flags, &["sh", "-c", "cat /etc/hostname >/dev/null"]).run();
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        assert!(run.stderr.contains("undelivered=0 "), "{}", run.stderr);
+        assert_delivered(&mut sidecar, &output, &run.events);
+    }
+
+    #[test]
+    fn an_untrusted_agent_certificate_is_named_as_the_reason() {
+        let Some(pki) = Pki::new() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let mut sidecar = Sidecar::start_with("127.0.0.1:0", &output_path(&dir), |c| {
+            c.args(["--tls-cert", &pki.path("server.pem"), "--tls-key", &pki.path("server.key")]);
+        });
+        let flags = ["--connect-timeout", "300ms", "--flush-timeout", "300ms", "--tls-ca", &pki.path("other-ca.pem")];
+        let run = traced(&sidecar.address, &flags, &["sh", "-c", "exit 3"]).run();
+        assert_eq!(run.code(), Some(3), "{}", run.stderr);
+        let first = run.stderr.lines().next().unwrap_or("");
+        assert!(
+            first.starts_with(&format!("cws-instrumentation: cannot reach the agent at {}: ", sidecar.address))
+                && first.contains("invalid peer certificate"),
+            "{}",
+            run.stderr
+        );
+        assert_eq!(sidecar.stop(), Some(0));
+        assert!(read_lines(&output_path(&dir)).is_empty());
+    }
+
     #[test]
     fn the_output_file_and_the_socket_are_for_their_owner() {
         use std::os::unix::fs::PermissionsExt;

@@ -20,10 +20,10 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::address::Address;
-use crate::auth::Token;
+use crate::auth::{AgentCredentials, Token};
 use crate::log::{causes, log};
 use crate::proto::event_service_client::EventServiceClient;
 use crate::proto::{
@@ -56,7 +56,7 @@ pub struct Options {
     /// Notified when the flush must end at once (SIGTERM after the workload's end).
     pub abandon: Arc<Notify>,
     /// Presented on every stream.
-    pub token: Option<Token>,
+    pub credentials: AgentCredentials,
 }
 
 #[derive(Default)]
@@ -200,10 +200,14 @@ impl Exporter {
     }
 }
 
-async fn connect(address: &Address) -> Result<Channel, String> {
+async fn connect(address: &Address, tls: Option<&ClientTlsConfig>) -> Result<Channel, String> {
     let channel = match address {
         Address::Tcp(hostport) => {
-            let endpoint = Endpoint::from_shared(format!("http://{hostport}")).map_err(|e| e.to_string())?;
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut endpoint = Endpoint::from_shared(format!("{scheme}://{hostport}")).map_err(|e| e.to_string())?;
+            if let Some(tls) = tls {
+                endpoint = endpoint.tls_config(tls.clone()).map_err(|e| causes(&e))?;
+            }
             endpoint.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect().await
         }
         Address::Unix(path) => {
@@ -354,7 +358,7 @@ async fn deliver(
     let mut ecs = (!ecs_uri.is_empty()).then(|| tokio::spawn(ecs::fetch(ecs_uri.to_owned())));
     let mut backoff = Backoff::new();
     loop {
-        let failure = match connect(&options.address).await {
+        let failure = match connect(&options.address, options.credentials.tls.as_ref()).await {
             Ok(channel) => {
                 if let Some(fetch) = ecs.take() {
                     // Bounded by the fetch's own timeout; it has said why if it failed.
@@ -465,7 +469,7 @@ async fn stream(
     let (replies_tx, mut replies) = mpsc::channel(16);
     let message = |m| TracerMessage { message: Some(m) };
     tx.send(message(tracer_message::Message::Hello(options.hello.clone()))).await.map_err(|e| e.to_string())?;
-    let _reader = AbortOnDrop(tokio::spawn(read_replies(channel, options.token.clone(), rx, replies_tx)));
+    let _reader = AbortOnDrop(tokio::spawn(read_replies(channel, options.credentials.token.clone(), rx, replies_tx)));
     // Resend from the oldest unacknowledged event, and every loss not known heard.
     let mut next = {
         let mut buffer = shared.buffer();

@@ -57,7 +57,7 @@ pub struct AgentOptions {
     pub flush_timeout: Duration,
     pub buffer_events: usize,
     /// Presented to the agent on every stream.
-    pub token: Option<crate::auth::Token>,
+    pub credentials: crate::auth::AgentCredentials,
 }
 
 pub struct TraceOptions {
@@ -84,7 +84,7 @@ pub fn run(options: TraceOptions) -> Result<i32, ExitError> {
         capacity: agent.buffer_events,
         flush_timeout: agent.flush_timeout,
         abandon: Arc::clone(&stop_flush),
-        token: agent.token.clone(),
+        credentials: agent.credentials.clone(),
     });
     let outputs = Outputs { verbose: options.verbose, events_file: options.events_file.clone(), agent };
     // Block before any thread starts, so that every thread inherits it.
