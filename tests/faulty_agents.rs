@@ -1,4 +1,5 @@
-//! `trace` against agents that misbehave: silent, not HTTP/2, refusing
+//! `trace` against agents that misbehave: silent, not HTTP/2, dropping the
+//! connection on the first bytes, refusing
 //! every stream, acknowledging beyond what they were sent, holding back
 //! their response headers. The workload's exit status and output never
 //! change, the tracer exits within its timeouts, retries are spaced, and
@@ -95,15 +96,15 @@ fn a_stop_signal_after_the_workload_ended_ends_the_flush_at_once() {
     assert_eq!(stat(&run, "undelivered"), run.events.len() as u64, "{}", run.stderr);
 }
 
-/// A peer that answers every connection as an HTTP/1.1 server does, and
-/// counts the connections.
-struct Http1Peer {
+/// A peer that answers every connection with `answer`, and counts the
+/// connections.
+struct Peer {
     address: String,
     connections: Arc<Mutex<u64>>,
 }
 
-impl Http1Peer {
-    fn start() -> Http1Peer {
+impl Peer {
+    fn start(answer: fn(&mut TcpStream)) -> Peer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let connections = Arc::new(Mutex::new(0));
@@ -112,24 +113,40 @@ impl Http1Peer {
             for connection in listener.incoming() {
                 let Ok(mut connection) = connection else { return };
                 *counted.lock().unwrap() += 1;
-                answer_http1(&mut connection);
+                answer(&mut connection);
             }
         });
-        Http1Peer { address, connections }
+        Peer { address, connections }
     }
 }
 
+/// The client's first bytes (the HTTP/2 preface), then an HTTP/1.1 refusal.
 fn answer_http1(connection: &mut TcpStream) {
     use std::io::{Read, Write};
-    // The client's first bytes (the HTTP/2 preface), then a refusal.
     let mut preface = [0u8; 24];
     let _ = connection.read_exact(&mut preface);
     let _ = connection.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
 }
 
+/// The client's first bytes, then the connection dropped, as an agent that
+/// does not speak this protocol does.
+fn drop_after_first_bytes(connection: &mut TcpStream) {
+    use std::io::Read;
+    let mut preface = [0u8; 24];
+    let _ = connection.read_exact(&mut preface);
+}
+
 #[test]
 fn an_http1_peer_is_retried_with_backoff_and_its_failure_said_once() {
-    let peer = Http1Peer::start();
+    assert_backoff_against(Peer::start(answer_http1));
+}
+
+#[test]
+fn a_peer_that_drops_the_connection_is_retried_with_backoff_and_its_failure_said_once() {
+    assert_backoff_against(Peer::start(drop_after_first_bytes));
+}
+
+fn assert_backoff_against(peer: Peer) {
     let flags = ["--connect-timeout", "1s", "--flush-timeout", "1s"];
     let run = run_bounded(traced(&peer.address, &flags, &["sh", "-c", "echo ran; exit 4"]), Duration::from_secs(2));
     assert_eq!((run.code(), run.stdout.as_str()), (Some(4), "ran\n"), "{}", run.stderr);
