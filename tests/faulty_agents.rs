@@ -1,7 +1,6 @@
 //! `trace` against agents that misbehave: silent, not HTTP/2, dropping the
-//! connection on the first bytes, refusing
-//! every stream, acknowledging beyond what they were sent, holding back
-//! their response headers. The workload's exit status and output never
+//! connection on the first bytes, refusing every stream, acknowledging
+//! beyond what they were sent, holding back their response headers. The workload's exit status and output never
 //! change, the tracer exits within its timeouts, retries are spaced, and
 //! each failure is said once.
 
