@@ -302,6 +302,59 @@ fn a_large_backlog_is_sent_in_batches_the_sidecar_accepts() {
 }
 
 #[test]
+fn events_dropped_for_a_full_buffer_are_announced_and_the_rest_keep_their_numbers() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let address = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // Events while no agent listens (most dropped: the buffer holds 5), then
+    // more once the agent has acknowledged the first and made room.
+    let script = format!(
+        "cat /etc/hostname >/dev/null; while [ ! -e {go} ]; do sleep 0.05; done; cat /etc/passwd >/dev/null",
+        go = go.display()
+    );
+    let flags = ["--async", "--buffer-events", "5", "--flush-timeout", "60s"];
+    let mut trace = traced(&address, &flags, &["sh", "-c", &script]);
+    let child = trace.spawn();
+    // Wait until the buffer has overflowed: its events file shows more than 5 events.
+    let started = Instant::now();
+    while std::fs::read_to_string(trace.events_path()).unwrap_or_default().lines().count() < 20 {
+        assert!(started.elapsed() < DEADLINE, "the workload made no events");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let output = output_path(&dir);
+    let mut sidecar = Sidecar::start(&address, &output);
+    // The log up to the goodbye, every loss the sidecar heard of in it.
+    let mut logged = vec![sidecar.wait_for("the tracer dropped events 5..=")];
+    std::fs::write(&go, "").unwrap();
+    let run = trace.finish(child);
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    while !logged.last().unwrap().contains("goodbye") {
+        logged.push(sidecar.log.recv_timeout(DEADLINE).expect("a goodbye"));
+    }
+    assert_eq!(sidecar.stop(), Some(0));
+    let mut lost = Vec::new();
+    for line in &logged {
+        if let Some(range) = line.split("the tracer dropped events ").nth(1) {
+            let (first, last) = range.split_once("..=").unwrap();
+            lost.push((first.parse::<u64>().unwrap(), last.parse::<u64>().unwrap()));
+        }
+    }
+    let is_lost = |s: u64| lost.iter().any(|&(first, last)| (first..=last).contains(&s));
+    let lines = read_lines(&output);
+    let sequences: Vec<u64> = lines.iter().map(|l| l["sequence"].as_u64().unwrap()).collect();
+    let expected: Vec<u64> = (0..run.events.len() as u64).filter(|&s| !is_lost(s)).collect();
+    assert_eq!(sequences, expected, "what was not announced lost was delivered, once\n{}", run.stderr);
+    assert!(sequences.iter().any(|&s| s > lost[0].1), "events after the first gap were delivered: {sequences:?}");
+    // Each line is the event of its sequence, across the gaps too.
+    let session = sessions(&lines)[0].clone();
+    let numbered: Vec<Value> = expected.iter().map(|&s| run.events[s as usize].clone()).collect();
+    assert_eq!(session_events(&lines, &session), numbered);
+    let dropped = format!("{} events were not delivered", run.events.len() - expected.len());
+    assert!(run.stderr.contains(&dropped), "{}", run.stderr);
+}
+
+#[test]
 fn a_backlog_of_large_events_stays_within_the_memory_bound() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     // 600 execs with 356 arguments of 350 bytes: about 75 MiB of events
