@@ -1,6 +1,7 @@
 //! `trace` against agents that misbehave: silent, not HTTP/2, dropping the
 //! connection on the first bytes, refusing every stream, acknowledging
-//! beyond what they were sent, holding back their response headers. The workload's exit status and output never
+//! beyond what they were sent, holding back their response headers, failing
+//! a stream after a partial ack. The workload's exit status and output never
 //! change, the tracer exits within its timeouts, retries are spaced, and
 //! each failure is said once.
 
@@ -176,6 +177,10 @@ enum Behaviour {
     AckBeyond,
     /// Response headers held back until the first ack, as grpcio does by default.
     HeadersWithFirstAck,
+    /// On the first stream, the first batch acknowledged up to its middle,
+    /// and the stream failed at the first batch that skips sequences (after
+    /// dropped events); later streams as usual.
+    FailFirstStreamAtAGap,
 }
 
 struct Agent {
@@ -207,7 +212,14 @@ impl EventService for Agent {
     type StreamEventsStream = Replies;
 
     async fn stream_events(&self, request: Request<Streaming<TracerMessage>>) -> Result<Response<Replies>, Status> {
-        self.seen.lock().unwrap().streams += 1;
+        let streams = {
+            let mut seen = self.seen.lock().unwrap();
+            seen.streams += 1;
+            seen.streams
+        };
+        if self.behaviour == Behaviour::FailFirstStreamAtAGap && streams == 1 {
+            return Ok(Response::new(Box::pin(self.fail_at_a_gap(request.into_inner()))));
+        }
         if self.behaviour == Behaviour::Refuse {
             return Err(Status::unavailable("refusing every stream"));
         }
@@ -236,6 +248,31 @@ impl EventService for Agent {
     }
 }
 
+impl Agent {
+    /// `FailFirstStreamAtAGap`'s first stream.
+    fn fail_at_a_gap(&self, mut incoming: Streaming<TracerMessage>) -> ReceiverStream<Result<AgentMessage, Status>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let seen = Arc::clone(&self.seen);
+        tokio::spawn(async move {
+            let mut next: Option<u64> = None;
+            while let Ok(Some(message)) = incoming.message().await {
+                let Some(tracer_message::Message::Batch(batch)) = &message.message else { continue };
+                let (first, count) = (batch.first_sequence, batch.events.len() as u64);
+                if next.is_some_and(|n| n != first) {
+                    let _ = tx.send(Err(Status::unavailable("failing at the first gap"))).await;
+                    return;
+                }
+                next = Some(first + count);
+                Agent::record(&seen, Behaviour::FailFirstStreamAtAGap, message);
+                if first == 0 {
+                    let _ = tx.send(ack((count / 2).saturating_sub(1))).await;
+                }
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
 /// An agent of `behaviour` on loopback, until dropped.
 struct RunningAgent {
     address: String,
@@ -245,9 +282,13 @@ struct RunningAgent {
 
 impl RunningAgent {
     fn start(behaviour: Behaviour) -> RunningAgent {
+        RunningAgent::start_at(behaviour, "127.0.0.1:0")
+    }
+
+    fn start_at(behaviour: Behaviour, address: &str) -> RunningAgent {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let agent = Agent { behaviour, seen: Arc::clone(&seen) };
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = std::net::TcpListener::bind(address).unwrap();
         listener.set_nonblocking(true).unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -337,4 +378,38 @@ fn an_agent_that_sends_its_headers_with_its_first_ack_gets_every_event() {
     assert_received(&agent, &run);
     assert_eq!(stat(&run, "undelivered"), 0, "{}", run.stderr);
     assert_eq!(agent.seen.lock().unwrap().streams, 1, "{}", run.stderr);
+}
+
+#[test]
+fn a_resend_after_dropped_events_keeps_each_event_under_its_own_number() {
+    let address = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // Events go on until the test says: the buffer (10) overflows while no
+    // agent listens, and fills again after the agent's first ack.
+    let script = format!("while [ ! -e {} ]; do cat /etc/hostname >/dev/null; sleep 0.02; done", go.display());
+    let flags = ["--async", "--buffer-events", "10", "--flush-timeout", "30s"];
+    let mut trace = traced(&address, &flags, &["sh", "-c", &script]);
+    let child = trace.spawn();
+    let started = Instant::now();
+    while std::fs::read_to_string(trace.events_path()).unwrap_or_default().lines().count() < 30 {
+        assert!(started.elapsed() < common::DEADLINE, "the workload made no events");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The first stream gets 0..=9, acknowledges 0..=4 and fails when the
+    // events after the dropped ones come: the next stream resends 5..=9
+    // and those, with a gap between.
+    let agent = RunningAgent::start_at(Behaviour::FailFirstStreamAtAGap, &address);
+    while agent.seen.lock().unwrap().streams < 2 || agent.events().last().is_none_or(|(s, _)| *s < 10) {
+        assert!(started.elapsed() < common::DEADLINE, "no resend after the failed stream");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::fs::write(&go, "").unwrap();
+    let run = trace.finish(child);
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let received = agent.seen.lock().unwrap().events.clone();
+    for (sequence, event) in &received {
+        assert_eq!(event, &run.events[*sequence as usize], "event {sequence} came under another's number");
+    }
+    assert!(received.iter().filter(|(s, _)| (5..10).contains(s)).count() >= 10, "5..=9 came twice: {received:?}");
 }
