@@ -136,6 +136,38 @@ fn drop_after_first_bytes(connection: &mut TcpStream) {
     let _ = connection.read_exact(&mut preface);
 }
 
+/// Takes the client's bytes and never answers, until the client goes.
+fn never_answer(connection: &mut TcpStream) {
+    let _ = std::io::copy(connection, &mut std::io::sink());
+}
+
+#[test]
+fn a_peer_that_takes_events_and_never_answers_is_given_up_on_and_retried() {
+    let peer = Peer::start(never_answer);
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // The workload runs until the peer has seen a second connection.
+    let script = format!("while [ ! -e {} ]; do sleep 0.05; done; exit 2", go.display());
+    let flags = ["--async", "--connect-timeout", "300ms", "--flush-timeout", "300ms"];
+    let mut trace = traced(&peer.address, &flags, &["sh", "-c", &script]);
+    let child = trace.spawn();
+    let started = Instant::now();
+    while *peer.connections.lock().unwrap() < 2 {
+        assert!(started.elapsed() < common::DEADLINE, "the tracer kept waiting on a peer that never answers");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::fs::write(&go, "").unwrap();
+    let run = trace.finish(child);
+    assert_eq!(run.code(), Some(2), "{}", run.stderr);
+    let failures = said(&run, &format!("stream to the agent at {} failed", peer.address));
+    assert!(
+        failures[0].ends_with("failed: no answer from the agent within 300ms of sending it events; retrying"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(stat(&run, "undelivered"), run.events.len() as u64, "{}", run.stderr);
+}
+
 #[test]
 fn an_http1_peer_is_retried_with_backoff_and_its_failure_said_once() {
     assert_backoff_against(Peer::start(answer_http1));

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
@@ -53,6 +54,9 @@ pub struct Options {
     pub hello: Hello,
     pub capacity: usize,
     pub flush_timeout: Duration,
+    /// How long the agent may leave sent events unanswered (no headers, no
+    /// ack) before the stream is given up on: `--connect-timeout`.
+    pub answer_timeout: Duration,
     /// Notified when the flush must end at once (SIGTERM after the workload's end).
     pub abandon: Arc<Notify>,
     /// Presented on every stream.
@@ -482,7 +486,11 @@ async fn stream(
     let mut carried = next;
     let mut goodbye_sent = false;
     let mut tx = Some(tx);
+    // Since when the agent owes an answer to what this stream sent: a peer
+    // that takes events and never answers is given up on, not waited on.
+    let mut owed_since: Option<Instant> = None;
     loop {
+        let sent_before = carried;
         if let Some(sender) = &tx {
             // Send everything available.
             loop {
@@ -510,6 +518,7 @@ async fn stream(
                     }
                     sender.send(message(tracer_message::Message::Goodbye(bye))).await.map_err(|e| e.to_string())?;
                     goodbye_sent = true;
+                    owed_since.get_or_insert_with(Instant::now);
                 }
                 if shared.buffer().events.is_empty() {
                     // End our side and wait for the agent to end its own: then
@@ -518,6 +527,10 @@ async fn stream(
                 }
             }
         }
+        if carried > sent_before {
+            owed_since.get_or_insert_with(Instant::now);
+        }
+        let answer_deadline = owed_since.map(|since| since + options.answer_timeout);
         tokio::select! {
             reply = replies.recv() => match reply {
                 Some(Reply::Headers) => {
@@ -527,6 +540,9 @@ async fn stream(
                     if let Some(sequence) = ack.sequence {
                         take_ack(options, shared, sequence, carried, progress);
                     }
+                    // Answered; what is still unacknowledged is owed from now.
+                    let outstanding = shared.buffer().events.front().is_some_and(|(s, _, _)| *s < carried);
+                    owed_since = outstanding.then(Instant::now);
                 }
                 // A Welcome, or a message of a later protocol: nothing to act on.
                 Some(Reply::Message(_)) => {}
@@ -537,7 +553,17 @@ async fn stream(
             },
             _ = shared.wake.notified(), if tx.is_some() => {}
             Ok(()) = goodbye.changed(), if tx.is_some() => {}
+            () = sleep_until_some(answer_deadline), if tx.is_some() => {
+                return Err(format!("no answer from the agent within {:?} of sending it events", options.answer_timeout));
+            }
         }
+    }
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -83,6 +83,7 @@ pub fn run(options: TraceOptions) -> Result<i32, ExitError> {
         hello: context::hello(&options.command),
         capacity: agent.buffer_events,
         flush_timeout: agent.flush_timeout,
+        answer_timeout: agent.connect_timeout,
         abandon: Arc::clone(&stop_flush),
         credentials: agent.credentials.clone(),
     });
