@@ -99,11 +99,9 @@ impl Ranges {
                 end = end.max(before_end);
             }
         }
-        let touching: Vec<u64> = self.0.range(start..=end.saturating_add(1)).map(|(&s, _)| s).collect();
-        for key in touching {
-            if let Some(other_end) = self.0.remove(&key) {
-                end = end.max(other_end);
-            }
+        while let Some((&key, &other_end)) = self.0.range(start..=end.saturating_add(1)).next() {
+            self.0.remove(&key);
+            end = end.max(other_end);
         }
         self.0.insert(start, end);
     }
@@ -468,12 +466,24 @@ impl Output {
 /// records them in `added`.
 fn select_new_lines(known: Option<&Ranges>, added: &mut Ranges, write: &Write, out: &mut Vec<u8>) {
     let mut start = 0;
+    // New sequences one after another, recorded as one range.
+    let mut run: Option<(u64, u64)> = None;
     for (&sequence, &end) in write.sequences.iter().zip(&write.ends) {
         if !known.is_some_and(|k| k.contains(sequence)) && !added.contains(sequence) {
-            added.insert(sequence, sequence);
             out.extend_from_slice(&write.lines[start..end]);
+            run = match run {
+                Some((first, last)) if last.checked_add(1) == Some(sequence) => Some((first, sequence)),
+                Some((first, last)) => {
+                    added.insert(first, last);
+                    Some((sequence, sequence))
+                }
+                None => Some((sequence, sequence)),
+            };
         }
         start = end;
+    }
+    if let Some((first, last)) = run {
+        added.insert(first, last);
     }
 }
 
