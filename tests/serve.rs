@@ -1082,7 +1082,7 @@ mod auth {
     }
 
     #[test]
-    fn the_output_file_and_the_socket_are_for_their_owner() {
+    fn the_output_files_and_the_socket_are_for_their_owner() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
@@ -1090,6 +1090,12 @@ mod auth {
         let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode(&output_path(&dir)), 0o600);
         assert_eq!(mode(&socket), 0o660);
+        let address = format!("unix:{}", socket.display());
+        let mut trace = traced(&address, &[], &["true"]);
+        let child = trace.spawn();
+        let run = trace.finish(child);
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        assert_eq!(mode(&trace.events_path()), 0o600, "the tracer's --events-file");
         assert_eq!(sidecar.stop(), Some(0));
     }
 }

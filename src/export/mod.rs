@@ -11,6 +11,7 @@ mod jsonl;
 mod verbose;
 
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
@@ -141,8 +142,11 @@ impl Exporters {
     pub fn start(outputs: Outputs) -> io::Result<(EventSink, Option<Exporters>)> {
         let mut sinks = Vec::new();
         if let Some(path) = &outputs.events_file {
-            let file = std::fs::File::create(path)
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot create events file {}: {e}", path.display())))?;
+            // Exec events carry environment variables: for the owner only.
+            let file =
+                std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(
+                    |e| io::Error::new(e.kind(), format!("cannot create events file {}: {e}", path.display())),
+                )?;
             sinks.push(Sink::JsonLines(jsonl::Writer::new(file)));
         }
         if outputs.verbose {
