@@ -143,13 +143,29 @@ fn never_answer(connection: &mut TcpStream) {
 
 #[test]
 fn a_peer_that_takes_events_and_never_answers_is_given_up_on_and_retried() {
+    assert_given_up_on_and_retried("");
+}
+
+#[test]
+fn a_peer_that_stops_reading_is_given_up_on_and_retried() {
+    // Exec events of 125 KiB each: more than the peer's HTTP/2 window, which
+    // it never opens, so that the tracer's sends wait on it.
+    let big =
+        "a=$(head -c 350 /dev/zero | tr '\\0' x); i=0; while [ $i -lt 356 ]; do set -- \"$@\" $a; i=$((i+1)); done; \
+               j=0; while [ $j -lt 10 ]; do /bin/true \"$@\"; j=$((j+1)); done; ";
+    assert_given_up_on_and_retried(big);
+}
+
+/// Runs `prelude`, then events until a never-answering peer has seen a
+/// second connection: the tracer gave the first up.
+fn assert_given_up_on_and_retried(prelude: &str) {
     let peer = Peer::start(never_answer);
     let dir = tempfile::tempdir().unwrap();
     let go = dir.path().join("go");
-    // The workload runs until the peer has seen a second connection.
-    let script = format!("while [ ! -e {} ]; do sleep 0.05; done; exit 2", go.display());
+    let script = format!("{prelude}while [ ! -e {} ]; do sleep 0.05; done; exit 2", go.display());
     let flags = ["--async", "--connect-timeout", "300ms", "--flush-timeout", "300ms"];
     let mut trace = traced(&peer.address, &flags, &["sh", "-c", &script]);
+    trace.command().env_clear().env("PATH", "/usr/bin:/bin");
     let child = trace.spawn();
     let started = Instant::now();
     while *peer.connections.lock().unwrap() < 2 {
@@ -161,7 +177,7 @@ fn a_peer_that_takes_events_and_never_answers_is_given_up_on_and_retried() {
     assert_eq!(run.code(), Some(2), "{}", run.stderr);
     let failures = said(&run, &format!("stream to the agent at {} failed", peer.address));
     assert!(
-        failures[0].ends_with("failed: no answer from the agent within 300ms of sending it events; retrying"),
+        failures[0].ends_with("failed: no answer from the agent within 1s of sending it events; retrying"),
         "{}",
         run.stderr
     );

@@ -46,6 +46,9 @@ const BUFFER_BYTES: usize = 32 << 20;
 /// do not come back together.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The least time the agent has to acknowledge events, whatever
+/// `--connect-timeout` says (0 there means "do not hold the workload").
+const MIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 /// The version of `service.proto` this tracer speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -486,12 +489,21 @@ async fn stream(
     let mut carried = next;
     let mut goodbye_sent = false;
     let mut tx = Some(tx);
-    // Since when the agent owes an answer to what this stream sent: a peer
-    // that takes events and never answers is given up on, not waited on.
+    // Since when the agent owes an ack for events this stream sent: a peer
+    // that takes events and never answers is given up on, not waited on
+    // (a send that waits for it to read is bounded the same way).
     let mut owed_since: Option<Instant> = None;
+    let answer_timeout = options.answer_timeout.max(MIN_ANSWER_TIMEOUT);
+    let no_answer = || format!("no answer from the agent within {answer_timeout:?} of sending it events");
     loop {
-        let sent_before = carried;
         if let Some(sender) = &tx {
+            let send = |message, owed_since: Option<Instant>| async move {
+                let sent = match owed_since {
+                    Some(since) => tokio::time::timeout_at(since + answer_timeout, sender.send(message)).await,
+                    None => Ok(sender.send(message).await),
+                };
+                sent.map_err(|_| no_answer())?.map_err(|e| e.to_string())
+            };
             // Send everything available.
             loop {
                 let (losses, batch) = {
@@ -501,14 +513,15 @@ async fn stream(
                 for (first, last) in losses {
                     carried = carried.max(last + 1);
                     let loss = Loss { first_sequence: first, last_sequence: last };
-                    sender.send(message(tracer_message::Message::Loss(loss))).await.map_err(|e| e.to_string())?;
+                    send(message(tracer_message::Message::Loss(loss)), owed_since).await?;
                 }
                 let Some(&(first_sequence, _)) = batch.first() else { break };
                 next = batch.last().map_or(next, |(s, _)| s + 1);
                 carried = carried.max(next);
+                owed_since.get_or_insert_with(Instant::now);
                 let events = batch.into_iter().map(|(_, e)| e).collect();
-                let batch = EventBatch { first_sequence, events };
-                sender.send(message(tracer_message::Message::Batch(batch))).await.map_err(|e| e.to_string())?;
+                send(message(tracer_message::Message::Batch(EventBatch { first_sequence, events })), owed_since)
+                    .await?;
             }
             let bye = *goodbye.borrow();
             if let Some(mut bye) = bye {
@@ -516,9 +529,8 @@ async fn stream(
                     if let Some(counters) = bye.counters.as_mut() {
                         counters.reconnects = progress.connections.saturating_sub(1);
                     }
-                    sender.send(message(tracer_message::Message::Goodbye(bye))).await.map_err(|e| e.to_string())?;
+                    send(message(tracer_message::Message::Goodbye(bye)), owed_since).await?;
                     goodbye_sent = true;
-                    owed_since.get_or_insert_with(Instant::now);
                 }
                 if shared.buffer().events.is_empty() {
                     // End our side and wait for the agent to end its own: then
@@ -527,10 +539,7 @@ async fn stream(
                 }
             }
         }
-        if carried > sent_before {
-            owed_since.get_or_insert_with(Instant::now);
-        }
-        let answer_deadline = owed_since.map(|since| since + options.answer_timeout);
+        let answer_deadline = owed_since.map(|since| since + answer_timeout);
         tokio::select! {
             reply = replies.recv() => match reply {
                 Some(Reply::Headers) => {
@@ -540,8 +549,8 @@ async fn stream(
                     if let Some(sequence) = ack.sequence {
                         take_ack(options, shared, sequence, carried, progress);
                     }
-                    // Answered; what is still unacknowledged is owed from now.
-                    let outstanding = shared.buffer().events.front().is_some_and(|(s, _, _)| *s < carried);
+                    // Answered; what is sent and still unacknowledged is owed from now.
+                    let outstanding = shared.buffer().events.front().is_some_and(|(s, _, _)| *s < next);
                     owed_since = outstanding.then(Instant::now);
                 }
                 // A Welcome, or a message of a later protocol: nothing to act on.
@@ -553,9 +562,7 @@ async fn stream(
             },
             _ = shared.wake.notified(), if tx.is_some() => {}
             Ok(()) = goodbye.changed(), if tx.is_some() => {}
-            () = sleep_until_some(answer_deadline), if tx.is_some() => {
-                return Err(format!("no answer from the agent within {:?} of sending it events", options.answer_timeout));
-            }
+            () = sleep_until_some(answer_deadline), if tx.is_some() => return Err(no_answer()),
         }
     }
 }
