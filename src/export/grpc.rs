@@ -461,6 +461,80 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// What one stream has sent and is owed.
+struct Sent {
+    /// The next event to send.
+    next: u64,
+    /// One past the last sequence this stream carried (events and losses):
+    /// an ack may not reach it. What is before the resend start was
+    /// acknowledged already, so an ack of it changes nothing.
+    carried: u64,
+    /// Since when the agent owes an ack for events this stream sent: a peer
+    /// that takes events and never answers is given up on, not waited on.
+    owed_since: Option<Instant>,
+    answer_timeout: Duration,
+}
+
+impl Sent {
+    fn answer_deadline(&self) -> Option<Instant> {
+        self.owed_since.map(|since| since + self.answer_timeout)
+    }
+
+    fn no_answer(&self) -> String {
+        format!("no answer from the agent within {:?} of sending it events", self.answer_timeout)
+    }
+
+    /// Sends, waiting for the agent to read at most until the answer deadline.
+    async fn send(&self, sender: &mpsc::Sender<TracerMessage>, message: tracer_message::Message) -> Result<(), String> {
+        let message = TracerMessage { message: Some(message) };
+        let sent = match self.answer_deadline() {
+            Some(deadline) => tokio::time::timeout_at(deadline, sender.send(message)).await,
+            None => Ok(sender.send(message).await),
+        };
+        sent.map_err(|_| self.no_answer())?.map_err(|e| e.to_string())
+    }
+}
+
+/// What a reply means for the stream.
+enum Flow {
+    Continue,
+    /// Everything is acknowledged and the agent ended its side.
+    Done,
+}
+
+/// Acts on one reply from the agent. `half_closed`: all was acknowledged
+/// after the Goodbye and the tracer ended its side.
+fn on_reply(
+    reply: Option<Reply>,
+    half_closed: bool,
+    sent: &mut Sent,
+    options: &Options,
+    shared: &Shared,
+    connected: &std::sync::mpsc::Sender<()>,
+    progress: &mut Progress,
+) -> Result<Flow, String> {
+    match reply {
+        Some(Reply::Headers) => {
+            let _ = connected.send(());
+        }
+        Some(Reply::Message(AgentMessage { message: Some(agent_message::Message::Ack(ack)) })) => {
+            if let Some(sequence) = ack.sequence {
+                take_ack(options, shared, sequence, sent.carried, progress);
+            }
+            // Answered; what is sent and still unacknowledged is owed from now.
+            let outstanding = shared.buffer().events.front().is_some_and(|(s, _, _)| *s < sent.next);
+            sent.owed_since = outstanding.then(Instant::now);
+        }
+        // A Welcome, or a message of a later protocol: nothing to act on.
+        Some(Reply::Message(_)) => {}
+        // All is acknowledged: however the agent ends, nothing is left to send.
+        Some(Reply::Ended | Reply::Failed(_)) | None if half_closed => return Ok(Flow::Done),
+        Some(Reply::Ended) | None => return Err("closed by the agent".into()),
+        Some(Reply::Failed(error)) => return Err(error),
+    }
+    Ok(Flow::Continue)
+}
+
 /// One connection: Hello, then everything unacknowledged, then new events
 /// as they come; the Goodbye once the workload is gone. Ok when all is
 /// acknowledged after the Goodbye and the agent ended its side.
@@ -474,54 +548,42 @@ async fn stream(
 ) -> Result<(), String> {
     let (tx, rx) = mpsc::channel::<TracerMessage>(16);
     let (replies_tx, mut replies) = mpsc::channel(16);
-    let message = |m| TracerMessage { message: Some(m) };
-    tx.send(message(tracer_message::Message::Hello(options.hello.clone()))).await.map_err(|e| e.to_string())?;
+    let hello = TracerMessage { message: Some(tracer_message::Message::Hello(options.hello.clone())) };
+    tx.send(hello).await.map_err(|e| e.to_string())?;
     let _reader = AbortOnDrop(tokio::spawn(read_replies(channel, options.credentials.token.clone(), rx, replies_tx)));
     // Resend from the oldest unacknowledged event, and every loss not known heard.
-    let mut next = {
+    let start = {
         let mut buffer = shared.buffer();
         buffer.announced = 0;
         buffer.resend_start()
     };
-    // One past the last sequence this stream carried (events and losses):
-    // an ack may not reach it. What is before the resend start was
-    // acknowledged already, so an ack of it changes nothing.
-    let mut carried = next;
+    let answer_timeout = options.answer_timeout.max(MIN_ANSWER_TIMEOUT);
+    let mut sent = Sent { next: start, carried: start, owed_since: None, answer_timeout };
     let mut goodbye_sent = false;
     let mut tx = Some(tx);
-    // Since when the agent owes an ack for events this stream sent: a peer
-    // that takes events and never answers is given up on, not waited on
-    // (a send that waits for it to read is bounded the same way).
-    let mut owed_since: Option<Instant> = None;
-    let answer_timeout = options.answer_timeout.max(MIN_ANSWER_TIMEOUT);
-    let no_answer = || format!("no answer from the agent within {answer_timeout:?} of sending it events");
     loop {
         if let Some(sender) = &tx {
-            let send = |message, owed_since: Option<Instant>| async move {
-                let sent = match owed_since {
-                    Some(since) => tokio::time::timeout_at(since + answer_timeout, sender.send(message)).await,
-                    None => Ok(sender.send(message).await),
-                };
-                sent.map_err(|_| no_answer())?.map_err(|e| e.to_string())
-            };
-            // Send everything available.
+            // Send everything available; acks that came meanwhile first, so
+            // that an agent slow to read but answering is not given up on.
             loop {
+                while let Ok(reply) = replies.try_recv() {
+                    on_reply(Some(reply), false, &mut sent, options, shared, connected, progress)?;
+                }
                 let (losses, batch) = {
                     let mut buffer = shared.buffer();
-                    (buffer.take_unannounced_losses(), buffer.batch_from(next))
+                    (buffer.take_unannounced_losses(), buffer.batch_from(sent.next))
                 };
                 for (first, last) in losses {
-                    carried = carried.max(last + 1);
+                    sent.carried = sent.carried.max(last + 1);
                     let loss = Loss { first_sequence: first, last_sequence: last };
-                    send(message(tracer_message::Message::Loss(loss)), owed_since).await?;
+                    sent.send(sender, tracer_message::Message::Loss(loss)).await?;
                 }
                 let Some(&(first_sequence, _)) = batch.first() else { break };
-                next = batch.last().map_or(next, |(s, _)| s + 1);
-                carried = carried.max(next);
-                owed_since.get_or_insert_with(Instant::now);
+                sent.next = batch.last().map_or(sent.next, |(s, _)| s + 1);
+                sent.carried = sent.carried.max(sent.next);
+                sent.owed_since.get_or_insert_with(Instant::now);
                 let events = batch.into_iter().map(|(_, e)| e).collect();
-                send(message(tracer_message::Message::Batch(EventBatch { first_sequence, events })), owed_since)
-                    .await?;
+                sent.send(sender, tracer_message::Message::Batch(EventBatch { first_sequence, events })).await?;
             }
             let bye = *goodbye.borrow();
             if let Some(mut bye) = bye {
@@ -529,7 +591,7 @@ async fn stream(
                     if let Some(counters) = bye.counters.as_mut() {
                         counters.reconnects = progress.connections.saturating_sub(1);
                     }
-                    send(message(tracer_message::Message::Goodbye(bye)), owed_since).await?;
+                    sent.send(sender, tracer_message::Message::Goodbye(bye)).await?;
                     goodbye_sent = true;
                 }
                 if shared.buffer().events.is_empty() {
@@ -539,30 +601,15 @@ async fn stream(
                 }
             }
         }
-        let answer_deadline = owed_since.map(|since| since + answer_timeout);
         tokio::select! {
-            reply = replies.recv() => match reply {
-                Some(Reply::Headers) => {
-                    let _ = connected.send(());
+            reply = replies.recv() => {
+                if let Flow::Done = on_reply(reply, tx.is_none(), &mut sent, options, shared, connected, progress)? {
+                    return Ok(());
                 }
-                Some(Reply::Message(AgentMessage { message: Some(agent_message::Message::Ack(ack)) })) => {
-                    if let Some(sequence) = ack.sequence {
-                        take_ack(options, shared, sequence, carried, progress);
-                    }
-                    // Answered; what is sent and still unacknowledged is owed from now.
-                    let outstanding = shared.buffer().events.front().is_some_and(|(s, _, _)| *s < next);
-                    owed_since = outstanding.then(Instant::now);
-                }
-                // A Welcome, or a message of a later protocol: nothing to act on.
-                Some(Reply::Message(_)) => {}
-                // All is acknowledged: however the agent ends, nothing is left to send.
-                Some(Reply::Ended | Reply::Failed(_)) | None if tx.is_none() => return Ok(()),
-                Some(Reply::Ended) | None => return Err("closed by the agent".into()),
-                Some(Reply::Failed(error)) => return Err(error),
-            },
+            }
             _ = shared.wake.notified(), if tx.is_some() => {}
             Ok(()) = goodbye.changed(), if tx.is_some() => {}
-            () = sleep_until_some(answer_deadline), if tx.is_some() => return Err(no_answer()),
+            () = sleep_until_some(sent.answer_deadline()), if tx.is_some() => return Err(sent.no_answer()),
         }
     }
 }
