@@ -60,7 +60,7 @@ async fn session(agent: String, corpus: Vec<proto::Event>, index: usize, events:
     loop {
         let reply = acks.message().await.map_err(|e| e.to_string())?.ok_or("the agent ended the stream early")?;
         if let Some(agent_message::Message::Ack(ack)) = reply.message {
-            if ack.sequence >= last {
+            if ack.sequence.is_some_and(|s| s >= last) {
                 break;
             }
         }

@@ -44,9 +44,31 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5678")]
     pub listen: String,
 
-    /// Append events to PATH (default: stdout).
+    /// Append events to PATH (default: stdout; a new file is created 0600).
     #[arg(long, value_name = "PATH")]
     pub output: Option<PathBuf>,
+
+    /// Require this shared token of every tracer stream (default: from
+    /// DD_CWS_INSTRUMENTATION_AUTH_TOKEN, else none).
+    #[arg(long, value_name = "PATH")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// On a unix socket, take streams only from processes of these user ids
+    /// (SO_PEERCRED); repeat or separate with commas.
+    #[arg(long, value_name = "UID", value_delimiter = ',')]
+    pub allow_uid: Vec<u32>,
+
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require of every client a certificate from this authority (PEM).
+    #[arg(long, value_name = "PATH")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// A duration as the command line writes it: "10s", "1.5s", "500ms".
@@ -115,6 +137,24 @@ pub struct TraceArgs {
     /// How long to wait at exit for the agent to acknowledge the last events.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub flush_timeout: Duration,
+
+    /// Present this shared token to the agent (default: from
+    /// DD_CWS_INSTRUMENTATION_AUTH_TOKEN, which the workload does not inherit).
+    #[arg(long, value_name = "PATH")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// Connect to the agent over TLS, its certificate checked against this
+    /// authority (PEM). TCP only.
+    #[arg(long, value_name = "PATH")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// A client certificate (PEM) for an agent that requires one; needs --tls-key and --tls-ca.
+    #[arg(long, value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
 
     /// Events kept for the agent until acknowledged (and at most 32 MiB of
     /// them); beyond that, new events are dropped and the loss reported.

@@ -46,6 +46,7 @@ pub fn hello(entrypoint: &[std::ffi::OsString]) -> Hello {
     let env = |name| std::env::var(name).unwrap_or_default();
     Hello {
         tracer_version: env!("CARGO_PKG_VERSION").to_owned(),
+        protocol_version: crate::proto::PROTOCOL_VERSION,
         session_id: session_id(),
         mode: Mode::Wrapped as i32,
         pid_namespace: std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino()),

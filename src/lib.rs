@@ -8,7 +8,8 @@
 //! the binary into a volume shared with the application container.
 //!
 //! The modules form layers, each importing only lower ones:
-//! - bottom: [`proto`] (the event model), [`log`], [`exit`], [`address`], [`cli`];
+//! - bottom: [`proto`] (the event model), [`log`], [`exit`], [`address`], [`cli`],
+//!   [`auth`] (the token and TLS between tracer and agent);
 //! - [`queue`]: the bounded queue between the tracer and the exporters;
 //! - [`trace`]: the engine (one thread owns every ptrace call);
 //!   [`context`] and [`ecs`]: who is tracing what, for the agent;
@@ -20,6 +21,7 @@
 //! ARCHITECTURE.md maps the code and states its invariants.
 
 pub mod address;
+pub mod auth;
 pub mod cli;
 pub mod command;
 pub mod context;

@@ -12,6 +12,9 @@ pub use generated::*;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// The version of `service.proto` this build speaks (Hello and Welcome).
+pub const PROTOCOL_VERSION: u32 = 1;
+
 /// A wall-clock time as the protobuf well-known type.
 pub fn timestamp(time: SystemTime) -> pbjson_types::Timestamp {
     let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();

@@ -178,6 +178,9 @@ struct Commands {
     init: Vec<String>,
     sidecar: Vec<String>,
     app: Vec<String>,
+    /// Environment variables the sidecar and the app get from a secret.
+    sidecar_secrets: Vec<String>,
+    app_secrets: Vec<String>,
 }
 
 fn strings(value: &Value) -> Vec<String> {
@@ -190,10 +193,15 @@ fn ecs_commands() -> Commands {
     let task: Value = serde_json::from_str(&text).unwrap();
     let containers = task["containerDefinitions"].as_array().unwrap();
     let named = |name: &str| containers.iter().find(|c| c["name"] == name).unwrap();
+    let secrets = |name: &str| -> Vec<String> {
+        named(name)["secrets"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_owned()).collect()
+    };
     Commands {
         init: strings(&named("cws-instrumentation-init")["command"]),
         sidecar: strings(&named("cws-agent")["command"]),
         app: strings(&named("<YOUR_APP_NAME>")["entryPoint"]),
+        sidecar_secrets: secrets("cws-agent"),
+        app_secrets: secrets("<YOUR_APP_NAME>"),
     }
 }
 
@@ -202,13 +210,19 @@ fn eks_commands() -> Commands {
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/eks-deployment.yaml")).unwrap();
     let deployment: Value = serde_yaml::from_str(&text).unwrap();
     let spec = &deployment["spec"]["template"]["spec"];
-    let named = |list: &str, name: &str| {
-        spec[list].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap()["command"].clone()
+    let container = |list: &str, name: &str| spec[list].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap();
+    let named = |list: &str, name: &str| container(list, name)["command"].clone();
+    let secrets = |name: &str| -> Vec<String> {
+        let env = container("containers", name)["env"].as_array().unwrap();
+        let from_secret = env.iter().filter(|e| !e["valueFrom"]["secretKeyRef"].is_null());
+        from_secret.map(|e| e["name"].as_str().unwrap().to_owned()).collect()
     };
     Commands {
         init: strings(&named("initContainers", "cws-instrumentation-init")),
         sidecar: strings(&named("containers", "cws-agent")),
         app: strings(&named("containers", "<YOUR_APP_NAME>")),
+        sidecar_secrets: secrets("cws-agent"),
+        app_secrets: secrets("<YOUR_APP_NAME>"),
     }
 }
 
@@ -220,6 +234,13 @@ fn run_flow(commands: Commands) {
     assert_eq!(commands.init, ["/cws-instrumentation", "setup", "--cws-volume-mount", "/cws-instrumentation-volume"]);
     assert_eq!(commands.app, ["/cws-instrumentation-volume/cws-instrumentation", "trace", "--", "<ENTRYPOINT>"]);
     assert_eq!(commands.sidecar, ["/cws-instrumentation", "serve", "--listen", "127.0.0.1:5678"]);
+    // Both ends get the shared token from the same secret.
+    let token_env = ["DD_CWS_INSTRUMENTATION_AUTH_TOKEN"];
+    assert_eq!(
+        (&commands.sidecar_secrets, &commands.app_secrets),
+        (&token_env.map(String::from).to_vec(), &token_env.map(String::from).to_vec())
+    );
+    let token = "deploy-test-token";
 
     let volume = tempfile::tempdir().unwrap();
     let init = Command::new(binary())
@@ -234,6 +255,7 @@ fn run_flow(commands: Commands) {
 
     let mut sidecar = Command::new(binary())
         .args(&commands.sidecar[1..])
+        .env(token_env[0], token)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -249,6 +271,7 @@ fn run_flow(commands: Commands) {
     app.extend(["sh", "-c", "cat /etc/hostname >/dev/null; exit 6"].map(String::from));
     let child = Command::new(&entrypoint)
         .args(&app)
+        .env(token_env[0], token)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -12,6 +12,7 @@ use common::{binary, Trace, DEADLINE};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// A running sidecar and its log lines.
 struct Sidecar {
@@ -30,13 +31,16 @@ impl Drop for Sidecar {
 
 impl Sidecar {
     fn start(listen: &str, output: &Path) -> Sidecar {
-        let mut child = Command::new(binary())
-            .args(["serve", "--listen", listen, "--output"])
-            .arg(output)
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        Sidecar::start_with(listen, output, |_| {})
+    }
+
+    /// With more flags or environment, set by `configure`.
+    fn start_with(listen: &str, output: &Path, configure: impl FnOnce(&mut Command)) -> Sidecar {
+        let mut command = Command::new(binary());
+        command.args(["serve", "--listen", listen, "--output"]).arg(output);
+        command.stdin(Stdio::null()).stderr(Stdio::piped());
+        configure(&mut command);
+        let mut child = command.spawn().unwrap();
         let (tx, log) = std::sync::mpsc::channel();
         let stderr = BufReader::new(child.stderr.take().unwrap());
         std::thread::spawn(move || {
@@ -299,6 +303,59 @@ fn a_large_backlog_is_sent_in_batches_the_sidecar_accepts() {
 }
 
 #[test]
+fn events_dropped_for_a_full_buffer_are_announced_and_the_rest_keep_their_numbers() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let address = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // Events while no agent listens (most dropped: the buffer holds 5), then
+    // more once the agent has acknowledged the first and made room.
+    let script = format!(
+        "cat /etc/hostname >/dev/null; while [ ! -e {go} ]; do sleep 0.05; done; cat /etc/passwd >/dev/null",
+        go = go.display()
+    );
+    let flags = ["--async", "--buffer-events", "5", "--flush-timeout", "60s"];
+    let mut trace = traced(&address, &flags, &["sh", "-c", &script]);
+    let child = trace.spawn();
+    // Wait until the buffer has overflowed: its events file shows more than 5 events.
+    let started = Instant::now();
+    while std::fs::read_to_string(trace.events_path()).unwrap_or_default().lines().count() < 20 {
+        assert!(started.elapsed() < DEADLINE, "the workload made no events");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let output = output_path(&dir);
+    let mut sidecar = Sidecar::start(&address, &output);
+    // The log up to the goodbye, every loss the sidecar heard of in it.
+    let mut logged = vec![sidecar.wait_for("the tracer dropped events 5..=")];
+    std::fs::write(&go, "").unwrap();
+    let run = trace.finish(child);
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    while !logged.last().unwrap().contains("goodbye") {
+        logged.push(sidecar.log.recv_timeout(DEADLINE).expect("a goodbye"));
+    }
+    assert_eq!(sidecar.stop(), Some(0));
+    let mut lost = Vec::new();
+    for line in &logged {
+        if let Some(range) = line.split("the tracer dropped events ").nth(1) {
+            let (first, last) = range.split_once("..=").unwrap();
+            lost.push((first.parse::<u64>().unwrap(), last.parse::<u64>().unwrap()));
+        }
+    }
+    let is_lost = |s: u64| lost.iter().any(|&(first, last)| (first..=last).contains(&s));
+    let lines = read_lines(&output);
+    let sequences: Vec<u64> = lines.iter().map(|l| l["sequence"].as_u64().unwrap()).collect();
+    let expected: Vec<u64> = (0..run.events.len() as u64).filter(|&s| !is_lost(s)).collect();
+    assert_eq!(sequences, expected, "what was not announced lost was delivered, once\n{}", run.stderr);
+    assert!(sequences.iter().any(|&s| s > lost[0].1), "events after the first gap were delivered: {sequences:?}");
+    // Each line is the event of its sequence, across the gaps too.
+    let session = sessions(&lines)[0].clone();
+    let numbered: Vec<Value> = expected.iter().map(|&s| run.events[s as usize].clone()).collect();
+    assert_eq!(session_events(&lines, &session), numbered);
+    let dropped = format!("{} events were not delivered", run.events.len() - expected.len());
+    assert!(run.stderr.contains(&dropped), "{}", run.stderr);
+}
+
+#[test]
 fn a_backlog_of_large_events_stays_within_the_memory_bound() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     // 600 execs with 356 arguments of 350 bytes: about 75 MiB of events
@@ -328,26 +385,58 @@ fn a_backlog_of_large_events_stays_within_the_memory_bound() {
 mod raw_client {
     use super::*;
     use cws_instrumentation::proto::event_service_client::EventServiceClient;
-    use cws_instrumentation::proto::{tracer_message, EventBatch, Hello, TracerMessage};
+    use cws_instrumentation::proto::{agent_message, tracer_message, AgentMessage, EventBatch, Hello, TracerMessage};
 
-    /// Sends `messages` on one stream; returns how the sidecar answered.
-    fn exchange(address: &str, messages: Vec<TracerMessage>) -> Result<usize, String> {
+    /// Sends `messages` on one stream, then ends it; returns the sequences
+    /// the sidecar acknowledged, or the status it ended the stream with.
+    fn exchange(address: &str, messages: Vec<TracerMessage>) -> Result<Vec<u64>, String> {
+        exchange_acks(address, messages).map_err(|(_, status)| status)
+    }
+
+    /// As `exchange`, with the acks that came before an error status.
+    fn exchange_acks(address: &str, messages: Vec<TracerMessage>) -> Result<Vec<u64>, (Vec<u64>, String)> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
-            let mut client =
-                EventServiceClient::connect(format!("http://{address}")).await.map_err(|e| e.to_string())?;
+            let mut client = EventServiceClient::connect(format!("http://{address}"))
+                .await
+                .map_err(|e| (Vec::new(), e.to_string()))?;
             client = client.max_encoding_message_size(64 << 20);
             let stream = tokio_stream::iter(messages);
-            let mut replies = client.stream_events(stream).await.map_err(|e| e.message().to_owned())?.into_inner();
-            let mut acks = 0;
+            let mut replies =
+                client.stream_events(stream).await.map_err(|e| (Vec::new(), e.message().to_owned()))?.into_inner();
+            let mut acks = Vec::new();
             loop {
                 match replies.message().await {
-                    Ok(Some(_)) => acks += 1,
+                    Ok(Some(AgentMessage { message: Some(agent_message::Message::Ack(ack)) })) => {
+                        acks.push(ack.sequence.expect("an explicit sequence"))
+                    }
+                    Ok(Some(_)) => {}
                     Ok(None) => return Ok(acks),
-                    Err(status) => return Err(status.message().to_owned()),
+                    Err(status) => return Err((acks, format!("{:?}: {}", status.code(), status.message()))),
                 }
             }
         })
+    }
+
+    fn hello(session: &str) -> TracerMessage {
+        TracerMessage {
+            message: Some(tracer_message::Message::Hello(Hello { session_id: session.into(), ..Default::default() })),
+        }
+    }
+
+    /// `events` small open events numbered from `first_sequence`.
+    fn batch_from(first_sequence: u64, events: usize) -> TracerMessage {
+        let mut message = batch(events, 10);
+        if let Some(tracer_message::Message::Batch(batch)) = &mut message.message {
+            batch.first_sequence = first_sequence;
+        }
+        message
+    }
+
+    /// The sequences of `session` in the sidecar's output, in file order.
+    fn sequences_of(output: &Path, session: &str) -> Vec<u64> {
+        let lines = read_lines(output);
+        lines.iter().filter(|l| l["session_id"] == session).map(|l| l["sequence"].as_u64().unwrap()).collect()
     }
 
     fn batch(events: usize, path_len: usize) -> TracerMessage {
@@ -367,18 +456,8 @@ mod raw_client {
     fn a_restarted_sidecar_writes_nothing_its_output_already_holds() {
         let dir = tempfile::tempdir().unwrap();
         let output = output_path(&dir);
-        let hello = || TracerMessage {
-            message: Some(tracer_message::Message::Hello(Hello { session_id: "s".into(), ..Default::default() })),
-        };
-        let batch_from = |first_sequence, events| {
-            let mut message = batch(events, 10);
-            if let Some(tracer_message::Message::Batch(batch)) = &mut message.message {
-                batch.first_sequence = first_sequence;
-            }
-            message
-        };
         let mut sidecar = Sidecar::start("127.0.0.1:0", &output);
-        assert_eq!(exchange(&sidecar.address, vec![hello(), batch_from(0, 10)]), Ok(1));
+        assert_eq!(exchange(&sidecar.address, vec![hello("s"), batch_from(0, 10)]), Ok(vec![9]));
         assert_eq!(sidecar.stop(), Some(0));
         // As if the sidecar had died in the middle of a line.
         let mut file = std::fs::OpenOptions::new().append(true).open(&output).unwrap();
@@ -386,7 +465,7 @@ mod raw_client {
 
         let mut sidecar = Sidecar::start("127.0.0.1:0", &output);
         // The tracer resends 5..=9, which were written, with 10..=14.
-        assert_eq!(exchange(&sidecar.address, vec![hello(), batch_from(5, 10)]), Ok(1));
+        assert_eq!(exchange(&sidecar.address, vec![hello("s"), batch_from(5, 10)]), Ok(vec![14]));
         assert_eq!(sidecar.stop(), Some(0));
         let text = std::fs::read_to_string(&output).unwrap();
         let sequences: Vec<u64> = text
@@ -402,15 +481,12 @@ mod raw_client {
         let mut sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
         // No Hello first.
         let refused = exchange(&sidecar.address, vec![batch(1, 10)]);
-        assert_eq!(refused, Err("the first message must be a Hello".to_owned()));
+        assert_eq!(refused, Err("InvalidArgument: the first message must be a Hello".to_owned()));
         sidecar.wait_for("cut off: the first message must be a Hello");
         // A message over the 4 MiB limit, after a proper Hello.
-        let hello = TracerMessage {
-            message: Some(tracer_message::Message::Hello(Hello { session_id: "big".into(), ..Default::default() })),
-        };
-        let too_big = exchange(&sidecar.address, vec![hello, batch(5, 1 << 20)]);
+        let too_big = exchange(&sidecar.address, vec![hello("big"), batch(5, 1 << 20)]);
         assert!(too_big.is_err(), "{too_big:?}");
-        sidecar.wait_for("session big: stream ended");
+        sidecar.wait_for("session \"big\": stream ended");
         // The sidecar serves others as before.
         let run = traced(&sidecar.address, &[], &["sh", "-c", "cat /etc/hostname >/dev/null"]).run();
         sidecar.wait_for("goodbye");
@@ -419,16 +495,180 @@ mod raw_client {
         assert_eq!(sessions(&lines).len(), 1, "nothing was written for the refused peers");
         assert_eq!(session_events(&lines, &sessions(&lines)[0]), run.events);
     }
+
+    #[test]
+    fn batches_out_of_order_or_forged_take_nothing_from_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let output = output_path(&dir);
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output);
+        let address = sidecar.address.clone();
+        // A later batch first, on its own stream; then the earlier one.
+        assert_eq!(exchange(&address, vec![hello("s"), batch_from(10, 10)]), Ok(vec![19]));
+        assert_eq!(exchange(&address, vec![hello("s"), batch_from(0, 10)]), Ok(vec![9]));
+        // A forged batch far ahead in the live session.
+        let far = 1_000_000_000_000;
+        assert_eq!(exchange(&address, vec![hello("s"), batch_from(far, 1)]), Ok(vec![far]));
+        // The session goes on: what it had not sent yet is written, not dropped.
+        assert_eq!(exchange(&address, vec![hello("s"), batch_from(15, 10)]), Ok(vec![24]));
+        assert_eq!(sidecar.stop(), Some(0));
+        let expected: Vec<u64> = (10..20).chain(0..10).chain([far]).chain(20..25).collect();
+        assert_eq!(sequences_of(&output, "s"), expected);
+    }
+
+    #[test]
+    fn a_batch_that_goes_back_on_its_stream_is_refused_after_the_acks_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let output = output_path(&dir);
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output);
+        let refused = exchange_acks(&sidecar.address, vec![hello("s"), batch_from(10, 10), batch_from(0, 10)]);
+        let why = "a batch at 0 goes back: this stream is at 20";
+        assert_eq!(refused, Err((vec![19], format!("InvalidArgument: {why}"))));
+        let logged = sidecar.wait_for("cut off: a batch at 0 goes back");
+        assert!(logged.starts_with("cws-instrumentation: session \"s\" from 127.0.0.1:"), "{logged}");
+        // Sent again on a stream of its own, the batch is written.
+        assert_eq!(exchange(&sidecar.address, vec![hello("s"), batch_from(0, 10)]), Ok(vec![9]));
+        assert_eq!(sidecar.stop(), Some(0));
+        assert_eq!(sequences_of(&output, "s"), (10..20).chain(0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn hostile_session_ids_are_escaped_in_the_log_and_unusable_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let output = output_path(&dir);
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output);
+        let forged = "x\ncws-instrumentation: goodbye: session \"y\" exit code Some(0)";
+        assert_eq!(exchange(&sidecar.address, vec![hello(forged), batch_from(0, 1)]), Ok(vec![0]));
+        let logged = sidecar.wait_for("hello: session ");
+        assert!(logged.starts_with(&format!("cws-instrumentation: hello: session {forged:?} from ")), "{logged}");
+        let unusable = "InvalidArgument: a session id must have 1 to 128 bytes".to_owned();
+        assert_eq!(exchange(&sidecar.address, vec![hello(""), batch_from(0, 1)]), Err(unusable.clone()));
+        assert_eq!(exchange(&sidecar.address, vec![hello(&"x".repeat(129)), batch_from(0, 1)]), Err(unusable));
+        assert_eq!(sidecar.stop(), Some(0));
+        let rest: Vec<String> = sidecar.log.try_iter().collect();
+        assert!(rest.iter().all(|l| l.starts_with("cws-instrumentation: ") && !l.contains("goodbye")), "{rest:#?}");
+        assert_eq!(sequences_of(&output, forged), vec![0], "the id is JSON-escaped in the output");
+        assert_eq!(read_lines(&output).len(), 1);
+    }
+
+    /// A Hello whose session id is not UTF-8: what a decoder must refuse.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RawHello {
+        #[prost(bytes = "vec", tag = "2")]
+        session_id: Vec<u8>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RawTracerMessage {
+        #[prost(message, optional, tag = "1")]
+        hello: Option<RawHello>,
+    }
+
+    #[test]
+    fn an_undecodable_hello_gets_an_error_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let status = runtime.block_on(async {
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", sidecar.address)).unwrap();
+            let mut grpc = tonic::client::Grpc::new(endpoint.connect().await.unwrap());
+            grpc.ready().await.unwrap();
+            let hello = RawTracerMessage { hello: Some(RawHello { session_id: b"\xff\xfe".to_vec() }) };
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static("/cws.v1.EventService/StreamEvents");
+            let codec = tonic_prost::ProstCodec::<RawTracerMessage, AgentMessage>::default();
+            let request = tonic::Request::new(tokio_stream::iter(vec![hello]));
+            let mut replies = grpc.streaming(request, path, codec).await.unwrap().into_inner();
+            match replies.message().await {
+                Ok(Some(reply)) => panic!("an answer to an undecodable Hello: {reply:?}"),
+                Ok(None) => panic!("the stream ended with OK"),
+                Err(status) => status,
+            }
+        });
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with("undecodable first message: "), "{status:?}");
+        sidecar.wait_for("cut off: undecodable first message");
+        assert_eq!(sidecar.stop(), Some(0));
+        assert!(read_lines(&output_path(&dir)).is_empty());
+    }
+
+    #[test]
+    fn an_output_that_cannot_be_written_turns_health_to_not_serving_and_streams_to_unavailable() {
+        // /dev/full: every write fails with ENOSPC.
+        let mut sidecar = Sidecar::start("127.0.0.1:0", Path::new("/dev/full"));
+        let refused = exchange(&sidecar.address, vec![hello("s"), batch_from(0, 3)]);
+        assert_eq!(refused, Err("Unavailable: cannot write events: No space left on device (os error 28)".to_owned()));
+        sidecar
+            .wait_for("cannot write events to /dev/full: No space left on device (os error 28); batches are refused");
+        assert_eq!(health_of(&sidecar.address), [ServingStatus::NotServing, ServingStatus::NotServing]);
+        assert_eq!(sidecar.stop(), Some(1), "the output was failing when it stopped");
+    }
+
+    /// A small tmpfs, unmounted when dropped.
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        /// None (and why, on stderr) where mounting is not allowed.
+        fn mount(size: &str) -> Option<Tmpfs> {
+            let dir = tempfile::tempdir().unwrap();
+            let status = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+                .arg(dir.path())
+                .stderr(Stdio::null())
+                .status();
+            if !status.is_ok_and(|s| s.success()) {
+                eprintln!("skipped: cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)");
+                return None;
+            }
+            Some(Tmpfs(dir))
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+        }
+    }
+
+    /// Fills the filesystem of `dir` with one file; returns its path.
+    fn fill(dir: &Path) -> PathBuf {
+        let path = dir.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![b'f'; 1024];
+        while file.write_all(&chunk).is_ok() {}
+        path
+    }
+
+    #[test]
+    fn a_full_disk_leaves_no_partial_line_and_serving_resumes_when_there_is_room() {
+        let Some(tmpfs) = Tmpfs::mount("256k") else { return };
+        let output = tmpfs.0.path().join("agent.jsonl");
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output);
+        let address = sidecar.address.clone();
+        assert_eq!(exchange(&address, vec![hello("s"), batch_from(0, 10)]), Ok(vec![9]));
+        let filler = fill(tmpfs.0.path());
+        // About 36 KiB of lines: more than the room left in the output's last page.
+        let full = "Unavailable: cannot write events: No space left on device (os error 28)".to_owned();
+        assert_eq!(exchange(&address, vec![hello("s"), batch_from(10, 200)]), Err(full));
+        sidecar.wait_for("No space left on device (os error 28); batches are refused (UNAVAILABLE)");
+        assert_eq!(health_of(&address), [ServingStatus::NotServing, ServingStatus::NotServing]);
+        let text = std::fs::read_to_string(&output).unwrap();
+        assert!(text.ends_with('\n'), "a partial line was left: {:?}", &text[text.len().saturating_sub(80)..]);
+        assert_eq!(sequences_of(&output, "s"), (0..10).collect::<Vec<_>>(), "exactly what was acknowledged");
+
+        std::fs::remove_file(filler).unwrap();
+        assert_eq!(exchange(&address, vec![hello("s"), batch_from(10, 200)]), Ok(vec![209]));
+        sidecar.wait_for("written to");
+        assert_eq!(health_of(&address), [ServingStatus::Serving, ServingStatus::Serving]);
+        assert_eq!(sidecar.stop(), Some(0));
+        assert_eq!(sequences_of(&output, "s"), (0..210).collect::<Vec<_>>());
+    }
 }
 
-#[test]
-fn the_sidecar_answers_the_standard_health_check() {
-    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
-    let dir = tempfile::tempdir().unwrap();
-    let mut sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
+/// What the sidecar's health service says for "" and "cws.v1.EventService".
+fn health_of(address: &str) -> Vec<ServingStatus> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let statuses = runtime.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", sidecar.address)).unwrap();
+    runtime.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap();
         let mut client = HealthClient::new(channel.connect().await.unwrap());
         let mut statuses = Vec::new();
         for service in ["", "cws.v1.EventService"] {
@@ -436,8 +676,14 @@ fn the_sidecar_answers_the_standard_health_check() {
             statuses.push(client.check(request).await.unwrap().into_inner().status());
         }
         statuses
-    });
-    assert_eq!(statuses, vec![ServingStatus::Serving, ServingStatus::Serving]);
+    })
+}
+
+#[test]
+fn the_sidecar_answers_the_standard_health_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
+    assert_eq!(health_of(&sidecar.address), vec![ServingStatus::Serving, ServingStatus::Serving]);
     assert_eq!(sidecar.stop(), Some(0));
 }
 
@@ -614,5 +860,243 @@ fn an_ecs_metadata_endpoint_that_refuses_or_never_answers_costs_one_warning_and_
         assert!(!hello.contains(" ecs "), "{hello}");
         assert_delivered(&mut sidecar, &output_path(&dir), &run.events);
         assert_eq!(run.of("exec").len(), 2, "sh and cat");
+    }
+}
+
+mod auth {
+    use super::*;
+
+    const TOKEN: &str = "tok-5f2a9c7e1b";
+    const TOKEN_ENV: &str = "DD_CWS_INSTRUMENTATION_AUTH_TOKEN";
+
+    #[test]
+    fn a_sidecar_with_a_token_takes_only_streams_that_present_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+        let output = output_path(&dir);
+        let mut sidecar = Sidecar::start_with("127.0.0.1:0", &output, |c| {
+            c.arg("--auth-token-file").arg(&token_file);
+        });
+        let address = sidecar.address.clone();
+
+        // Without a token, or with another: refused, nothing written.
+        let flags = ["--connect-timeout", "300ms", "--flush-timeout", "300ms"];
+        let mut wrong = traced(&address, &flags, &["sh", "-c", "echo ran; exit 3"]);
+        wrong.command().env(TOKEN_ENV, "tok-5f2a9c7e1c");
+        let run = wrong.run();
+        assert_eq!((run.code(), run.stdout.as_str()), (Some(3), "ran\n"), "{}", run.stderr);
+        let refused = format!(
+            "stream to the agent at {address} failed: status Unauthenticated \"a valid token is required (authorization: Bearer TOKEN)\"; retrying"
+        );
+        assert!(run.stderr.lines().any(|l| l.ends_with(&refused)), "{}", run.stderr);
+        assert!(run.stderr.contains(&format!("undelivered={} ", run.events.len())), "{}", run.stderr);
+        sidecar.wait_for("refused: no valid token");
+
+        // The token from the environment: the workload does not inherit it.
+        let mut right = traced(&address, &[], &["sh", "-c", &format!("echo ${{{TOKEN_ENV}:-unset}}")]);
+        right.command().env(TOKEN_ENV, TOKEN);
+        let from_env = right.run();
+        assert_eq!((from_env.code(), from_env.stdout.as_str()), (Some(0), "unset\n"), "{}", from_env.stderr);
+        assert!(from_env.stderr.contains("undelivered=0 "), "{}", from_env.stderr);
+        sidecar.wait_for("goodbye");
+
+        // The token from a file.
+        let flags = ["--auth-token-file".to_owned(), token_file.display().to_string()];
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let from_file = traced(&address, &flags, &["sh", "-c", "cat /etc/hostname >/dev/null"]).run();
+        assert!(from_file.stderr.contains("undelivered=0 "), "{}", from_file.stderr);
+        sidecar.wait_for("goodbye");
+        assert_eq!(sidecar.stop(), Some(0));
+
+        let lines = read_lines(&output);
+        let mut delivered: Vec<Vec<Value>> = sessions(&lines).iter().map(|s| session_events(&lines, s)).collect();
+        delivered.sort_by_key(|events| events.len());
+        let mut expected = vec![from_env.events, from_file.events];
+        expected.sort_by_key(|events| events.len());
+        assert_eq!(delivered, expected, "only the two runs with the token were written");
+        let text = std::fs::read_to_string(&output).unwrap();
+        assert!(!text.contains(TOKEN), "the token reached the output");
+        assert!(!text.contains(&format!("{TOKEN_ENV}=")), "the variable reached the workload's environment");
+    }
+
+    #[test]
+    fn on_a_unix_socket_only_the_allowed_uids_may_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = format!("unix:{}", dir.path().join("agent.sock").display());
+        let own = nix::unistd::geteuid().as_raw();
+        let other = own + 4242;
+        let mut sidecar = Sidecar::start_with(&socket, &output_path(&dir), |c| {
+            c.arg("--allow-uid").arg(other.to_string());
+        });
+        let flags = ["--connect-timeout", "300ms", "--flush-timeout", "300ms"];
+        let run = traced(&socket, &flags, &["sh", "-c", "exit 7"]).run();
+        assert_eq!(run.code(), Some(7), "{}", run.stderr);
+        let denied = "failed: status PermissionDenied \"this user may not stream events here\"; retrying";
+        assert!(run.stderr.lines().any(|l| l.ends_with(denied)), "{}", run.stderr);
+        assert!(run.stderr.contains(&format!("undelivered={} ", run.events.len())), "{}", run.stderr);
+        let refused = sidecar.wait_for("refused: its uid is not allowed");
+        assert!(refused.starts_with(&format!("cws-instrumentation: uid {own} pid ")), "{refused}");
+        assert_eq!(sidecar.stop(), Some(0));
+        assert!(read_lines(&output_path(&dir)).is_empty());
+
+        let mut sidecar = Sidecar::start_with(&socket, &output_path(&dir), |c| {
+            c.arg("--allow-uid").arg(format!("{other},{own}"));
+        });
+        let run = traced(&socket, &[], &["sh", "-c", "cat /etc/hostname >/dev/null"]).run();
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        assert_delivered(&mut sidecar, &output_path(&dir), &run.events);
+    }
+
+    #[test]
+    fn allowed_uids_need_a_unix_socket() {
+        let output = Command::new(binary())
+            .args(["serve", "--listen", "127.0.0.1:0", "--allow-uid", "0"])
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2));
+        assert_eq!(
+            String::from_utf8_lossy(&output.stderr),
+            "cws-instrumentation: --allow-uid needs a unix socket (--listen unix:/path)\n"
+        );
+    }
+
+    /// A test PKI made with the openssl command: a CA, a server certificate
+    /// for 127.0.0.1, a client certificate, and a second CA nobody trusts.
+    struct Pki(tempfile::TempDir);
+
+    impl Pki {
+        /// None (and why, on stderr) without the openssl command.
+        fn new() -> Option<Pki> {
+            let pki = Pki(tempfile::tempdir().unwrap());
+            let made = pki.ca("ca")
+                && pki.ca("other-ca")
+                && pki.issue("ca", "server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+                && pki.issue("ca", "client", "extendedKeyUsage=clientAuth\n");
+            if !made {
+                eprintln!("skipped: cannot make certificates (is the openssl command installed?)");
+                return None;
+            }
+            Some(pki)
+        }
+
+        fn path(&self, name: &str) -> String {
+            self.0.path().join(name).display().to_string()
+        }
+
+        fn openssl(&self, args: &[&str]) -> bool {
+            let status = Command::new("openssl").args(args).current_dir(self.0.path()).stderr(Stdio::null()).status();
+            status.is_ok_and(|s| s.success())
+        }
+
+        fn key_and_request(&self, name: &str, extra: &[&str]) -> bool {
+            let (key, subject) = (format!("{name}.key"), format!("/CN={name}"));
+            let mut args = vec!["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+            args.extend_from_slice(&["-keyout", &key, "-subj", &subject]);
+            args.extend_from_slice(extra);
+            self.openssl(&args)
+        }
+
+        fn ca(&self, name: &str) -> bool {
+            let pem = format!("{name}.pem");
+            self.key_and_request(name, &["-x509", "-days", "2", "-out", &pem])
+        }
+
+        fn issue(&self, ca: &str, name: &str, extensions: &str) -> bool {
+            let (csr, pem, ext) = (format!("{name}.csr"), format!("{name}.pem"), format!("{name}.ext"));
+            std::fs::write(self.0.path().join(&ext), extensions).unwrap();
+            let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+            self.key_and_request(name, &["-out", &csr])
+                && self.openssl(&[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    &ca_pem,
+                    "-CAkey",
+                    &ca_key,
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &ext,
+                    "-out",
+                    &pem,
+                ])
+        }
+    }
+
+    #[test]
+    fn tls_carries_the_stream_and_a_required_client_certificate_is_checked() {
+        let Some(pki) = Pki::new() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let output = output_path(&dir);
+        let mut sidecar = Sidecar::start_with("127.0.0.1:0", &output, |c| {
+            c.args(["--tls-cert", &pki.path("server.pem"), "--tls-key", &pki.path("server.key")]);
+            c.args(["--tls-client-ca", &pki.path("ca.pem")]);
+        });
+        let address = sidecar.address.clone();
+        let quick = ["--connect-timeout", "300ms", "--flush-timeout", "300ms"];
+        let refused = |flags: &[&str], why: &str| {
+            let mut all = quick.to_vec();
+            all.extend_from_slice(flags);
+            let run = traced(&address, &all, &["sh", "-c", "exit 3"]).run();
+            assert_eq!(run.code(), Some(3), "{}", run.stderr);
+            assert!(run.stderr.contains(&format!("undelivered={} ", run.events.len())), "{why}: {}", run.stderr);
+        };
+        // Plain HTTP/2 to a TLS port; an authority the tracer does not trust;
+        // no client certificate.
+        refused(&[], "without TLS");
+        refused(&["--tls-ca", &pki.path("other-ca.pem")], "another CA");
+        refused(&["--tls-ca", &pki.path("ca.pem")], "no client certificate");
+        let client = ["--tls-ca", &pki.path("ca.pem"), "--tls-cert", &pki.path("client.pem")];
+        let mut flags = client.to_vec();
+        let key = pki.path("client.key");
+        flags.extend_from_slice(&["--tls-key", &key]);
+        let run = traced(&address, &flags, &["sh", "-c", "cat /etc/hostname >/dev/null"]).run();
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        assert!(run.stderr.contains("undelivered=0 "), "{}", run.stderr);
+        assert_delivered(&mut sidecar, &output, &run.events);
+    }
+
+    #[test]
+    fn an_untrusted_agent_certificate_is_named_as_the_reason() {
+        let Some(pki) = Pki::new() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let mut sidecar = Sidecar::start_with("127.0.0.1:0", &output_path(&dir), |c| {
+            c.args(["--tls-cert", &pki.path("server.pem"), "--tls-key", &pki.path("server.key")]);
+        });
+        let flags = ["--connect-timeout", "300ms", "--flush-timeout", "300ms", "--tls-ca", &pki.path("other-ca.pem")];
+        let run = traced(&sidecar.address, &flags, &["sh", "-c", "exit 3"]).run();
+        assert_eq!(run.code(), Some(3), "{}", run.stderr);
+        let first = run.stderr.lines().next().unwrap_or("");
+        assert!(
+            first.starts_with(&format!("cws-instrumentation: cannot reach the agent at {}: ", sidecar.address))
+                && first.contains("invalid peer certificate"),
+            "{}",
+            run.stderr
+        );
+        assert_eq!(sidecar.stop(), Some(0));
+        assert!(read_lines(&output_path(&dir)).is_empty());
+    }
+
+    #[test]
+    fn the_output_files_and_the_socket_are_for_their_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let mut sidecar = Sidecar::start(&format!("unix:{}", socket.display()), &output_path(&dir));
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&output_path(&dir)), 0o600);
+        assert_eq!(mode(&socket), 0o660);
+        let address = format!("unix:{}", socket.display());
+        let mut trace = traced(&address, &[], &["true"]);
+        let child = trace.spawn();
+        let run = trace.finish(child);
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        assert_eq!(mode(&trace.events_path()), 0o600, "the tracer's --events-file");
+        assert_eq!(sidecar.stop(), Some(0));
     }
 }

@@ -25,7 +25,7 @@ pub fn main() -> ExitCode {
         Command::Trace(args) => trace::run(args),
         Command::Serve(args) => Address::parse(&args.listen)
             .map_err(|e| ExitError::usage(format!("--listen {e}")))
-            .and_then(|listen| serve::run(serve::ServeOptions { listen, output: args.output })),
+            .and_then(|listen| serve::run(serve::ServeOptions::new(listen, args)?)),
         Command::Setup(args) => setup::setup(&args.cws_volume_mount),
         Command::Health => Ok(setup::health()),
     };

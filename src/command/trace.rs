@@ -1,7 +1,12 @@
 //! `trace -- ENTRYPOINT`: the exporters, the agent wait, the tracer, and
 //! the Goodbye, in that order; the exit status is the workload's.
 
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
 use crate::address::Address;
+use crate::auth::AgentCredentials;
 use crate::cli::{self, TraceArgs};
 use crate::context;
 use crate::exit::{code, ExitError};
@@ -11,10 +16,14 @@ use crate::proto::{Counters, Goodbye};
 use crate::trace::{self, Inheritance, LaunchError, Mode, Outcome, Tracer, Workload};
 
 pub fn run(args: TraceArgs) -> Result<i32, ExitError> {
+    // Read (and taken out of the workload's environment) before any thread starts.
+    let credentials = AgentCredentials::load(&args).map_err(ExitError::usage)?;
     let entrypoint =
         args.command.first().ok_or_else(|| ExitError::usage("trace needs an entrypoint after --".into()))?;
     let program = trace::resolve_entrypoint(entrypoint).map_err(launch_error)?;
-    let agent = agent_options(&args)?;
+    // A stop signal once no traced process is left ends the wait for the agent.
+    let abandon_flush = Arc::new(Notify::new());
+    let agent = agent_options(&args, credentials, &abandon_flush)?;
     // Before any thread starts, so that every thread inherits the blocked signals.
     let inheritance = Inheritance::capture().map_err(|e| ExitError::setup(format!("cannot block signals: {e}")))?;
     let outputs = Outputs { verbose: args.verbose, events_file: args.events_file.clone(), agent };
@@ -35,6 +44,7 @@ pub fn run(args: TraceArgs) -> Result<i32, ExitError> {
         gid: args.gid,
         mode: trace::usable_mode(requested),
         log_signals: args.verbose,
+        abandon_flush,
     };
     let outcome = Tracer::start(workload, inheritance, sink).and_then(Tracer::wait);
 
@@ -56,7 +66,11 @@ pub fn run(args: TraceArgs) -> Result<i32, ExitError> {
     Ok(outcome.root.map_or(code::SETUP, |death| death.shell_status()))
 }
 
-fn agent_options(args: &TraceArgs) -> Result<Option<grpc::Options>, ExitError> {
+fn agent_options(
+    args: &TraceArgs,
+    credentials: AgentCredentials,
+    abandon_flush: &Arc<Notify>,
+) -> Result<Option<grpc::Options>, ExitError> {
     if args.probe_addr.is_empty() {
         return Ok(None);
     }
@@ -66,6 +80,9 @@ fn agent_options(args: &TraceArgs) -> Result<Option<grpc::Options>, ExitError> {
         hello: context::hello(&args.command),
         capacity: args.buffer_events.max(1),
         flush_timeout: args.flush_timeout,
+        answer_timeout: args.connect_timeout,
+        abandon: Arc::clone(abandon_flush),
+        credentials,
     }))
 }
 

@@ -1003,6 +1003,7 @@ fn the_hello_carries_mode_namespace_container_and_entrypoint() {
         }),
         entrypoint_args: vec!["python3".into(), "app.py".into(), "--port".into(), "8080".into()],
         hostname: "ip-10-0-1-23".into(),
+        protocol_version: proto::PROTOCOL_VERSION,
     };
     let golden = golden_named("01-hello");
     assert_eq!(frame(Message::Hello(outbound::hello(&ours))), Ok(golden.frame));

@@ -6,20 +6,30 @@
 //! the last connection may have lost (the agent drops duplicates). When the
 //! buffer is full, new events are dropped, counted, and announced to the
 //! agent with a Loss message: loss is never silent.
+//!
+//! Nothing the agent does can hold the tracer: once the workload is gone,
+//! the whole delivery (connecting, waiting for headers, sending, waiting for
+//! acks) is cut off at `--flush-timeout`, or at once on SIGTERM. Failed
+//! streams are retried after a growing, jittered backoff, and a failure that
+//! repeats is logged once, then counted.
 
 use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::address::Address;
+use crate::auth::{AgentCredentials, Token};
 use crate::log::{causes, log};
 use crate::proto::event_service_client::EventServiceClient;
-use crate::proto::{agent_message, tracer_message, Event, EventBatch, Goodbye, Hello, Loss, TracerMessage};
+use crate::proto::{
+    agent_message, tracer_message, AgentMessage, Event, EventBatch, Goodbye, Hello, Loss, TracerMessage,
+};
 use crate::{context, ecs};
 
 /// Events per batch message, and its encoded size: a batch must stay well
@@ -31,14 +41,27 @@ const BATCH_BYTES: usize = 1 << 20;
 /// Memory the unacknowledged events may take (see `crate::queue::footprint`),
 /// whatever `--buffer-events` says: exec events can be 250 KiB each.
 const BUFFER_BYTES: usize = 32 << 20;
+/// The wait after a failed stream doubles from the first to the last; each
+/// wait is drawn between half and all of it, so that tracers started together
+/// do not come back together.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The least time the agent has to acknowledge events, whatever
+/// `--connect-timeout` says (0 there means "do not hold the workload").
+const MIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct Options {
     pub address: Address,
     pub hello: Hello,
     pub capacity: usize,
     pub flush_timeout: Duration,
+    /// How long the agent may leave sent events unanswered (no headers, no
+    /// ack) before the stream is given up on: `--connect-timeout`.
+    pub answer_timeout: Duration,
+    /// Notified when the flush must end at once (SIGTERM after the workload's end).
+    pub abandon: Arc<Notify>,
+    /// Presented on every stream.
+    pub credentials: AgentCredentials,
 }
 
 #[derive(Default)]
@@ -86,10 +109,36 @@ impl Buffer {
         fresh
     }
 
+    /// The sequence a new stream starts from: the oldest event held, or the
+    /// next one when all are acknowledged.
+    fn resend_start(&self) -> u64 {
+        self.events.front().map_or(self.next_sequence, |(s, _, _)| *s)
+    }
+
+    /// The events from `next` on that fit in one batch. A batch stops at a
+    /// gap (dropped events): its events are numbered one by one.
+    fn batch_from(&self, next: u64) -> Vec<(u64, Event)> {
+        let start = self.events.partition_point(|(s, _, _)| *s < next);
+        let mut bytes = 0;
+        let mut expected = None;
+        self.events
+            .range(start..)
+            .take(BATCH)
+            .take_while(|(sequence, _, encoded_len)| {
+                let first = bytes == 0;
+                bytes += encoded_len;
+                let follows = expected.is_none_or(|e| e == *sequence);
+                expected = Some(sequence + 1);
+                follows && (first || bytes <= BATCH_BYTES)
+            })
+            .map(|(s, event, _)| (*s, event.clone()))
+            .collect()
+    }
+
     /// An ack of `sequence` also says the agent read every Loss sent before
     /// it on this stream, and each was sent before any later event.
     fn ack(&mut self, sequence: u64) {
-        let heard = self.losses.partition_point(|(_, last)| *last < sequence);
+        let heard = self.losses.partition_point(|(_, last)| *last <= sequence);
         self.losses.drain(..heard);
         self.announced = self.announced.saturating_sub(heard);
         while self.events.front().is_some_and(|(s, _, _)| *s <= sequence) {
@@ -156,10 +205,14 @@ impl Exporter {
     }
 }
 
-async fn connect(address: &Address) -> Result<EventServiceClient<tonic::transport::Channel>, String> {
+async fn connect(address: &Address, tls: Option<&ClientTlsConfig>) -> Result<Channel, String> {
     let channel = match address {
         Address::Tcp(hostport) => {
-            let endpoint = Endpoint::from_shared(format!("http://{hostport}")).map_err(|e| e.to_string())?;
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut endpoint = Endpoint::from_shared(format!("{scheme}://{hostport}")).map_err(|e| e.to_string())?;
+            if let Some(tls) = tls {
+                endpoint = endpoint.tls_config(tls.clone()).map_err(|e| causes(&e))?;
+            }
             endpoint.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect().await
         }
         Address::Unix(path) => {
@@ -172,67 +225,106 @@ async fn connect(address: &Address) -> Result<EventServiceClient<tonic::transpor
             Endpoint::from_static("http://agent").connect_with_connector(connector).await
         }
     };
-    let channel = channel.map_err(|e| causes(&e))?;
-    Ok(EventServiceClient::new(channel))
+    channel.map_err(|e| causes(&e))
+}
+
+/// A failure that may repeat many times (an agent that refuses every
+/// stream): said once when it starts, and once more with its count when it
+/// stops repeating. The workload's stderr is shared.
+#[derive(Default)]
+struct Repeated {
+    /// What failed ("stream to the agent at X failed"); the details may
+    /// change from one time to the next without making it a new failure.
+    what: String,
+    last_detail: String,
+    count: u64,
+}
+
+impl Repeated {
+    /// Says `what: detail` (and `then`) unless `what` is the failure already said.
+    fn record(&mut self, what: String, detail: String, then: &str) {
+        if what != self.what {
+            self.settle();
+            log!("{what}: {detail}{then}");
+            self.what = what;
+        }
+        self.last_detail = detail;
+        self.count += 1;
+    }
+
+    /// The failure is over: how often it happened, when more than once.
+    fn settle(&mut self) {
+        if self.count > 1 {
+            log!("{} ({} times in all; the last: {})", self.what, self.count, self.last_detail);
+        }
+        *self = Repeated::default();
+    }
+}
+
+/// The wait before the next attempt.
+struct Backoff {
+    next: Duration,
+    /// A source of jitter: std's randomly keyed hasher.
+    random: std::collections::hash_map::RandomState,
+    draws: u64,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { next: BACKOFF_FIRST, random: Default::default(), draws: 0 }
+    }
+
+    /// Between half and all of the current wait; the next is twice as long.
+    fn draw(&mut self) -> Duration {
+        let full = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        self.draws += 1;
+        let mut hasher = self.random.build_hasher();
+        hasher.write_u64(self.draws);
+        let fraction = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64;
+        full.mul_f64(0.5 + fraction / 2.0)
+    }
+
+    fn reset(&mut self) {
+        self.next = BACKOFF_FIRST;
+    }
+}
+
+/// What the connections learned, kept across them.
+#[derive(Default)]
+struct Progress {
+    connections: u64,
+    /// An ack came on the current stream: the agent works.
+    acknowledged: bool,
+    failures: Repeated,
+    /// Acks beyond what their stream carried.
+    acks_beyond: Repeated,
 }
 
 async fn run(
     mut options: Options,
     shared: Arc<Shared>,
     connected: std::sync::mpsc::Sender<()>,
-    mut goodbye: watch::Receiver<Option<Goodbye>>,
+    goodbye: watch::Receiver<Option<Goodbye>>,
 ) -> Delivery {
-    // Read once per run, while the first connection is being made; every
-    // Hello, from the first on, carries what it said.
-    let ecs_uri = options.hello.container.as_ref().map_or("", |c| c.ecs_metadata_uri.as_str());
-    let mut ecs = (!ecs_uri.is_empty()).then(|| tokio::spawn(ecs::fetch(ecs_uri.to_owned())));
-    let mut delivery = Delivery::default();
-    let mut backoff = BACKOFF_FIRST;
-    let mut deadline: Option<Instant> = None;
-    let mut last_error = String::new();
-    let mut connections = 0u64;
-    loop {
-        if deadline.is_none() && goodbye.borrow().is_some() {
-            deadline = Some(Instant::now() + options.flush_timeout);
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            break;
-        }
-        let client = match connect(&options.address).await {
-            Ok(client) => client,
-            Err(error) => {
-                if error != last_error {
-                    log!("cannot reach the agent at {}: {error}; retrying", options.address);
-                    last_error = error;
-                }
-                let wait = deadline.map_or(backoff, |d| backoff.min(d.saturating_duration_since(Instant::now())));
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = goodbye.changed() => {}
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                continue;
-            }
-        };
-        if let Some(fetch) = ecs.take() {
-            // Bounded by the fetch's own timeout; it has said why if it failed.
-            if let Ok(Some(metadata)) = fetch.await {
-                context::add_ecs(&mut options.hello, metadata);
-            }
-        }
-        connections += 1;
-        delivery.reconnects = connections - 1;
-        match stream(&options, &shared, client, &connected, &mut goodbye, &mut deadline, &delivery).await {
-            Ok(()) => break,
-            Err(error) => {
-                log!("stream to the agent at {} ended: {error}; reconnecting", options.address);
-                backoff = BACKOFF_FIRST;
-            }
-        }
+    let mut progress = Progress::default();
+    let abandon = Arc::clone(&options.abandon);
+    let limit = flush_limit(goodbye.clone(), options.flush_timeout, &abandon);
+    let abandoned = tokio::select! {
+        () = deliver(&mut options, &shared, &connected, goodbye, &mut progress) => false,
+        abandoned = limit => abandoned,
+    };
+    if abandoned {
+        log!("stopped waiting for the agent at {}: a stop signal after the workload's end", options.address);
     }
+    progress.failures.settle();
+    progress.acks_beyond.settle();
     let buffer = shared.buffer();
-    delivery.undelivered = buffer.events.len() as u64;
-    delivery.dropped = buffer.dropped;
+    let delivery = Delivery {
+        undelivered: buffer.events.len() as u64,
+        dropped: buffer.dropped,
+        reconnects: progress.connections.saturating_sub(1),
+    };
     if delivery.undelivered + delivery.dropped > 0 {
         log!(
             "{} events were not delivered to the agent at {} ({} dropped when the buffer was full)",
@@ -244,97 +336,310 @@ async fn run(
     delivery
 }
 
+/// Ends once the workload is gone and then the flush timeout has passed
+/// (false) or a stop signal came (true).
+async fn flush_limit(mut goodbye: watch::Receiver<Option<Goodbye>>, timeout: Duration, abandon: &Notify) -> bool {
+    // An error means the exporter is gone: the limit starts now.
+    let _ = goodbye.wait_for(Option::is_some).await;
+    tokio::select! {
+        () = tokio::time::sleep(timeout) => false,
+        () = abandon.notified() => true,
+    }
+}
+
+/// Connects and streams until everything is acknowledged after the
+/// Goodbye; retries failed streams after a backoff. Never ends otherwise:
+/// the caller cuts it off.
+async fn deliver(
+    options: &mut Options,
+    shared: &Shared,
+    connected: &std::sync::mpsc::Sender<()>,
+    mut goodbye: watch::Receiver<Option<Goodbye>>,
+    progress: &mut Progress,
+) {
+    // Read once per run, while the first connection is being made; every
+    // Hello, from the first on, carries what it said.
+    let ecs_uri = options.hello.container.as_ref().map_or("", |c| c.ecs_metadata_uri.as_str());
+    let mut ecs = (!ecs_uri.is_empty()).then(|| tokio::spawn(ecs::fetch(ecs_uri.to_owned())));
+    let mut backoff = Backoff::new();
+    loop {
+        let failure = match connect(&options.address, options.credentials.tls.as_ref()).await {
+            Ok(channel) => {
+                if let Some(fetch) = ecs.take() {
+                    // Bounded by the fetch's own timeout; it has said why if it failed.
+                    if let Ok(Some(metadata)) = fetch.await {
+                        context::add_ecs(&mut options.hello, metadata);
+                    }
+                }
+                progress.connections += 1;
+                progress.acknowledged = false;
+                let result = stream(options, shared, channel, connected, &mut goodbye, progress).await;
+                if progress.acknowledged {
+                    backoff.reset();
+                }
+                match result {
+                    Ok(()) => return,
+                    Err(error) => (format!("stream to the agent at {} failed", options.address), error),
+                }
+            }
+            Err(error) => (format!("cannot reach the agent at {}", options.address), error),
+        };
+        progress.failures.record(failure.0, failure.1, "; retrying");
+        let ended = goodbye.borrow().is_some();
+        tokio::select! {
+            () = tokio::time::sleep(backoff.draw()) => {}
+            // The workload is gone: try once more at once, it may be the last chance.
+            Ok(()) = goodbye.changed(), if !ended => {}
+        }
+    }
+}
+
+/// What the reader task saw of the agent's side of a stream.
+enum Reply {
+    /// The response headers: the agent took the stream.
+    Headers,
+    Message(AgentMessage),
+    /// The agent ended its side with status OK.
+    Ended,
+    Failed(String),
+}
+
+/// A status as one line; its message comes from the peer, so it is quoted.
+fn describe(status: &tonic::Status) -> String {
+    let mut line = format!("status {:?} {:?}", status.code(), status.message());
+    if let Some(source) = std::error::Error::source(status) {
+        line = format!("{line}: {}", causes(source));
+    }
+    line
+}
+
+/// Opens the stream and passes on everything the agent sends. It runs on
+/// its own, so that the tracer sends while the agent holds back its
+/// response headers (grpcio sends them with its first message).
+async fn read_replies(
+    channel: Channel,
+    token: Option<Token>,
+    requests: mpsc::Receiver<TracerMessage>,
+    replies: mpsc::Sender<Reply>,
+) {
+    let mut client = EventServiceClient::new(channel);
+    let mut request = tonic::Request::new(ReceiverStream::new(requests));
+    if let Some(token) = &token {
+        token.attach(request.metadata_mut());
+    }
+    let mut stream = match client.stream_events(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            let _ = replies.send(Reply::Failed(describe(&status))).await;
+            return;
+        }
+    };
+    if replies.send(Reply::Headers).await.is_err() {
+        return;
+    }
+    loop {
+        let reply = match stream.message().await {
+            Ok(Some(message)) => Reply::Message(message),
+            Ok(None) => Reply::Ended,
+            Err(status) => Reply::Failed(describe(&status)),
+        };
+        let last = !matches!(reply, Reply::Message(_));
+        if replies.send(reply).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Aborts a task when dropped: a stream given up on takes its reader along.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What one stream has sent and is owed.
+struct Sent {
+    /// The next event to send.
+    next: u64,
+    /// One past the last sequence this stream carried (events and losses):
+    /// an ack may not reach it. What is before the resend start was
+    /// acknowledged already, so an ack of it changes nothing.
+    carried: u64,
+    /// Since when the agent owes an ack for events this stream sent: a peer
+    /// that takes events and never answers is given up on, not waited on.
+    owed_since: Option<Instant>,
+    answer_timeout: Duration,
+}
+
+impl Sent {
+    fn answer_deadline(&self) -> Option<Instant> {
+        self.owed_since.map(|since| since + self.answer_timeout)
+    }
+
+    fn no_answer(&self) -> String {
+        format!("no answer from the agent within {:?} of sending it events", self.answer_timeout)
+    }
+
+    /// Sends, waiting for the agent to read at most until the answer deadline.
+    async fn send(&self, sender: &mpsc::Sender<TracerMessage>, message: tracer_message::Message) -> Result<(), String> {
+        let message = TracerMessage { message: Some(message) };
+        let sent = match self.answer_deadline() {
+            Some(deadline) => tokio::time::timeout_at(deadline, sender.send(message)).await,
+            None => Ok(sender.send(message).await),
+        };
+        sent.map_err(|_| self.no_answer())?.map_err(|e| e.to_string())
+    }
+}
+
+/// What a reply means for the stream.
+enum Flow {
+    Continue,
+    /// Everything is acknowledged and the agent ended its side.
+    Done,
+}
+
+/// Acts on one reply from the agent. `half_closed`: all was acknowledged
+/// after the Goodbye and the tracer ended its side.
+fn on_reply(
+    reply: Option<Reply>,
+    half_closed: bool,
+    sent: &mut Sent,
+    options: &Options,
+    shared: &Shared,
+    connected: &std::sync::mpsc::Sender<()>,
+    progress: &mut Progress,
+) -> Result<Flow, String> {
+    match reply {
+        Some(Reply::Headers) => {
+            let _ = connected.send(());
+        }
+        Some(Reply::Message(AgentMessage { message: Some(agent_message::Message::Ack(ack)) })) => {
+            if let Some(sequence) = ack.sequence {
+                take_ack(options, shared, sequence, sent.carried, progress);
+            }
+            // Answered; what is sent and still unacknowledged is owed from now.
+            let outstanding = shared.buffer().events.front().is_some_and(|(s, _, _)| *s < sent.next);
+            sent.owed_since = outstanding.then(Instant::now);
+        }
+        // A Welcome, or a message of a later protocol: nothing to act on.
+        Some(Reply::Message(_)) => {}
+        // All is acknowledged: however the agent ends, nothing is left to send.
+        Some(Reply::Ended | Reply::Failed(_)) | None if half_closed => return Ok(Flow::Done),
+        Some(Reply::Ended) | None => return Err("closed by the agent".into()),
+        Some(Reply::Failed(error)) => return Err(error),
+    }
+    Ok(Flow::Continue)
+}
+
 /// One connection: Hello, then everything unacknowledged, then new events
 /// as they come; the Goodbye once the workload is gone. Ok when all is
-/// acknowledged after the Goodbye (or the flush deadline passed).
+/// acknowledged after the Goodbye and the agent ended its side.
 async fn stream(
     options: &Options,
     shared: &Shared,
-    mut client: EventServiceClient<tonic::transport::Channel>,
+    channel: Channel,
     connected: &std::sync::mpsc::Sender<()>,
     goodbye: &mut watch::Receiver<Option<Goodbye>>,
-    deadline: &mut Option<Instant>,
-    delivery: &Delivery,
+    progress: &mut Progress,
 ) -> Result<(), String> {
     let (tx, rx) = mpsc::channel::<TracerMessage>(16);
-    let message = |m| TracerMessage { message: Some(m) };
-    tx.send(message(tracer_message::Message::Hello(options.hello.clone()))).await.map_err(|e| e.to_string())?;
-    let mut responses = client.stream_events(ReceiverStream::new(rx)).await.map_err(|e| e.to_string())?.into_inner();
-    let _ = connected.send(());
+    let (replies_tx, mut replies) = mpsc::channel(16);
+    let hello = TracerMessage { message: Some(tracer_message::Message::Hello(options.hello.clone())) };
+    tx.send(hello).await.map_err(|e| e.to_string())?;
+    let _reader = AbortOnDrop(tokio::spawn(read_replies(channel, options.credentials.token.clone(), rx, replies_tx)));
     // Resend from the oldest unacknowledged event, and every loss not known heard.
-    let mut next = {
+    let start = {
         let mut buffer = shared.buffer();
         buffer.announced = 0;
-        buffer.events.front().map_or(0, |(s, _, _)| *s)
+        buffer.resend_start()
     };
+    let answer_timeout = options.answer_timeout.max(MIN_ANSWER_TIMEOUT);
+    let mut sent = Sent { next: start, carried: start, owed_since: None, answer_timeout };
     let mut goodbye_sent = false;
+    let mut tx = Some(tx);
     loop {
-        // Send everything available.
-        loop {
-            let (losses, batch) = {
-                let mut buffer = shared.buffer();
-                let losses = buffer.take_unannounced_losses();
-                let start = buffer.events.partition_point(|(s, _, _)| *s < next);
-                let mut bytes = 0;
-                let batch: Vec<(u64, Event)> = buffer
-                    .events
-                    .range(start..)
-                    .take(BATCH)
-                    .take_while(|(_, _, encoded_len)| {
-                        let first = bytes == 0;
-                        bytes += encoded_len;
-                        first || bytes <= BATCH_BYTES
-                    })
-                    .map(|(s, event, _)| (*s, event.clone()))
-                    .collect();
-                (losses, batch)
-            };
-            for (first, last) in losses {
-                let loss = Loss { first_sequence: first, last_sequence: last };
-                tx.send(message(tracer_message::Message::Loss(loss))).await.map_err(|e| e.to_string())?;
-            }
-            let Some(&(first_sequence, _)) = batch.first() else { break };
-            next = batch.last().map_or(next, |(s, _)| s + 1);
-            let events = batch.into_iter().map(|(_, e)| e).collect();
-            tx.send(message(tracer_message::Message::Batch(EventBatch { first_sequence, events })))
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        let all_acked = shared.buffer().events.is_empty();
-        let bye = *goodbye.borrow();
-        if let Some(mut bye) = bye {
-            deadline.get_or_insert_with(|| Instant::now() + options.flush_timeout);
-            if !goodbye_sent {
-                if let Some(counters) = bye.counters.as_mut() {
-                    counters.reconnects = delivery.reconnects;
+        if let Some(sender) = &tx {
+            // Send everything available; acks that came meanwhile first, so
+            // that an agent slow to read but answering is not given up on.
+            loop {
+                while let Ok(reply) = replies.try_recv() {
+                    on_reply(Some(reply), false, &mut sent, options, shared, connected, progress)?;
                 }
-                tx.send(message(tracer_message::Message::Goodbye(bye))).await.map_err(|e| e.to_string())?;
-                goodbye_sent = true;
+                let (losses, batch) = {
+                    let mut buffer = shared.buffer();
+                    (buffer.take_unannounced_losses(), buffer.batch_from(sent.next))
+                };
+                for (first, last) in losses {
+                    sent.carried = sent.carried.max(last + 1);
+                    let loss = Loss { first_sequence: first, last_sequence: last };
+                    sent.send(sender, tracer_message::Message::Loss(loss)).await?;
+                }
+                let Some(&(first_sequence, _)) = batch.first() else { break };
+                sent.next = batch.last().map_or(sent.next, |(s, _)| s + 1);
+                sent.carried = sent.carried.max(sent.next);
+                sent.owed_since.get_or_insert_with(Instant::now);
+                let events = batch.into_iter().map(|(_, e)| e).collect();
+                sent.send(sender, tracer_message::Message::Batch(EventBatch { first_sequence, events })).await?;
             }
-            if all_acked {
-                // End our side and wait for the agent to end its own: then
-                // the Goodbye has been read, not lost in a torn-down stream.
-                drop(tx);
-                let until = deadline.unwrap_or_else(Instant::now);
-                while let Ok(Ok(Some(_))) = tokio::time::timeout_at(until, responses.message()).await {}
-                return Ok(());
-            }
-        }
-        let until = deadline.map_or_else(|| Instant::now() + Duration::from_secs(3600), |d| d);
-        tokio::select! {
-            response = responses.message() => match response {
-                Ok(Some(reply)) => {
-                    if let Some(agent_message::Message::Ack(ack)) = reply.message {
-                        shared.buffer().ack(ack.sequence);
+            let bye = *goodbye.borrow();
+            if let Some(mut bye) = bye {
+                if !goodbye_sent {
+                    if let Some(counters) = bye.counters.as_mut() {
+                        counters.reconnects = progress.connections.saturating_sub(1);
                     }
+                    sent.send(sender, tracer_message::Message::Goodbye(bye)).await?;
+                    goodbye_sent = true;
                 }
-                Ok(None) => return Err("closed by the agent".into()),
-                Err(status) => return Err(status.message().to_owned()),
-            },
-            _ = shared.wake.notified() => {}
-            _ = goodbye.changed() => {}
-            _ = tokio::time::sleep_until(until) => return Ok(()),
+                if shared.buffer().events.is_empty() {
+                    // End our side and wait for the agent to end its own: then
+                    // the Goodbye has been read, not lost in a torn-down stream.
+                    tx = None;
+                }
+            }
         }
+        tokio::select! {
+            reply = replies.recv() => {
+                if let Flow::Done = on_reply(reply, tx.is_none(), &mut sent, options, shared, connected, progress)? {
+                    return Ok(());
+                }
+            }
+            _ = shared.wake.notified(), if tx.is_some() => {}
+            Ok(()) = goodbye.changed(), if tx.is_some() => {}
+            () = sleep_until_some(sent.answer_deadline()), if tx.is_some() => return Err(sent.no_answer()),
+        }
+    }
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies an ack, cut to what the stream carried: an agent that
+/// acknowledges more would make the tracer forget events it never sent.
+fn take_ack(options: &Options, shared: &Shared, sequence: u64, carried: u64, progress: &mut Progress) {
+    let sequence = if sequence < carried {
+        sequence
+    } else {
+        let what = format!("the agent at {} acknowledges events it was not sent", options.address);
+        let detail = format!("an ack of {sequence} on a stream that carried sequences up to {carried} (excluded)");
+        progress.acks_beyond.record(what, detail, "; acks are taken only up to what their stream carried");
+        match carried.checked_sub(1) {
+            Some(last) => last,
+            None => return,
+        }
+    };
+    let mut buffer = shared.buffer();
+    let held = buffer.events.len();
+    buffer.ack(sequence);
+    if buffer.events.len() < held && !progress.acknowledged {
+        // The agent works: the backoff starts over, the failure streak is over.
+        progress.acknowledged = true;
+        progress.failures.settle();
     }
 }
 
@@ -374,6 +679,36 @@ mod tests {
         buffer.push(Event::default(), 1);
         buffer.ack(4);
         assert_eq!((buffer.losses.clone(), buffer.announced), (vec![], 0));
+    }
+
+    #[test]
+    fn a_batch_stops_at_dropped_events_so_that_its_numbering_holds() {
+        let mut buffer = Buffer::default();
+        for _ in 0..2 {
+            buffer.push(Event::default(), 2);
+        }
+        buffer.push(Event::default(), 2); // dropped: sequence 2
+        buffer.ack(0);
+        buffer.push(Event::default(), 2); // sequence 3, after the gap
+        let sequences = |batch: Vec<(u64, Event)>| batch.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+        assert_eq!(sequences(buffer.batch_from(0)), vec![1]);
+        assert_eq!(sequences(buffer.batch_from(2)), vec![3]);
+        assert_eq!(buffer.resend_start(), 1);
+        buffer.ack(3);
+        assert_eq!(buffer.resend_start(), 4, "all acknowledged: a new stream starts at the next event");
+    }
+
+    #[test]
+    fn backoff_waits_grow_with_jitter_up_to_the_cap() {
+        let mut backoff = Backoff::new();
+        let mut full = BACKOFF_FIRST;
+        for _ in 0..12 {
+            let wait = backoff.draw();
+            assert!(wait >= full / 2 && wait <= full, "{wait:?} outside {full:?}/2..={full:?}");
+            full = (full * 2).min(BACKOFF_MAX);
+        }
+        backoff.reset();
+        assert!(backoff.draw() <= BACKOFF_FIRST);
     }
 
     #[test]

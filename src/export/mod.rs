@@ -8,8 +8,9 @@ mod jsonl;
 mod verbose;
 
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::thread::JoinHandle;
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -60,10 +61,17 @@ impl Sink {
     }
 }
 
+/// How long `finish` waits for the exporters beyond the agent's flush
+/// timeout: the local sinks' last writes.
+const JOIN_GRACE: Duration = Duration::from_secs(5);
+
 /// Running exporters; `finish` waits until every queued event is written
 /// (and, for the agent, acknowledged or given up on).
 pub struct Exporters {
-    thread: JoinHandle<io::Result<grpc::Delivery>>,
+    done: std::sync::mpsc::Receiver<io::Result<grpc::Delivery>>,
+    /// With an agent, how long `finish` may wait: whatever the agent does,
+    /// the tracer exits.
+    join_limit: Option<Duration>,
     goodbye: oneshot::Sender<Goodbye>,
     /// Fires once the agent stream is up (never without an agent).
     pub connected: std::sync::mpsc::Receiver<()>,
@@ -75,8 +83,11 @@ impl Exporters {
     pub fn start(outputs: Outputs) -> io::Result<(EventSink, Option<Exporters>)> {
         let mut sinks = Vec::new();
         if let Some(path) = &outputs.events_file {
-            let file = std::fs::File::create(path)
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot create events file {}: {e}", path.display())))?;
+            // Exec events carry environment variables: for the owner only.
+            let file =
+                std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(
+                    |e| io::Error::new(e.kind(), format!("cannot create events file {}: {e}", path.display())),
+                )?;
             sinks.push(Sink::JsonLines(jsonl::Writer::new(file)));
         }
         if outputs.verbose {
@@ -90,7 +101,9 @@ impl Exporters {
         let (connected_tx, connected) = std::sync::mpsc::channel();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let agent = outputs.agent;
-        let thread = std::thread::Builder::new().name("cws-export".into()).spawn(move || {
+        let join_limit = agent.as_ref().map(|agent| agent.flush_timeout + JOIN_GRACE);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::Builder::new().name("cws-export".into()).spawn(move || {
             let result = runtime.block_on(async move {
                 if let Some(options) = agent {
                     sinks.push(Sink::Agent(grpc::Exporter::start(options, connected_tx)));
@@ -99,9 +112,9 @@ impl Exporters {
             });
             // A name lookup stuck in a blocking thread must not delay exit.
             runtime.shutdown_background();
-            result
+            let _ = done_tx.send(result);
         })?;
-        let exporters = Exporters { thread, goodbye, connected };
+        let exporters = Exporters { done, join_limit, goodbye, connected };
         Ok((sink, Some(exporters)))
     }
 
@@ -109,7 +122,14 @@ impl Exporters {
     /// Goodbye tells the agent how the workload ended.
     pub fn finish(self, goodbye: Goodbye) -> io::Result<grpc::Delivery> {
         let _ = self.goodbye.send(goodbye);
-        self.thread.join().unwrap_or_else(|_| Err(io::Error::other("exporter thread panicked")))
+        let result = match self.join_limit {
+            Some(limit) => self.done.recv_timeout(limit).map_err(|e| match e {
+                RecvTimeoutError::Timeout => format!("the exporters did not finish within {limit:?}"),
+                RecvTimeoutError::Disconnected => "the exporter thread panicked".to_owned(),
+            }),
+            None => self.done.recv().map_err(|_| "the exporter thread panicked".to_owned()),
+        };
+        result.map_err(io::Error::other)?
     }
 }
 

@@ -23,7 +23,7 @@ mod syscalls;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use nix::sys::signal::SigSet;
@@ -65,6 +65,9 @@ pub struct Workload {
     pub mode: Mode,
     /// Log each signal passed on to the workload.
     pub log_signals: bool,
+    /// Notified when SIGTERM or SIGINT comes once no traced process is
+    /// left: the container is being stopped, the exporters must not wait.
+    pub abandon_flush: Arc<tokio::sync::Notify>,
 }
 
 /// The mode to trace in: seccomp where the kernel runs such filters, every
@@ -124,7 +127,7 @@ impl Tracer {
             })
             .map_err(|e| LaunchError::Setup(format!("cannot start the tracer thread: {e}")))?;
         if let Ok(Some(root)) = started_rx.recv() {
-            signals::spawn_forwarder(root, live, workload.log_signals)
+            signals::spawn_forwarder(root, live, workload.log_signals, workload.abandon_flush)
                 .map_err(|e| LaunchError::Setup(format!("cannot start the signal thread: {e}")))?;
         }
         Ok(Tracer { thread })

@@ -42,15 +42,29 @@ pub fn block_forwarded() -> nix::Result<SigSet> {
     Ok(previous)
 }
 
+/// Signals that, once no traced process is left, end the tracer's wait for
+/// the agent: the container is being stopped.
+const STOPPING: [Signal; 2] = [Signal::SIGTERM, Signal::SIGINT];
+
 /// Starts the forwarding thread. Until the entrypoint exits, signals go to
 /// it; after that, to every process still traced. `verbose` logs each one.
-pub fn spawn_forwarder(root: Pid, live: Arc<Mutex<BTreeSet<i32>>>, verbose: bool) -> std::io::Result<()> {
+/// A stop signal that finds no traced process left notifies `stop_flush`.
+pub fn spawn_forwarder(
+    root: Pid,
+    live: Arc<Mutex<BTreeSet<i32>>>,
+    verbose: bool,
+    stop_flush: Arc<tokio::sync::Notify>,
+) -> std::io::Result<()> {
     let set = forwarded_set();
     std::thread::Builder::new().name("cws-signals".into()).spawn(move || loop {
         let mut info: libc::siginfo_t = zeroed_siginfo();
         // SAFETY: `set` is a valid sigset and `info` is writable.
         let signal = unsafe { libc::sigwaitinfo(set.as_ref(), &mut info) };
         let Ok(signal) = Signal::try_from(signal) else { continue };
+        if STOPPING.contains(&signal) && live.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+            stop_flush.notify_one();
+            continue;
+        }
         if info.si_code == libc::SI_KERNEL && FROM_TERMINAL.contains(&signal) {
             continue;
         }

@@ -152,6 +152,11 @@ impl Trace {
         self
     }
 
+    /// The `--events-file` of the run.
+    pub fn events_path(&self) -> PathBuf {
+        self.dir.path().join("events.jsonl")
+    }
+
     pub fn command(&mut self) -> &mut Command {
         &mut self.command
     }
@@ -181,7 +186,7 @@ impl Trace {
     /// Collects the events of a child started with `spawn`.
     pub fn finish(&self, child: Child) -> Run {
         let (status, stdout, stderr) = wait(child);
-        let text = std::fs::read_to_string(self.dir.path().join("events.jsonl")).unwrap_or_default();
+        let text = std::fs::read_to_string(self.events_path()).unwrap_or_default();
         let events = text
             .lines()
             .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON line {line:?}: {e}")))

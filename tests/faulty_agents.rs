@@ -1,0 +1,463 @@
+//! `trace` against agents that misbehave: silent, not HTTP/2, dropping the
+//! connection on the first bytes, refusing every stream, acknowledging
+//! beyond what they were sent, holding back their response headers, failing
+//! a stream after a partial ack. The workload's exit status and output never
+//! change, the tracer exits within its timeouts, retries are spaced, and
+//! each failure is said once.
+
+mod common;
+
+use std::net::{TcpListener, TcpStream};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Run, Trace};
+use cws_instrumentation::proto::event_service_server::{EventService, EventServiceServer};
+use cws_instrumentation::proto::{agent_message, tracer_message, Ack, AgentMessage, TracerMessage};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Slack on top of the tracer's own timeouts before a run counts as hung:
+/// a deadline, not a measure of speed.
+const HANG: Duration = Duration::from_secs(3);
+
+fn traced(address: &str, flags: &[&str], command: &[&str]) -> Trace {
+    let mut all = vec!["--probe-addr", address, "--stats"];
+    all.extend_from_slice(flags);
+    Trace::with_flags(&all, command)
+}
+
+/// Runs the trace; fails if it outlives its timeouts by more than `HANG`.
+fn run_bounded(trace: Trace, timeouts: Duration) -> Run {
+    let started = Instant::now();
+    let run = trace.run();
+    assert!(started.elapsed() < timeouts + HANG, "the tracer hung: {:?}\n{}", started.elapsed(), run.stderr);
+    run
+}
+
+fn stat(run: &Run, name: &str) -> u64 {
+    let stats = run.stderr.lines().find_map(|l| l.split_once("stats: ")).expect("a stats line").1;
+    let value = stats.split(' ').find_map(|p| p.strip_prefix(&format!("{name}="))).expect(name);
+    value.parse().unwrap()
+}
+
+/// The tracer's lines on stderr that contain `text`.
+fn said<'a>(run: &'a Run, text: &str) -> Vec<&'a str> {
+    run.stderr.lines().filter(|l| l.contains(text)).collect()
+}
+
+/// `N` from a "... (N times in all; the last: ...)" line, or 1 when the
+/// failure was said once only.
+fn times_in_all(lines: &[&str]) -> u64 {
+    lines
+        .iter()
+        .find_map(|l| l.split_once(" times in all; the last: ")?.0.rsplit_once('(')?.1.parse().ok())
+        .unwrap_or(1)
+}
+
+#[test]
+fn a_silent_peer_costs_the_timeouts_and_nothing_more() {
+    // Connections complete in the backlog and nobody ever reads them.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = silent.local_addr().unwrap().to_string();
+    let flags = ["--connect-timeout", "500ms", "--flush-timeout", "500ms"];
+    let run = run_bounded(traced(&address, &flags, &["sh", "-c", "echo ran; exit 3"]), Duration::from_secs(1));
+    assert_eq!((run.code(), run.stdout.as_str()), (Some(3), "ran\n"), "{}", run.stderr);
+    assert_eq!(said(&run, "within 500ms; starting the workload anyway").len(), 1, "{}", run.stderr);
+    assert_eq!(stat(&run, "undelivered"), run.events.len() as u64, "{}", run.stderr);
+}
+
+#[test]
+fn a_stop_signal_after_the_workload_ended_ends_the_flush_at_once() {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = silent.local_addr().unwrap().to_string();
+    let flags = ["--async", "--flush-timeout", "600s"];
+    let mut trace = traced(&address, &flags, &["sh", "-c", "exit 3"]);
+    let child = trace.spawn();
+    let tracer = Pid::from_raw(child.id() as i32);
+    // The exit event is written once the workload is gone: then the tracer
+    // is flushing, and would wait 600 s for the silent peer.
+    let events = trace.events_path();
+    let started = Instant::now();
+    while !std::fs::read_to_string(&events).unwrap_or_default().contains("\"exit\":") {
+        assert!(started.elapsed() < common::DEADLINE, "the workload's exit was never reported");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let signalled = Instant::now();
+    kill(tracer, Signal::SIGTERM).unwrap();
+    let run = trace.finish(child);
+    assert!(signalled.elapsed() < HANG, "SIGTERM did not end the flush: {:?}", signalled.elapsed());
+    assert_eq!(run.code(), Some(3), "the workload's status, not the signal's: {}", run.stderr);
+    assert_eq!(said(&run, "a stop signal after the workload's end").len(), 1, "{}", run.stderr);
+    assert_eq!(stat(&run, "undelivered"), run.events.len() as u64, "{}", run.stderr);
+}
+
+/// A peer that answers every connection with `answer`, and counts the
+/// connections.
+struct Peer {
+    address: String,
+    connections: Arc<Mutex<u64>>,
+}
+
+impl Peer {
+    fn start(answer: fn(&mut TcpStream)) -> Peer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let connections = Arc::new(Mutex::new(0));
+        let counted = Arc::clone(&connections);
+        std::thread::spawn(move || {
+            for connection in listener.incoming() {
+                let Ok(mut connection) = connection else { return };
+                *counted.lock().unwrap() += 1;
+                answer(&mut connection);
+            }
+        });
+        Peer { address, connections }
+    }
+}
+
+/// The client's first bytes (the HTTP/2 preface), then an HTTP/1.1 refusal.
+fn answer_http1(connection: &mut TcpStream) {
+    use std::io::{Read, Write};
+    let mut preface = [0u8; 24];
+    let _ = connection.read_exact(&mut preface);
+    let _ = connection.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+}
+
+/// The client's first bytes, then the connection dropped, as an agent that
+/// does not speak this protocol does.
+fn drop_after_first_bytes(connection: &mut TcpStream) {
+    use std::io::Read;
+    let mut preface = [0u8; 24];
+    let _ = connection.read_exact(&mut preface);
+}
+
+/// Takes the client's bytes and never answers, until the client goes.
+fn never_answer(connection: &mut TcpStream) {
+    let _ = std::io::copy(connection, &mut std::io::sink());
+}
+
+#[test]
+fn a_peer_that_takes_events_and_never_answers_is_given_up_on_and_retried() {
+    assert_given_up_on_and_retried("");
+}
+
+#[test]
+fn a_peer_that_stops_reading_is_given_up_on_and_retried() {
+    // Exec events of 125 KiB each: more than the peer's HTTP/2 window, which
+    // it never opens, so that the tracer's sends wait on it.
+    let big =
+        "a=$(head -c 350 /dev/zero | tr '\\0' x); i=0; while [ $i -lt 356 ]; do set -- \"$@\" $a; i=$((i+1)); done; \
+               j=0; while [ $j -lt 10 ]; do /bin/true \"$@\"; j=$((j+1)); done; ";
+    assert_given_up_on_and_retried(big);
+}
+
+/// Runs `prelude`, then events until a never-answering peer has seen a
+/// second connection: the tracer gave the first up.
+fn assert_given_up_on_and_retried(prelude: &str) {
+    let peer = Peer::start(never_answer);
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let script = format!("{prelude}while [ ! -e {} ]; do sleep 0.05; done; exit 2", go.display());
+    let flags = ["--async", "--connect-timeout", "300ms", "--flush-timeout", "300ms"];
+    let mut trace = traced(&peer.address, &flags, &["sh", "-c", &script]);
+    trace.command().env_clear().env("PATH", "/usr/bin:/bin");
+    let child = trace.spawn();
+    let started = Instant::now();
+    while *peer.connections.lock().unwrap() < 2 {
+        assert!(started.elapsed() < common::DEADLINE, "the tracer kept waiting on a peer that never answers");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::fs::write(&go, "").unwrap();
+    let run = trace.finish(child);
+    assert_eq!(run.code(), Some(2), "{}", run.stderr);
+    let failures = said(&run, &format!("stream to the agent at {} failed", peer.address));
+    assert!(
+        failures[0].ends_with("failed: no answer from the agent within 1s of sending it events; retrying"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(stat(&run, "undelivered"), run.events.len() as u64, "{}", run.stderr);
+}
+
+#[test]
+fn an_http1_peer_is_retried_with_backoff_and_its_failure_said_once() {
+    assert_backoff_against(Peer::start(answer_http1));
+}
+
+#[test]
+fn a_peer_that_drops_the_connection_is_retried_with_backoff_and_its_failure_said_once() {
+    assert_backoff_against(Peer::start(drop_after_first_bytes));
+}
+
+fn assert_backoff_against(peer: Peer) {
+    let flags = ["--connect-timeout", "1s", "--flush-timeout", "1s"];
+    let run = run_bounded(traced(&peer.address, &flags, &["sh", "-c", "echo ran; exit 4"]), Duration::from_secs(2));
+    assert_eq!((run.code(), run.stdout.as_str()), (Some(4), "ran\n"), "{}", run.stderr);
+    let failures = said(&run, &format!("stream to the agent at {} failed", peer.address));
+    assert!(!failures.is_empty() && failures.len() <= 2, "said once, then counted once: {}", run.stderr);
+    let connections = *peer.connections.lock().unwrap();
+    let failed = times_in_all(&failures);
+    // The last attempt may be cut short by the flush timeout before it fails.
+    assert!(failed == connections || failed + 1 == connections, "{failed} failures, {connections} connections");
+    // 2 s of backoff from 100 ms, doubling: a handful of attempts, not thousands.
+    assert!(connections <= 20, "{connections} connections in 2 s: no backoff");
+    assert_eq!(stat(&run, "undelivered"), run.events.len() as u64, "{}", run.stderr);
+}
+
+/// What an agent in this file saw.
+#[derive(Default)]
+struct Seen {
+    streams: u64,
+    /// Every event received, with its sequence number, in arrival order.
+    events: Vec<(u64, Value)>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Behaviour {
+    /// Every stream refused with UNAVAILABLE.
+    Refuse,
+    /// Each batch acknowledged 1000 beyond its last event.
+    AckBeyond,
+    /// Response headers held back until the first ack, as grpcio does by default.
+    HeadersWithFirstAck,
+    /// On the first stream, the first batch acknowledged up to its middle,
+    /// and the stream failed at the first batch that skips sequences (after
+    /// dropped events); later streams as usual.
+    FailFirstStreamAtAGap,
+}
+
+struct Agent {
+    behaviour: Behaviour,
+    seen: Arc<Mutex<Seen>>,
+}
+
+type Replies = Pin<Box<dyn tokio_stream::Stream<Item = Result<AgentMessage, Status>> + Send>>;
+
+fn ack(sequence: u64) -> Result<AgentMessage, Status> {
+    Ok(AgentMessage { message: Some(agent_message::Message::Ack(Ack { sequence: Some(sequence) })) })
+}
+
+impl Agent {
+    /// Records a batch; the ack to send for it.
+    fn record(seen: &Mutex<Seen>, behaviour: Behaviour, message: TracerMessage) -> Option<u64> {
+        let Some(tracer_message::Message::Batch(batch)) = message.message else { return None };
+        let mut seen = seen.lock().unwrap();
+        for (offset, event) in batch.events.iter().enumerate() {
+            seen.events.push((batch.first_sequence + offset as u64, serde_json::to_value(event).unwrap()));
+        }
+        let last = batch.first_sequence + batch.events.len() as u64 - 1;
+        Some(if behaviour == Behaviour::AckBeyond { last + 1000 } else { last })
+    }
+}
+
+#[tonic::async_trait]
+impl EventService for Agent {
+    type StreamEventsStream = Replies;
+
+    async fn stream_events(&self, request: Request<Streaming<TracerMessage>>) -> Result<Response<Replies>, Status> {
+        let streams = {
+            let mut seen = self.seen.lock().unwrap();
+            seen.streams += 1;
+            seen.streams
+        };
+        if self.behaviour == Behaviour::FailFirstStreamAtAGap && streams == 1 {
+            return Ok(Response::new(Box::pin(self.fail_at_a_gap(request.into_inner()))));
+        }
+        if self.behaviour == Behaviour::Refuse {
+            return Err(Status::unavailable("refusing every stream"));
+        }
+        let mut incoming = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        if self.behaviour == Behaviour::HeadersWithFirstAck {
+            // No headers until there is something to answer.
+            loop {
+                let message = incoming.message().await?.ok_or_else(|| Status::aborted("ended"))?;
+                if let Some(sequence) = Agent::record(&self.seen, self.behaviour, message) {
+                    let _ = tx.send(ack(sequence)).await;
+                    break;
+                }
+            }
+        }
+        let (seen, behaviour) = (Arc::clone(&self.seen), self.behaviour);
+        tokio::spawn(async move {
+            // Ends its side (status OK) when the tracer ends its own.
+            while let Ok(Some(message)) = incoming.message().await {
+                if let Some(sequence) = Agent::record(&seen, behaviour, message) {
+                    let _ = tx.send(ack(sequence)).await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl Agent {
+    /// `FailFirstStreamAtAGap`'s first stream.
+    fn fail_at_a_gap(&self, mut incoming: Streaming<TracerMessage>) -> ReceiverStream<Result<AgentMessage, Status>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let seen = Arc::clone(&self.seen);
+        tokio::spawn(async move {
+            let mut next: Option<u64> = None;
+            while let Ok(Some(message)) = incoming.message().await {
+                let Some(tracer_message::Message::Batch(batch)) = &message.message else { continue };
+                let (first, count) = (batch.first_sequence, batch.events.len() as u64);
+                if next.is_some_and(|n| n != first) {
+                    let _ = tx.send(Err(Status::unavailable("failing at the first gap"))).await;
+                    return;
+                }
+                next = Some(first + count);
+                Agent::record(&seen, Behaviour::FailFirstStreamAtAGap, message);
+                if first == 0 {
+                    let _ = tx.send(ack((count / 2).saturating_sub(1))).await;
+                }
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+/// An agent of `behaviour` on loopback, until dropped.
+struct RunningAgent {
+    address: String,
+    seen: Arc<Mutex<Seen>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl RunningAgent {
+    fn start(behaviour: Behaviour) -> RunningAgent {
+        RunningAgent::start_at(behaviour, "127.0.0.1:0")
+    }
+
+    fn start_at(behaviour: Behaviour, address: &str) -> RunningAgent {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let agent = Agent { behaviour, seen: Arc::clone(&seen) };
+        let listener = std::net::TcpListener::bind(address).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let incoming = tonic::transport::server::TcpIncoming::from(listener);
+                let _ = tonic::transport::Server::builder()
+                    .add_service(EventServiceServer::new(agent))
+                    .serve_with_incoming_shutdown(incoming, async {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            });
+        });
+        RunningAgent { address, seen, stop: Some(stop) }
+    }
+
+    /// The events received, each once, in sequence order, and whether any came twice.
+    fn events(&self) -> Vec<(u64, Value)> {
+        let mut events = self.seen.lock().unwrap().events.clone();
+        events.sort_by_key(|(sequence, _)| *sequence);
+        events.dedup_by_key(|(sequence, _)| *sequence);
+        events
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The agent holds exactly the run's events, numbered from 0.
+fn assert_received(agent: &RunningAgent, run: &Run) {
+    let events = agent.events();
+    let sequences: Vec<u64> = events.iter().map(|(s, _)| *s).collect();
+    assert_eq!(sequences, (0..run.events.len() as u64).collect::<Vec<_>>(), "{}", run.stderr);
+    let values: Vec<Value> = events.into_iter().map(|(_, v)| v).collect();
+    assert_eq!(values, run.events);
+}
+
+#[test]
+fn an_agent_refusing_every_stream_is_retried_with_backoff_and_said_once() {
+    let agent = RunningAgent::start(Behaviour::Refuse);
+    let flags = ["--connect-timeout", "1s", "--flush-timeout", "1s"];
+    let run = run_bounded(traced(&agent.address, &flags, &["sh", "-c", "echo ran; exit 5"]), Duration::from_secs(2));
+    assert_eq!((run.code(), run.stdout.as_str()), (Some(5), "ran\n"), "{}", run.stderr);
+    let failures = said(&run, &format!("stream to the agent at {} failed", agent.address));
+    assert!(!failures.is_empty() && failures.len() <= 2, "said once, then counted once: {}", run.stderr);
+    assert!(failures[0].ends_with("failed: status Unavailable \"refusing every stream\"; retrying"), "{}", run.stderr);
+    let streams = agent.seen.lock().unwrap().streams;
+    let failed = times_in_all(&failures);
+    assert!(failed == streams || failed + 1 == streams, "{failed} failures, {streams} streams\n{}", run.stderr);
+    assert!(streams <= 20, "{streams} streams in 2 s: no backoff");
+    assert_eq!(stat(&run, "undelivered"), run.events.len() as u64, "{}", run.stderr);
+}
+
+#[test]
+fn acks_beyond_what_was_sent_are_cut_to_it_and_said_once() {
+    let agent = RunningAgent::start(Behaviour::AckBeyond);
+    // Events in two bursts, so that the second comes after an ack far beyond it.
+    let script = "cat /etc/hostname >/dev/null; sleep 0.3; cat /etc/hostname >/dev/null; cat /etc/passwd >/dev/null";
+    let run =
+        run_bounded(traced(&agent.address, &["--flush-timeout", "5s"], &["sh", "-c", script]), Duration::from_secs(5));
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    assert_eq!(run.opens_of("/etc/passwd").len(), 1);
+    // Every event reached the agent: none was forgotten for an ack beyond it.
+    assert_received(&agent, &run);
+    let complaints = said(&run, "acknowledges events it was not sent");
+    assert!(!complaints.is_empty() && complaints.len() <= 2, "said once, then counted: {}", run.stderr);
+    assert_eq!(stat(&run, "undelivered"), 0, "{}", run.stderr);
+}
+
+#[test]
+fn an_agent_that_sends_its_headers_with_its_first_ack_gets_every_event() {
+    let agent = RunningAgent::start(Behaviour::HeadersWithFirstAck);
+    let flags = ["--connect-timeout", "500ms", "--flush-timeout", "5s"];
+    let script = "cat /etc/hostname >/dev/null; exit 6";
+    let run = run_bounded(traced(&agent.address, &flags, &["sh", "-c", script]), Duration::from_millis(5500));
+    assert_eq!(run.code(), Some(6), "{}", run.stderr);
+    // No headers before an event: the workload waited its connect timeout.
+    assert_eq!(said(&run, "within 500ms; starting the workload anyway").len(), 1, "{}", run.stderr);
+    assert_received(&agent, &run);
+    assert_eq!(stat(&run, "undelivered"), 0, "{}", run.stderr);
+    assert_eq!(agent.seen.lock().unwrap().streams, 1, "{}", run.stderr);
+}
+
+#[test]
+fn a_resend_after_dropped_events_keeps_each_event_under_its_own_number() {
+    let address = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // Events go on until the test says: the buffer (10) overflows while no
+    // agent listens, and fills again after the agent's first ack.
+    let script = format!("while [ ! -e {} ]; do cat /etc/hostname >/dev/null; sleep 0.02; done", go.display());
+    let flags = ["--async", "--buffer-events", "10", "--flush-timeout", "30s"];
+    let mut trace = traced(&address, &flags, &["sh", "-c", &script]);
+    let child = trace.spawn();
+    let started = Instant::now();
+    while std::fs::read_to_string(trace.events_path()).unwrap_or_default().lines().count() < 30 {
+        assert!(started.elapsed() < common::DEADLINE, "the workload made no events");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The first stream gets 0..=9, acknowledges 0..=4 and fails when the
+    // events after the dropped ones come: the next stream resends 5..=9
+    // and those, with a gap between.
+    let agent = RunningAgent::start_at(Behaviour::FailFirstStreamAtAGap, &address);
+    while agent.seen.lock().unwrap().streams < 2 || agent.events().last().is_none_or(|(s, _)| *s < 10) {
+        assert!(started.elapsed() < common::DEADLINE, "no resend after the failed stream");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::fs::write(&go, "").unwrap();
+    let run = trace.finish(child);
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let received = agent.seen.lock().unwrap().events.clone();
+    for (sequence, event) in &received {
+        assert_eq!(event, &run.events[*sequence as usize], "event {sequence} came under another's number");
+    }
+    assert!(received.iter().filter(|(s, _)| (5..10).contains(s)).count() >= 10, "5..=9 came twice: {received:?}");
+}
