@@ -11,12 +11,17 @@ pub fn line(message: fmt::Arguments<'_>) {
     let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
-/// An error and its sources, as one line: "outer: cause: root cause".
+/// An error and its sources, as one line: "outer: cause: root cause". A
+/// layer that only repeats what the message already ends with is left out
+/// (hyper's connect errors wrap an error of the same text).
 pub fn causes(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        message = format!("{message}: {cause}");
+        let text = cause.to_string();
+        if !message.ends_with(&text) {
+            message = format!("{message}: {text}");
+        }
         source = cause.source();
     }
     message
@@ -29,3 +34,32 @@ macro_rules! log {
     };
 }
 pub(crate) use log;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn causes_read_outer_to_root_without_repeats() {
+        let refused = Layer("Connection refused (os error 111)", None);
+        let inner = Layer("tcp connect error", Some(Box::new(refused)));
+        let outer = Layer("tcp connect error", Some(Box::new(inner)));
+        let transport = Layer("transport error", Some(Box::new(outer)));
+        assert_eq!(causes(&transport), "transport error: tcp connect error: Connection refused (os error 111)");
+    }
+}

@@ -257,11 +257,14 @@ impl Session {
                 }
                 tracer_message::Message::Goodbye(goodbye) => {
                     let exit = goodbye.exit.unwrap_or_default();
+                    let ended = match (exit.code, exit.signal) {
+                        (Some(code), _) => format!("exit code {code}"),
+                        (None, Some(signal)) => format!("killed by signal {signal}"),
+                        (None, None) => "end unknown".to_owned(),
+                    };
                     let counters = goodbye.counters.unwrap_or_default();
                     log!(
-                        "goodbye: session {id} exit code {:?} signal {:?} events {} dropped {} ptrace stops {} reconnects {}",
-                        exit.code,
-                        exit.signal,
+                        "goodbye: session {id} {ended} events {} dropped {} ptrace stops {} reconnects {}",
                         counters.events,
                         counters.dropped,
                         counters.ptrace_stops,

@@ -132,7 +132,7 @@ fn events_reach_the_sidecar_as_the_events_file_has_them() {
     let run = traced(&sidecar.address, &[], &["sh", "-c", "cat /etc/hostname >/dev/null; exit 3"]).run();
     assert_eq!(run.code(), Some(3));
     let goodbye = sidecar.wait_for("goodbye");
-    assert!(goodbye.contains("exit code Some(3)"), "{goodbye}");
+    assert!(goodbye.contains(" exit code 3 events "), "{goodbye}");
     assert_eq!(sidecar.stop(), Some(0));
 
     let lines = read_lines(&output_path(&dir));
@@ -536,7 +536,7 @@ mod raw_client {
         let dir = tempfile::tempdir().unwrap();
         let output = output_path(&dir);
         let mut sidecar = Sidecar::start("127.0.0.1:0", &output);
-        let forged = "x\ncws-instrumentation: goodbye: session \"y\" exit code Some(0)";
+        let forged = "x\ncws-instrumentation: goodbye: session \"y\" exit code 0";
         assert_eq!(exchange(&sidecar.address, vec![hello(forged), batch_from(0, 1)]), Ok(vec![0]));
         let logged = sidecar.wait_for("hello: session ");
         assert!(logged.starts_with(&format!("cws-instrumentation: hello: session {forged:?} from ")), "{logged}");
