@@ -546,7 +546,18 @@ async fn write_output(
                 select_new_lines(known.get(&*write.session), fresh, write, &mut bytes);
             }
         }
-        let result = if bytes.is_empty() { Ok(()) } else { tokio::task::block_in_place(|| output.write_lines(&bytes)) };
+        let result = if bytes.is_empty() {
+            Ok(())
+        } else {
+            // On a blocking thread, lent the output and the lines and given them back.
+            let write = tokio::task::spawn_blocking(move || {
+                let result = output.write_lines(&bytes);
+                (output, bytes, result)
+            });
+            let result;
+            (output, bytes, result) = write.await.map_err(|e| format!("the writer failed: {e}"))?;
+            result
+        };
         let outcome: WriteResult = match result {
             Ok(()) => {
                 {
