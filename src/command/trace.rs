@@ -17,7 +17,8 @@ pub fn run(args: TraceArgs) -> Result<i32, ExitError> {
     let agent = agent_options(&args)?;
     // Before any thread starts, so that every thread inherits the blocked signals.
     let inheritance = Inheritance::capture().map_err(|e| ExitError::setup(format!("cannot block signals: {e}")))?;
-    let outputs = Outputs { verbose: args.verbose, events_file: args.events_file.clone(), agent };
+    let outputs =
+        Outputs { verbose: args.verbose, debug: args.datadog.debug, events_file: args.events_file.clone(), agent };
     let (sink, exporters) = Exporters::start(outputs).map_err(|e| ExitError::usage(e.to_string()))?;
     if let Some(exporters) = &exporters {
         hold_for_agent(&args, exporters);
@@ -31,8 +32,8 @@ pub fn run(args: TraceArgs) -> Result<i32, ExitError> {
     let workload = Workload {
         program,
         argv: args.command.clone(),
-        uid: args.uid,
-        gid: args.gid,
+        uid: args.uid.and_then(|id| id.0),
+        gid: args.gid.and_then(|id| id.0),
         mode: trace::usable_mode(requested),
         log_signals: args.verbose,
     };
@@ -123,7 +124,7 @@ fn log_summary(outcome: &Outcome, delivery: &grpc::Delivery) {
     );
 }
 
-fn launch_error(error: LaunchError) -> ExitError {
+pub(super) fn launch_error(error: LaunchError) -> ExitError {
     match error {
         LaunchError::NotFound(name) => ExitError::new(code::NOT_FOUND, format!("{name}: command not found")),
         LaunchError::NotExecutable(message) => ExitError::new(code::NOT_EXECUTABLE, message),

@@ -35,7 +35,7 @@ use launch::Launch;
 use process::LiveProcesses;
 
 pub use engine::{Mode, Outcome, Stats};
-pub use launch::{resolve_entrypoint, LaunchError};
+pub use launch::{exec_in_place, resolve_entrypoint, LaunchError};
 pub use procfs::peak_rss_kib;
 pub use ptrace::Death;
 

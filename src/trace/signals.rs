@@ -108,8 +108,9 @@ impl IgnoredSignals {
         IgnoredSignals(bits)
     }
 
-    /// In the forked child: every signal back to what the tracer inherited
-    /// (ignored, or default). Raw syscalls only.
+    /// Every signal back to what the tracer inherited (ignored, or
+    /// default), before an exec: in the forked child, or in place
+    /// (`spawn`, `inject`). Raw syscalls only.
     pub fn restore(self) {
         for signal in 1..=64 {
             if signal == libc::SIGKILL || signal == libc::SIGSTOP {
