@@ -1,6 +1,7 @@
 //! The subcommands: the command line mapped onto the modules that do the
 //! work, and their errors onto one line and an exit status.
 
+mod attach;
 mod datadog;
 mod trace;
 

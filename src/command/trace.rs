@@ -1,19 +1,26 @@
 //! `trace -- ENTRYPOINT`: the exporters, the agent wait, the tracer, and
 //! the Goodbye, in that order; the exit status is the workload's.
 
+use std::path::PathBuf;
+
 use crate::address::Address;
 use crate::cli::{self, TraceArgs};
+use crate::command::attach;
 use crate::context;
 use crate::exit::{code, ExitError};
 use crate::export::{grpc, Exporters, Outputs};
 use crate::log::log;
-use crate::proto::{Counters, Goodbye};
+use crate::proto::{self, Counters, Goodbye};
+use crate::queue::EventSink;
 use crate::trace::{self, Inheritance, LaunchError, Mode, Outcome, Tracer, Workload};
 
 pub fn run(args: TraceArgs) -> Result<i32, ExitError> {
-    let entrypoint =
-        args.command.first().ok_or_else(|| ExitError::usage("trace needs an entrypoint after --".into()))?;
-    let program = trace::resolve_entrypoint(entrypoint).map_err(launch_error)?;
+    let attaching = !args.datadog.pids.is_empty();
+    let program = match args.command.first() {
+        Some(entrypoint) => Some(trace::resolve_entrypoint(entrypoint).map_err(launch_error)?),
+        None if attaching => None,
+        None => return Err(ExitError::usage("trace needs an entrypoint after --".into())),
+    };
     let agent = agent_options(&args)?;
     // Before any thread starts, so that every thread inherits the blocked signals.
     let inheritance = Inheritance::capture().map_err(|e| ExitError::setup(format!("cannot block signals: {e}")))?;
@@ -24,20 +31,10 @@ pub fn run(args: TraceArgs) -> Result<i32, ExitError> {
         hold_for_agent(&args, exporters);
     }
 
-    let requested = if args.disable_seccomp || cli::env_flag("DD_CWS_INSTRUMENTATION_SECCOMP_DISABLED") {
-        Mode::Full
-    } else {
-        Mode::Seccomp
+    let (outcome, failures) = match program {
+        Some(program) => (wrap(&args, program, inheritance, sink), Vec::new()),
+        None => attach::run(&args, sink),
     };
-    let workload = Workload {
-        program,
-        argv: args.command.clone(),
-        uid: args.uid.and_then(|id| id.0),
-        gid: args.gid.and_then(|id| id.0),
-        mode: trace::usable_mode(requested),
-        log_signals: args.verbose,
-    };
-    let outcome = Tracer::start(workload, inheritance, sink).and_then(Tracer::wait);
 
     // The tracer, and with it the queue's sender, is gone: exporters drain and stop.
     let delivery = match exporters.map(|e| e.finish(goodbye(&outcome))).transpose() {
@@ -54,7 +51,28 @@ pub fn run(args: TraceArgs) -> Result<i32, ExitError> {
     if args.verbose {
         log_summary(&outcome, &delivery);
     }
+    if attaching {
+        return Ok(failures.first().map_or(0, attach::status));
+    }
     Ok(outcome.root.map_or(code::SETUP, |death| death.shell_status()))
+}
+
+/// Wrap mode: starts the entrypoint under the tracer and waits for it.
+fn wrap(args: &TraceArgs, program: PathBuf, inheritance: Inheritance, sink: EventSink) -> Result<Outcome, LaunchError> {
+    let requested = if args.disable_seccomp || cli::env_flag("DD_CWS_INSTRUMENTATION_SECCOMP_DISABLED") {
+        Mode::Full
+    } else {
+        Mode::Seccomp
+    };
+    let workload = Workload {
+        program,
+        argv: args.command.clone(),
+        uid: args.uid.and_then(|id| id.0),
+        gid: args.gid.and_then(|id| id.0),
+        mode: trace::usable_mode(requested),
+        log_signals: args.verbose,
+    };
+    Tracer::start(workload, inheritance, sink).and_then(Tracer::wait)
 }
 
 fn agent_options(args: &TraceArgs) -> Result<Option<grpc::Options>, ExitError> {
@@ -62,12 +80,11 @@ fn agent_options(args: &TraceArgs) -> Result<Option<grpc::Options>, ExitError> {
         return Ok(None);
     }
     let address = Address::parse(&args.probe_addr).map_err(|e| ExitError::usage(format!("--probe-addr {e}")))?;
-    Ok(Some(grpc::Options {
-        address,
-        hello: context::hello(&args.command),
-        capacity: args.buffer_events.max(1),
-        flush_timeout: args.flush_timeout,
-    }))
+    let mut hello = context::hello(&args.command);
+    if !args.datadog.pids.is_empty() {
+        hello.mode = proto::Mode::Attached as i32;
+    }
+    Ok(Some(grpc::Options { address, hello, capacity: args.buffer_events.max(1), flush_timeout: args.flush_timeout }))
 }
 
 /// Holds the workload until its events have somewhere to go, but never

@@ -9,6 +9,7 @@
 //! `seccomp` (the filter built from it); `launch`, `signals`, `engine`.
 
 mod abi;
+mod attach;
 mod decode;
 mod engine;
 mod launch;
@@ -19,11 +20,13 @@ mod procfs;
 mod ptrace;
 mod seccomp;
 mod signals;
+mod snapshot;
 mod syscalls;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use nix::sys::signal::SigSet;
@@ -34,6 +37,7 @@ use engine::Engine;
 use launch::Launch;
 use process::LiveProcesses;
 
+pub use attach::AttachError;
 pub use engine::{Mode, Outcome, Stats};
 pub use launch::{exec_in_place, resolve_entrypoint, LaunchError};
 pub use procfs::peak_rss_kib;
@@ -128,6 +132,47 @@ impl Tracer {
                 .map_err(|e| LaunchError::Setup(format!("cannot start the signal thread: {e}")))?;
         }
         Ok(Tracer { thread })
+    }
+
+    /// Attach mode: seizes the processes `pids` name (every thread, and
+    /// their descendants) and traces them in full-ptrace mode until they are
+    /// gone or an ending signal (TERM, INT, HUP, QUIT) makes the tracer let
+    /// them go. Returns the tracer, and the pids that could not be traced;
+    /// when none could, no tracer. The forwarded signals must be blocked
+    /// (`Inheritance::capture`).
+    pub fn attach(pids: Vec<i32>, mut sink: EventSink) -> Result<(Option<Tracer>, Vec<AttachError>), LaunchError> {
+        let detach = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let tracer_tid = Arc::new(AtomicI32::new(0));
+        let (attached_tx, attached_rx) = mpsc::channel();
+        let (thread_detach, thread_done, thread_tid) = (detach.clone(), done.clone(), tracer_tid.clone());
+        let thread = std::thread::Builder::new()
+            .name("cws-tracer".into())
+            .spawn(move || -> Result<Outcome, LaunchError> {
+                thread_tid.store(nix::unistd::gettid().as_raw(), Ordering::SeqCst);
+                if let Err(e) = signals::accept_wake() {
+                    log!("cannot install the detach wake-up handler: {e}");
+                }
+                let attached = attach::attach(&pids, &mut sink);
+                let traced = !attached.processes.is_empty();
+                let _ = attached_tx.send((traced, attached.failures));
+                let outcome = if traced {
+                    Engine::attached(attached.processes, sink, LiveProcesses::default(), thread_detach).run()
+                } else {
+                    Outcome { root: None, stats: Stats::default(), detached: 0 }
+                };
+                thread_done.store(true, Ordering::SeqCst);
+                Ok(outcome)
+            })
+            .map_err(|e| LaunchError::Setup(format!("cannot start the tracer thread: {e}")))?;
+        let (traced, failures) = attached_rx.recv().unwrap_or_default();
+        if !traced {
+            let _ = thread.join();
+            return Ok((None, failures));
+        }
+        signals::spawn_detacher(detach, tracer_tid, done)
+            .map_err(|e| LaunchError::Setup(format!("cannot start the signal thread: {e}")))?;
+        Ok((Some(Tracer { thread }), failures))
     }
 
     /// Waits until every traced process is gone.
