@@ -22,9 +22,6 @@ pub fn run(args: &TraceArgs, sink: EventSink) -> (Result<Outcome, LaunchError>, 
         Some(tracer) => tracer.wait(),
         None => Ok(Outcome { root: None, stats: Stats::default(), detached: 0 }),
     };
-    if let (true, Ok(outcome)) = (args.stats, &outcome) {
-        log!("stats: attach mode, full ptrace (no seccomp): {} threads detached at the end", outcome.detached);
-    }
     (outcome, failures)
 }
 

@@ -3,12 +3,13 @@
 //! for to check that events flow).
 
 use std::path::Path;
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
-use crate::cli::{InjectArgs, SelftestsArgs, SpawnArgs};
+use crate::cli::{self, DatadogTraceArgs, InjectArgs, SelftestsArgs, SpawnArgs};
 use crate::command::trace::launch_error;
 use crate::exit::{code, ExitError};
 use crate::log::log;
@@ -68,4 +69,23 @@ fn open_test(path: &Path) -> nix::Result<()> {
         Err(Errno::EEXIST) => nix::fcntl::open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).map(drop),
         Err(e) => Err(e),
     }
+}
+
+/// The /proc scan's period, or None when it is turned off. As Datadog's, a
+/// rate that is not a duration costs a warning and gives the default.
+pub fn proc_scan_period(args: &DatadogTraceArgs) -> Option<Duration> {
+    if args.disable_proc_scan || cli::env_flag("DD_CWS_INSTRUMENTATION_PROC_SCAN_DISABLED") {
+        return None;
+    }
+    let rate = args.proc_scan_rate.clone().or_else(|| std::env::var("DD_CWS_INSTRUMENTATION_PROC_SCAN_RATE").ok());
+    let default = trace::DEFAULT_PROC_SCAN_PERIOD;
+    Some(match rate.as_deref().filter(|r| !r.is_empty()).map(cli::parse_duration) {
+        None => default,
+        Some(Ok(period)) if !period.is_zero() => period,
+        Some(Ok(_)) => default,
+        Some(Err(e)) => {
+            log!("proc scan rate: {e}; scanning every {}", cli::format_duration(default));
+            default
+        }
+    })
 }

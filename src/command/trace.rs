@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use crate::address::Address;
 use crate::cli::{self, TraceArgs};
-use crate::command::attach;
+use crate::command::{attach, datadog};
 use crate::context;
 use crate::exit::{code, ExitError};
 use crate::export::{grpc, Exporters, Outputs};
@@ -71,6 +71,7 @@ fn wrap(args: &TraceArgs, program: PathBuf, inheritance: Inheritance, sink: Even
         gid: args.gid.and_then(|id| id.0),
         mode: trace::usable_mode(requested),
         log_signals: args.verbose,
+        proc_scan: datadog::proc_scan_period(&args.datadog),
     };
     Tracer::start(workload, inheritance, sink).and_then(Tracer::wait)
 }
@@ -120,9 +121,10 @@ fn goodbye(outcome: &Result<Outcome, LaunchError>) -> Goodbye {
 fn log_stats(outcome: &Outcome, delivery: &grpc::Delivery) {
     let s = &outcome.stats;
     log!(
-        "stats: seccomp_stops={} syscall_stops={} fork_stops={} exec_stops={} group_stops={} signal_stops={} other_stops={} foreign_calls={} events={} dropped={} undelivered={} reconnects={} peak_rss_kib={}",
+        "stats: seccomp_stops={} syscall_stops={} fork_stops={} exec_stops={} group_stops={} signal_stops={} other_stops={} foreign_calls={} events={} dropped={} undelivered={} reconnects={} peak_rss_kib={} proc_scans={} proc_scan_cpu_us={} detached={}",
         s.seccomp, s.syscall, s.fork, s.exec, s.group, s.signal, s.other, s.foreign, s.events, s.dropped,
-        delivery.undelivered + delivery.dropped, delivery.reconnects, trace::peak_rss_kib().unwrap_or(0)
+        delivery.undelivered + delivery.dropped, delivery.reconnects, trace::peak_rss_kib().unwrap_or(0),
+        s.proc_scans, s.proc_scan_cpu.as_micros(), outcome.detached
     );
 }
 

@@ -179,9 +179,11 @@ pub fn format_event(out: &mut String, event: &Event) {
                 let core = if exit.core_dumped { " (core dumped)" } else { "" };
                 let _ = write!(out, "+++ killed by {}{core} +++", signal_name(exit.signal.unwrap_or(0)));
             }
-            _ => {
+            ExitCause::Exited => {
                 let _ = write!(out, "+++ exited with {} +++", exit.code.unwrap_or(0));
             }
+            // A process the /proc scan saw go: how, only its parent knows.
+            ExitCause::Unspecified => out.push_str("+++ gone +++"),
         },
         Some(Payload::Chdir(chdir)) => {
             let _ = write!(out, "{name}({:?})", chdir.path);

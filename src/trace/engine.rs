@@ -53,9 +53,21 @@ pub struct Stats {
     pub dropped: u64,
     /// Events by kind (`crate::queue::kind`), dropped or not.
     pub events_by_kind: std::collections::BTreeMap<&'static str, u64>,
+    /// /proc scans made, and the CPU time they took.
+    pub proc_scans: u64,
+    pub proc_scan_cpu: std::time::Duration,
 }
 
 impl Stats {
+    /// Adds what a sender into the queue counted.
+    pub fn add_sink(&mut self, sink: &EventSink) {
+        self.events += sink.emitted;
+        self.dropped += sink.dropped;
+        for (kind, count) in &sink.by_kind {
+            *self.events_by_kind.entry(kind).or_default() += count;
+        }
+    }
+
     pub fn stops(&self) -> u64 {
         self.seccomp + self.syscall + self.fork + self.exec + self.group + self.signal + self.other
     }
@@ -173,9 +185,7 @@ impl Engine {
                 let _ = nix::sys::ptrace::cont(pid, None);
             }
         }
-        self.stats.events = self.sink.emitted;
-        self.stats.dropped = self.sink.dropped;
-        self.stats.events_by_kind = std::mem::take(&mut self.sink.by_kind);
+        self.stats.add_sink(&self.sink);
         Outcome { root: self.root_death, stats: self.stats, detached }
     }
 

@@ -17,6 +17,7 @@ mod memory;
 mod paths;
 mod process;
 mod procfs;
+mod procscan;
 mod ptrace;
 mod seccomp;
 mod signals;
@@ -41,6 +42,7 @@ pub use attach::AttachError;
 pub use engine::{Mode, Outcome, Stats};
 pub use launch::{exec_in_place, resolve_entrypoint, LaunchError};
 pub use procfs::peak_rss_kib;
+pub use procscan::DEFAULT_PERIOD as DEFAULT_PROC_SCAN_PERIOD;
 pub use ptrace::Death;
 
 /// What the workload inherits from the tracer's own start, captured before
@@ -69,6 +71,8 @@ pub struct Workload {
     pub mode: Mode,
     /// Log each signal passed on to the workload.
     pub log_signals: bool,
+    /// Scan /proc this often for processes outside the traced tree (None: never).
+    pub proc_scan: Option<std::time::Duration>,
 }
 
 /// The mode to trace in: seccomp where the kernel runs such filters, every
@@ -89,6 +93,7 @@ pub fn usable_mode(requested: Mode) -> Mode {
 /// A running tracer.
 pub struct Tracer {
     thread: JoinHandle<Result<Outcome, LaunchError>>,
+    scanner: Option<procscan::Scanner>,
 }
 
 impl Tracer {
@@ -109,6 +114,7 @@ impl Tracer {
         let live = LiveProcesses::default();
         let (started_tx, started_rx) = mpsc::channel();
         let tracer_live = live.clone();
+        let scan_sink = workload.proc_scan.map(|_| sink.another());
         let thread = std::thread::Builder::new()
             .name("cws-tracer".into())
             .spawn(move || -> Result<Outcome, LaunchError> {
@@ -127,11 +133,18 @@ impl Tracer {
                 Ok(engine.run())
             })
             .map_err(|e| LaunchError::Setup(format!("cannot start the tracer thread: {e}")))?;
+        let mut scanner = None;
         if let Ok(Some(root)) = started_rx.recv() {
-            signals::spawn_forwarder(root, live, workload.log_signals)
+            signals::spawn_forwarder(root, live.clone(), workload.log_signals)
                 .map_err(|e| LaunchError::Setup(format!("cannot start the signal thread: {e}")))?;
+            if let (Some(period), Some(sink)) = (workload.proc_scan, scan_sink) {
+                match procscan::Scanner::start(period, procscan::START_DELAY, sink, live) {
+                    Ok(started) => scanner = Some(started),
+                    Err(e) => log!("cannot start the /proc scan: {e}; processes outside the traced tree go unseen"),
+                }
+            }
         }
-        Ok(Tracer { thread })
+        Ok(Tracer { thread, scanner })
     }
 
     /// Attach mode: seizes the processes `pids` name (every thread, and
@@ -172,11 +185,21 @@ impl Tracer {
         }
         signals::spawn_detacher(detach, tracer_tid, done)
             .map_err(|e| LaunchError::Setup(format!("cannot start the signal thread: {e}")))?;
-        Ok((Some(Tracer { thread }), failures))
+        Ok((Some(Tracer { thread, scanner: None }), failures))
     }
 
     /// Waits until every traced process is gone.
     pub fn wait(self) -> Result<Outcome, LaunchError> {
-        self.thread.join().unwrap_or_else(|_| Err(LaunchError::Setup("the tracer thread failed".into())))
+        let mut outcome =
+            self.thread.join().unwrap_or_else(|_| Err(LaunchError::Setup("the tracer thread failed".into())));
+        // The scan ends with the tracer: its sender must go for the queue to end.
+        if let Some(scan) = self.scanner.and_then(procscan::Scanner::stop) {
+            if let Ok(outcome) = &mut outcome {
+                outcome.stats.add_sink(&scan.sink);
+                outcome.stats.proc_scans = scan.scans;
+                outcome.stats.proc_scan_cpu = scan.cpu;
+            }
+        }
+        outcome
     }
 }
