@@ -236,3 +236,72 @@ fn tracee_of(tracer: i32) -> i32 {
     assert_eq!(children.len(), 1, "{children:?}");
     children[0]
 }
+
+#[test]
+fn more_pids_than_pid_per_tracer_are_shared_by_several_tracers_that_detach_together() {
+    let work = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let out = tempfile::tempdir().unwrap();
+    let mut targets: Vec<Target> = work.iter().map(|w| Target::start(w.path())).collect();
+    let pids: Vec<i32> = targets.iter().map(Target::pid).collect();
+    let tracer = attach(out.path(), &pids, &["--pid-per-tracer", "1"]);
+    // Tracer N writes events.jsonl.N.
+    for (index, &pid) in pids.iter().enumerate() {
+        let numbered = out.path().join(format!("events.jsonl.{}", index + 1));
+        let started = Instant::now();
+        while !std::fs::read_to_string(&numbered).unwrap_or_default().lines().any(|l| {
+            let event: Value = serde_json::from_str(l).unwrap();
+            seen_at_attach(&event, pid)
+        }) {
+            assert!(started.elapsed() < DEADLINE, "pid {pid} not attached");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    // Each by a tracer of its own, neither of them the one started here.
+    let tracers: Vec<i32> = pids.iter().map(|&pid| tracer_of(pid).unwrap()).collect();
+    assert!(tracers[0] != tracers[1] && !tracers.contains(&(tracer.id() as i32)), "{tracers:?}");
+    for tracer_pid in &tracers {
+        assert_eq!(
+            std::fs::read_to_string(format!("/proc/{tracer_pid}/stat")).unwrap().split(' ').nth(3),
+            Some(tracer.id().to_string().as_str())
+        );
+    }
+
+    kill(Pid::from_raw(tracer.id() as i32), Signal::SIGTERM).unwrap();
+    let (status, _, stderr) = wait(tracer);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    for target in &mut targets {
+        assert_eq!(tracer_of(target.pid()), Some(0));
+        writeln!(target.stdin, "go").unwrap();
+        read_line(&mut target.stdout);
+        writeln!(target.stdin, "exit").unwrap();
+        assert_eq!(target.child.wait().unwrap().code(), Some(0));
+    }
+}
+
+fn state_of(pid: i32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("State:")).unwrap().trim().to_owned()
+}
+
+#[test]
+fn a_process_stopped_by_job_control_stays_stopped_after_detach_until_sigcont() {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let work = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut target = Target::start(work.path());
+    let pid = Pid::from_raw(target.pid());
+    kill(pid, Signal::SIGSTOP).unwrap();
+    assert_eq!(waitpid(pid, Some(WaitPidFlag::WUNTRACED)).unwrap(), WaitStatus::Stopped(pid, Signal::SIGSTOP));
+    let tracer = attach(out.path(), &[target.pid()], &[]);
+    wait_for_event(out.path(), "attach", |e| seen_at_attach(e, target.pid()));
+    kill(Pid::from_raw(tracer.id() as i32), Signal::SIGTERM).unwrap();
+    let (status, _, stderr) = wait(tracer);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!((tracer_of(target.pid()), state_of(target.pid())), (Some(0), "T (stopped)".to_owned()));
+    kill(pid, Signal::SIGCONT).unwrap();
+    assert_eq!(waitpid(pid, Some(WaitPidFlag::WCONTINUED)).unwrap(), WaitStatus::Continued(pid));
+    writeln!(target.stdin, "go").unwrap();
+    read_line(&mut target.stdout);
+    writeln!(target.stdin, "exit").unwrap();
+    assert_eq!(target.child.wait().unwrap().code(), Some(0));
+}

@@ -3,6 +3,7 @@
 
 mod attach;
 mod datadog;
+mod fanout;
 mod trace;
 
 use std::process::ExitCode;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use crate::address::Address;
 use crate::cli::{self, TraceArgs};
-use crate::command::{attach, datadog};
+use crate::command::{attach, datadog, fanout};
 use crate::context;
 use crate::exit::{code, ExitError};
 use crate::export::{grpc, Exporters, Outputs};
@@ -15,6 +15,9 @@ use crate::queue::EventSink;
 use crate::trace::{self, Inheritance, LaunchError, Mode, Outcome, Tracer, Workload};
 
 pub fn run(args: TraceArgs) -> Result<i32, ExitError> {
+    if fanout::needed(&args) {
+        return fanout::run(&args);
+    }
     let attaching = !args.datadog.pids.is_empty();
     let program = match args.command.first() {
         Some(entrypoint) => Some(trace::resolve_entrypoint(entrypoint).map_err(launch_error)?),

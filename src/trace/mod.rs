@@ -75,6 +75,14 @@ pub struct Workload {
     pub proc_scan: Option<std::time::Duration>,
 }
 
+/// Passes the forwarded signals (blocked by `Inheritance::capture`) on to
+/// `pids`: the tracers `--pid-per-tracer` started.
+pub fn forward_signals(pids: &[u32]) -> std::io::Result<()> {
+    let live = LiveProcesses::default();
+    live.lock().unwrap_or_else(|e| e.into_inner()).extend(pids.iter().map(|&pid| pid as i32));
+    signals::spawn_forwarder(None, live, false)
+}
+
 /// The mode to trace in: seccomp where the kernel runs such filters, every
 /// syscall otherwise (slower, but the workload runs and nothing goes unseen).
 pub fn usable_mode(requested: Mode) -> Mode {
@@ -135,7 +143,7 @@ impl Tracer {
             .map_err(|e| LaunchError::Setup(format!("cannot start the tracer thread: {e}")))?;
         let mut scanner = None;
         if let Ok(Some(root)) = started_rx.recv() {
-            signals::spawn_forwarder(root, live.clone(), workload.log_signals)
+            signals::spawn_forwarder(Some(root), live.clone(), workload.log_signals)
                 .map_err(|e| LaunchError::Setup(format!("cannot start the signal thread: {e}")))?;
             if let (Some(period), Some(sink)) = (workload.proc_scan, scan_sink) {
                 match procscan::Scanner::start(period, procscan::START_DELAY, sink, live) {

@@ -44,9 +44,10 @@ pub fn block_forwarded() -> nix::Result<SigSet> {
     Ok(previous)
 }
 
-/// Starts the forwarding thread. Until the entrypoint exits, signals go to
-/// it; after that, to every process still traced. `verbose` logs each one.
-pub fn spawn_forwarder(root: Pid, live: Arc<Mutex<BTreeSet<i32>>>, verbose: bool) -> std::io::Result<()> {
+/// Starts the forwarding thread. Until the entrypoint (`root`) exits,
+/// signals go to it; after that, or without one, to every process in
+/// `live`. `verbose` logs each one.
+pub fn spawn_forwarder(root: Option<Pid>, live: Arc<Mutex<BTreeSet<i32>>>, verbose: bool) -> std::io::Result<()> {
     let set = forwarded_set();
     std::thread::Builder::new().name("cws-signals".into()).spawn(move || loop {
         let mut info: libc::siginfo_t = zeroed_siginfo();
@@ -58,7 +59,7 @@ pub fn spawn_forwarder(root: Pid, live: Arc<Mutex<BTreeSet<i32>>>, verbose: bool
         }
         let targets: Vec<i32> = {
             let live = live.lock().unwrap_or_else(|e| e.into_inner());
-            if live.contains(&root.as_raw()) {
+            if let Some(root) = root.filter(|root| live.contains(&root.as_raw())) {
                 vec![root.as_raw()]
             } else {
                 live.iter().copied().collect()
