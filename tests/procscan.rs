@@ -155,3 +155,17 @@ fn the_flag_and_the_environment_turn_the_scan_off() {
         assert!(run.of("exec").iter().all(|e| e["exec"]["from_procfs"] != true), "{:#?}", run.of("exec"));
     }
 }
+
+#[test]
+fn a_process_found_by_the_scan_carries_its_controlling_terminal() {
+    let traced = Traced::start(&["--proc-scan-rate", "100ms"]);
+    let mut command = Command::new("sh");
+    command.args(["-c", "tty; exec sleep 1000"]);
+    let (mut child, terminal) = common::Terminal::spawn_command(&mut command);
+    let tty = terminal.read_until(|l| l.starts_with("/dev/")).pop().unwrap();
+    let found = traced.wait_for_events_of(child.id() as i32, 1);
+    assert_eq!(found[0]["exec"]["tty"], tty.as_str(), "{:#?}", found[0]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(traced.finish().code(), Some(0));
+}

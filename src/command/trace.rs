@@ -124,10 +124,10 @@ fn goodbye(outcome: &Result<Outcome, LaunchError>) -> Goodbye {
 fn log_stats(outcome: &Outcome, delivery: &grpc::Delivery) {
     let s = &outcome.stats;
     log!(
-        "stats: seccomp_stops={} syscall_stops={} fork_stops={} exec_stops={} group_stops={} signal_stops={} other_stops={} foreign_calls={} events={} dropped={} undelivered={} reconnects={} peak_rss_kib={} proc_scans={} proc_scan_cpu_us={} detached={}",
+        "stats: seccomp_stops={} syscall_stops={} fork_stops={} exec_stops={} group_stops={} signal_stops={} other_stops={} foreign_calls={} events={} dropped={} undelivered={} reconnects={} peak_rss_kib={} proc_scans={} proc_scan_cpu_us={} proc_scan_first_cpu_us={} detached={}",
         s.seccomp, s.syscall, s.fork, s.exec, s.group, s.signal, s.other, s.foreign, s.events, s.dropped,
         delivery.undelivered + delivery.dropped, delivery.reconnects, trace::peak_rss_kib().unwrap_or(0),
-        s.proc_scans, s.proc_scan_cpu.as_micros(), outcome.detached
+        s.proc_scans, s.proc_scan_cpu.as_micros(), s.proc_scan_first_cpu.as_micros(), outcome.detached
     );
 }
 

@@ -53,9 +53,10 @@ pub struct Stats {
     pub dropped: u64,
     /// Events by kind (`crate::queue::kind`), dropped or not.
     pub events_by_kind: std::collections::BTreeMap<&'static str, u64>,
-    /// /proc scans made, and the CPU time they took.
+    /// /proc scans made, and the CPU time they took (all, and the first).
     pub proc_scans: u64,
     pub proc_scan_cpu: std::time::Duration,
+    pub proc_scan_first_cpu: std::time::Duration,
 }
 
 impl Stats {

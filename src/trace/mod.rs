@@ -206,6 +206,7 @@ impl Tracer {
                 outcome.stats.add_sink(&scan.sink);
                 outcome.stats.proc_scans = scan.scans;
                 outcome.stats.proc_scan_cpu = scan.cpu;
+                outcome.stats.proc_scan_first_cpu = scan.first_cpu;
             }
         }
         outcome

@@ -5,10 +5,12 @@
 //! exit event for each one gone.
 //!
 //! It runs on its own thread and never touches ptrace. Each tick lists /proc
-//! once and reads one small file per process (`stat`: its parent and start
-//! time, which tell a new process from an old one whose pid was reused);
-//! the rest (`exe`, `cmdline`, `environ`, `status`, `cwd`, `cgroup`) is read
-//! only for processes not seen before.
+//! once, and reads nothing more for a pid whose /proc directory has the
+//! inode number it had (the listing gives it): a pid reused by a new
+//! process gets a new one. Other pids cost a `stat` read (parent and start
+//! time, which tell a new process from an old one whose pid was reused),
+//! and the rest (`exe`, `cmdline`, `environ`, `status`, `cwd`, `cgroup`) is
+//! read only for processes not seen before.
 //!
 //! Which processes: not the tracer, not its ancestors, not its descendants
 //! (the traced tree: the tracer is their subreaper, so every one of them has
@@ -38,11 +40,13 @@ pub const START_DELAY: Duration = Duration::from_secs(2);
 const KTHREADD: i32 = 2;
 
 /// What a scan did: its sink (with its counts), how many scans it made and
-/// the CPU time they took.
+/// the CPU time they took, all of them and the first (which reads the
+/// details of every process present; the others only of new ones).
 pub struct Finished {
     pub sink: EventSink,
     pub scans: u64,
     pub cpu: Duration,
+    pub first_cpu: Duration,
 }
 
 /// A running scan; `stop` ends it.
@@ -58,15 +62,19 @@ impl Scanner {
         let thread = std::thread::Builder::new().name("cws-procscan".into()).spawn(move || {
             let mut scan = Scan::new(sink, live);
             let mut wait = delay;
-            let (mut scans, mut cpu) = (0, Duration::ZERO);
+            let (mut scans, mut cpu, mut first_cpu) = (0, Duration::ZERO, Duration::ZERO);
             while !sleep_unless_stopped(&thread_stop, wait) {
                 let before = thread_cpu_time();
                 scan.tick();
+                let spent = thread_cpu_time().saturating_sub(before);
+                if scans == 0 {
+                    first_cpu = spent;
+                }
                 scans += 1;
-                cpu += thread_cpu_time().saturating_sub(before);
+                cpu += spent;
                 wait = period;
             }
-            Finished { sink: scan.sink, scans, cpu }
+            Finished { sink: scan.sink, scans, cpu, first_cpu }
         })?;
         Ok(Scanner { stop, thread })
     }
@@ -94,10 +102,16 @@ fn sleep_unless_stopped(stop: &(Mutex<bool>, Condvar), duration: Duration) -> bo
     *guard
 }
 
-/// A process the scan reported, by pid.
-struct Reported {
+/// A process the scan has judged, by pid.
+struct Known {
+    /// The inode number of its /proc directory, as listing /proc gives it:
+    /// a process whose pid is reused gets a new one (a new one for the same
+    /// process, after the kernel dropped its cached inode, only costs a
+    /// `stat` read that finds the same start time).
+    ino: u64,
     start_ticks: u64,
-    ppid: i32,
+    /// Reported with this parent (None: judged not to report).
+    reported: Option<i32>,
 }
 
 struct Scan {
@@ -106,9 +120,7 @@ struct Scan {
     me: i32,
     ancestors: HashSet<i32>,
     cgroup: Option<Vec<u8>>,
-    reported: HashMap<i32, Reported>,
-    /// Processes judged not to report (pid → start time), not judged again.
-    ignored: HashMap<i32, u64>,
+    known: HashMap<i32, Known>,
 }
 
 impl Scan {
@@ -122,61 +134,67 @@ impl Scan {
             }
             pid = stat.ppid;
         }
-        Scan { sink, live, me, ancestors, cgroup: cgroup(me), reported: HashMap::new(), ignored: HashMap::new() }
+        Scan { sink, live, me, ancestors, cgroup: cgroup(me), known: HashMap::new() }
     }
 
     fn tick(&mut self) {
-        let stats: HashMap<i32, Stat> =
-            list_pids().into_iter().filter_map(|pid| Some((pid, snapshot::stat(Pid::from_raw(pid))?))).collect();
-        let start_of = |pid: &i32| stats.get(pid).map(|s| s.start_ticks);
-        // Gone, or its pid now another process's.
-        let mut gone: Vec<i32> =
-            self.reported.iter().filter(|(pid, r)| start_of(pid) != Some(r.start_ticks)).map(|(&pid, _)| pid).collect();
-        gone.sort_unstable();
-        for pid in gone {
-            if let Some(reported) = self.reported.remove(&pid) {
-                self.sink.emit(exit_event(pid, reported.ppid));
+        let listed = list_pids();
+        // Only the pids whose /proc directory is not the one seen before
+        // are read: new processes, and pids that changed hands.
+        let mut stats: HashMap<i32, Stat> = HashMap::new();
+        let mut changed = Vec::new();
+        for &(pid, ino) in &listed {
+            match self.known.get_mut(&pid) {
+                Some(known) if known.ino == ino => {}
+                known => match snapshot::stat(Pid::from_raw(pid)) {
+                    Some(stat) if known.as_ref().is_some_and(|k| k.start_ticks == stat.start_ticks) => {
+                        known.expect("checked").ino = ino;
+                    }
+                    Some(stat) => {
+                        stats.insert(pid, stat);
+                        changed.push((stat.start_ticks, pid, ino));
+                    }
+                    None => {}
+                },
             }
         }
-        self.ignored.retain(|pid, start| start_of(pid) == Some(*start));
+        let present: HashSet<i32> = listed.iter().map(|&(pid, _)| pid).collect();
+        // Gone, or its pid now another process's.
+        let mut gone: Vec<i32> =
+            self.known.keys().filter(|pid| !present.contains(pid) || stats.contains_key(pid)).copied().collect();
+        gone.sort_unstable();
+        for pid in gone {
+            if let Some(Known { reported: Some(ppid), .. }) = self.known.remove(&pid) {
+                self.sink.emit(exit_event(pid, ppid));
+            }
+        }
 
-        let mut new: Vec<(u64, i32)> = stats
-            .iter()
-            .filter(|(pid, _)| !self.reported.contains_key(pid) && !self.ignored.contains_key(pid))
-            .map(|(&pid, stat)| (stat.start_ticks, pid))
-            .collect();
-        new.sort_unstable();
-        for (start_ticks, pid) in new {
-            match self.judge(pid, &stats) {
-                Some(true) => {}
-                Some(false) => {
-                    self.ignored.insert(pid, start_ticks);
-                    continue;
-                }
+        changed.sort_unstable();
+        for (start_ticks, pid, ino) in changed {
+            let reported = match self.judge(pid, &mut stats) {
+                Some(true) => self.report(pid, start_ticks),
+                Some(false) => None,
                 // Its parent chain changed under the scan: judged next tick.
                 None => continue,
-            }
-            let event = snapshot::exec_event(Pid::from_raw(pid), Found::ByScan);
-            // Read after the stat: the pid must still be the same process.
-            let same = snapshot::stat(Pid::from_raw(pid)).is_some_and(|s| s.start_ticks == start_ticks);
-            match event {
-                Some(event) if same => {
-                    let ppid = event.ppid as i32;
-                    self.sink.emit(event);
-                    self.reported.insert(pid, Reported { start_ticks, ppid });
-                }
-                // Gone already, or with no executable (a kernel thread).
-                _ => {
-                    self.ignored.insert(pid, start_ticks);
-                }
-            }
+            };
+            self.known.insert(pid, Known { ino, start_ticks, reported });
         }
     }
 
-    /// Whether to report `pid`: Some(false) for the tracer, its ancestors and
+    /// Reports a new process; returns its parent when it was reported.
+    fn report(&mut self, pid: i32, start_ticks: u64) -> Option<i32> {
+        let event = snapshot::exec_event(Pid::from_raw(pid), Found::ByScan)?;
+        // Read after the stat: the pid must still be the same process.
+        snapshot::stat(Pid::from_raw(pid)).filter(|s| s.start_ticks == start_ticks)?;
+        let ppid = event.ppid as i32;
+        self.sink.emit(event);
+        Some(ppid)
+    }
+
+    /// Whether to report `pid`: false for the tracer, its ancestors and
     /// descendants, kernel threads and other cgroups; None when its parent
-    /// chain could not be read whole.
-    fn judge(&self, pid: i32, stats: &HashMap<i32, Stat>) -> Option<bool> {
+    /// chain could not be read whole. `stats` holds this tick's reads.
+    fn judge(&self, pid: i32, stats: &mut HashMap<i32, Stat>) -> Option<bool> {
         if pid == self.me || pid == KTHREADD || self.ancestors.contains(&pid) {
             return Some(false);
         }
@@ -184,27 +202,38 @@ impl Scan {
             return Some(false);
         }
         let mut current = pid;
-        for _ in 0..stats.len() + 1 {
-            let ppid = stats.get(&current)?.ppid;
-            if ppid == self.me {
+        // Bounded: a chain longer than the pid space is a loop (reparenting under the scan).
+        for _ in 0..=PID_MAX_LIMIT {
+            let stat = match stats.get(&current) {
+                Some(stat) => *stat,
+                None => {
+                    let stat = snapshot::stat(Pid::from_raw(current))?;
+                    stats.insert(current, stat);
+                    stat
+                }
+            };
+            if stat.ppid == self.me || stat.ppid == KTHREADD {
                 return Some(false);
             }
-            if ppid == KTHREADD {
-                return Some(false);
+            if stat.ppid <= 1 || self.ancestors.contains(&stat.ppid) {
+                let theirs = cgroup(pid);
+                return Some(theirs.is_some() && theirs == self.cgroup);
             }
-            if ppid <= 1 || self.ancestors.contains(&ppid) {
-                break;
-            }
-            current = ppid;
+            current = stat.ppid;
         }
-        let theirs = cgroup(pid);
-        Some(theirs.is_some() && theirs == self.cgroup)
+        None
     }
 }
 
-fn list_pids() -> Vec<i32> {
+/// The kernel's largest pid (PID_MAX_LIMIT on 64-bit).
+const PID_MAX_LIMIT: usize = 4 * 1024 * 1024;
+
+/// Every pid in /proc, with the inode number of its directory (from the
+/// listing itself: no further syscall).
+fn list_pids() -> Vec<(i32, u64)> {
+    use std::os::unix::fs::DirEntryExt;
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-    entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
+    entries.filter_map(|e| e.ok()).filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.ino()))).collect()
 }
 
 fn cgroup(pid: i32) -> Option<Vec<u8>> {
