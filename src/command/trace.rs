@@ -153,3 +153,35 @@ pub(super) fn launch_error(error: LaunchError) -> ExitError {
         LaunchError::Setup(message) => ExitError::setup(message),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn trace_args(argv: &[&str]) -> TraceArgs {
+        match Cli::try_parse_from(argv).map(|cli| cli.command) {
+            Ok(Command::Trace(args)) => *args,
+            _ => panic!("not a trace command line: {argv:?}"),
+        }
+    }
+
+    #[test]
+    fn the_hello_says_attached_without_entrypoint_in_attach_mode() {
+        let attached = trace_args(&["cws-instrumentation", "trace", "--probe-addr", "127.0.0.1:1", "--pid", "7"]);
+        let hello = agent_options(&attached).unwrap().unwrap().hello;
+        assert_eq!((hello.mode(), hello.entrypoint_args.len()), (proto::Mode::Attached, 0));
+        let wrapped = trace_args(&["cws-instrumentation", "trace", "--probe-addr", "127.0.0.1:1", "--", "true"]);
+        let hello = agent_options(&wrapped).unwrap().unwrap().hello;
+        assert_eq!((hello.mode(), hello.entrypoint_args), (proto::Mode::Wrapped, vec!["true".to_owned()]));
+    }
+
+    #[test]
+    fn an_entrypoint_and_pids_are_not_both_accepted() {
+        let argv = ["cws-instrumentation", "trace", "--pid", "7", "--", "true"];
+        assert!(Cli::try_parse_from(argv).is_err());
+        assert!(Cli::try_parse_from(["cws-instrumentation", "trace"]).is_err());
+    }
+}
