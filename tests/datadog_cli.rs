@@ -160,3 +160,19 @@ fn datadog_flags_and_environment_defaults_are_accepted() {
     assert_eq!((run.code(), run.stdout.clone()), (Some(0), format!("{}\n", nix::unistd::getuid())), "{}", run.stderr);
     assert_eq!(run.stderr, "");
 }
+
+#[test]
+fn a_proc_scan_rate_that_is_not_a_duration_is_a_warning_as_in_datadog() {
+    let run = Trace::with_flags(&["--proc-scan-rate", "1m30s"], &["true"]).run();
+    assert_eq!((run.code(), run.stderr.as_str()), (Some(0), ""));
+    let warning =
+        "cws-instrumentation: proc scan rate: \"soon\" is not a duration (like 500ms or 1m30s); scanning every 500ms\n";
+    let by_env = Command::new(binary())
+        .args(["trace", "--probe-addr", "", "--", "true"])
+        .env("DD_CWS_INSTRUMENTATION_PROC_SCAN_RATE", "soon")
+        .output()
+        .unwrap();
+    assert_eq!((by_env.status.code(), text(&by_env.stderr)), (Some(0), warning.to_owned()));
+    let run = Trace::with_flags(&["--proc-scan-rate", "soon"], &["true"]).run();
+    assert_eq!((run.code(), run.stderr.as_str()), (Some(0), warning));
+}

@@ -26,13 +26,13 @@ pub struct DatadogTraceArgs {
     #[arg(long)]
     pub disable_proc_scan: bool,
 
-    /// Period of the /proc scan (default 500ms). Also DD_CWS_INSTRUMENTATION_PROC_SCAN_RATE.
+    /// Period of the /proc scan, a Go duration (default 500ms). Also DD_CWS_INSTRUMENTATION_PROC_SCAN_RATE.
     #[arg(long, value_name = "DURATION")]
     pub proc_scan_rate: Option<String>,
 
-    /// Attach to this running process (repeatable) instead of starting an
-    /// entrypoint: every thread of it, and its descendants.
-    #[arg(long = "pid", value_name = "PID", conflicts_with = "command")]
+    /// Attach to this running process (repeatable, or comma-separated)
+    /// instead of starting an entrypoint: every thread of it, and its descendants.
+    #[arg(long = "pid", value_name = "PID", conflicts_with = "command", value_delimiter = ',')]
     pub pids: Vec<i32>,
 
     /// In attach mode, at most this many pids per tracer process: more are
@@ -110,4 +110,52 @@ pub struct SpawnArgs {
     /// The command to run in place of this one; nothing of it is read as an option.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+/// A duration as Go writes it ("500ms", "1m30s", "1.5h", "250us"): what
+/// Datadog's `--proc-scan-rate` takes.
+pub fn parse_go_duration(text: &str) -> Result<std::time::Duration, String> {
+    const UNITS: [(&str, f64); 8] =
+        [("ns", 1e-9), ("us", 1e-6), ("µs", 1e-6), ("μs", 1e-6), ("ms", 1e-3), ("s", 1.0), ("m", 60.0), ("h", 3600.0)];
+    let invalid = || format!("{text:?} is not a duration (like 500ms or 1m30s)");
+    if text == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let mut rest = text;
+    let mut seconds = 0.0;
+    while !rest.is_empty() {
+        let number_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(invalid)?;
+        let number: f64 = rest[..number_end].parse().map_err(|_| invalid())?;
+        rest = &rest[number_end..];
+        // The longest unit that matches: "ms" rather than "m".
+        let (unit, scale) = UNITS
+            .iter()
+            .filter(|(unit, _)| rest.starts_with(unit))
+            .max_by_key(|(unit, _)| unit.len())
+            .ok_or_else(invalid)?;
+        seconds += number * scale;
+        rest = &rest[unit.len()..];
+    }
+    if text.is_empty() || !seconds.is_finite() {
+        return Err(invalid());
+    }
+    std::time::Duration::try_from_secs_f64(seconds).map_err(|_| invalid())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn go_durations_parse_as_go_parses_them() {
+        assert_eq!(parse_go_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_go_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_go_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_go_duration("250us"), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
+        for bad in ["", "10", "5x", "ms", "1.2.3s"] {
+            assert!(parse_go_duration(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -79,7 +79,7 @@ pub fn proc_scan_period(args: &DatadogTraceArgs) -> Option<Duration> {
     }
     let rate = args.proc_scan_rate.clone().or_else(|| std::env::var("DD_CWS_INSTRUMENTATION_PROC_SCAN_RATE").ok());
     let default = trace::DEFAULT_PROC_SCAN_PERIOD;
-    Some(match rate.as_deref().filter(|r| !r.is_empty()).map(cli::parse_duration) {
+    Some(match rate.as_deref().filter(|r| !r.is_empty()).map(cli::parse_go_duration) {
         None => default,
         Some(Ok(period)) if !period.is_zero() => period,
         Some(Ok(_)) => default,

@@ -179,6 +179,12 @@ mod tests {
     }
 
     #[test]
+    fn pids_repeat_or_come_comma_separated_as_in_go() {
+        let args = trace_args(&["cws-instrumentation", "trace", "--pid", "3,4", "--pid", "5"]);
+        assert_eq!(args.datadog.pids, [3, 4, 5]);
+    }
+
+    #[test]
     fn an_entrypoint_and_pids_are_not_both_accepted() {
         let argv = ["cws-instrumentation", "trace", "--pid", "7", "--", "true"];
         assert!(Cli::try_parse_from(argv).is_err());
