@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+mod datadog;
+pub use datadog::*;
+
 #[derive(Parser)]
 #[command(
     name = "cws-instrumentation",
@@ -20,7 +23,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run ENTRYPOINT under the tracer and report what it does.
-    Trace(TraceArgs),
+    Trace(Box<TraceArgs>),
     /// Receive tracer streams, as the agent sidecar does, and write every
     /// event as one JSON line.
     Serve(ServeArgs),
@@ -29,6 +32,13 @@ pub enum Command {
     Setup(SetupArgs),
     /// Print OK and exit 0 (a container health check).
     Health,
+    /// Run COMMAND in place of this program (Datadog's session injection,
+    /// which has nothing to do without eBPF).
+    Inject(InjectArgs),
+    /// Run COMMAND in place of this program, without the descriptors above 2
+    /// that this program inherited.
+    #[command(disable_help_flag = true)]
+    Spawn(SpawnArgs),
 }
 
 #[derive(Args)]
@@ -100,7 +110,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct TraceArgs {
+    #[command(subcommand)]
+    pub subcommand: Option<TraceCommand>,
+
     /// Print one line per event on stderr.
     #[arg(long)]
     pub verbose: bool,
@@ -114,13 +128,13 @@ pub struct TraceArgs {
     #[arg(long)]
     pub disable_seccomp: bool,
 
-    /// Run the workload as this numeric user id (supplementary groups cleared).
-    #[arg(long, value_name = "N")]
-    pub uid: Option<u32>,
+    /// Run the workload as this numeric user id (supplementary groups cleared; -1: unchanged).
+    #[arg(long, value_name = "N", value_parser = parse_id, allow_hyphen_values = true)]
+    pub uid: Option<Id>,
 
-    /// Run the workload as this numeric group id (supplementary groups cleared).
-    #[arg(long, value_name = "N")]
-    pub gid: Option<u32>,
+    /// Run the workload as this numeric group id (supplementary groups cleared; -1: unchanged).
+    #[arg(long, value_name = "N", value_parser = parse_id, allow_hyphen_values = true)]
+    pub gid: Option<Id>,
 
     /// Agent endpoint: host:port, http://host:port or unix:/path. Empty: offline.
     #[arg(long, value_name = "ADDR", default_value = "localhost:5678")]
@@ -165,10 +179,13 @@ pub struct TraceArgs {
     #[arg(long)]
     pub stats: bool,
 
+    #[command(flatten)]
+    pub datadog: DatadogTraceArgs,
+
     /// The program to run, and its arguments. Options of `trace` come
     /// before it (or before `--`); an unknown option is an error, not the
     /// entrypoint.
-    #[arg(required = true, trailing_var_arg = true, value_name = "ENTRYPOINT")]
+    #[arg(required_unless_present = "pids", trailing_var_arg = true, value_name = "ENTRYPOINT")]
     pub command: Vec<OsString>,
 }
 

@@ -4,6 +4,8 @@
 
 /// Exit statuses of the tool itself (the workload's own status otherwise).
 pub mod code {
+    /// An action asked for failed (`trace selftests`).
+    pub const FAILED: i32 = 1;
     /// The command line or an output path is unusable.
     pub const USAGE: i32 = 2;
     /// Tracing could not be set up (ptrace refused, fork failed, ...).

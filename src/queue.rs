@@ -148,6 +148,18 @@ impl EventSink {
         }
     }
 
+    /// Another sender into the same queue, with counts of its own (the
+    /// queue ends when every sender is gone).
+    pub fn another(&self) -> Self {
+        EventSink {
+            tx: self.tx.clone(),
+            queued_bytes: Arc::clone(&self.queued_bytes),
+            capacity: self.capacity,
+            capacity_bytes: self.capacity_bytes,
+            ..EventSink::discard()
+        }
+    }
+
     pub fn emit(&mut self, event: Event) {
         *self.by_kind.entry(kind(&event)).or_default() += 1;
         let Some(tx) = &self.tx else {

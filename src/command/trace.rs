@@ -1,6 +1,7 @@
 //! `trace -- ENTRYPOINT`: the exporters, the agent wait, the tracer, and
 //! the Goodbye, in that order; the exit status is the workload's.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::Notify;
@@ -8,45 +9,43 @@ use tokio::sync::Notify;
 use crate::address::Address;
 use crate::auth::AgentCredentials;
 use crate::cli::{self, TraceArgs};
+use crate::command::{attach, datadog, fanout};
 use crate::context;
 use crate::exit::{code, ExitError};
 use crate::export::{grpc, Exporters, Outputs};
 use crate::log::log;
-use crate::proto::{Counters, Goodbye};
+use crate::proto::{self, Counters, Goodbye};
+use crate::queue::EventSink;
 use crate::trace::{self, Inheritance, LaunchError, Mode, Outcome, Tracer, Workload};
 
 pub fn run(args: TraceArgs) -> Result<i32, ExitError> {
+    if fanout::needed(&args) {
+        return fanout::run(&args);
+    }
     // Read (and taken out of the workload's environment) before any thread starts.
     let credentials = AgentCredentials::load(&args).map_err(ExitError::usage)?;
-    let entrypoint =
-        args.command.first().ok_or_else(|| ExitError::usage("trace needs an entrypoint after --".into()))?;
-    let program = trace::resolve_entrypoint(entrypoint).map_err(launch_error)?;
+    let attaching = !args.datadog.pids.is_empty();
+    let program = match args.command.first() {
+        Some(entrypoint) => Some(trace::resolve_entrypoint(entrypoint).map_err(launch_error)?),
+        None if attaching => None,
+        None => return Err(ExitError::usage("trace needs an entrypoint after --".into())),
+    };
     // A stop signal once no traced process is left ends the wait for the agent.
     let abandon_flush = Arc::new(Notify::new());
     let agent = agent_options(&args, credentials, &abandon_flush)?;
     // Before any thread starts, so that every thread inherits the blocked signals.
     let inheritance = Inheritance::capture().map_err(|e| ExitError::setup(format!("cannot block signals: {e}")))?;
-    let outputs = Outputs { verbose: args.verbose, events_file: args.events_file.clone(), agent };
+    let outputs =
+        Outputs { verbose: args.verbose, debug: args.datadog.debug, events_file: args.events_file.clone(), agent };
     let (sink, exporters) = Exporters::start(outputs).map_err(|e| ExitError::usage(e.to_string()))?;
     if let Some(exporters) = &exporters {
         hold_for_agent(&args, exporters);
     }
 
-    let requested = if args.disable_seccomp || cli::env_flag("DD_CWS_INSTRUMENTATION_SECCOMP_DISABLED") {
-        Mode::Full
-    } else {
-        Mode::Seccomp
+    let (outcome, failures) = match program {
+        Some(program) => (wrap(&args, program, inheritance, sink, abandon_flush), Vec::new()),
+        None => attach::run(&args, sink),
     };
-    let workload = Workload {
-        program,
-        argv: args.command.clone(),
-        uid: args.uid,
-        gid: args.gid,
-        mode: trace::usable_mode(requested),
-        log_signals: args.verbose,
-        abandon_flush,
-    };
-    let outcome = Tracer::start(workload, inheritance, sink).and_then(Tracer::wait);
 
     // The tracer, and with it the queue's sender, is gone: exporters drain and stop.
     let delivery = match exporters.map(|e| e.finish(goodbye(&outcome))).transpose() {
@@ -63,7 +62,36 @@ pub fn run(args: TraceArgs) -> Result<i32, ExitError> {
     if args.verbose {
         log_summary(&outcome, &delivery);
     }
+    if attaching {
+        return Ok(failures.first().map_or(0, attach::status));
+    }
     Ok(outcome.root.map_or(code::SETUP, |death| death.shell_status()))
+}
+
+/// Wrap mode: starts the entrypoint under the tracer and waits for it.
+fn wrap(
+    args: &TraceArgs,
+    program: PathBuf,
+    inheritance: Inheritance,
+    sink: EventSink,
+    abandon_flush: Arc<Notify>,
+) -> Result<Outcome, LaunchError> {
+    let requested = if args.disable_seccomp || cli::env_flag("DD_CWS_INSTRUMENTATION_SECCOMP_DISABLED") {
+        Mode::Full
+    } else {
+        Mode::Seccomp
+    };
+    let workload = Workload {
+        program,
+        argv: args.command.clone(),
+        uid: args.uid.and_then(|id| id.0),
+        gid: args.gid.and_then(|id| id.0),
+        mode: trace::usable_mode(requested),
+        log_signals: args.verbose,
+        abandon_flush,
+        proc_scan: datadog::proc_scan_period(&args.datadog),
+    };
+    Tracer::start(workload, inheritance, sink).and_then(Tracer::wait)
 }
 
 fn agent_options(
@@ -75,9 +103,13 @@ fn agent_options(
         return Ok(None);
     }
     let address = Address::parse(&args.probe_addr).map_err(|e| ExitError::usage(format!("--probe-addr {e}")))?;
+    let mut hello = context::hello(&args.command);
+    if !args.datadog.pids.is_empty() {
+        hello.mode = proto::Mode::Attached as i32;
+    }
     Ok(Some(grpc::Options {
         address,
-        hello: context::hello(&args.command),
+        hello,
         capacity: args.buffer_events.max(1),
         flush_timeout: args.flush_timeout,
         answer_timeout: args.connect_timeout,
@@ -119,9 +151,10 @@ fn goodbye(outcome: &Result<Outcome, LaunchError>) -> Goodbye {
 fn log_stats(outcome: &Outcome, delivery: &grpc::Delivery) {
     let s = &outcome.stats;
     log!(
-        "stats: seccomp_stops={} syscall_stops={} fork_stops={} exec_stops={} group_stops={} signal_stops={} other_stops={} foreign_calls={} events={} dropped={} undelivered={} reconnects={} peak_rss_kib={}",
+        "stats: seccomp_stops={} syscall_stops={} fork_stops={} exec_stops={} group_stops={} signal_stops={} other_stops={} foreign_calls={} events={} dropped={} undelivered={} reconnects={} peak_rss_kib={} proc_scans={} proc_scan_cpu_us={} proc_scan_first_cpu_us={} detached={}",
         s.seccomp, s.syscall, s.fork, s.exec, s.group, s.signal, s.other, s.foreign, s.events, s.dropped,
-        delivery.undelivered + delivery.dropped, delivery.reconnects, trace::peak_rss_kib().unwrap_or(0)
+        delivery.undelivered + delivery.dropped, delivery.reconnects, trace::peak_rss_kib().unwrap_or(0),
+        s.proc_scans, s.proc_scan_cpu.as_micros(), s.proc_scan_first_cpu.as_micros(), outcome.detached
     );
 }
 
@@ -140,10 +173,49 @@ fn log_summary(outcome: &Outcome, delivery: &grpc::Delivery) {
     );
 }
 
-fn launch_error(error: LaunchError) -> ExitError {
+pub(super) fn launch_error(error: LaunchError) -> ExitError {
     match error {
         LaunchError::NotFound(name) => ExitError::new(code::NOT_FOUND, format!("{name}: command not found")),
         LaunchError::NotExecutable(message) => ExitError::new(code::NOT_EXECUTABLE, message),
         LaunchError::Setup(message) => ExitError::setup(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn trace_args(argv: &[&str]) -> TraceArgs {
+        match Cli::try_parse_from(argv).map(|cli| cli.command) {
+            Ok(Command::Trace(args)) => *args,
+            _ => panic!("not a trace command line: {argv:?}"),
+        }
+    }
+
+    #[test]
+    fn the_hello_says_attached_without_entrypoint_in_attach_mode() {
+        let attached = trace_args(&["cws-instrumentation", "trace", "--probe-addr", "127.0.0.1:1", "--pid", "7"]);
+        let options = |args| agent_options(args, AgentCredentials::default(), &Arc::default()).unwrap().unwrap();
+        let hello = options(&attached).hello;
+        assert_eq!((hello.mode(), hello.entrypoint_args.len()), (proto::Mode::Attached, 0));
+        let wrapped = trace_args(&["cws-instrumentation", "trace", "--probe-addr", "127.0.0.1:1", "--", "true"]);
+        let hello = options(&wrapped).hello;
+        assert_eq!((hello.mode(), hello.entrypoint_args), (proto::Mode::Wrapped, vec!["true".to_owned()]));
+    }
+
+    #[test]
+    fn pids_repeat_or_come_comma_separated_as_in_go() {
+        let args = trace_args(&["cws-instrumentation", "trace", "--pid", "3,4", "--pid", "5"]);
+        assert_eq!(args.datadog.pids, [3, 4, 5]);
+    }
+
+    #[test]
+    fn an_entrypoint_and_pids_are_not_both_accepted() {
+        let argv = ["cws-instrumentation", "trace", "--pid", "7", "--", "true"];
+        assert!(Cli::try_parse_from(argv).is_err());
+        assert!(Cli::try_parse_from(["cws-instrumentation", "trace"]).is_err());
     }
 }

@@ -159,7 +159,8 @@ fn exec_msg(exec: &proto::ExecEvent, ppid: u32) -> ExecSyscallMsg {
         tty: String::new(),
         credentials: exec.credentials.as_ref().and_then(process_credentials),
         ppid,
-        from_procfs: false,
+        // The agent links a process it did not see start to its parent by ppid.
+        from_procfs: exec.from_procfs || exec.seen_at_attach,
     }
 }
 

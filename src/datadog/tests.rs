@@ -897,6 +897,7 @@ fn execs_carry_the_program_argv_envp_flags_credentials_and_parent() {
             ..Default::default()
         }),
         executable: "/usr/bin/dash".into(),
+        ..Default::default()
     };
     let mut ours = event(31, 9, Some(0), "execve", Ours::Exec(exec.clone()));
     ours.ppid = 7;
@@ -913,6 +914,17 @@ fn execs_carry_the_program_argv_envp_flags_credentials_and_parent() {
         from_procfs: false,
     };
     assert_eq!((message.pid, message.retval, message.payload), (31, 0, Payload::Exec(expected)));
+
+    // A process found running (at attach, or by the /proc scan) is one the
+    // agent did not see start: it links it to its parent by ppid.
+    for found in [
+        proto::ExecEvent { seen_at_attach: true, ..exec.clone() },
+        proto::ExecEvent { from_procfs: true, ..exec.clone() },
+    ] {
+        let ours = event(31, 9, None, "", Ours::Exec(found));
+        let Some(Payload::Exec(sent)) = outbound::syscall(&ours, CONTAINER).map(|m| m.payload) else { panic!("exec") };
+        assert!(sent.from_procfs);
+    }
     // An empty argv is nil, as Datadog's tracer sends it.
     let bare = Ours::Exec(proto::ExecEvent { args: vec![], ..exec.clone() });
     match outbound::syscall(&event(31, 9, Some(0), "execve", bare), CONTAINER).map(|m| m.payload) {

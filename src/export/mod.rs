@@ -3,6 +3,7 @@
 //! A tokio runtime on its own thread drains the queue (`crate::queue`) and
 //! writes each batch to every configured sink.
 
+mod debug;
 pub mod grpc;
 mod jsonl;
 mod verbose;
@@ -30,12 +31,15 @@ const DRAIN_EVENTS: usize = 512;
 #[derive(Default)]
 pub struct Outputs {
     pub verbose: bool,
+    /// `--debug`: every event as JSON on stderr.
+    pub debug: bool,
     pub events_file: Option<PathBuf>,
     pub agent: Option<grpc::Options>,
 }
 
 enum Sink {
     Verbose(verbose::Printer),
+    Debug(debug::Printer),
     JsonLines(jsonl::Writer),
     Agent(grpc::Exporter),
 }
@@ -44,6 +48,7 @@ impl Sink {
     async fn write(&mut self, batch: &[Event]) -> io::Result<()> {
         match self {
             Sink::Verbose(printer) => printer.write(batch).await,
+            Sink::Debug(printer) => printer.write(batch).await,
             Sink::JsonLines(writer) => writer.write(batch).await,
             Sink::Agent(exporter) => {
                 exporter.write(batch);
@@ -55,6 +60,7 @@ impl Sink {
     async fn flush(&mut self) -> io::Result<()> {
         match self {
             Sink::Verbose(printer) => printer.flush().await,
+            Sink::Debug(printer) => printer.flush().await,
             Sink::JsonLines(writer) => writer.flush().await,
             Sink::Agent(_) => Ok(()),
         }
@@ -92,6 +98,9 @@ impl Exporters {
         }
         if outputs.verbose {
             sinks.push(Sink::Verbose(verbose::Printer::new()));
+        }
+        if outputs.debug {
+            sinks.push(Sink::Debug(debug::Printer::new()));
         }
         if sinks.is_empty() && outputs.agent.is_none() {
             return Ok((EventSink::discard(), None));

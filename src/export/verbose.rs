@@ -117,6 +117,12 @@ pub fn format_event(out: &mut String, event: &Event) {
     let name = &event.syscall;
     match &event.payload {
         Some(Payload::Exec(exec)) => {
+            // A process found running, not an exec seen: no syscall, no result.
+            let name = match () {
+                _ if exec.seen_at_attach => "attached",
+                _ if exec.from_procfs => "found in /proc",
+                _ => name.as_str(),
+            };
             let _ = write!(out, "{name}({:?}, {:?}", exec.path, exec.args);
             if exec.args_truncated {
                 out.push_str("...");
@@ -126,7 +132,9 @@ pub fn format_event(out: &mut String, event: &Event) {
                 out.push('+');
             }
             out.push(')');
-            format_retval(out, event.retval.unwrap_or(0));
+            if let Some(retval) = event.retval {
+                format_retval(out, retval);
+            }
             if !exec.executable.is_empty() && exec.executable != exec.path {
                 let _ = write!(out, " exe={:?}", exec.executable);
             }
@@ -179,9 +187,11 @@ pub fn format_event(out: &mut String, event: &Event) {
                 let core = if exit.core_dumped { " (core dumped)" } else { "" };
                 let _ = write!(out, "+++ killed by {}{core} +++", signal_name(exit.signal.unwrap_or(0)));
             }
-            _ => {
+            ExitCause::Exited => {
                 let _ = write!(out, "+++ exited with {} +++", exit.code.unwrap_or(0));
             }
+            // A process the /proc scan saw go: how, only its parent knows.
+            ExitCause::Unspecified => out.push_str("+++ gone +++"),
         },
         Some(Payload::Chdir(chdir)) => {
             let _ = write!(out, "{name}({:?})", chdir.path);
@@ -318,5 +328,29 @@ mod tests {
         };
         format_event(&mut line, &connect);
         assert_eq!(line, "[pid 7 ppid 1 tid 8] connect(3, TCP 127.0.0.1:80) = 0 [i386]");
+        // Processes found running, not seen starting: no syscall, no result; how they end is unknown.
+        let found = |seen_at_attach, from_procfs| Event {
+            pid: 9,
+            ppid: 1,
+            tid: 9,
+            payload: Some(Payload::Exec(crate::proto::ExecEvent {
+                path: "/bin/sleep".into(),
+                args: vec!["sleep".into()],
+                cwd: "/".into(),
+                seen_at_attach,
+                from_procfs,
+                ..Default::default()
+            })),
+            ..Event::default()
+        };
+        for (event, name) in [(found(true, false), "attached"), (found(false, true), "found in /proc")] {
+            line.clear();
+            format_event(&mut line, &event);
+            assert_eq!(line, format!(r#"[pid 9 ppid 1] {name}("/bin/sleep", ["sleep"], 0 vars) cwd="/""#));
+        }
+        line.clear();
+        let gone = Event { pid: 9, tid: 9, payload: Some(Payload::Exit(Default::default())), ..Event::default() };
+        format_event(&mut line, &gone);
+        assert_eq!(line, "[pid 9 ppid 0] +++ gone +++");
     }
 }

@@ -9,6 +9,8 @@
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use nix::errno::Errno;
@@ -18,6 +20,7 @@ use crate::log::log;
 use crate::proto::{self, event::Payload, Event, ForkKind};
 use crate::queue::EventSink;
 use crate::trace::abi::SyscallEntry;
+use crate::trace::attach::{self, Seized};
 use crate::trace::decode::{self, Call, Ctx, Decoder, Next};
 use crate::trace::process::{LiveProcesses, ProcessTable, Sharing};
 use crate::trace::procfs;
@@ -50,18 +53,33 @@ pub struct Stats {
     pub dropped: u64,
     /// Events by kind (`crate::queue::kind`), dropped or not.
     pub events_by_kind: std::collections::BTreeMap<&'static str, u64>,
+    /// /proc scans made, and the CPU time they took (all, and the first).
+    pub proc_scans: u64,
+    pub proc_scan_cpu: std::time::Duration,
+    pub proc_scan_first_cpu: std::time::Duration,
 }
 
 impl Stats {
+    /// Adds what a sender into the queue counted.
+    pub fn add_sink(&mut self, sink: &EventSink) {
+        self.events += sink.emitted;
+        self.dropped += sink.dropped;
+        for (kind, count) in &sink.by_kind {
+            *self.events_by_kind.entry(kind).or_default() += count;
+        }
+    }
+
     pub fn stops(&self) -> u64 {
         self.seccomp + self.syscall + self.fork + self.exec + self.group + self.signal + self.other
     }
 }
 
 pub struct Outcome {
-    /// How the entrypoint ended (None if it was never seen to end).
+    /// How the entrypoint ended (None if it was never seen to end, and in attach mode).
     pub root: Option<Death>,
     pub stats: Stats,
+    /// Attach mode: threads let go at the end (none when every traced process exited).
+    pub detached: usize,
 }
 
 /// A call that asked for its exit stop, and how to decode it there.
@@ -77,7 +95,10 @@ pub struct Engine {
     pending: HashMap<Pid, Pending>,
     sink: EventSink,
     reader: SyscallReader,
-    root: Pid,
+    /// The entrypoint; None in attach mode, which ends when every traced
+    /// process is gone or `detach` is set.
+    root: Option<Pid>,
+    detach: Option<Arc<AtomicBool>>,
     /// Until the root's first exec, its calls (but that exec) are the
     /// tracer's own set-up (capabilities, the filter, --uid/--gid): not the
     /// workload's.
@@ -99,7 +120,8 @@ impl Engine {
             pending: HashMap::new(),
             sink,
             reader: SyscallReader::new(),
-            root,
+            root: Some(root),
+            detach: None,
             root_death: None,
             root_started: false,
             stats: Stats::default(),
@@ -107,9 +129,50 @@ impl Engine {
         }
     }
 
+    /// Attach mode: the processes are seized, each of their threads about to
+    /// report an interrupt stop. Setting `detach` makes `run` let them go.
+    pub fn attached(processes: Vec<Seized>, sink: EventSink, live: LiveProcesses, detach: Arc<AtomicBool>) -> Self {
+        let mut procs = ProcessTable::new(live);
+        for process in processes {
+            procs.add_process(process.tgid, process.ppid);
+            for &tid in process.threads.iter().filter(|&&tid| tid != process.tgid) {
+                procs.add_thread(tid, process.tgid);
+            }
+        }
+        Engine {
+            mode: Mode::Full,
+            procs,
+            pending: HashMap::new(),
+            sink,
+            reader: SyscallReader::new(),
+            root: None,
+            detach: Some(detach),
+            root_death: None,
+            root_started: true,
+            stats: Stats::default(),
+            _single_thread: PhantomData,
+        }
+    }
+
+    fn finished(&self) -> bool {
+        match self.root {
+            Some(_) => self.root_death.is_some() && self.procs.is_empty(),
+            None => self.procs.is_empty(),
+        }
+    }
+
+    fn detach_requested(&self) -> bool {
+        self.detach.as_ref().is_some_and(|d| d.load(Ordering::SeqCst))
+    }
+
     /// Traces until every tracee is gone.
     pub fn run(mut self) -> Outcome {
-        while !(self.root_death.is_some() && self.procs.is_empty()) {
+        let mut detached = 0;
+        while !self.finished() {
+            if self.detach_requested() {
+                detached = attach::detach_all(self.procs.threads());
+                break;
+            }
             let stop = match ptrace::wait_any() {
                 Ok(stop) => stop,
                 Err(Errno::EINTR) => continue,
@@ -123,10 +186,8 @@ impl Engine {
                 let _ = nix::sys::ptrace::cont(pid, None);
             }
         }
-        self.stats.events = self.sink.emitted;
-        self.stats.dropped = self.sink.dropped;
-        self.stats.events_by_kind = std::mem::take(&mut self.sink.by_kind);
-        Outcome { root: self.root_death, stats: self.stats }
+        self.stats.add_sink(&self.sink);
+        Outcome { root: self.root_death, stats: self.stats, detached }
     }
 
     fn ctx(&mut self, tid: Pid) -> Ctx<'_> {
@@ -246,7 +307,7 @@ impl Engine {
 
     fn enter(&mut self, tid: Pid, def: &'static SyscallDef, entry: SyscallEntry, time: SystemTime) {
         let exec = matches!(def.action, Action::Trace(Decoder::Exec(_)));
-        if tid == self.root && !self.root_started && !exec {
+        if Some(tid) == self.root && !self.root_started && !exec {
             return;
         }
         if let Some(thread) = self.procs.thread_mut(tid) {
@@ -339,7 +400,7 @@ impl Engine {
     fn on_exec(&mut self, stop: &EventStop) {
         let time = SystemTime::now();
         let tgid = stop.pid;
-        self.root_started |= tgid == self.root;
+        self.root_started |= Some(tgid) == self.root;
         let former = stop.message().map_or(tgid, |tid| Pid::from_raw(tid as i32));
         self.procs.exec(tgid, former);
         // The leader's own pending call, if another thread exec'd, is gone with it.
@@ -365,7 +426,7 @@ impl Engine {
             };
             self.sink.emit(event);
         }
-        if pid == self.root {
+        if Some(pid) == self.root {
             self.root_death = Some(death);
         }
     }

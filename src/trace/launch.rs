@@ -351,3 +351,58 @@ fn child(launch: &Launch, release: i32, argv: &[*const libc::c_char], envp: &[*c
         die(b"cannot execute the entrypoint", e, if e == libc::ENOENT { 127 } else { 126 })
     }
 }
+
+/// `spawn` and `inject`: runs `argv` in place of this program, as Datadog's
+/// do. The name is looked up in PATH (one not found there is tried as it
+/// is); argv[0], the environment, the signal mask and the ignored signals
+/// this program was started with pass on. With `close_inherited`, every
+/// descriptor above 2 is closed at the exec. Returns only when the exec failed.
+pub fn exec_in_place(argv: &[OsString], close_inherited: bool) -> LaunchError {
+    let Some(name) = argv.first() else { return LaunchError::NotFound(String::new()) };
+    let program = match resolve_entrypoint(name) {
+        Ok(program) => program,
+        Err(LaunchError::NotFound(_)) => PathBuf::from(name),
+        Err(e) => return e,
+    };
+    let (path, argv) = match (cstring(program.into_os_string().into_vec()), argv_cstrings(argv)) {
+        (Ok(path), Ok(argv)) => (path, argv),
+        (Err(e), _) | (_, Err(e)) => return e,
+    };
+    // The Rust runtime ignores SIGPIPE; what this program inherited goes on.
+    IgnoredSignals::capture().restore();
+    if close_inherited {
+        close_on_exec_above_stderr();
+    }
+    let display = name.to_string_lossy().into_owned();
+    match nix::unistd::execv(&path, &argv) {
+        Err(nix::errno::Errno::ENOENT) => LaunchError::NotFound(display),
+        Err(e @ (nix::errno::Errno::EACCES | nix::errno::Errno::ENOEXEC)) => {
+            LaunchError::NotExecutable(format!("{display}: {}", e.desc()))
+        }
+        Err(e) => LaunchError::Setup(format!("cannot execute {display}: {}", e.desc())),
+        Ok(never) => match never {},
+    }
+}
+
+fn argv_cstrings(argv: &[OsString]) -> Result<Vec<CString>, LaunchError> {
+    argv.iter().map(|a| cstring(a.as_bytes().to_vec())).collect()
+}
+
+/// Marks every descriptor above 2 close-on-exec: close_range(2) where the
+/// kernel has CLOSE_RANGE_CLOEXEC (5.11+), else each one listed in /proc.
+fn close_on_exec_above_stderr() {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range takes integers; with CLOEXEC it only sets flags.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) };
+    if rc == 0 {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else { return };
+    // Collected first: the listing's own descriptor is closed with it.
+    let fds: Vec<i32> = entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+    for fd in fds.into_iter().filter(|&fd| fd > 2) {
+        // SAFETY: F_SETFD on a descriptor number takes no pointer; a number
+        // no longer open fails with EBADF, which is harmless.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+}

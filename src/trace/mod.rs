@@ -9,6 +9,7 @@
 //! `seccomp` (the filter built from it); `launch`, `signals`, `engine`.
 
 mod abi;
+mod attach;
 mod decode;
 mod engine;
 mod launch;
@@ -16,13 +17,16 @@ mod memory;
 mod paths;
 mod process;
 mod procfs;
+mod procscan;
 mod ptrace;
 mod seccomp;
 mod signals;
+mod snapshot;
 mod syscalls;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
@@ -34,9 +38,11 @@ use engine::Engine;
 use launch::Launch;
 use process::LiveProcesses;
 
+pub use attach::AttachError;
 pub use engine::{Mode, Outcome, Stats};
-pub use launch::{resolve_entrypoint, LaunchError};
+pub use launch::{exec_in_place, resolve_entrypoint, LaunchError};
 pub use procfs::peak_rss_kib;
+pub use procscan::DEFAULT_PERIOD as DEFAULT_PROC_SCAN_PERIOD;
 pub use ptrace::Death;
 
 /// What the workload inherits from the tracer's own start, captured before
@@ -68,6 +74,17 @@ pub struct Workload {
     /// Notified when SIGTERM or SIGINT comes once no traced process is
     /// left: the container is being stopped, the exporters must not wait.
     pub abandon_flush: Arc<tokio::sync::Notify>,
+    /// Scan /proc this often for processes outside the traced tree (None: never).
+    pub proc_scan: Option<std::time::Duration>,
+}
+
+/// Passes the forwarded signals (blocked by `Inheritance::capture`) on to
+/// `pids`: the tracers `--pid-per-tracer` started.
+pub fn forward_signals(pids: &[u32]) -> std::io::Result<()> {
+    let live = LiveProcesses::default();
+    live.lock().unwrap_or_else(|e| e.into_inner()).extend(pids.iter().map(|&pid| pid as i32));
+    // Each of those tracers ends its own flush.
+    signals::spawn_forwarder(None, live, false, Arc::default())
 }
 
 /// The mode to trace in: seccomp where the kernel runs such filters, every
@@ -88,6 +105,7 @@ pub fn usable_mode(requested: Mode) -> Mode {
 /// A running tracer.
 pub struct Tracer {
     thread: JoinHandle<Result<Outcome, LaunchError>>,
+    scanner: Option<procscan::Scanner>,
 }
 
 impl Tracer {
@@ -108,6 +126,7 @@ impl Tracer {
         let live = LiveProcesses::default();
         let (started_tx, started_rx) = mpsc::channel();
         let tracer_live = live.clone();
+        let scan_sink = workload.proc_scan.map(|_| sink.another());
         let thread = std::thread::Builder::new()
             .name("cws-tracer".into())
             .spawn(move || -> Result<Outcome, LaunchError> {
@@ -126,15 +145,74 @@ impl Tracer {
                 Ok(engine.run())
             })
             .map_err(|e| LaunchError::Setup(format!("cannot start the tracer thread: {e}")))?;
+        let mut scanner = None;
         if let Ok(Some(root)) = started_rx.recv() {
-            signals::spawn_forwarder(root, live, workload.log_signals, workload.abandon_flush)
+            signals::spawn_forwarder(Some(root), live.clone(), workload.log_signals, workload.abandon_flush)
                 .map_err(|e| LaunchError::Setup(format!("cannot start the signal thread: {e}")))?;
+            if let (Some(period), Some(sink)) = (workload.proc_scan, scan_sink) {
+                match procscan::Scanner::start(period, procscan::START_DELAY, sink, live) {
+                    Ok(started) => scanner = Some(started),
+                    Err(e) => log!("cannot start the /proc scan: {e}; processes outside the traced tree go unseen"),
+                }
+            }
         }
-        Ok(Tracer { thread })
+        Ok(Tracer { thread, scanner })
+    }
+
+    /// Attach mode: seizes the processes `pids` name (every thread, and
+    /// their descendants) and traces them in full-ptrace mode until they are
+    /// gone or an ending signal (TERM, INT, HUP, QUIT) makes the tracer let
+    /// them go. Returns the tracer, and the pids that could not be traced;
+    /// when none could, no tracer. The forwarded signals must be blocked
+    /// (`Inheritance::capture`).
+    pub fn attach(pids: Vec<i32>, mut sink: EventSink) -> Result<(Option<Tracer>, Vec<AttachError>), LaunchError> {
+        let detach = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let tracer_tid = Arc::new(AtomicI32::new(0));
+        let (attached_tx, attached_rx) = mpsc::channel();
+        let (thread_detach, thread_done, thread_tid) = (detach.clone(), done.clone(), tracer_tid.clone());
+        let thread = std::thread::Builder::new()
+            .name("cws-tracer".into())
+            .spawn(move || -> Result<Outcome, LaunchError> {
+                thread_tid.store(nix::unistd::gettid().as_raw(), Ordering::SeqCst);
+                if let Err(e) = signals::accept_wake() {
+                    log!("cannot install the detach wake-up handler: {e}");
+                }
+                let attached = attach::attach(&pids, &mut sink);
+                let traced = !attached.processes.is_empty();
+                let _ = attached_tx.send((traced, attached.failures));
+                let outcome = if traced {
+                    Engine::attached(attached.processes, sink, LiveProcesses::default(), thread_detach).run()
+                } else {
+                    Outcome { root: None, stats: Stats::default(), detached: 0 }
+                };
+                thread_done.store(true, Ordering::SeqCst);
+                Ok(outcome)
+            })
+            .map_err(|e| LaunchError::Setup(format!("cannot start the tracer thread: {e}")))?;
+        let (traced, failures) = attached_rx.recv().unwrap_or_default();
+        if !traced {
+            let _ = thread.join();
+            return Ok((None, failures));
+        }
+        signals::spawn_detacher(detach, tracer_tid, done)
+            .map_err(|e| LaunchError::Setup(format!("cannot start the signal thread: {e}")))?;
+        Ok((Some(Tracer { thread, scanner: None }), failures))
     }
 
     /// Waits until every traced process is gone.
     pub fn wait(self) -> Result<Outcome, LaunchError> {
-        self.thread.join().unwrap_or_else(|_| Err(LaunchError::Setup("the tracer thread failed".into())))
+        let mut outcome =
+            self.thread.join().unwrap_or_else(|_| Err(LaunchError::Setup("the tracer thread failed".into())));
+        // The scan ends with the tracer: its sender must go for the queue to end.
+        if let Some(scan) = self.scanner.and_then(procscan::Scanner::stop) {
+            if let Ok(outcome) = &mut outcome {
+                outcome.stats.add_sink(&scan.sink);
+                outcome.stats.proc_scans = scan.scans;
+                outcome.stats.proc_scan_cpu = scan.cpu;
+                outcome.stats.proc_scan_first_cpu = scan.first_cpu;
+            }
+        }
+        outcome
     }
 }

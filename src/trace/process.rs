@@ -81,6 +81,11 @@ impl ProcessTable {
         self.threads.is_empty()
     }
 
+    /// Every traced thread.
+    pub fn threads(&self) -> Vec<Pid> {
+        self.threads.keys().copied().collect()
+    }
+
     pub fn thread(&self, tid: Pid) -> Option<&Thread> {
         self.threads.get(&tid)
     }

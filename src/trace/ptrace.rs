@@ -29,6 +29,29 @@ pub fn seize(pid: Pid) -> nix::Result<()> {
     ptrace::seize(pid, OPTIONS)
 }
 
+/// Options for processes the tracer attaches to (`trace --pid`): the same
+/// but EXITKILL. They are someone else's: if the tracer dies, they run on.
+pub const ATTACH_OPTIONS: Options = OPTIONS.difference(Options::PTRACE_O_EXITKILL);
+
+/// Seizes a running thread (attach mode). It keeps running until `interrupt`.
+pub fn seize_running(tid: Pid) -> nix::Result<()> {
+    ptrace::seize(tid, ATTACH_OPTIONS)
+}
+
+/// PTRACE_INTERRUPT: the thread stops soon with a [`Stop::Trap`] (or the
+/// stop it was about to report). A blocking syscall it is in is restarted
+/// by the kernel afterwards, unseen by the program.
+pub fn interrupt(tid: Pid) -> nix::Result<()> {
+    ptrace::interrupt(tid)
+}
+
+/// PTRACE_DETACH from a stop, delivering `signal` (0: none).
+fn detach(pid: Pid, signal: i32) -> nix::Result<()> {
+    // SAFETY: DETACH takes no pointers; `data` is the signal number.
+    let rc = unsafe { libc::ptrace(libc::PTRACE_DETACH, pid.as_raw(), 0usize, signal as usize) };
+    Errno::result(rc).map(drop)
+}
+
 /// How a tracee left the living.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Death {
@@ -142,6 +165,11 @@ impl SyscallStop {
     pub fn resume(self, how: Resume) -> nix::Result<()> {
         resume(self.pid, how, 0)
     }
+
+    /// Lets the thread go: the call runs (or returns) as it would have.
+    pub fn detach(self) -> nix::Result<()> {
+        detach(self.pid, 0)
+    }
 }
 
 pub struct EventStop {
@@ -157,6 +185,10 @@ impl EventStop {
     pub fn resume(self, how: Resume) -> nix::Result<()> {
         resume(self.pid, how, 0)
     }
+
+    pub fn detach(self) -> nix::Result<()> {
+        detach(self.pid, 0)
+    }
 }
 
 pub struct GroupStop {
@@ -170,6 +202,11 @@ impl GroupStop {
         let rc = unsafe { libc::ptrace(libc::PTRACE_LISTEN, self.pid.as_raw(), 0usize, 0usize) };
         Errno::result(rc).map(drop)
     }
+
+    /// Lets the thread go; it stays stopped, as job control asked, until SIGCONT.
+    pub fn detach(self) -> nix::Result<()> {
+        detach(self.pid, 0)
+    }
 }
 
 pub struct SignalStop {
@@ -181,6 +218,11 @@ impl SignalStop {
     /// Deliver the signal exactly as the workload would have received it.
     pub fn deliver(self, how: Resume) -> nix::Result<()> {
         resume(self.pid, how, self.signal)
+    }
+
+    /// Lets the thread go with its signal, delivered as it would have been.
+    pub fn detach(self) -> nix::Result<()> {
+        detach(self.pid, self.signal)
     }
 }
 

@@ -4,7 +4,9 @@
 //! tracer thread) and passes them on.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, pthread_sigmask, SigSet, SigmaskHow, Signal};
 use nix::unistd::Pid;
@@ -46,11 +48,12 @@ pub fn block_forwarded() -> nix::Result<SigSet> {
 /// the agent: the container is being stopped.
 const STOPPING: [Signal; 2] = [Signal::SIGTERM, Signal::SIGINT];
 
-/// Starts the forwarding thread. Until the entrypoint exits, signals go to
-/// it; after that, to every process still traced. `verbose` logs each one.
-/// A stop signal that finds no traced process left notifies `stop_flush`.
+/// Starts the forwarding thread. Until the entrypoint (`root`) exits,
+/// signals go to it; after that, or without one, to every process in
+/// `live`. `verbose` logs each one. A stop signal that finds no traced
+/// process left notifies `stop_flush`.
 pub fn spawn_forwarder(
-    root: Pid,
+    root: Option<Pid>,
     live: Arc<Mutex<BTreeSet<i32>>>,
     verbose: bool,
     stop_flush: Arc<tokio::sync::Notify>,
@@ -70,7 +73,7 @@ pub fn spawn_forwarder(
         }
         let targets: Vec<i32> = {
             let live = live.lock().unwrap_or_else(|e| e.into_inner());
-            if live.contains(&root.as_raw()) {
+            if let Some(root) = root.filter(|root| live.contains(&root.as_raw())) {
                 vec![root.as_raw()]
             } else {
                 live.iter().copied().collect()
@@ -122,8 +125,9 @@ impl IgnoredSignals {
         IgnoredSignals(bits)
     }
 
-    /// In the forked child: every signal back to what the tracer inherited
-    /// (ignored, or default). Raw syscalls only.
+    /// Every signal back to what the tracer inherited (ignored, or
+    /// default), before an exec: in the forked child, or in place
+    /// (`spawn`, `inject`). Raw syscalls only.
     pub fn restore(self) {
         for signal in 1..=64 {
             if signal == libc::SIGKILL || signal == libc::SIGSTOP {
@@ -138,6 +142,50 @@ impl IgnoredSignals {
             };
         }
     }
+}
+
+/// Signals that, in attach mode, end the tracer: it detaches from the
+/// processes (they are not its workload) and exits. The other forwarded
+/// signals are ignored there.
+const ENDING: [Signal; 4] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT];
+
+/// Sent to the tracer thread to break its waitpid when it must detach
+/// (ignored by default, so a stray one does no harm).
+const WAKE: i32 = libc::SIGURG;
+
+extern "C" fn on_wake(_: libc::c_int) {}
+
+/// On the tracer thread, in attach mode: WAKE gets a handler without
+/// SA_RESTART, so that it ends a waitpid with EINTR.
+pub fn accept_wake() -> nix::Result<()> {
+    // SAFETY: sigaction is plain data; all zeroes is no flags and an empty mask.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = on_wake as extern "C" fn(libc::c_int) as usize;
+    // SAFETY: installs a handler that touches nothing.
+    let rc = unsafe { libc::sigaction(WAKE, &action, std::ptr::null_mut()) };
+    nix::errno::Errno::result(rc).map(drop)
+}
+
+/// Attach mode's signal thread: an ending signal sets `detach`, then wakes
+/// the tracer thread (kernel thread id `tracer`) until it is `done`: a wake
+/// that came just before its waitpid would be lost, the next one is not.
+pub fn spawn_detacher(detach: Arc<AtomicBool>, tracer: Arc<AtomicI32>, done: Arc<AtomicBool>) -> std::io::Result<()> {
+    let set = forwarded_set();
+    std::thread::Builder::new().name("cws-signals".into()).spawn(move || loop {
+        let mut info: libc::siginfo_t = zeroed_siginfo();
+        // SAFETY: `set` is a valid sigset and `info` is writable.
+        let signal = unsafe { libc::sigwaitinfo(set.as_ref(), &mut info) };
+        if !Signal::try_from(signal).is_ok_and(|s| ENDING.contains(&s)) {
+            continue;
+        }
+        detach.store(true, Ordering::SeqCst);
+        while !done.load(Ordering::SeqCst) {
+            // SAFETY: tgkill takes integers; the tid is checked against our own process.
+            unsafe { libc::syscall(libc::SYS_tgkill, std::process::id(), tracer.load(Ordering::SeqCst), WAKE) };
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })?;
+    Ok(())
 }
 
 fn zeroed_siginfo() -> libc::siginfo_t {

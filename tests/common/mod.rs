@@ -137,6 +137,11 @@ impl Trace {
         if !flags.iter().any(|f| f.as_ref() == "--probe-addr") {
             cmd.args(["--probe-addr", ""]);
         }
+        // Without the /proc scan unless the test asks for it: it would
+        // report the processes of tests running alongside.
+        if !flags.iter().any(|f| f.as_ref() == "--proc-scan-rate") {
+            cmd.arg("--disable-proc-scan");
+        }
         cmd.args(flags).arg("--").args(command);
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         Trace { dir, command: cmd }

@@ -75,7 +75,7 @@ fn bound_entry(raw: &[u8], truncated: &mut bool) -> String {
 }
 
 /// argv within the bounds; `cut` says entries were already left out.
-fn bound_args<'a>(items: impl IntoIterator<Item = &'a [u8]>, mut cut: bool) -> (Vec<String>, bool) {
+pub fn bound_args<'a>(items: impl IntoIterator<Item = &'a [u8]>, mut cut: bool) -> (Vec<String>, bool) {
     let mut args = Vec::new();
     for item in items {
         if args.len() == MAX_EXEC_ENTRIES {
@@ -89,14 +89,14 @@ fn bound_args<'a>(items: impl IntoIterator<Item = &'a [u8]>, mut cut: bool) -> (
 
 /// envp within the bounds, the variables that change how programs load and
 /// run first.
-fn bound_envs<'a>(items: impl IntoIterator<Item = &'a [u8]> + Clone, cut: bool) -> (Vec<String>, bool) {
+pub fn bound_envs<'a>(items: impl IntoIterator<Item = &'a [u8]> + Clone, cut: bool) -> (Vec<String>, bool) {
     let is_priority = |item: &[u8]| PRIORITY_ENVS.iter().any(|p| item.starts_with(p.as_bytes()));
     let priority = items.clone().into_iter().filter(|i| is_priority(i));
     let rest = items.into_iter().filter(|i| !is_priority(i));
     bound_args(priority.chain(rest), cut)
 }
 
-fn split_nul(buf: &[u8]) -> impl Iterator<Item = &[u8]> + Clone {
+pub fn split_nul(buf: &[u8]) -> impl Iterator<Item = &[u8]> + Clone {
     buf.strip_suffix(b"\0").unwrap_or(buf).split(|&b| b == 0).filter(|_| !buf.is_empty())
 }
 
@@ -122,6 +122,7 @@ pub fn failed(cx: &mut Ctx<'_>, call: &Call, retval: i64, exec: ExecCall) {
         cwd: cx.cwd().unwrap_or_default(),
         credentials: procfs::status(cx.tid).map(|s| s.credentials),
         executable: String::new(),
+        ..Default::default()
     };
     cx.emit_call(call, retval, partial, Payload::Exec(exec));
 }
@@ -162,6 +163,7 @@ pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime) {
         cwd: cx.cwd().unwrap_or_default(),
         credentials: status.map(|s| s.credentials),
         executable,
+        ..Default::default()
     };
     match call {
         Some(call) => cx.emit_call(&call, 0, partial, Payload::Exec(exec)),

@@ -18,7 +18,7 @@ mod tasks;
 pub use context::{Call, Ctx, Next};
 pub use control::{SeccompCall, UffdCall};
 pub use creds::CredCall;
-pub use exec::{succeeded as exec_succeeded, ExecCall};
+pub use exec::{bound_args, bound_envs, split_nul, succeeded as exec_succeeded, ExecCall};
 pub use files::{FileCall, PathArg};
 pub use net::NetCall;
 pub use open::OpenCall;

@@ -10,9 +10,11 @@
 //! shared and noisy). The tracer's own counters (`--stats`) give the ptrace
 //! stops, events, drops and its peak RSS. A table goes to stdout, then the
 //! targets of issue 5 with what was measured against each, and JSON to
-//! `target/bench/results.json`.
+//! `target/bench/results.json`. Last, W8: the /proc scan's CPU per scan
+//! with 1,000 processes present (`--only-procscan` runs only that).
 
 mod ingest;
+mod procscan;
 mod programs;
 mod redis;
 mod report;
@@ -163,8 +165,25 @@ fn check_tools() -> Result<(), String> {
     Ok(())
 }
 
+/// Processes present for W8, the /proc scan's cost.
+const SCAN_PROCESSES: usize = 1000;
+
+fn bench_procscan(tracer: &str, dir: &Path) -> Result<(), String> {
+    let cost = procscan::measure(tracer, SCAN_PROCESSES)?;
+    println!("{}", procscan::report(&cost));
+    let out = dir.join("procscan.json");
+    std::fs::write(&out, procscan::json(&cost).to_string()).map_err(|e| e.to_string())?;
+    println!("results: {}", out.display());
+    Ok(())
+}
+
 pub fn bench(args: &[String]) -> Result<(), String> {
     let (quick, runs) = arguments(args)?;
+    if args.iter().any(|a| a == "--only-procscan") {
+        let dir = crate::root().join("target/bench");
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        return bench_procscan(&crate::dist()?.display().to_string(), &dir);
+    }
     let sizes: Sizes = if quick { programs::QUICK } else { programs::FULL };
     check_tools()?;
     let tracer = crate::dist()?.display().to_string();
@@ -271,5 +290,5 @@ pub fn bench(args: &[String]) -> Result<(), String> {
     let json = report::json(runs, quick, &results, &ingest, &targets);
     std::fs::write(&out, json).map_err(|e| e.to_string())?;
     println!("results: {}", out.display());
-    Ok(())
+    bench_procscan(&tracer, &dir)
 }
