@@ -1,7 +1,9 @@
 //! Helpers for tests that run the real binary on real programs.
 #![allow(dead_code)] // each test crate uses its own subset
 
+use std::ffi::OsStr;
 use std::io::{BufRead, Read};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::Receiver;
@@ -22,6 +24,35 @@ pub const DEADLINE: Duration = Duration::from_secs(120);
 
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_cws-instrumentation")
+}
+
+/// A command whose process starts with stdin, stdout and stderr only.
+///
+/// Test threads run side by side: a descriptor another one holds, or opens
+/// while this command forks, must not reach a traced workload, whose
+/// descriptor numbers and open files the tests compare. Everything the tests
+/// open is close-on-exec already; this makes it so for whatever else the
+/// process holds (close_range needs Linux 5.11).
+pub fn command(program: impl AsRef<OsStr>) -> Command {
+    let mut command = Command::new(program);
+    clean_descriptors(&mut command);
+    command
+}
+
+/// Makes `command` start with stdin, stdout and stderr only (see `command`).
+pub fn clean_descriptors(command: &mut Command) -> &mut Command {
+    // SAFETY: close_range is a single async-signal-safe system call, the
+    // only thing done between fork and exec here. Marking descriptors
+    // close-on-exec, rather than closing them, keeps the pipe through which
+    // std reports a failed exec (close-on-exec already) working.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
 }
 
 /// Compiles `tests/fixtures/NAME.c` once per test run and returns the program.
@@ -138,7 +169,7 @@ impl Trace {
 
     pub fn with_flags<F: AsRef<std::ffi::OsStr>, S: AsRef<std::ffi::OsStr>>(flags: &[F], command: &[S]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(binary());
+        let mut cmd = self::command(binary());
         cmd.arg("trace").arg("--events-file").arg(dir.path().join("events.jsonl"));
         // Offline unless the test names an agent.
         if !flags.iter().any(|f| f.as_ref() == "--probe-addr") {
@@ -152,7 +183,7 @@ impl Trace {
     /// Starts the tracer itself as `launcher TRACER ARGS…`.
     pub fn via(mut self, launcher: &Path) -> Self {
         let args: Vec<std::ffi::OsString> = self.command.get_args().map(ToOwned::to_owned).collect();
-        let mut cmd = Command::new(launcher);
+        let mut cmd = command(launcher);
         cmd.arg(binary()).args(args);
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         self.command = cmd;
@@ -199,15 +230,21 @@ impl Terminal {
 
     /// Starts `command` as the session leader of a new terminal.
     pub fn spawn_command(command: &mut Command) -> (Child, Terminal) {
-        use std::os::unix::process::CommandExt;
-        let pty = nix::pty::openpty(None, None).unwrap();
-        // openpty's descriptors are inheritable: keep them out of the
-        // commands other tests start meanwhile, or their EOF never comes.
-        for fd in [&pty.master, &pty.slave] {
-            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC)).unwrap();
-        }
-        let slave = || Stdio::from(pty.slave.try_clone().unwrap());
-        command.stdin(slave()).stdout(slave()).stderr(slave());
+        use std::os::unix::fs::OpenOptionsExt;
+        // Both ends are opened close-on-exec, never inheritable even for a
+        // moment: a copy in a command another test starts meanwhile would
+        // keep the terminal open, and the EOF below would never come.
+        let flags = nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY | nix::fcntl::OFlag::O_CLOEXEC;
+        let master = nix::pty::posix_openpt(flags).unwrap();
+        nix::pty::grantpt(&master).unwrap();
+        nix::pty::unlockpt(&master).unwrap();
+        let slave_path = nix::pty::ptsname_r(&master).unwrap();
+        // std opens with O_CLOEXEC.
+        let slave =
+            std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOCTTY).open(slave_path).unwrap();
+        let master = std::os::fd::OwnedFd::from(master);
+        let stdio = || Stdio::from(slave.try_clone().unwrap());
+        clean_descriptors(command).stdin(stdio()).stdout(stdio()).stderr(stdio());
         // SAFETY: setsid and ioctl are async-signal-safe.
         unsafe {
             command.pre_exec(|| {
@@ -222,9 +259,9 @@ impl Terminal {
         // Only the started processes keep the terminal open now, so the
         // master reads EOF once they are gone.
         command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        drop(pty.slave);
+        drop(slave);
         let (tx, lines) = std::sync::mpsc::channel();
-        let reader = std::fs::File::from(pty.master.try_clone().unwrap());
+        let reader = std::fs::File::from(master.try_clone().unwrap());
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(reader).lines() {
                 let Ok(line) = line else { break };
@@ -233,7 +270,7 @@ impl Terminal {
                 }
             }
         });
-        (child, Terminal { master: std::fs::File::from(pty.master), lines })
+        (child, Terminal { master: std::fs::File::from(master), lines })
     }
 
     /// Types on the keyboard.
