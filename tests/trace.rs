@@ -705,6 +705,9 @@ fn file_handles_and_io_uring_cannot_open_unseen() {
 
 #[test]
 fn credential_changes_report_what_the_kernel_then_has() {
+    if !common::require_root(&[common::CAP_SETUID, common::CAP_SETGID], "change uid and gid from 0") {
+        return;
+    }
     let run = Trace::new(&[fixture("creds")]).run();
     assert_eq!((run.code(), run.stdout.as_str()), (Some(0), "0\n0\n0\n-1\n0\n"), "{}", run.stderr);
     let changes = run.of("credentials");
@@ -745,6 +748,9 @@ fn credential_changes_report_what_the_kernel_then_has() {
 
 #[test]
 fn file_changes_report_paths_as_the_calls_named_them() {
+    if !common::require_root(&[common::CAP_CHOWN], "give a file to uid 1000") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap().to_owned();
     let run = Trace::new(&[fixture("files").to_str().unwrap(), &base]).run();

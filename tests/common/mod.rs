@@ -2,7 +2,7 @@
 #![allow(dead_code)] // each test crate uses its own subset
 
 use std::ffi::OsStr;
-use std::io::{BufRead, Read};
+use std::io::{BufRead, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -53,6 +53,51 @@ pub fn clean_descriptors(command: &mut Command) -> &mut Command {
             Ok(())
         })
     }
+}
+
+/// Says past libtest's output capture that the running test is skipped and
+/// why, so that a skip never reads as a pass.
+pub fn skip(reason: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    // One write: test threads share stderr.
+    let _ = std::io::stderr().write_all(format!("skipped: {test}: {reason}\n").as_bytes());
+}
+
+/// Capabilities the privileged tests need, with their bit in CapEff.
+pub const CAP_CHOWN: (u32, &str) = (0, "CAP_CHOWN");
+pub const CAP_SETGID: (u32, &str) = (6, "CAP_SETGID");
+pub const CAP_SETUID: (u32, &str) = (7, "CAP_SETUID");
+pub const CAP_SYS_CHROOT: (u32, &str) = (18, "CAP_SYS_CHROOT");
+pub const CAP_SYS_ADMIN: (u32, &str) = (21, "CAP_SYS_ADMIN");
+
+/// Whether this process has every capability of `needed` (root has them,
+/// unless a container took them away); if not, the test is skipped with
+/// `why` it needs them.
+pub fn require_root(needed: &[(u32, &str)], why: &str) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .expect("CapEff in /proc/self/status");
+    let missing: Vec<&str> = needed.iter().filter(|(bit, _)| effective & (1 << bit) == 0).map(|(_, n)| *n).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    skip(&format!("needs root ({} to {why}); run the suite as root, as CI does", missing.join(", ")));
+    false
+}
+
+/// The static release binary that `cargo xtask ci` builds once (`cargo
+/// xtask dist`) and names in `CWS_STATIC_BINARY`; without it the test is
+/// skipped.
+pub fn static_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("CWS_STATIC_BINARY").map(PathBuf::from);
+    if path.is_none() {
+        skip("needs the static release binary: run `cargo xtask ci`, or set CWS_STATIC_BINARY to what `cargo xtask dist` built");
+    }
+    path
 }
 
 /// Compiles `tests/fixtures/NAME.c` once per test run and returns the program.
