@@ -10,7 +10,7 @@
 //! shared and noisy). The tracer's own counters (`--stats`) give the ptrace
 //! stops, events, drops and its peak RSS. A table goes to stdout, then the
 //! targets of issue 5 with what was measured against each, and JSON to
-//! `target/bench/results.json`.
+//! `TARGET_DIR/bench/results.json` (cargo's target directory).
 
 mod ingest;
 mod programs;
@@ -168,8 +168,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
     let sizes: Sizes = if quick { programs::QUICK } else { programs::FULL };
     check_tools()?;
     let tracer = crate::dist()?.display().to_string();
-    let dir = crate::root().join("target/bench");
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let dir = crate::target_subdir("bench")?;
     let getpid = compile(&dir, "getpid", programs::GETPID)?;
     let openclose = compile(&dir, "openclose", programs::OPENCLOSE)?;
     let connect = compile(&dir, "connect", programs::CONNECT)?;
