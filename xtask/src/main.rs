@@ -1,6 +1,8 @@
 //! `cargo xtask <task>`: the project's chores, in Rust so they run wherever
 //! cargo does.
 //!
+//! - `demo`: the tracer (release profile) on a small shell script, with
+//!   `--verbose`: one line per event.
 //! - `ci`: what CI checks: formatting, clippy with warnings denied, the
 //!   static binary (`dist`), then every test, with that binary named in
 //!   `CWS_STATIC_BINARY`; every failing step is reported.
@@ -17,6 +19,7 @@
 //! the target directory from `cargo metadata`.
 
 mod bench;
+mod demo;
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -203,12 +206,13 @@ fn image() -> Result<(), String> {
 
 fn main() -> ExitCode {
     let result = match std::env::args().nth(1).as_deref() {
+        Some("demo") => demo::demo(),
         Some("ci") => ci(),
         Some("dist") => dist().map(drop),
         Some("image") => image(),
         Some("bench") => bench::bench(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => {
-            eprintln!("usage: cargo xtask ci|dist|image|bench [--quick] [--runs N]");
+            eprintln!("usage: cargo xtask demo|ci|dist|image|bench [--quick] [--runs N]");
             return ExitCode::from(2);
         }
     };
