@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Stdio};
 use std::time::Instant;
 
 use common::{binary, fixture, pid_of, retval, wait, Run, DEADLINE};
@@ -16,7 +16,7 @@ use serde_json::Value;
 
 /// The tracer attached to `pids`, writing events to DIR/events.jsonl.
 fn attach(dir: &Path, pids: &[i32], flags: &[&str]) -> Child {
-    let mut command = Command::new(binary());
+    let mut command = common::command(binary());
     command.args(["trace", "--probe-addr", ""]).arg("--events-file").arg(events_path(dir));
     for pid in pids {
         command.arg("--pid").arg(pid.to_string());
@@ -65,7 +65,7 @@ struct Target {
 
 impl Target {
     fn start(dir: &Path) -> Target {
-        let mut child = Command::new(fixture("attach_target"))
+        let mut child = common::command(fixture("attach_target"))
             .arg(dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -4,36 +4,46 @@
 mod common;
 
 use std::os::fd::AsRawFd;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::{binary, retval, Trace};
 
 fn run(args: &[&str]) -> Output {
-    Command::new(binary()).args(args).output().unwrap()
+    common::command(binary()).args(args).output().unwrap()
 }
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// Whether descriptor `fd` is open in the shell that `subcommand` runs in its place.
+/// Whether descriptor `fd`, which the tool inherits, is open in the shell
+/// that `subcommand` runs in its place.
 fn inherited_fd_open(subcommand: &[&str], fd: i32) -> String {
+    use std::os::unix::process::CommandExt;
     let script = format!("if [ -e /proc/$$/fd/{fd} ]; then echo open; else echo closed; fi");
-    let mut args = subcommand.to_vec();
-    args.extend(["sh", "-c", &script]);
-    let output = run(&args);
+    let file = tempfile::tempfile().unwrap();
+    let source = file.as_raw_fd();
+    let mut command = common::command(binary());
+    command.args(subcommand).args(["sh", "-c", &script]);
+    // SAFETY: dup2 is async-signal-safe. It makes the inherited descriptor
+    // in the child only (dup2 clears close-on-exec), so that no other
+    // test's children inherit it.
+    unsafe {
+        command.pre_exec(move || match libc::dup2(source, fd) {
+            -1 => Err(std::io::Error::last_os_error()),
+            _ => Ok(()),
+        });
+    }
+    let output = command.output().unwrap();
+    drop(file);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
     text(&output.stdout)
 }
 
 #[test]
 fn spawn_closes_inherited_descriptors_above_2_and_inject_keeps_them() {
-    let file = tempfile::tempfile().unwrap();
-    // dup(2) leaves close-on-exec clear: the descriptor is inherited by the subcommand.
-    let inherited = nix::unistd::dup(&file).unwrap();
-    let fd = inherited.as_raw_fd();
-    assert_eq!(inherited_fd_open(&["inject", "--session-type", "k8s", "--"], fd), "open\n");
-    assert_eq!(inherited_fd_open(&["spawn"], fd), "closed\n");
+    assert_eq!(inherited_fd_open(&["inject", "--session-type", "k8s", "--"], 42), "open\n");
+    assert_eq!(inherited_fd_open(&["spawn"], 42), "closed\n");
 }
 
 #[test]
@@ -41,7 +51,7 @@ fn inject_and_spawn_exec_in_place_with_argv_and_path_lookup() {
     for subcommand in [&["inject", "--session-type", "ssh", "--data", "session-1", "--"][..], &["spawn"]] {
         let mut args = subcommand.to_vec();
         args.extend(["sh", "-c", "echo $$ $0 $1", "zero", "--one"]);
-        let child = Command::new(binary()).args(&args).stdout(std::process::Stdio::piped()).spawn().unwrap();
+        let child = common::command(binary()).args(&args).stdout(std::process::Stdio::piped()).spawn().unwrap();
         let pid = child.id();
         let output = child.wait_with_output().unwrap();
         // The same process: exec'd in place, not forked.
@@ -167,7 +177,7 @@ fn a_proc_scan_rate_that_is_not_a_duration_is_a_warning_as_in_datadog() {
     assert_eq!((run.code(), run.stderr.as_str()), (Some(0), ""));
     let warning =
         "cws-instrumentation: proc scan rate: \"soon\" is not a duration (like 500ms or 1m30s); scanning every 500ms\n";
-    let by_env = Command::new(binary())
+    let by_env = common::command(binary())
         .args(["trace", "--probe-addr", "", "--", "true"])
         .env("DD_CWS_INSTRUMENTATION_PROC_SCAN_RATE", "soon")
         .output()

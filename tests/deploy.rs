@@ -4,9 +4,8 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 
 use common::binary;
 use serde_json::Value;
@@ -59,12 +58,13 @@ fn setup_rejects_a_missing_directory_and_a_file() {
 #[test]
 fn setup_without_permission_suggests_user_0() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Not writable but by root's override: nobody (as root) or the owner
+    // (as anyone else) is refused.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o555)).unwrap();
     let mut command = Command::new(binary());
     command.args(["setup", "--cws-volume-mount"]).arg(dir.path());
     if is_root() {
         use std::os::unix::process::CommandExt;
-        command.uid(65534).gid(65534);
         // The test binary may sit in a directory nobody cannot enter.
         let copy = dir.path().join("runner");
         std::fs::copy(binary(), &copy).unwrap();
@@ -84,7 +84,9 @@ fn setup_without_permission_suggests_user_0() {
 
 #[test]
 fn setup_into_a_read_only_volume_says_so() {
-    assert!(is_root(), "this test mounts a read-only tmpfs: run the suite as root (CI does)");
+    if !common::require_root(&[common::CAP_SYS_ADMIN], "mount a read-only tmpfs") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().display().to_string();
     // A private mount namespace: nothing is left mounted, whatever happens.
@@ -98,27 +100,18 @@ fn setup_into_a_read_only_volume_says_so() {
     );
 }
 
-/// The static release binary, built once per test run by `cargo xtask dist`.
-fn static_binary() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status =
-            Command::new(cargo).args(["xtask", "dist"]).current_dir(env!("CARGO_MANIFEST_DIR")).status().unwrap();
-        assert!(status.success(), "cargo xtask dist failed");
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dist/cws-instrumentation")
-    })
-}
-
 #[test]
 fn the_static_binary_runs_the_guide_s_flow_in_an_empty_root() {
-    assert!(is_root(), "this test uses chroot: run the suite as root (CI does)");
+    if !common::require_root(&[common::CAP_SYS_ADMIN, common::CAP_SYS_CHROOT], "mount /proc and chroot") {
+        return;
+    }
+    let Some(static_binary) = common::static_binary() else { return };
     let root = tempfile::tempdir().unwrap();
     let volume = root.path().join("cws-instrumentation-volume");
     std::fs::create_dir(&volume).unwrap();
     std::fs::create_dir(root.path().join("proc")).unwrap();
     // The init container's step, with the static binary.
-    let output = Command::new(static_binary()).args(["setup", "--cws-volume-mount"]).arg(&volume).output().unwrap();
+    let output = Command::new(&static_binary).args(["setup", "--cws-volume-mount"]).arg(&volume).output().unwrap();
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let program = root.path().join("prog");
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hello_static.c");
@@ -134,7 +127,7 @@ fn the_static_binary_runs_the_guide_s_flow_in_an_empty_root() {
         root.path().display()
     );
     let output =
-        Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
+        common::command("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
     assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
     assert_eq!(String::from_utf8_lossy(&output.stdout), "hello from the empty root\n");
     let events: Vec<Value> = std::fs::read_to_string(root.path().join("events.jsonl"))
@@ -149,6 +142,8 @@ fn the_static_binary_runs_the_guide_s_flow_in_an_empty_root() {
             (kind, e[kind]["path"].as_str().unwrap_or(""), e["retval"].as_str().unwrap_or(""))
         })
         .collect();
+    // The workload's first descriptor is 3: it started with stdio only
+    // (common::command) and the tracer handed it none of its own.
     assert_eq!(
         kinds,
         vec![("exec", "/prog", "0"), ("open", "/etc/hostname", "-2"), ("open", "/prog", "3"), ("exit", "", "")]
@@ -263,13 +258,16 @@ fn run_flow(commands: Commands) {
     let mut log = BufReader::new(sidecar.stderr.take().unwrap());
     let mut line = String::new();
     log.read_line(&mut line).unwrap();
-    assert_eq!(line, "cws-instrumentation: listening on 127.0.0.1:5678\n", "port 5678 must be free for this test");
+    if line != "cws-instrumentation: listening on 127.0.0.1:5678\n" {
+        let _ = sidecar.kill();
+        panic!("the guide's sidecar must listen on 127.0.0.1:5678, which another process may hold (free the port to run this test); it said: {line}");
+    }
 
     let entrypoint = volume.path().join("cws-instrumentation");
     let mut app: Vec<String> = commands.app[1..].to_vec();
     app.pop();
     app.extend(["sh", "-c", "cat /etc/hostname >/dev/null; exit 6"].map(String::from));
-    let child = Command::new(&entrypoint)
+    let child = common::command(&entrypoint)
         .args(&app)
         .env(token_env[0], token)
         .stdin(Stdio::null())

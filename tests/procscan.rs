@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Instant;
 
 use common::{fixture, pid_of, Trace, DEADLINE};
@@ -88,7 +88,7 @@ fn summary(events: &[Value]) -> Vec<String> {
 fn a_process_outside_the_tree_is_reported_as_it_starts_and_ends_even_under_a_reused_pid() {
     let traced = Traced::start(&["--proc-scan-rate", "100ms"]);
     let sleep = std::fs::canonicalize("/bin/sleep").unwrap().to_string_lossy().into_owned();
-    let mut outside = Command::new("/bin/sleep").arg("1000").spawn().unwrap();
+    let mut outside = common::command("/bin/sleep").arg("1000").spawn().unwrap();
     let pid = outside.id() as i32;
     let found = traced.wait_for_events_of(pid, 1);
     assert_eq!(summary(&found), vec![format!("exec {sleep} [\"/bin/sleep\",\"1000\"]")]);
@@ -99,7 +99,8 @@ fn a_process_outside_the_tree_is_reported_as_it_starts_and_ends_even_under_a_reu
     // likely: the start time tells them apart.
     outside.kill().unwrap();
     outside.wait().unwrap();
-    let mut reused = Command::new(fixture("at_pid")).arg(pid.to_string()).args(["/bin/sleep", "2000"]).spawn().unwrap();
+    let mut reused =
+        common::command(fixture("at_pid")).arg(pid.to_string()).args(["/bin/sleep", "2000"]).spawn().unwrap();
     // Seen before it ends (a process shorter than a period goes unseen).
     traced.wait_for_events_of(pid, 3);
     kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
@@ -142,7 +143,7 @@ fn the_flag_and_the_environment_turn_the_scan_off() {
     let env = [("DD_CWS_INSTRUMENTATION_PROC_SCAN_DISABLED", "TRUE")];
     let off_by_env = Traced::start_with_env(&["--stats", "--proc-scan-rate", "100ms"], &env);
     let on = Traced::start(&["--stats", "--proc-scan-rate", "100ms"]);
-    let mut outside = Command::new("/bin/sleep").arg("1000").spawn().unwrap();
+    let mut outside = common::command("/bin/sleep").arg("1000").spawn().unwrap();
     on.wait_for_events_of(outside.id() as i32, 1);
     let on = on.finish();
     outside.kill().unwrap();
@@ -159,7 +160,7 @@ fn the_flag_and_the_environment_turn_the_scan_off() {
 #[test]
 fn a_process_found_by_the_scan_carries_its_controlling_terminal() {
     let traced = Traced::start(&["--proc-scan-rate", "100ms"]);
-    let mut command = Command::new("sh");
+    let mut command = common::command("sh");
     command.args(["-c", "tty; exec sleep 1000"]);
     let (mut child, terminal) = common::Terminal::spawn_command(&mut command);
     let tty = terminal.read_until(|l| l.starts_with("/dev/")).pop().unwrap();

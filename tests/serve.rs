@@ -797,6 +797,9 @@ impl MetadataEndpoint {
 
 #[test]
 fn the_hello_carries_what_the_ecs_metadata_endpoint_says() {
+    if !common::require_root(&[common::CAP_SYS_ADMIN], "give the tracer a cgroup namespace of its own") {
+        return;
+    }
     let endpoint = MetadataEndpoint::start();
     let dir = tempfile::tempdir().unwrap();
     let mut sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));

@@ -1,7 +1,9 @@
 //! Helpers for tests that run the real binary on real programs.
 #![allow(dead_code)] // each test crate uses its own subset
 
-use std::io::{BufRead, Read};
+use std::ffi::OsStr;
+use std::io::{BufRead, Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::Receiver;
@@ -15,6 +17,80 @@ pub const DEADLINE: Duration = Duration::from_secs(120);
 
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_cws-instrumentation")
+}
+
+/// A command whose process starts with stdin, stdout and stderr only.
+///
+/// Test threads run side by side: a descriptor another one holds, or opens
+/// while this command forks, must not reach a traced workload, whose
+/// descriptor numbers and open files the tests compare. Everything the tests
+/// open is close-on-exec already; this makes it so for whatever else the
+/// process holds (close_range needs Linux 5.11).
+pub fn command(program: impl AsRef<OsStr>) -> Command {
+    let mut command = Command::new(program);
+    clean_descriptors(&mut command);
+    command
+}
+
+/// Makes `command` start with stdin, stdout and stderr only (see `command`).
+pub fn clean_descriptors(command: &mut Command) -> &mut Command {
+    // SAFETY: close_range is a single async-signal-safe system call, the
+    // only thing done between fork and exec here. Marking descriptors
+    // close-on-exec, rather than closing them, keeps the pipe through which
+    // std reports a failed exec (close-on-exec already) working.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Says past libtest's output capture that the running test is skipped and
+/// why, so that a skip never reads as a pass.
+pub fn skip(reason: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    // One write: test threads share stderr.
+    let _ = std::io::stderr().write_all(format!("skipped: {test}: {reason}\n").as_bytes());
+}
+
+/// Capabilities the privileged tests need, with their bit in CapEff.
+pub const CAP_CHOWN: (u32, &str) = (0, "CAP_CHOWN");
+pub const CAP_SETGID: (u32, &str) = (6, "CAP_SETGID");
+pub const CAP_SETUID: (u32, &str) = (7, "CAP_SETUID");
+pub const CAP_SYS_CHROOT: (u32, &str) = (18, "CAP_SYS_CHROOT");
+pub const CAP_SYS_ADMIN: (u32, &str) = (21, "CAP_SYS_ADMIN");
+
+/// Whether this process has every capability of `needed` (root has them,
+/// unless a container took them away); if not, the test is skipped with
+/// `why` it needs them.
+pub fn require_root(needed: &[(u32, &str)], why: &str) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .expect("CapEff in /proc/self/status");
+    let missing: Vec<&str> = needed.iter().filter(|(bit, _)| effective & (1 << bit) == 0).map(|(_, n)| *n).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    skip(&format!("needs root ({} to {why}); run the suite as root, as CI does", missing.join(", ")));
+    false
+}
+
+/// The static release binary that `cargo xtask ci` builds once (`cargo
+/// xtask dist`) and names in `CWS_STATIC_BINARY`; without it the test is
+/// skipped.
+pub fn static_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("CWS_STATIC_BINARY").map(PathBuf::from);
+    if path.is_none() {
+        skip("needs the static release binary: run `cargo xtask ci`, or set CWS_STATIC_BINARY to what `cargo xtask dist` built");
+    }
+    path
 }
 
 /// Compiles `tests/fixtures/NAME.c` once per test run and returns the program.
@@ -131,7 +207,7 @@ impl Trace {
 
     pub fn with_flags<F: AsRef<std::ffi::OsStr>, S: AsRef<std::ffi::OsStr>>(flags: &[F], command: &[S]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(binary());
+        let mut cmd = self::command(binary());
         cmd.arg("trace").arg("--events-file").arg(dir.path().join("events.jsonl"));
         // Offline unless the test names an agent.
         if !flags.iter().any(|f| f.as_ref() == "--probe-addr") {
@@ -150,7 +226,7 @@ impl Trace {
     /// Starts the tracer itself as `launcher TRACER ARGS…`.
     pub fn via(mut self, launcher: &Path) -> Self {
         let args: Vec<std::ffi::OsString> = self.command.get_args().map(ToOwned::to_owned).collect();
-        let mut cmd = Command::new(launcher);
+        let mut cmd = command(launcher);
         cmd.arg(binary()).args(args);
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         self.command = cmd;
@@ -177,7 +253,7 @@ impl Trace {
             std::fs::copy(binary(), &copy).unwrap();
         }
         std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let mut command = Command::new(copy);
+        let mut command = self::command(copy);
         command.args(self.command.get_args()).uid(id).gid(id);
         command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         self.command = command;
@@ -220,15 +296,21 @@ impl Terminal {
 
     /// Starts `command` as the session leader of a new terminal.
     pub fn spawn_command(command: &mut Command) -> (Child, Terminal) {
-        use std::os::unix::process::CommandExt;
-        let pty = nix::pty::openpty(None, None).unwrap();
-        // openpty's descriptors are inheritable: keep them out of the
-        // commands other tests start meanwhile, or their EOF never comes.
-        for fd in [&pty.master, &pty.slave] {
-            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC)).unwrap();
-        }
-        let slave = || Stdio::from(pty.slave.try_clone().unwrap());
-        command.stdin(slave()).stdout(slave()).stderr(slave());
+        use std::os::unix::fs::OpenOptionsExt;
+        // Both ends are opened close-on-exec, never inheritable even for a
+        // moment: a copy in a command another test starts meanwhile would
+        // keep the terminal open, and the EOF below would never come.
+        let flags = nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY | nix::fcntl::OFlag::O_CLOEXEC;
+        let master = nix::pty::posix_openpt(flags).unwrap();
+        nix::pty::grantpt(&master).unwrap();
+        nix::pty::unlockpt(&master).unwrap();
+        let slave_path = nix::pty::ptsname_r(&master).unwrap();
+        // std opens with O_CLOEXEC.
+        let slave =
+            std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOCTTY).open(slave_path).unwrap();
+        let master = std::os::fd::OwnedFd::from(master);
+        let stdio = || Stdio::from(slave.try_clone().unwrap());
+        clean_descriptors(command).stdin(stdio()).stdout(stdio()).stderr(stdio());
         // SAFETY: setsid and ioctl are async-signal-safe.
         unsafe {
             command.pre_exec(|| {
@@ -243,9 +325,9 @@ impl Terminal {
         // Only the started processes keep the terminal open now, so the
         // master reads EOF once they are gone.
         command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        drop(pty.slave);
+        drop(slave);
         let (tx, lines) = std::sync::mpsc::channel();
-        let reader = std::fs::File::from(pty.master.try_clone().unwrap());
+        let reader = std::fs::File::from(master.try_clone().unwrap());
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(reader).lines() {
                 let Ok(line) = line else { break };
@@ -254,7 +336,7 @@ impl Terminal {
                 }
             }
         });
-        (child, Terminal { master: std::fs::File::from(pty.master), lines })
+        (child, Terminal { master: std::fs::File::from(master), lines })
     }
 
     /// Types on the keyboard.

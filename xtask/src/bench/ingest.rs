@@ -38,9 +38,7 @@ pub struct Load {
 }
 
 fn generator() -> Result<PathBuf, String> {
-    let root = crate::root();
-    crate::run(crate::cargo().current_dir(&root).args(["build", "--release", "--locked", "--example", "ingest_load"]))?;
-    Ok(root.join("target/release/examples/ingest_load"))
+    crate::build("ingest_load", &["--release", "--locked", "--example", "ingest_load"], &[])
 }
 
 /// The events of one traced build of the W5 project.

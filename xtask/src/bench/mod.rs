@@ -10,8 +10,9 @@
 //! shared and noisy). The tracer's own counters (`--stats`) give the ptrace
 //! stops, events, drops and its peak RSS. A table goes to stdout, then the
 //! targets of issue 5 with what was measured against each, and JSON to
-//! `target/bench/results.json`. Last, W8: the /proc scan's CPU per scan
-//! with 1,000 processes present (`--only-procscan` runs only that).
+//! `TARGET_DIR/bench/results.json` (cargo's target directory). Last, W8: the
+//! /proc scan's CPU per scan with 1,000 processes present (`--only-procscan`
+//! runs only that).
 
 mod ingest;
 mod procscan;
@@ -180,15 +181,13 @@ fn bench_procscan(tracer: &str, dir: &Path) -> Result<(), String> {
 pub fn bench(args: &[String]) -> Result<(), String> {
     let (quick, runs) = arguments(args)?;
     if args.iter().any(|a| a == "--only-procscan") {
-        let dir = crate::root().join("target/bench");
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let dir = crate::target_subdir("bench")?;
         return bench_procscan(&crate::dist()?.display().to_string(), &dir);
     }
     let sizes: Sizes = if quick { programs::QUICK } else { programs::FULL };
     check_tools()?;
     let tracer = crate::dist()?.display().to_string();
-    let dir = crate::root().join("target/bench");
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let dir = crate::target_subdir("bench")?;
     let getpid = compile(&dir, "getpid", programs::GETPID)?;
     let openclose = compile(&dir, "openclose", programs::OPENCLOSE)?;
     let connect = compile(&dir, "connect", programs::CONNECT)?;
