@@ -203,7 +203,7 @@ fn ecs_commands() -> Commands {
 fn eks_commands() -> Commands {
     let text =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/eks-deployment.yaml")).unwrap();
-    let deployment: Value = serde_yaml::from_str(&text).unwrap();
+    let deployment: Value = serde_yaml_ng::from_str(&text).unwrap();
     let spec = &deployment["spec"]["template"]["spec"];
     let container = |list: &str, name: &str| spec[list].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap();
     let named = |list: &str, name: &str| container(list, name)["command"].clone();
