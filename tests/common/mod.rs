@@ -311,9 +311,14 @@ impl Terminal {
         let master = std::os::fd::OwnedFd::from(master);
         let stdio = || Stdio::from(slave.try_clone().unwrap());
         clean_descriptors(command).stdin(stdio()).stdout(stdio()).stderr(stdio());
-        // SAFETY: setsid and ioctl are async-signal-safe.
+        // SAFETY: signal (sigaction), setsid and ioctl are async-signal-safe.
         unsafe {
             command.pre_exec(|| {
+                // As a person's shell gives them: a suite started in the
+                // background (`cargo test &`) has SIGINT and SIGQUIT ignored,
+                // which the tracer passes on to the workload as it should.
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                libc::signal(libc::SIGQUIT, libc::SIG_DFL);
                 nix::unistd::setsid()?;
                 if libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
