@@ -8,10 +8,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use nix::unistd::Pid;
 
 use crate::proto::Credentials;
+use crate::text;
 use crate::trace::abi::PAGE;
 
 fn readlink(path: &str) -> Option<String> {
-    std::fs::read_link(path).ok().map(|p| p.to_string_lossy().into_owned())
+    std::fs::read_link(path).ok().map(|p| text::lossless_os(p.as_os_str()))
 }
 
 /// The kernel's path for an open descriptor ("socket:[…]" and the like for
@@ -48,28 +49,36 @@ pub struct Status {
     pub credentials: Credentials,
 }
 
+/// Parsed as bytes: the `Name:` line is the process name, which the
+/// workload sets (prctl(PR_SET_NAME)) to any bytes, valid UTF-8 or not; it
+/// must not hide the lines that follow it.
 pub fn status(tid: Pid) -> Option<Status> {
     let (bytes, _) = read_bounded(&format!("/proc/{tid}/status"), 4 * PAGE)?;
-    let text = String::from_utf8(bytes).ok()?;
+    Some(parse_status(&bytes))
+}
+
+fn parse_status(bytes: &[u8]) -> Status {
     let mut status = Status::default();
-    for line in text.lines() {
-        let Some((key, value)) = line.split_once(':') else { continue };
+    for line in bytes.split(|&b| b == b'\n') {
+        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+        // The fields read here are ASCII numbers; other lines are skipped unread.
+        let (key, value) = (&line[..colon], std::str::from_utf8(&line[colon + 1..]).unwrap_or(""));
         let mut numbers = value.split_whitespace().map(|v| v.parse::<u32>().ok());
         let mask = || u64::from_str_radix(value.trim(), 16).ok();
         let c = &mut status.credentials;
         match key {
-            "Tgid" => status.tgid = numbers.next().flatten().map(|v| v as i32),
-            "PPid" => status.ppid = numbers.next().flatten().map(|v| v as i32),
+            b"Tgid" => status.tgid = numbers.next().flatten().map(|v| v as i32),
+            b"PPid" => status.ppid = numbers.next().flatten().map(|v| v as i32),
             // Real, effective, saved, filesystem.
-            "Uid" => [c.uid, c.euid, c.suid, c.fsuid] = std::array::from_fn(|_| numbers.next().flatten()),
-            "Gid" => [c.gid, c.egid, c.sgid, c.fsgid] = std::array::from_fn(|_| numbers.next().flatten()),
-            "CapInh" => c.cap_inheritable = mask(),
-            "CapPrm" => c.cap_permitted = mask(),
-            "CapEff" => c.cap_effective = mask(),
+            b"Uid" => [c.uid, c.euid, c.suid, c.fsuid] = std::array::from_fn(|_| numbers.next().flatten()),
+            b"Gid" => [c.gid, c.egid, c.sgid, c.fsgid] = std::array::from_fn(|_| numbers.next().flatten()),
+            b"CapInh" => c.cap_inheritable = mask(),
+            b"CapPrm" => c.cap_permitted = mask(),
+            b"CapEff" => c.cap_effective = mask(),
             _ => {}
         }
     }
-    Some(status)
+    status
 }
 
 /// A duplicate of a tracee's descriptor (pidfd_getfd, Linux 5.6+), to ask
@@ -155,4 +164,21 @@ pub fn shares_fs(a: Pid, b: Pid) -> Option<bool> {
     // SAFETY: kcmp takes integers only.
     let rc = unsafe { libc::syscall(libc::SYS_kcmp, a.as_raw(), b.as_raw(), KCMP_FS, 0, 0) };
     (rc >= 0).then_some(rc == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_parses_past_a_name_that_is_not_utf8() {
+        let text = b"Name:\t\xff\xfe:x\nUmask:\t0022\nTgid:\t12\nPid:\t13\nPPid:\t7\n\
+            Uid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nCapEff:\t0000000000000080\n";
+        let status = parse_status(text);
+        assert_eq!((status.tgid, status.ppid), (Some(12), Some(7)));
+        let c = status.credentials;
+        assert_eq!([c.uid, c.euid, c.suid, c.fsuid], [Some(1), Some(2), Some(3), Some(4)]);
+        assert_eq!([c.gid, c.egid, c.sgid, c.fsgid], [Some(5), Some(6), Some(7), Some(8)]);
+        assert_eq!(c.cap_effective, Some(0x80));
+    }
 }

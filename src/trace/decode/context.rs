@@ -8,6 +8,7 @@ use nix::unistd::Pid;
 
 use crate::proto::{self, event::Payload, Event};
 use crate::queue::EventSink;
+use crate::text;
 use crate::trace::abi::{Abi, SyscallEntry};
 use crate::trace::memory;
 use crate::trace::paths;
@@ -156,7 +157,7 @@ impl Ctx<'_> {
 
     /// A path argument made absolute against the cwd or a directory fd.
     pub fn resolve(&mut self, dirfd: i32, path: &[u8]) -> Option<String> {
-        let path = String::from_utf8_lossy(path);
+        let path = text::lossless(path);
         if path.starts_with('/') {
             return Some(paths::absolute("/", &path));
         }

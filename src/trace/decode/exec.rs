@@ -5,6 +5,7 @@
 use std::time::SystemTime;
 
 use crate::proto::{self, event::Payload, Event};
+use crate::text;
 use crate::trace::abi::Abi;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
 use crate::trace::memory;
@@ -66,11 +67,11 @@ pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, exec: ExecCall) -> Next {
 fn bound_entry(raw: &[u8], truncated: &mut bool) -> String {
     if raw.len() > MAX_EXEC_ENTRY_LEN {
         *truncated = true;
-        let mut cut = String::from_utf8_lossy(&raw[..MAX_EXEC_ENTRY_LEN - 4]).into_owned();
+        let mut cut = text::lossless(&raw[..MAX_EXEC_ENTRY_LEN - 4]);
         cut.push_str("...");
         cut
     } else {
-        String::from_utf8_lossy(raw).into_owned()
+        text::lossless(raw)
     }
 }
 

@@ -3,6 +3,7 @@
 //! Each table entry says which argument means what (`FileCall`).
 
 use crate::proto::{self, event::Payload, FileOperation};
+use crate::text;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
 use crate::trace::decode::creds::id_arg;
 use crate::trace::memory;
@@ -70,7 +71,7 @@ fn read_path_arg(cx: &mut Ctx<'_>, call: &Call, arg: PathArg) -> Option<String> 
         PathArg::Fd(i) => cx.fd_path(call.fd(i)),
         PathArg::Text(i) => {
             let (raw, _) = memory::read_cstring(cx.tid, call.args[i], PATH_MAX).ok()?;
-            Some(String::from_utf8_lossy(&raw).into_owned())
+            Some(text::lossless(&raw))
         }
     }
 }
