@@ -70,3 +70,21 @@ fn a_process_name_that_is_not_utf8_does_not_blind_the_tracer() {
         assert_eq!(fork["fork"]["child_pid"].as_i64(), Some(pid_of(setresgid)));
     });
 }
+
+#[test]
+fn loader_variables_past_a_large_environment_are_reported() {
+    // Command orders the environment by name: 300 KiB of variables come first.
+    let filler: Vec<(String, String)> = (0..300).map(|i| (format!("A{i:03}"), "v".repeat(1020))).collect();
+    for flags in [&[] as &[&str], &["--disable-seccomp"]] {
+        let mut trace = Trace::with_flags(flags, &["/bin/true"]);
+        let command = trace.command().env_clear().envs(filler.iter().cloned());
+        command.env("LD_PRELOAD", "libc.so.6").env("PATH", "/usr/bin:/bin").env("ZZ", "last");
+        let run = trace.run();
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        let exec = &run.of("exec")[0]["exec"];
+        assert_eq!(exec["envs"][0], "LD_PRELOAD=libc.so.6", "{flags:?}");
+        assert_eq!(exec["envs"][1], "PATH=/usr/bin:/bin");
+        assert_eq!(exec["envs"][2].as_str().unwrap()[..10], *"A000=vvvvv");
+        assert_eq!(exec["envs_truncated"], true);
+    }
+}

@@ -16,9 +16,23 @@ use crate::trace::ptrace;
 /// the same as the agent-side model expects.
 const MAX_EXEC_ENTRIES: usize = 356;
 const MAX_EXEC_ENTRY_LEN: usize = 356;
-/// Environment variables kept before all others when envp is cut.
-const PRIORITY_ENVS: [&str; 6] =
-    ["LD_PRELOAD=", "LD_LIBRARY_PATH=", "PATH=", "HISTSIZE=", "HISTFILESIZE=", "GLIBC_TUNABLES="];
+/// Environment variables kept before all others when envp is cut, and
+/// looked for past the cut: every `LD_*` variable of the dynamic loader
+/// (LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT, ...), glibc's other variables
+/// that load code or data into a program (its "unsecure" list), PATH, and
+/// the shell history switches.
+const PRIORITY_ENVS: [&str; 10] = [
+    "LD_",
+    "GLIBC_TUNABLES=",
+    "GCONV_PATH=",
+    "LOCPATH=",
+    "NLSPATH=",
+    "MALLOC_TRACE=",
+    "HOSTALIASES=",
+    "PATH=",
+    "HISTSIZE=",
+    "HISTFILESIZE=",
+];
 /// How much of the argument strings, and of the environment, is read at exec.
 const EXEC_STRINGS_MAX: usize = 256 * 1024;
 
@@ -91,10 +105,29 @@ fn bound_args<'a>(items: impl IntoIterator<Item = &'a [u8]>, mut cut: bool) -> (
 /// envp within the bounds, the variables that change how programs load and
 /// run first.
 fn bound_envs<'a>(items: impl IntoIterator<Item = &'a [u8]> + Clone, cut: bool) -> (Vec<String>, bool) {
-    let is_priority = |item: &[u8]| PRIORITY_ENVS.iter().any(|p| item.starts_with(p.as_bytes()));
     let priority = items.clone().into_iter().filter(|i| is_priority(i));
     let rest = items.into_iter().filter(|i| !is_priority(i));
     bound_args(priority.chain(rest), cut)
+}
+
+fn is_priority(entry: &[u8]) -> bool {
+    PRIORITY_ENVS.iter().any(|p| entry.starts_with(p.as_bytes()))
+}
+
+/// When the environment was cut at `kept`, the priority variables past the
+/// cut, wherever they are: a large environment must not hide an LD_PRELOAD.
+/// `kept` loses its last, partial entry (found again here if it is one of
+/// them). `read_at(offset, buf)` reads the whole environment.
+fn priority_envs_beyond(
+    kept: &mut Vec<u8>,
+    len: u64,
+    mut read_at: impl FnMut(u64, &mut [u8]) -> usize,
+) -> Vec<Vec<u8>> {
+    let start = kept.iter().rposition(|&b| b == 0).map_or(0, |nul| nul + 1);
+    kept.truncate(start);
+    let from = start as u64;
+    let read_rest = |offset: u64, buf: &mut [u8]| read_at(from + offset, buf);
+    memory::select_entries(read_rest, len.saturating_sub(from), MAX_EXEC_ENTRY_LEN + 1, MAX_EXEC_ENTRIES, is_priority)
 }
 
 fn split_nul(buf: &[u8]) -> impl Iterator<Item = &[u8]> + Clone {
@@ -138,20 +171,36 @@ pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime) {
         .ok()
         .filter(|(_, abi)| *abi != Abi::Unknown)
         .and_then(|(sp, abi)| memory::exec_strings(pid, sp, abi, EXEC_STRINGS_MAX));
-    let (cmdline, environ) = match from_stack {
-        Some((cmdline, environ)) => (Some(cmdline), Some(environ)),
+    let environ_path = format!("/proc/{pid}/environ");
+    let (cmdline, environ, env_at, env_len) = match from_stack {
+        Some(s) => (Some(s.args), Some(s.env), Some(s.env_at), s.env_len),
         None => (
             procfs::read_bounded(&format!("/proc/{pid}/cmdline"), EXEC_STRINGS_MAX),
-            procfs::read_bounded(&format!("/proc/{pid}/environ"), EXEC_STRINGS_MAX),
+            procfs::read_bounded(&environ_path, EXEC_STRINGS_MAX),
+            None,
+            u64::MAX,
         ),
     };
     let status = procfs::status(pid);
     let executable = procfs::exe(pid);
     let partial = cmdline.is_none() || environ.is_none() || status.is_none() || executable.is_none();
     let (cmdline, cmdline_cut) = cmdline.unwrap_or_default();
-    let (environ, environ_cut) = environ.unwrap_or_default();
+    let (mut environ, environ_cut) = environ.unwrap_or_default();
+    let beyond = match (environ_cut, env_at) {
+        (false, _) => Vec::new(),
+        (true, Some(at)) => {
+            priority_envs_beyond(&mut environ, env_len, |offset, buf| memory::read(pid, at.saturating_add(offset), buf))
+        }
+        (true, None) => match std::fs::File::open(&environ_path) {
+            Ok(file) => priority_envs_beyond(&mut environ, env_len, |offset, buf| {
+                std::os::unix::fs::FileExt::read_at(&file, buf, offset).unwrap_or(0)
+            }),
+            Err(_) => Vec::new(),
+        },
+    };
     let (args, args_truncated) = bound_args(split_nul(&cmdline), cmdline_cut);
-    let (envs, envs_truncated) = bound_envs(split_nul(&environ), environ_cut);
+    let envs = split_nul(&environ).chain(beyond.iter().map(Vec::as_slice));
+    let (envs, envs_truncated) = bound_envs(envs, environ_cut);
     let executable = executable.unwrap_or_default();
     let path = call.as_ref().and_then(|c| c.entry_path.clone()).unwrap_or_else(|| executable.clone());
     let exec = proto::ExecEvent {
@@ -191,13 +240,30 @@ mod tests {
         assert_eq!(args[1].len(), MAX_EXEC_ENTRY_LEN - 1);
         assert!(args[1].ends_with("..."));
 
-        let many: Vec<Vec<u8>> =
-            (0..400).map(|i| format!("V{i}=x").into_bytes()).chain([b"PATH=/bin".to_vec()]).collect();
+        let many: Vec<Vec<u8>> = (0..400)
+            .map(|i| format!("V{i}=x").into_bytes())
+            .chain([b"PATH=/bin".to_vec(), b"LD_AUDIT=a".to_vec()])
+            .collect();
         let (envs, cut) = bound_envs(many.iter().map(Vec::as_slice), false);
         assert!(cut);
         assert_eq!(envs.len(), MAX_EXEC_ENTRIES);
-        assert_eq!(envs[0], "PATH=/bin");
-        assert_eq!(envs[1], "V0=x");
+        assert_eq!(envs[..3], ["PATH=/bin", "LD_AUDIT=a", "V0=x"]);
+    }
+
+    #[test]
+    fn priority_variables_past_the_cut_are_found_and_the_cut_entry_dropped() {
+        let whole = b"A=1\0B=2\0LD_PRELOAD=/x.so\0C=3\0PATH=/bin\0".to_vec();
+        let read_at = |offset: u64, buf: &mut [u8]| {
+            let rest = whole.get(offset as usize..).unwrap_or_default();
+            let n = rest.len().min(buf.len());
+            buf[..n].copy_from_slice(&rest[..n]);
+            n
+        };
+        // Cut in the middle of LD_PRELOAD.
+        let mut kept = whole[..12].to_vec();
+        let beyond = priority_envs_beyond(&mut kept, whole.len() as u64, read_at);
+        assert_eq!(kept, b"A=1\0B=2\0");
+        assert_eq!(beyond, [b"LD_PRELOAD=/x.so".to_vec(), b"PATH=/bin".to_vec()]);
     }
 
     #[test]
