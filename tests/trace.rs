@@ -356,20 +356,24 @@ fn fork_vfork_and_threads_are_followed() {
 }
 
 #[test]
-fn exec_from_a_non_leader_thread_is_reported_under_the_process_id() {
-    let run = Trace::new(&[fixture("thread_exec")]).run();
-    assert_eq!(run.code(), Some(0), "{}", run.stderr);
-    assert_eq!(run.stdout, "from-thread\n");
-    let execs = run.of("exec");
-    assert_eq!(execs.len(), 2);
-    let echo = &execs[1];
-    assert_eq!(echo["exec"]["path"], "/bin/echo");
-    assert_eq!(echo["exec"]["args"], serde_json::json!(["echo", "from-thread"]));
-    assert_eq!(pid_of(echo), pid_of(execs[0]));
-    assert_eq!(echo["tid"], echo["pid"], "the exec'ing thread takes the process id");
-    let exits = run.of("exit");
-    assert_eq!(exits.len(), 1);
-    assert_eq!(pid_of(exits[0]), pid_of(echo));
+fn exec_from_a_non_leader_thread_is_reported_under_the_process_id_and_its_own_thread() {
+    for flags in [&[] as &[&str], &["--disable-seccomp"]] {
+        let run = Trace::with_flags(flags, &[fixture("thread_exec")]).run();
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        let (thread, rest) = run.stdout.split_once('\n').unwrap();
+        assert_eq!(rest, "from-thread\n");
+        let execs = run.of("exec");
+        assert_eq!(execs.len(), 2);
+        let echo = &execs[1];
+        assert_eq!(echo["exec"]["path"], "/bin/echo");
+        assert_eq!(echo["exec"]["args"], serde_json::json!(["echo", "from-thread"]));
+        assert_eq!(pid_of(echo), pid_of(execs[0]));
+        assert_eq!(echo["tid"].to_string(), thread, "the thread that called execve");
+        assert_ne!(echo["tid"], echo["pid"]);
+        let exits = run.of("exit");
+        assert_eq!(exits.len(), 1);
+        assert_eq!(pid_of(exits[0]), pid_of(echo));
+    }
 }
 
 #[test]

@@ -346,7 +346,7 @@ impl Engine {
         let pending = self.pending.remove(&former);
         self.pending.remove(&tgid);
         let call = pending.filter(|p| matches!(p.decoder, Decoder::Exec(_))).map(|p| p.call);
-        decode::exec_succeeded(&mut self.ctx(tgid), call, time);
+        decode::exec_succeeded(&mut self.ctx(tgid), call, time, former);
     }
 
     fn on_death(&mut self, pid: Pid, death: Death) {

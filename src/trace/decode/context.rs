@@ -116,7 +116,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn call_event(&self, call: &Call, retval: i64, partial: bool, payload: Payload) -> Event {
+    pub fn call_event(&self, call: &Call, retval: i64, partial: bool, payload: Payload) -> Event {
         Event {
             retval: Some(retval),
             syscall: call.name.to_owned(),

@@ -4,6 +4,8 @@
 
 use std::time::SystemTime;
 
+use nix::unistd::Pid;
+
 use crate::proto::{self, event::Payload, Event};
 use crate::text;
 use crate::trace::abi::Abi;
@@ -164,8 +166,9 @@ pub fn failed(cx: &mut Ctx<'_>, call: &Call, retval: i64, exec: ExecCall) {
 /// what the kernel copied onto the new stack (before the program runs; /proc
 /// when that stack is not as expected), not from the old memory a thread
 /// could have changed after the entry stop. `call` is the exec's entry, when
-/// it was seen.
-pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime) {
+/// it was seen; `caller`, the thread that called it (the kernel has given
+/// it the process id by now).
+pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime, caller: Pid) {
     let pid = cx.tgid();
     let from_stack = ptrace::stack_at_exec(pid)
         .ok()
@@ -213,19 +216,19 @@ pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime) {
         credentials: status.map(|s| s.credentials),
         executable,
     };
-    match call {
-        Some(call) => cx.emit_call(&call, 0, partial, Payload::Exec(exec)),
-        None => {
-            let event = Event {
-                retval: Some(0),
-                syscall: "execve".to_owned(),
-                partial: true,
-                payload: Some(Payload::Exec(exec)),
-                ..cx.event(time)
-            };
-            cx.sink.emit(event);
-        }
-    }
+    let mut event = match call {
+        Some(call) => cx.call_event(&call, 0, partial, Payload::Exec(exec)),
+        None => Event {
+            retval: Some(0),
+            syscall: "execve".to_owned(),
+            partial: true,
+            payload: Some(Payload::Exec(exec)),
+            ..cx.event(time)
+        },
+    };
+    // The thread that called execve, though it now has the process id.
+    event.tid = caller.as_raw() as u32;
+    cx.sink.emit(event);
 }
 
 #[cfg(test)]
