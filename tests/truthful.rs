@@ -88,3 +88,53 @@ fn loader_variables_past_a_large_environment_are_reported() {
         assert_eq!(exec["envs_truncated"], true);
     }
 }
+
+/// An event's timestamp ("YYYY-MM-DDTHH:MM:SS[.f]+00:00", 0 to 9 fraction
+/// digits, UTC) as a key that orders as time does.
+fn time_key(event: &serde_json::Value) -> (String, u64) {
+    let text = event["timestamp"].as_str().unwrap();
+    let text = text.strip_suffix("+00:00").or_else(|| text.strip_suffix('Z')).unwrap();
+    let (date, time) = text.split_once('T').unwrap();
+    let (clock, fraction) = time.split_once('.').unwrap_or((time, ""));
+    let seconds = clock.split(':').fold(0, |total, part| total * 60 + part.parse::<u64>().unwrap());
+    let nanos: u64 = format!("{fraction:0<9}").parse().unwrap();
+    (date.to_owned(), seconds * 1_000_000_000 + nanos)
+}
+
+#[test]
+fn no_event_of_a_child_is_stamped_before_its_fork() {
+    in_both_modes(&[fixture("vforks")], |run| {
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        let forks = run.of("fork");
+        assert_eq!(forks.len(), 40);
+        for fork in forks {
+            let child = fork["fork"]["child_pid"].as_i64().unwrap();
+            let events: Vec<_> = run.events.iter().filter(|e| pid_of(e) == child).collect();
+            assert!(events.len() >= 2, "{events:#?}");
+            for event in events {
+                assert!(time_key(event) >= time_key(fork), "{event:#}\nbefore its fork\n{fork:#}");
+            }
+        }
+    });
+}
+
+#[test]
+fn the_parent_is_the_one_at_the_time_of_the_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    in_both_modes(&[fixture("orphan").to_str().unwrap(), fifo.to_str().unwrap()], |run| {
+        let _ = std::fs::remove_file(&fifo);
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        let ids: Vec<i64> =
+            run.stdout.trim().split(' ').map(|kv| kv.split_once('=').unwrap().1.parse().unwrap()).collect();
+        let (parent, child) = (ids[0], ids[1]);
+        let opens: Vec<_> = run.of("open").into_iter().filter(|e| pid_of(e) == child).collect();
+        assert_eq!(opens.len(), 1, "{opens:#?}");
+        assert_eq!(opens[0]["open"]["path"], fifo.to_str().unwrap());
+        assert!(retval(opens[0]) >= 0);
+        // The open was entered while its parent lived, and returned after its death.
+        assert_eq!(opens[0]["ppid"].as_i64(), Some(parent));
+        let exit = run.of("exit").into_iter().find(|e| pid_of(e) == child).unwrap();
+        assert_ne!(exit["ppid"].as_i64(), Some(parent), "by its exit, the parent is gone");
+    });
+}

@@ -265,6 +265,7 @@ impl Engine {
             }
         };
         let mut call = Call::new(def.name, &entry, time);
+        call.ppid = Some(self.ctx(tid).ppid());
         match decoder.entry(&mut self.ctx(tid), &mut call) {
             Next::Done => {}
             Next::Exit => {
@@ -300,7 +301,11 @@ impl Engine {
         };
         let child_tgid = self.procs.add_child(parent, child, sharing);
         if child_tgid == child {
+            // A child adopted before this event may already have events of
+            // its own: the fork is stamped no later than its first stop.
+            let adopted_at = self.procs.thread(child).and_then(|t| t.adopted_at);
             let time = request.map_or_else(SystemTime::now, |r| r.time);
+            let time = adopted_at.map_or(time, |adopted| time.min(adopted));
             let (fork_kind, default_syscall) = match kind {
                 ForkEventKind::Fork => (ForkKind::Fork, "fork"),
                 ForkEventKind::Vfork => (ForkKind::Vfork, "vfork"),
@@ -326,6 +331,7 @@ impl Engine {
     /// traced from now on with its state from /proc; the event, when it
     /// comes, only announces it.
     fn adopt(&mut self, pid: Pid) {
+        let time = SystemTime::now();
         let status = procfs::status(pid);
         let tgid = status.as_ref().and_then(|s| s.tgid).map_or(pid, Pid::from_raw);
         let ppid = status.as_ref().and_then(|s| s.ppid).map_or_else(Pid::this, Pid::from_raw);
@@ -333,6 +339,9 @@ impl Engine {
             self.procs.add_thread(pid, tgid);
         } else {
             self.procs.add_process(pid, ppid);
+        }
+        if let Some(thread) = self.procs.thread_mut(pid) {
+            thread.adopted_at = Some(time);
         }
     }
 

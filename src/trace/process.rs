@@ -41,12 +41,15 @@ pub struct Thread {
     pub forking: Option<ForkRequest>,
     /// Entry/exit bookkeeping for stops the kernel cannot describe itself.
     pub in_syscall: bool,
+    /// When a task whose first stop came before its creator's fork event
+    /// was adopted: its fork happened earlier.
+    pub adopted_at: Option<SystemTime>,
 }
 
 impl Thread {
     /// A thread whose tables are unknown: everything comes from /proc.
     fn unknown(tgid: Pid) -> Thread {
-        Thread { tgid, fs: Rc::default(), forking: None, in_syscall: false }
+        Thread { tgid, fs: Rc::default(), forking: None, in_syscall: false, adopted_at: None }
     }
 }
 

@@ -36,6 +36,9 @@ pub struct Call {
     pub entry_bytes: Vec<u8>,
     /// Set when something could not be read at entry.
     pub partial: bool,
+    /// The parent process when the call was entered: by its exit the
+    /// parent may have died and the process been given to another.
+    pub ppid: Option<u32>,
 }
 
 impl Call {
@@ -49,6 +52,7 @@ impl Call {
             entry_target: None,
             entry_bytes: Vec::new(),
             partial: false,
+            ppid: None,
         }
     }
 
@@ -101,7 +105,7 @@ impl Ctx<'_> {
         self.procs.thread(self.tid).map_or(self.tid, |t| t.tgid)
     }
 
-    fn ppid(&self) -> u32 {
+    pub fn ppid(&self) -> u32 {
         self.procs.process_of(self.tid).map_or(0, |p| p.ppid.as_raw() as u32)
     }
 
@@ -123,6 +127,7 @@ impl Ctx<'_> {
             abi: abi_field(call.abi),
             partial: partial || call.partial,
             payload: Some(payload),
+            ppid: call.ppid.unwrap_or_else(|| self.ppid()),
             ..self.event(call.time)
         }
     }
