@@ -138,3 +138,21 @@ fn the_parent_is_the_one_at_the_time_of_the_call() {
         assert_ne!(exit["ppid"].as_i64(), Some(parent), "by its exit, the parent is gone");
     });
 }
+
+#[test]
+fn a_restarted_call_is_reported_once_and_eintr_only_when_the_program_gets_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    in_both_modes(&[fixture("restart").to_str().unwrap(), fifo.to_str().unwrap()], |run| {
+        let _ = std::fs::remove_file(&fifo);
+        assert_eq!((run.code(), run.stdout.as_str()), (Some(0), "0 0 -4\n"), "{}", run.stderr);
+        let parent = pid_of(run.of("exec")[0]);
+        let opens: Vec<i64> = run
+            .opens_of(fifo.to_str().unwrap())
+            .into_iter()
+            .filter(|e| pid_of(e) == parent)
+            .map(|e| retval(e).min(0))
+            .collect();
+        assert_eq!(opens, [0, 0, -(libc::EINTR as i64)]);
+    });
+}

@@ -47,6 +47,8 @@ pub struct Status {
     pub tgid: Option<i32>,
     pub ppid: Option<i32>,
     pub credentials: Credentials,
+    /// Signals with a handler (SigCgt; bit N-1 for signal N).
+    pub caught: Option<u64>,
 }
 
 /// Parsed as bytes: the `Name:` line is the process name, which the
@@ -75,6 +77,7 @@ fn parse_status(bytes: &[u8]) -> Status {
             b"CapInh" => c.cap_inheritable = mask(),
             b"CapPrm" => c.cap_permitted = mask(),
             b"CapEff" => c.cap_effective = mask(),
+            b"SigCgt" => status.caught = mask(),
             _ => {}
         }
     }
@@ -173,9 +176,9 @@ mod tests {
     #[test]
     fn status_parses_past_a_name_that_is_not_utf8() {
         let text = b"Name:\t\xff\xfe:x\nUmask:\t0022\nTgid:\t12\nPid:\t13\nPPid:\t7\n\
-            Uid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nCapEff:\t0000000000000080\n";
+            Uid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nSigCgt:\t0000000000000202\nCapEff:\t0000000000000080\n";
         let status = parse_status(text);
-        assert_eq!((status.tgid, status.ppid), (Some(12), Some(7)));
+        assert_eq!((status.tgid, status.ppid, status.caught), (Some(12), Some(7), Some(0x202)));
         let c = status.credentials;
         assert_eq!([c.uid, c.euid, c.suid, c.fsuid], [Some(1), Some(2), Some(3), Some(4)]);
         assert_eq!([c.gid, c.egid, c.sgid, c.fsgid], [Some(5), Some(6), Some(7), Some(8)]);
