@@ -156,3 +156,22 @@ fn a_restarted_call_is_reported_once_and_eintr_only_when_the_program_gets_it() {
         assert_eq!(opens, [0, 0, -(libc::EINTR as i64)]);
     });
 }
+
+#[test]
+fn a_script_reports_the_caller_s_argv_and_the_interpreter_the_kernel_ran() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().canonicalize().unwrap().join("script.sh");
+    std::fs::write(&script, "#!/bin/sh -e\necho \"$0|$1|$2\"\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = script.to_str().unwrap();
+    let command = ["bash", "-c", "exec -a chosen-name \"$1\" one 'two words'", "bash", path];
+    in_both_modes(&command, |run| {
+        assert_eq!((run.code(), run.stdout.clone()), (Some(0), format!("{path}|one|two words\n")), "{}", run.stderr);
+        let exec = run.one("exec", "path", script.to_str().unwrap());
+        assert_eq!(exec["exec"]["args"], json!(["chosen-name", "one", "two words"]));
+        assert_eq!(exec["exec"]["interpreter"], json!(["/bin/sh", "-e", path]));
+        assert_eq!(exec.get("partial"), None);
+        // A program's own exec has no interpreter.
+        assert_eq!(run.of("exec")[0]["exec"].get("interpreter"), None);
+    });
+}

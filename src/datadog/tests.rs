@@ -897,6 +897,7 @@ fn execs_carry_the_program_argv_envp_flags_credentials_and_parent() {
             ..Default::default()
         }),
         executable: "/usr/bin/dash".into(),
+        interpreter: vec![],
     };
     let mut ours = event(31, 9, Some(0), "execve", Ours::Exec(exec.clone()));
     ours.ppid = 7;

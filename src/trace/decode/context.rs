@@ -31,6 +31,10 @@ pub struct Call {
     pub entry_path: Option<String>,
     /// A second path read at entry (rename's new name, a symlink's contents).
     pub entry_target: Option<String>,
+    /// An exec's argv as the caller passed it, read at entry (at most
+    /// `MAX_EXEC_ENTRIES`, each cut a byte past the entry bound), and
+    /// whether entries were left out; None when unreadable.
+    pub entry_args: Option<(Vec<Vec<u8>>, bool)>,
     /// Argument memory read at entry, as the kernel read it, before another
     /// thread of the workload can change it (a sockaddr, an open_how).
     pub entry_bytes: Vec<u8>,
@@ -50,6 +54,7 @@ impl Call {
             time,
             entry_path: None,
             entry_target: None,
+            entry_args: None,
             entry_bytes: Vec::new(),
             partial: false,
             ppid: None,

@@ -77,7 +77,32 @@ pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, exec: ExecCall) -> Next {
         Err(_) => None,
     };
     call.partial = call.entry_path.is_none();
+    // The caller's argv: for a `#!` script the kernel replaces argv[0] by
+    // the interpreter's line and the script's path.
+    let limit = MAX_EXEC_ENTRY_LEN + 1;
+    call.entry_args = memory::read_string_array(cx.tid, args.argv, call.abi, MAX_EXEC_ENTRIES, limit).ok();
     Next::Exit
+}
+
+/// The new image's argv (`stack`, the kernel's copy) against the caller's
+/// (`entry`, read at the call's entry): (args, interpreter, verified).
+/// Equal: a program. The stack ends with the caller's argv[1..] after one
+/// or more entries: a script, run by the interpreter whose argv those
+/// entries are (its path and optional argument from the `#!` line, then
+/// the script's path; nested interpreters each in turn); the caller's
+/// argv[0] is known from the entry read only. Anything else: the caller's
+/// memory changed after the entry stop, and only the kernel's copy is
+/// reported.
+fn split_interpreter(stack: Vec<String>, entry: Vec<String>) -> (Vec<String>, Vec<String>, bool) {
+    if stack == entry {
+        return (stack, Vec::new(), true);
+    }
+    let tail = entry.get(1..).unwrap_or_default();
+    if stack.len() > tail.len() && stack.ends_with(tail) {
+        let interpreter = stack[..stack.len() - tail.len()].to_vec();
+        return (entry, interpreter, true);
+    }
+    (stack, Vec::new(), false)
 }
 
 fn bound_entry(raw: &[u8], truncated: &mut bool) -> String {
@@ -158,6 +183,7 @@ pub fn failed(cx: &mut Ctx<'_>, call: &Call, retval: i64, exec: ExecCall) {
         cwd: cx.cwd().unwrap_or_default(),
         credentials: procfs::status(cx.tid).map(|s| s.credentials),
         executable: String::new(),
+        interpreter: Vec::new(),
     };
     cx.emit_call(call, retval, partial, Payload::Exec(exec));
 }
@@ -202,6 +228,18 @@ pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime, caller:
         },
     };
     let (args, args_truncated) = bound_args(split_nul(&cmdline), cmdline_cut);
+    let entry_args = call.as_ref().and_then(|c| c.entry_args.as_ref()).filter(|(_, cut)| !cut);
+    let (args, interpreter, verified) = match entry_args {
+        Some((entry, _)) if !args_truncated => {
+            let (entry, entry_truncated) = bound_args(entry.iter().map(Vec::as_slice), false);
+            match entry_truncated {
+                false => split_interpreter(args, entry),
+                true => (args, Vec::new(), true),
+            }
+        }
+        _ => (args, Vec::new(), true),
+    };
+    let partial = partial || !verified;
     let envs = split_nul(&environ).chain(beyond.iter().map(Vec::as_slice));
     let (envs, envs_truncated) = bound_envs(envs, environ_cut);
     let executable = executable.unwrap_or_default();
@@ -215,6 +253,7 @@ pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime, caller:
         cwd: cx.cwd().unwrap_or_default(),
         credentials: status.map(|s| s.credentials),
         executable,
+        interpreter,
     };
     let mut event = match call {
         Some(call) => cx.call_event(&call, 0, partial, Payload::Exec(exec)),
@@ -267,6 +306,19 @@ mod tests {
         let beyond = priority_envs_beyond(&mut kept, whole.len() as u64, read_at);
         assert_eq!(kept, b"A=1\0B=2\0");
         assert_eq!(beyond, [b"LD_PRELOAD=/x.so".to_vec(), b"PATH=/bin".to_vec()]);
+    }
+
+    #[test]
+    fn a_script_s_interpreter_is_what_the_kernel_put_before_the_caller_s_arguments() {
+        let v = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let entry = v(&["name", "one", "two words"]);
+        assert_eq!(split_interpreter(entry.clone(), entry.clone()), (entry.clone(), vec![], true));
+        let stack = v(&["/bin/sh", "-e", "./s.sh", "one", "two words"]);
+        assert_eq!(split_interpreter(stack, entry.clone()), (entry.clone(), v(&["/bin/sh", "-e", "./s.sh"]), true));
+        let no_args = v(&["/bin/sh", "./s.sh"]);
+        assert_eq!(split_interpreter(no_args, vec![]), (vec![], v(&["/bin/sh", "./s.sh"]), true));
+        let rewritten = v(&["name", "one", "other"]);
+        assert_eq!(split_interpreter(rewritten.clone(), entry), (rewritten, vec![], false));
     }
 
     #[test]
