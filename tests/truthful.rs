@@ -41,7 +41,7 @@ fn names_that_differ_only_in_invalid_bytes_are_reported_differently() {
         for (text, raw) in unlinked.iter().zip(raw) {
             assert_eq!(text::bytes(text).unwrap(), [format!("{base}/").as_bytes(), raw].concat());
         }
-        let exec = run.one("exec", "path", "/bin/true");
+        let exec = run.one("exec", "path", &common::real_path("/bin/true"));
         assert_eq!(exec["exec"]["args"], json!(["true", r"\xff", "\u{fffd}", r"a\\b"]));
     });
 }
@@ -174,4 +174,44 @@ fn a_script_reports_the_caller_s_argv_and_the_interpreter_the_kernel_ran() {
         // A program's own exec has no interpreter.
         assert_eq!(run.of("exec")[0]["exec"].get("interpreter"), None);
     });
+}
+
+#[test]
+fn paths_are_resolved_as_the_kernel_resolves_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().canonicalize().unwrap().to_str().unwrap().to_owned();
+    for flags in [&[] as &[&str], &["--disable-seccomp"]] {
+        for entry in std::fs::read_dir(&base).unwrap() {
+            let entry = entry.unwrap().path();
+            let _ = std::fs::remove_dir_all(&entry).or_else(|_| std::fs::remove_file(&entry));
+        }
+        let run = Trace::with_flags(flags, &[fixture("resolve").to_str().unwrap(), &base]).run();
+        assert_eq!(
+            (run.code(), run.stdout.as_str()),
+            (Some(0), "unlink 0\nexec -1\nunlink 0\njailed 0\n"),
+            "{}",
+            run.stderr
+        );
+        let unlinks: Vec<(&str, i64)> = run
+            .of("file")
+            .iter()
+            .filter(|e| e["file"]["operation"] == "FILE_OPERATION_UNLINK")
+            .map(|e| (e["file"]["path"].as_str().unwrap(), retval(e)))
+            .collect();
+        let at = |path: &str| format!("{base}/{path}");
+        assert_eq!(
+            unlinks,
+            [
+                // The symlink is followed before `..`, as the kernel does.
+                (at("real/victim").as_str(), 0),
+                // The working directory's ancestor was renamed meanwhile.
+                (at("moved/b/f").as_str(), 0),
+                // "/secret" in a chroot is a file in the jail.
+                (at("jail/secret").as_str(), 0),
+            ],
+            "{flags:?}"
+        );
+        let failed = run.one("exec", "path", &at("real/missing"));
+        assert_eq!(retval(failed), -(libc::ENOENT as i64));
+    }
 }

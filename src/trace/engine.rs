@@ -380,13 +380,8 @@ impl Engine {
             Some(request) => request.flags as i32 & libc::CLONE_THREAD != 0,
             None => kind == ForkEventKind::Clone && procfs::status(child).and_then(|s| s.tgid) != Some(child.as_raw()),
         };
-        let claimed = |flag: i32| request.is_some_and(|r| r.flags as i32 & flag != 0);
-        // What is shared, the kernel says best; the flags are the fallback.
-        let sharing = Sharing {
-            thread,
-            fs: procfs::shares_fs(parent, child).unwrap_or_else(|| claimed(libc::CLONE_FS)),
-            sibling: claimed(libc::CLONE_PARENT),
-        };
+        let sibling = request.is_some_and(|r| r.flags as i32 & libc::CLONE_PARENT != 0);
+        let sharing = Sharing { thread, sibling };
         let child_tgid = self.procs.add_child(parent, child, sharing);
         if child_tgid == child {
             // A child adopted before this event may already have events of

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 use nix::unistd::Pid;
 
@@ -19,6 +20,63 @@ fn readlink(path: &str) -> Option<String> {
 /// non-files).
 pub fn fd_path(tid: Pid, fd: i32) -> Option<String> {
     readlink(&format!("/proc/{tid}/fd/{fd}"))
+}
+
+/// Where a path argument of thread `tid` leads, as the kernel resolves it:
+/// the directory part is opened (O_PATH) from the thread's own root, working
+/// directory or directory descriptor, so that symlinks are followed before
+/// `..` as the kernel does, and its real location (in the tracer's view:
+/// a chroot'ed thread's `/x` is `<root>/x`) read back; the final name is
+/// joined to it unresolved (the file may be gone, or not there yet, and a
+/// final symlink is the file an unlink or rename acts on). None when the
+/// directory does not resolve (the call fails too); the caller then joins
+/// lexically. A relative path of a chroot'ed thread is resolved from its
+/// working directory without its root as a bound.
+pub fn resolve_path(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<String> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    const AT_FDCWD: i32 = -100;
+    let (dir, name) = split_final_name(raw);
+    let absolute = raw.first() == Some(&b'/');
+    let (base, resolve) = match (absolute, dirfd) {
+        (true, _) => (format!("/proc/{tid}/root"), ResolveFlag::RESOLVE_IN_ROOT),
+        (false, AT_FDCWD) => (format!("/proc/{tid}/cwd"), ResolveFlag::empty()),
+        (false, fd) => (format!("/proc/{tid}/fd/{fd}"), ResolveFlag::empty()),
+    };
+    let directory = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let base = nix::fcntl::open(base.as_str(), directory, nix::sys::stat::Mode::empty()).ok()?;
+    let relative = match dir.iter().position(|&b| b != b'/') {
+        Some(start) => std::ffi::OsStr::from_bytes(&dir[start..]),
+        None => std::ffi::OsStr::new("."),
+    };
+    // The workload's /proc/self and /proc/PID/cwd would be the tracer's own
+    // or another view: magic links are refused, and the caller falls back.
+    let how = OpenHow::new().flags(directory).resolve(resolve | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let opened = openat2(&base, relative, how).ok()?;
+    let mut path =
+        std::fs::read_link(format!("/proc/self/fd/{}", opened.as_raw_fd())).ok()?.into_os_string().into_vec();
+    if let Some(name) = name {
+        if path != b"/" {
+            path.push(b'/');
+        }
+        path.extend_from_slice(name);
+    }
+    Some(text::lossless(&path))
+}
+
+/// (directory part, final name): the name is None when the path ends in a
+/// directory (`/`, `.`, `..`), which then resolves whole. Trailing slashes
+/// name the same file (`mkdir("new/")`).
+fn split_final_name(raw: &[u8]) -> (&[u8], Option<&[u8]>) {
+    let end = raw.iter().rposition(|&b| b != b'/').map_or(raw.len().min(1), |last| last + 1);
+    let raw = &raw[..end];
+    let (dir, name) = match raw.iter().rposition(|&b| b == b'/') {
+        Some(slash) => (&raw[..=slash], &raw[slash + 1..]),
+        None => (&b""[..], raw),
+    };
+    match name {
+        b"" | b"." | b".." => (raw, None),
+        name => (dir, Some(name)),
+    }
 }
 
 pub fn cwd(tid: Pid) -> Option<String> {
@@ -160,18 +218,31 @@ pub fn peak_rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Whether two tasks share their filesystem context (working directory),
-/// asked of the kernel (kcmp(2)); None when it cannot say.
-pub fn shares_fs(a: Pid, b: Pid) -> Option<bool> {
-    const KCMP_FS: i32 = 3;
-    // SAFETY: kcmp takes integers only.
-    let rc = unsafe { libc::syscall(libc::SYS_kcmp, a.as_raw(), b.as_raw(), KCMP_FS, 0, 0) };
-    (rc >= 0).then_some(rc == 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_split_at_their_final_name_unless_it_names_a_directory() {
+        assert_eq!(split_final_name(b"a/b/c"), (&b"a/b/"[..], Some(&b"c"[..])));
+        assert_eq!(split_final_name(b"/c"), (&b"/"[..], Some(&b"c"[..])));
+        assert_eq!(split_final_name(b"c"), (&b""[..], Some(&b"c"[..])));
+        assert_eq!(split_final_name(b"a/.."), (&b"a/.."[..], None));
+        assert_eq!(split_final_name(b"a/b//"), (&b"a/"[..], Some(&b"b"[..])));
+        assert_eq!(split_final_name(b"//"), (&b"/"[..], None));
+    }
+
+    #[test]
+    fn paths_resolve_through_symlinks_before_dot_dot() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(base.join("real/sub")).unwrap();
+        std::os::unix::fs::symlink(base.join("real/sub"), base.join("link")).unwrap();
+        let raw = format!("{}/link/../victim", base.display());
+        let expected = format!("{}/real/victim", base.display());
+        assert_eq!(resolve_path(Pid::this(), -100, raw.as_bytes()), Some(expected));
+        assert_eq!(resolve_path(Pid::this(), -100, b"/nonexistent-dir/x"), None);
+    }
 
     #[test]
     fn status_parses_past_a_name_that_is_not_utf8() {

@@ -68,7 +68,7 @@ const PR_SET_SECCOMP: u32 = 22;
 const USERFAULTFD_IOC_NEW: u32 = 0xaa00;
 
 use Action::{Refuse, Trace, TraceWhen};
-use Decoder::{Chdir, Clone, Exec, IoUring, Net, Open, Ptrace, Seccomp, Socketcall, Unshare, Userfaultfd};
+use Decoder::{Chdir, Clone, Exec, IoUring, Net, Open, Ptrace, Seccomp, Socketcall, Userfaultfd};
 
 #[rustfmt::skip]
 pub static SYSCALLS: &[SyscallDef] = &[
@@ -87,7 +87,6 @@ pub static SYSCALLS: &[SyscallDef] = &[
     row("accept",          Some(43),   None,       decode(Net(NetCall::Accept))),
     row("accept4",         Some(288),  Some(364),  decode(Net(NetCall::Accept))),
     row("socketcall",      None,       Some(102),  decode(Socketcall)),
-    row("unshare",         Some(272),  Some(310),  decode(Unshare)),
     row("chdir",           Some(80),   Some(12),   decode(Chdir(ChdirCall::Chdir))),
     row("fchdir",          Some(81),   Some(133),  decode(Chdir(ChdirCall::Fchdir))),
     row("unlink",          Some(87),   Some(10),   file(F::new(Op::Unlink, Path(0)))),

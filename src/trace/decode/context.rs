@@ -150,14 +150,10 @@ impl Ctx<'_> {
         self.sink.emit(event);
     }
 
-    pub fn cwd(&mut self) -> Option<String> {
-        let thread = self.procs.thread(self.tid)?;
-        if let Some(cwd) = &thread.fs.borrow().cwd {
-            return Some(cwd.clone());
-        }
-        let cwd = procfs::cwd(self.tid)?;
-        thread.fs.borrow_mut().cwd = Some(cwd.clone());
-        Some(cwd)
+    /// The working directory as the kernel has it now (never a copy: a
+    /// directory renamed by another process must not keep its old name).
+    pub fn cwd(&self) -> Option<String> {
+        procfs::cwd(self.tid)
     }
 
     /// Path of a descriptor, as the kernel's table has it now.
@@ -165,8 +161,13 @@ impl Ctx<'_> {
         procfs::fd_path(self.tid, fd)
     }
 
-    /// A path argument made absolute against the cwd or a directory fd.
+    /// A path argument as the kernel resolves it from the thread's root,
+    /// cwd or directory fd (its final name unresolved); lexically joined
+    /// when its directory does not resolve.
     pub fn resolve(&mut self, dirfd: i32, path: &[u8]) -> Option<String> {
+        if let Some(resolved) = procfs::resolve_path(self.tid, dirfd, path) {
+            return Some(resolved);
+        }
         let path = text::lossless(path);
         if path.starts_with('/') {
             return Some(paths::absolute("/", &path));

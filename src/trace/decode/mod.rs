@@ -36,7 +36,6 @@ pub enum Decoder {
     File(FileCall),
     Credentials(CredCall),
     Clone,
-    Unshare,
     Chdir(ChdirCall),
     Ptrace,
     Seccomp(SeccompCall),
@@ -65,7 +64,6 @@ impl Decoder {
             Decoder::File(spec) => files::entry(cx, call, spec),
             Decoder::Credentials(cred) => creds::entry(cx, call, cred),
             Decoder::Clone => tasks::clone_entry(cx, call),
-            Decoder::Unshare => tasks::unshare_entry(cx, call),
             Decoder::Chdir(_) => Next::Exit,
             Decoder::Ptrace => control::ptrace_entry(cx, call),
             Decoder::Seccomp(seccomp) => control::seccomp_entry(cx, call, seccomp),
@@ -86,7 +84,7 @@ impl Decoder {
             Decoder::Ptrace => control::ptrace_exit(cx, call, retval),
             Decoder::Seccomp(seccomp) => control::seccomp_exit(cx, call, retval, seccomp),
             // Decoded whole at entry: they never ask for the exit stop.
-            Decoder::Socketcall | Decoder::Clone | Decoder::Unshare | Decoder::Userfaultfd(_) => {}
+            Decoder::Socketcall | Decoder::Clone | Decoder::Userfaultfd(_) => {}
         }
     }
 }
