@@ -215,3 +215,47 @@ fn paths_are_resolved_as_the_kernel_resolves_them() {
         assert_eq!(retval(failed), -(libc::ENOENT as i64));
     }
 }
+
+#[test]
+fn root_mount_and_namespace_changes_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().canonicalize().unwrap().to_str().unwrap().to_owned();
+    let own_mnt = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    for flags in [&[] as &[&str], &["--disable-seccomp"]] {
+        for name in ["mnt", "jail"] {
+            let _ = std::fs::remove_dir(format!("{base}/{name}"));
+        }
+        let run = Trace::with_flags(flags, &[fixture("namespaces").to_str().unwrap(), &base]).run();
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        let changes: Vec<serde_json::Value> = run
+            .of("namespace")
+            .iter()
+            .map(|e| {
+                let mut ns = e["namespace"].clone();
+                ns["syscall"] = e["syscall"].clone();
+                ns["retval"] = e["retval"].clone();
+                ns
+            })
+            .collect();
+        assert_eq!(changes.len(), 6, "{changes:#?}");
+        let mounted = format!("{base}/mnt");
+        let (newns, private) = (libc::CLONE_NEWNS as u64, libc::MS_REC | libc::MS_PRIVATE);
+        assert_eq!(changes[0], json!({"syscall": "unshare", "retval": "0", "flags": newns.to_string()}));
+        assert_eq!(
+            changes[1],
+            json!({"syscall": "mount", "retval": "0", "path": "/", "source": "none", "flags": private.to_string()})
+        );
+        assert_eq!(
+            changes[2],
+            json!({"syscall": "mount", "retval": "0", "path": mounted, "source": "tmpfs", "fstype": "tmpfs"})
+        );
+        assert_eq!(changes[3], json!({"syscall": "umount2", "retval": "0", "path": mounted}));
+        // The namespace the descriptor names is the new one, not the tracer's.
+        let setns = &changes[4];
+        assert_eq!((&setns["syscall"], &setns["retval"]), (&json!("setns"), &json!("0")));
+        assert!(setns["namespace"].as_str().unwrap().starts_with("mnt:["));
+        assert_ne!(setns["namespace"].as_str().unwrap(), own_mnt.to_str().unwrap());
+        assert_eq!(setns["flags"], newns.to_string());
+        assert_eq!(changes[5], json!({"syscall": "chroot", "retval": "0", "path": format!("{base}/jail")}));
+    }
+}

@@ -276,6 +276,15 @@ pub fn format_event(out: &mut String, event: &Event) {
             out.push(')');
             format_retval(out, event.retval.unwrap_or(0));
         }
+        Some(Payload::Namespace(ns)) => {
+            let _ = write!(out, "{name}(");
+            let texts = [&ns.path, &ns.source, &ns.fstype, &ns.namespace];
+            for (i, text) in texts.into_iter().filter(|t| !t.is_empty()).enumerate() {
+                let _ = write!(out, "{}{}", if i == 0 { "" } else { ", " }, Quoted(text));
+            }
+            let _ = write!(out, ", flags={:#x})", ns.flags);
+            format_retval(out, event.retval.unwrap_or(0));
+        }
         Some(Payload::Userfaultfd(uffd)) => {
             let _ = write!(out, "{name}(flags={:#x})", uffd.flags);
             format_retval(out, event.retval.unwrap_or(0));

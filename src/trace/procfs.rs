@@ -83,6 +83,10 @@ pub fn cwd(tid: Pid) -> Option<String> {
     readlink(&format!("/proc/{tid}/cwd"))
 }
 
+pub fn root(tid: Pid) -> Option<String> {
+    readlink(&format!("/proc/{tid}/root"))
+}
+
 pub fn exe(pid: Pid) -> Option<String> {
     readlink(&format!("/proc/{pid}/exe"))
 }
