@@ -259,3 +259,21 @@ fn root_mount_and_namespace_changes_are_reported() {
         assert_eq!(changes[5], json!({"syscall": "chroot", "retval": "0", "path": format!("{base}/jail")}));
     }
 }
+
+#[test]
+fn paths_deeper_than_path_max_are_reported_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().canonicalize().unwrap().to_str().unwrap().to_owned();
+    let deep = format!("{base}{}/f", format!("/{}", "d".repeat(200)).repeat(30));
+    for flags in [&[] as &[&str], &["--disable-seccomp"]] {
+        let _ = std::fs::remove_dir_all(format!("{base}/{}", "d".repeat(200)));
+        let run = Trace::with_flags(flags, &[fixture("deep").to_str().unwrap(), &base]).run();
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        let created = run.opens_of(&deep);
+        assert_eq!(created.len(), 1, "{:#?}", run.of("open"));
+        assert!(retval(created[0]) >= 0);
+        let unlink = run.one("file", "operation", "FILE_OPERATION_UNLINK");
+        assert_eq!(unlink["file"]["path"], deep.as_str(), "{flags:?}");
+        assert_eq!(unlink.get("partial"), None);
+    }
+}

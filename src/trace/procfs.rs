@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::DirEntryExt;
 
 use nix::unistd::Pid;
 
@@ -52,8 +53,7 @@ pub fn resolve_path(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<String> {
     // or another view: magic links are refused, and the caller falls back.
     let how = OpenHow::new().flags(directory).resolve(resolve | ResolveFlag::RESOLVE_NO_MAGICLINKS);
     let opened = openat2(&base, relative, how).ok()?;
-    let mut path =
-        std::fs::read_link(format!("/proc/self/fd/{}", opened.as_raw_fd())).ok()?.into_os_string().into_vec();
+    let mut path = directory_path(opened)?;
     if let Some(name) = name {
         if path != b"/" {
             path.push(b'/');
@@ -61,6 +61,45 @@ pub fn resolve_path(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<String> {
         path.extend_from_slice(name);
     }
     Some(text::lossless(&path))
+}
+
+/// Most entries a directory may have for the tracer to look a name up in
+/// it, and most levels it climbs, when a path is longer than the kernel
+/// will name (PATH_MAX): the workload makes the tree.
+const NAME_SCAN_MAX: usize = 1 << 16;
+const CLIMB_MAX: usize = 1 << 12;
+
+/// The path of an open directory. The kernel names it up to PATH_MAX; a
+/// deeper one is built by climbing `..` until the kernel can name an
+/// ancestor, looking each directory's name up in its parent by inode.
+fn directory_path(dir: OwnedFd) -> Option<Vec<u8>> {
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::{fstat, Mode};
+    let mut names: Vec<Vec<u8>> = Vec::new();
+    let mut current = dir;
+    loop {
+        match std::fs::read_link(format!("/proc/self/fd/{}", current.as_raw_fd())) {
+            Ok(known) => {
+                let mut path = known.into_os_string().into_vec();
+                for name in names.iter().rev() {
+                    if path != b"/" {
+                        path.push(b'/');
+                    }
+                    path.extend_from_slice(name);
+                }
+                return Some(path);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) && names.len() < CLIMB_MAX => {}
+            Err(_) => return None,
+        }
+        let own = fstat(&current).ok()?;
+        let parent =
+            openat(&current, "..", OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).ok()?;
+        let entries = std::fs::read_dir(format!("/proc/self/fd/{}", parent.as_raw_fd())).ok()?;
+        let name = entries.take(NAME_SCAN_MAX).filter_map(Result::ok).find(|e| e.ino() == own.st_ino)?;
+        names.push(name.file_name().into_vec());
+        current = parent;
+    }
 }
 
 /// (directory part, final name): the name is None when the path ends in a
