@@ -277,3 +277,41 @@ fn paths_deeper_than_path_max_are_reported_whole() {
         assert_eq!(unlink.get("partial"), None);
     }
 }
+
+#[test]
+fn file_events_identify_the_file_whatever_its_name() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().canonicalize().unwrap().to_str().unwrap().to_owned();
+    // rm through a symlink and `..`, then through a private bind mount.
+    let script = r#"cd "$1" && rm link/../victim && unshare -m sh -c 'mount --make-rprivate / && mount --bind real view && rm view/bound'"#;
+    for flags in [&[] as &[&str], &["--disable-seccomp"]] {
+        for path in ["real", "view", "link"] {
+            let _ = std::fs::remove_dir_all(format!("{base}/{path}"))
+                .or_else(|_| std::fs::remove_file(format!("{base}/{path}")));
+        }
+        std::fs::create_dir_all(format!("{base}/real/sub")).unwrap();
+        std::fs::create_dir(format!("{base}/view")).unwrap();
+        std::os::unix::fs::symlink("real/sub", format!("{base}/link")).unwrap();
+        let files: Vec<std::fs::Metadata> = ["victim", "bound"]
+            .iter()
+            .map(|name| {
+                std::fs::write(format!("{base}/real/{name}"), "x").unwrap();
+                std::fs::metadata(format!("{base}/real/{name}")).unwrap()
+            })
+            .collect();
+        let run = Trace::with_flags(flags, &["sh", "-c", script, "sh", &base]).run();
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        let unlinks: Vec<_> =
+            run.of("file").into_iter().filter(|e| e["file"]["operation"] == "FILE_OPERATION_UNLINK").collect();
+        assert_eq!(unlinks.len(), 2, "{unlinks:#?}");
+        for (unlink, file) in unlinks.iter().zip(&files) {
+            assert_eq!(unlink["file"]["device"], file.dev().to_string(), "{unlink:#}");
+            assert_eq!(unlink["file"]["inode"], file.ino().to_string(), "{unlink:#}");
+            assert!(unlink["file"]["mount_id"].as_str().unwrap().parse::<u64>().is_ok());
+        }
+        assert_eq!(unlinks[0]["file"]["path"], format!("{base}/real/victim"));
+        // Through the bind mount: the name it had there, and the same file.
+        assert_eq!(unlinks[1]["file"]["path"], format!("{base}/view/bound"));
+    }
+}

@@ -34,6 +34,21 @@ pub fn fd_path(tid: Pid, fd: i32) -> Option<String> {
 /// lexically. A relative path of a chroot'ed thread is resolved from its
 /// working directory without its root as a bound.
 pub fn resolve_path(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<String> {
+    resolve_file(tid, dirfd, raw).map(|(path, _)| path)
+}
+
+/// Which file a name leads to, whatever its name: st_dev as stat(2) gives
+/// it, the inode, and the mount id where the kernel gives it (5.8+).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileId {
+    pub device: u64,
+    pub inode: u64,
+    pub mount_id: Option<u64>,
+}
+
+/// [`resolve_path`], and the file the path names now, its final symlink not
+/// followed (None when there is none: not created yet, or gone).
+pub fn resolve_file(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<(String, Option<FileId>)> {
     use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
     const AT_FDCWD: i32 = -100;
     let (dir, name) = split_final_name(raw);
@@ -53,6 +68,7 @@ pub fn resolve_path(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<String> {
     // or another view: magic links are refused, and the caller falls back.
     let how = OpenHow::new().flags(directory).resolve(resolve | ResolveFlag::RESOLVE_NO_MAGICLINKS);
     let opened = openat2(&base, relative, how).ok()?;
+    let file = file_id(&opened, name.unwrap_or_default());
     let mut path = directory_path(opened)?;
     if let Some(name) = name {
         if path != b"/" {
@@ -60,7 +76,33 @@ pub fn resolve_path(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<String> {
         }
         path.extend_from_slice(name);
     }
-    Some(text::lossless(&path))
+    Some((text::lossless(&path), file))
+}
+
+/// The file a descriptor of thread `tid` refers to.
+pub fn fd_file(tid: Pid, fd: i32) -> Option<FileId> {
+    statx(libc::AT_FDCWD, format!("/proc/{tid}/fd/{fd}").as_bytes(), libc::AT_NO_AUTOMOUNT)
+}
+
+/// The file `name` names in `dir` (`dir` itself for an empty name).
+fn file_id(dir: &OwnedFd, name: &[u8]) -> Option<FileId> {
+    statx(dir.as_raw_fd(), name, libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH | libc::AT_NO_AUTOMOUNT)
+}
+
+fn statx(dir: i32, name: &[u8], flags: i32) -> Option<FileId> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: statx is plain data; all zeroes is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is a NUL-terminated string and `stx` is valid for writes of its size.
+    let rc = unsafe { libc::statx(dir, name.as_ptr(), flags, libc::STATX_INO | libc::STATX_MNT_ID, &mut stx) };
+    if rc != 0 || stx.stx_mask & libc::STATX_INO == 0 {
+        return None;
+    }
+    Some(FileId {
+        device: libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
+        inode: stx.stx_ino,
+        mount_id: (stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id),
+    })
 }
 
 /// Most entries a directory may have for the tracer to look a name up in

@@ -13,7 +13,7 @@ use crate::trace::abi::{Abi, SyscallEntry};
 use crate::trace::memory;
 use crate::trace::paths;
 use crate::trace::process::ProcessTable;
-use crate::trace::procfs;
+use crate::trace::procfs::{self, FileId};
 
 pub const AT_FDCWD: i32 = -100;
 pub const PATH_MAX: usize = 4096;
@@ -29,6 +29,8 @@ pub struct Call {
     /// Absolute path read at entry, for calls whose memory is gone at exit
     /// (exec) or whose file is (unlink).
     pub entry_path: Option<String>,
+    /// The file `entry_path` named at entry, when there was one.
+    pub entry_file: Option<FileId>,
     /// A second path read at entry (rename's new name, a symlink's contents).
     pub entry_target: Option<String>,
     /// An exec's argv as the caller passed it, read at entry (at most
@@ -54,6 +56,7 @@ impl Call {
             time,
             entry_path: None,
             entry_target: None,
+            entry_file: None,
             entry_args: None,
             entry_bytes: Vec::new(),
             partial: false,
@@ -174,6 +177,13 @@ impl Ctx<'_> {
         }
         let base = if dirfd == AT_FDCWD { self.cwd()? } else { self.fd_path(dirfd)? };
         Some(paths::absolute(&base, &path))
+    }
+
+    /// Reads a path argument, resolves it, and identifies the file it names
+    /// now (see [`procfs::resolve_file`]); None when unreadable.
+    pub fn read_file(&mut self, dirfd: i32, addr: u64) -> Option<(String, Option<FileId>)> {
+        let (raw, _) = memory::read_cstring(self.tid, addr, PATH_MAX).ok()?;
+        procfs::resolve_file(self.tid, dirfd, &raw).or_else(|| Some((self.resolve(dirfd, &raw)?, None)))
     }
 
     /// Reads a path argument and resolves it; None when unreadable.
