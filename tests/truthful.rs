@@ -275,6 +275,8 @@ fn paths_deeper_than_path_max_are_reported_whole() {
         let unlink = run.one("file", "operation", "FILE_OPERATION_UNLINK");
         assert_eq!(unlink["file"]["path"], deep.as_str(), "{flags:?}");
         assert_eq!(unlink.get("partial"), None);
+        let exec = run.one("exec", "path", "/nonexistent/program");
+        assert_eq!(exec["exec"]["cwd"], deep.strip_suffix("/f").unwrap());
     }
 }
 

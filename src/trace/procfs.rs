@@ -160,8 +160,9 @@ fn split_final_name(raw: &[u8]) -> (&[u8], Option<&[u8]>) {
     }
 }
 
+/// The thread's working directory, also deeper than PATH_MAX.
 pub fn cwd(tid: Pid) -> Option<String> {
-    readlink(&format!("/proc/{tid}/cwd"))
+    resolve_path(tid, -100, b".")
 }
 
 pub fn root(tid: Pid) -> Option<String> {
