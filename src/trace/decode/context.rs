@@ -168,9 +168,12 @@ impl Ctx<'_> {
     /// cwd or directory fd (its final name unresolved); lexically joined
     /// when its directory does not resolve.
     pub fn resolve(&mut self, dirfd: i32, path: &[u8]) -> Option<String> {
-        if let Some(resolved) = procfs::resolve_path(self.tid, dirfd, path) {
-            return Some(resolved);
-        }
+        procfs::resolve_path(self.tid, dirfd, path).or_else(|| self.lexical(dirfd, path))
+    }
+
+    /// A path joined to the cwd or a directory fd as text, for a directory
+    /// the kernel does not resolve (the call fails too).
+    fn lexical(&self, dirfd: i32, path: &[u8]) -> Option<String> {
         let path = text::lossless(path);
         if path.starts_with('/') {
             return Some(paths::absolute("/", &path));
@@ -183,7 +186,7 @@ impl Ctx<'_> {
     /// now (see [`procfs::resolve_file`]); None when unreadable.
     pub fn read_file(&mut self, dirfd: i32, addr: u64) -> Option<(String, Option<FileId>)> {
         let (raw, _) = memory::read_cstring(self.tid, addr, PATH_MAX).ok()?;
-        procfs::resolve_file(self.tid, dirfd, &raw).or_else(|| Some((self.resolve(dirfd, &raw)?, None)))
+        procfs::resolve_file(self.tid, dirfd, &raw).or_else(|| Some((self.lexical(dirfd, &raw)?, None)))
     }
 
     /// Reads a path argument and resolves it; None when unreadable.
