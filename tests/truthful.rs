@@ -89,6 +89,18 @@ fn loader_variables_past_a_large_environment_are_reported() {
     }
 }
 
+#[test]
+fn loader_variables_past_many_others_are_reported_for_a_failed_exec_too() {
+    in_both_modes(&[fixture("envexec")], |run| {
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        let failed = run.one("exec", "path", "/nonexistent/program");
+        assert_eq!(retval(failed), -(libc::ENOENT as i64));
+        assert_eq!(failed["exec"]["envs"][0], "LD_PRELOAD=/evil.so");
+        assert_eq!(failed["exec"]["envs"][1], "V0000=x");
+        assert_eq!(failed["exec"]["envs_truncated"], true);
+    });
+}
+
 /// An event's timestamp ("YYYY-MM-DDTHH:MM:SS[.f]+00:00", 0 to 9 fraction
 /// digits, UTC) as a key that orders as time does.
 fn time_key(event: &serde_json::Value) -> (String, u64) {

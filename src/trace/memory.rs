@@ -156,6 +156,40 @@ pub fn read_string_array(
     }
 }
 
+/// The strings of a NULL-terminated array (argv, envp) from entry `skip`
+/// on that `keep` selects, judged on and cut to their first `max_len`
+/// bytes: at most `max_entries` of them, among at most `max_scan` entries.
+pub fn select_from_array(
+    pid: Pid,
+    addr: u64,
+    abi: Abi,
+    skip: usize,
+    (max_scan, max_len, max_entries): (usize, usize, usize),
+    keep: impl Fn(&[u8]) -> bool,
+) -> Vec<Vec<u8>> {
+    let mut found = Vec::new();
+    let mut at = addr.saturating_add((skip * abi.word_size()) as u64);
+    let mut scanned = 0;
+    while scanned < max_scan && found.len() < max_entries {
+        let words = read_words(pid, at, abi, 64);
+        for &ptr in &words {
+            if ptr == 0 {
+                return found;
+            }
+            match read_cstring(pid, ptr, max_len) {
+                Ok((entry, _)) if keep(&entry) && found.len() < max_entries => found.push(entry),
+                _ => {}
+            }
+        }
+        if words.len() < 64 {
+            break;
+        }
+        scanned += words.len();
+        at = at.saturating_add((words.len() * abi.word_size()) as u64);
+    }
+    found
+}
+
 /// Bytes read up to a bound, and whether there were more.
 pub type Bounded = (Vec<u8>, bool);
 

@@ -35,6 +35,9 @@ const PRIORITY_ENVS: [&str; 10] = [
     "HISTSIZE=",
     "HISTFILESIZE=",
 ];
+/// How many environment entries of a failed exec are looked through for
+/// priority variables (a successful exec's are all looked through).
+const FAILED_EXEC_ENV_SCAN: usize = 1 << 16;
 /// How much of the argument strings, and of the environment, is read at exec.
 const EXEC_STRINGS_MAX: usize = 256 * 1024;
 
@@ -165,15 +168,25 @@ fn split_nul(buf: &[u8]) -> impl Iterator<Item = &[u8]> + Clone {
 /// PTRACE_EVENT_EXEC, from which the tracee is resumed past its exit stop.
 /// The old image is intact, so argv and envp are read from its memory.
 pub fn failed(cx: &mut Ctx<'_>, call: &Call, retval: i64, exec: ExecCall) {
-    let args = exec.args(call);
+    let at = exec.args(call);
     let limit = MAX_EXEC_ENTRY_LEN + 1;
-    let argv = memory::read_string_array(cx.tid, args.argv, call.abi, MAX_EXEC_ENTRIES, limit);
-    let envp = memory::read_string_array(cx.tid, args.envp, call.abi, 4 * MAX_EXEC_ENTRIES, limit);
+    let argv = memory::read_string_array(cx.tid, at.argv, call.abi, MAX_EXEC_ENTRIES, limit);
+    let read_envs = 4 * MAX_EXEC_ENTRIES;
+    let envp = memory::read_string_array(cx.tid, at.envp, call.abi, read_envs, limit);
     let partial = argv.is_err() || envp.is_err();
     let (argv, argv_cut) = argv.unwrap_or_default();
     let (envp, envp_cut) = envp.unwrap_or_default();
     let (args, args_truncated) = bound_args(argv.iter().map(Vec::as_slice), argv_cut);
-    let (envs, envs_truncated) = bound_envs(envp.iter().map(Vec::as_slice), envp_cut);
+    // Priority variables past the entries read, within a bound.
+    let beyond = match envp_cut {
+        true => {
+            let bounds = (FAILED_EXEC_ENV_SCAN, limit, MAX_EXEC_ENTRIES);
+            memory::select_from_array(cx.tid, at.envp, call.abi, read_envs, bounds, is_priority)
+        }
+        false => Vec::new(),
+    };
+    let envs = envp.iter().chain(&beyond).map(Vec::as_slice);
+    let (envs, envs_truncated) = bound_envs(envs, envp_cut);
     let exec = proto::ExecEvent {
         path: call.entry_path.clone().unwrap_or_default(),
         args,
