@@ -5,6 +5,7 @@ use std::os::unix::fs::MetadataExt;
 use std::time::SystemTime;
 
 use crate::proto::{ContainerContext, EcsContext, Hello, Mode};
+use crate::text;
 
 /// A random session id (128 bits, hex).
 fn session_id() -> String {
@@ -59,8 +60,8 @@ pub fn hello(entrypoint: &[std::ffi::OsString]) -> Hello {
             // The exporter reads the endpoint, off the tracer's path: see `add_ecs`.
             ecs: None,
         }),
-        entrypoint_args: entrypoint.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
-        hostname: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+        entrypoint_args: entrypoint.iter().map(|a| text::lossless_os(a)).collect(),
+        hostname: nix::unistd::gethostname().map(|h| text::lossless_os(&h)).unwrap_or_default(),
     }
 }
 

@@ -8,8 +8,8 @@
 //! the binary into a volume shared with the application container.
 //!
 //! The modules form layers, each importing only lower ones:
-//! - bottom: [`proto`] (the event model), [`log`], [`exit`], [`address`], [`cli`],
-//!   [`auth`] (the token and TLS between tracer and agent);
+//! - bottom: [`proto`] (the event model), [`text`] (names as lossless text), [`log`], [`exit`],
+//!   [`address`], [`cli`], [`auth`] (the token and TLS between tracer and agent);
 //! - [`queue`]: the bounded queue between the tracer and the exporters;
 //! - [`trace`]: the engine (one thread owns every ptrace call);
 //!   [`context`] and [`ecs`]: who is tracing what, for the agent;
@@ -34,4 +34,5 @@ pub mod proto;
 pub mod queue;
 pub mod serve;
 pub mod setup;
+pub mod text;
 pub mod trace;

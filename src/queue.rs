@@ -93,6 +93,7 @@ pub fn kind(event: &Event) -> &'static str {
         Some(Payload::Ptrace(_)) => "ptrace",
         Some(Payload::Seccomp(_)) => "seccomp",
         Some(Payload::Userfaultfd(_)) => "userfaultfd",
+        Some(Payload::Namespace(_)) => "namespace",
         None => "none",
     }
 }

@@ -135,7 +135,7 @@ fn attach_follows_every_thread_and_child_then_detaches_on_sigint_and_the_process
         vec![
             (i64::from(pid), fixture_path.clone(), true),
             (i64::from(existing), fixture_path, true),
-            (i64::from(started), "/bin/true".to_owned(), false),
+            (i64::from(started), common::real_path("/bin/true"), false),
         ]
     );
     let attached = run.of("exec")[0];

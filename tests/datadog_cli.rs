@@ -88,7 +88,7 @@ fn selftests_exec_and_create_then_remove_a_file_as_the_tracer_sees_it() {
     let run = Trace::new(&command).run();
     assert_eq!((run.code(), run.stdout.as_str()), (Some(0), "a b\n"), "{}", run.stderr);
 
-    let exec = run.one("exec", "path", "/bin/echo");
+    let exec = run.one("exec", "path", &common::real_path("/bin/echo"));
     assert_eq!(exec["exec"]["args"], serde_json::json!(["/bin/echo", "a", "b"]));
     let opens = run.opens_of(path_text);
     assert_eq!(opens.len(), 1, "{opens:#?}");

@@ -837,7 +837,7 @@ fn file_events_keep_paths_modes_and_ids_without_file_metadata() {
                 mode,
                 uid: ids.map(|i| i.0),
                 gid: ids.map(|i| i.1),
-                flags: 0,
+                ..Default::default()
             };
             outbound::syscall(&event(7, 5, Some(0), syscall, Ours::File(file)), "").map(|m| m.payload)
         };

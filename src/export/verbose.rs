@@ -102,9 +102,28 @@ fn format_address(out: &mut String, protocol: Protocol, family: AddressFamily, a
             let _ = write!(out, "{protocol}[{address}]:{port}");
         }
         AddressFamily::Unix => {
-            let _ = write!(out, "unix {address:?}");
+            let _ = write!(out, "unix {}", Quoted(address));
         }
         _ => out.push('?'),
+    }
+}
+
+/// A name as events carry it (escaped as `crate::text` says), in quotes:
+/// the same text, with a quote written `\"` and a control character
+/// `\xHH`, so that a line stays one line and reads back to the same bytes.
+struct Quoted<'a>(&'a str);
+
+impl std::fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_char('"')?;
+        for c in self.0.chars() {
+            match c {
+                '"' => f.write_str("\\\"")?,
+                c if c.is_ascii_control() => write!(f, "\\x{:02x}", c as u8)?,
+                c => f.write_char(c)?,
+            }
+        }
+        f.write_char('"')
     }
 }
 
@@ -123,7 +142,11 @@ pub fn format_event(out: &mut String, event: &Event) {
                 _ if exec.from_procfs => "found in /proc",
                 _ => name.as_str(),
             };
-            let _ = write!(out, "{name}({:?}, {:?}", exec.path, exec.args);
+            let _ = write!(out, "{name}({}, [", Quoted(&exec.path));
+            for (i, arg) in exec.args.iter().enumerate() {
+                let _ = write!(out, "{}{}", if i == 0 { "" } else { ", " }, Quoted(arg));
+            }
+            out.push(']');
             if exec.args_truncated {
                 out.push_str("...");
             }
@@ -136,9 +159,9 @@ pub fn format_event(out: &mut String, event: &Event) {
                 format_retval(out, retval);
             }
             if !exec.executable.is_empty() && exec.executable != exec.path {
-                let _ = write!(out, " exe={:?}", exec.executable);
+                let _ = write!(out, " exe={}", Quoted(&exec.executable));
             }
-            let _ = write!(out, " cwd={:?}", exec.cwd);
+            let _ = write!(out, " cwd={}", Quoted(&exec.cwd));
             if let Some(c) = &exec.credentials {
                 let _ = write!(out, " uid={} gid={}", c.uid.unwrap_or(0), c.gid.unwrap_or(0));
                 if c.euid != c.uid || c.egid != c.gid {
@@ -147,7 +170,7 @@ pub fn format_event(out: &mut String, event: &Event) {
             }
         }
         Some(Payload::Open(open)) => {
-            let _ = write!(out, "{name}({:?}, ", open.path);
+            let _ = write!(out, "{name}({}, ", Quoted(&open.path));
             let flags = open.flags.unwrap_or(0);
             format_open_flags(out, flags);
             if open.mode != 0 || flags & libc::O_CREAT != 0 {
@@ -194,7 +217,7 @@ pub fn format_event(out: &mut String, event: &Event) {
             ExitCause::Unspecified => out.push_str("+++ gone +++"),
         },
         Some(Payload::Chdir(chdir)) => {
-            let _ = write!(out, "{name}({:?})", chdir.path);
+            let _ = write!(out, "{name}({})", Quoted(&chdir.path));
             format_retval(out, event.retval.unwrap_or(0));
         }
         Some(Payload::Credentials(changed)) => {
@@ -218,11 +241,11 @@ pub fn format_event(out: &mut String, event: &Event) {
             );
         }
         Some(Payload::File(file)) => {
-            let _ = write!(out, "{name}({:?}", file.path);
+            let _ = write!(out, "{name}({}", Quoted(&file.path));
             if !file.target.is_empty() {
                 // A link points at its target; a rename goes from path to target.
                 let arrow = if file.operation() == FileOperation::Rename { ", " } else { " -> " };
-                let _ = write!(out, "{arrow}{:?}", file.target);
+                let _ = write!(out, "{arrow}{}", Quoted(&file.target));
             }
             if let Some(mode) = file.mode {
                 let _ = write!(out, ", {mode:#o}");
@@ -261,6 +284,15 @@ pub fn format_event(out: &mut String, event: &Event) {
                 let _ = write!(out, ", {instructions} instructions");
             }
             out.push(')');
+            format_retval(out, event.retval.unwrap_or(0));
+        }
+        Some(Payload::Namespace(ns)) => {
+            let _ = write!(out, "{name}(");
+            let texts = [&ns.path, &ns.source, &ns.fstype, &ns.namespace];
+            for (i, text) in texts.into_iter().filter(|t| !t.is_empty()).enumerate() {
+                let _ = write!(out, "{}{}", if i == 0 { "" } else { ", " }, Quoted(text));
+            }
+            let _ = write!(out, ", flags={:#x})", ns.flags);
             format_retval(out, event.retval.unwrap_or(0));
         }
         Some(Payload::Userfaultfd(uffd)) => {
@@ -352,5 +384,11 @@ mod tests {
         let gone = Event { pid: 9, tid: 9, payload: Some(Payload::Exit(Default::default())), ..Event::default() };
         format_event(&mut line, &gone);
         assert_eq!(line, "[pid 9 ppid 0] +++ gone +++");
+    }
+
+    #[test]
+    fn names_show_as_the_events_carry_them() {
+        let raw = b"/tmp/\xff \\ \"q\"\n";
+        assert_eq!(Quoted(&crate::text::lossless(raw)).to_string(), r#""/tmp/\xff \\ \"q\"\x0a""#);
     }
 }

@@ -19,12 +19,13 @@ use nix::unistd::Pid;
 use crate::log::log;
 use crate::proto::{self, event::Payload, Event, ForkKind};
 use crate::queue::EventSink;
-use crate::trace::abi::SyscallEntry;
+use crate::trace::abi::{Abi, SyscallEntry};
 use crate::trace::attach::{self, Seized};
 use crate::trace::decode::{self, Call, Ctx, Decoder, Next};
 use crate::trace::process::{LiveProcesses, ProcessTable, Sharing};
 use crate::trace::procfs;
 use crate::trace::ptrace::{self, Death, EventStop, ForkEventKind, Resume, Stop, SyscallReader, SyscallState};
+use crate::trace::restart::{self, Verdict};
 use crate::trace::seccomp::SeccompData;
 use crate::trace::syscalls::{self, Action, SyscallDef, SYSCALLS};
 
@@ -88,11 +89,38 @@ struct Pending {
     call: Call,
 }
 
+/// A call a signal woke with a restart code: whether the program sees
+/// EINTR or the call runs again is decided when the signal is delivered.
+struct Interrupted {
+    pending: Pending,
+    /// Whether SA_RESTART makes the kernel run the call again
+    /// (ERESTARTSYS), or any handler makes it EINTR (ERESTARTNOHAND).
+    sa_restart_restarts: bool,
+    /// Instruction pointer at the exit stop, and whether the thread runs
+    /// 64-bit code (whose signal frames the tracer can read).
+    exit_ip: u64,
+    frame_readable: bool,
+    /// Single-stepping into the handler, to read the kernel's decision.
+    stepping: bool,
+}
+
+/// What to do with a signal at its delivery stop.
+enum SignalAction {
+    Deliver,
+    /// Deliver it and stop at the handler's first instruction.
+    DeliverAndStep,
+    /// The tracer's own single-step trap: not the workload's.
+    Discard,
+}
+
 pub struct Engine {
     mode: Mode,
     procs: ProcessTable,
     /// Per thread, the traced syscall waiting for its exit stop.
     pending: HashMap<Pid, Pending>,
+    /// Per thread, the call a signal interrupted, until the program's view
+    /// of it is known.
+    interrupted: HashMap<Pid, Interrupted>,
     sink: EventSink,
     reader: SyscallReader,
     /// The entrypoint; None in attach mode, which ends when every traced
@@ -118,6 +146,7 @@ impl Engine {
             mode,
             procs,
             pending: HashMap::new(),
+            interrupted: HashMap::new(),
             sink,
             reader: SyscallReader::new(),
             root: Some(root),
@@ -143,6 +172,7 @@ impl Engine {
             mode: Mode::Full,
             procs,
             pending: HashMap::new(),
+            interrupted: HashMap::new(),
             sink,
             reader: SyscallReader::new(),
             root: None,
@@ -243,7 +273,11 @@ impl Engine {
             Stop::Signal(stop) => {
                 self.stats.signal += 1;
                 let how = self.resume_mode(stop.pid);
-                let _ = stop.deliver(how);
+                let _ = match self.on_signal(stop.pid, stop.signal) {
+                    SignalAction::Deliver => stop.deliver(how),
+                    SignalAction::DeliverAndStep => stop.deliver(Resume::Step),
+                    SignalAction::Discard => stop.discard(how),
+                };
             }
             Stop::Dead(pid, death) => self.on_death(pid, death),
         }
@@ -296,16 +330,71 @@ impl Engine {
             }
             SyscallState::Exit(retval) => {
                 thread.in_syscall = false;
-                if let Some(Pending { decoder, call }) = self.pending.remove(&tid) {
-                    if let Some(retval) = visible_retval(retval) {
-                        decoder.exit(&mut self.ctx(tid), &call, retval);
-                    }
+                if let Some(pending) = self.pending.remove(&tid) {
+                    self.on_exit(tid, pending, retval);
                 }
             }
         }
     }
 
+    /// A watched call's exit: reported with what the program sees.
+    fn on_exit(&mut self, tid: Pid, pending: Pending, retval: i64) {
+        match restart::classify(retval) {
+            restart::Exit::Final(retval) => pending.decoder.exit(&mut self.ctx(tid), &pending.call, retval),
+            // The call runs again, and that one is reported.
+            restart::Exit::Restarted => {}
+            restart::Exit::Interrupted { sa_restart_restarts } => {
+                let (exit_ip, frame_readable) =
+                    ptrace::position(tid).map_or((0, false), |(ip, _, abi)| (ip, abi == Abi::X86_64));
+                let interrupted =
+                    Interrupted { pending, sa_restart_restarts, exit_ip, frame_readable, stepping: false };
+                self.interrupted.insert(tid, interrupted);
+            }
+        }
+    }
+
+    /// An interrupted call the program sees fail with EINTR.
+    fn report_eintr(&mut self, tid: Pid, interrupted: Interrupted) {
+        let Pending { decoder, call } = interrupted.pending;
+        decoder.exit(&mut self.ctx(tid), &call, restart::EINTR);
+    }
+
+    /// A signal about to be delivered: for a thread whose call it
+    /// interrupted, the moment the kernel decides between EINTR and a
+    /// restart. Without a handler the call runs again (or the process
+    /// dies); with one, the handler's frame says.
+    fn on_signal(&mut self, tid: Pid, signal: i32) -> SignalAction {
+        let Some(interrupted) = self.interrupted.remove(&tid) else { return SignalAction::Deliver };
+        if interrupted.stepping {
+            let frame = ptrace::position(tid).ok();
+            let verdict = frame.and_then(|(_, sp, _)| restart::verdict_from_frame(tid, sp, interrupted.exit_ip));
+            if verdict != Some(Verdict::Restarted) {
+                self.report_eintr(tid, interrupted);
+            }
+            return if signal == libc::SIGTRAP { SignalAction::Discard } else { SignalAction::Deliver };
+        }
+        let caught = procfs::status(tid).and_then(|s| s.caught).map(|mask| mask >> (signal - 1) & 1 == 1);
+        match caught {
+            Some(false) => {
+                self.interrupted.insert(tid, interrupted);
+                SignalAction::Deliver
+            }
+            Some(true) if interrupted.sa_restart_restarts && interrupted.frame_readable => {
+                self.interrupted.insert(tid, Interrupted { stepping: true, ..interrupted });
+                SignalAction::DeliverAndStep
+            }
+            // ERESTARTNOHAND with a handler; or a frame the tracer cannot read.
+            _ => {
+                self.report_eintr(tid, interrupted);
+                SignalAction::Deliver
+            }
+        }
+    }
+
     fn enter(&mut self, tid: Pid, def: &'static SyscallDef, entry: SyscallEntry, time: SystemTime) {
+        // A thread whose call was interrupted enters a call again without
+        // having seen EINTR: the kernel restarted it, and this is that call.
+        self.interrupted.remove(&tid);
         let exec = matches!(def.action, Action::Trace(Decoder::Exec(_)));
         if Some(tid) == self.root && !self.root_started && !exec {
             return;
@@ -326,6 +415,7 @@ impl Engine {
             }
         };
         let mut call = Call::new(def.name, &entry, time);
+        call.ppid = Some(self.ctx(tid).ppid());
         match decoder.entry(&mut self.ctx(tid), &mut call) {
             Next::Done => {}
             Next::Exit => {
@@ -352,16 +442,15 @@ impl Engine {
             Some(request) => request.flags as i32 & libc::CLONE_THREAD != 0,
             None => kind == ForkEventKind::Clone && procfs::status(child).and_then(|s| s.tgid) != Some(child.as_raw()),
         };
-        let claimed = |flag: i32| request.is_some_and(|r| r.flags as i32 & flag != 0);
-        // What is shared, the kernel says best; the flags are the fallback.
-        let sharing = Sharing {
-            thread,
-            fs: procfs::shares_fs(parent, child).unwrap_or_else(|| claimed(libc::CLONE_FS)),
-            sibling: claimed(libc::CLONE_PARENT),
-        };
+        let sibling = request.is_some_and(|r| r.flags as i32 & libc::CLONE_PARENT != 0);
+        let sharing = Sharing { thread, sibling };
         let child_tgid = self.procs.add_child(parent, child, sharing);
         if child_tgid == child {
+            // A child adopted before this event may already have events of
+            // its own: the fork is stamped no later than its first stop.
+            let adopted_at = self.procs.thread(child).and_then(|t| t.adopted_at);
             let time = request.map_or_else(SystemTime::now, |r| r.time);
+            let time = adopted_at.map_or(time, |adopted| time.min(adopted));
             let (fork_kind, default_syscall) = match kind {
                 ForkEventKind::Fork => (ForkKind::Fork, "fork"),
                 ForkEventKind::Vfork => (ForkKind::Vfork, "vfork"),
@@ -387,6 +476,7 @@ impl Engine {
     /// traced from now on with its state from /proc; the event, when it
     /// comes, only announces it.
     fn adopt(&mut self, pid: Pid) {
+        let time = SystemTime::now();
         let status = procfs::status(pid);
         let tgid = status.as_ref().and_then(|s| s.tgid).map_or(pid, Pid::from_raw);
         let ppid = status.as_ref().and_then(|s| s.ppid).map_or_else(Pid::this, Pid::from_raw);
@@ -394,6 +484,9 @@ impl Engine {
             self.procs.add_thread(pid, tgid);
         } else {
             self.procs.add_process(pid, ppid);
+        }
+        if let Some(thread) = self.procs.thread_mut(pid) {
+            thread.adopted_at = Some(time);
         }
     }
 
@@ -406,12 +499,18 @@ impl Engine {
         // The leader's own pending call, if another thread exec'd, is gone with it.
         let pending = self.pending.remove(&former);
         self.pending.remove(&tgid);
+        self.interrupted.remove(&former);
+        self.interrupted.remove(&tgid);
         let call = pending.filter(|p| matches!(p.decoder, Decoder::Exec(_))).map(|p| p.call);
-        decode::exec_succeeded(&mut self.ctx(tgid), call, time);
+        decode::exec_succeeded(&mut self.ctx(tgid), call, time, former);
     }
 
     fn on_death(&mut self, pid: Pid, death: Death) {
         self.pending.remove(&pid);
+        // Killed by the signal that interrupted its call: the call did not complete.
+        if let Some(interrupted) = self.interrupted.remove(&pid) {
+            self.report_eintr(pid, interrupted);
+        }
         let (_, process) = self.procs.remove_thread(pid);
         if let Some(process) = process {
             self.procs.reparent_children(pid, |child| procfs::status(child)?.ppid.map(Pid::from_raw));
@@ -429,21 +528,6 @@ impl Engine {
         if Some(pid) == self.root {
             self.root_death = Some(death);
         }
-    }
-}
-
-/// The return value as the workload will see it, or None when the kernel
-/// restarts the call (the restarted call is reported instead). Restart codes
-/// that become EINTR when a handler runs are reported as EINTR.
-fn visible_retval(retval: i64) -> Option<i64> {
-    const ERESTARTSYS: i64 = -512;
-    const ERESTARTNOINTR: i64 = -513;
-    const ERESTARTNOHAND: i64 = -514;
-    const ERESTART_RESTARTBLOCK: i64 = -516;
-    match retval {
-        ERESTARTNOINTR | ERESTART_RESTARTBLOCK => None,
-        ERESTARTSYS | ERESTARTNOHAND => Some(-i64::from(libc::EINTR)),
-        _ => Some(retval),
     }
 }
 

@@ -156,6 +156,40 @@ pub fn read_string_array(
     }
 }
 
+/// The strings of a NULL-terminated array (argv, envp) from entry `skip`
+/// on that `keep` selects, judged on and cut to their first `max_len`
+/// bytes: at most `max_entries` of them, among at most `max_scan` entries.
+pub fn select_from_array(
+    pid: Pid,
+    addr: u64,
+    abi: Abi,
+    skip: usize,
+    (max_scan, max_len, max_entries): (usize, usize, usize),
+    keep: impl Fn(&[u8]) -> bool,
+) -> Vec<Vec<u8>> {
+    let mut found = Vec::new();
+    let mut at = addr.saturating_add((skip * abi.word_size()) as u64);
+    let mut scanned = 0;
+    while scanned < max_scan && found.len() < max_entries {
+        let words = read_words(pid, at, abi, 64);
+        for &ptr in &words {
+            if ptr == 0 {
+                return found;
+            }
+            match read_cstring(pid, ptr, max_len) {
+                Ok((entry, _)) if keep(&entry) && found.len() < max_entries => found.push(entry),
+                _ => {}
+            }
+        }
+        if words.len() < 64 {
+            break;
+        }
+        scanned += words.len();
+        at = at.saturating_add((words.len() * abi.word_size()) as u64);
+    }
+    found
+}
+
 /// Bytes read up to a bound, and whether there were more.
 pub type Bounded = (Vec<u8>, bool);
 
@@ -211,12 +245,23 @@ fn exec_layout(words: &[u64]) -> Option<ExecLayout> {
     (ordered.is_some() && argv.iter().all(|&p| p < env)).then_some(ExecLayout { args, env, end })
 }
 
+/// A new image's argument and environment strings, as [`exec_strings`]
+/// finds them.
+pub struct ExecStrings {
+    pub args: Bounded,
+    pub env: Bounded,
+    /// Where the whole environment lies, for a reader that wants more of
+    /// it than the bound (`select_entries`).
+    pub env_at: u64,
+    pub env_len: u64,
+}
+
 /// A new image's argument and environment strings as the kernel copied
 /// them onto its stack, read at its exec stop before it runs any of its own
 /// code: the same bytes as /proc/PID/{cmdline,environ}, in two reads of
 /// memory instead of two files. Each is at most `max` bytes, with a flag
 /// saying whether it was cut. None when the stack is not as expected.
-pub fn exec_strings(pid: Pid, sp: u64, abi: Abi, max: usize) -> Option<(Bounded, Bounded)> {
+pub fn exec_strings(pid: Pid, sp: u64, abi: Abi, max: usize) -> Option<ExecStrings> {
     /// Enough for the pointers of any argv and envp we keep, and more.
     const STACK_READ_MAX: usize = 1 << 20;
     let mut count = 4 * PAGE / abi.word_size();
@@ -231,6 +276,7 @@ pub fn exec_strings(pid: Pid, sp: u64, abi: Abi, max: usize) -> Option<(Bounded,
         }
     };
     let (args_len, env_len) = ((layout.env - layout.args) as usize, (layout.end - layout.env) as usize);
+    let located = |args, env| ExecStrings { args, env, env_at: layout.env, env_len: env_len as u64 };
     if args_len <= max && env_len <= max {
         // Contiguous: one read for both.
         let mut both = read_exact_or_less(pid, layout.args, args_len + env_len);
@@ -238,13 +284,55 @@ pub fn exec_strings(pid: Pid, sp: u64, abi: Abi, max: usize) -> Option<(Bounded,
             return None;
         }
         let env = both.split_off(args_len);
-        return Some(((both, false), (env, false)));
+        return Some(located((both, false), (env, false)));
     }
     let strings = |from: u64, len: usize| {
         let bytes = read_exact_or_less(pid, from, len.min(max));
         (bytes.len() == len.min(max)).then_some((bytes, len > max))
     };
-    Some((strings(layout.args, args_len)?, strings(layout.env, env_len)?))
+    Some(located(strings(layout.args, args_len)?, strings(layout.env, env_len)?))
+}
+
+/// The entries of a NUL-separated list of `len` bytes that `keep` selects,
+/// judged on and cut to their first `max_len` bytes, at most `max_entries`
+/// of them: a few entries found in a list too long to keep whole, read a
+/// chunk at a time through `read_at(offset, buf)` (which returns how much
+/// it read; 0 ends the list).
+pub fn select_entries(
+    mut read_at: impl FnMut(u64, &mut [u8]) -> usize,
+    len: u64,
+    max_len: usize,
+    max_entries: usize,
+    keep: impl Fn(&[u8]) -> bool,
+) -> Vec<Vec<u8>> {
+    const CHUNK: usize = 64 * 1024;
+    let mut buf = vec![0u8; CHUNK];
+    let mut found = Vec::new();
+    // The first `max_len` bytes of the entry being read.
+    let mut current = Vec::new();
+    let mut offset = 0;
+    while offset < len && found.len() < max_entries {
+        let got = read_at(offset, &mut buf[..CHUNK.min((len - offset) as usize)]);
+        if got == 0 {
+            break;
+        }
+        for &byte in &buf[..got] {
+            if byte != 0 {
+                if current.len() < max_len {
+                    current.push(byte);
+                }
+            } else if keep(&current) && found.len() < max_entries {
+                found.push(std::mem::take(&mut current));
+            } else {
+                current.clear();
+            }
+        }
+        offset += got as u64;
+    }
+    if !current.is_empty() && keep(&current) && found.len() < max_entries {
+        found.push(current);
+    }
+    found
 }
 
 #[cfg(test)]
@@ -281,6 +369,28 @@ mod tests {
         assert!(read_cstring(me, u64::MAX - 7, 16).is_err());
         assert_eq!(read(me, u64::MAX - 3, &mut [0u8; 64]), 0);
         assert!(read_words(me, u64::MAX - 8, Abi::X86_64, 4).is_empty());
+    }
+
+    #[test]
+    fn selected_entries_are_found_across_chunks_and_cut() {
+        let mut list = Vec::new();
+        for i in 0..20_000 {
+            list.extend_from_slice(format!("V{i}=x\0").as_bytes());
+            if i % 7000 == 6999 {
+                list.extend_from_slice(b"LD_PRELOAD=/evil.so\0");
+            }
+        }
+        list.extend_from_slice(b"LD_AUDIT=unterminated");
+        let read_at = |offset: u64, buf: &mut [u8]| {
+            let rest = &list[offset as usize..];
+            let n = rest.len().min(buf.len());
+            buf[..n].copy_from_slice(&rest[..n]);
+            n
+        };
+        let keep = |entry: &[u8]| entry.starts_with(b"LD_");
+        let found = select_entries(read_at, list.len() as u64, 12, 10, keep);
+        assert_eq!(found, [b"LD_PRELOAD=/".to_vec(), b"LD_PRELOAD=/".to_vec(), b"LD_AUDIT=unt".to_vec()]);
+        assert_eq!(select_entries(read_at, list.len() as u64, 12, 1, keep).len(), 1);
     }
 
     #[test]

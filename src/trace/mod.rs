@@ -5,7 +5,7 @@
 //!
 //! Layers, lowest first: `abi` (the kernel's numbers); `memory`, `procfs`,
 //! `paths`, `ptrace` (reading the tracee and its stops); `process` (the
-//! process table); `decode` (what each call means); `syscalls` (the table);
+//! process table), `restart` (interrupted calls); `decode` (what each call means); `syscalls` (the table);
 //! `seccomp` (the filter built from it); `launch`, `signals`, `engine`.
 
 mod abi;
@@ -19,6 +19,7 @@ mod process;
 mod procfs;
 mod procscan;
 mod ptrace;
+mod restart;
 mod seccomp;
 mod signals;
 mod snapshot;

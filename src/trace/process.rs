@@ -1,5 +1,5 @@
 //! The process table: every traced thread and process, with the state that
-//! decoding needs (working directory, parent).
+//! decoding needs (parent, a clone in progress).
 //!
 //! Invariants:
 //! - every traced tid has a [`Thread`], and its `tgid` has a [`Process`];
@@ -7,23 +7,16 @@
 //!   table says when an event needs it (/proc/TID/fd, pidfd_getfd). So
 //!   close, dup and fcntl need no stops, and no table can drift from the
 //!   kernel's;
-//! - working directories belong to threads and are `Rc`-shared exactly as
-//!   the kernel shares them (CLONE_FS, as the kernel reports through kcmp;
-//!   unshare(2) splits them). `Rc` also keeps them on the tracer thread.
+//! - there is no copy of working directories either: a path is resolved
+//!   from /proc/TID/cwd when an event needs it, so a directory renamed by
+//!   another process, or shared or unshared (CLONE_FS, unshare(2)), is
+//!   never reported by a stale name.
 
-use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
-use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use nix::unistd::Pid;
-
-#[derive(Clone, Default)]
-pub struct FsState {
-    /// None until first needed (then read from /proc).
-    pub cwd: Option<String>,
-}
 
 /// A clone seen at syscall entry, waiting for the kernel's fork event.
 #[derive(Clone, Copy, Debug)]
@@ -35,18 +28,20 @@ pub struct ForkRequest {
 
 pub struct Thread {
     pub tgid: Pid,
-    pub fs: Rc<RefCell<FsState>>,
     /// Set by a clone entry, taken by the fork event it announces, and
     /// dropped at the thread's next syscall (the clone failed).
     pub forking: Option<ForkRequest>,
     /// Entry/exit bookkeeping for stops the kernel cannot describe itself.
     pub in_syscall: bool,
+    /// When a task whose first stop came before its creator's fork event
+    /// was adopted: its fork happened earlier.
+    pub adopted_at: Option<SystemTime>,
 }
 
 impl Thread {
     /// A thread whose tables are unknown: everything comes from /proc.
     fn unknown(tgid: Pid) -> Thread {
-        Thread { tgid, fs: Rc::default(), forking: None, in_syscall: false }
+        Thread { tgid, forking: None, in_syscall: false, adopted_at: None }
     }
 }
 
@@ -58,7 +53,6 @@ pub struct Process {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sharing {
     pub thread: bool,
-    pub fs: bool,
     /// CLONE_PARENT: the child is a sibling of its creator.
     pub sibling: bool,
 }
@@ -129,15 +123,13 @@ impl ProcessTable {
             return known.tgid;
         }
         let parent_tgid = from.tgid;
-        let fs = if sharing.fs { Rc::clone(&from.fs) } else { Rc::new(RefCell::new(from.fs.borrow().clone())) };
         if sharing.thread {
-            let thread = Thread { fs, ..Thread::unknown(parent_tgid) };
-            self.threads.insert(child, thread);
+            self.threads.insert(child, Thread::unknown(parent_tgid));
             return parent_tgid;
         }
         let grandparent = self.processes.get(&parent_tgid).map(|p| p.ppid);
         let ppid = if sharing.sibling { grandparent.unwrap_or(parent_tgid) } else { parent_tgid };
-        self.insert_process(child, ppid, Thread { fs, ..Thread::unknown(child) });
+        self.insert_process(child, ppid, Thread::unknown(child));
         child
     }
 
@@ -179,35 +171,29 @@ mod tests {
     fn table() -> ProcessTable {
         let mut table = ProcessTable::new(LiveProcesses::default());
         table.add_process(Pid::from_raw(10), Pid::from_raw(1));
-        table.thread(Pid::from_raw(10)).unwrap().fs.borrow_mut().cwd = Some("/a".into());
         table
     }
 
-    fn cwd(table: &ProcessTable, tid: i32) -> Option<String> {
-        table.thread(Pid::from_raw(tid)).unwrap().fs.borrow().cwd.clone()
-    }
-
     #[test]
-    fn fork_copies_and_clone_fs_shares_the_working_directory() {
+    fn children_are_processes_of_their_own_or_siblings() {
         let mut table = table();
-        let (parent, forked, shared) = (Pid::from_raw(10), Pid::from_raw(11), Pid::from_raw(12));
-        table.add_child(parent, forked, Sharing::default());
-        table.add_child(parent, shared, Sharing { fs: true, ..Sharing::default() });
-        table.thread(parent).unwrap().fs.borrow_mut().cwd = Some("/b".into());
-        assert_eq!((cwd(&table, 11), cwd(&table, 12)), (Some("/a".into()), Some("/b".into())));
+        table.add_process(Pid::from_raw(20), Pid::from_raw(10));
+        let (parent, forked, sibling) = (Pid::from_raw(20), Pid::from_raw(21), Pid::from_raw(22));
+        assert_eq!(table.add_child(parent, forked, Sharing::default()), forked);
+        assert_eq!(table.add_child(parent, sibling, Sharing { sibling: true, ..Sharing::default() }), sibling);
         assert_eq!(table.process_of(forked).unwrap().ppid, parent);
+        assert_eq!(table.process_of(sibling).unwrap().ppid, Pid::from_raw(10));
     }
 
     #[test]
     fn threads_join_their_process_and_vanish_at_exec() {
         let mut table = table();
         let (leader, thread) = (Pid::from_raw(10), Pid::from_raw(13));
-        let sharing = Sharing { thread: true, fs: true, sibling: false };
+        let sharing = Sharing { thread: true, sibling: false };
         assert_eq!(table.add_child(leader, thread, sharing), leader);
         table.exec(leader, thread);
         assert!(table.thread(thread).is_none());
         assert_eq!(table.thread(leader).unwrap().tgid, leader);
-        assert_eq!(cwd(&table, 10), Some("/a".into()), "exec keeps the working directory");
     }
 
     #[test]
@@ -215,8 +201,8 @@ mod tests {
         let mut table = table();
         let child = Pid::from_raw(14);
         table.add_process(child, Pid::from_raw(1));
-        table.thread(child).unwrap().fs.borrow_mut().cwd = Some("/c".into());
+        table.thread_mut(child).unwrap().adopted_at = Some(SystemTime::UNIX_EPOCH);
         assert_eq!(table.add_child(Pid::from_raw(10), child, Sharing::default()), child);
-        assert_eq!(cwd(&table, 14), Some("/c".into()));
+        assert_eq!(table.thread(child).unwrap().adopted_at, Some(SystemTime::UNIX_EPOCH));
     }
 }

@@ -4,14 +4,17 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::DirEntryExt;
 
 use nix::unistd::Pid;
 
 use crate::proto::Credentials;
+use crate::text;
 use crate::trace::abi::PAGE;
 
 fn readlink(path: &str) -> Option<String> {
-    std::fs::read_link(path).ok().map(|p| p.to_string_lossy().into_owned())
+    std::fs::read_link(path).ok().map(|p| text::lossless_os(p.as_os_str()))
 }
 
 /// The kernel's path for an open descriptor ("socket:[…]" and the like for
@@ -20,8 +23,150 @@ pub fn fd_path(tid: Pid, fd: i32) -> Option<String> {
     readlink(&format!("/proc/{tid}/fd/{fd}"))
 }
 
+/// Where a path argument of thread `tid` leads, as the kernel resolves it:
+/// the directory part is opened (O_PATH) from the thread's own root, working
+/// directory or directory descriptor, so that symlinks are followed before
+/// `..` as the kernel does, and its real location (in the tracer's view:
+/// a chroot'ed thread's `/x` is `<root>/x`) read back; the final name is
+/// joined to it unresolved (the file may be gone, or not there yet, and a
+/// final symlink is the file an unlink or rename acts on). None when the
+/// directory does not resolve (the call fails too); the caller then joins
+/// lexically. A relative path of a chroot'ed thread is resolved from its
+/// working directory without its root as a bound.
+pub fn resolve_path(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<String> {
+    resolve_file(tid, dirfd, raw).map(|(path, _)| path)
+}
+
+/// Which file a name leads to, whatever its name: st_dev as stat(2) gives
+/// it, the inode, and the mount id where the kernel gives it (5.8+).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileId {
+    pub device: u64,
+    pub inode: u64,
+    pub mount_id: Option<u64>,
+}
+
+/// [`resolve_path`], and the file the path names now, its final symlink not
+/// followed (None when there is none: not created yet, or gone).
+pub fn resolve_file(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<(String, Option<FileId>)> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    const AT_FDCWD: i32 = -100;
+    let (dir, name) = split_final_name(raw);
+    let absolute = raw.first() == Some(&b'/');
+    let (base, resolve) = match (absolute, dirfd) {
+        (true, _) => (format!("/proc/{tid}/root"), ResolveFlag::RESOLVE_IN_ROOT),
+        (false, AT_FDCWD) => (format!("/proc/{tid}/cwd"), ResolveFlag::empty()),
+        (false, fd) => (format!("/proc/{tid}/fd/{fd}"), ResolveFlag::empty()),
+    };
+    let directory = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let base = nix::fcntl::open(base.as_str(), directory, nix::sys::stat::Mode::empty()).ok()?;
+    let relative = match dir.iter().position(|&b| b != b'/') {
+        Some(start) => std::ffi::OsStr::from_bytes(&dir[start..]),
+        None => std::ffi::OsStr::new("."),
+    };
+    // The workload's /proc/self and /proc/PID/cwd would be the tracer's own
+    // or another view: magic links are refused, and the caller falls back.
+    let how = OpenHow::new().flags(directory).resolve(resolve | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let opened = openat2(&base, relative, how).ok()?;
+    let file = file_id(&opened, name.unwrap_or_default());
+    let mut path = directory_path(opened)?;
+    if let Some(name) = name {
+        if path != b"/" {
+            path.push(b'/');
+        }
+        path.extend_from_slice(name);
+    }
+    Some((text::lossless(&path), file))
+}
+
+/// The file a descriptor of thread `tid` refers to.
+pub fn fd_file(tid: Pid, fd: i32) -> Option<FileId> {
+    statx(libc::AT_FDCWD, format!("/proc/{tid}/fd/{fd}").as_bytes(), libc::AT_NO_AUTOMOUNT)
+}
+
+/// The file `name` names in `dir` (`dir` itself for an empty name).
+fn file_id(dir: &OwnedFd, name: &[u8]) -> Option<FileId> {
+    statx(dir.as_raw_fd(), name, libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH | libc::AT_NO_AUTOMOUNT)
+}
+
+fn statx(dir: i32, name: &[u8], flags: i32) -> Option<FileId> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: statx is plain data; all zeroes is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is a NUL-terminated string and `stx` is valid for writes of its size.
+    let rc = unsafe { libc::statx(dir, name.as_ptr(), flags, libc::STATX_INO | libc::STATX_MNT_ID, &mut stx) };
+    if rc != 0 || stx.stx_mask & libc::STATX_INO == 0 {
+        return None;
+    }
+    Some(FileId {
+        device: libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
+        inode: stx.stx_ino,
+        mount_id: (stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id),
+    })
+}
+
+/// Most entries a directory may have for the tracer to look a name up in
+/// it, and most levels it climbs, when a path is longer than the kernel
+/// will name (PATH_MAX): the workload makes the tree.
+const NAME_SCAN_MAX: usize = 1 << 16;
+const CLIMB_MAX: usize = 1 << 12;
+
+/// The path of an open directory. The kernel names it up to PATH_MAX; a
+/// deeper one is built by climbing `..` until the kernel can name an
+/// ancestor, looking each directory's name up in its parent by inode.
+fn directory_path(dir: OwnedFd) -> Option<Vec<u8>> {
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::{fstat, Mode};
+    let mut names: Vec<Vec<u8>> = Vec::new();
+    let mut current = dir;
+    loop {
+        match std::fs::read_link(format!("/proc/self/fd/{}", current.as_raw_fd())) {
+            Ok(known) => {
+                let mut path = known.into_os_string().into_vec();
+                for name in names.iter().rev() {
+                    if path != b"/" {
+                        path.push(b'/');
+                    }
+                    path.extend_from_slice(name);
+                }
+                return Some(path);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) && names.len() < CLIMB_MAX => {}
+            Err(_) => return None,
+        }
+        let own = fstat(&current).ok()?;
+        let parent =
+            openat(&current, "..", OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).ok()?;
+        let entries = std::fs::read_dir(format!("/proc/self/fd/{}", parent.as_raw_fd())).ok()?;
+        let name = entries.take(NAME_SCAN_MAX).filter_map(Result::ok).find(|e| e.ino() == own.st_ino)?;
+        names.push(name.file_name().into_vec());
+        current = parent;
+    }
+}
+
+/// (directory part, final name): the name is None when the path ends in a
+/// directory (`/`, `.`, `..`), which then resolves whole. Trailing slashes
+/// name the same file (`mkdir("new/")`).
+fn split_final_name(raw: &[u8]) -> (&[u8], Option<&[u8]>) {
+    let end = raw.iter().rposition(|&b| b != b'/').map_or(raw.len().min(1), |last| last + 1);
+    let raw = &raw[..end];
+    let (dir, name) = match raw.iter().rposition(|&b| b == b'/') {
+        Some(slash) => (&raw[..=slash], &raw[slash + 1..]),
+        None => (&b""[..], raw),
+    };
+    match name {
+        b"" | b"." | b".." => (raw, None),
+        name => (dir, Some(name)),
+    }
+}
+
+/// The thread's working directory, also deeper than PATH_MAX.
 pub fn cwd(tid: Pid) -> Option<String> {
-    readlink(&format!("/proc/{tid}/cwd"))
+    resolve_path(tid, -100, b".")
+}
+
+pub fn root(tid: Pid) -> Option<String> {
+    readlink(&format!("/proc/{tid}/root"))
 }
 
 pub fn exe(pid: Pid) -> Option<String> {
@@ -46,30 +191,41 @@ pub struct Status {
     pub tgid: Option<i32>,
     pub ppid: Option<i32>,
     pub credentials: Credentials,
+    /// Signals with a handler (SigCgt; bit N-1 for signal N).
+    pub caught: Option<u64>,
 }
 
+/// Parsed as bytes: the `Name:` line is the process name, which the
+/// workload sets (prctl(PR_SET_NAME)) to any bytes, valid UTF-8 or not; it
+/// must not hide the lines that follow it.
 pub fn status(tid: Pid) -> Option<Status> {
     let (bytes, _) = read_bounded(&format!("/proc/{tid}/status"), 4 * PAGE)?;
-    let text = String::from_utf8(bytes).ok()?;
+    Some(parse_status(&bytes))
+}
+
+fn parse_status(bytes: &[u8]) -> Status {
     let mut status = Status::default();
-    for line in text.lines() {
-        let Some((key, value)) = line.split_once(':') else { continue };
+    for line in bytes.split(|&b| b == b'\n') {
+        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+        // The fields read here are ASCII numbers; other lines are skipped unread.
+        let (key, value) = (&line[..colon], std::str::from_utf8(&line[colon + 1..]).unwrap_or(""));
         let mut numbers = value.split_whitespace().map(|v| v.parse::<u32>().ok());
         let mask = || u64::from_str_radix(value.trim(), 16).ok();
         let c = &mut status.credentials;
         match key {
-            "Tgid" => status.tgid = numbers.next().flatten().map(|v| v as i32),
-            "PPid" => status.ppid = numbers.next().flatten().map(|v| v as i32),
+            b"Tgid" => status.tgid = numbers.next().flatten().map(|v| v as i32),
+            b"PPid" => status.ppid = numbers.next().flatten().map(|v| v as i32),
             // Real, effective, saved, filesystem.
-            "Uid" => [c.uid, c.euid, c.suid, c.fsuid] = std::array::from_fn(|_| numbers.next().flatten()),
-            "Gid" => [c.gid, c.egid, c.sgid, c.fsgid] = std::array::from_fn(|_| numbers.next().flatten()),
-            "CapInh" => c.cap_inheritable = mask(),
-            "CapPrm" => c.cap_permitted = mask(),
-            "CapEff" => c.cap_effective = mask(),
+            b"Uid" => [c.uid, c.euid, c.suid, c.fsuid] = std::array::from_fn(|_| numbers.next().flatten()),
+            b"Gid" => [c.gid, c.egid, c.sgid, c.fsgid] = std::array::from_fn(|_| numbers.next().flatten()),
+            b"CapInh" => c.cap_inheritable = mask(),
+            b"CapPrm" => c.cap_permitted = mask(),
+            b"CapEff" => c.cap_effective = mask(),
+            b"SigCgt" => status.caught = mask(),
             _ => {}
         }
     }
-    Some(status)
+    status
 }
 
 /// A duplicate of a tracee's descriptor (pidfd_getfd, Linux 5.6+), to ask
@@ -148,11 +304,41 @@ pub fn peak_rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Whether two tasks share their filesystem context (working directory),
-/// asked of the kernel (kcmp(2)); None when it cannot say.
-pub fn shares_fs(a: Pid, b: Pid) -> Option<bool> {
-    const KCMP_FS: i32 = 3;
-    // SAFETY: kcmp takes integers only.
-    let rc = unsafe { libc::syscall(libc::SYS_kcmp, a.as_raw(), b.as_raw(), KCMP_FS, 0, 0) };
-    (rc >= 0).then_some(rc == 0)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_split_at_their_final_name_unless_it_names_a_directory() {
+        assert_eq!(split_final_name(b"a/b/c"), (&b"a/b/"[..], Some(&b"c"[..])));
+        assert_eq!(split_final_name(b"/c"), (&b"/"[..], Some(&b"c"[..])));
+        assert_eq!(split_final_name(b"c"), (&b""[..], Some(&b"c"[..])));
+        assert_eq!(split_final_name(b"a/.."), (&b"a/.."[..], None));
+        assert_eq!(split_final_name(b"a/b//"), (&b"a/"[..], Some(&b"b"[..])));
+        assert_eq!(split_final_name(b"//"), (&b"/"[..], None));
+    }
+
+    #[test]
+    fn paths_resolve_through_symlinks_before_dot_dot() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(base.join("real/sub")).unwrap();
+        std::os::unix::fs::symlink(base.join("real/sub"), base.join("link")).unwrap();
+        let raw = format!("{}/link/../victim", base.display());
+        let expected = format!("{}/real/victim", base.display());
+        assert_eq!(resolve_path(Pid::this(), -100, raw.as_bytes()), Some(expected));
+        assert_eq!(resolve_path(Pid::this(), -100, b"/nonexistent-dir/x"), None);
+    }
+
+    #[test]
+    fn status_parses_past_a_name_that_is_not_utf8() {
+        let text = b"Name:\t\xff\xfe:x\nUmask:\t0022\nTgid:\t12\nPid:\t13\nPPid:\t7\n\
+            Uid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nSigCgt:\t0000000000000202\nCapEff:\t0000000000000080\n";
+        let status = parse_status(text);
+        assert_eq!((status.tgid, status.ppid, status.caught), (Some(12), Some(7), Some(0x202)));
+        let c = status.credentials;
+        assert_eq!([c.uid, c.euid, c.suid, c.fsuid], [Some(1), Some(2), Some(3), Some(4)]);
+        assert_eq!([c.gid, c.egid, c.sgid, c.fsgid], [Some(5), Some(6), Some(7), Some(8)]);
+        assert_eq!(c.cap_effective, Some(0x80));
+    }
 }

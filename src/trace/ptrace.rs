@@ -145,14 +145,18 @@ pub enum Resume {
     Continue,
     /// Also stop at the next syscall entry or exit.
     Syscall,
+    /// Run one instruction; from a signal-delivery-stop, stop at the first
+    /// instruction of the signal's handler, its frame set up.
+    Step,
 }
 
 fn resume(pid: Pid, how: Resume, signal: i32) -> nix::Result<()> {
     let request = match how {
         Resume::Continue => libc::PTRACE_CONT,
         Resume::Syscall => libc::PTRACE_SYSCALL,
+        Resume::Step => libc::PTRACE_SINGLESTEP,
     };
-    // SAFETY: CONT and SYSCALL take no pointers; `data` is the signal number.
+    // SAFETY: CONT, SYSCALL and SINGLESTEP take no pointers; `data` is the signal number.
     let rc = unsafe { libc::ptrace(request, pid.as_raw(), 0usize, signal as usize) };
     Errno::result(rc).map(drop)
 }
@@ -223,6 +227,11 @@ impl SignalStop {
     /// Lets the thread go with its signal, delivered as it would have been.
     pub fn detach(self) -> nix::Result<()> {
         detach(self.pid, self.signal)
+    }
+
+    /// Resume without the signal: a trap the tracer caused itself.
+    pub fn discard(self, how: Resume) -> nix::Result<()> {
+        resume(self.pid, how, 0)
     }
 }
 
@@ -345,6 +354,13 @@ fn abi_of_code(cs: u64) -> Option<Abi> {
 pub fn stack_at_exec(pid: Pid) -> nix::Result<(u64, Abi)> {
     let regs = ptrace::getregs(pid)?;
     Ok((regs.rsp, abi_of_code(regs.cs).unwrap_or(Abi::Unknown)))
+}
+
+/// Where a stopped thread is: its instruction and stack pointers, and the
+/// ABI of the code it runs.
+pub fn position(pid: Pid) -> nix::Result<(u64, u64, Abi)> {
+    let regs = ptrace::getregs(pid)?;
+    Ok((regs.rip, regs.rsp, abi_of_code(regs.cs).unwrap_or(Abi::Unknown)))
 }
 
 /// At a syscall-entry or seccomp stop: the call is skipped (syscall number

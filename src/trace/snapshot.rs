@@ -110,6 +110,7 @@ pub fn exec_event(pid: Pid, found: Found) -> Option<Event> {
         seen_at_attach: found == Found::AtAttach,
         from_procfs: found == Found::ByScan,
         tty: tty_name(stat.tty_nr),
+        interpreter: Vec::new(),
     };
     let time = start_time(stat.start_ticks).unwrap_or_else(SystemTime::now);
     Some(Event {

@@ -7,7 +7,7 @@ use crate::proto::FileOperation as Op;
 use crate::trace::abi::Abi;
 use crate::trace::decode::PathArg::{At, Fd, Path, Text};
 use crate::trace::decode::{
-    ChdirCall, CredCall, Decoder, ExecCall, FileCall as F, NetCall, OpenCall, SeccompCall, UffdCall,
+    ChdirCall, CredCall, Decoder, ExecCall, FileCall as F, NetCall, NsCall, OpenCall, SeccompCall, UffdCall,
 };
 
 /// What the tracer does with a call of the table.
@@ -68,7 +68,7 @@ const PR_SET_SECCOMP: u32 = 22;
 const USERFAULTFD_IOC_NEW: u32 = 0xaa00;
 
 use Action::{Refuse, Trace, TraceWhen};
-use Decoder::{Chdir, Clone, Exec, IoUring, Net, Open, Ptrace, Seccomp, Socketcall, Unshare, Userfaultfd};
+use Decoder::{Chdir, Clone, Exec, IoUring, Namespace, Net, Open, Ptrace, Seccomp, Socketcall, Userfaultfd};
 
 #[rustfmt::skip]
 pub static SYSCALLS: &[SyscallDef] = &[
@@ -87,7 +87,13 @@ pub static SYSCALLS: &[SyscallDef] = &[
     row("accept",          Some(43),   None,       decode(Net(NetCall::Accept))),
     row("accept4",         Some(288),  Some(364),  decode(Net(NetCall::Accept))),
     row("socketcall",      None,       Some(102),  decode(Socketcall)),
-    row("unshare",         Some(272),  Some(310),  decode(Unshare)),
+    // Where later paths lead: the root, mounts and namespaces.
+    row("chroot",          Some(161),  Some(61),   decode(Namespace(NsCall::Chroot))),
+    row("pivot_root",      Some(155),  Some(217),  decode(Namespace(NsCall::PivotRoot))),
+    row("mount",           Some(165),  Some(21),   decode(Namespace(NsCall::Mount))),
+    row("umount2",         Some(166),  Some(52),   decode(Namespace(NsCall::Umount))),
+    row("unshare",         Some(272),  Some(310),  decode(Namespace(NsCall::Unshare))),
+    row("setns",           Some(308),  Some(346),  decode(Namespace(NsCall::Setns))),
     row("chdir",           Some(80),   Some(12),   decode(Chdir(ChdirCall::Chdir))),
     row("fchdir",          Some(81),   Some(133),  decode(Chdir(ChdirCall::Fchdir))),
     row("unlink",          Some(87),   Some(10),   file(F::new(Op::Unlink, Path(0)))),

@@ -157,6 +157,15 @@ impl Run {
     }
 }
 
+/// `path` as the tracer reports it: its directory where the kernel
+/// resolves it (`/bin` is `/usr/bin` where it is a symlink), its final name
+/// as given.
+pub fn real_path(path: &str) -> String {
+    let path = Path::new(path);
+    let dir = path.parent().unwrap().canonicalize().unwrap();
+    dir.join(path.file_name().unwrap()).to_str().unwrap().to_owned()
+}
+
 pub fn pid_of(event: &Value) -> i64 {
     event["pid"].as_i64().expect("pid")
 }

@@ -8,11 +8,12 @@ use nix::unistd::Pid;
 
 use crate::proto::{self, event::Payload, Event};
 use crate::queue::EventSink;
+use crate::text;
 use crate::trace::abi::{Abi, SyscallEntry};
 use crate::trace::memory;
 use crate::trace::paths;
 use crate::trace::process::ProcessTable;
-use crate::trace::procfs;
+use crate::trace::procfs::{self, FileId};
 
 pub const AT_FDCWD: i32 = -100;
 pub const PATH_MAX: usize = 4096;
@@ -28,13 +29,22 @@ pub struct Call {
     /// Absolute path read at entry, for calls whose memory is gone at exit
     /// (exec) or whose file is (unlink).
     pub entry_path: Option<String>,
+    /// The file `entry_path` named at entry, when there was one.
+    pub entry_file: Option<FileId>,
     /// A second path read at entry (rename's new name, a symlink's contents).
     pub entry_target: Option<String>,
+    /// An exec's argv as the caller passed it, read at entry (at most
+    /// `MAX_EXEC_ENTRIES`, each cut a byte past the entry bound), and
+    /// whether entries were left out; None when unreadable.
+    pub entry_args: Option<(Vec<Vec<u8>>, bool)>,
     /// Argument memory read at entry, as the kernel read it, before another
     /// thread of the workload can change it (a sockaddr, an open_how).
     pub entry_bytes: Vec<u8>,
     /// Set when something could not be read at entry.
     pub partial: bool,
+    /// The parent process when the call was entered: by its exit the
+    /// parent may have died and the process been given to another.
+    pub ppid: Option<u32>,
 }
 
 impl Call {
@@ -46,8 +56,11 @@ impl Call {
             time,
             entry_path: None,
             entry_target: None,
+            entry_file: None,
+            entry_args: None,
             entry_bytes: Vec::new(),
             partial: false,
+            ppid: None,
         }
     }
 
@@ -100,7 +113,7 @@ impl Ctx<'_> {
         self.procs.thread(self.tid).map_or(self.tid, |t| t.tgid)
     }
 
-    fn ppid(&self) -> u32 {
+    pub fn ppid(&self) -> u32 {
         self.procs.process_of(self.tid).map_or(0, |p| p.ppid.as_raw() as u32)
     }
 
@@ -115,13 +128,14 @@ impl Ctx<'_> {
         }
     }
 
-    fn call_event(&self, call: &Call, retval: i64, partial: bool, payload: Payload) -> Event {
+    pub fn call_event(&self, call: &Call, retval: i64, partial: bool, payload: Payload) -> Event {
         Event {
             retval: Some(retval),
             syscall: call.name.to_owned(),
             abi: abi_field(call.abi),
             partial: partial || call.partial,
             payload: Some(payload),
+            ppid: call.ppid.unwrap_or_else(|| self.ppid()),
             ..self.event(call.time)
         }
     }
@@ -146,14 +160,10 @@ impl Ctx<'_> {
         self.sink.emit(event);
     }
 
-    pub fn cwd(&mut self) -> Option<String> {
-        let thread = self.procs.thread(self.tid)?;
-        if let Some(cwd) = &thread.fs.borrow().cwd {
-            return Some(cwd.clone());
-        }
-        let cwd = procfs::cwd(self.tid)?;
-        thread.fs.borrow_mut().cwd = Some(cwd.clone());
-        Some(cwd)
+    /// The working directory as the kernel has it now (never a copy: a
+    /// directory renamed by another process must not keep its old name).
+    pub fn cwd(&self) -> Option<String> {
+        procfs::cwd(self.tid)
     }
 
     /// Path of a descriptor, as the kernel's table has it now.
@@ -161,14 +171,29 @@ impl Ctx<'_> {
         procfs::fd_path(self.tid, fd)
     }
 
-    /// A path argument made absolute against the cwd or a directory fd.
+    /// A path argument as the kernel resolves it from the thread's root,
+    /// cwd or directory fd (its final name unresolved); lexically joined
+    /// when its directory does not resolve.
     pub fn resolve(&mut self, dirfd: i32, path: &[u8]) -> Option<String> {
-        let path = String::from_utf8_lossy(path);
+        procfs::resolve_path(self.tid, dirfd, path).or_else(|| self.lexical(dirfd, path))
+    }
+
+    /// A path joined to the cwd or a directory fd as text, for a directory
+    /// the kernel does not resolve (the call fails too).
+    fn lexical(&self, dirfd: i32, path: &[u8]) -> Option<String> {
+        let path = text::lossless(path);
         if path.starts_with('/') {
             return Some(paths::absolute("/", &path));
         }
         let base = if dirfd == AT_FDCWD { self.cwd()? } else { self.fd_path(dirfd)? };
         Some(paths::absolute(&base, &path))
+    }
+
+    /// Reads a path argument, resolves it, and identifies the file it names
+    /// now (see [`procfs::resolve_file`]); None when unreadable.
+    pub fn read_file(&mut self, dirfd: i32, addr: u64) -> Option<(String, Option<FileId>)> {
+        let (raw, _) = memory::read_cstring(self.tid, addr, PATH_MAX).ok()?;
+        procfs::resolve_file(self.tid, dirfd, &raw).or_else(|| Some((self.lexical(dirfd, &raw)?, None)))
     }
 
     /// Reads a path argument and resolves it; None when unreadable.

@@ -4,7 +4,10 @@
 
 use std::time::SystemTime;
 
+use nix::unistd::Pid;
+
 use crate::proto::{self, event::Payload, Event};
+use crate::text;
 use crate::trace::abi::Abi;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
 use crate::trace::memory;
@@ -15,9 +18,26 @@ use crate::trace::ptrace;
 /// the same as the agent-side model expects.
 const MAX_EXEC_ENTRIES: usize = 356;
 const MAX_EXEC_ENTRY_LEN: usize = 356;
-/// Environment variables kept before all others when envp is cut.
-const PRIORITY_ENVS: [&str; 6] =
-    ["LD_PRELOAD=", "LD_LIBRARY_PATH=", "PATH=", "HISTSIZE=", "HISTFILESIZE=", "GLIBC_TUNABLES="];
+/// Environment variables kept before all others when envp is cut, and
+/// looked for past the cut: every `LD_*` variable of the dynamic loader
+/// (LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT, ...), glibc's other variables
+/// that load code or data into a program (its "unsecure" list), PATH, and
+/// the shell history switches.
+const PRIORITY_ENVS: [&str; 10] = [
+    "LD_",
+    "GLIBC_TUNABLES=",
+    "GCONV_PATH=",
+    "LOCPATH=",
+    "NLSPATH=",
+    "MALLOC_TRACE=",
+    "HOSTALIASES=",
+    "PATH=",
+    "HISTSIZE=",
+    "HISTFILESIZE=",
+];
+/// How many environment entries of a failed exec are looked through for
+/// priority variables (a successful exec's are all looked through).
+const FAILED_EXEC_ENV_SCAN: usize = 1 << 16;
 /// How much of the argument strings, and of the environment, is read at exec.
 const EXEC_STRINGS_MAX: usize = 256 * 1024;
 
@@ -60,17 +80,42 @@ pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, exec: ExecCall) -> Next {
         Err(_) => None,
     };
     call.partial = call.entry_path.is_none();
+    // The caller's argv: for a `#!` script the kernel replaces argv[0] by
+    // the interpreter's line and the script's path.
+    let limit = MAX_EXEC_ENTRY_LEN + 1;
+    call.entry_args = memory::read_string_array(cx.tid, args.argv, call.abi, MAX_EXEC_ENTRIES, limit).ok();
     Next::Exit
+}
+
+/// The new image's argv (`stack`, the kernel's copy) against the caller's
+/// (`entry`, read at the call's entry): (args, interpreter, verified).
+/// Equal: a program. The stack ends with the caller's argv[1..] after one
+/// or more entries: a script, run by the interpreter whose argv those
+/// entries are (its path and optional argument from the `#!` line, then
+/// the script's path; nested interpreters each in turn); the caller's
+/// argv[0] is known from the entry read only. Anything else: the caller's
+/// memory changed after the entry stop, and only the kernel's copy is
+/// reported.
+fn split_interpreter(stack: Vec<String>, entry: Vec<String>) -> (Vec<String>, Vec<String>, bool) {
+    if stack == entry {
+        return (stack, Vec::new(), true);
+    }
+    let tail = entry.get(1..).unwrap_or_default();
+    if stack.len() > tail.len() && stack.ends_with(tail) {
+        let interpreter = stack[..stack.len() - tail.len()].to_vec();
+        return (entry, interpreter, true);
+    }
+    (stack, Vec::new(), false)
 }
 
 fn bound_entry(raw: &[u8], truncated: &mut bool) -> String {
     if raw.len() > MAX_EXEC_ENTRY_LEN {
         *truncated = true;
-        let mut cut = String::from_utf8_lossy(&raw[..MAX_EXEC_ENTRY_LEN - 4]).into_owned();
+        let mut cut = text::lossless(&raw[..MAX_EXEC_ENTRY_LEN - 4]);
         cut.push_str("...");
         cut
     } else {
-        String::from_utf8_lossy(raw).into_owned()
+        text::lossless(raw)
     }
 }
 
@@ -90,10 +135,29 @@ pub fn bound_args<'a>(items: impl IntoIterator<Item = &'a [u8]>, mut cut: bool) 
 /// envp within the bounds, the variables that change how programs load and
 /// run first.
 pub fn bound_envs<'a>(items: impl IntoIterator<Item = &'a [u8]> + Clone, cut: bool) -> (Vec<String>, bool) {
-    let is_priority = |item: &[u8]| PRIORITY_ENVS.iter().any(|p| item.starts_with(p.as_bytes()));
     let priority = items.clone().into_iter().filter(|i| is_priority(i));
     let rest = items.into_iter().filter(|i| !is_priority(i));
     bound_args(priority.chain(rest), cut)
+}
+
+fn is_priority(entry: &[u8]) -> bool {
+    PRIORITY_ENVS.iter().any(|p| entry.starts_with(p.as_bytes()))
+}
+
+/// When the environment was cut at `kept`, the priority variables past the
+/// cut, wherever they are: a large environment must not hide an LD_PRELOAD.
+/// `kept` loses its last, partial entry (found again here if it is one of
+/// them). `read_at(offset, buf)` reads the whole environment.
+fn priority_envs_beyond(
+    kept: &mut Vec<u8>,
+    len: u64,
+    mut read_at: impl FnMut(u64, &mut [u8]) -> usize,
+) -> Vec<Vec<u8>> {
+    let start = kept.iter().rposition(|&b| b == 0).map_or(0, |nul| nul + 1);
+    kept.truncate(start);
+    let from = start as u64;
+    let read_rest = |offset: u64, buf: &mut [u8]| read_at(from + offset, buf);
+    memory::select_entries(read_rest, len.saturating_sub(from), MAX_EXEC_ENTRY_LEN + 1, MAX_EXEC_ENTRIES, is_priority)
 }
 
 pub fn split_nul(buf: &[u8]) -> impl Iterator<Item = &[u8]> + Clone {
@@ -104,15 +168,25 @@ pub fn split_nul(buf: &[u8]) -> impl Iterator<Item = &[u8]> + Clone {
 /// PTRACE_EVENT_EXEC, from which the tracee is resumed past its exit stop.
 /// The old image is intact, so argv and envp are read from its memory.
 pub fn failed(cx: &mut Ctx<'_>, call: &Call, retval: i64, exec: ExecCall) {
-    let args = exec.args(call);
+    let at = exec.args(call);
     let limit = MAX_EXEC_ENTRY_LEN + 1;
-    let argv = memory::read_string_array(cx.tid, args.argv, call.abi, MAX_EXEC_ENTRIES, limit);
-    let envp = memory::read_string_array(cx.tid, args.envp, call.abi, 4 * MAX_EXEC_ENTRIES, limit);
+    let argv = memory::read_string_array(cx.tid, at.argv, call.abi, MAX_EXEC_ENTRIES, limit);
+    let read_envs = 4 * MAX_EXEC_ENTRIES;
+    let envp = memory::read_string_array(cx.tid, at.envp, call.abi, read_envs, limit);
     let partial = argv.is_err() || envp.is_err();
     let (argv, argv_cut) = argv.unwrap_or_default();
     let (envp, envp_cut) = envp.unwrap_or_default();
     let (args, args_truncated) = bound_args(argv.iter().map(Vec::as_slice), argv_cut);
-    let (envs, envs_truncated) = bound_envs(envp.iter().map(Vec::as_slice), envp_cut);
+    // Priority variables past the entries read, within a bound.
+    let beyond = match envp_cut {
+        true => {
+            let bounds = (FAILED_EXEC_ENV_SCAN, limit, MAX_EXEC_ENTRIES);
+            memory::select_from_array(cx.tid, at.envp, call.abi, read_envs, bounds, is_priority)
+        }
+        false => Vec::new(),
+    };
+    let envs = envp.iter().chain(&beyond).map(Vec::as_slice);
+    let (envs, envs_truncated) = bound_envs(envs, envp_cut);
     let exec = proto::ExecEvent {
         path: call.entry_path.clone().unwrap_or_default(),
         args,
@@ -131,27 +205,56 @@ pub fn failed(cx: &mut Ctx<'_>, call: &Call, retval: i64, exec: ExecCall) {
 /// what the kernel copied onto the new stack (before the program runs; /proc
 /// when that stack is not as expected), not from the old memory a thread
 /// could have changed after the entry stop. `call` is the exec's entry, when
-/// it was seen.
-pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime) {
+/// it was seen; `caller`, the thread that called it (the kernel has given
+/// it the process id by now).
+pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime, caller: Pid) {
     let pid = cx.tgid();
     let from_stack = ptrace::stack_at_exec(pid)
         .ok()
         .filter(|(_, abi)| *abi != Abi::Unknown)
         .and_then(|(sp, abi)| memory::exec_strings(pid, sp, abi, EXEC_STRINGS_MAX));
-    let (cmdline, environ) = match from_stack {
-        Some((cmdline, environ)) => (Some(cmdline), Some(environ)),
+    let environ_path = format!("/proc/{pid}/environ");
+    let (cmdline, environ, env_at, env_len) = match from_stack {
+        Some(s) => (Some(s.args), Some(s.env), Some(s.env_at), s.env_len),
         None => (
             procfs::read_bounded(&format!("/proc/{pid}/cmdline"), EXEC_STRINGS_MAX),
-            procfs::read_bounded(&format!("/proc/{pid}/environ"), EXEC_STRINGS_MAX),
+            procfs::read_bounded(&environ_path, EXEC_STRINGS_MAX),
+            None,
+            u64::MAX,
         ),
     };
     let status = procfs::status(pid);
     let executable = procfs::exe(pid);
     let partial = cmdline.is_none() || environ.is_none() || status.is_none() || executable.is_none();
     let (cmdline, cmdline_cut) = cmdline.unwrap_or_default();
-    let (environ, environ_cut) = environ.unwrap_or_default();
+    let (mut environ, environ_cut) = environ.unwrap_or_default();
+    let beyond = match (environ_cut, env_at) {
+        (false, _) => Vec::new(),
+        (true, Some(at)) => {
+            priority_envs_beyond(&mut environ, env_len, |offset, buf| memory::read(pid, at.saturating_add(offset), buf))
+        }
+        (true, None) => match std::fs::File::open(&environ_path) {
+            Ok(file) => priority_envs_beyond(&mut environ, env_len, |offset, buf| {
+                std::os::unix::fs::FileExt::read_at(&file, buf, offset).unwrap_or(0)
+            }),
+            Err(_) => Vec::new(),
+        },
+    };
     let (args, args_truncated) = bound_args(split_nul(&cmdline), cmdline_cut);
-    let (envs, envs_truncated) = bound_envs(split_nul(&environ), environ_cut);
+    let entry_args = call.as_ref().and_then(|c| c.entry_args.as_ref()).filter(|(_, cut)| !cut);
+    let (args, interpreter, verified) = match entry_args {
+        Some((entry, _)) if !args_truncated => {
+            let (entry, entry_truncated) = bound_args(entry.iter().map(Vec::as_slice), false);
+            match entry_truncated {
+                false => split_interpreter(args, entry),
+                true => (args, Vec::new(), true),
+            }
+        }
+        _ => (args, Vec::new(), true),
+    };
+    let partial = partial || !verified;
+    let envs = split_nul(&environ).chain(beyond.iter().map(Vec::as_slice));
+    let (envs, envs_truncated) = bound_envs(envs, environ_cut);
     let executable = executable.unwrap_or_default();
     let path = call.as_ref().and_then(|c| c.entry_path.clone()).unwrap_or_else(|| executable.clone());
     let exec = proto::ExecEvent {
@@ -163,21 +266,22 @@ pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime) {
         cwd: cx.cwd().unwrap_or_default(),
         credentials: status.map(|s| s.credentials),
         executable,
+        interpreter,
         ..Default::default()
     };
-    match call {
-        Some(call) => cx.emit_call(&call, 0, partial, Payload::Exec(exec)),
-        None => {
-            let event = Event {
-                retval: Some(0),
-                syscall: "execve".to_owned(),
-                partial: true,
-                payload: Some(Payload::Exec(exec)),
-                ..cx.event(time)
-            };
-            cx.sink.emit(event);
-        }
-    }
+    let mut event = match call {
+        Some(call) => cx.call_event(&call, 0, partial, Payload::Exec(exec)),
+        None => Event {
+            retval: Some(0),
+            syscall: "execve".to_owned(),
+            partial: true,
+            payload: Some(Payload::Exec(exec)),
+            ..cx.event(time)
+        },
+    };
+    // The thread that called execve, though it now has the process id.
+    event.tid = caller.as_raw() as u32;
+    cx.sink.emit(event);
 }
 
 #[cfg(test)]
@@ -192,13 +296,43 @@ mod tests {
         assert_eq!(args[1].len(), MAX_EXEC_ENTRY_LEN - 1);
         assert!(args[1].ends_with("..."));
 
-        let many: Vec<Vec<u8>> =
-            (0..400).map(|i| format!("V{i}=x").into_bytes()).chain([b"PATH=/bin".to_vec()]).collect();
+        let many: Vec<Vec<u8>> = (0..400)
+            .map(|i| format!("V{i}=x").into_bytes())
+            .chain([b"PATH=/bin".to_vec(), b"LD_AUDIT=a".to_vec()])
+            .collect();
         let (envs, cut) = bound_envs(many.iter().map(Vec::as_slice), false);
         assert!(cut);
         assert_eq!(envs.len(), MAX_EXEC_ENTRIES);
-        assert_eq!(envs[0], "PATH=/bin");
-        assert_eq!(envs[1], "V0=x");
+        assert_eq!(envs[..3], ["PATH=/bin", "LD_AUDIT=a", "V0=x"]);
+    }
+
+    #[test]
+    fn priority_variables_past_the_cut_are_found_and_the_cut_entry_dropped() {
+        let whole = b"A=1\0B=2\0LD_PRELOAD=/x.so\0C=3\0PATH=/bin\0".to_vec();
+        let read_at = |offset: u64, buf: &mut [u8]| {
+            let rest = whole.get(offset as usize..).unwrap_or_default();
+            let n = rest.len().min(buf.len());
+            buf[..n].copy_from_slice(&rest[..n]);
+            n
+        };
+        // Cut in the middle of LD_PRELOAD.
+        let mut kept = whole[..12].to_vec();
+        let beyond = priority_envs_beyond(&mut kept, whole.len() as u64, read_at);
+        assert_eq!(kept, b"A=1\0B=2\0");
+        assert_eq!(beyond, [b"LD_PRELOAD=/x.so".to_vec(), b"PATH=/bin".to_vec()]);
+    }
+
+    #[test]
+    fn a_script_s_interpreter_is_what_the_kernel_put_before_the_caller_s_arguments() {
+        let v = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let entry = v(&["name", "one", "two words"]);
+        assert_eq!(split_interpreter(entry.clone(), entry.clone()), (entry.clone(), vec![], true));
+        let stack = v(&["/bin/sh", "-e", "./s.sh", "one", "two words"]);
+        assert_eq!(split_interpreter(stack, entry.clone()), (entry.clone(), v(&["/bin/sh", "-e", "./s.sh"]), true));
+        let no_args = v(&["/bin/sh", "./s.sh"]);
+        assert_eq!(split_interpreter(no_args, vec![]), (vec![], v(&["/bin/sh", "./s.sh"]), true));
+        let rewritten = v(&["name", "one", "other"]);
+        assert_eq!(split_interpreter(rewritten.clone(), entry), (rewritten, vec![], false));
     }
 
     #[test]

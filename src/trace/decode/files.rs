@@ -3,9 +3,11 @@
 //! Each table entry says which argument means what (`FileCall`).
 
 use crate::proto::{self, event::Payload, FileOperation};
+use crate::text;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
 use crate::trace::decode::creds::id_arg;
 use crate::trace::memory;
+use crate::trace::procfs::{self, FileId};
 
 /// Where a file call finds a path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +64,16 @@ impl FileCall {
     }
 }
 
+/// The path and the file it names now, for the file acted on.
+fn read_file_arg(cx: &mut Ctx<'_>, call: &Call, arg: PathArg) -> Option<(String, Option<FileId>)> {
+    match arg {
+        PathArg::Path(i) => cx.read_file(AT_FDCWD, call.args[i]),
+        PathArg::At(dirfd, i) => cx.read_file(call.fd(dirfd), call.args[i]),
+        PathArg::Fd(i) => Some((cx.fd_path(call.fd(i))?, procfs::fd_file(cx.tid, call.fd(i)))),
+        PathArg::Text(_) => read_path_arg(cx, call, arg).map(|text| (text, None)),
+    }
+}
+
 fn read_path_arg(cx: &mut Ctx<'_>, call: &Call, arg: PathArg) -> Option<String> {
     match arg {
         PathArg::Path(i) => cx.read_path(AT_FDCWD, call.args[i]),
@@ -70,7 +82,7 @@ fn read_path_arg(cx: &mut Ctx<'_>, call: &Call, arg: PathArg) -> Option<String> 
         PathArg::Fd(i) => cx.fd_path(call.fd(i)),
         PathArg::Text(i) => {
             let (raw, _) = memory::read_cstring(cx.tid, call.args[i], PATH_MAX).ok()?;
-            Some(String::from_utf8_lossy(&raw).into_owned())
+            Some(text::lossless(&raw))
         }
     }
 }
@@ -78,10 +90,11 @@ fn read_path_arg(cx: &mut Ctx<'_>, call: &Call, arg: PathArg) -> Option<String> 
 /// Paths are read at entry, when the kernel reads them: after an unlink or
 /// rename there is nothing left to ask /proc about.
 pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, spec: FileCall) -> Next {
-    let path = read_path_arg(cx, call, spec.path);
+    let (path, file) = read_file_arg(cx, call, spec.path).unzip();
     let target = spec.target.map(|t| read_path_arg(cx, call, t));
     call.partial |= path.is_none() || target.as_ref().is_some_and(Option::is_none);
     call.entry_path = path;
+    call.entry_file = file.flatten();
     call.entry_target = target.flatten();
     Next::Exit
 }
@@ -91,7 +104,12 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
     // unlinkat(AT_REMOVEDIR) is an rmdir.
     let removes_dir = spec.operation == FileOperation::Unlink && flags & libc::AT_REMOVEDIR as u32 != 0;
     let id = |i: usize| id_arg(call, call.args[i], spec.narrow_ids_on_i386);
-    let file = proto::FileEvent {
+    // A file the call created has an identity only now.
+    let file = match call.entry_file {
+        None if retval >= 0 => read_file_arg(cx, call, spec.path).and_then(|(_, file)| file),
+        file => file,
+    };
+    let event = proto::FileEvent {
         operation: if removes_dir { FileOperation::Rmdir } else { spec.operation } as i32,
         path: call.entry_path.clone().unwrap_or_default(),
         target: call.entry_target.clone().unwrap_or_default(),
@@ -99,6 +117,9 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
         uid: spec.owner.map(id),
         gid: spec.owner.map(|i| id(i + 1)),
         flags,
+        device: file.map_or(0, |f| f.device),
+        inode: file.map_or(0, |f| f.inode),
+        mount_id: file.and_then(|f| f.mount_id),
     };
-    cx.emit_call(call, retval, call.partial, Payload::File(file));
+    cx.emit_call(call, retval, call.partial, Payload::File(event));
 }

@@ -11,6 +11,7 @@ mod control;
 mod creds;
 mod exec;
 mod files;
+mod namespaces;
 mod net;
 mod open;
 mod tasks;
@@ -20,6 +21,7 @@ pub use control::{SeccompCall, UffdCall};
 pub use creds::CredCall;
 pub use exec::{bound_args, bound_envs, split_nul, succeeded as exec_succeeded, ExecCall};
 pub use files::{FileCall, PathArg};
+pub use namespaces::NsCall;
 pub use net::NetCall;
 pub use open::OpenCall;
 pub use tasks::ChdirCall;
@@ -36,8 +38,9 @@ pub enum Decoder {
     File(FileCall),
     Credentials(CredCall),
     Clone,
-    Unshare,
     Chdir(ChdirCall),
+    /// chroot, pivot_root, mount, umount2, unshare, setns.
+    Namespace(NsCall),
     Ptrace,
     Seccomp(SeccompCall),
     Userfaultfd(UffdCall),
@@ -65,8 +68,8 @@ impl Decoder {
             Decoder::File(spec) => files::entry(cx, call, spec),
             Decoder::Credentials(cred) => creds::entry(cx, call, cred),
             Decoder::Clone => tasks::clone_entry(cx, call),
-            Decoder::Unshare => tasks::unshare_entry(cx, call),
             Decoder::Chdir(_) => Next::Exit,
+            Decoder::Namespace(ns) => namespaces::entry(cx, call, ns),
             Decoder::Ptrace => control::ptrace_entry(cx, call),
             Decoder::Seccomp(seccomp) => control::seccomp_entry(cx, call, seccomp),
             Decoder::Userfaultfd(uffd) => control::userfaultfd_entry(cx, call, uffd),
@@ -83,10 +86,11 @@ impl Decoder {
             Decoder::File(spec) => files::exit(cx, call, retval, spec),
             Decoder::Credentials(cred) => creds::exit(cx, call, retval, cred),
             Decoder::Chdir(chdir) => tasks::chdir_exit(cx, call, retval, chdir),
+            Decoder::Namespace(ns) => namespaces::exit(cx, call, retval, ns),
             Decoder::Ptrace => control::ptrace_exit(cx, call, retval),
             Decoder::Seccomp(seccomp) => control::seccomp_exit(cx, call, retval, seccomp),
             // Decoded whole at entry: they never ask for the exit stop.
-            Decoder::Socketcall | Decoder::Clone | Decoder::Unshare | Decoder::Userfaultfd(_) => {}
+            Decoder::Socketcall | Decoder::Clone | Decoder::Userfaultfd(_) => {}
         }
     }
 }

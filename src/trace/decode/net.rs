@@ -6,6 +6,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::OwnedFd;
 
 use crate::proto::{self, event::Payload, AddressFamily, Protocol};
+use crate::text;
 use crate::trace::abi::Abi;
 use crate::trace::decode::context::{Call, Ctx, Next};
 use crate::trace::memory;
@@ -38,10 +39,10 @@ fn parse_sockaddr(raw: &[u8]) -> Option<(AddressFamily, String, u32)> {
             let path = &raw[2..];
             let text = match path.first() {
                 // Abstract names start with a NUL and are not terminated.
-                Some(0) => format!("@{}", String::from_utf8_lossy(&path[1..])),
+                Some(0) => format!("@{}", text::lossless(&path[1..])),
                 _ => {
                     let end = path.iter().position(|&b| b == 0).unwrap_or(path.len());
-                    String::from_utf8_lossy(&path[..end]).into_owned()
+                    text::lossless(&path[..end])
                 }
             };
             Some((AddressFamily::Unix, text, 0))

@@ -1,8 +1,5 @@
 //! Calls that change what a task is or shares: clone (the child itself is
-//! reported by the kernel's fork event), unshare, chdir and fchdir.
-
-use std::cell::RefCell;
-use std::rc::Rc;
+//! reported by the kernel's fork event), chdir and fchdir.
 
 use crate::proto::{self, event::Payload};
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD};
@@ -30,19 +27,6 @@ pub fn clone_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
     Next::Done
 }
 
-/// unshare(CLONE_FS) gives the thread a private copy of its working
-/// directory; done at entry (a failed call leaves a private copy that is
-/// still exact).
-pub fn unshare_entry(cx: &mut Ctx<'_>, call: &mut Call) -> Next {
-    if call.args[0] as i32 & libc::CLONE_FS != 0 {
-        if let Some(thread) = cx.procs.thread_mut(cx.tid) {
-            let copy = thread.fs.borrow().clone();
-            thread.fs = Rc::new(RefCell::new(copy));
-        }
-    }
-    Next::Done
-}
-
 /// Whether the new working directory is named by a path or a descriptor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChdirCall {
@@ -53,11 +37,7 @@ pub enum ChdirCall {
 pub fn chdir_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, chdir: ChdirCall) {
     let path = if retval == 0 {
         // The kernel's answer: symlinks and `..` resolved as it did.
-        let cwd = procfs::cwd(cx.tid);
-        if let Some(thread) = cx.procs.thread(cx.tid) {
-            thread.fs.borrow_mut().cwd = cwd.clone();
-        }
-        cwd
+        procfs::cwd(cx.tid)
     } else {
         match chdir {
             ChdirCall::Fchdir => cx.fd_path(call.fd(0)),
