@@ -5,6 +5,7 @@
 
 pub mod grpc;
 mod jsonl;
+mod retry;
 mod verbose;
 
 use std::io;
