@@ -80,21 +80,31 @@ struct Buffer {
 
 impl Buffer {
     fn push(&mut self, event: Event, capacity: usize) {
-        let sequence = self.next_sequence;
-        self.next_sequence += 1;
         let encoded_len = prost::Message::encoded_len(&event);
         let size = crate::queue::footprint_of_encoded(encoded_len);
         if self.events.len() < capacity && self.bytes + size <= BUFFER_BYTES {
+            let sequence = self.next_sequence;
+            self.next_sequence += 1;
             self.bytes += size;
             self.events.push_back((sequence, event, encoded_len));
             return;
         }
-        self.dropped += 1;
+        self.lose(1);
+    }
+
+    /// Numbers `count` events that are not kept, as a loss to announce.
+    fn lose(&mut self, count: u64) {
+        if count == 0 {
+            return;
+        }
+        let (first_lost, last_lost) = (self.next_sequence, self.next_sequence + count - 1);
+        self.next_sequence += count;
+        self.dropped += count;
         // An announced range is not widened afterwards: the rest is a range of its own.
         let open = self.losses.len() > self.announced;
         match self.losses.last_mut() {
-            Some((_, last)) if open && *last + 1 == sequence => *last = sequence,
-            _ => self.losses.push((sequence, sequence)),
+            Some((_, last)) if open && *last + 1 == first_lost => *last = last_lost,
+            _ => self.losses.push((first_lost, last_lost)),
         }
     }
 
@@ -189,6 +199,13 @@ impl Exporter {
             buffer.push(event.clone(), self.shared.capacity);
         }
         drop(buffer);
+        self.shared.wake.notify_one();
+    }
+
+    /// Counts `count` events dropped before they could be written here,
+    /// after those written so far: they are announced as a loss.
+    pub fn lose(&self, count: u64) {
+        self.shared.buffer().lose(count);
         self.shared.wake.notify_one();
     }
 

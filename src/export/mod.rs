@@ -3,8 +3,10 @@
 //! A tokio runtime on its own thread drains the queue (`crate::queue`) and
 //! writes each batch to every configured sink.
 
+mod datadog;
 pub mod grpc;
 mod jsonl;
+mod probe;
 mod retry;
 mod verbose;
 
@@ -16,6 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use crate::cli::ProbeProtocol;
 use crate::proto::{Event, Goodbye};
 use crate::queue::{self, EventQueue, EventSink};
 
@@ -33,12 +36,17 @@ pub struct Outputs {
     pub verbose: bool,
     pub events_file: Option<PathBuf>,
     pub agent: Option<grpc::Options>,
+    /// What the agent speaks (see `probe`).
+    pub agent_protocol: ProbeProtocol,
 }
 
 enum Sink {
     Verbose(verbose::Printer),
     JsonLines(jsonl::Writer),
     Agent(grpc::Exporter),
+    Datadog(datadog::Exporter),
+    /// The protocol is recognised at the endpoint.
+    Auto(probe::Auto),
 }
 
 impl Sink {
@@ -50,6 +58,14 @@ impl Sink {
                 exporter.write(batch);
                 Ok(())
             }
+            Sink::Datadog(exporter) => {
+                exporter.write(batch);
+                Ok(())
+            }
+            Sink::Auto(exporter) => {
+                exporter.write(batch);
+                Ok(())
+            }
         }
     }
 
@@ -57,7 +73,7 @@ impl Sink {
         match self {
             Sink::Verbose(printer) => printer.flush().await,
             Sink::JsonLines(writer) => writer.flush().await,
-            Sink::Agent(_) => Ok(()),
+            Sink::Agent(_) | Sink::Datadog(_) | Sink::Auto(_) => Ok(()),
         }
     }
 }
@@ -81,7 +97,14 @@ pub struct Exporters {
 impl Exporters {
     /// Opens every output (so that a bad path fails before the workload
     /// starts) and starts draining the queue. Returns the tracer's sink.
+    /// An agent protocol that cannot be spoken at the address is an
+    /// `InvalidInput` error.
     pub fn start(outputs: Outputs) -> io::Result<(EventSink, Option<Exporters>)> {
+        let protocol = match &outputs.agent {
+            Some(options) => probe::settle(outputs.agent_protocol, options)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+            None => outputs.agent_protocol,
+        };
         let mut sinks = Vec::new();
         if let Some(path) = &outputs.events_file {
             // Exec events carry environment variables: for the owner only.
@@ -107,7 +130,11 @@ impl Exporters {
         std::thread::Builder::new().name("cws-export".into()).spawn(move || {
             let result = runtime.block_on(async move {
                 if let Some(options) = agent {
-                    sinks.push(Sink::Agent(grpc::Exporter::start(options, connected_tx)));
+                    sinks.push(match protocol {
+                        ProbeProtocol::Grpc => Sink::Agent(grpc::Exporter::start(options, connected_tx)),
+                        ProbeProtocol::Datadog => Sink::Datadog(datadog::Exporter::start(options, None, connected_tx)),
+                        ProbeProtocol::Auto => Sink::Auto(probe::Auto::start(options, connected_tx)),
+                    });
                 }
                 drain(queue, sinks, goodbye_rx).await
             });
@@ -173,6 +200,8 @@ async fn drain(
     for sink in sinks {
         match sink {
             Sink::Agent(exporter) => delivery = exporter.finish(goodbye).await,
+            Sink::Datadog(exporter) => delivery = exporter.finish(goodbye).await,
+            Sink::Auto(exporter) => delivery = exporter.finish(goodbye).await,
             mut other => other.flush().await?,
         }
     }
