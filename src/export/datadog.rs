@@ -290,16 +290,15 @@ async fn write_frame(writer: &mut OwnedWriteHalf, reader: &mut OwnedReadHalf, by
     }
 }
 
-/// Resolves when the agent ends the connection. It never writes: bytes from
-/// it are read and ignored, so they cannot fill the socket's buffer.
+/// Resolves when the agent ends the connection, or writes: a Datadog agent
+/// never does, so a peer that writes is something else (a TLS or HTTP
+/// server answering what it cannot read) and the connection is given up.
 async fn agent_ended(reader: &mut OwnedReadHalf) -> String {
     let mut scratch = [0u8; 512];
-    loop {
-        match reader.read(&mut scratch).await {
-            Ok(0) => return "closed by the agent".to_owned(),
-            Ok(_) => {}
-            Err(error) => return error.to_string(),
-        }
+    match reader.read(&mut scratch).await {
+        Ok(0) => "closed by the agent".to_owned(),
+        Ok(n) => format!("the peer wrote {n} bytes: it is not a Datadog agent, which never writes"),
+        Err(error) => error.to_string(),
     }
 }
 

@@ -598,6 +598,9 @@ mod tests {
         buffer.ack(0);
         buffer.push(Event::default(), 2);
         assert_eq!(buffer.events.iter().map(|(s, _, _)| *s).collect::<Vec<_>>(), vec![1, 5]);
+        // Drops made before the exporter (by the protocol probe) come as one range.
+        buffer.lose(2);
+        assert_eq!((buffer.losses.clone(), buffer.next_sequence, buffer.dropped), (vec![(2, 4), (6, 7)], 8, 5));
     }
 
     #[test]
