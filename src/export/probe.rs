@@ -119,6 +119,7 @@ enum State {
 /// The agent sink of `--probe-protocol auto` on a TCP endpoint.
 pub struct Auto {
     state: Arc<Mutex<State>>,
+    address: Address,
     capacity: usize,
     goodbye: watch::Sender<Option<Goodbye>>,
     /// When the workload ended: an exporter chosen after that has only what
@@ -132,9 +133,9 @@ impl Auto {
         let state = Arc::new(Mutex::new(State::Pending { events: Vec::new(), bytes: 0, dropped: 0 }));
         let (goodbye, goodbye_rx) = watch::channel(None);
         let ended_at = Arc::new(OnceLock::new());
-        let capacity = options.capacity;
+        let (address, capacity) = (options.address.clone(), options.capacity);
         let task = tokio::spawn(decide(options, Arc::clone(&state), connected, goodbye_rx, Arc::clone(&ended_at)));
-        Auto { state, capacity, goodbye, ended_at, task }
+        Auto { state, address, capacity, goodbye, ended_at, task }
     }
 
     pub fn write(&self, batch: &[Event]) {
@@ -169,8 +170,9 @@ impl Auto {
             State::Pending { events, dropped, .. } => {
                 let delivery = Delivery { undelivered: events.len() as u64, dropped, reconnects: 0 };
                 log!(
-                    "{} events were not delivered: no agent answered at the endpoint",
-                    delivery.undelivered + delivery.dropped
+                    "{} events were not delivered: no agent answered at {}",
+                    delivery.undelivered + delivery.dropped,
+                    self.address
                 );
                 delivery
             }
