@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod datadog;
 pub use datadog::*;
@@ -140,6 +140,12 @@ pub struct TraceArgs {
     #[arg(long, value_name = "ADDR", default_value = "localhost:5678")]
     pub probe_addr: String,
 
+    /// The agent's protocol: auto (recognise it at the endpoint), grpc, or
+    /// datadog (the Datadog agent's eBPF-less protocol, TCP only).
+    #[arg(long, value_name = "PROTOCOL", value_enum, default_value_t = ProbeProtocol::Auto,
+          env = "DD_CWS_INSTRUMENTATION_PROBE_PROTOCOL")]
+    pub probe_protocol: ProbeProtocol,
+
     /// Start the workload at once instead of waiting for the agent.
     #[arg(long = "async")]
     pub asynchronous: bool,
@@ -187,6 +193,15 @@ pub struct TraceArgs {
     /// entrypoint.
     #[arg(required_unless_present = "pids", trailing_var_arg = true, value_name = "ENTRYPOINT")]
     pub command: Vec<OsString>,
+}
+
+/// What `--probe-protocol` names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum ProbeProtocol {
+    #[default]
+    Auto,
+    Grpc,
+    Datadog,
 }
 
 /// The agent's convention for boolean environment switches: exactly "true",

@@ -25,8 +25,13 @@ use tonic::{Request, Response, Status, Streaming};
 /// a deadline, not a measure of speed.
 const HANG: Duration = Duration::from_secs(3);
 
+/// The faulty agents are gRPC ones: a silent peer would otherwise be taken
+/// for a Datadog agent (`--probe-protocol auto`), unless a test says.
 fn traced(address: &str, flags: &[&str], command: &[&str]) -> Trace {
     let mut all = vec!["--probe-addr", address, "--stats"];
+    if !flags.contains(&"--probe-protocol") {
+        all.extend(["--probe-protocol", "grpc"]);
+    }
     all.extend_from_slice(flags);
     Trace::with_flags(&all, command)
 }
@@ -436,7 +441,9 @@ fn a_resend_after_dropped_events_keeps_each_event_under_its_own_number() {
     // Events go on until the test says: the buffer (10) overflows while no
     // agent listens, and fills again after the agent's first ack.
     let script = format!("while [ ! -e {} ]; do cat /etc/hostname >/dev/null; sleep 0.02; done", go.display());
-    let flags = ["--async", "--buffer-events", "10", "--flush-timeout", "30s"];
+    // auto: the events and drops before the agent answers are kept by the
+    // protocol probe, and handed over under the same numbers.
+    let flags = ["--async", "--buffer-events", "10", "--flush-timeout", "30s", "--probe-protocol", "auto"];
     let mut trace = traced(&address, &flags, &["sh", "-c", &script]);
     let child = trace.spawn();
     let started = Instant::now();

@@ -35,8 +35,13 @@ pub fn run(args: TraceArgs) -> Result<i32, ExitError> {
     let agent = agent_options(&args, credentials, &abandon_flush)?;
     // Before any thread starts, so that every thread inherits the blocked signals.
     let inheritance = Inheritance::capture().map_err(|e| ExitError::setup(format!("cannot block signals: {e}")))?;
-    let outputs =
-        Outputs { verbose: args.verbose, debug: args.datadog.debug, events_file: args.events_file.clone(), agent };
+    let outputs = Outputs {
+        verbose: args.verbose,
+        debug: args.datadog.debug,
+        events_file: args.events_file.clone(),
+        agent,
+        agent_protocol: args.probe_protocol,
+    };
     let (sink, exporters) = Exporters::start(outputs).map_err(|e| ExitError::usage(e.to_string()))?;
     if let Some(exporters) = &exporters {
         hold_for_agent(&args, exporters);

@@ -14,7 +14,6 @@
 //! repeats is logged once, then counted.
 
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +31,8 @@ use crate::proto::{
 };
 use crate::{context, ecs};
 
+use super::retry::{flush_limit, Backoff, Repeated};
+
 /// Events per batch message, and its encoded size: a batch must stay well
 /// under the agent's message size limit (4 MiB for `serve`), or it would be
 /// refused and resent forever. One event is at most about 260 KiB (exec
@@ -40,12 +41,7 @@ const BATCH: usize = 256;
 const BATCH_BYTES: usize = 1 << 20;
 /// Memory the unacknowledged events may take (see `crate::queue::footprint`),
 /// whatever `--buffer-events` says: exec events can be 250 KiB each.
-const BUFFER_BYTES: usize = 32 << 20;
-/// The wait after a failed stream doubles from the first to the last; each
-/// wait is drawn between half and all of it, so that tracers started together
-/// do not come back together.
-const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub(super) const BUFFER_BYTES: usize = 32 << 20;
 /// The least time the agent has to acknowledge events, whatever
 /// `--connect-timeout` says (0 there means "do not hold the workload").
 const MIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
@@ -84,21 +80,31 @@ struct Buffer {
 
 impl Buffer {
     fn push(&mut self, event: Event, capacity: usize) {
-        let sequence = self.next_sequence;
-        self.next_sequence += 1;
         let encoded_len = prost::Message::encoded_len(&event);
         let size = crate::queue::footprint_of_encoded(encoded_len);
         if self.events.len() < capacity && self.bytes + size <= BUFFER_BYTES {
+            let sequence = self.next_sequence;
+            self.next_sequence += 1;
             self.bytes += size;
             self.events.push_back((sequence, event, encoded_len));
             return;
         }
-        self.dropped += 1;
+        self.lose(1);
+    }
+
+    /// Numbers `count` events that are not kept, as a loss to announce.
+    fn lose(&mut self, count: u64) {
+        if count == 0 {
+            return;
+        }
+        let (first_lost, last_lost) = (self.next_sequence, self.next_sequence + count - 1);
+        self.next_sequence += count;
+        self.dropped += count;
         // An announced range is not widened afterwards: the rest is a range of its own.
         let open = self.losses.len() > self.announced;
         match self.losses.last_mut() {
-            Some((_, last)) if open && *last + 1 == sequence => *last = sequence,
-            _ => self.losses.push((sequence, sequence)),
+            Some((_, last)) if open && *last + 1 == first_lost => *last = last_lost,
+            _ => self.losses.push((first_lost, last_lost)),
         }
     }
 
@@ -196,6 +202,13 @@ impl Exporter {
         self.shared.wake.notify_one();
     }
 
+    /// Counts `count` events dropped before they could be written here,
+    /// after those written so far: they are announced as a loss.
+    pub fn lose(&self, count: u64) {
+        self.shared.buffer().lose(count);
+        self.shared.wake.notify_one();
+    }
+
     /// Sends what is left and the Goodbye; waits for acknowledgements until
     /// the flush timeout.
     pub async fn finish(self, goodbye: Goodbye) -> Delivery {
@@ -226,68 +239,6 @@ async fn connect(address: &Address, tls: Option<&ClientTlsConfig>) -> Result<Cha
         }
     };
     channel.map_err(|e| causes(&e))
-}
-
-/// A failure that may repeat many times (an agent that refuses every
-/// stream): said once when it starts, and once more with its count when it
-/// stops repeating. The workload's stderr is shared.
-#[derive(Default)]
-struct Repeated {
-    /// What failed ("stream to the agent at X failed"); the details may
-    /// change from one time to the next without making it a new failure.
-    what: String,
-    last_detail: String,
-    count: u64,
-}
-
-impl Repeated {
-    /// Says `what: detail` (and `then`) unless `what` is the failure already said.
-    fn record(&mut self, what: String, detail: String, then: &str) {
-        if what != self.what {
-            self.settle();
-            log!("{what}: {detail}{then}");
-            self.what = what;
-        }
-        self.last_detail = detail;
-        self.count += 1;
-    }
-
-    /// The failure is over: how often it happened, when more than once.
-    fn settle(&mut self) {
-        if self.count > 1 {
-            log!("{} ({} times in all; the last: {})", self.what, self.count, self.last_detail);
-        }
-        *self = Repeated::default();
-    }
-}
-
-/// The wait before the next attempt.
-struct Backoff {
-    next: Duration,
-    /// A source of jitter: std's randomly keyed hasher.
-    random: std::collections::hash_map::RandomState,
-    draws: u64,
-}
-
-impl Backoff {
-    fn new() -> Self {
-        Backoff { next: BACKOFF_FIRST, random: Default::default(), draws: 0 }
-    }
-
-    /// Between half and all of the current wait; the next is twice as long.
-    fn draw(&mut self) -> Duration {
-        let full = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-        self.draws += 1;
-        let mut hasher = self.random.build_hasher();
-        hasher.write_u64(self.draws);
-        let fraction = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64;
-        full.mul_f64(0.5 + fraction / 2.0)
-    }
-
-    fn reset(&mut self) {
-        self.next = BACKOFF_FIRST;
-    }
 }
 
 /// What the connections learned, kept across them.
@@ -334,17 +285,6 @@ async fn run(
         );
     }
     delivery
-}
-
-/// Ends once the workload is gone and then the flush timeout has passed
-/// (false) or a stop signal came (true).
-async fn flush_limit(mut goodbye: watch::Receiver<Option<Goodbye>>, timeout: Duration, abandon: &Notify) -> bool {
-    // An error means the exporter is gone: the limit starts now.
-    let _ = goodbye.wait_for(Option::is_some).await;
-    tokio::select! {
-        () = tokio::time::sleep(timeout) => false,
-        () = abandon.notified() => true,
-    }
 }
 
 /// Connects and streams until everything is acknowledged after the
@@ -658,6 +598,9 @@ mod tests {
         buffer.ack(0);
         buffer.push(Event::default(), 2);
         assert_eq!(buffer.events.iter().map(|(s, _, _)| *s).collect::<Vec<_>>(), vec![1, 5]);
+        // Drops made before the exporter (by the protocol probe) come as one range.
+        buffer.lose(2);
+        assert_eq!((buffer.losses.clone(), buffer.next_sequence, buffer.dropped), (vec![(2, 4), (6, 7)], 8, 5));
     }
 
     #[test]
@@ -696,19 +639,6 @@ mod tests {
         assert_eq!(buffer.resend_start(), 1);
         buffer.ack(3);
         assert_eq!(buffer.resend_start(), 4, "all acknowledged: a new stream starts at the next event");
-    }
-
-    #[test]
-    fn backoff_waits_grow_with_jitter_up_to_the_cap() {
-        let mut backoff = Backoff::new();
-        let mut full = BACKOFF_FIRST;
-        for _ in 0..12 {
-            let wait = backoff.draw();
-            assert!(wait >= full / 2 && wait <= full, "{wait:?} outside {full:?}/2..={full:?}");
-            full = (full * 2).min(BACKOFF_MAX);
-        }
-        backoff.reset();
-        assert!(backoff.draw() <= BACKOFF_FIRST);
     }
 
     #[test]

@@ -3,9 +3,12 @@
 //! A tokio runtime on its own thread drains the queue (`crate::queue`) and
 //! writes each batch to every configured sink.
 
+mod datadog;
 mod debug;
 pub mod grpc;
 mod jsonl;
+mod probe;
+mod retry;
 mod verbose;
 
 use std::io;
@@ -16,6 +19,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use crate::cli::ProbeProtocol;
 use crate::proto::{Event, Goodbye};
 use crate::queue::{self, EventQueue, EventSink};
 
@@ -35,6 +39,8 @@ pub struct Outputs {
     pub debug: bool,
     pub events_file: Option<PathBuf>,
     pub agent: Option<grpc::Options>,
+    /// What the agent speaks (see `probe`).
+    pub agent_protocol: ProbeProtocol,
 }
 
 enum Sink {
@@ -42,6 +48,9 @@ enum Sink {
     Debug(debug::Printer),
     JsonLines(jsonl::Writer),
     Agent(grpc::Exporter),
+    Datadog(datadog::Exporter),
+    /// The protocol is recognised at the endpoint.
+    Auto(probe::Auto),
 }
 
 impl Sink {
@@ -54,6 +63,14 @@ impl Sink {
                 exporter.write(batch);
                 Ok(())
             }
+            Sink::Datadog(exporter) => {
+                exporter.write(batch);
+                Ok(())
+            }
+            Sink::Auto(exporter) => {
+                exporter.write(batch);
+                Ok(())
+            }
         }
     }
 
@@ -62,7 +79,7 @@ impl Sink {
             Sink::Verbose(printer) => printer.flush().await,
             Sink::Debug(printer) => printer.flush().await,
             Sink::JsonLines(writer) => writer.flush().await,
-            Sink::Agent(_) => Ok(()),
+            Sink::Agent(_) | Sink::Datadog(_) | Sink::Auto(_) => Ok(()),
         }
     }
 }
@@ -86,7 +103,14 @@ pub struct Exporters {
 impl Exporters {
     /// Opens every output (so that a bad path fails before the workload
     /// starts) and starts draining the queue. Returns the tracer's sink.
+    /// An agent protocol that cannot be spoken at the address is an
+    /// `InvalidInput` error.
     pub fn start(outputs: Outputs) -> io::Result<(EventSink, Option<Exporters>)> {
+        let protocol = match &outputs.agent {
+            Some(options) => probe::settle(outputs.agent_protocol, options)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+            None => outputs.agent_protocol,
+        };
         let mut sinks = Vec::new();
         if let Some(path) = &outputs.events_file {
             // Exec events carry environment variables: for the owner only.
@@ -115,7 +139,11 @@ impl Exporters {
         std::thread::Builder::new().name("cws-export".into()).spawn(move || {
             let result = runtime.block_on(async move {
                 if let Some(options) = agent {
-                    sinks.push(Sink::Agent(grpc::Exporter::start(options, connected_tx)));
+                    sinks.push(match protocol {
+                        ProbeProtocol::Grpc => Sink::Agent(grpc::Exporter::start(options, connected_tx)),
+                        ProbeProtocol::Datadog => Sink::Datadog(datadog::Exporter::start(options, None, connected_tx)),
+                        ProbeProtocol::Auto => Sink::Auto(probe::Auto::start(options, connected_tx)),
+                    });
                 }
                 drain(queue, sinks, goodbye_rx).await
             });
@@ -181,6 +209,8 @@ async fn drain(
     for sink in sinks {
         match sink {
             Sink::Agent(exporter) => delivery = exporter.finish(goodbye).await,
+            Sink::Datadog(exporter) => delivery = exporter.finish(goodbye).await,
+            Sink::Auto(exporter) => delivery = exporter.finish(goodbye).await,
             mut other => other.flush().await?,
         }
     }

@@ -1,0 +1,265 @@
+//! `--probe-protocol auto`: which agent is at the endpoint, gRPC or Datadog.
+//!
+//! An HTTP/2 server speaks first (its SETTINGS frame, right after accepting),
+//! and a Datadog agent never writes anything. So the tracer connects, sends
+//! nothing, and waits [`FIRST_BYTES_WAIT`] for the server's first bytes: an
+//! HTTP/2 SETTINGS frame means gRPC (the connection is closed, the gRPC
+//! exporter makes its own); silence means Datadog, and the Datadog exporter
+//! sends its Hello first on that same connection. A Datadog agent is thus
+//! never sent a byte it could count as a broken frame. Nobody there (refused,
+//! or a connection closed without a word, or bytes that are not HTTP/2): try
+//! again after a backoff, and decide when someone answers. Meanwhile events
+//! wait in a buffer bounded as the exporters' are. The choice is said once
+//! on stderr and holds for the run.
+//!
+//! Unix sockets and TLS are gRPC only (a TLS server waits for the client's
+//! first bytes: silence would say nothing).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::address::Address;
+use crate::cli::ProbeProtocol;
+use crate::log::log;
+use crate::proto::{Event, Goodbye};
+
+use super::grpc::{self, Delivery, BUFFER_BYTES};
+use super::retry::{flush_limit, Backoff, Repeated};
+use super::{datadog, grpc::Exporter as GrpcExporter};
+
+/// How long a connection's silence takes to mean a Datadog agent. An HTTP/2
+/// server writes its SETTINGS as it accepts, within milliseconds on loopback.
+pub const FIRST_BYTES_WAIT: Duration = Duration::from_millis(500);
+
+/// The length of an HTTP/2 frame header.
+const FRAME_HEADER: usize = 9;
+
+/// The protocol to speak, once what needs no probe is settled: `Auto` stays
+/// only for a plain TCP endpoint. Err for a Datadog agent asked of an
+/// endpoint it cannot be at.
+pub fn settle(asked: ProbeProtocol, options: &grpc::Options) -> Result<ProbeProtocol, String> {
+    let tcp = matches!(options.address, Address::Tcp(_));
+    let tls = options.credentials.tls.is_some();
+    match asked {
+        ProbeProtocol::Datadog if !tcp => Err("--probe-protocol datadog needs a TCP address (host:port)".into()),
+        ProbeProtocol::Datadog if tls => Err("--probe-protocol datadog cannot use TLS (the agent has none)".into()),
+        ProbeProtocol::Auto if !tcp || tls => Ok(ProbeProtocol::Grpc),
+        other => Ok(other),
+    }
+}
+
+/// Connects to `host:port`, IPv4 addresses first: the Datadog agent listens
+/// on tcp4 only, and `localhost` may resolve to `::1` first.
+pub async fn connect_ipv4_first(hostport: &str) -> Result<TcpStream, String> {
+    let mut addresses: Vec<SocketAddr> =
+        tokio::net::lookup_host(hostport).await.map_err(|e| format!("cannot resolve {hostport}: {e}"))?.collect();
+    addresses.sort_by_key(|address| !address.is_ipv4());
+    let mut last = format!("{hostport} resolves to no address");
+    for address in addresses {
+        match TcpStream::connect(address).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) => last = format!("{address}: {error}"),
+        }
+    }
+    Err(last)
+}
+
+/// What answered at the endpoint.
+enum Peer {
+    Grpc,
+    /// Silent: a Datadog agent; the connection is kept for it.
+    Datadog(TcpStream),
+}
+
+/// Does `header` open an HTTP/2 connection as a server does: a SETTINGS
+/// frame (type 4), not an ack (flags 0), on stream 0, of whole settings?
+fn opens_http2(header: &[u8; FRAME_HEADER]) -> bool {
+    let length = u32::from_be_bytes([0, header[0], header[1], header[2]]);
+    let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+    header[3] == 4 && header[4] == 0 && stream == 0 && length.is_multiple_of(6)
+}
+
+/// One attempt: connect, send nothing, listen.
+async fn recognise(hostport: &str) -> Result<Peer, String> {
+    let mut stream = connect_ipv4_first(hostport).await?;
+    let mut header = [0u8; FRAME_HEADER];
+    let mut got = 0;
+    let deadline = Instant::now() + FIRST_BYTES_WAIT;
+    while got < FRAME_HEADER {
+        match tokio::time::timeout_at(deadline, stream.read(&mut header[got..])).await {
+            Err(_) if got == 0 => return Ok(Peer::Datadog(stream)),
+            Err(_) => return Err(format!("it wrote {got} bytes that do not open HTTP/2, then nothing")),
+            Ok(Ok(0)) if got == 0 => return Err("it closed the connection without a word".into()),
+            Ok(Ok(0)) => return Err(format!("it wrote {got} bytes that do not open HTTP/2, then closed")),
+            Ok(Ok(n)) => got += n,
+            Ok(Err(error)) => return Err(error.to_string()),
+        }
+    }
+    if opens_http2(&header) {
+        Ok(Peer::Grpc)
+    } else {
+        Err("it speaks first, but not HTTP/2 (neither a gRPC nor a Datadog agent)".into())
+    }
+}
+
+/// Where events go while the protocol is unknown, and then.
+enum State {
+    Pending { events: Vec<Event>, bytes: usize, dropped: u64 },
+    Grpc(GrpcExporter),
+    Datadog(datadog::Exporter),
+    Finished,
+}
+
+/// The agent sink of `--probe-protocol auto` on a TCP endpoint.
+pub struct Auto {
+    state: Arc<Mutex<State>>,
+    address: Address,
+    capacity: usize,
+    goodbye: watch::Sender<Option<Goodbye>>,
+    /// When the workload ended: an exporter chosen after that has only what
+    /// is left of the flush timeout.
+    ended_at: Arc<OnceLock<Instant>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Auto {
+    pub fn start(options: grpc::Options, connected: std::sync::mpsc::Sender<()>) -> Auto {
+        let state = Arc::new(Mutex::new(State::Pending { events: Vec::new(), bytes: 0, dropped: 0 }));
+        let (goodbye, goodbye_rx) = watch::channel(None);
+        let ended_at = Arc::new(OnceLock::new());
+        let (address, capacity) = (options.address.clone(), options.capacity);
+        let task = tokio::spawn(decide(options, Arc::clone(&state), connected, goodbye_rx, Arc::clone(&ended_at)));
+        Auto { state, address, capacity, goodbye, ended_at, task }
+    }
+
+    pub fn write(&self, batch: &[Event]) {
+        match &mut *lock(&self.state) {
+            State::Pending { events, bytes, dropped } => {
+                for event in batch {
+                    let size = crate::queue::footprint(event);
+                    // After a drop, everything drops: what is kept stays a prefix.
+                    if *dropped == 0 && events.len() < self.capacity && *bytes + size <= BUFFER_BYTES {
+                        *bytes += size;
+                        events.push(event.clone());
+                    } else {
+                        *dropped += 1;
+                    }
+                }
+            }
+            State::Grpc(exporter) => exporter.write(batch),
+            State::Datadog(exporter) => exporter.write(batch),
+            State::Finished => {}
+        }
+    }
+
+    pub async fn finish(self, goodbye: Goodbye) -> Delivery {
+        let _ = self.ended_at.set(Instant::now());
+        let _ = self.goodbye.send(Some(goodbye));
+        // Ends once decided, or when the flush limit gave up on deciding.
+        let _ = self.task.await;
+        let state = std::mem::replace(&mut *lock(&self.state), State::Finished);
+        match state {
+            State::Grpc(exporter) => exporter.finish(goodbye).await,
+            State::Datadog(exporter) => exporter.finish(goodbye).await,
+            State::Pending { events, dropped, .. } => {
+                let delivery = Delivery { undelivered: events.len() as u64, dropped, reconnects: 0 };
+                log!(
+                    "{} events were not delivered: no agent answered at {}",
+                    delivery.undelivered + delivery.dropped,
+                    self.address
+                );
+                delivery
+            }
+            State::Finished => Delivery::default(),
+        }
+    }
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Probes until someone answers (or the flush limit passes after the
+/// workload's end), then starts the exporter for what answered and hands it
+/// the events kept meanwhile, in order.
+async fn decide(
+    mut options: grpc::Options,
+    state: Arc<Mutex<State>>,
+    connected: std::sync::mpsc::Sender<()>,
+    goodbye: watch::Receiver<Option<Goodbye>>,
+    ended_at: Arc<OnceLock<Instant>>,
+) {
+    let abandon = Arc::clone(&options.abandon);
+    let peer = tokio::select! {
+        peer = probe_until_answered(&options.address, goodbye.clone()) => peer,
+        _ = flush_limit(goodbye, options.flush_timeout, &abandon) => return,
+    };
+    if let Some(ended) = ended_at.get() {
+        options.flush_timeout = options.flush_timeout.saturating_sub(ended.elapsed());
+    }
+    let how = format!("waited {} ms for its first bytes", FIRST_BYTES_WAIT.as_millis());
+    let address = options.address.clone();
+    let mut state = lock(&state);
+    let State::Pending { events, dropped, .. } = std::mem::replace(&mut *state, State::Finished) else { return };
+    *state = match peer {
+        Peer::Grpc => {
+            log!("the agent at {address} speaks gRPC (it opened with HTTP/2 SETTINGS); sending it gRPC");
+            let exporter = GrpcExporter::start(options, connected);
+            // Once full, the pending buffer dropped every later event: the
+            // losses come after what it kept, and keep their numbers.
+            exporter.write(&events);
+            exporter.lose(dropped);
+            State::Grpc(exporter)
+        }
+        Peer::Datadog(stream) => {
+            log!("the agent at {address} is a Datadog agent ({how}: none came); sending it the Datadog protocol");
+            let exporter = datadog::Exporter::start(options, Some(stream), connected);
+            exporter.write(&events);
+            exporter.lose(dropped);
+            State::Datadog(exporter)
+        }
+    };
+}
+
+async fn probe_until_answered(address: &Address, mut goodbye: watch::Receiver<Option<Goodbye>>) -> Peer {
+    let hostport = address.to_string();
+    let mut backoff = Backoff::new();
+    let mut failures = Repeated::default();
+    loop {
+        match recognise(&hostport).await {
+            Ok(peer) => {
+                failures.settle();
+                return peer;
+            }
+            Err(error) => failures.record(format!("cannot reach the agent at {address}"), error, "; retrying"),
+        }
+        let ended = goodbye.borrow().is_some();
+        tokio::select! {
+            () = tokio::time::sleep(backoff.draw()) => {}
+            // The workload is gone: try once more at once, it may be the last chance.
+            Ok(()) = goodbye.changed(), if !ended => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_settings_frame_opens_http2_and_nothing_else_does() {
+        // h2's server preface: SETTINGS with three settings (18 bytes).
+        assert!(opens_http2(&[0, 0, 18, 4, 0, 0, 0, 0, 0]));
+        assert!(opens_http2(&[0, 0, 0, 4, 0, 0, 0, 0, 0]));
+        assert!(!opens_http2(&[0, 0, 0, 4, 1, 0, 0, 0, 0]), "a SETTINGS ack is not an opening");
+        assert!(!opens_http2(&[0, 0, 18, 1, 4, 0, 0, 0, 1]), "HEADERS");
+        assert!(!opens_http2(b"HTTP/1.1 "));
+        assert!(!opens_http2(&[0, 0, 7, 4, 0, 0, 0, 0, 0]), "settings are 6 bytes each");
+    }
+}
