@@ -46,6 +46,37 @@ fn run(command: &mut Command) -> Result<(), String> {
     }
 }
 
+/// Runs `cargo test` with its output passed through as it comes, and adds
+/// up the "test result" lines of every test binary: passed, failed.
+fn run_tests(command: &mut Command) -> (Result<(), String>, u64, u64) {
+    use std::io::{BufRead, BufReader};
+    eprintln!("xtask: {command:?}");
+    let mut child = match command.stdout(std::process::Stdio::piped()).spawn() {
+        Ok(child) => child,
+        Err(e) => return (Err(format!("cannot run {:?}: {e}", command.get_program())), 0, 0),
+    };
+    let (mut passed, mut failed) = (0, 0);
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            passed += count(result, "passed");
+            failed += count(result, "failed");
+        }
+    }
+    let result = match child.wait() {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(format!("{command:?} failed: {status}")),
+        Err(e) => Err(format!("waiting for {:?}: {e}", command.get_program())),
+    };
+    (result, passed, failed)
+}
+
+/// The number before `word` in "ok. 5 passed; 0 failed; ...".
+fn count(result: &str, word: &str) -> u64 {
+    result.split([';', '.']).find_map(|part| part.trim().strip_suffix(word)?.trim().parse().ok()).unwrap_or(0)
+}
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
 }
@@ -126,7 +157,11 @@ fn ci() -> Result<(), String> {
         }
         Err(message) => check(Err(message)),
     }
-    check(run(&mut test));
+    let (result, passed, failed) = run_tests(&mut test);
+    // One closing line for the whole suite: the last test binary's own line
+    // (the doc tests, none) says nothing of the rest.
+    println!("ci: {passed} passed, {failed} failed");
+    check(result);
     match failures.len() {
         0 => Ok(()),
         n => Err(format!("{n} CI step(s) failed:\n  {}", failures.join("\n  "))),
@@ -222,5 +257,15 @@ fn main() -> ExitCode {
             eprintln!("xtask: {message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_come_from_libtest_s_result_line() {
+        let line = "ok. 40 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished in 15.70s";
+        assert_eq!((super::count(line, "passed"), super::count(line, "failed")), (40, 2));
+        assert_eq!(super::count("FAILED. 3 passed; 1 failed; 0 ignored", "failed"), 1);
     }
 }
