@@ -10,7 +10,6 @@ use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
 use crate::cli::{self, DatadogTraceArgs, InjectArgs, SelftestsArgs, SpawnArgs};
-use crate::command::trace::launch_error;
 use crate::exit::{code, ExitError};
 use crate::log::log;
 use crate::trace;
@@ -25,11 +24,11 @@ pub fn inject(args: InjectArgs) -> Result<i32, ExitError> {
     if args.data.len() > MAX_SESSION_DATA {
         log!("inject: --data is {} bytes, more than {MAX_SESSION_DATA}; running the command anyway", args.data.len());
     }
-    Err(launch_error(trace::exec_in_place(&args.command, false)))
+    Err(trace::exec_in_place(&args.command, false).into())
 }
 
 pub fn spawn(args: SpawnArgs) -> Result<i32, ExitError> {
-    Err(launch_error(trace::exec_in_place(&args.command, true)))
+    Err(trace::exec_in_place(&args.command, true).into())
 }
 
 /// Runs the actions asked for; each failure is one line, and the status is

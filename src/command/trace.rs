@@ -26,7 +26,7 @@ pub fn run(args: TraceArgs) -> Result<i32, ExitError> {
     let credentials = AgentCredentials::load(&args).map_err(ExitError::usage)?;
     let attaching = !args.datadog.pids.is_empty();
     let program = match args.command.first() {
-        Some(entrypoint) => Some(trace::resolve_entrypoint(entrypoint).map_err(launch_error)?),
+        Some(entrypoint) => Some(trace::resolve_entrypoint(entrypoint).map_err(ExitError::from)?),
         None if attaching => None,
         None => return Err(ExitError::usage("trace needs an entrypoint after --".into())),
     };
@@ -60,7 +60,7 @@ pub fn run(args: TraceArgs) -> Result<i32, ExitError> {
             grpc::Delivery::default()
         }
     };
-    let outcome = outcome.map_err(launch_error)?;
+    let outcome = outcome.map_err(ExitError::from)?;
     if args.stats {
         log_stats(&outcome, &delivery);
     }
@@ -176,14 +176,6 @@ fn log_summary(outcome: &Outcome, delivery: &grpc::Delivery) {
         s.dropped,
         if undelivered > 0 { format!(", {undelivered} not delivered to the agent") } else { String::new() }
     );
-}
-
-pub(super) fn launch_error(error: LaunchError) -> ExitError {
-    match error {
-        LaunchError::NotFound(name) => ExitError::new(code::NOT_FOUND, format!("{name}: command not found")),
-        LaunchError::NotExecutable(message) => ExitError::new(code::NOT_EXECUTABLE, message),
-        LaunchError::Setup(message) => ExitError::setup(message),
-    }
 }
 
 #[cfg(test)]

@@ -30,8 +30,8 @@ use crate::proto::{Event, Goodbye};
 use crate::{context, ecs};
 
 use super::grpc::{self, Delivery, BUFFER_BYTES};
-use super::probe::connect_ipv4_first;
 use super::retry::{flush_limit, Backoff, Repeated};
+use super::tcp::connect_ipv4_first;
 
 /// A connection that stayed up this long worked: the next failure is a new
 /// one, and the backoff starts over. The agent never answers, so time is the

@@ -9,6 +9,7 @@ pub mod grpc;
 mod jsonl;
 mod probe;
 mod retry;
+mod tcp;
 mod verbose;
 
 use std::io;

@@ -15,7 +15,6 @@
 //! Unix sockets and TLS are gRPC only (a TLS server waits for the client's
 //! first bytes: silence would say nothing).
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -54,22 +53,6 @@ pub fn settle(asked: ProbeProtocol, options: &grpc::Options) -> Result<ProbeProt
     }
 }
 
-/// Connects to `host:port`, IPv4 addresses first: the Datadog agent listens
-/// on tcp4 only, and `localhost` may resolve to `::1` first.
-pub async fn connect_ipv4_first(hostport: &str) -> Result<TcpStream, String> {
-    let mut addresses: Vec<SocketAddr> =
-        tokio::net::lookup_host(hostport).await.map_err(|e| format!("cannot resolve {hostport}: {e}"))?.collect();
-    addresses.sort_by_key(|address| !address.is_ipv4());
-    let mut last = format!("{hostport} resolves to no address");
-    for address in addresses {
-        match TcpStream::connect(address).await {
-            Ok(stream) => return Ok(stream),
-            Err(error) => last = format!("{address}: {error}"),
-        }
-    }
-    Err(last)
-}
-
 /// What answered at the endpoint.
 enum Peer {
     Grpc,
@@ -87,7 +70,7 @@ fn opens_http2(header: &[u8; FRAME_HEADER]) -> bool {
 
 /// One attempt: connect, send nothing, listen.
 async fn recognise(hostport: &str) -> Result<Peer, String> {
-    let mut stream = connect_ipv4_first(hostport).await?;
+    let mut stream = super::tcp::connect_ipv4_first(hostport).await?;
     let mut header = [0u8; FRAME_HEADER];
     let mut got = 0;
     let deadline = Instant::now() + FIRST_BYTES_WAIT;

@@ -22,6 +22,7 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::wait::waitpid;
 use nix::unistd::{fork, ForkResult, Pid};
 
+use crate::exit::{code, ExitError};
 use crate::log::log;
 use crate::trace::ptrace;
 use crate::trace::seccomp::{self, Listener};
@@ -36,6 +37,17 @@ pub enum LaunchError {
     NotExecutable(String),
     /// The tracer itself could not set up (ptrace refused, fork failed).
     Setup(String),
+}
+
+/// The tool's own exit statuses, as a shell would give them.
+impl From<LaunchError> for ExitError {
+    fn from(error: LaunchError) -> ExitError {
+        match error {
+            LaunchError::NotFound(name) => ExitError::new(code::NOT_FOUND, format!("{name}: command not found")),
+            LaunchError::NotExecutable(message) => ExitError::new(code::NOT_EXECUTABLE, message),
+            LaunchError::Setup(message) => ExitError::setup(message),
+        }
+    }
 }
 
 /// Everything the child needs, prepared before fork so that the child only
