@@ -4,7 +4,6 @@
 //! writes each batch to every configured sink.
 
 mod datadog;
-mod debug;
 pub mod grpc;
 mod jsonl;
 mod probe;
@@ -46,8 +45,8 @@ pub struct Outputs {
 
 enum Sink {
     Verbose(verbose::Printer),
-    Debug(debug::Printer),
-    JsonLines(jsonl::Writer),
+    Debug(jsonl::Writer<tokio::io::Stderr>),
+    JsonLines(jsonl::Writer<tokio::io::BufWriter<tokio::fs::File>>),
     Agent(grpc::Exporter),
     Datadog(datadog::Exporter),
     /// The protocol is recognised at the endpoint.
@@ -119,13 +118,13 @@ impl Exporters {
                 std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(
                     |e| io::Error::new(e.kind(), format!("cannot create events file {}: {e}", path.display())),
                 )?;
-            sinks.push(Sink::JsonLines(jsonl::Writer::new(file)));
+            sinks.push(Sink::JsonLines(jsonl::file(file)));
         }
         if outputs.verbose {
             sinks.push(Sink::Verbose(verbose::Printer::new()));
         }
         if outputs.debug {
-            sinks.push(Sink::Debug(debug::Printer::new()));
+            sinks.push(Sink::Debug(jsonl::debug()));
         }
         if sinks.is_empty() && outputs.agent.is_none() {
             return Ok((EventSink::discard(), None));
