@@ -37,7 +37,7 @@ use super::retry::{flush_limit, Backoff, Repeated};
 /// under the agent's message size limit (4 MiB for `serve`), or it would be
 /// refused and resent forever. One event is at most about 260 KiB (exec
 /// arguments and environment are bounded).
-const BATCH: usize = 256;
+const BATCH_EVENTS: usize = 256;
 const BATCH_BYTES: usize = 1 << 20;
 /// Memory the unacknowledged events may take (see `crate::queue::footprint`),
 /// whatever `--buffer-events` says: exec events can be 250 KiB each.
@@ -129,7 +129,7 @@ impl Buffer {
         let mut expected = None;
         self.events
             .range(start..)
-            .take(BATCH)
+            .take(BATCH_EVENTS)
             .take_while(|(sequence, _, encoded_len)| {
                 let first = bytes == 0;
                 bytes += encoded_len;
