@@ -13,13 +13,13 @@
 //! sent until `--flush-timeout`, or until SIGTERM after the workload's end.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::datadog::frame::frame;
@@ -75,17 +75,8 @@ impl Buffer {
     }
 }
 
-struct Shared {
-    buffer: Mutex<Buffer>,
-    capacity: usize,
-    wake: Notify,
-}
-
-impl Shared {
-    fn buffer(&self) -> std::sync::MutexGuard<'_, Buffer> {
-        self.buffer.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
+/// State shared by the queue drain (producer) and the connection task.
+type Shared = super::handoff::Shared<Buffer>;
 
 /// The exporter's handle on the connection task.
 pub struct Exporter {
@@ -103,7 +94,7 @@ impl Exporter {
         connection: Option<TcpStream>,
         connected: std::sync::mpsc::Sender<()>,
     ) -> Exporter {
-        let shared = Arc::new(Shared { buffer: Mutex::default(), capacity: options.capacity, wake: Notify::new() });
+        let shared = Arc::new(Shared::new(options.capacity));
         let (goodbye, goodbye_rx) = watch::channel(None);
         let task = tokio::spawn(run(options, Arc::clone(&shared), connection, connected, goodbye_rx));
         Exporter { shared, goodbye, task }

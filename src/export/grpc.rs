@@ -14,7 +14,7 @@
 //! repeats is logged once, then counted.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Notify};
@@ -156,17 +156,7 @@ impl Buffer {
 }
 
 /// State shared by the queue drain (producer) and the connection task.
-struct Shared {
-    buffer: Mutex<Buffer>,
-    capacity: usize,
-    wake: Notify,
-}
-
-impl Shared {
-    fn buffer(&self) -> std::sync::MutexGuard<'_, Buffer> {
-        self.buffer.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
+type Shared = super::handoff::Shared<Buffer>;
 
 /// The exporter's handle on the connection task.
 pub struct Exporter {
@@ -187,7 +177,7 @@ impl Exporter {
     /// Starts connecting at once. `connected` fires when the first stream
     /// is up (the tracer holds the workload until then, or a timeout).
     pub fn start(options: Options, connected: std::sync::mpsc::Sender<()>) -> Exporter {
-        let shared = Arc::new(Shared { buffer: Mutex::default(), capacity: options.capacity, wake: Notify::new() });
+        let shared = Arc::new(Shared::new(options.capacity));
         let (goodbye, goodbye_rx) = watch::channel(None);
         let task = tokio::spawn(run(options, Arc::clone(&shared), connected, goodbye_rx));
         Exporter { shared, goodbye, task }

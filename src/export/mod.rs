@@ -5,6 +5,7 @@
 
 mod datadog;
 pub mod grpc;
+mod handoff;
 mod jsonl;
 mod probe;
 mod retry;
