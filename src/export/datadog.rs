@@ -30,7 +30,7 @@ use crate::proto::{Event, Goodbye};
 use crate::{context, ecs};
 
 use super::grpc::{self, Delivery, BUFFER_BYTES};
-use super::retry::{flush_limit, Backoff, Repeated};
+use super::retry::{flush_limit, pause, Backoff, Repeated};
 use super::tcp::connect_ipv4_first;
 
 /// A connection that stayed up this long worked: the next failure is a new
@@ -220,12 +220,7 @@ async fn deliver(
             Err(error) => (format!("cannot reach the agent at {}", options.address), error),
         };
         progress.failures.record(failure.0, failure.1, "; retrying");
-        let ended = goodbye.borrow().is_some();
-        tokio::select! {
-            () = tokio::time::sleep(backoff.draw()) => {}
-            // The workload is gone: try once more at once, it may be the last chance.
-            Ok(()) = goodbye.changed(), if !ended => {}
-        }
+        pause(&mut backoff, &mut goodbye).await;
     }
 }
 

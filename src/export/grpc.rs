@@ -31,7 +31,7 @@ use crate::proto::{
 };
 use crate::{context, ecs};
 
-use super::retry::{flush_limit, Backoff, Repeated};
+use super::retry::{flush_limit, pause, Backoff, Repeated};
 
 /// Events per batch message, and its encoded size: a batch must stay well
 /// under the agent's message size limit (4 MiB for `serve`), or it would be
@@ -315,12 +315,7 @@ async fn deliver(
             Err(error) => (format!("cannot reach the agent at {}", options.address), error),
         };
         progress.failures.record(failure.0, failure.1, "; retrying");
-        let ended = goodbye.borrow().is_some();
-        tokio::select! {
-            () = tokio::time::sleep(backoff.draw()) => {}
-            // The workload is gone: try once more at once, it may be the last chance.
-            Ok(()) = goodbye.changed(), if !ended => {}
-        }
+        pause(&mut backoff, &mut goodbye).await;
     }
 }
 

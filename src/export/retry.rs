@@ -92,6 +92,16 @@ pub(super) async fn flush_limit(
     }
 }
 
+/// Waits out the backoff before the next attempt; the workload's end (the
+/// Goodbye) cuts the wait short once: it may be the last chance to deliver.
+pub async fn pause(backoff: &mut Backoff, goodbye: &mut watch::Receiver<Option<Goodbye>>) {
+    let ended = goodbye.borrow().is_some();
+    tokio::select! {
+        () = tokio::time::sleep(backoff.draw()) => {}
+        Ok(()) = goodbye.changed(), if !ended => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
