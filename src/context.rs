@@ -8,7 +8,7 @@ use crate::proto::{ContainerContext, EcsContext, Hello, Mode};
 use crate::text;
 
 /// A random session id (128 bits, hex).
-fn session_id() -> String {
+pub fn session_id() -> String {
     let mut bytes = [0u8; 16];
     let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
     if random.is_err() {

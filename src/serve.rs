@@ -19,6 +19,14 @@
 //!
 //! A session does not wait for its batch to be written before it reads and
 //! encodes the next: a per-session ack task waits for the writes in order.
+//!
+//! On plain TCP the listener also takes Datadog-protocol tracers: each
+//! client goes where its first bytes say (`sniff`), HTTP/2 to the gRPC
+//! server, anything else to a Datadog session (`datadog`), whose events are
+//! written by the same writer in the same contract.
+
+mod datadog;
+mod sniff;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -593,8 +601,75 @@ async fn write_output(
 }
 
 enum Incoming {
+    /// With TLS: gRPC only.
     Tcp(TcpIncoming),
+    /// Plain TCP: the HTTP/2 clients `route` found.
+    Sniffed(ReceiverStream<io::Result<sniff::Prefixed>>),
     Unix(UnixListenerStream),
+}
+
+/// What a Datadog session needs; None with a token, which the Datadog
+/// protocol cannot present.
+struct DatadogEnd {
+    writer: mpsc::Sender<Write>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// How long to wait before accepting again after accept(2) failed (out of
+/// descriptors, say), so that the failure does not spin.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// Accepts TCP clients and sends each where its first bytes say: HTTP/2 to
+/// the gRPC server, anything else to a Datadog session. Each client is
+/// sniffed on a task of its own, so a silent one holds up nobody.
+async fn route(
+    listener: tokio::net::TcpListener,
+    http2: mpsc::Sender<io::Result<sniff::Prefixed>>,
+    datadog: Option<DatadogEnd>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut failing = false;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, address) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                if !failing {
+                    log!("cannot accept connections: {error}; retrying");
+                }
+                failing = true;
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        failing = false;
+        // Acks are small writes: without NODELAY, Nagle holds one back
+        // while the previous is unacknowledged, and a tracer waits 40 ms.
+        let _ = stream.set_nodelay(true);
+        let http2 = http2.clone();
+        let datadog = datadog.as_ref().map(|end| (end.writer.clone(), end.shutdown.clone()));
+        tokio::spawn(async move {
+            match sniff::sniff(stream).await {
+                Ok(sniff::Sniffed::Http2(stream)) => {
+                    let _ = http2.send(Ok(stream)).await;
+                }
+                Ok(sniff::Sniffed::Datadog(stream)) => match datadog {
+                    Some((writer, shutdown)) => {
+                        datadog::Session::new(address.to_string(), writer).run(stream, shutdown).await
+                    }
+                    None => log!(
+                        "{address}: refused: a Datadog-protocol tracer cannot present the token this sidecar requires"
+                    ),
+                },
+                Ok(sniff::Sniffed::Closed(0)) => {}
+                Ok(sniff::Sniffed::Closed(got)) => log!("{address}: closed after {got} bytes of an HTTP/2 preface"),
+                Err(why) => log!("{address}: cut off: {why}"),
+            }
+        });
+    }
 }
 
 /// `serve`'s exit status when its output was failing when it stopped: the
@@ -683,6 +758,9 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
         }
         None => Output::Stdout,
     };
+    let (writes_tx, writes) = mpsc::channel(256);
+    let (finish, finish_rx) = oneshot::channel();
+    let (shutdown_tx, shutdown) = watch::channel(false);
     let incoming = match &options.listen {
         Address::Tcp(hostport) => {
             let listener = tokio::net::TcpListener::bind(hostport)
@@ -690,9 +768,19 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
                 .map_err(|e| ExitError::usage(format!("cannot listen on {hostport}: {e}")))?;
             let local = listener.local_addr().map_err(|e| ExitError::setup(e.to_string()))?;
             log!("listening on {local}");
-            // Acks are small writes: without NODELAY, Nagle holds one back
-            // while the previous is unacknowledged, and a tracer waits 40 ms.
-            Incoming::Tcp(TcpIncoming::from(listener).with_nodelay(Some(true)))
+            if options.tls.is_some() {
+                // TLS clients open with a TLS record, not HTTP/2: nothing to
+                // sniff, and the Datadog protocol has no TLS. NODELAY: see `route`.
+                Incoming::Tcp(TcpIncoming::from(listener).with_nodelay(Some(true)))
+            } else {
+                let (http2, clients) = mpsc::channel(64);
+                let datadog = options
+                    .token
+                    .is_none()
+                    .then(|| DatadogEnd { writer: writes_tx.clone(), shutdown: shutdown.clone() });
+                tokio::spawn(route(listener, http2, datadog, shutdown.clone()));
+                Incoming::Sniffed(ReceiverStream::new(clients))
+            }
         }
         Address::Unix(path) => {
             // A socket left by a previous run would make bind fail.
@@ -706,13 +794,10 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
             Incoming::Unix(UnixListenerStream::new(listener))
         }
     };
-    let (writes_tx, writes) = mpsc::channel(256);
-    let (finish, finish_rx) = oneshot::channel();
     let written: Written = Arc::new(Mutex::new(written));
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::Serving).await;
     let writer = tokio::spawn(write_output(output, writes, finish_rx, Arc::clone(&written), health));
-    let (shutdown_tx, shutdown) = watch::channel(false);
     let shutdown_seen = shutdown.clone();
     let service =
         Service { token: options.token, allowed_uids: options.allowed_uids, writer: writes_tx, written, shutdown };
@@ -735,6 +820,7 @@ async fn serve(options: ServeOptions) -> Result<i32, ExitError> {
     let serving = async {
         match incoming {
             Incoming::Tcp(incoming) => router.serve_with_incoming_shutdown(incoming, stop).await,
+            Incoming::Sniffed(incoming) => router.serve_with_incoming_shutdown(incoming, stop).await,
             Incoming::Unix(incoming) => router.serve_with_incoming_shutdown(incoming, stop).await,
         }
     };

@@ -1,8 +1,8 @@
 //! The agent's messages, from a Datadog tracer, as our Hello and events.
 //!
 //! Lossy where the models differ. Lost from every message: SpanContext,
-//! ContainerID and CGroupID (the Hello's container stands for all), the
-//! thread (tid is the pid), the ABI, and which syscall of a family was made:
+//! CGroupID, ContainerID (not in our events: `serve` writes it as the
+//! line's `container_id`), the thread (tid is the pid), the ABI, and which syscall of a family was made:
 //! `syscall` names the family ("open" for open, openat, creat...; "setreuid"
 //! for setuid, setreuid and setresuid, whose ids Datadog sends as a pair).
 //! Lost per type:
@@ -18,8 +18,12 @@
 //!   accept's peer port (Datadog sends the local port) and protocol;
 //! - Hello: tracer version, session id (there is none) and hostname.
 //!
-//! Types without an event of ours (Utimes, LoadModule, UnloadModule, Mount,
-//! Umount, Setsockopt, Setrlimit, Prctl, Socket) give None.
+//! Mount and Umount are namespace events (`mount`, `umount2`: the mount
+//! point, a mount's source and FSType as sent; no flags, which Datadog does
+//! not send: a bind mount's FSType is `bind`).
+//!
+//! Types without an event of ours (Utimes, LoadModule, UnloadModule,
+//! Setsockopt, Setrlimit, Prctl, Socket) give None.
 
 use crate::proto::{self, event::Payload as Ours, AddressFamily, Event, ExitCause, FileOperation, Mode, Protocol};
 
@@ -118,11 +122,16 @@ pub fn event(msg: &SyscallMsg) -> Option<Event> {
             let (address, local_port, family) = socket(&m.socket);
             ("accept", Ours::Accept(proto::AcceptEvent { address, local_port, family, ..Default::default() }))
         }
+        Payload::Mount(m) => {
+            let (path, source, fstype) = (m.target.clone(), m.source.clone(), m.fs_type.clone());
+            ("mount", Ours::Namespace(proto::NamespaceEvent { path, source, fstype, ..Default::default() }))
+        }
+        Payload::Umount(m) => {
+            ("umount2", Ours::Namespace(proto::NamespaceEvent { path: m.path.clone(), ..Default::default() }))
+        }
         Payload::Utimes(_)
         | Payload::LoadModule(_)
         | Payload::UnloadModule(_)
-        | Payload::Mount(_)
-        | Payload::Umount(_)
         | Payload::Setsockopt(_)
         | Payload::Setrlimit(_)
         | Payload::Prctl(_)

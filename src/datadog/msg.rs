@@ -362,7 +362,8 @@ macro_rules! payloads {
                 }
             }
 
-            fn key(&self) -> &'static str {
+            /// Its key in `SyscallMsg`, which names the type.
+            pub fn key(&self) -> &'static str {
                 match self {
                     $(Payload::$variant(_) => $key,)*
                 }
