@@ -1105,3 +1105,276 @@ mod auth {
         assert_eq!(sidecar.stop(), Some(0));
     }
 }
+
+/// Datadog-protocol tracers on the same listener as gRPC ones.
+mod datadog_tracers {
+    use std::io::Read;
+    use std::net::TcpStream;
+
+    use serde_json::json;
+
+    use super::*;
+
+    const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/datadog-golden");
+
+    /// The golden frames (Datadog's Go encoder) in order, with the values
+    /// the agent decodes from each (`expected.jsonl`).
+    fn golden() -> Vec<(Vec<u8>, Value)> {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(GOLDEN)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.extension().is_some_and(|e| e == "bin"))
+            .collect();
+        names.sort();
+        let expected = std::fs::read_to_string(format!("{GOLDEN}/expected.jsonl")).unwrap();
+        let values: Vec<Value> = expected.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(names.len(), values.len());
+        names.iter().map(|path| std::fs::read(path).unwrap()).zip(values).collect()
+    }
+
+    /// A golden timestamp (all in 2026-01-01T00:00, 1767225600 s) as protojson writes it.
+    fn rfc3339(nanos: u64) -> String {
+        let since = nanos - 1_767_225_600_000_000_000;
+        assert!(since < 60_000_000_000, "a golden timestamp outside its minute: {nanos}");
+        format!("2026-01-01T00:00:{:02}.{:09}+00:00", since / 1_000_000_000, since % 1_000_000_000)
+    }
+
+    fn family(number: &Value) -> &'static str {
+        match number.as_u64() {
+            Some(2) => "ADDRESS_FAMILY_INET",
+            Some(10) => "ADDRESS_FAMILY_INET6",
+            Some(1) => "ADDRESS_FAMILY_UNIX",
+            other => panic!("no golden family {other:?}"),
+        }
+    }
+
+    /// Drops what protojson leaves out: empty strings and arrays, zeros of
+    /// plain (not optional) numbers, false, unspecified enums.
+    fn without_defaults(object: Value, plain_numbers: &[&str]) -> Value {
+        let Value::Object(map) = object else { panic!("an object") };
+        let kept = map.into_iter().filter(|(key, value)| match value {
+            Value::String(s) => !s.is_empty() && s != "PROTOCOL_UNSPECIFIED",
+            Value::Array(a) => !a.is_empty(),
+            Value::Bool(b) => *b,
+            Value::Null => false,
+            Value::Number(n) => !(plain_numbers.contains(&key.as_str()) && n.as_u64() == Some(0)),
+            Value::Object(_) => true,
+        });
+        Value::Object(kept.collect())
+    }
+
+    fn protocol(number: &Value) -> &'static str {
+        match number.as_u64() {
+            Some(6) => "PROTOCOL_TCP",
+            Some(0) => "PROTOCOL_UNSPECIFIED",
+            other => panic!("no golden protocol {other:?}"),
+        }
+    }
+
+    fn requested(ids: &[&Value]) -> Value {
+        json!({"credentials": {"requested": ids.iter().map(|id| id.as_i64().unwrap().to_string()).collect::<Vec<_>>()}})
+    }
+
+    fn file(operation: &str, path: &Value, extra: Value) -> Value {
+        let mut file = json!({"operation": format!("FILE_OPERATION_{operation}"), "path": path});
+        file.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        json!({ "file": file })
+    }
+
+    /// The line `serve` writes for a golden syscall message, from the values
+    /// the agent decodes (without session_id and sequence); None for types
+    /// without an event of ours.
+    fn line_for(message: &Value) -> Option<Value> {
+        let m = &message["Syscall"];
+        let (pid, retval) = (&m["PID"], m["Retval"].as_i64().unwrap().to_string());
+        let mut line = json!({"container_id": m["ContainerID"], "pid": pid, "tid": pid,
+            "timestamp": rfc3339(m["Timestamp"].as_u64().unwrap()), "retval": retval});
+        let (syscall, payload) = match m["Type"].as_u64().unwrap() {
+            1 => {
+                let e = &m["Exec"];
+                if e["PPID"] != 0 {
+                    line["ppid"] = e["PPID"].clone();
+                }
+                let credentials = e["Credentials"]
+                    .as_object()
+                    .map(|c| json!({"uid": c["UID"], "gid": c["GID"], "euid": c["EUID"], "egid": c["EGID"]}));
+                let exec = json!({"path": e["File"]["Filename"], "args": e["Args"], "args_truncated": e["ArgsTruncated"],
+                    "envs": e["Envs"], "envs_truncated": e["EnvsTruncated"], "credentials": credentials});
+                ("execve", json!({ "exec": without_defaults(exec, &[]) }))
+            }
+            2 => {
+                line["pid"] = m["Fork"]["PPID"].clone();
+                line["tid"] = m["Fork"]["PPID"].clone();
+                line["retval"] = json!(pid.to_string());
+                ("fork", json!({"fork": {"child_pid": pid}}))
+            }
+            3 => {
+                let o = &m["Open"];
+                let flags = o["Flags"].as_u64().unwrap();
+                let creates = flags & (libc::O_CREAT | libc::O_TMPFILE) as u64 != 0;
+                let mode = if creates { o["Mode"].as_u64().unwrap() & 0o7777 } else { 0 };
+                (
+                    "open",
+                    json!({"open": without_defaults(json!({"path": o["Filename"], "flags": flags, "mode": mode}), &["mode"])}),
+                )
+            }
+            4 => {
+                line.as_object_mut().unwrap().remove("retval");
+                let (code, cause) = (&m["Exit"]["Code"], m["Exit"]["Cause"].as_u64().unwrap());
+                let exit = match cause {
+                    0 => json!({"cause": "EXIT_CAUSE_EXITED", "code": code}),
+                    1 => json!({"cause": "EXIT_CAUSE_SIGNALED", "signal": code, "core_dumped": true}),
+                    _ => json!({"cause": "EXIT_CAUSE_SIGNALED", "signal": code}),
+                };
+                ("exit", json!({ "exit": exit }))
+            }
+            5 => ("setreuid", requested(&[&m["SetUID"]["UID"], &m["SetUID"]["EUID"]])),
+            6 => ("setregid", requested(&[&m["SetGID"]["GID"], &m["SetGID"]["EGID"]])),
+            7 => ("setfsuid", requested(&[&m["SetFSUID"]["FSUID"]])),
+            8 => ("setfsgid", requested(&[&m["SetFSGID"]["FSGID"]])),
+            9 => ("capset", requested(&[&m["Capset"]["Effective"], &m["Capset"]["Permitted"]])),
+            10 => ("unlink", file("UNLINK", &m["Unlink"]["File"]["Filename"], json!({}))),
+            11 => ("rmdir", file("RMDIR", &m["Rmdir"]["File"]["Filename"], json!({}))),
+            12 => {
+                let r = &m["Rename"];
+                ("rename", file("RENAME", &r["OldFile"]["Filename"], json!({"target": r["NewFile"]["Filename"]})))
+            }
+            13 => ("mkdir", file("MKDIR", &m["Mkdir"]["Dir"]["Filename"], json!({"mode": m["Mkdir"]["Mode"]}))),
+            15 => {
+                let l = &m["Link"];
+                let (syscall, operation) = if l["Type"] == 1 { ("link", "LINK") } else { ("symlink", "SYMLINK") };
+                (syscall, file(operation, &l["Link"]["Filename"], json!({"target": l["Target"]["Filename"]})))
+            }
+            16 => ("chmod", file("CHMOD", &m["Chmod"]["File"]["Filename"], json!({"mode": m["Chmod"]["Mode"]}))),
+            17 => {
+                let c = &m["Chown"];
+                let ids = json!({"uid": c["UID"].to_string(), "gid": c["GID"].to_string()});
+                ("chown", file("CHOWN", &c["File"]["Filename"], ids))
+            }
+            20 => ("chdir", json!({"chdir": {"path": m["Chdir"]["Dir"]["Filename"]}})),
+            21 => {
+                let n = &m["Mount"];
+                ("mount", json!({"namespace": {"path": n["Target"], "source": n["Source"], "fstype": n["FSType"]}}))
+            }
+            22 => ("umount2", json!({"namespace": {"path": m["Umount"]["Path"]}})),
+            kind @ (23..=25) => {
+                let (key, syscall) =
+                    [("Accept", "accept"), ("Connect", "connect"), ("Bind", "bind")][kind as usize - 23];
+                let s = &m[key];
+                let socket = if kind == 23 {
+                    json!({"address": s["Addr"], "local_port": s["Port"], "family": family(&s["AddressFamily"])})
+                } else {
+                    json!({"address": s["Addr"], "port": s["Port"], "family": family(&s["AddressFamily"]),
+                        "protocol": protocol(&s["Protocol"])})
+                };
+                (syscall, json!({ syscall: without_defaults(socket, &["port"]) }))
+            }
+            _ => return None,
+        };
+        line["syscall"] = json!(syscall);
+        line.as_object_mut().unwrap().extend(payload.as_object().unwrap().clone());
+        Some(line)
+    }
+
+    fn connect(address: &str) -> TcpStream {
+        let stream = TcpStream::connect(address).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        stream
+    }
+
+    /// Waits for the sidecar to close `stream` (a read of 0, or a reset).
+    fn assert_closed_by_sidecar(mut stream: TcpStream) {
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("the sidecar did not close the connection: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_golden_frames_are_written_as_events_next_to_a_grpc_tracer_on_the_same_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
+        let golden = golden();
+        let mut datadog = connect(&sidecar.address);
+        // Half the frames, a whole gRPC session, then the rest: both at once.
+        let (first, rest) = golden.split_at(golden.len() / 2);
+        for (frame, _) in first {
+            datadog.write_all(frame).unwrap();
+        }
+        let hello = sidecar.wait_for("(Datadog protocol)");
+        assert!(
+            hello.contains(r#" container "8f1d2c3b4a5968778695a4b3c2d1e0f1-1234567890" pid namespace 4026531836 mode "wrapped" entrypoint ["python3", "app.py", "--port", "8080"]"#),
+            "{hello}"
+        );
+        let run = traced(&sidecar.address, &[], &["sh", "-c", "cat /etc/hostname >/dev/null; exit 3"]).run();
+        assert_eq!(run.code(), Some(3), "{}", run.stderr);
+        for (frame, _) in rest {
+            datadog.write_all(frame).unwrap();
+        }
+        drop(datadog);
+        let ended = sidecar.wait_for("datadog session");
+        assert!(
+            ended.ends_with(": closed by the tracer; 31 events written, skipped: LoadModule 1, Prctl 1, Setrlimit 1, Setsockopt 2, Socket 1, UnloadModule 1, Utimes 1"),
+            "{ended}"
+        );
+        assert_eq!(sidecar.stop(), Some(0));
+
+        let lines = read_lines(&output_path(&dir));
+        let datadog_session = hello.split('"').nth(1).unwrap();
+        let grpc_session = sessions(&lines).into_iter().find(|s| s != datadog_session).expect("the gRPC session");
+        assert_eq!(session_events(&lines, &grpc_session), run.events, "the gRPC tracer's events, as always");
+        let written: Vec<Value> = lines
+            .iter()
+            .filter(|l| l["session_id"] == datadog_session)
+            .map(|l| {
+                let mut line = l.clone();
+                line.as_object_mut().unwrap().remove("session_id");
+                line
+            })
+            .collect();
+        let expected: Vec<Value> = golden.iter().skip(1).filter_map(|(_, message)| line_for(message)).collect();
+        assert_eq!(written.len(), expected.len());
+        for (sequence, (line, mut expected)) in written.into_iter().zip(expected).enumerate() {
+            expected["sequence"] = json!(sequence);
+            assert_eq!(line, expected);
+        }
+    }
+
+    #[test]
+    fn garbage_and_an_oversized_frame_close_only_their_own_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
+        let golden = golden();
+        let mut tracer = connect(&sidecar.address);
+        tracer.write_all(&golden[0].0).unwrap();
+        tracer.write_all(&golden[1].0).unwrap();
+        let hello = sidecar.wait_for("(Datadog protocol)");
+
+        // A frame whose body is not msgpack (0xc1 is never used).
+        let mut garbage = connect(&sidecar.address);
+        garbage.write_all(&[1, 0, 0, 0, 0xc1]).unwrap();
+        assert_closed_by_sidecar(garbage);
+        let line = sidecar.wait_for("undecodable");
+        assert!(line.contains(": cut off: undecodable message: ") && line.contains("0 events written"), "{line}");
+        // One byte over the agent's limit: the header alone ends it.
+        let mut oversized = connect(&sidecar.address);
+        oversized.write_all(&(256 * 1024 + 1u32).to_le_bytes()).unwrap();
+        assert_closed_by_sidecar(oversized);
+        let line = sidecar.wait_for("over the");
+        assert!(line.contains("cut off: a 262145 byte message is over the 262144 byte limit"), "{line}");
+
+        // The first tracer goes on.
+        tracer.write_all(&golden[2].0).unwrap();
+        drop(tracer);
+        let ended = sidecar.wait_for("closed by the tracer");
+        assert!(ended.contains("; 2 events written, skipped: none"), "{ended}");
+        assert_eq!(sidecar.stop(), Some(0));
+        let lines = read_lines(&output_path(&dir));
+        let session = hello.split('"').nth(1).unwrap();
+        assert_eq!(sessions(&lines), [session]);
+        let syscalls: Vec<&str> = lines.iter().map(|l| l["syscall"].as_str().unwrap()).collect();
+        assert_eq!(syscalls, ["execve", "open"]);
+    }
+}
