@@ -1122,6 +1122,15 @@ fn golden_messages_become_our_events() {
     let mkdir = proto::FileEvent { mode: Some(0o755), ..file(FileOperation::Mkdir, "/tmp/cache", "") };
     assert_eq!(payload_of("25-mkdir"), Ours::File(mkdir));
     assert_eq!(payload_of("33-chdir"), Ours::Chdir(proto::ChdirEvent { path: "/srv/data".into() }));
+    let mount = proto::NamespaceEvent {
+        path: "/mnt/data".into(),
+        source: "/srv/data".into(),
+        fstype: "bind".into(),
+        ..Default::default()
+    };
+    assert_eq!(payload_of("34-mount"), Ours::Namespace(mount));
+    let umount = proto::NamespaceEvent { path: "/mnt/data".into(), ..Default::default() };
+    assert_eq!(payload_of("35-umount"), Ours::Namespace(umount));
 }
 
 #[test]
@@ -1130,8 +1139,6 @@ fn types_without_an_event_of_ours_are_none() {
         "27-utimes",
         "31-loadmodule",
         "32-unloadmodule",
-        "34-mount",
-        "35-umount",
         "36-setsockopt-filter",
         "38-setrlimit",
         "39-prctl",
