@@ -35,12 +35,55 @@ fn container_id_in(line: &str) -> Option<String> {
     (parts.next() == Some("ecs")).then(|| path.rsplit('/').next().map(str::to_owned)).flatten()
 }
 
+/// A process's cgroup, as the Datadog protocol names it per message.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cgroup {
+    /// Empty when no line names a container.
+    pub container_id: String,
+    /// The cgroup v2 (`0::`) path, else the path of the line that named the
+    /// container; its bytes as lossless text. Empty when neither is there.
+    pub path: String,
+}
+
+/// The most of a cgroup file read: a few lines of at most a path each.
+const CGROUP_FILE_LIMIT: u64 = 64 * 1024;
+
+/// `/proc/PID/cgroup` of a process, or None when it cannot be read (gone).
+/// Its cgroup names are whoever created them's, so the file is parsed as
+/// bytes, bounded, and any line may be anything.
+pub fn cgroup_of(pid: &str) -> Option<Cgroup> {
+    let mut bytes = Vec::new();
+    let file = std::fs::File::open(format!("/proc/{pid}/cgroup")).ok()?;
+    file.take(CGROUP_FILE_LIMIT).read_to_end(&mut bytes).ok()?;
+    Some(parse_cgroup(&bytes))
+}
+
+fn parse_cgroup(bytes: &[u8]) -> Cgroup {
+    let mut cgroup = Cgroup::default();
+    let mut unified = None;
+    for line in bytes.split(|&b| b == b'\n') {
+        let path = line.splitn(3, |&b| b == b':').nth(2);
+        if line.starts_with(b"0::") {
+            unified = path;
+        }
+        if cgroup.container_id.is_empty() {
+            if let Some(id) = container_id_in(&String::from_utf8_lossy(line)) {
+                cgroup.container_id = id;
+                cgroup.path = path.map(text::lossless).unwrap_or_default();
+            }
+        }
+    }
+    if let Some(path) = unified {
+        cgroup.path = text::lossless(path);
+    }
+    cgroup
+}
+
 fn container_id() -> String {
     if let Ok(id) = std::env::var("DD_CONTAINER_ID") {
         return id;
     }
-    let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    cgroup.lines().find_map(container_id_in).unwrap_or_default()
+    cgroup_of("self").map(|cgroup| cgroup.container_id).unwrap_or_default()
 }
 
 pub fn hello(entrypoint: &[std::ffi::OsString]) -> Hello {
@@ -87,6 +130,24 @@ mod tests {
         assert_eq!(container_id_in(&format!("11:cpu:/kubepods/besteffort/pod1234/{id}")), Some(id.clone()));
         assert_eq!(container_id_in("0::/ecs/8f2e/8f2e-3456"), Some("8f2e-3456".to_owned()));
         assert_eq!(container_id_in("0::/"), None);
+    }
+
+    #[test]
+    fn a_cgroup_file_is_read_as_bytes_whatever_its_lines_hold() {
+        let id = "c".repeat(64);
+        let v1 = format!("12:pids:/docker/{id}\n1:name=systemd:/docker/{id}\n");
+        assert_eq!(parse_cgroup(v1.as_bytes()), Cgroup { container_id: id.clone(), path: format!("/docker/{id}") });
+        let v2 = format!("0::/system.slice/docker-{id}.scope\n");
+        let path = format!("/system.slice/docker-{id}.scope");
+        assert_eq!(parse_cgroup(v2.as_bytes()), Cgroup { container_id: id.clone(), path });
+        // Not UTF-8, no colon, empty: a path without a container.
+        assert_eq!(
+            parse_cgroup(b"0::/a\xff\n\n:\nnothing"),
+            Cgroup { container_id: String::new(), path: "/a\\xff".into() }
+        );
+        assert_eq!(parse_cgroup(b""), Cgroup::default());
+        let own = cgroup_of("self").expect("this process's cgroup");
+        assert!(own.path.starts_with('/') || own.path.is_empty(), "{own:?}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::cli::{self, TraceArgs};
 use crate::command::{attach, datadog, fanout};
 use crate::context;
 use crate::exit::{code, ExitError};
-use crate::export::{grpc, Exporters, Outputs};
+use crate::export::{self, grpc, Exporters, Outputs};
 use crate::log::log;
 use crate::proto::{self, Counters, Goodbye};
 use crate::queue::EventSink;
@@ -156,10 +156,11 @@ fn goodbye(outcome: &Result<Outcome, LaunchError>) -> Goodbye {
 fn log_stats(outcome: &Outcome, delivery: &grpc::Delivery) {
     let s = &outcome.stats;
     log!(
-        "stats: seccomp_stops={} syscall_stops={} fork_stops={} exec_stops={} group_stops={} signal_stops={} other_stops={} foreign_calls={} events={} dropped={} undelivered={} reconnects={} peak_rss_kib={} proc_scans={} proc_scan_cpu_us={} proc_scan_first_cpu_us={} detached={}",
+        "stats: seccomp_stops={} syscall_stops={} fork_stops={} exec_stops={} group_stops={} signal_stops={} other_stops={} foreign_calls={} events={} dropped={} undelivered={} reconnects={} peak_rss_kib={} proc_scans={} proc_scan_cpu_us={} proc_scan_first_cpu_us={} detached={} skipped={} skipped_by_kind={}",
         s.seccomp, s.syscall, s.fork, s.exec, s.group, s.signal, s.other, s.foreign, s.events, s.dropped,
         delivery.undelivered + delivery.dropped, delivery.reconnects, trace::peak_rss_kib().unwrap_or(0),
-        s.proc_scans, s.proc_scan_cpu.as_micros(), s.proc_scan_first_cpu.as_micros(), outcome.detached
+        s.proc_scans, s.proc_scan_cpu.as_micros(), s.proc_scan_first_cpu.as_micros(), outcome.detached,
+        delivery.skipped.values().sum::<u64>(), export::skipped_kinds(&delivery.skipped, ":", ",")
     );
 }
 
@@ -168,13 +169,22 @@ fn log_summary(outcome: &Outcome, delivery: &grpc::Delivery) {
     let s = &outcome.stats;
     let kinds: Vec<String> = s.events_by_kind.iter().map(|(kind, count)| format!("{kind} {count}")).collect();
     let undelivered = delivery.undelivered + delivery.dropped;
+    let skipped = delivery.skipped.values().sum::<u64>();
     log!(
-        "summary: {} events ({}), {} ptrace stops, {} dropped{}",
+        "summary: {} events ({}), {} ptrace stops, {} dropped{}{}",
         s.events + s.dropped,
         if kinds.is_empty() { "none".to_owned() } else { kinds.join(", ") },
         s.stops(),
         s.dropped,
-        if undelivered > 0 { format!(", {undelivered} not delivered to the agent") } else { String::new() }
+        if undelivered > 0 { format!(", {undelivered} not delivered to the agent") } else { String::new() },
+        if skipped > 0 {
+            format!(
+                ", {skipped} not sent to the Datadog agent ({})",
+                export::skipped_kinds(&delivery.skipped, " ", ", ")
+            )
+        } else {
+            String::new()
+        }
     );
 }
 

@@ -22,8 +22,8 @@
 //!
 //! Fields we cannot fill: the file metadata (CTime, MTime, Mode, Inode and
 //! owner of each file: zero and nil, as with Datadog's `--disable-stats`),
-//! user and group names, TTY, SpanContext and CGroupID; ContainerID is the
-//! tracer's for every process. Fields we fill differently: Timestamp is when
+//! user and group names, TTY, SpanContext. ContainerID and CGroupID are
+//! the process's, filled by the exporter (`export::datadog`). Fields we fill differently: Timestamp is when
 //! the syscall was entered (Datadog's: when the message is sent); an exec's
 //! Filename is the path asked for made absolute, symlinks not resolved
 //! (Datadog's tracer resolves them in its own mount namespace).
@@ -77,7 +77,7 @@ fn nanos(time: Option<&pbjson_types::Timestamp>) -> u64 {
 
 /// The message for one of our events, or None when the agent has no type
 /// for it or would take it for what it is not (see the module comment).
-/// `container_id` is the tracer's, as we know no other per process.
+/// `container_id` is the process's, when the caller knows it.
 pub fn syscall(event: &Event, container_id: &str) -> Option<SyscallMsg> {
     let retval = event.retval.unwrap_or(0);
     let (pid, payload) = match event.payload.as_ref()? {

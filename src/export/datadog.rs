@@ -11,8 +11,15 @@
 //! the agent has no type for (or would take for what they are not, see
 //! `datadog::outbound`) are never sent, and counted. At exit, what is left is
 //! sent until `--flush-timeout`, or until SIGTERM after the workload's end.
+//!
+//! Each message carries its process's container (`ContainerID`, `CGroupID`),
+//! from `/proc/PID/cgroup`, read when this thread meets the process (its
+//! fork, its first event) and again at each exec, within milliseconds of
+//! the event; a process gone by then keeps what was read before (its
+//! parent's, for a fork). A process whose cgroup names no container gets
+//! the tracer's (which ECS metadata may give only later).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,14 +29,16 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::context::{self, Cgroup};
 use crate::datadog::frame::frame;
 use crate::datadog::msg::{Message, SyscallMsg};
 use crate::datadog::outbound;
+use crate::ecs;
 use crate::log::log;
+use crate::proto::event::Payload;
 use crate::proto::{Event, Goodbye};
-use crate::{context, ecs};
 
-use super::grpc::{self, Delivery, BUFFER_BYTES};
+use super::grpc::{self, Delivery, Skipped, BUFFER_BYTES};
 use super::retry::{flush_limit, pause, Backoff, Repeated};
 use super::tcp::connect_ipv4_first;
 
@@ -45,20 +54,69 @@ struct Buffer {
     bytes: usize,
     /// Dropped for a full buffer.
     dropped: u64,
-    /// Not sent: the agent has no type for them (see `datadog::outbound`).
-    untyped: u64,
+    /// Not sent, by kind: the agent has no type for them (see `datadog::outbound`).
+    skipped: Skipped,
     /// Not sent: over the frame limit even cut (never expected).
     too_large: u64,
+    containers: Containers,
+}
+
+/// Processes' cgroups, by pid, as this thread last read them.
+#[derive(Default)]
+struct Containers(HashMap<u32, Cgroup>);
+
+/// Processes whose cgroups are kept; past that the cache starts over (and
+/// is read again as processes come), should exits go unseen.
+const CONTAINERS_KEPT: usize = 65536;
+
+impl Containers {
+    /// The cgroup of the process `message_pid` names (for a fork, the child).
+    fn of(&mut self, event: &Event, message_pid: u32) -> Cgroup {
+        if self.0.len() >= CONTAINERS_KEPT {
+            self.0.clear();
+        }
+        match &event.payload {
+            // An exec may follow a move to another cgroup.
+            Some(Payload::Exec(_)) => self.read(event.pid, None),
+            Some(Payload::Fork(_)) => {
+                let parent = self.known(event.pid);
+                self.read(message_pid, Some(parent))
+            }
+            Some(Payload::Exit(_)) => match self.0.remove(&event.pid) {
+                Some(cgroup) => cgroup,
+                None => context::cgroup_of(&event.pid.to_string()).unwrap_or_default(),
+            },
+            _ => self.known(event.pid),
+        }
+    }
+
+    fn known(&mut self, pid: u32) -> Cgroup {
+        match self.0.get(&pid) {
+            Some(cgroup) => cgroup.clone(),
+            None => self.read(pid, None),
+        }
+    }
+
+    /// Reads `pid`'s cgroup now; when it cannot be (the process is gone),
+    /// keeps what was known, else `fallback`.
+    fn read(&mut self, pid: u32, fallback: Option<Cgroup>) -> Cgroup {
+        let read = context::cgroup_of(&pid.to_string());
+        let cgroup = read.or_else(|| self.0.get(&pid).cloned()).or(fallback).unwrap_or_default();
+        self.0.insert(pid, cgroup.clone());
+        cgroup
+    }
 }
 
 impl Buffer {
     fn push(&mut self, event: &Event, capacity: usize) {
-        // The container id is set when the message is written: the ECS
-        // metadata may name it only later.
-        let Some(message) = outbound::syscall(event, "") else {
-            self.untyped += 1;
+        // A process without a container id of its own gets the tracer's when
+        // the message is written: the ECS metadata may name it only later.
+        let Some(mut message) = outbound::syscall(event, "") else {
+            *self.skipped.entry(crate::queue::kind(event)).or_default() += 1;
             return;
         };
+        let cgroup = self.containers.of(event, message.pid);
+        (message.container_id, message.cgroup_id) = (cgroup.container_id, cgroup.path);
         let size = crate::queue::footprint(event);
         if self.messages.len() < capacity && self.bytes + size <= BUFFER_BYTES {
             self.bytes += size;
@@ -155,6 +213,7 @@ async fn run(
         undelivered: buffer.messages.len() as u64 + u64::from(progress.unfinished.is_some()),
         dropped: buffer.dropped + buffer.too_large,
         reconnects: progress.connections.saturating_sub(1),
+        skipped: buffer.skipped.clone(),
     };
     if delivery.undelivered + delivery.dropped > 0 {
         log!(
@@ -165,11 +224,12 @@ async fn run(
             buffer.too_large
         );
     }
-    if buffer.untyped > 0 {
+    if !delivery.skipped.is_empty() {
         log!(
-            "{} events were not sent to the agent at {}: it has no message for them, or would take them for what they are not (failed calls, refused credential changes)",
-            buffer.untyped,
-            options.address
+            "{} events were not sent to the agent at {} ({}): it has no message for them, or would take them for what they are not (failed calls, refused credential changes)",
+            delivery.skipped.values().sum::<u64>(),
+            options.address,
+            super::skipped_kinds(&delivery.skipped, " ", ", ")
         );
     }
     delivery
@@ -244,7 +304,9 @@ async fn send(
         loop {
             if progress.unfinished.is_none() {
                 let Some(mut message) = shared.buffer().pop() else { break };
-                message.container_id.clone_from(&container_id);
+                if message.container_id.is_empty() {
+                    message.container_id.clone_from(&container_id);
+                }
                 match frame(Message::Syscall(Box::new(message))) {
                     Ok(bytes) => progress.unfinished = Some(bytes),
                     Err(_) => shared.buffer().too_large += 1,
@@ -305,7 +367,8 @@ mod tests {
         buffer.push(&io_uring, 10);
         buffer.push(&exec(-2, vec![]), 10);
         buffer.push(&exec(0, vec![]), 10);
-        assert_eq!((buffer.messages.len(), buffer.untyped, buffer.dropped), (1, 2, 0));
+        let skipped: Vec<_> = buffer.skipped.into_iter().collect();
+        assert_eq!((buffer.messages.len(), skipped, buffer.dropped), (1, vec![("exec", 1), ("io_uring", 1)], 0));
     }
 
     #[test]

@@ -166,12 +166,17 @@ pub struct Exporter {
 }
 
 /// What became of the events at exit.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Delivery {
     pub undelivered: u64,
     pub dropped: u64,
     pub reconnects: u64,
+    /// Not sent, by kind: the agent has no message for them (Datadog mode).
+    pub skipped: Skipped,
 }
+
+/// Events by kind (`queue::kind`).
+pub type Skipped = std::collections::BTreeMap<&'static str, u64>;
 
 impl Exporter {
     /// Starts connecting at once. `connected` fires when the first stream
@@ -265,6 +270,7 @@ async fn run(
         undelivered: buffer.events.len() as u64,
         dropped: buffer.dropped,
         reconnects: progress.connections.saturating_sub(1),
+        skipped: Skipped::new(),
     };
     if delivery.undelivered + delivery.dropped > 0 {
         log!(

@@ -171,6 +171,11 @@ impl Exporters {
     }
 }
 
+/// `kind N` pairs of `skipped`, joined: `exec 1, io_uring 2`.
+pub fn skipped_kinds(skipped: &grpc::Skipped, between: &str, separator: &str) -> String {
+    skipped.iter().map(|(kind, count)| format!("{kind}{between}{count}")).collect::<Vec<_>>().join(separator)
+}
+
 async fn drain(
     mut queue: EventQueue,
     mut sinks: Vec<Sink>,

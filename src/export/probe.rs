@@ -151,7 +151,7 @@ impl Auto {
             State::Grpc(exporter) => exporter.finish(goodbye).await,
             State::Datadog(exporter) => exporter.finish(goodbye).await,
             State::Pending { events, dropped, .. } => {
-                let delivery = Delivery { undelivered: events.len() as u64, dropped, reconnects: 0 };
+                let delivery = Delivery { undelivered: events.len() as u64, dropped, ..Delivery::default() };
                 log!(
                     "{} events were not delivered: no agent answered at {}",
                     delivery.undelivered + delivery.dropped,
