@@ -58,25 +58,19 @@ pub fn cgroup_of(pid: &str) -> Option<Cgroup> {
     Some(parse_cgroup(&bytes))
 }
 
+/// The unified hierarchy's line first (on a hybrid host, where a process
+/// moved last), then the others in order.
 fn parse_cgroup(bytes: &[u8]) -> Cgroup {
-    let mut cgroup = Cgroup::default();
-    let mut unified = None;
-    for line in bytes.split(|&b| b == b'\n') {
-        let path = line.splitn(3, |&b| b == b':').nth(2);
-        if line.starts_with(b"0::") {
-            unified = path;
-        }
-        if cgroup.container_id.is_empty() {
-            if let Some(id) = container_id_in(&String::from_utf8_lossy(line)) {
-                cgroup.container_id = id;
-                cgroup.path = path.map(text::lossless).unwrap_or_default();
-            }
-        }
+    let lines = bytes.split(|&b| b == b'\n');
+    let (unified, others): (Vec<&[u8]>, Vec<&[u8]>) = lines.partition(|line| line.starts_with(b"0::"));
+    let path = |line: &[u8]| line.splitn(3, |&b| b == b':').nth(2).map(text::lossless).unwrap_or_default();
+    let named =
+        unified.iter().chain(&others).find_map(|line| Some((container_id_in(&String::from_utf8_lossy(line))?, line)));
+    match (named, unified.first()) {
+        (Some((container_id, line)), unified) => Cgroup { container_id, path: path(unified.copied().unwrap_or(line)) },
+        (None, Some(unified)) => Cgroup { container_id: String::new(), path: path(unified) },
+        (None, None) => Cgroup::default(),
     }
-    if let Some(path) = unified {
-        cgroup.path = text::lossless(path);
-    }
-    cgroup
 }
 
 fn container_id() -> String {
@@ -137,6 +131,11 @@ mod tests {
         let id = "c".repeat(64);
         let v1 = format!("12:pids:/docker/{id}\n1:name=systemd:/docker/{id}\n");
         assert_eq!(parse_cgroup(v1.as_bytes()), Cgroup { container_id: id.clone(), path: format!("/docker/{id}") });
+        // Hybrid: the unified hierarchy's id first, where a process moved last.
+        let moved = "d".repeat(64);
+        let hybrid = format!("4:memory:/docker/{id}\n0::/docker/{moved}\n");
+        let path = format!("/docker/{moved}");
+        assert_eq!(parse_cgroup(hybrid.as_bytes()), Cgroup { container_id: moved, path });
         let v2 = format!("0::/system.slice/docker-{id}.scope\n");
         let path = format!("/system.slice/docker-{id}.scope");
         assert_eq!(parse_cgroup(v2.as_bytes()), Cgroup { container_id: id.clone(), path });
