@@ -1378,3 +1378,108 @@ mod datadog_tracers {
         assert_eq!(syscalls, ["execve", "open"]);
     }
 }
+
+/// Our tracer in Datadog mode against `serve`.
+mod datadog_mode {
+    use std::net::TcpListener;
+
+    use common::pid_of;
+    use serde_json::json;
+
+    use super::*;
+
+    fn datadog_traced(address: &str, command: &[&str]) -> Trace {
+        traced(address, &["--probe-protocol", "datadog", "--verbose"], command)
+    }
+
+    /// What of an event the Datadog protocol carries, and only that.
+    fn carried(event: &Value) -> Value {
+        let kind = ["exec", "fork", "exit", "open", "connect", "file", "chdir", "credentials", "bind", "accept"]
+            .into_iter()
+            .find(|kind| event.get(kind).is_some())
+            .unwrap_or_else(|| panic!("a kind this test does not expect: {event}"));
+        let payload = &event[kind];
+        let detail = match kind {
+            "exec" => json!([payload["path"], payload["args"]]),
+            "fork" => json!(payload["child_pid"]),
+            "exit" => json!([payload["code"], payload["signal"]]),
+            "open" => json!([payload["path"], payload["flags"], event["retval"]]),
+            "connect" => json!([payload["address"], payload["port"], payload["family"], event["retval"]]),
+            _ => json!([payload["path"], event["retval"]]),
+        };
+        json!({"pid": event["pid"], "kind": kind, "detail": detail})
+    }
+
+    /// Whether Datadog's tracer sends an event of this kind with this
+    /// return value (SPEC.md; `datadog::outbound` follows it).
+    fn sent(event: &Value) -> bool {
+        let retval = event["retval"].as_str().map_or(0, |r| r.parse::<i64>().unwrap());
+        let refused = [-i64::from(libc::EACCES), -i64::from(libc::EPERM)].contains(&retval);
+        if event.get("exec").is_some() {
+            retval == 0
+        } else if event.get("connect").is_some() {
+            event["connect"]["family"] != "ADDRESS_FAMILY_UNIX"
+                && (retval >= 0 || refused || retval == -i64::from(libc::ECONNREFUSED))
+        } else if event.get("fork").is_some() || event.get("exit").is_some() {
+            true
+        } else {
+            retval >= 0 || refused
+        }
+    }
+
+    #[test]
+    fn a_workload_traced_in_datadog_mode_reaches_serve_as_its_events_file_has_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        // getsockname: the port the kernel gave the listener.
+        let port = listener.local_addr().unwrap().port();
+        let script =
+            format!("exec 3<>/dev/tcp/127.0.0.1/{port}; cat /etc/hostname >/dev/null; /nonexistent/program; exit 7");
+        let run = datadog_traced(&sidecar.address, &["bash", "-c", &script]).run();
+        assert_eq!(run.code(), Some(7), "{}", run.stderr);
+        let ended = sidecar.wait_for("datadog session");
+        assert!(ended.contains(": closed by the tracer; "), "{ended}");
+        assert_eq!(sidecar.stop(), Some(0));
+
+        let lines = read_lines(&output_path(&dir));
+        assert_eq!(sessions(&lines).len(), 1, "one connection, one session");
+        let sequences: Vec<u64> = lines.iter().map(|l| l["sequence"].as_u64().unwrap()).collect();
+        assert_eq!(sequences, (0..lines.len() as u64).collect::<Vec<_>>());
+        let expected: Vec<Value> = run.events.iter().filter(|e| sent(e)).map(carried).collect();
+        let written: Vec<Value> = lines.iter().map(carried).collect();
+        assert_eq!(written, expected, "the events the agent carries, in order, as the events file has them");
+
+        let connects: Vec<&Value> = lines.iter().filter(|l| l.get("connect").is_some()).collect();
+        assert_eq!(connects.len(), 1, "{connects:?}");
+        assert_eq!(
+            (&connects[0]["connect"]["address"], &connects[0]["connect"]["port"]),
+            (&json!("127.0.0.1"), &json!(port))
+        );
+        let exits: Vec<&Value> = lines.iter().filter(|l| l.get("exit").is_some()).collect();
+        let root = pid_of(&run.events[0]);
+        let root_exit = exits.iter().find(|l| pid_of(l) == root).expect("the root's exit");
+        assert_eq!(root_exit["exit"]["code"], 7);
+
+        // What Datadog mode did not send, by kind, as the events file counts it.
+        let mut skipped = std::collections::BTreeMap::<String, u64>::new();
+        for event in run.events.iter().filter(|e| !sent(e)) {
+            *skipped.entry(carried(event)["kind"].as_str().unwrap().to_owned()).or_default() += 1;
+        }
+        assert!(skipped.get("exec") == Some(&1), "the failed exec: {skipped:?}");
+        let by_kind: Vec<String> = skipped.iter().map(|(kind, count)| format!("{kind}:{count}")).collect();
+        let total: u64 = skipped.values().sum();
+        assert!(
+            run.stderr.contains(&format!(" skipped={total} skipped_by_kind={}\n", by_kind.join(","))),
+            "{}",
+            run.stderr
+        );
+        let in_words: Vec<String> = skipped.iter().map(|(kind, count)| format!("{kind} {count}")).collect();
+        assert!(
+            run.stderr.contains(&format!(", {total} not sent to the Datadog agent ({})\n", in_words.join(", "))),
+            "{}",
+            run.stderr
+        );
+        drop(listener);
+    }
+}
