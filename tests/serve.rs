@@ -1483,3 +1483,104 @@ mod datadog_mode {
         drop(listener);
     }
 }
+
+/// ContainerID per process in Datadog mode, as `serve` writes it.
+mod datadog_containers {
+    use std::time::Duration;
+
+    use common::{pid_of, require_root, skip, CAP_SYS_ADMIN};
+
+    use super::*;
+
+    /// A cgroup made for one test, removed at its end (it is empty by then).
+    struct TestCgroup(PathBuf);
+
+    impl Drop for TestCgroup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+
+    /// Where the cgroup v2 hierarchy is mounted, from mountinfo.
+    fn cgroup2_mount() -> Option<PathBuf> {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        mountinfo.lines().find_map(|line| {
+            let (fields, filesystem) = line.split_once(" - ")?;
+            let mount_point = fields.split(' ').nth(4)?;
+            (filesystem.split(' ').next() == Some("cgroup2")).then(|| PathBuf::from(mount_point))
+        })
+    }
+
+    /// Polls the sidecar's output until a line satisfies `found`.
+    fn wait_for_line(output: &Path, found: impl Fn(&Value) -> bool) -> Value {
+        let started = Instant::now();
+        loop {
+            if let Some(line) = read_lines(output).into_iter().find(&found) {
+                return line;
+            }
+            assert!(started.elapsed() < DEADLINE, "the sidecar never wrote the line");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn exec_of(line: &Value, program: &str) -> bool {
+        line["exec"]["args"][0] == program
+    }
+
+    #[test]
+    fn a_process_that_moves_to_another_cgroup_carries_its_new_container_id_from_its_next_exec() {
+        if !require_root(&[CAP_SYS_ADMIN], "move a process into a cgroup of its own") {
+            return;
+        }
+        let Some(mount) = cgroup2_mount() else {
+            return skip("needs a cgroup v2 hierarchy (none is mounted)");
+        };
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let own = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap().trim_start_matches('/').to_owned();
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let id = format!("{nanos:032x}{:032x}", std::process::id());
+        let cgroup = TestCgroup(mount.join(own).join(format!("docker-{id}.scope")));
+        if let Err(e) = std::fs::create_dir(&cgroup.0) {
+            return skip(&format!("cannot create a cgroup in {}: {e}", mount.display()));
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let (moved, released) = (dir.path().join("moved"), dir.path().join("released"));
+        for fifo in [&moved, &released] {
+            nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        }
+        let output = dir.path().join("agent.jsonl");
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output);
+        // Each step waits on a FIFO, so that the tracer reads each cgroup
+        // while the process is where the test says.
+        let script = format!(
+            "read go < {}; echo $$ > {}; exec cat {}",
+            moved.display(),
+            cgroup.0.join("cgroup.procs").display(),
+            released.display()
+        );
+        let mut trace = traced(&sidecar.address, &["--probe-protocol", "datadog"], &["sh", "-c", &script]);
+        let child = trace.spawn();
+
+        let before = wait_for_line(&output, |l| exec_of(l, "sh"));
+        let root = pid_of(&before);
+        assert_ne!(before["container_id"], id.as_str(), "before the move: {before}");
+        std::fs::write(&moved, "go\n").unwrap();
+        let after = wait_for_line(&output, |l| exec_of(l, "cat"));
+        assert_eq!((pid_of(&after), &after["container_id"]), (root, &Value::from(id.as_str())), "{after}");
+        std::fs::write(&released, "").unwrap();
+
+        let run = trace.finish(child);
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        sidecar.wait_for("datadog session");
+        assert_eq!(sidecar.stop(), Some(0));
+        let lines = read_lines(&output);
+        let exec_at = lines.iter().position(|l| exec_of(l, "cat")).unwrap();
+        for line in &lines[exec_at..] {
+            assert_eq!(line["container_id"], id.as_str(), "every later event: {line}");
+        }
+        for line in &lines[..exec_at] {
+            assert_eq!(line["container_id"], before["container_id"], "every earlier event: {line}");
+        }
+    }
+}
