@@ -148,6 +148,17 @@ fn traced(address: &str, flags: &[&str], command: &[String]) -> Trace {
     Trace::with_flags(&all, command)
 }
 
+/// The messages the tracer sends for the events of `run`, each with its
+/// process's cgroup: the workload runs in the test's own, whose container
+/// (when it names one) stands before the Hello's.
+fn expected_messages(run: &Run, hello: &HelloMsg) -> Vec<SyscallMsg> {
+    let own = cws_instrumentation::context::cgroup_of("self").expect("this process's cgroup");
+    let hello_container = hello.container_context.as_ref().map(|c| c.id.clone()).unwrap_or_default();
+    let container = if own.container_id.is_empty() { hello_container } else { own.container_id };
+    let messages = model(run).into_iter().filter_map(|event| outbound::syscall(&event, &container));
+    messages.map(|message| SyscallMsg { cgroup_id: own.path.clone(), ..message }).collect()
+}
+
 fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
 }
@@ -191,8 +202,7 @@ fn a_datadog_agent_gets_every_event_it_has_a_type_for_in_order() {
 
     // Every event the agent has a type for, in the order the tracer saw them.
     let received = syscalls(&connections);
-    let expected: Vec<SyscallMsg> =
-        model(&run).iter().filter_map(|event| outbound::syscall(event, &container.id)).collect();
+    let expected = expected_messages(&run, &hello);
     assert_eq!(received, expected);
 
     // And against the kernel's own facts.
@@ -332,9 +342,6 @@ fn auto_waits_for_an_agent_that_is_not_there_yet_and_then_recognises_it() {
     assert!(said.contains("is a Datadog agent"), "{said}");
     assert!(said.contains("undelivered=0 "), "{said}");
     let connections = receiver.finished();
-    let expected: Vec<SyscallMsg> = model(&run)
-        .iter()
-        .filter_map(|event| outbound::syscall(event, &hello_of(&connections[0]).container_context.clone().unwrap().id))
-        .collect();
+    let expected = expected_messages(&run, &hello_of(&connections[0]));
     assert_eq!(syscalls(&connections), expected, "every event, the first ones too, after the Hello");
 }
