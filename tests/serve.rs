@@ -1377,6 +1377,88 @@ mod datadog_tracers {
         let syscalls: Vec<&str> = lines.iter().map(|l| l["syscall"].as_str().unwrap()).collect();
         assert_eq!(syscalls, ["execve", "open"]);
     }
+
+    #[test]
+    fn hellos_goodbyes_and_messages_before_a_hello_are_taken_as_the_agent_takes_them() {
+        use cws_instrumentation::datadog::frame::frame;
+        use cws_instrumentation::datadog::msg::{
+            ChdirSyscallMsg, ContainerContext, FileSyscallMsg, HelloMsg, Message, Payload, SyscallMsg,
+        };
+        let hello = |nsid, id: &str| {
+            let container_context = Some(ContainerContext { id: id.into(), created_at: 1 });
+            let mode = "attached".into();
+            frame(Message::Hello(HelloMsg { nsid, container_context, entrypoint_args: None, mode })).unwrap()
+        };
+        let chdir = |container_id: &str, path: &str| {
+            let dir = FileSyscallMsg { filename: path.into(), ..Default::default() };
+            let message = SyscallMsg {
+                pid: 9,
+                span_context: None,
+                timestamp: 1_767_225_600_000_000_000,
+                retval: 0,
+                container_id: container_id.into(),
+                cgroup_id: String::new(),
+                payload: Payload::Chdir(ChdirSyscallMsg { dir }),
+                fake_socket: None,
+            };
+            frame(Message::Syscall(Box::new(message))).unwrap()
+        };
+        // {"Type": 3}: a Goodbye, which only the agent itself makes.
+        let goodbye = vec![7, 0, 0, 0, 0x81, 0xa4, b'T', b'y', b'p', b'e', 3];
+        let frames = [
+            chdir("own", "/before-hello"),
+            hello(0, "zero"),
+            chdir("", "/after-nsid-0"),
+            hello(5, "second"),
+            hello(6, "third"),
+            chdir("", "/after-second"),
+            goodbye,
+            chdir("", "/after-goodbye"),
+            chdir("mine", "/own-container"),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
+        let mut tracer = connect(&sidecar.address);
+        tracer.write_all(&frames.concat()).unwrap();
+        drop(tracer);
+        let first = sidecar.wait_for("(Datadog protocol)");
+        assert!(first.ends_with(r#" container "zero" pid namespace 0 mode "attached" entrypoint none"#), "{first}");
+        let second = sidecar.wait_for("(Datadog protocol)");
+        assert!(second.ends_with(r#" container "second" pid namespace 5 mode "attached" entrypoint none"#), "{second}");
+        let ended = sidecar.wait_for("datadog session");
+        assert!(ended.ends_with("; 5 events written, skipped: none, 1 later Hellos ignored, 1 Goodbyes"), "{ended}");
+        assert_eq!(sidecar.stop(), Some(0));
+        let written: Vec<(String, String)> = read_lines(&output_path(&dir))
+            .iter()
+            .map(|l| (l["container_id"].as_str().unwrap().to_owned(), l["chdir"]["path"].as_str().unwrap().to_owned()))
+            .collect();
+        let expected = [
+            ("own", "/before-hello"),
+            ("zero", "/after-nsid-0"),
+            ("second", "/after-second"),
+            ("", "/after-goodbye"),
+            ("mine", "/own-container"),
+        ];
+        assert_eq!(written, expected.map(|(c, p)| (c.to_owned(), p.to_owned())));
+    }
+
+    #[test]
+    fn a_sidecar_that_requires_a_token_refuses_datadog_tracers_which_cannot_present_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "a-token-for-this-test\n").unwrap();
+        let mut sidecar = Sidecar::start_with("127.0.0.1:0", &output_path(&dir), |c| {
+            c.arg("--auth-token-file").arg(&token);
+        });
+        let mut tracer = connect(&sidecar.address);
+        for (frame, _) in &golden()[..2] {
+            tracer.write_all(frame).unwrap();
+        }
+        assert_closed_by_sidecar(tracer);
+        sidecar.wait_for(": refused: a Datadog-protocol tracer cannot present the token this sidecar requires");
+        assert_eq!(sidecar.stop(), Some(0));
+        assert!(read_lines(&output_path(&dir)).is_empty());
+    }
 }
 
 /// Our tracer in Datadog mode against `serve`.
