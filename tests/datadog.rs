@@ -202,7 +202,7 @@ fn a_datadog_agent_gets_every_event_it_has_a_type_for_in_order() {
 
     // Every event the agent has a type for, in the order the tracer saw them.
     let received = syscalls(&connections);
-    let expected = expected_messages(&run, &hello);
+    let expected = expected_messages(&run, hello);
     assert_eq!(received, expected);
 
     // And against the kernel's own facts.
@@ -342,6 +342,6 @@ fn auto_waits_for_an_agent_that_is_not_there_yet_and_then_recognises_it() {
     assert!(said.contains("is a Datadog agent"), "{said}");
     assert!(said.contains("undelivered=0 "), "{said}");
     let connections = receiver.finished();
-    let expected = expected_messages(&run, &hello_of(&connections[0]));
+    let expected = expected_messages(&run, hello_of(&connections[0]));
     assert_eq!(syscalls(&connections), expected, "every event, the first ones too, after the Hello");
 }
