@@ -1501,7 +1501,9 @@ mod datadog_mode {
             retval == 0
         } else if event.get("connect").is_some() {
             event["connect"]["family"] != "ADDRESS_FAMILY_UNIX"
-                && (retval >= 0 || refused || retval == -i64::from(libc::ECONNREFUSED))
+                && (retval >= 0
+                    || refused
+                    || [libc::ECONNREFUSED, libc::ETIMEDOUT, libc::EINPROGRESS].contains(&(-retval as i32)))
         } else if event.get("fork").is_some() || event.get("exit").is_some() {
             true
         } else {
@@ -1563,6 +1565,26 @@ mod datadog_mode {
             run.stderr
         );
         drop(listener);
+    }
+
+    #[test]
+    fn a_slow_ecs_metadata_endpoint_does_not_delay_the_hello_of_a_new_connection() {
+        // Never accepts: the metadata read waits its full second, far past
+        // the 100 ms after which serve takes a silent client for HTTP/2.
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut sidecar = Sidecar::start("127.0.0.1:0", &output_path(&dir));
+        let mut trace = datadog_traced(&sidecar.address, &["sh", "-c", "exit 5"]);
+        trace.command().env("ECS_CONTAINER_METADATA_URI_V4", format!("http://{}/v4/x", silent.local_addr().unwrap()));
+        let run = trace.run();
+        assert_eq!(run.code(), Some(5), "{}", run.stderr);
+        assert!(!run.stderr.contains("connection to the agent at"), "one connection, never given up: {}", run.stderr);
+        let ended = sidecar.wait_for("datadog session");
+        assert!(ended.contains(": closed by the tracer; "), "{ended}");
+        assert_eq!(sidecar.stop(), Some(0));
+        let lines = read_lines(&output_path(&dir));
+        assert_eq!(sessions(&lines).len(), 1);
+        assert_eq!(lines.len(), run.events.iter().filter(|e| sent(e)).count());
     }
 }
 

@@ -36,7 +36,7 @@ use crate::datadog::outbound;
 use crate::ecs;
 use crate::log::log;
 use crate::proto::event::Payload;
-use crate::proto::{Event, Goodbye};
+use crate::proto::{Event, Goodbye, Hello};
 
 use super::grpc::{self, Delivery, Skipped, BUFFER_BYTES};
 use super::retry::{flush_limit, pause, Backoff, Repeated};
@@ -255,16 +255,17 @@ async fn deliver(
     loop {
         let opened = match connection.take() {
             Some(stream) => Ok(stream),
-            None => connect_ipv4_first(&hostport).await,
+            None => {
+                // Before connecting: a new connection's Hello goes out at
+                // once, as a Datadog tracer's does (`serve` takes a client
+                // silent for 100 ms for an HTTP/2 one).
+                add_ecs(&mut ecs, &mut options.hello).await;
+                connect_ipv4_first(&hostport).await
+            }
         };
         let failure = match opened {
             Ok(stream) => {
-                if let Some(fetch) = ecs.take() {
-                    // Bounded by the fetch's own timeout; it has said why if it failed.
-                    if let Ok(Some(metadata)) = fetch.await {
-                        context::add_ecs(&mut options.hello, metadata);
-                    }
-                }
+                add_ecs(&mut ecs, &mut options.hello).await;
                 progress.connections += 1;
                 let since = Instant::now();
                 let result = send(options, shared, stream, connected, &mut goodbye, progress).await;
@@ -281,6 +282,16 @@ async fn deliver(
         };
         progress.failures.record(failure.0, failure.1, "; retrying");
         pause(&mut backoff, &mut goodbye).await;
+    }
+}
+
+/// Waits for the ECS metadata read, the first time, and adds it to the
+/// Hello. Bounded by the read's own timeout, which has said why it failed.
+async fn add_ecs(ecs: &mut Option<tokio::task::JoinHandle<Option<crate::proto::EcsContext>>>, hello: &mut Hello) {
+    if let Some(fetch) = ecs.take() {
+        if let Ok(Some(metadata)) = fetch.await {
+            context::add_ecs(hello, metadata);
+        }
     }
 }
 
