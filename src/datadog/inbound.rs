@@ -18,7 +18,10 @@
 //!   accept's peer port (Datadog sends the local port) and protocol;
 //! - Hello: tracer version, session id (there is none) and hostname.
 //!
-//! Types without an event of ours (Utimes, LoadModule, UnloadModule, Mount,
+//! - utimes: Datadog's 0 (an omitted time) is the epoch, and its "now" a
+//!   time like any other;
+//!
+//! Types without an event of ours (LoadModule, UnloadModule, Mount,
 //! Umount, Setsockopt, Setrlimit, Prctl, Socket) give None.
 
 use crate::proto::{self, event::Payload as Ours, AddressFamily, Event, ExitCause, FileOperation, Mode, Protocol};
@@ -118,8 +121,19 @@ pub fn event(msg: &SyscallMsg) -> Option<Event> {
             let (address, local_port, family) = socket(&m.socket);
             ("accept", Ours::Accept(proto::AcceptEvent { address, local_port, family, ..Default::default() }))
         }
-        Payload::Utimes(_)
-        | Payload::LoadModule(_)
+        Payload::Utimes(m) => {
+            let time = |ns: u64| {
+                let t = timestamp(ns);
+                Some(proto::FileTime { seconds: t.seconds, nanos: i64::from(t.nanos), ..Default::default() })
+            };
+            let event = proto::FileEvent {
+                access_time: time(m.atime),
+                modification_time: time(m.mtime),
+                ..file(FileOperation::Utimes, &m.file, None)
+            };
+            ("utimes", Ours::File(event))
+        }
+        Payload::LoadModule(_)
         | Payload::UnloadModule(_)
         | Payload::Mount(_)
         | Payload::Umount(_)

@@ -1,5 +1,5 @@
-//! Credential changes: set*uid, set*gid, setfs*id and capset. The event
-//! carries what was asked and what the kernel has afterwards.
+//! Credential changes: set*uid, set*gid, setfs*id, capset and setgroups.
+//! The event carries what was asked and what the kernel has afterwards.
 
 use crate::proto::{self, event::Payload};
 use crate::trace::abi::Abi;
@@ -15,13 +15,28 @@ pub enum CredCall {
     Ids { count: usize, narrow_on_i386: bool },
     /// capset(header, data): masks in memory.
     Capset,
+    /// setgroups(size, list): the new supplementary groups in memory; through
+    /// i386, `setgroups` takes 16-bit ids (`setgroups32` 32-bit ones).
+    Groups { narrow_on_i386: bool },
 }
+
+/// NGROUPS_MAX: the kernel refuses a longer list (EINVAL) without reading it.
+const GROUPS_MAX: usize = 65536;
 
 /// capset's masks are in memory, read at entry as the kernel reads them.
 /// Version 3 headers carry two 32-bit halves of each.
 pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, cred: CredCall) -> Next {
-    if cred == CredCall::Capset {
-        call.entry_bytes = cx.read_bytes(call.args[1], 24);
+    match cred {
+        CredCall::Capset => call.entry_bytes = cx.read_bytes(call.args[1], 24),
+        CredCall::Groups { narrow_on_i386 } => {
+            let count = call.args[0] as i32;
+            if (0..=GROUPS_MAX as i32).contains(&count) {
+                let len = count as usize * group_width(call, narrow_on_i386);
+                call.entry_bytes = cx.read_bytes(call.args[1], len);
+                call.partial |= call.entry_bytes.len() < len;
+            }
+        }
+        CredCall::Ids { .. } => {}
     }
     Next::Exit
 }
@@ -41,6 +56,13 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, cred: CredCall) {
 /// could not be read.
 fn requested(call: &Call, cred: CredCall) -> (Vec<i64>, bool) {
     match cred {
+        // What entry could read (partial already says when it was cut).
+        CredCall::Groups { narrow_on_i386 } => {
+            let width = group_width(call, narrow_on_i386);
+            // Little-endian ids of 2 or 4 bytes, as x86 stores them.
+            let group = |id: &[u8]| id.iter().rev().fold(0, |value, &byte| value << 8 | i64::from(byte));
+            (call.entry_bytes.chunks_exact(width).map(group).collect(), false)
+        }
         CredCall::Capset => {
             let word = |i| call.entry_u32(i);
             // struct __user_cap_data_struct { effective, permitted, inheritable } × 2.
@@ -51,6 +73,15 @@ fn requested(call: &Call, cred: CredCall) -> (Vec<i64>, bool) {
         CredCall::Ids { count, narrow_on_i386 } => {
             (call.args[..count].iter().map(|&a| id_arg(call, a, narrow_on_i386)).collect(), false)
         }
+    }
+}
+
+/// Bytes per group id in setgroups' list.
+fn group_width(call: &Call, narrow_on_i386: bool) -> usize {
+    if narrow_on_i386 && call.abi == Abi::I386 {
+        2
+    } else {
+        4
     }
 }
 
@@ -94,5 +125,10 @@ mod tests {
         assert_eq!(requested(&capset, CredCall::Capset), (vec![1 | 8 << 32, 2, 4], false));
         let unreadable = call(Abi::X86_64, [0; 6], vec![]);
         assert_eq!(requested(&unreadable, CredCall::Capset), (vec![], true));
+
+        let groups: Vec<u8> = [1u16, 0xffff, 7, 0].iter().flat_map(|g| g.to_ne_bytes()).collect();
+        let setgroups = CredCall::Groups { narrow_on_i386: true };
+        assert_eq!(requested(&call(Abi::I386, [4, 0, 0, 0, 0, 0], groups.clone()), setgroups).0, [1, 0xffff, 7, 0]);
+        assert_eq!(requested(&call(Abi::X86_64, [2, 0, 0, 0, 0, 0], groups), setgroups).0, [0xffff_0001, 7]);
     }
 }
