@@ -100,7 +100,7 @@ pub fn fill(event: &mut proto::FileEvent, call: &Call, detail: Detail) {
         Detail::Times(index, layout) => {
             let times = if call.args[index] == 0 {
                 let now = proto::FileTime { now: true, ..Default::default() };
-                Some([now.clone(), now])
+                Some([now, now])
             } else {
                 times(&call.entry_bytes, call.abi, layout)
             };
@@ -258,7 +258,7 @@ mod tests {
             "microseconds, not nanoseconds"
         );
         let spec = words64(&[1, UTIME_OMIT, 3, UTIME_NOW]);
-        assert_eq!(times(&spec, Abi::X86_64, TimeLayout::Timespec), Some([omit.clone(), now.clone()]));
+        assert_eq!(times(&spec, Abi::X86_64, TimeLayout::Timespec), Some([omit, now]));
         assert_eq!(times(&spec, Abi::I386, TimeLayout::Timespec64), Some([omit, now]));
         let high_garbage = words64(&[7, 8 | 1 << 32, 9, 10]);
         assert_eq!(times(&high_garbage, Abi::I386, TimeLayout::Timespec64), Some([at(7, 8), at(9, 10)]));
