@@ -104,7 +104,7 @@ fn check_xattr(event: &Value, truth: &Truth) {
     let name = truth.fact("name").unwrap();
     assert_eq!(file["name"], name);
     let value = truth.fact("value").unwrap();
-    let set = truth.syscall.ends_with("setxattr");
+    let set = truth.syscall.contains("setxattr");
     if set && truth.retval == 0 {
         assert_eq!(number(&file["value_size"]), Some(value.len() as i64 / 2), "{truth:?}");
         if name == "security.capability" {
@@ -116,6 +116,15 @@ fn check_xattr(event: &Value, truth: &Truth) {
     if !set {
         assert!(file.get("value_size").is_none(), "{truth:?}");
     }
+    // setxattrat's XATTR_* flags (from its struct) join its AT_* ones.
+    let flags = match (truth.syscall.as_str(), name) {
+        ("setxattrat", "user.at") if truth.retval == 0 => libc::AT_SYMLINK_NOFOLLOW | libc::XATTR_CREATE,
+        ("setxattrat", "security.capability") => libc::AT_EMPTY_PATH,
+        ("lsetxattr", "user.l") => libc::XATTR_CREATE,
+        ("setxattrat", _) => libc::XATTR_CREATE,
+        _ => 0,
+    };
+    assert_eq!(file["flags"].as_u64().unwrap_or(0), flags as u64, "{truth:?}");
 }
 
 fn check_node(event: &Value, truth: &Truth) {
@@ -175,11 +184,11 @@ fn check(event: &Value, truth: &Truth, previous: Option<&Truth>, abi: &str) {
             let expected = truth.fact("size").map_or(1, |s| s.parse().unwrap());
             assert_eq!(number(&file["length"]), Some(expected), "{truth:?}");
         }
-        name if name.ends_with("setxattr") => {
+        name if name.contains("setxattr") => {
             assert_eq!(operation, "SETXATTR");
             check_xattr(event, truth);
         }
-        name if name.ends_with("removexattr") => {
+        name if name.contains("removexattr") => {
             assert_eq!(operation, "REMOVEXATTR");
             check_xattr(event, truth);
         }

@@ -9,7 +9,13 @@ use crate::trace::decode::PathArg::{At, Fd, Path, Text};
 use crate::trace::decode::{
     ChdirCall, CredCall, Decoder, ExecCall, FileCall as F, NetCall, NsCall, OpenCall, SeccompCall, UffdCall,
 };
-use crate::trace::decode::{LengthArg, PathArg::AtOrFd, PathArg::Returned, TimeLayout};
+use crate::trace::decode::{
+    LengthArg,
+    PathArg::AtOrFd,
+    PathArg::Returned,
+    TimeLayout,
+    XattrValue::{Args, Struct},
+};
 
 /// What the tracer does with a call of the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,12 +139,15 @@ pub static SYSCALLS: &[SyscallDef] = &[
     row("ftruncate",       Some(77),   Some(93),   file(F::new(Op::Truncate, Fd(0)).length(LengthArg::Long(1)))),
     row("truncate64",      None,       Some(193),  file(F::new(Op::Truncate, Path(0)).length(LengthArg::Split(1)))),
     row("ftruncate64",     None,       Some(194),  file(F::new(Op::Truncate, Fd(0)).length(LengthArg::Split(1)))),
-    row("setxattr",        Some(188),  Some(226),  file(F::new(Op::Setxattr, Path(0)).xattr(1, Some(2)).flags(4))),
-    row("lsetxattr",       Some(189),  Some(227),  file(F::new(Op::Setxattr, Path(0)).xattr(1, Some(2)).flags(4))),
-    row("fsetxattr",       Some(190),  Some(228),  file(F::new(Op::Setxattr, Fd(0)).xattr(1, Some(2)).flags(4))),
+    row("setxattr",        Some(188),  Some(226),  file(F::new(Op::Setxattr, Path(0)).xattr(1, Some(Args(2))).flags(4))),
+    row("lsetxattr",       Some(189),  Some(227),  file(F::new(Op::Setxattr, Path(0)).xattr(1, Some(Args(2))).flags(4))),
+    row("fsetxattr",       Some(190),  Some(228),  file(F::new(Op::Setxattr, Fd(0)).xattr(1, Some(Args(2))).flags(4))),
     row("removexattr",     Some(197),  Some(235),  file(F::new(Op::Removexattr, Path(0)).xattr(1, None))),
     row("lremovexattr",    Some(198),  Some(236),  file(F::new(Op::Removexattr, Path(0)).xattr(1, None))),
     row("fremovexattr",    Some(199),  Some(237),  file(F::new(Op::Removexattr, Fd(0)).xattr(1, None))),
+    // Linux 6.13: the value in a struct, whose XATTR_* flags join the AT_* ones (no bit is shared).
+    row("setxattrat",      Some(463),  Some(463),  file(F::new(Op::Setxattr, AtOrFd(0, 1)).xattr(3, Some(Struct(4))).flags(2))),
+    row("removexattrat",   Some(466),  Some(466),  file(F::new(Op::Removexattr, AtOrFd(0, 1)).xattr(3, None).flags(2))),
     row("mknod",           Some(133),  Some(14),   file(F::new(Op::Mknod, Path(0)).mode(1).device(2))),
     row("mknodat",         Some(259),  Some(297),  file(F::new(Op::Mknod, At(0, 1)).mode(2).device(3))),
     row("memfd_create",    Some(319),  Some(356),  file(F::new(Op::MemfdCreate, Returned).name(0).flags(1))),

@@ -32,17 +32,29 @@ pub enum LengthArg {
     Split(usize),
 }
 
+/// Where a setxattr finds the value it sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XattrValue {
+    /// The value's address at `index`, its size next.
+    Args(usize),
+    /// setxattrat: a `struct xattr_args` {u64 value; u32 size; u32 flags}
+    /// at `index` (the same in both ABIs).
+    Struct(usize),
+}
+
+/// The `struct xattr_args` setxattrat reads (XATTR_ARGS_SIZE_VER0).
+const XATTR_ARGS_SIZE: usize = 16;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Detail {
     None,
     /// The times array at argument `index` (NULL: both now).
     Times(usize, TimeLayout),
     Length(LengthArg),
-    /// The attribute's name at `name`; for setxattr the value and its size
-    /// at `value` and `value + 1`.
+    /// The attribute's name at `name`, and setxattr's value.
     Xattr {
         name: usize,
-        value: Option<usize>,
+        value: Option<XattrValue>,
     },
     /// mknod's device number argument.
     Device(usize),
@@ -74,9 +86,14 @@ pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, detail: Detail) -> bool {
         }
         Detail::Xattr { name, value } => {
             call.entry_target = read_name(cx, call.args[name]);
-            if let (Some(CAPABILITY_XATTR), Some(value)) = (call.entry_target.as_deref(), value) {
-                let size = (call.args[value + 1] as usize).min(CAPS_SIZE_3);
-                call.entry_bytes = cx.read_bytes(call.args[value], size);
+            if let Some(XattrValue::Struct(index)) = value {
+                call.entry_bytes = cx.read_bytes(call.args[index], XATTR_ARGS_SIZE);
+            }
+            let Some(value) = value.map(|v| xattr_value(call, v)) else { return call.entry_target.is_some() };
+            let Some((addr, size, _)) = value else { return false };
+            if call.entry_target.as_deref() == Some(CAPABILITY_XATTR) {
+                let bytes = cx.read_bytes(addr, size.min(CAPS_SIZE_3 as u64) as usize);
+                call.entry_bytes.extend(bytes);
             }
             call.entry_target.is_some()
         }
@@ -109,11 +126,12 @@ pub fn fill(event: &mut proto::FileEvent, call: &Call, detail: Detail) {
         Detail::Length(arg) => event.length = Some(length(call, arg)),
         Detail::Xattr { value, .. } => {
             event.name = call.entry_target.clone().unwrap_or_default();
-            if let Some(value) = value {
-                let size = call.args[value + 1] & word_mask(call.abi);
+            if let Some((value, (_, size, flags))) = value.and_then(|v| Some((v, xattr_value(call, v)?))) {
                 event.value_size = Some(size);
+                event.flags |= flags;
                 if event.name == CAPABILITY_XATTR {
-                    event.capabilities = file_capabilities(&call.entry_bytes, size);
+                    let skip = if let XattrValue::Struct(_) = value { XATTR_ARGS_SIZE } else { 0 };
+                    event.capabilities = file_capabilities(call.entry_bytes.get(skip..).unwrap_or_default(), size);
                 }
             }
         }
@@ -128,6 +146,19 @@ pub fn fill(event: &mut proto::FileEvent, call: &Call, detail: Detail) {
             }
         }
         Detail::Name(_) => event.name = call.entry_target.clone().unwrap_or_default(),
+    }
+}
+
+/// A setxattr's value: its address, its size and the XATTR_* flags that
+/// come with it in a `struct xattr_args` (0 otherwise, the flags are then
+/// an argument); None when the struct could not be read.
+fn xattr_value(call: &Call, value: XattrValue) -> Option<(u64, u64, u32)> {
+    match value {
+        XattrValue::Args(index) => Some((call.args[index], call.args[index + 1] & word_mask(call.abi), 0)),
+        XattrValue::Struct(_) => {
+            let size = call.entry_u32(2)?;
+            Some((call.entry_u64(0)?, u64::from(size), call.entry_u32(3)?))
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use crate::proto::{self, event::Payload, FileOperation};
 use crate::text;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
 use crate::trace::decode::creds::id_arg;
-use crate::trace::decode::file_detail::{self, Detail, LengthArg, TimeLayout};
+use crate::trace::decode::file_detail::{self, Detail, LengthArg, TimeLayout, XattrValue};
 use crate::trace::memory;
 use crate::trace::procfs::{self, FileId};
 
@@ -90,8 +90,8 @@ impl FileCall {
         FileCall { detail: Detail::Length(length), ..self }
     }
 
-    /// The attribute name at `name`; a value at `value` and its size next.
-    pub const fn xattr(self, name: usize, value: Option<usize>) -> FileCall {
+    /// The attribute name at `name`, and setxattr's value.
+    pub const fn xattr(self, name: usize, value: Option<XattrValue>) -> FileCall {
         FileCall { detail: Detail::Xattr { name, value }, ..self }
     }
 

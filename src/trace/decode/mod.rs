@@ -21,7 +21,7 @@ pub use context::{Call, Ctx, Next};
 pub use control::{SeccompCall, UffdCall};
 pub use creds::CredCall;
 pub use exec::{bound_args, bound_envs, split_nul, succeeded as exec_succeeded, ExecCall};
-pub use file_detail::{LengthArg, TimeLayout};
+pub use file_detail::{LengthArg, TimeLayout, XattrValue};
 pub use files::{FileCall, PathArg};
 pub use namespaces::NsCall;
 pub use net::NetCall;
