@@ -60,7 +60,8 @@ fn requested(call: &Call, cred: CredCall) -> (Vec<i64>, bool) {
         CredCall::Groups { narrow_on_i386 } => {
             let width = group_width(call, narrow_on_i386);
             // Little-endian ids of 2 or 4 bytes, as x86 stores them.
-            let group = |id: &[u8]| id.iter().rev().fold(0, |value, &byte| value << 8 | i64::from(byte));
+            let group =
+                |id: &[u8]| id_value(id.iter().rev().fold(0, |value, &byte| value << 8 | u64::from(byte)), width == 2);
             (call.entry_bytes.chunks_exact(width).map(group).collect(), false)
         }
         CredCall::Capset => {
@@ -87,10 +88,21 @@ fn group_width(call: &Call, narrow_on_i386: bool) -> usize {
 
 /// A user or group id argument, -1 for "unchanged".
 pub fn id_arg(call: &Call, raw: u64, narrow_on_i386: bool) -> i64 {
-    if narrow_on_i386 && call.abi == Abi::I386 {
-        i64::from(raw as u16 as i16)
+    id_value(raw, narrow_on_i386 && call.abi == Abi::I386)
+}
+
+/// An id as the kernel reads it: all ones is -1 ("unchanged", or in a
+/// list an id it refuses), a 16-bit one included (low2highuid); any other
+/// value is that id, up to 4294967294.
+fn id_value(raw: u64, narrow: bool) -> i64 {
+    let (id, all_ones) = match narrow {
+        true => (u64::from(raw as u16), u64::from(u16::MAX)),
+        false => (u64::from(raw as u32), u64::from(u32::MAX)),
+    };
+    if id == all_ones {
+        -1
     } else {
-        i64::from(raw as u32 as i32)
+        id as i64
     }
 }
 
@@ -117,6 +129,9 @@ mod tests {
         // i386's setreuid takes 16-bit ids; setuid32 32-bit ones.
         let setreuid = CredCall::Ids { count: 2, narrow_on_i386: true };
         assert_eq!(requested(&call(Abi::I386, [0xffff, 5, 0, 0, 0, 0], vec![]), setreuid), (vec![-1, 5], false));
+        assert_eq!(requested(&call(Abi::I386, [40000, 0, 0, 0, 0, 0], vec![]), setreuid).0, [40000, 0]);
+        let setuid = CredCall::Ids { count: 1, narrow_on_i386: true };
+        assert_eq!(requested(&call(Abi::X86_64, [3_000_000_000, 0, 0, 0, 0, 0], vec![]), setuid).0, [3_000_000_000]);
         let setuid32 = CredCall::Ids { count: 1, narrow_on_i386: false };
         assert_eq!(requested(&call(Abi::I386, [0xffff, 0, 0, 0, 0, 0], vec![]), setuid32), (vec![0xffff], false));
 
@@ -128,7 +143,7 @@ mod tests {
 
         let groups: Vec<u8> = [1u16, 0xffff, 7, 0].iter().flat_map(|g| g.to_ne_bytes()).collect();
         let setgroups = CredCall::Groups { narrow_on_i386: true };
-        assert_eq!(requested(&call(Abi::I386, [4, 0, 0, 0, 0, 0], groups.clone()), setgroups).0, [1, 0xffff, 7, 0]);
+        assert_eq!(requested(&call(Abi::I386, [4, 0, 0, 0, 0, 0], groups.clone()), setgroups).0, [1, -1, 7, 0]);
         assert_eq!(requested(&call(Abi::X86_64, [2, 0, 0, 0, 0, 0], groups), setgroups).0, [0xffff_0001, 7]);
     }
 }
