@@ -6,16 +6,12 @@
 use crate::proto::FileOperation as Op;
 use crate::trace::abi::Abi;
 use crate::trace::decode::PathArg::{At, Fd, Path, Text};
+use crate::trace::decode::PathArg::{AtOrFd, Returned};
+use crate::trace::decode::XattrValue::{Args, Struct};
 use crate::trace::decode::{
     ChdirCall, CredCall, Decoder, ExecCall, FileCall as F, NetCall, NsCall, OpenCall, SeccompCall, UffdCall,
 };
-use crate::trace::decode::{
-    LengthArg,
-    PathArg::AtOrFd,
-    PathArg::Returned,
-    TimeLayout,
-    XattrValue::{Args, Struct},
-};
+use crate::trace::decode::{LengthArg, TimeLayout};
 
 /// What the tracer does with a call of the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
