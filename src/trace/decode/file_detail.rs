@@ -310,6 +310,20 @@ mod tests {
     }
 
     #[test]
+    fn setxattrat_takes_size_flags_and_capabilities_from_its_struct() {
+        let caps: Vec<u8> = [0x0200_0000u32, 1, 0, 0, 0].iter().flat_map(|w| w.to_le_bytes()).collect();
+        let mut entry_bytes = [0x1000u64.to_ne_bytes().as_slice(), &20u32.to_ne_bytes(), &2u32.to_ne_bytes()].concat();
+        entry_bytes.extend(&caps);
+        let entry = crate::trace::abi::SyscallEntry { abi: Abi::I386, nr: 463, args: [3, 0, 0x100, 0, 0x2000, 16] };
+        let call = Call { entry_bytes, ..Call::new("setxattrat", &entry, std::time::SystemTime::now()) };
+        let call = Call { entry_target: Some(CAPABILITY_XATTR.to_owned()), ..call };
+        let mut event = proto::FileEvent { flags: 0x100, ..Default::default() };
+        fill(&mut event, &call, Detail::Xattr { name: 3, value: Some(XattrValue::Struct(4)) });
+        assert_eq!((event.value_size, event.flags), (Some(20), 0x100 | 2), "XATTR_REPLACE joins AT_SYMLINK_NOFOLLOW");
+        assert_eq!(event.capabilities.map(|c| (c.version, c.permitted)), Some((2, 1)));
+    }
+
+    #[test]
     fn devices_and_file_types_decode_as_the_kernel_does() {
         assert_eq!(decode_device(libc::makedev(1, 3) as u32), (1, 3));
         assert_eq!(decode_device(0x0012_3456), (0x234, 0x156));
