@@ -18,12 +18,15 @@
 //!   accept's peer port (Datadog sends the local port) and protocol;
 //! - Hello: tracer version, session id (there is none) and hostname.
 //!
+//! - utimes: Datadog's 0 (an omitted time) is the epoch, and its "now" a
+//!   time like any other;
+//!
 //! Mount and Umount are namespace events (`mount`, `umount2`: the mount
 //! point, a mount's source and FSType as sent; no flags, which Datadog does
 //! not send: a bind mount's FSType is `bind`).
 //!
-//! Types without an event of ours (Utimes, LoadModule, UnloadModule,
-//! Setsockopt, Setrlimit, Prctl, Socket) give None.
+//! Types without an event of ours (LoadModule, UnloadModule, Setsockopt,
+//! Setrlimit, Prctl, Socket) give None.
 
 use crate::proto::{self, event::Payload as Ours, AddressFamily, Event, ExitCause, FileOperation, Mode, Protocol};
 
@@ -129,8 +132,19 @@ pub fn event(msg: &SyscallMsg) -> Option<Event> {
         Payload::Umount(m) => {
             ("umount2", Ours::Namespace(proto::NamespaceEvent { path: m.path.clone(), ..Default::default() }))
         }
-        Payload::Utimes(_)
-        | Payload::LoadModule(_)
+        Payload::Utimes(m) => {
+            let time = |ns: u64| {
+                let t = timestamp(ns);
+                Some(proto::FileTime { seconds: t.seconds, nanos: i64::from(t.nanos), ..Default::default() })
+            };
+            let event = proto::FileEvent {
+                access_time: time(m.atime),
+                modification_time: time(m.mtime),
+                ..file(FileOperation::Utimes, &m.file, None)
+            };
+            ("utimes", Ours::File(event))
+        }
+        Payload::LoadModule(_)
         | Payload::UnloadModule(_)
         | Payload::Setsockopt(_)
         | Payload::Setrlimit(_)

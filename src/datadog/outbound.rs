@@ -18,7 +18,12 @@
 //! - AF_UNIX connects are not sent (nor by Datadog's tracer); sockets of
 //!   other families than IPv4, IPv6 and AF_UNIX, and unreadable addresses,
 //!   cannot be: the agent drops the connection for an IP it cannot parse;
-//! - io_uring_setup has no Datadog type.
+//! - io_uring_setup has no Datadog type, nor truncate, the xattr calls,
+//!   mknod and setgroups;
+//! - the utime family goes as Utimes, UTIME_NOW (or no times) as the
+//!   call's entry time, UTIME_OMIT and times before 1970 as 0; memfd_create
+//!   as an Open of `memfd:NAME` with the MFD_* flags, as Datadog's tracer
+//!   sends them.
 //!
 //! Fields we cannot fill: the file metadata (CTime, MTime, Mode, Inode and
 //! owner of each file: zero and nil, as with Datadog's `--disable-stats`),
@@ -87,7 +92,7 @@ pub fn syscall(event: &Event, container_id: &str) -> Option<SyscallMsg> {
         Ours::Fork(fork) => (fork.child_pid, Payload::Fork(ForkSyscallMsg { ppid: event.pid })),
         Ours::Exit(exit) => (event.pid, Payload::Exit(exit_msg(exit)?)),
         Ours::Open(open) if accepted(retval) => (event.pid, Payload::Open(open_msg(open)?)),
-        Ours::File(file) if accepted(retval) => (event.pid, file_msg(file)?),
+        Ours::File(file) if accepted(retval) => (event.pid, file_msg(file, event.timestamp.as_ref())?),
         Ours::Chdir(chdir) if accepted(retval) => {
             (event.pid, Payload::Chdir(ChdirSyscallMsg { dir: file_named(&chdir.path) }))
         }
@@ -188,7 +193,7 @@ fn open_msg(open: &proto::OpenEvent) -> Option<OpenSyscallMsg> {
     Some(OpenSyscallMsg { file, flags: open.flags? as u32 })
 }
 
-fn file_msg(file: &proto::FileEvent) -> Option<Payload> {
+fn file_msg(file: &proto::FileEvent, called: Option<&pbjson_types::Timestamp>) -> Option<Payload> {
     let path = || file_named(&file.path);
     let target = || file_named(&file.target);
     Some(match file.operation() {
@@ -208,8 +213,34 @@ fn file_msg(file: &proto::FileEvent) -> Option<Payload> {
             gid: file.gid? as i32,
             ..Default::default()
         }),
-        FileOperation::Unspecified => return None,
+        FileOperation::Utimes => Payload::Utimes(UtimesSyscallMsg {
+            file: path(),
+            atime: file_time(file.access_time.as_ref()?, called),
+            mtime: file_time(file.modification_time.as_ref()?, called),
+        }),
+        FileOperation::MemfdCreate => {
+            Payload::Open(OpenSyscallMsg { file: file_named(&format!("memfd:{}", file.name)), flags: file.flags })
+        }
+        FileOperation::Truncate
+        | FileOperation::Setxattr
+        | FileOperation::Removexattr
+        | FileOperation::Mknod
+        | FileOperation::Unspecified => return None,
     })
+}
+
+/// A utime-family time in ns since the epoch, as Datadog's tracer sends it:
+/// "now" is when the call was made, an omitted time 0.
+fn file_time(time: &proto::FileTime, called: Option<&pbjson_types::Timestamp>) -> u64 {
+    if time.now {
+        return nanos(called);
+    }
+    let given = pbjson_types::Timestamp { seconds: time.seconds, nanos: i32::try_from(time.nanos).unwrap_or(-1) };
+    if time.omit {
+        0
+    } else {
+        nanos(Some(&given))
+    }
 }
 
 fn credentials_msg(syscall: &str, event: &proto::CredentialsEvent, retval: i64) -> Option<Payload> {

@@ -878,6 +878,51 @@ fn file_events_keep_paths_modes_and_ids_without_file_metadata() {
         file_event("unlink", FileOperation::Unlink, "/tmp/a", "", None, None),
         Some(Payload::Unlink(UnlinkSyscallMsg { file: named("/tmp/a") }))
     );
+    for (syscall, operation) in [
+        ("ftruncate", FileOperation::Truncate),
+        ("setxattr", FileOperation::Setxattr),
+        ("removexattr", FileOperation::Removexattr),
+        ("mknodat", FileOperation::Mknod),
+    ] {
+        assert_eq!(file_event(syscall, operation, "/tmp/a", "", None, None), None, "{syscall}: no Datadog type");
+    }
+}
+
+#[test]
+fn utimes_send_nanoseconds_and_memfds_go_as_opens_of_memfd_names() {
+    let sent = |file: proto::FileEvent, syscall: &str| {
+        let called = 1_767_225_600_000_000_042;
+        outbound::syscall(&event(7, called, Some(0), syscall, Ours::File(file)), "").map(|m| m.payload)
+    };
+    let time = |seconds, nanos| Some(proto::FileTime { seconds, nanos, ..Default::default() });
+    let special = |now, omit| Some(proto::FileTime { now, omit, ..Default::default() });
+    let named = |path: &str| FileSyscallMsg { filename: path.into(), ..Default::default() };
+    let utimes = |access_time, modification_time| proto::FileEvent {
+        operation: FileOperation::Utimes as i32,
+        path: "/tmp/a".into(),
+        access_time,
+        modification_time,
+        ..Default::default()
+    };
+    assert_eq!(
+        sent(utimes(time(5, 6), time(-1, 0)), "utimensat"),
+        Some(Payload::Utimes(UtimesSyscallMsg { file: named("/tmp/a"), atime: 5_000_000_006, mtime: 0 })),
+        "before 1970: 0"
+    );
+    assert_eq!(
+        sent(utimes(special(true, false), special(false, true)), "utimensat"),
+        Some(Payload::Utimes(UtimesSyscallMsg { file: named("/tmp/a"), atime: 1_767_225_600_000_000_042, mtime: 0 })),
+        "now is the call's time, omit 0"
+    );
+    assert_eq!(sent(utimes(None, None), "utimes"), None, "times unread: nothing true to send");
+    let memfd = proto::FileEvent {
+        operation: FileOperation::MemfdCreate as i32,
+        path: "/memfd:x (deleted)".into(),
+        name: "x".into(),
+        flags: 1,
+        ..Default::default()
+    };
+    assert_eq!(sent(memfd, "memfd_create"), Some(Payload::Open(OpenSyscallMsg { file: named("memfd:x"), flags: 1 })));
 }
 
 #[test]
@@ -949,7 +994,7 @@ fn credential_changes_send_the_kernel_ids_after_success_only() {
         ..Default::default()
     };
     let change = |syscall: &str, retval: i64, requested: Vec<i64>| {
-        let credentials = proto::CredentialsEvent { credentials: Some(after), requested };
+        let credentials = proto::CredentialsEvent { credentials: Some(after.clone()), requested };
         outbound::syscall(&event(7, 1, Some(retval), syscall, Ours::Credentials(credentials)), "").map(|m| m.payload)
     };
     let set_uid = Some(Payload::SetUid(SetUidSyscallMsg { uid: 1000, euid: 1000, ..Default::default() }));
@@ -1131,12 +1176,18 @@ fn golden_messages_become_our_events() {
     assert_eq!(payload_of("34-mount"), Ours::Namespace(mount));
     let umount = proto::NamespaceEvent { path: "/mnt/data".into(), ..Default::default() };
     assert_eq!(payload_of("35-umount"), Ours::Namespace(umount));
+    let at = |seconds| Some(proto::FileTime { seconds, ..Default::default() });
+    let utimes = proto::FileEvent {
+        access_time: at(1_700_000_000),
+        modification_time: at(1_700_000_000),
+        ..file(FileOperation::Utimes, "/tmp/app.cfg", "")
+    };
+    assert_eq!(payload_of("27-utimes"), Ours::File(utimes));
 }
 
 #[test]
 fn types_without_an_event_of_ours_are_none() {
     for name in [
-        "27-utimes",
         "31-loadmodule",
         "32-unloadmodule",
         "36-setsockopt-filter",

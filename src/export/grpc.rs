@@ -35,8 +35,9 @@ use super::retry::{flush_limit, pause, Backoff, Repeated};
 
 /// Events per batch message, and its encoded size: a batch must stay well
 /// under the agent's message size limit (4 MiB for `serve`), or it would be
-/// refused and resent forever. One event is at most about 260 KiB (exec
-/// arguments and environment are bounded).
+/// refused and resent forever. One event is at most about 1 MiB (exec
+/// arguments and environment are bounded to 260 KiB; a process has at
+/// most 65536 supplementary groups, which a setgroups event carries twice).
 const BATCH_EVENTS: usize = 256;
 const BATCH_BYTES: usize = 1 << 20;
 /// Memory the unacknowledged events may take (see `crate::queue::footprint`),

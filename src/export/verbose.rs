@@ -87,6 +87,34 @@ fn format_retval(out: &mut String, retval: i64) {
     }
 }
 
+/// What the utime family, truncate, xattr calls, mknod and memfd_create set.
+fn format_file_detail(out: &mut String, file: &crate::proto::FileEvent) {
+    let time = |t: &crate::proto::FileTime| match (t.now, t.omit) {
+        (true, _) => "now".to_owned(),
+        (_, true) => "omit".to_owned(),
+        _ => format!("{}.{:09}", t.seconds, t.nanos),
+    };
+    if let (Some(access), Some(modification)) = (&file.access_time, &file.modification_time) {
+        let _ = write!(out, ", atime={} mtime={}", time(access), time(modification));
+    }
+    if let Some(length) = file.length {
+        let _ = write!(out, ", {length}");
+    }
+    if !file.name.is_empty() {
+        let _ = write!(out, ", {}", Quoted(&file.name));
+    }
+    if let Some(size) = file.value_size {
+        let _ = write!(out, ", {size} bytes");
+    }
+    if let Some(caps) = &file.capabilities {
+        let effective = if caps.effective { "+e" } else { "" };
+        let _ = write!(out, " (cap_prm={:#x} cap_inh={:#x}{effective})", caps.permitted, caps.inheritable);
+    }
+    if let (Some(major), Some(minor)) = (file.device_major, file.device_minor) {
+        let _ = write!(out, ", {major}:{minor}");
+    }
+}
+
 /// `TCP 127.0.0.1:80`, `UDP [::1]:53`, `unix "/path"`.
 fn format_address(out: &mut String, protocol: Protocol, family: AddressFamily, address: &str, port: u32) {
     let protocol = match protocol {
@@ -221,7 +249,7 @@ pub fn format_event(out: &mut String, event: &Event) {
             format_retval(out, event.retval.unwrap_or(0));
         }
         Some(Payload::Credentials(changed)) => {
-            let c = changed.credentials.unwrap_or_default();
+            let c = changed.credentials.clone().unwrap_or_default();
             let id = |v: Option<u32>| v.map_or_else(|| "?".to_owned(), |v| v.to_string());
             let requested: Vec<String> = changed.requested.iter().map(|r| r.to_string()).collect();
             let _ = write!(out, "{name}({})", requested.join(", "));
@@ -239,6 +267,10 @@ pub fn format_event(out: &mut String, event: &Event) {
                 id(c.fsgid),
                 c.cap_effective.unwrap_or(0)
             );
+            if !c.groups.is_empty() {
+                let groups: Vec<String> = c.groups.iter().map(u32::to_string).collect();
+                let _ = write!(out, " groups={}", groups.join(","));
+            }
         }
         Some(Payload::File(file)) => {
             let _ = write!(out, "{name}({}", Quoted(&file.path));
@@ -253,6 +285,7 @@ pub fn format_event(out: &mut String, event: &Event) {
             if let (Some(uid), Some(gid)) = (file.uid, file.gid) {
                 let _ = write!(out, ", {uid}, {gid}");
             }
+            format_file_detail(out, file);
             if file.flags != 0 {
                 let _ = write!(out, ", flags={:#x}", file.flags);
             }

@@ -199,7 +199,10 @@ pub struct Status {
 /// workload sets (prctl(PR_SET_NAME)) to any bytes, valid UTF-8 or not; it
 /// must not hide the lines that follow it.
 pub fn status(tid: Pid) -> Option<Status> {
-    let (bytes, _) = read_bounded(&format!("/proc/{tid}/status"), 4 * PAGE)?;
+    // The Groups line, before the capability lines, can list NGROUPS_MAX
+    // (65536) ids of up to 10 digits: a bound below that would let a
+    // workload push its capabilities out of reach. Usually one page is read.
+    let (bytes, _) = read_bounded(&format!("/proc/{tid}/status"), 256 * PAGE)?;
     Some(parse_status(&bytes))
 }
 
@@ -218,6 +221,7 @@ fn parse_status(bytes: &[u8]) -> Status {
             // Real, effective, saved, filesystem.
             b"Uid" => [c.uid, c.euid, c.suid, c.fsuid] = std::array::from_fn(|_| numbers.next().flatten()),
             b"Gid" => [c.gid, c.egid, c.sgid, c.fsgid] = std::array::from_fn(|_| numbers.next().flatten()),
+            b"Groups" => c.groups = value.split_whitespace().filter_map(|v| v.parse().ok()).collect(),
             b"CapInh" => c.cap_inheritable = mask(),
             b"CapPrm" => c.cap_permitted = mask(),
             b"CapEff" => c.cap_effective = mask(),
@@ -333,12 +337,13 @@ mod tests {
     #[test]
     fn status_parses_past_a_name_that_is_not_utf8() {
         let text = b"Name:\t\xff\xfe:x\nUmask:\t0022\nTgid:\t12\nPid:\t13\nPPid:\t7\n\
-            Uid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nSigCgt:\t0000000000000202\nCapEff:\t0000000000000080\n";
+            Uid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nGroups:\t10 4294967294 \nSigCgt:\t0000000000000202\nCapEff:\t0000000000000080\n";
         let status = parse_status(text);
         assert_eq!((status.tgid, status.ppid, status.caught), (Some(12), Some(7), Some(0x202)));
         let c = status.credentials;
         assert_eq!([c.uid, c.euid, c.suid, c.fsuid], [Some(1), Some(2), Some(3), Some(4)]);
         assert_eq!([c.gid, c.egid, c.sgid, c.fsgid], [Some(5), Some(6), Some(7), Some(8)]);
         assert_eq!(c.cap_effective, Some(0x80));
+        assert_eq!(c.groups, [10, 4_294_967_294]);
     }
 }

@@ -6,9 +6,12 @@
 use crate::proto::FileOperation as Op;
 use crate::trace::abi::Abi;
 use crate::trace::decode::PathArg::{At, Fd, Path, Text};
+use crate::trace::decode::PathArg::{AtOrFd, Returned};
+use crate::trace::decode::XattrValue::{Args, Struct};
 use crate::trace::decode::{
     ChdirCall, CredCall, Decoder, ExecCall, FileCall as F, NetCall, NsCall, OpenCall, SeccompCall, UffdCall,
 };
+use crate::trace::decode::{LengthArg, TimeLayout};
 
 /// What the tracer does with a call of the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +123,30 @@ pub static SYSCALLS: &[SyscallDef] = &[
     row("chown32",         None,       Some(212),  file(F::new(Op::Chown, Path(0)).owner(1))),
     row("lchown32",        None,       Some(198),  file(F::new(Op::Chown, Path(0)).owner(1))),
     row("fchown32",        None,       Some(207),  file(F::new(Op::Chown, Fd(0)).owner(1))),
+    // Timestomping: times as each call lays them out (i386's time32 forms
+    // take 32-bit ones; utimensat_time64 is i386's 64-bit utimensat).
+    row("utime",           Some(132),  Some(30),   file(F::new(Op::Utimes, Path(0)).times(1, TimeLayout::Utimbuf))),
+    row("utimes",          Some(235),  Some(271),  file(F::new(Op::Utimes, Path(0)).times(1, TimeLayout::Timeval))),
+    row("futimesat",       Some(261),  Some(299),  file(F::new(Op::Utimes, AtOrFd(0, 1)).times(2, TimeLayout::Timeval))),
+    row("utimensat",       Some(280),  Some(320),  file(F::new(Op::Utimes, AtOrFd(0, 1)).times(2, TimeLayout::Timespec).flags(3))),
+    row("utimensat_time64", None,      Some(412),  file(F::new(Op::Utimes, AtOrFd(0, 1)).times(2, TimeLayout::Timespec64).flags(3))),
+    // i386's truncate64 and ftruncate64 split the 64-bit length in two registers.
+    row("truncate",        Some(76),   Some(92),   file(F::new(Op::Truncate, Path(0)).length(LengthArg::Long(1)))),
+    row("ftruncate",       Some(77),   Some(93),   file(F::new(Op::Truncate, Fd(0)).length(LengthArg::Long(1)))),
+    row("truncate64",      None,       Some(193),  file(F::new(Op::Truncate, Path(0)).length(LengthArg::Split(1)))),
+    row("ftruncate64",     None,       Some(194),  file(F::new(Op::Truncate, Fd(0)).length(LengthArg::Split(1)))),
+    row("setxattr",        Some(188),  Some(226),  file(F::new(Op::Setxattr, Path(0)).xattr(1, Some(Args(2))).flags(4))),
+    row("lsetxattr",       Some(189),  Some(227),  file(F::new(Op::Setxattr, Path(0)).xattr(1, Some(Args(2))).flags(4))),
+    row("fsetxattr",       Some(190),  Some(228),  file(F::new(Op::Setxattr, Fd(0)).xattr(1, Some(Args(2))).flags(4))),
+    row("removexattr",     Some(197),  Some(235),  file(F::new(Op::Removexattr, Path(0)).xattr(1, None))),
+    row("lremovexattr",    Some(198),  Some(236),  file(F::new(Op::Removexattr, Path(0)).xattr(1, None))),
+    row("fremovexattr",    Some(199),  Some(237),  file(F::new(Op::Removexattr, Fd(0)).xattr(1, None))),
+    // Linux 6.13: the value in a struct, whose XATTR_* flags join the AT_* ones (no bit is shared).
+    row("setxattrat",      Some(463),  Some(463),  file(F::new(Op::Setxattr, AtOrFd(0, 1)).xattr(3, Some(Struct(4))).flags(2))),
+    row("removexattrat",   Some(466),  Some(466),  file(F::new(Op::Removexattr, AtOrFd(0, 1)).xattr(3, None).flags(2))),
+    row("mknod",           Some(133),  Some(14),   file(F::new(Op::Mknod, Path(0)).mode(1).device(2))),
+    row("mknodat",         Some(259),  Some(297),  file(F::new(Op::Mknod, At(0, 1)).mode(2).device(3))),
+    row("memfd_create",    Some(319),  Some(356),  file(F::new(Op::MemfdCreate, Returned).name(0).flags(1))),
     row("setuid",          Some(105),  Some(23),   ids(1)),
     row("setgid",          Some(106),  Some(46),   ids(1)),
     row("setreuid",        Some(113),  Some(70),   ids(2)),
@@ -129,6 +156,8 @@ pub static SYSCALLS: &[SyscallDef] = &[
     row("setfsuid",        Some(122),  Some(138),  ids(1)),
     row("setfsgid",        Some(123),  Some(139),  ids(1)),
     row("capset",          Some(126),  Some(185),  decode(Decoder::Credentials(CredCall::Capset))),
+    row("setgroups",       Some(116),  Some(81),   decode(Decoder::Credentials(CredCall::Groups { narrow_on_i386: true }))),
+    row("setgroups32",     None,       Some(206),  decode(Decoder::Credentials(CredCall::Groups { narrow_on_i386: false }))),
     // i386's 32-bit id variants (the calls above take 16-bit ids there).
     row("setuid32",        None,       Some(213),  ids32(1)),
     row("setgid32",        None,       Some(214),  ids32(1)),

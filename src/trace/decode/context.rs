@@ -31,7 +31,8 @@ pub struct Call {
     pub entry_path: Option<String>,
     /// The file `entry_path` named at entry, when there was one.
     pub entry_file: Option<FileId>,
-    /// A second path read at entry (rename's new name, a symlink's contents).
+    /// A second path or name read at entry (rename's new name, a symlink's
+    /// contents, an extended attribute's or a memfd's name).
     pub entry_target: Option<String>,
     /// An exec's argv as the caller passed it, read at entry (at most
     /// `MAX_EXEC_ENTRIES`, each cut a byte past the entry bound), and

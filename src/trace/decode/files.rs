@@ -1,11 +1,14 @@
 //! Calls that change files without opening them: unlink, rmdir, rename,
-//! mkdir, link, symlink, chmod, chown and their `*at`, `f*` and i386 forms.
-//! Each table entry says which argument means what (`FileCall`).
+//! mkdir, link, symlink, chmod, chown, the utime family, truncate, xattr
+//! changes, mknod, memfd_create and their `*at`, `f*` and i386 forms. Each
+//! table entry says which argument means what (`FileCall`); what a call sets
+//! besides path, mode, owner and flags is its [`Detail`].
 
 use crate::proto::{self, event::Payload, FileOperation};
 use crate::text;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
 use crate::trace::decode::creds::id_arg;
+use crate::trace::decode::file_detail::{self, Detail, LengthArg, TimeLayout, XattrValue};
 use crate::trace::memory;
 use crate::trace::procfs::{self, FileId};
 
@@ -20,6 +23,11 @@ pub enum PathArg {
     Fd(usize),
     /// Text kept as given (a symlink's contents).
     Text(usize),
+    /// `At`, but a NULL path names the directory descriptor's own file
+    /// (utimensat, futimesat: how futimens works).
+    AtOrFd(usize, usize),
+    /// No path argument: the descriptor the call returns (memfd_create).
+    Returned,
 }
 
 /// Which arguments of a file call mean what.
@@ -34,11 +42,21 @@ pub struct FileCall {
     /// Through i386, the owner ids are 16-bit (chown, lchown, fchown).
     narrow_ids_on_i386: bool,
     flags: Option<usize>,
+    detail: Detail,
 }
 
 impl FileCall {
     pub const fn new(operation: FileOperation, path: PathArg) -> FileCall {
-        FileCall { operation, path, target: None, mode: None, owner: None, narrow_ids_on_i386: false, flags: None }
+        FileCall {
+            operation,
+            path,
+            target: None,
+            mode: None,
+            owner: None,
+            narrow_ids_on_i386: false,
+            flags: None,
+            detail: Detail::None,
+        }
     }
 
     /// rename's new name, link's existing file, symlink's contents.
@@ -62,6 +80,30 @@ impl FileCall {
     pub const fn flags(self, index: usize) -> FileCall {
         FileCall { flags: Some(index), ..self }
     }
+
+    /// The times array at `index`, laid out as `layout`.
+    pub const fn times(self, index: usize, layout: TimeLayout) -> FileCall {
+        FileCall { detail: Detail::Times(index, layout), ..self }
+    }
+
+    pub const fn length(self, length: LengthArg) -> FileCall {
+        FileCall { detail: Detail::Length(length), ..self }
+    }
+
+    /// The attribute name at `name`, and setxattr's value.
+    pub const fn xattr(self, name: usize, value: Option<XattrValue>) -> FileCall {
+        FileCall { detail: Detail::Xattr { name, value }, ..self }
+    }
+
+    /// mknod's device number at `index`.
+    pub const fn device(self, index: usize) -> FileCall {
+        FileCall { detail: Detail::Device(index), ..self }
+    }
+
+    /// memfd_create's name at `index`.
+    pub const fn name(self, index: usize) -> FileCall {
+        FileCall { detail: Detail::Name(index), ..self }
+    }
 }
 
 /// The path and the file it names now, for the file acted on.
@@ -71,6 +113,9 @@ fn read_file_arg(cx: &mut Ctx<'_>, call: &Call, arg: PathArg) -> Option<(String,
         PathArg::At(dirfd, i) => cx.read_file(call.fd(dirfd), call.args[i]),
         PathArg::Fd(i) => Some((cx.fd_path(call.fd(i))?, procfs::fd_file(cx.tid, call.fd(i)))),
         PathArg::Text(_) => read_path_arg(cx, call, arg).map(|text| (text, None)),
+        PathArg::AtOrFd(dirfd, i) if call.args[i] == 0 => read_file_arg(cx, call, PathArg::Fd(dirfd)),
+        PathArg::AtOrFd(dirfd, i) => read_file_arg(cx, call, PathArg::At(dirfd, i)),
+        PathArg::Returned => None,
     }
 }
 
@@ -84,6 +129,7 @@ fn read_path_arg(cx: &mut Ctx<'_>, call: &Call, arg: PathArg) -> Option<String> 
             let (raw, _) = memory::read_cstring(cx.tid, call.args[i], PATH_MAX).ok()?;
             Some(text::lossless(&raw))
         }
+        PathArg::AtOrFd(..) | PathArg::Returned => read_file_arg(cx, call, arg).map(|(path, _)| path),
     }
 }
 
@@ -92,10 +138,12 @@ fn read_path_arg(cx: &mut Ctx<'_>, call: &Call, arg: PathArg) -> Option<String> 
 pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, spec: FileCall) -> Next {
     let (path, file) = read_file_arg(cx, call, spec.path).unzip();
     let target = spec.target.map(|t| read_path_arg(cx, call, t));
-    call.partial |= path.is_none() || target.as_ref().is_some_and(Option::is_none);
+    let path_missing = path.is_none() && spec.path != PathArg::Returned;
+    call.partial |= path_missing || target.as_ref().is_some_and(Option::is_none);
     call.entry_path = path;
     call.entry_file = file.flatten();
     call.entry_target = target.flatten();
+    call.partial |= !file_detail::entry(cx, call, spec.detail);
     Next::Exit
 }
 
@@ -105,14 +153,15 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
     let removes_dir = spec.operation == FileOperation::Unlink && flags & libc::AT_REMOVEDIR as u32 != 0;
     let id = |i: usize| id_arg(call, call.args[i], spec.narrow_ids_on_i386);
     // A file the call created has an identity only now.
-    let file = match call.entry_file {
-        None if retval >= 0 => read_file_arg(cx, call, spec.path).and_then(|(_, file)| file),
-        file => file,
+    let (returned_path, file) = match (spec.path, call.entry_file) {
+        (PathArg::Returned, _) if retval >= 0 => (cx.fd_path(retval as i32), procfs::fd_file(cx.tid, retval as i32)),
+        (_, None) if retval >= 0 => (None, read_file_arg(cx, call, spec.path).and_then(|(_, file)| file)),
+        (_, file) => (None, file),
     };
-    let event = proto::FileEvent {
+    let mut event = proto::FileEvent {
         operation: if removes_dir { FileOperation::Rmdir } else { spec.operation } as i32,
-        path: call.entry_path.clone().unwrap_or_default(),
-        target: call.entry_target.clone().unwrap_or_default(),
+        path: returned_path.or_else(|| call.entry_path.clone()).unwrap_or_default(),
+        target: spec.target.and(call.entry_target.clone()).unwrap_or_default(),
         mode: spec.mode.map(|i| call.args[i] as u32),
         uid: spec.owner.map(id),
         gid: spec.owner.map(|i| id(i + 1)),
@@ -120,6 +169,8 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
         device: file.map_or(0, |f| f.device),
         inode: file.map_or(0, |f| f.inode),
         mount_id: file.and_then(|f| f.mount_id),
+        ..Default::default()
     };
+    file_detail::fill(&mut event, call, spec.detail);
     cx.emit_call(call, retval, call.partial, Payload::File(event));
 }
