@@ -11,7 +11,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
 use nix::sys::socket::{recvfrom, sendto, setsockopt, sockopt, MsgFlags, NetlinkAddr};
@@ -44,16 +44,27 @@ const RECEIVE_BUFFER: usize = 8 << 20;
 /// not keep the scan from handling what it read.
 const DRAIN_MAX: usize = 4096;
 
-/// What a message says happened to which process (thread-group id). Only a
+/// What a message says happened to which process (thread-group id), and
+/// when (the kernel's CLOCK_MONOTONIC nanoseconds: `wall_time`). Only a
 /// hint: the pid may be another process's by the time it is read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hint {
     /// A new process (not a thread) was forked.
     Fork(i32),
     /// A process ran a new program.
-    Exec(i32),
+    Exec(i32, u64),
     /// A process's leader thread ended (the process may live on in its other threads).
-    Exit(i32),
+    Exit(i32, u64),
+}
+
+/// The wall-clock time of a message's timestamp (ktime_get_ns: CLOCK_MONOTONIC).
+pub fn wall_time(monotonic_ns: u64) -> SystemTime {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid timespec for clock_gettime to write.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let now_ns = (now.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(now.tv_nsec as u64);
+    let ago = Duration::from_nanos(if rc == 0 { now_ns.saturating_sub(monotonic_ns) } else { 0 });
+    SystemTime::now().checked_sub(ago).unwrap_or_else(SystemTime::now)
 }
 
 /// Why messages stopped coming.
@@ -216,14 +227,16 @@ fn messages(mut datagram: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
-/// A process-connector message's `what` and `event_data`, or None for
-/// anything else.
-fn proc_event(message: &[u8]) -> Option<(u32, &[u8])> {
+/// A process-connector message's `what`, `timestamp_ns` and `event_data`,
+/// or None for anything else.
+fn proc_event(message: &[u8]) -> Option<(u32, u64, &[u8])> {
     let id = (u32_at(message, NLMSG_HDRLEN)?, u32_at(message, NLMSG_HDRLEN + 4)?);
     if id != (libc::CN_IDX_PROC, libc::CN_VAL_PROC) {
         return None;
     }
-    Some((u32_at(message, NLMSG_HDRLEN + CN_MSG_LEN)?, message.get(EVENT_DATA..)?))
+    let event = NLMSG_HDRLEN + CN_MSG_LEN;
+    let timestamp = u64::from_ne_bytes(message.get(event + 8..event + 16)?.try_into().ok()?);
+    Some((u32_at(message, event)?, timestamp, message.get(EVENT_DATA..)?))
 }
 
 /// The hints of one datagram; an overrun notice is an overrun.
@@ -232,7 +245,7 @@ fn parse(datagram: &[u8], hints: &mut Vec<Hint>) -> Result<(), Lost> {
         if i32::from(kind) == libc::NLMSG_OVERRUN {
             return Err(Lost::Overrun);
         }
-        let Some((what, data)) = proc_event(message) else { continue };
+        let Some((what, at, data)) = proc_event(message) else { continue };
         // event_data: fork { parent_pid, parent_tgid, child_pid, child_tgid },
         // exec { process_pid, process_tgid }, exit { process_pid, process_tgid, ... }.
         let hint = match what {
@@ -240,9 +253,9 @@ fn parse(datagram: &[u8], hints: &mut Vec<Hint>) -> Result<(), Lost> {
                 (Some(pid), Some(tgid)) if pid == tgid => Some(Hint::Fork(tgid as i32)),
                 _ => None,
             },
-            libc::PROC_EVENT_EXEC => u32_at(data, 4).map(|tgid| Hint::Exec(tgid as i32)),
+            libc::PROC_EVENT_EXEC => u32_at(data, 4).map(|tgid| Hint::Exec(tgid as i32, at)),
             libc::PROC_EVENT_EXIT => match (u32_at(data, 0), u32_at(data, 4)) {
-                (Some(pid), Some(tgid)) if pid == tgid => Some(Hint::Exit(tgid as i32)),
+                (Some(pid), Some(tgid)) if pid == tgid => Some(Hint::Exit(tgid as i32, at)),
                 _ => None,
             },
             _ => None,
@@ -258,7 +271,7 @@ fn acknowledgement(datagram: &[u8], ack: u32) -> Option<u32> {
     messages(datagram).find_map(|(_, message)| {
         let echoed = u32_at(message, NLMSG_HDRLEN + 12)?;
         match proc_event(message)? {
-            (libc::PROC_EVENT_NONE, data) if echoed == ack => u32_at(data, 0),
+            (libc::PROC_EVENT_NONE, _, data) if echoed == ack => u32_at(data, 0),
             _ => None,
         }
     })
@@ -289,7 +302,8 @@ mod tests {
         let mut message = control_message(libc::PROC_CN_MCAST_LISTEN, 7, 8);
         message.truncate(NLMSG_HDRLEN + CN_MSG_LEN);
         message.extend_from_slice(&what.to_ne_bytes());
-        message.extend_from_slice(&[0; 12]);
+        message.extend_from_slice(&[0; 4]);
+        message.extend_from_slice(&(1000 + u64::from(what)).to_ne_bytes());
         data.iter().for_each(|word| message.extend_from_slice(&word.to_ne_bytes()));
         let len = message.len() as u32;
         message[..4].copy_from_slice(&len.to_ne_bytes());
@@ -310,7 +324,8 @@ mod tests {
         ] {
             parse(&datagram(what, data), &mut hints).unwrap();
         }
-        assert_eq!(hints, [Hint::Fork(11), Hint::Exec(11), Hint::Exit(11)]);
+        let (exec_at, exit_at) = (1000 + u64::from(libc::PROC_EVENT_EXEC), 1000 + u64::from(libc::PROC_EVENT_EXIT));
+        assert_eq!(hints, [Hint::Fork(11), Hint::Exec(11, exec_at), Hint::Exit(11, exit_at)]);
     }
 
     #[test]

@@ -38,7 +38,7 @@ use crate::cli::format_duration;
 use crate::log::log;
 use crate::proto::{self, event::Payload, Event};
 use crate::queue::EventSink;
-use crate::trace::netlink::{wait_readable, Connector, Hint, Lost};
+use crate::trace::netlink::{wait_readable, wall_time, Connector, Hint, Lost};
 use crate::trace::process::LiveProcesses;
 use crate::trace::snapshot::{self, Found, Stat};
 
@@ -235,8 +235,9 @@ struct Scan {
     /// period later, as a listing would find them: most exec at once, and
     /// are judged then, with their program.
     forked: HashMap<i32, Instant>,
-    /// Connector: processes whose leader ended, until they are gone.
-    ending: HashSet<i32>,
+    /// Connector: processes whose leader ended (when, if a message said),
+    /// until they are gone.
+    ending: HashMap<i32, Option<SystemTime>>,
 }
 
 impl Scan {
@@ -259,7 +260,7 @@ impl Scan {
             cgroup,
             known: HashMap::new(),
             forked: HashMap::new(),
-            ending: HashSet::new(),
+            ending: HashMap::new(),
         }
     }
 
@@ -292,13 +293,13 @@ impl Scan {
             self.known.keys().filter(|pid| !present.contains(pid) || stats.contains_key(pid)).copied().collect();
         gone.sort_unstable();
         for pid in gone {
-            self.forget(pid);
+            self.forget(pid, None);
         }
 
         changed.sort_unstable();
         let mut unjudged = Vec::new();
         for (start_ticks, pid, ino) in changed {
-            if !self.admit(pid, ino, start_ticks, &mut stats) {
+            if !self.admit(pid, ino, start_ticks, None, &mut stats) {
                 unjudged.push(pid);
             }
         }
@@ -323,7 +324,9 @@ impl Scan {
     /// are found too, of processes a listing sees (zombies not reaped yet).
     fn list_and_recheck(&mut self) {
         self.list_then_retry();
-        self.ending.extend(self.known.iter().filter(|(_, k)| k.reported.is_some()).map(|(&pid, _)| pid));
+        for (&pid, _) in self.known.iter().filter(|(_, k)| k.reported.is_some()) {
+            self.ending.entry(pid).or_insert(None);
+        }
         self.settle_ending();
     }
 
@@ -339,13 +342,13 @@ impl Scan {
                 Hint::Fork(pid) => {
                     self.forked.insert(pid, Instant::now());
                 }
-                Hint::Exec(pid) => {
+                Hint::Exec(pid, at) => {
                     self.forked.remove(&pid);
-                    self.examine(pid, true);
+                    self.examine(pid, Some(wall_time(at)));
                 }
-                Hint::Exit(pid) => {
+                Hint::Exit(pid, at) => {
                     self.forked.remove(&pid);
-                    self.ending.insert(pid);
+                    self.ending.insert(pid, Some(wall_time(at)));
                 }
             }
         }
@@ -354,30 +357,31 @@ impl Scan {
             self.forked.iter().filter(|(_, &at)| now.duration_since(at) >= period).map(|(&pid, _)| pid).collect();
         for pid in due {
             self.forked.remove(&pid);
-            self.examine(pid, false);
+            self.examine(pid, None);
         }
         self.settle_ending();
     }
 
     /// A process the connector named: judged if new (and reported), and
-    /// reported again after an exec if it was reported before.
-    fn examine(&mut self, pid: i32, exec: bool) {
+    /// reported again after an exec if it was reported before. `exec`: the
+    /// time of the exec that named it, which its event then carries.
+    fn examine(&mut self, pid: i32, exec: Option<SystemTime>) {
         // Gone already: it ended before it could be read (its exit settles a known one).
         let Some(stat) = snapshot::stat(Pid::from_raw(pid)) else { return };
         if let Some(known) = self.known.get(&pid) {
             if known.start_ticks == stat.start_ticks {
-                if exec && known.reported.is_some() {
-                    let reported = self.report(pid, stat.start_ticks);
+                if exec.is_some() && known.reported.is_some() {
+                    let reported = self.report(pid, stat.start_ticks, exec);
                     if let (Some(known), Some(_)) = (self.known.get_mut(&pid), reported) {
                         known.reported = reported;
                     }
                 }
                 return;
             }
-            self.forget(pid);
+            self.forget(pid, None);
         }
         let mut stats = HashMap::from([(pid, stat)]);
-        if !self.admit(pid, 0, stat.start_ticks, &mut stats) {
+        if !self.admit(pid, 0, stat.start_ticks, exec, &mut stats) {
             // Its parent chain changed under the read: again a period later.
             self.forked.insert(pid, Instant::now());
         }
@@ -386,34 +390,46 @@ impl Scan {
     /// Forgets the processes whose leader ended that are gone (an exit
     /// event for those reported); keeps those whose other threads run.
     fn settle_ending(&mut self) {
-        let ending: Vec<i32> = self.ending.iter().copied().collect();
-        for pid in ending {
+        let ending: Vec<(i32, Option<SystemTime>)> = self.ending.iter().map(|(&pid, &at)| (pid, at)).collect();
+        for (pid, at) in ending {
             let Some(known) = self.known.get(&pid) else {
                 // Never judged (it ended before it could be): nothing to say.
                 self.ending.remove(&pid);
                 continue;
             };
             match ending_of(pid, known.start_ticks) {
-                Ending::Gone => self.forget(pid),
+                Ending::Gone => self.forget(pid, at),
                 Ending::Alive => {}
-                Ending::OtherThreads => continue,
+                // Its end is not its leader's: stamped when it is found gone.
+                Ending::OtherThreads => {
+                    self.ending.insert(pid, None);
+                    continue;
+                }
             }
             self.ending.remove(&pid);
         }
     }
 
-    /// A known process is gone: its exit is reported if it was.
-    fn forget(&mut self, pid: i32) {
+    /// A known process is gone: its exit is reported if it was, stamped
+    /// `at` (when the kernel said its leader ended) or now.
+    fn forget(&mut self, pid: i32, at: Option<SystemTime>) {
         if let Some(Known { reported: Some(ppid), .. }) = self.known.remove(&pid) {
-            self.sink.emit(exit_event(pid, ppid));
+            self.sink.emit(exit_event(pid, ppid, at.unwrap_or_else(SystemTime::now)));
         }
     }
 
     /// Judges a new process, reports it if it is to be, and knows it from
     /// then on; false when its parent chain could not be read whole.
-    fn admit(&mut self, pid: i32, ino: u64, start_ticks: u64, stats: &mut HashMap<i32, Stat>) -> bool {
+    fn admit(
+        &mut self,
+        pid: i32,
+        ino: u64,
+        start_ticks: u64,
+        exec: Option<SystemTime>,
+        stats: &mut HashMap<i32, Stat>,
+    ) -> bool {
         let reported = match self.judge(pid, stats) {
-            Some(true) => self.report(pid, start_ticks),
+            Some(true) => self.report(pid, start_ticks, exec),
             Some(false) => None,
             None => return false,
         };
@@ -421,9 +437,13 @@ impl Scan {
         true
     }
 
-    /// Reports a new process; returns its parent when it was reported.
-    fn report(&mut self, pid: i32, start_ticks: u64) -> Option<i32> {
-        let event = snapshot::exec_event(Pid::from_raw(pid), Found::ByScan)?;
+    /// Reports a process, stamped with its start time or the time of the
+    /// `exec` that named it; returns its parent when it was reported.
+    fn report(&mut self, pid: i32, start_ticks: u64, exec: Option<SystemTime>) -> Option<i32> {
+        let mut event = snapshot::exec_event(Pid::from_raw(pid), Found::ByScan)?;
+        if let Some(exec) = exec {
+            event.timestamp = Some(proto::timestamp(exec));
+        }
         // Read after the stat: the pid must still be the same process.
         snapshot::stat(Pid::from_raw(pid)).filter(|s| s.start_ticks == start_ticks)?;
         let ppid = event.ppid as i32;
@@ -500,12 +520,12 @@ fn cgroup(pid: i32) -> Option<Vec<u8>> {
 
 /// A reported process is gone: how it ended is its parent's to know, not
 /// the scan's (no cause, no code).
-fn exit_event(pid: i32, ppid: i32) -> Event {
+fn exit_event(pid: i32, ppid: i32, at: SystemTime) -> Event {
     Event {
         pid: pid as u32,
         tid: pid as u32,
         ppid: ppid as u32,
-        timestamp: Some(proto::timestamp(SystemTime::now())),
+        timestamp: Some(proto::timestamp(at)),
         syscall: "exit".to_owned(),
         payload: Some(Payload::Exit(proto::ExitEvent::default())),
         ..Event::default()
