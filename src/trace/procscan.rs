@@ -120,11 +120,12 @@ fn run(mut scan: Scan, period: Duration, delay: Duration, stopped: OwnedFd) -> F
         let received = messages.receive(&mut hints);
         // What came before a loss is still good.
         scan.follow(&hints, period);
+        meter.cpu += thread_cpu_time().saturating_sub(before);
         match received {
             Ok(()) => {}
             Err(Lost::Overrun) => {
                 if !overrun_said {
-                    log!("the process connector dropped messages (its buffer was full); listing /proc again, as each time it does");
+                    log!("the process connector dropped messages (its buffer was full): /proc is listed again each time it does");
                     overrun_said = true;
                 }
                 meter.listing(|| scan.list_and_recheck());
@@ -135,7 +136,6 @@ fn run(mut scan: Scan, period: Duration, delay: Duration, stopped: OwnedFd) -> F
                 meter.listing(|| scan.list_alone());
             }
         }
-        meter.cpu += thread_cpu_time().saturating_sub(before);
     }
     meter.finish(scan.sink)
 }
