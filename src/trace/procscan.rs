@@ -211,7 +211,10 @@ struct Known {
     /// the connector: the next listing reads its `stat`.
     ino: u64,
     start_ticks: u64,
-    /// Reported with this parent (None: judged not to report).
+    /// Judged to be reported: outside the traced tree, in this container.
+    outside: bool,
+    /// Reported with this parent (None: judged not to report, or it could
+    /// not be read; with the connector, its next exec is a new chance).
     reported: Option<i32>,
 }
 
@@ -370,7 +373,7 @@ impl Scan {
         let Some(stat) = snapshot::stat(Pid::from_raw(pid)) else { return };
         if let Some(known) = self.known.get(&pid) {
             if known.start_ticks == stat.start_ticks {
-                if exec.is_some() && known.reported.is_some() {
+                if exec.is_some() && known.outside {
                     let reported = self.report(pid, stat.start_ticks, exec);
                     if let (Some(known), Some(_)) = (self.known.get_mut(&pid), reported) {
                         known.reported = reported;
@@ -428,12 +431,12 @@ impl Scan {
         exec: Option<SystemTime>,
         stats: &mut HashMap<i32, Stat>,
     ) -> bool {
-        let reported = match self.judge(pid, stats) {
-            Some(true) => self.report(pid, start_ticks, exec),
-            Some(false) => None,
+        let outside = match self.judge(pid, stats) {
+            Some(outside) => outside,
             None => return false,
         };
-        self.known.insert(pid, Known { ino, start_ticks, reported });
+        let reported = if outside { self.report(pid, start_ticks, exec) } else { None };
+        self.known.insert(pid, Known { ino, start_ticks, outside, reported });
         true
     }
 
