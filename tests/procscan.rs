@@ -285,6 +285,25 @@ fn the_connector_reports_what_a_listing_would_miss_and_not_what_ended_before_it_
         [format!("exec {sleep} [\"/bin/sleep\",\"1000\"]"), "exit".into()]
     );
 
+    // Each exec of a process outside the tree, as it happens.
+    let mut shell =
+        common::command("sh").args(["-c", "read line; exec /bin/sleep 1000"]).stdin(Stdio::piped()).spawn().unwrap();
+    let pid = shell.id() as i32;
+    traced.wait_for_events_of(pid, 1);
+    writeln!(shell.stdin.take().unwrap(), "go").unwrap();
+    traced.wait_for_events_of(pid, 2);
+    shell.kill().unwrap();
+    shell.wait().unwrap();
+    let sh = std::fs::canonicalize("/bin/sh").unwrap().to_string_lossy().into_owned();
+    assert_eq!(
+        summary(&traced.wait_for_events_of(pid, 3)),
+        [
+            format!("exec {sh} [\"sh\",\"-c\",\"read line; exec /bin/sleep 1000\"]"),
+            format!("exec {sleep} [\"/bin/sleep\",\"1000\"]"),
+            "exit".into()
+        ]
+    );
+
     // One that exits at once: reported if it was still there to be read
     // when its exec was, else not at all. The kernel's messages come in
     // order, so once the next process is reported, this one's were handled.
