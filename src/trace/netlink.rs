@@ -78,6 +78,8 @@ pub enum Lost {
 /// A subscription to the process connector.
 pub struct Connector {
     socket: OwnedFd,
+    /// A LISTEN request went out: an IGNORE must follow it.
+    listening: bool,
 }
 
 impl Connector {
@@ -96,7 +98,7 @@ impl Connector {
             return Err(format!("socket: {}", Errno::last()));
         }
         // SAFETY: a non-negative return is a fresh descriptor we own.
-        let connector = Connector { socket: unsafe { OwnedFd::from_raw_fd(fd) } };
+        let mut connector = Connector { socket: unsafe { OwnedFd::from_raw_fd(fd) }, listening: false };
         // A smaller buffer only means an earlier overrun, which is handled.
         let _ = setsockopt(&connector.socket, sockopt::RcvBufForce, &RECEIVE_BUFFER);
         // Groups are a bit mask: group CN_IDX_PROC (1) is bit 0.
@@ -108,6 +110,7 @@ impl Connector {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let ack = nanos ^ seq.rotate_left(16);
         connector.send(libc::PROC_CN_MCAST_LISTEN, seq, ack).map_err(|e| format!("subscribe: {e}"))?;
+        connector.listening = true;
         connector.await_ack(ack.wrapping_add(1))
     }
 
@@ -128,7 +131,7 @@ impl Connector {
                         Some(err) => {
                             return Err(format!("the kernel refused the subscription: {}", Errno::from_raw(err as i32)))
                         }
-                        // Messages before the acknowledgement: the first scan covers them.
+                        // Messages before the acknowledgement: the first listing covers them.
                         None => {}
                     },
                     Ok(_) | Err(Errno::EINTR) | Err(Errno::ENOBUFS) => {}
@@ -165,10 +168,13 @@ impl AsFd for Connector {
 }
 
 impl Drop for Connector {
-    /// Kernels before 6.6 count listeners only by these requests, and keep
-    /// doing the work of every message while the count is above zero.
+    /// Kernels before 6.6 count listeners only by these requests (an
+    /// IGNORE without its LISTEN would take another listener's count), and
+    /// do the work of every message while the count is above zero.
     fn drop(&mut self) {
-        let _ = self.send(libc::PROC_CN_MCAST_IGNORE, std::process::id(), 0);
+        if self.listening {
+            let _ = self.send(libc::PROC_CN_MCAST_IGNORE, std::process::id(), 0);
+        }
     }
 }
 
