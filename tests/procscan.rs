@@ -1,5 +1,8 @@
 //! The /proc scan: processes outside the traced tree, reported as they start
-//! and end, against the pids, arguments and exits the test itself makes.
+//! and end, against the pids, arguments and exits the test itself makes;
+//! through the kernel's process connector where the tests run as root in
+//! the initial namespaces, and through listings of /proc elsewhere, in a
+//! new user namespace, or with the connector turned off.
 
 mod common;
 
@@ -26,7 +29,15 @@ impl Traced {
     }
 
     fn start_with_env(flags: &[&str], env: &[(&str, &str)]) -> Traced {
+        Traced::start_via(flags, env, None)
+    }
+
+    /// The tracer started as `launcher TRACER ARGS...` when there is one.
+    fn start_via(flags: &[&str], env: &[(&str, &str)], launcher: Option<&std::path::Path>) -> Traced {
         let mut trace = Trace::with_flags(flags, &["sh", "-c", "echo ready; read line"]);
+        if let Some(launcher) = launcher {
+            trace = trace.via(launcher);
+        }
         trace.command().stdin(Stdio::piped()).envs(env.iter().copied());
         let mut child = trace.spawn();
         let stdin = child.stdin.take().unwrap();
@@ -84,9 +95,51 @@ fn summary(events: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// The line that says where the tracer learns of processes outside its tree.
+fn source_line(run: &common::Run) -> &str {
+    let prefix = "cws-instrumentation: processes outside the traced tree: ";
+    run.stderr.lines().find_map(|l| l.strip_prefix(prefix)).unwrap_or_else(|| panic!("no source line: {}", run.stderr))
+}
+
+const CONNECTOR: &str = "as the kernel's process connector reports them";
+
+const CAP_NET_ADMIN: (u32, &str) = (12, "CAP_NET_ADMIN");
+
+/// Whether this process is in the initial user and pid namespaces (their
+/// inode numbers are fixed, include/linux/proc_ns.h).
+fn in_initial_namespaces() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ino = |ns: &str| std::fs::metadata(format!("/proc/self/ns/{ns}")).map(|m| m.ino()).ok();
+    ino("user") == Some(0xEFFF_FFFD) && ino("pid") == Some(0xEFFF_FFFC)
+}
+
+/// Whether the kernel grants a tracer started by this process the
+/// connector: CAP_NET_ADMIN in the initial namespaces.
+fn connector_granted() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let effective = status.lines().find_map(|l| l.strip_prefix("CapEff:")).map(|hex| hex.trim().to_owned());
+    let effective = u64::from_str_radix(&effective.unwrap(), 16).unwrap();
+    effective >> CAP_NET_ADMIN.0 & 1 == 1 && in_initial_namespaces()
+}
+
 #[test]
 fn a_process_outside_the_tree_is_reported_as_it_starts_and_ends_even_under_a_reused_pid() {
-    let traced = Traced::start(&["--proc-scan-rate", "100ms"]);
+    let run = outside_process_and_reused_pid(&[]);
+    if connector_granted() {
+        assert_eq!(source_line(&run), CONNECTOR);
+    }
+}
+
+#[test]
+fn listing_proc_instead_of_the_connector_reports_the_same() {
+    let run = outside_process_and_reused_pid(&[("CWS_INSTRUMENTATION_PROC_CONNECTOR", "off")]);
+    assert_eq!(source_line(&run), "/proc listed every 100ms (CWS_INSTRUMENTATION_PROC_CONNECTOR=off)");
+}
+
+/// A process started outside the tree, then another under its pid: each
+/// reported as it starts and ends. Returns the tracer's run.
+fn outside_process_and_reused_pid(env: &[(&str, &str)]) -> common::Run {
+    let traced = Traced::start_with_env(&["--proc-scan-rate", "100ms"], env);
     let sleep = std::fs::canonicalize("/bin/sleep").unwrap().to_string_lossy().into_owned();
     let mut outside = common::command("/bin/sleep").arg("1000").spawn().unwrap();
     let pid = outside.id() as i32;
@@ -127,6 +180,7 @@ fn a_process_outside_the_tree_is_reported_as_it_starts_and_ends_even_under_a_reu
     for event in run.of("exec").iter().filter(|e| e["exec"]["from_procfs"] == true) {
         assert!(!not_scanned.contains(&pid_of(event)), "{event}");
     }
+    run
 }
 
 /// A counter of the tracer's `--stats` line.
@@ -169,4 +223,106 @@ fn a_process_found_by_the_scan_carries_its_controlling_terminal() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(traced.finish().code(), Some(0));
+}
+
+#[test]
+fn in_a_new_user_namespace_proc_is_listed_and_reports_the_same() {
+    if !common::require_root(&[common::CAP_SYS_ADMIN], "make a user namespace") {
+        return;
+    }
+    // The process outside the tree is the one that makes the namespace: the
+    // tracer, in it too, may read it (a process in another user namespace
+    // than its reader's is closed to it, ptrace's access rules).
+    let mut outside =
+        common::command("unshare").args(["--user", "--map-root-user", "/bin/sleep", "1000"]).spawn().unwrap();
+    let pid = outside.id() as i32;
+    let sleep = std::fs::canonicalize("/bin/sleep").unwrap();
+    let started = Instant::now();
+    while std::fs::read_link(format!("/proc/{pid}/exe")).ok().as_ref() != Some(&sleep) {
+        assert!(started.elapsed() < DEADLINE, "unshare never ran sleep");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let launcher = dir.path().join("in-namespace");
+    std::fs::write(&launcher, format!("#!/bin/sh\nexec nsenter --user --target {pid} \"$@\"\n")).unwrap();
+    std::fs::set_permissions(&launcher, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let traced = Traced::start_via(&["--proc-scan-rate", "100ms"], &[], Some(&launcher));
+    let found = traced.wait_for_events_of(pid, 1);
+    let sleep = sleep.to_string_lossy();
+    assert_eq!(summary(&found), vec![format!("exec {sleep} [\"/bin/sleep\",\"1000\"]")]);
+    assert_eq!(found[0]["ppid"], std::process::id());
+    outside.kill().unwrap();
+    outside.wait().unwrap();
+    assert_eq!(summary(&traced.wait_for_events_of(pid, 2))[1], "exit");
+    let run = traced.finish();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let expected = "/proc listed every 100ms (no process connector: not in the initial user namespace)";
+    assert_eq!(source_line(&run), expected);
+}
+
+#[test]
+fn the_connector_reports_what_a_listing_would_miss_and_not_what_ended_before_it_was_read() {
+    if !common::require_root(&[CAP_NET_ADMIN], "subscribe to the process connector") {
+        return;
+    }
+    if !in_initial_namespaces() {
+        return common::skip("the process connector answers only in the initial user and pid namespaces");
+    }
+    // /proc is listed once, 2 s in; after that only the connector tells.
+    let traced = Traced::start(&["--proc-scan-rate", "1h"]);
+    let first = common::command("/bin/sleep").arg("1000").spawn().unwrap();
+    traced.wait_for_events_of(first.id() as i32, 1);
+
+    // A process that runs a few milliseconds (no listing for an hour).
+    let mut brief = common::command("/bin/sleep").arg("1000").spawn().unwrap();
+    let pid = brief.id() as i32;
+    traced.wait_for_events_of(pid, 1);
+    brief.kill().unwrap();
+    brief.wait().unwrap();
+    let sleep = std::fs::canonicalize("/bin/sleep").unwrap().to_string_lossy().into_owned();
+    assert_eq!(
+        summary(&traced.wait_for_events_of(pid, 2)),
+        [format!("exec {sleep} [\"/bin/sleep\",\"1000\"]"), "exit".into()]
+    );
+
+    // Each exec of a process outside the tree, as it happens.
+    let mut shell =
+        common::command("sh").args(["-c", "read line; exec /bin/sleep 1000"]).stdin(Stdio::piped()).spawn().unwrap();
+    let pid = shell.id() as i32;
+    traced.wait_for_events_of(pid, 1);
+    writeln!(shell.stdin.take().unwrap(), "go").unwrap();
+    traced.wait_for_events_of(pid, 2);
+    shell.kill().unwrap();
+    shell.wait().unwrap();
+    let sh = std::fs::canonicalize("/bin/sh").unwrap().to_string_lossy().into_owned();
+    assert_eq!(
+        summary(&traced.wait_for_events_of(pid, 3)),
+        [
+            format!("exec {sh} [\"sh\",\"-c\",\"read line; exec /bin/sleep 1000\"]"),
+            format!("exec {sleep} [\"/bin/sleep\",\"1000\"]"),
+            "exit".into()
+        ]
+    );
+
+    // One that exits at once: reported if it was still there to be read
+    // when its exec was, else not at all. The kernel's messages come in
+    // order, so once the next process is reported, this one's were handled.
+    let quick = common::command("/bin/true").spawn().unwrap();
+    let quick_pid = quick.id() as i64;
+    assert_eq!(common::wait(quick).0.code(), Some(0));
+    let next = common::command("/bin/sleep").arg("1000").spawn().unwrap();
+    traced.wait_for_events_of(next.id() as i32, 1);
+    let of_quick: Vec<Value> = traced.events().into_iter().filter(|e| pid_of(e) == quick_pid).collect();
+    let truth = std::fs::canonicalize("/bin/true").unwrap().to_string_lossy().into_owned();
+    if !of_quick.is_empty() {
+        assert_eq!(summary(&of_quick), [format!("exec {truth} [\"/bin/true\"]"), "exit".into()]);
+    }
+
+    for mut child in [first, next] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let run = traced.finish();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    assert_eq!(source_line(&run), CONNECTOR);
 }

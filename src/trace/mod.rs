@@ -14,6 +14,7 @@ mod decode;
 mod engine;
 mod launch;
 mod memory;
+mod netlink;
 mod paths;
 mod process;
 mod procfs;

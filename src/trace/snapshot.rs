@@ -17,6 +17,8 @@ const STRINGS_MAX: usize = 256 * 1024;
 /// The fields of /proc/PID/stat the snapshot needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stat {
+    /// The state letter (`R`, `S`, `Z` for a zombie, ...).
+    pub state: u8,
     pub ppid: i32,
     /// The controlling terminal's device number (0: none).
     pub tty_nr: u32,
@@ -32,6 +34,7 @@ pub fn parse_stat(text: &[u8]) -> Option<Stat> {
     let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
     // fields[0] is field 3 (state): ppid is field 4, tty_nr 7, starttime 22.
     Some(Stat {
+        state: *fields.first()?.as_bytes().first()?,
         ppid: fields.get(1)?.parse().ok()?,
         tty_nr: fields.get(4)?.parse::<i64>().ok()? as u32,
         start_ticks: fields.get(19)?.parse().ok()?,
@@ -131,7 +134,7 @@ mod tests {
     #[test]
     fn stat_fields_are_counted_after_the_command_name() {
         let line = b"42 (a) b (c) d) S 7 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 123456 1000 10 0\n";
-        assert_eq!(parse_stat(line), Some(Stat { ppid: 7, tty_nr: 0, start_ticks: 123456 }));
+        assert_eq!(parse_stat(line), Some(Stat { state: b'S', ppid: 7, tty_nr: 0, start_ticks: 123456 }));
         assert_eq!(parse_stat(b"42 (x) S"), None);
     }
 

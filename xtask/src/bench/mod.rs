@@ -10,9 +10,9 @@
 //! shared and noisy). The tracer's own counters (`--stats`) give the ptrace
 //! stops, events, drops and its peak RSS. A table goes to stdout, then the
 //! targets of issue 5 with what was measured against each, and JSON to
-//! `TARGET_DIR/bench/results.json` (cargo's target directory). Last, W8: the
-//! /proc scan's CPU per scan with 1,000 processes present (`--only-procscan`
-//! runs only that).
+//! `TARGET_DIR/bench/results.json` (cargo's target directory). Last, W9: the
+//! /proc scan's CPU per scan with 1,000 processes present, and the process
+//! connector's per 1,000 processes started (`--only-procscan` runs only that).
 
 mod ingest;
 mod procscan;
@@ -166,7 +166,7 @@ fn check_tools() -> Result<(), String> {
     Ok(())
 }
 
-/// Processes present for W8, the /proc scan's cost.
+/// Processes present for W9, the /proc scan's cost.
 const SCAN_PROCESSES: usize = 1000;
 
 fn bench_procscan(tracer: &str, dir: &Path) -> Result<(), String> {
