@@ -1,4 +1,4 @@
-//! W8: what the /proc scan costs with 1,000 processes outside the traced
+//! What the /proc scan costs with 1,000 processes outside the traced
 //! tree. The tracer's scan thread counts its own CPU time (`--stats`): the
 //! first scan, which reads the details of every process present, apart from
 //! the steady state (one `stat` read per process). Against it, a walk as
@@ -102,7 +102,7 @@ pub fn measure(tracer: &str, processes: usize) -> Result<ScanCost, String> {
 pub fn report(cost: &ScanCost) -> String {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     format!(
-        "W8 /proc scan, {} processes outside the tree: first scan {:.2} ms CPU, then {:.2} ms per scan ({} scans); a Datadog-style walk: {:.2} ms per tick",
+        "/proc scan, {} processes outside the tree: first scan {:.2} ms CPU, then {:.2} ms per scan ({} scans); a Datadog-style walk: {:.2} ms per tick",
         cost.processes,
         ms(cost.first_scan),
         ms(cost.steady_scan),
