@@ -355,6 +355,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
     };
     let targets = report::targets(&results, &ingest);
     report::print_targets(&targets);
+    println!("\n{}", report::markdown(&results));
     let out = dir.join("results.json");
     let json = report::json(runs, quick, &results, &ingest, &targets);
     std::fs::write(&out, json).map_err(|e| e.to_string())?;
