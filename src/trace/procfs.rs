@@ -34,7 +34,7 @@ pub fn fd_path(tid: Pid, fd: i32) -> Option<String> {
 /// lexically. A relative path of a chroot'ed thread is resolved from its
 /// working directory without its root as a bound.
 pub fn resolve_path(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<String> {
-    resolve_file(tid, dirfd, raw).map(|(path, _)| path)
+    resolve(tid, dirfd, raw, false).map(|(path, _)| path)
 }
 
 /// Which file a name leads to, whatever its name: st_dev as stat(2) gives
@@ -49,6 +49,12 @@ pub struct FileId {
 /// [`resolve_path`], and the file the path names now, its final symlink not
 /// followed (None when there is none: not created yet, or gone).
 pub fn resolve_file(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<(String, Option<FileId>)> {
+    resolve(tid, dirfd, raw, true)
+}
+
+/// [`resolve_path`], and with `identify` the file (a statx the tracee
+/// would wait for otherwise).
+fn resolve(tid: Pid, dirfd: i32, raw: &[u8], identify: bool) -> Option<(String, Option<FileId>)> {
     use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
     const AT_FDCWD: i32 = -100;
     let (dir, name) = split_final_name(raw);
@@ -68,7 +74,7 @@ pub fn resolve_file(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<(String, Option<
     // or another view: magic links are refused, and the caller falls back.
     let how = OpenHow::new().flags(directory).resolve(resolve | ResolveFlag::RESOLVE_NO_MAGICLINKS);
     let opened = openat2(&base, relative, how).ok()?;
-    let file = file_id(&opened, name.unwrap_or_default());
+    let file = identify.then(|| file_id(&opened, name.unwrap_or_default())).flatten();
     let mut path = directory_path(opened)?;
     if let Some(name) = name {
         if path != b"/" {
@@ -160,9 +166,15 @@ fn split_final_name(raw: &[u8]) -> (&[u8], Option<&[u8]>) {
     }
 }
 
-/// The thread's working directory, also deeper than PATH_MAX.
+/// The thread's working directory, also deeper than PATH_MAX. The link
+/// names it as a path resolved to it would (the same d_path) in one
+/// syscall; only a directory deeper than the kernel names is climbed to.
 pub fn cwd(tid: Pid) -> Option<String> {
-    resolve_path(tid, -100, b".")
+    match std::fs::read_link(format!("/proc/{tid}/cwd")) {
+        Ok(path) => Some(text::lossless_os(path.as_os_str())),
+        Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) => resolve_path(tid, -100, b"."),
+        Err(_) => None,
+    }
 }
 
 pub fn root(tid: Pid) -> Option<String> {

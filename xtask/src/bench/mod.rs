@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick] [--runs N]`: what tracing costs a workload,
+//! `cargo xtask bench [--quick] [--runs N] [--only W1,W8]`: what tracing costs a workload,
 //! measured side by side in one run: native, strace with and without its
 //! seccomp filter, and this tracer offline (events encoded to /dev/null),
 //! exporting to a local `serve`, and with `--disable-seccomp`. Then how fast
@@ -8,17 +8,25 @@
 //! the configurations taking turns;
 //! ratios are against native measured in the same run (the machines are
 //! shared and noisy). The tracer's own counters (`--stats`) give the ptrace
-//! stops, events, drops and its peak RSS. A table goes to stdout, then the
-//! targets of issue 5 with what was measured against each, and JSON to
-//! `TARGET_DIR/bench/results.json` (cargo's target directory). Last, W9: the
-//! /proc scan's CPU per scan with 1,000 processes present, and the process
-//! connector's per 1,000 processes started (`--only-procscan` runs only that).
+//! stops, events, drops and its peak RSS; one more run of `ours`, not
+//! timed, counts the tracer thread's own syscalls (perf's syscall
+//! tracepoint, filtered to the `cws-tracer` thread), so that each workload
+//! shows its stops per second and the tracer's syscalls per stop. A table
+//! goes to stdout, then the targets of issues 5 and 16 with what was
+//! measured against each, and JSON to `TARGET_DIR/bench/results.json`
+//! (cargo's target directory). Last, W9: the /proc scan's CPU per scan with
+//! 1,000 processes present, and the process connector's per 1,000
+//! processes started (`--only-procscan` runs only that). `--only` runs only
+//! the workloads named (by their ids), without the ingest and /proc scan
+//! parts.
 
 mod ingest;
+mod postgres;
 mod procscan;
 mod programs;
 mod redis;
 mod report;
+mod syscalls;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -44,6 +52,10 @@ pub struct Measurement {
     pub stats: BTreeMap<String, u64>,
     /// W7: the worst p99 latency of SET and GET, in ms (median over runs).
     pub p99_ms: Option<f64>,
+    /// Ptrace stops (`--stats`) over the median wall time (the tracer's configurations).
+    pub stops_per_second: Option<f64>,
+    /// The tracer thread's syscalls per stop, from the counted run (`ours` only).
+    pub tracer_syscalls_per_stop: Option<f64>,
 }
 
 /// One timed run.
@@ -58,6 +70,8 @@ enum Workload {
     Command(Vec<String>),
     /// W7: a Redis server under the prefix, loaded by redis-benchmark.
     Redis,
+    /// W8: a PostgreSQL server under the prefix, loaded by pgbench.
+    Postgres(postgres::Mix),
 }
 
 /// A bare environment: what a container entrypoint gets, not cargo's (its
@@ -141,24 +155,46 @@ impl Drop for Agent {
     }
 }
 
-fn arguments(args: &[String]) -> Result<(bool, usize), String> {
+struct Arguments {
+    quick: bool,
+    runs: usize,
+    /// `--only W1,W8`: the ids of the workloads to run (all when None).
+    only: Option<Vec<String>>,
+}
+
+fn arguments(args: &[String]) -> Result<Arguments, String> {
     let quick = args.iter().any(|a| a == "--quick");
-    let runs = match args.iter().position(|a| a == "--runs") {
-        Some(i) => args.get(i + 1).and_then(|n| n.parse().ok()).filter(|&n| n > 0).ok_or("--runs takes a number")?,
+    let value = |flag: &str| args.iter().position(|a| a == flag).map(|i| args.get(i + 1));
+    let runs = match value("--runs") {
+        Some(n) => n.and_then(|n| n.parse().ok()).filter(|&n| n > 0).ok_or("--runs takes a number")?,
         None if quick => 2,
         None => 10,
     };
-    Ok((quick, runs))
+    let only = match value("--only") {
+        Some(ids) => {
+            Some(ids.ok_or("--only takes workload ids: --only W1,W8")?.split(',').map(str::to_owned).collect())
+        }
+        None => None,
+    };
+    Ok(Arguments { quick, runs, only })
 }
 
-/// The programs the workloads need, with the Debian package to install.
-fn check_tools() -> Result<(), String> {
-    for (program, package) in [
-        ("strace", "strace"),
-        ("redis-server", "redis-server"),
-        ("redis-benchmark", "redis-tools"),
-        ("redis-cli", "redis-tools"),
-    ] {
+/// A workload's id: the first word of its name (`W8`).
+fn id(workload: &str) -> &str {
+    workload.split(' ').next().unwrap_or(workload)
+}
+
+/// The programs the workloads need, with the Debian package to install
+/// (PostgreSQL installs itself, see `postgres`).
+fn check_tools(workloads: &[(&'static str, Workload)]) -> Result<(), String> {
+    let redis = workloads.iter().any(|(_, w)| matches!(w, Workload::Redis));
+    let tools = [
+        (true, "strace", "strace"),
+        (redis, "redis-server", "redis-server"),
+        (redis, "redis-benchmark", "redis-tools"),
+        (redis, "redis-cli", "redis-tools"),
+    ];
+    for (_, program, package) in tools.into_iter().filter(|(needed, ..)| *needed) {
         if Command::new(program).arg("--version").output().is_err() {
             return Err(format!("{program} is needed: apt-get install -y {package}"));
         }
@@ -179,13 +215,12 @@ fn bench_procscan(tracer: &str, dir: &Path) -> Result<(), String> {
 }
 
 pub fn bench(args: &[String]) -> Result<(), String> {
-    let (quick, runs) = arguments(args)?;
+    let Arguments { quick, runs, only } = arguments(args)?;
     if args.iter().any(|a| a == "--only-procscan") {
         let dir = crate::target_subdir("bench")?;
         return bench_procscan(&crate::dist()?.display().to_string(), &dir);
     }
     let sizes: Sizes = if quick { programs::QUICK } else { programs::FULL };
-    check_tools()?;
     let tracer = crate::dist()?.display().to_string();
     let dir = crate::target_subdir("bench")?;
     let getpid = compile(&dir, "getpid", programs::GETPID)?;
@@ -218,7 +253,21 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         ("W5 make -j2", command(vec![s("sh"), s("-c"), make])),
         ("W6 16 threads + signals", command(vec![p(&threads), sizes.signals.to_string()])),
         ("W7 redis SET+GET", Workload::Redis),
+        ("W8 postgres select-only", Workload::Postgres(postgres::Mix::SelectOnly)),
+        ("W8 postgres TPC-B", Workload::Postgres(postgres::Mix::TpcB)),
     ];
+    let workloads: Vec<_> = match &only {
+        Some(ids) => workloads.into_iter().filter(|(name, _)| ids.iter().any(|i| i == id(name))).collect(),
+        None => workloads,
+    };
+    if workloads.is_empty() {
+        return Err(format!("--only {}: no such workload", only.unwrap_or_default().join(",")));
+    }
+    check_tools(&workloads)?;
+    let cluster = match workloads.iter().any(|(_, w)| matches!(w, Workload::Postgres(_))) {
+        true => Some(postgres::Cluster::create()?),
+        false => None,
+    };
     let trace_set = format!("trace={SET}");
     let strace = |filter: bool| {
         let mut argv = vec![s("strace"), s("-f"), s("-qq")];
@@ -243,11 +292,19 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         ("ours --disable-seccomp", ours(&["--probe-addr", "", "--events-file", "/dev/null", "--disable-seccomp"])),
     ];
 
+    let ours_index = configs.iter().position(|(config, _)| *config == "ours").ok_or("no ours configuration")?;
     let mut results = Vec::new();
     for (workload, what) in &workloads {
         let once = |prefix: &[String]| match what {
             Workload::Command(argv) => time_once(&[prefix, argv.as_slice()].concat()),
             Workload::Redis => redis::run_once(prefix, sizes.redis_requests),
+            Workload::Postgres(mix) => {
+                let transactions = match mix {
+                    postgres::Mix::SelectOnly => sizes.pgbench_select,
+                    postgres::Mix::TpcB => sizes.pgbench_tpcb,
+                };
+                postgres::run_once(prefix, cluster.as_ref().ok_or("no cluster")?, *mix, transactions)
+            }
         };
         for (_, prefix) in &configs {
             once(prefix)?; // warm-up
@@ -260,20 +317,30 @@ pub fn bench(args: &[String]) -> Result<(), String> {
                 done.push(once(prefix)?);
             }
         }
+        // Not timed: the tracer thread's syscalls, counted by the kernel.
+        let counted = syscalls::counting_prefix(&dir, &configs[ours_index].1);
+        let tracer_syscalls = counted.and_then(|prefix| Some((once(&prefix).ok()?, syscalls::count(&dir)?)));
         let mut native = None;
-        for ((config, _), done) in configs.iter().zip(runs_of) {
+        for (index, ((config, _), done)) in configs.iter().zip(runs_of).enumerate() {
             let mut times: Vec<Duration> = done.iter().map(|r| r.elapsed).collect();
             let mut p99s: Vec<f64> = done.iter().filter_map(|r| r.p99_ms).collect();
             let min = *times.iter().min().unwrap_or(&Duration::ZERO);
             let median_time = median(&mut times);
             let base = *native.get_or_insert(median_time);
+            let stats = done.into_iter().last().map(|r| r.stats).unwrap_or_default();
+            let stops = stop_count(&stats);
             let measurement = Measurement {
                 workload,
                 config,
                 median: median_time,
                 min,
                 ratio: median_time.as_secs_f64() / base.as_secs_f64().max(1e-9),
-                stats: done.into_iter().last().map(|r| r.stats).unwrap_or_default(),
+                stops_per_second: stops.map(|n| n as f64 / median_time.as_secs_f64().max(1e-9)),
+                tracer_syscalls_per_stop: tracer_syscalls
+                    .as_ref()
+                    .filter(|_| index == ours_index)
+                    .and_then(|(run, count)| Some(*count as f64 / stop_count(&run.stats)?.max(1) as f64)),
+                stats,
                 p99_ms: (!p99s.is_empty()).then(|| median(&mut p99s)),
             };
             println!("{}", report::row(&measurement));
@@ -281,13 +348,27 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         }
     }
     agent.stop()?;
+    drop(cluster);
 
-    let ingest = ingest::measure(&tracer, &dir, &project, sizes.ingest_events)?;
+    let ingest = match only {
+        Some(_) => Vec::new(),
+        None => ingest::measure(&tracer, &dir, &project, sizes.ingest_events)?,
+    };
     let targets = report::targets(&results, &ingest);
     report::print_targets(&targets);
+    println!("\n{}", report::markdown(&results));
     let out = dir.join("results.json");
     let json = report::json(runs, quick, &results, &ingest, &targets);
     std::fs::write(&out, json).map_err(|e| e.to_string())?;
     println!("results: {}", out.display());
-    bench_procscan(&tracer, &dir)
+    match only {
+        Some(_) => Ok(()),
+        None => bench_procscan(&tracer, &dir),
+    }
+}
+
+/// The ptrace stops of a `--stats` line (None without one: not ours).
+fn stop_count(stats: &BTreeMap<String, u64>) -> Option<u64> {
+    let stops: Vec<u64> = stats.iter().filter(|(name, _)| name.ends_with("_stops")).map(|(_, n)| *n).collect();
+    (!stops.is_empty()).then(|| stops.iter().sum())
 }

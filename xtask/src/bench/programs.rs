@@ -71,6 +71,9 @@ pub struct Sizes {
     pub c_files: usize,
     /// Requests of each kind (SET, GET) redis-benchmark sends in W7.
     pub redis_requests: u64,
+    /// W8: transactions per pgbench client, select-only and TPC-B.
+    pub pgbench_select: u64,
+    pub pgbench_tpcb: u64,
     /// Events the ingest load generator sends to `serve` per stream count.
     pub ingest_events: u64,
 }
@@ -85,6 +88,8 @@ pub const FULL: Sizes = Sizes {
     find_root: "/usr",
     c_files: 24,
     redis_requests: 200_000,
+    pgbench_select: 25_000,
+    pgbench_tpcb: 2_000,
     ingest_events: 2_000_000,
 };
 /// Small enough that --quick, full-ptrace configurations included,
@@ -99,6 +104,8 @@ pub const QUICK: Sizes = Sizes {
     find_root: "/usr/include/linux",
     c_files: 4,
     redis_requests: 20_000,
+    pgbench_select: 5_000,
+    pgbench_tpcb: 500,
     ingest_events: 500_000,
 };
 
