@@ -1187,14 +1187,7 @@ fn golden_messages_become_our_events() {
 
 #[test]
 fn types_without_an_event_of_ours_are_none() {
-    for name in [
-        "31-loadmodule",
-        "32-unloadmodule",
-        "36-setsockopt-filter",
-        "38-setrlimit",
-        "39-prctl",
-        "40-socket",
-    ] {
+    for name in ["31-loadmodule", "32-unloadmodule", "36-setsockopt-filter", "38-setrlimit", "39-prctl", "40-socket"] {
         assert_eq!(inbound_event(name), None, "{name}");
     }
 }
