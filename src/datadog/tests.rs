@@ -729,6 +729,7 @@ fn events_we_know_whole_give_the_golden_messages() {
             family: family as i32,
             protocol: Protocol::Tcp as i32,
             fd: Some(3),
+            ..Default::default()
         })
     };
     let exit = |cause: ExitCause, code, signal| {
@@ -987,6 +988,7 @@ fn events_the_agent_has_no_type_for_or_would_misread_are_none() {
             family: family as i32,
             protocol: 1,
             fd: Some(3),
+            ..Default::default()
         })
     };
     assert!(send(-111, connect(AddressFamily::Inet, "127.0.0.1")));
@@ -1076,6 +1078,7 @@ fn golden_messages_become_our_events() {
             family: AddressFamily::Inet6 as i32,
             protocol: Protocol::Tcp as i32,
             fd: None,
+            ..Default::default()
         })
     );
     assert_eq!(

@@ -247,24 +247,32 @@ pub fn descriptor_copy(tid: Pid, tgid: Pid, fd: i32) -> Option<OwnedFd> {
     (copy >= 0).then(|| unsafe { OwnedFd::from_raw_fd(copy as i32) })
 }
 
+/// An int SOL_SOCKET option of a socket.
+fn socket_option(socket: &OwnedFd, name: libc::c_int) -> Option<i32> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value and len are valid for writes of their sizes.
+    let rc = unsafe {
+        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, name, (&mut value as *mut libc::c_int).cast(), &mut len)
+    };
+    (rc == 0).then_some(value)
+}
+
 /// (type, protocol) of a socket.
 pub fn socket_kind(socket: &OwnedFd) -> Option<(i32, i32)> {
-    let option = |name| {
-        let mut value: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: value and len are valid for writes of their sizes.
-        let rc = unsafe {
-            libc::getsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                name,
-                (&mut value as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        (rc == 0).then_some(value)
-    };
-    Some((option(libc::SO_TYPE)?, option(libc::SO_PROTOCOL)?))
+    Some((socket_option(socket, libc::SO_TYPE)?, socket_option(socket, libc::SO_PROTOCOL)?))
+}
+
+/// The AF_* family of a socket.
+pub fn socket_family(socket: &OwnedFd) -> Option<i32> {
+    socket_option(socket, libc::SO_DOMAIN)
+}
+
+/// The process a pidfd refers to, from its fdinfo (`Pid:`, Linux 5.10+;
+/// -1 once the process is gone); None when the descriptor is no pidfd.
+pub fn pidfd_target(tid: Pid, fd: i32) -> Option<i32> {
+    let info = std::fs::read_to_string(format!("/proc/{tid}/fdinfo/{fd}")).ok()?;
+    info.lines().find_map(|l| l.strip_prefix("Pid:")).and_then(|pid| pid.trim().parse().ok())
 }
 
 /// Which end of a socket: its own address, or its peer's.
