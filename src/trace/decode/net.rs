@@ -110,8 +110,11 @@ pub(super) fn socket_of(cx: &Ctx<'_>, fd: i32) -> Option<OwnedFd> {
 }
 
 pub(super) fn protocol_of_socket(socket: Option<&OwnedFd>, family: AddressFamily) -> Protocol {
-    let (sock_type, protocol) = socket.and_then(procfs::socket_kind).unwrap_or((0, -1));
-    protocol_of(family, sock_type, protocol)
+    // A descriptor that is no socket (or is gone) has no protocol to tell.
+    match socket.and_then(procfs::socket_kind) {
+        Some((sock_type, protocol)) => protocol_of(family, sock_type, protocol),
+        None => Protocol::Unspecified,
+    }
 }
 
 /// connect: the address read at entry, checked against the socket's peer

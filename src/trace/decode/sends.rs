@@ -127,7 +127,8 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, send: SendCall) {
         let requested = net::parse_sockaddr(raw);
         let partial = requested.is_none();
         let (checked, unverified) = match (stream, requested) {
-            (true, requested) => net::verify_peer(socket.as_ref(), requested, retval),
+            // A send's success is the bytes it sent; the check takes a connect's 0.
+            (true, requested) => net::verify_peer(socket.as_ref(), requested, retval.min(0)),
             (false, Some(requested)) if net::is_ip(requested.0) => {
                 let why = "address: read from the workload's memory as the kernel read it; the kernel keeps no \
                            record of a datagram's destination to check it against";
