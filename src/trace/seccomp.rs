@@ -161,13 +161,6 @@ fn push_test(block: &mut Vec<libc::sock_filter>, test: ArgTest, fails: &mut Vec<
                 }
             }
         }
-        ArgTest::NoneOf(index, values) => {
-            block.push(low(index));
-            for &value in values {
-                block.push(jump(BPF_JEQ_K, value, 0, 0));
-                fails.push((block.len() - 1, true));
-            }
-        }
         ArgTest::Masked(index, mask, value) => {
             block.push(low(index));
             block.push(stmt(BPF_AND_K, mask));
@@ -325,7 +318,7 @@ mod tests {
 
     fn jeqs_of(test: ArgTest) -> usize {
         match test {
-            ArgTest::OneOf(_, values) | ArgTest::NoneOf(_, values) => values.len(),
+            ArgTest::OneOf(_, values) => values.len(),
             ArgTest::Masked(..) => 1,
             ArgTest::NonZero(_) => 2,
         }
@@ -374,7 +367,7 @@ mod tests {
             let mut probes: Vec<u64> = vec![0, 1, 1 << 32, u64::MAX];
             for test in when.0.iter().flat_map(|c| c.iter()) {
                 match *test {
-                    ArgTest::OneOf(_, values) | ArgTest::NoneOf(_, values) => probes
+                    ArgTest::OneOf(_, values) => probes
                         .extend(values.iter().flat_map(|&v| [u64::from(v), u64::from(v) + 1, u64::from(v) | 1 << 40])),
                     ArgTest::Masked(_, mask, value) => probes.extend([u64::from(value), u64::from(value | !mask)]),
                     ArgTest::NonZero(_) => {}

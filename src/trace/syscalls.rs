@@ -34,8 +34,6 @@ pub enum Action {
 pub enum ArgTest {
     /// The argument's low 32 bits (an int, as the kernel reads it) are one of these.
     OneOf(usize, &'static [u32]),
-    /// The argument's low 32 bits are none of these.
-    NoneOf(usize, &'static [u32]),
     /// The argument's low 32 bits, masked, equal the value.
     Masked(usize, u32, u32),
     /// The whole 64-bit argument is not 0 (a pointer that is not NULL).
@@ -47,7 +45,6 @@ impl ArgTest {
         let low = |index: usize| args[index] as u32;
         match self {
             ArgTest::OneOf(index, values) => values.contains(&low(index)),
-            ArgTest::NoneOf(index, values) => !values.contains(&low(index)),
             ArgTest::Masked(index, mask, value) => low(index) & mask == value,
             ArgTest::NonZero(index) => args[index] != 0,
         }
@@ -138,13 +135,23 @@ pub const SOCKOPTS_WATCHED: When = When(&[
     &[ArgTest::OneOf(1, &[263]), ArgTest::OneOf(2, &[1])],
 ]);
 
-/// A signal that is an event: not 0 (an existence probe that sends
-/// nothing) nor SIGURG (ignored by default; Go preempts its own threads
-/// with it). `index` is the signal's argument.
+/// Signals that stop: those whose default action ends, stops or resumes a
+/// process (SIGHUP, SIGINT, SIGQUIT, SIGILL, SIGTRAP, SIGABRT, SIGBUS,
+/// SIGFPE, SIGKILL, SIGSEGV, SIGPIPE, SIGTERM, SIGSTKFLT, SIGCONT, SIGSTOP,
+/// SIGTSTP, SIGTTIN, SIGTTOU, SIGXCPU, SIGXFSZ, SIGPWR, SIGSYS). The filter
+/// cannot tell a signal a process sends itself from one to another, so the
+/// signals programs send themselves all the time never stop: timers
+/// (SIGALRM, SIGVTALRM, SIGPROF), SIGUSR1 and SIGUSR2, SIGIO, those ignored
+/// by default (SIGCHLD, SIGURG: Go preempts its threads with it, SIGWINCH),
+/// real-time ones (glibc's thread cancellation and set*id broadcast), and 0
+/// (a probe that sends nothing).
+const SIGNALS_WATCHED: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 15, 16, 18, 19, 20, 21, 22, 24, 25, 30, 31];
+
+/// `index` is the signal's argument.
 const fn signal_sent(index: usize) -> When {
     match index {
-        1 => When(&[&[ArgTest::NoneOf(1, &[0, libc::SIGURG as u32])]]),
-        _ => When(&[&[ArgTest::NoneOf(2, &[0, libc::SIGURG as u32])]]),
+        1 => When(&[&[ArgTest::OneOf(1, SIGNALS_WATCHED)]]),
+        _ => When(&[&[ArgTest::OneOf(2, SIGNALS_WATCHED)]]),
     }
 }
 
