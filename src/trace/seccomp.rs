@@ -333,7 +333,7 @@ mod tests {
                 OFFSET_ARCH => arch,
                 _ => {
                     let arg = args[((offset - OFFSET_ARGS) / 8) as usize];
-                    if (offset - OFFSET_ARGS) % 8 == 0 {
+                    if (offset - OFFSET_ARGS).is_multiple_of(8) {
                         arg as u32
                     } else {
                         (arg >> 32) as u32
