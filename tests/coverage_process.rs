@@ -315,6 +315,8 @@ fn raw_and_packet_sockets_and_traffic_shaping_options_are_events_ordinary_ones_a
         // [0x20, 0, 0, 0, 12, 0, 0, 0, 0x06, 0, 0, 0, 0xff, 0xff, 0, 0] in base64, as protojson writes bytes.
         assert_eq!(filter["filter"], "IAAAAAwAAAAGAAAA//8AAA==");
         assert_eq!(filter["filter_instructions"], 2);
+        // Checked against the program the socket has (SO_GET_FILTER).
+        assert!(options[0]["unverified"].is_null(), "{:#?}", options[0]);
         assert_eq!(num(&filter["socket_type"]), made.num("udp_kind", 2));
         assert_eq!(num(&filter["socket_protocol"]), made.num("udp_kind", 3));
     }

@@ -268,6 +268,31 @@ pub fn socket_family(socket: &OwnedFd) -> Option<i32> {
     socket_option(socket, libc::SO_DOMAIN)
 }
 
+/// The classic BPF program attached to a socket, as it was passed
+/// (SO_GET_FILTER: the kernel keeps the original instructions); None when
+/// it has none, or an eBPF one.
+pub fn socket_filter(socket: &OwnedFd) -> Option<Vec<u8>> {
+    /// SO_GET_FILTER is SO_ATTACH_FILTER's number.
+    const SO_GET_FILTER: libc::c_int = libc::SO_ATTACH_FILTER;
+    // With a zero length the kernel answers the instruction count; the
+    // length given and answered counts instructions, not bytes.
+    let mut count: libc::socklen_t = 0;
+    // SAFETY: a zero length asks for no buffer; count is valid for writes.
+    let rc = unsafe {
+        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, SO_GET_FILTER, std::ptr::null_mut(), &mut count)
+    };
+    if rc != 0 || count == 0 || count > 4096 {
+        return None;
+    }
+    let mut program = vec![0u8; count as usize * 8];
+    let mut len = count;
+    // SAFETY: program holds `count` instructions of 8 bytes, the length given.
+    let rc = unsafe {
+        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, SO_GET_FILTER, program.as_mut_ptr().cast(), &mut len)
+    };
+    (rc == 0 && len == count).then_some(program)
+}
+
 /// The process a pidfd refers to, from its fdinfo (`Pid:`, Linux 5.10+;
 /// -1 once the process is gone); None when the descriptor is no pidfd.
 pub fn pidfd_target(tid: Pid, fd: i32) -> Option<i32> {

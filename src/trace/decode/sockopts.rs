@@ -175,5 +175,18 @@ pub fn setsockopt_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
         }
         OptionValue::Other => {}
     }
-    cx.emit_call(call, retval, false, Payload::Setsockopt(event));
+    // SO_ATTACH_FILTER's program, once attached, is the kernel's to tell.
+    let attached = (retval == 0 && level == libc::SOL_SOCKET && name == libc::SO_ATTACH_FILTER)
+        .then(|| socket.as_ref().and_then(procfs::socket_filter))
+        .flatten();
+    match attached {
+        Some(program) if program != event.filter => {
+            let why = "filter: read from the workload's memory, but the socket's program is the kernel's answer \
+                       (the memory changed after the read, or another call replaced the filter)";
+            event.filter_instructions = Some((program.len() / 8) as u32);
+            event.filter = program;
+            cx.emit_unverified(call, retval, why.to_owned(), Payload::Setsockopt(event));
+        }
+        _ => cx.emit_call(call, retval, false, Payload::Setsockopt(event)),
+    }
 }
