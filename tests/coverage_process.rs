@@ -196,6 +196,8 @@ fn signals_to_other_processes_are_events_and_probes_and_signals_to_oneself_are_n
             none,
             death("i386_kill", "kill", true, true, false),
             death("i386_tgkill", "tgkill", true, true, true),
+            death("i386_tkill", "tkill", true, false, true),
+            death("i386_pidfd_send_signal", "pidfd_send_signal", true, true, false),
         ];
         assert_eq!(got, expected, "{mode:?}: {events:#?}");
         assert!(events[3]["signal"]["pidfd"].is_number(), "{:#?}", events[3]);
@@ -222,7 +224,7 @@ fn module_loads_and_unloads_report_names_parameters_and_files() {
             |label: &str, syscall: &str, i386: bool| (syscall.to_owned(), abi(i386).to_owned(), made.num(label, 0));
         let expected = vec![
             (at("init_module", "init_module", false), "cws_fake".into(), "debug=1".into(), Value::Null, length, 0),
-            (at("finit_module", "finit_module", false), "cws_fake".into(), "debug=2".into(), path, 0, 0),
+            (at("finit_module", "finit_module", false), "cws_fake".into(), "debug=2".into(), path.clone(), 0, 0),
             (
                 at("delete_module", "delete_module", false),
                 "cws_no_such_module".into(),
@@ -240,6 +242,7 @@ fn module_loads_and_unloads_report_names_parameters_and_files() {
                 2048,
             ),
             (at("i386_init_module", "init_module", true), "cws_fake".into(), "debug=3".into(), Value::Null, length, 0),
+            (at("i386_finit_module", "finit_module", true), "cws_fake".into(), "debug=3".into(), path.clone(), 0, 0),
         ];
         assert_eq!(got, expected, "{mode:?}: {events:#?}");
     }
@@ -284,6 +287,8 @@ fn raw_and_packet_sockets_and_traffic_shaping_options_are_events_ordinary_ones_a
         let expected = vec![
             socket("socket_packet", false, Some(i64::from((libc::ETH_P_ALL as u16).to_be()))),
             socket("socket_raw", false, None),
+            // Refused (EINVAL): as passed.
+            (("socket".to_owned(), abi(false).to_owned(), made.num("socket_raw_bad", 0)), 2, 3, 1000),
             socket("i386_socket_raw", true, None),
             socket("i386_socketcall_raw", true, None),
         ];
@@ -361,9 +366,12 @@ fn datagrams_and_fast_open_sent_to_a_destination_are_connect_events() {
             fastopen,
             datagram("i386_sendto", "sendto", true, made.num("i386_sendto", 2)),
             datagram("i386_socketcall_sendto", "sendto", true, made.num("i386_socketcall_sendto", 2)),
+            datagram("i386_sendmsg", "sendmsg", true, made.num("i386_sendmsg", 2)),
+            // Both messages go to the same place: one event.
+            datagram("i386_sendmmsg", "sendmmsg", true, made.num("i386_sendmmsg", 2)),
         ];
         assert_eq!(got, expected, "{mode:?}: {sends:#?}");
-        for label in ["sendto", "sendmsg", "i386_sendto", "i386_socketcall_sendto"] {
+        for label in ["sendto", "sendmsg", "i386_sendto", "i386_socketcall_sendto", "i386_sendmsg", "i386_sendmmsg"] {
             assert_eq!(made.num(label, 1), 1, "{label}: the datagram arrived");
         }
     }
