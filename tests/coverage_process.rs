@@ -110,6 +110,7 @@ fn prctl_options_that_change_a_process_are_events_with_their_arguments_by_name()
             at("no_new_privs", false, 38, 1, "", ""),
             at("i386_set_name", true, 15, num(&events[6]["prctl"]["arg2"]), "", ""),
             at("i386_dumpable_bad", true, 4, 7, "", ""),
+            at("i386_set_name_high_bits", true, 15, num(&events[8]["prctl"]["arg2"]), "", ""),
         ];
         assert_eq!(got, expected, "{mode:?}: {events:#?}");
         // The names are the kernel's (PR_GET_NAME), never a read that failed.
@@ -119,6 +120,10 @@ fn prctl_options_that_change_a_process_are_events_with_their_arguments_by_name()
         assert_eq!(events[1]["partial"], true);
         assert_eq!(events[6]["prctl"]["new_name"], made.text("i386_set_name", 1));
         assert_eq!(events[5]["prctl"]["option_name"], "PR_SET_NO_NEW_PRIVS");
+        // The name the kernel read (low 32 bits of the pointer), not a decoy.
+        assert_eq!(made.text("i386_set_name_high_bits", 1), "cws-real");
+        assert_eq!(events[8]["prctl"]["new_name"], "cws-real", "{:#?}", events[8]);
+        assert!(events[8]["unverified"].is_null(), "{:#?}", events[8]);
         assert_eq!(made.num("no_new_privs", 1), 1);
         // PR_SET_SECCOMP stays a seccomp event; nothing else of prctl is.
         assert!(made.run.of("seccomp").is_empty());
