@@ -99,8 +99,10 @@ fn elf_module_name(read: impl Fn(u64, &mut [u8]) -> usize) -> Option<Vec<u8>> {
         true => (u64_at(&header, 0x28), u16_at(&header, 0x3a), u16_at(&header, 0x3c), u16_at(&header, 0x3e)),
         false => (u32_at(&header, 0x20), u16_at(&header, 0x2e), u16_at(&header, 0x30), u16_at(&header, 0x32)),
     };
+    // The kernel takes only its own section header size; a larger one
+    // would make the read below as large as the image says.
     let (entsize, count) = (entsize as usize, (count as usize).min(SECTIONS_MAX));
-    if entsize < if wide { 64 } else { 40 } || names_index as usize >= count {
+    if entsize != if wide { 64 } else { 40 } || names_index as usize >= count {
         return None;
     }
     let sections = exact(shoff, entsize * count)?;
@@ -247,5 +249,8 @@ mod tests {
         let mut hostile = image.clone();
         hostile[0x28..0x30].copy_from_slice(&u64::MAX.to_le_bytes());
         assert_eq!(elf_module_name(read_from(&hostile)), None);
+        let mut huge_headers = image.clone();
+        huge_headers[0x3a..0x3c].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert_eq!(elf_module_name(read_from(&huge_headers)), None);
     }
 }
