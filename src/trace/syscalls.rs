@@ -36,7 +36,8 @@ pub enum ArgTest {
     OneOf(usize, &'static [u32]),
     /// The argument's low 32 bits, masked, equal the value.
     Masked(usize, u32, u32),
-    /// The whole 64-bit argument is not 0 (a pointer that is not NULL).
+    /// The argument is not 0 (a pointer that is not NULL): all 64 bits, or
+    /// an i386 call's low 32, as the kernel takes them.
     NonZero(usize),
 }
 
@@ -103,8 +104,8 @@ const fn decode(decoder: Decoder) -> Action {
 const USERFAULTFD_IOC_NEW: u32 = 0xaa00;
 
 /// prctl options that stop: those that change what the process may do or
-/// how it is seen (see `PrctlEvent`), PR_CAP_AMBIENT only for the
-/// operations that change the set. PR_GET_*, PR_SET_VMA, PR_SET_PDEATHSIG
+/// how it is seen (see `PrctlEvent`) and PR_SET_SECCOMP (a seccomp event),
+/// PR_CAP_AMBIENT only for the operations that change the set. PR_GET_*, PR_SET_VMA, PR_SET_PDEATHSIG
 /// and the like never stop.
 pub const PRCTL_WATCHED: When = When(&[
     &[ArgTest::OneOf(0, &[4, 8, 15, 22, 24, 28, 35, 36, 38, 53, 0x5961_6d61])],
