@@ -317,7 +317,8 @@ fn raw_and_packet_sockets_and_traffic_shaping_options_are_events_ordinary_ones_a
             (at("so_mark", false), "SO_MARK".into(), 7, Value::Null, kind.clone()),
             (at("bindtodevice", false), "SO_BINDTODEVICE".into(), 0, "lo".into(), kind.clone()),
             (at("hdrincl", false), "IP_HDRINCL".into(), 1, Value::Null, raw_family),
-            (at("i386_so_mark", true), "SO_MARK".into(), 9, Value::Null, kind),
+            (at("i386_so_mark", true), "SO_MARK".into(), 9, Value::Null, kind.clone()),
+            (at("i386_socketcall_so_mark", true), "SO_MARK".into(), 9, Value::Null, kind),
         ];
         assert_eq!(got, expected, "{mode:?}: {options:#?}");
         // The program as passed: LD W ABS 12, RET 0xffff.
@@ -372,11 +373,20 @@ fn datagrams_and_fast_open_sent_to_a_destination_are_connect_events() {
             datagram("i386_sendto", "sendto", true, made.num("i386_sendto", 2)),
             datagram("i386_socketcall_sendto", "sendto", true, made.num("i386_socketcall_sendto", 2)),
             datagram("i386_sendmsg", "sendmsg", true, made.num("i386_sendmsg", 2)),
+            datagram("i386_socketcall_sendmsg", "sendmsg", true, made.num("i386_socketcall_sendmsg", 2)),
             // Both messages go to the same place: one event.
             datagram("i386_sendmmsg", "sendmmsg", true, made.num("i386_sendmmsg", 2)),
         ];
         assert_eq!(got, expected, "{mode:?}: {sends:#?}");
-        for label in ["sendto", "sendmsg", "i386_sendto", "i386_socketcall_sendto", "i386_sendmsg", "i386_sendmmsg"] {
+        for label in [
+            "sendto",
+            "sendmsg",
+            "i386_sendto",
+            "i386_socketcall_sendto",
+            "i386_sendmsg",
+            "i386_socketcall_sendmsg",
+            "i386_sendmmsg",
+        ] {
             assert_eq!(made.num(label, 1), 1, "{label}: the datagram arrived");
         }
     }
