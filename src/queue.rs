@@ -69,7 +69,13 @@ pub fn value(event: &Event) -> Value {
             | Payload::IoUring(_)
             | Payload::Ptrace(_)
             | Payload::Seccomp(_)
-            | Payload::Userfaultfd(_),
+            | Payload::Userfaultfd(_)
+            | Payload::Prctl(_)
+            | Payload::Setsockopt(_)
+            | Payload::Socket(_)
+            | Payload::Module(_)
+            | Payload::Bpf(_)
+            | Payload::Signal(_),
         ) => Value::High,
         Some(Payload::Open(_) | Payload::File(_) | Payload::Chdir(_)) | None if failed => Value::Low,
         _ => Value::Normal,
@@ -94,6 +100,13 @@ pub fn kind(event: &Event) -> &'static str {
         Some(Payload::Seccomp(_)) => "seccomp",
         Some(Payload::Userfaultfd(_)) => "userfaultfd",
         Some(Payload::Namespace(_)) => "namespace",
+        Some(Payload::Prctl(_)) => "prctl",
+        Some(Payload::Rlimit(_)) => "rlimit",
+        Some(Payload::Setsockopt(_)) => "setsockopt",
+        Some(Payload::Socket(_)) => "socket",
+        Some(Payload::Module(_)) => "module",
+        Some(Payload::Bpf(_)) => "bpf",
+        Some(Payload::Signal(_)) => "signal",
         None => "none",
     }
 }

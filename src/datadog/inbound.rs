@@ -119,7 +119,7 @@ pub fn event(msg: &SyscallMsg) -> Option<Event> {
         Payload::Connect(m) => {
             let (address, port, family) = socket(&m.socket);
             let protocol = protocol(m.protocol) as i32;
-            ("connect", Ours::Connect(proto::ConnectEvent { address, port, family, protocol, fd: None }))
+            ("connect", Ours::Connect(proto::ConnectEvent { address, port, family, protocol, ..Default::default() }))
         }
         Payload::Accept(m) => {
             let (address, local_port, family) = socket(&m.socket);

@@ -18,8 +18,14 @@
 //! - AF_UNIX connects are not sent (nor by Datadog's tracer); sockets of
 //!   other families than IPv4, IPv6 and AF_UNIX, and unreadable addresses,
 //!   cannot be: the agent drops the connection for an IP it cannot parse;
-//! - io_uring_setup has no Datadog type, nor truncate, the xattr calls,
-//!   mknod and setgroups;
+//! - io_uring_setup, bpf, signals and datagrams sent to a destination have
+//!   no Datadog type, nor truncate, the xattr calls, mknod and setgroups; a
+//!   send with MSG_FASTOPEN (a TCP connection) goes as a Connect; prctl goes
+//!   for the options we watch (Datadog's tracer sends every prctl call);
+//! - setsockopt goes only when the socket's kind could be read (the agent
+//!   takes it as fact), with the program of SO_ATTACH_FILTER only, as
+//!   Datadog's tracer sends it; socket(2) goes for the raw and packet
+//!   sockets we report (Datadog's tracer sends every socket call);
 //! - the utime family goes as Utimes, UTIME_NOW (or no times) as the
 //!   call's entry time, UTIME_OMIT and times before 1970 as 0; memfd_create
 //!   as an Open of `memfd:NAME` with the MFD_* flags, as Datadog's tracer
@@ -27,7 +33,7 @@
 //!
 //! Fields we cannot fill: the file metadata (CTime, MTime, Mode, Inode and
 //! owner of each file: zero and nil, as with Datadog's `--disable-stats`),
-//! user and group names, TTY, SpanContext. ContainerID and CGroupID are
+//! user and group names, SpanContext. ContainerID and CGroupID are
 //! the process's, filled by the exporter (`export::datadog`). Fields we fill differently: Timestamp is when
 //! the syscall was entered (Datadog's: when the message is sent); an exec's
 //! Filename is the path asked for made absolute, symlinks not resolved
@@ -38,6 +44,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use crate::proto::{self, event::Payload as Ours, AddressFamily, Event, ExitCause, FileOperation, Mode, Protocol};
 
 use super::msg::*;
+use super::wire::Int;
 
 /// The Hello that opens every connection.
 pub fn hello(hello: &proto::Hello) -> HelloMsg {
@@ -97,7 +104,13 @@ pub fn syscall(event: &Event, container_id: &str) -> Option<SyscallMsg> {
             (event.pid, Payload::Chdir(ChdirSyscallMsg { dir: file_named(&chdir.path) }))
         }
         Ours::Credentials(credentials) => (event.pid, credentials_msg(&event.syscall, credentials, retval)?),
-        Ours::Connect(connect) if connect_sent(retval) && connect.family() != AddressFamily::Unix => {
+        // A send to a destination is a connection only with TCP Fast Open.
+        Ours::Connect(connect)
+            if connect_sent(retval)
+                && connect.family() != AddressFamily::Unix
+                && (!matches!(event.syscall.as_str(), "sendto" | "sendmsg" | "sendmmsg")
+                    || connect.send_flags & MSG_FASTOPEN != 0) =>
+        {
             let socket = socket_info(connect.family(), &connect.address, connect.port)?;
             (event.pid, Payload::Connect(ConnectSyscallMsg { socket, protocol: protocol_number(connect.protocol()) }))
         }
@@ -110,6 +123,33 @@ pub fn syscall(event: &Event, container_id: &str) -> Option<SyscallMsg> {
             let socket = socket_info(accept.family(), &accept.address, accept.local_port)?;
             (event.pid, Payload::Accept(AcceptSyscallMsg { socket, socket_fd: accept.fd.unwrap_or(0) }))
         }
+        Ours::Prctl(prctl) if accepted(retval) => (
+            event.pid,
+            Payload::Prctl(PrctlSyscallMsg {
+                option: Int(i64::from(prctl.option)),
+                arg2: prctl.arg2,
+                new_name: prctl.new_name.clone(),
+            }),
+        ),
+        Ours::Rlimit(rlimit) if accepted(retval) => (
+            event.pid,
+            Payload::Setrlimit(SetrlimitSyscallMsg {
+                resource: Int(i64::from(rlimit.resource)),
+                cur_limit: rlimit.soft?,
+                max_limit: rlimit.hard?,
+                pid: rlimit.pid,
+            }),
+        ),
+        Ours::Setsockopt(opt) if accepted(retval) => (event.pid, Payload::Setsockopt(setsockopt_msg(opt)?)),
+        Ours::Socket(socket) if accepted(retval) => (
+            event.pid,
+            Payload::Socket(SocketSyscallMsg {
+                domain: Int(i64::from(socket.family)),
+                socket_type: Int(i64::from(socket.r#type)),
+                protocol: Int(i64::from(socket.protocol)),
+            }),
+        ),
+        Ours::Module(module) if accepted(retval) => (event.pid, module_msg(&event.syscall, module)?),
         _ => return None,
     };
     Some(SyscallMsg {
@@ -122,6 +162,44 @@ pub fn syscall(event: &Event, container_id: &str) -> Option<SyscallMsg> {
         cgroup_id: String::new(),
         payload,
         fake_socket: None,
+    })
+}
+
+/// MSG_FASTOPEN: a send that opens a TCP connection.
+const MSG_FASTOPEN: u32 = 0x2000_0000;
+
+/// The socket's kind as the agent takes it (u16 each), and SO_ATTACH_FILTER's
+/// program (the only filter Datadog's tracer sends).
+fn setsockopt_msg(opt: &proto::SetsockoptEvent) -> Option<SetsockoptSyscallMsg> {
+    let filter = (opt.level == libc::SOL_SOCKET && opt.option == libc::SO_ATTACH_FILTER && !opt.filter.is_empty())
+        .then(|| opt.filter.clone());
+    Some(SetsockoptSyscallMsg {
+        socket_family: u16::try_from(opt.socket_family?).ok()?,
+        socket_protocol: opt.socket_protocol? as u16,
+        socket_type: u16::try_from(opt.socket_type?).ok()?,
+        level: opt.level as u32,
+        opt_name: opt.option as u32,
+        filter_len: filter.as_ref().map_or(0, |f| (f.len() / 8) as u16),
+        filter,
+    })
+}
+
+fn module_msg(syscall: &str, module: &proto::ModuleEvent) -> Option<Payload> {
+    Some(match syscall {
+        "init_module" => Payload::LoadModule(LoadModuleSyscallMsg {
+            loaded_from_memory: true,
+            name: module.name.clone(),
+            args: module.args.clone(),
+            ..Default::default()
+        }),
+        "finit_module" => Payload::LoadModule(LoadModuleSyscallMsg {
+            file: file_named(&module.path),
+            loaded_from_memory: false,
+            name: module.name.clone(),
+            args: module.args.clone(),
+        }),
+        "delete_module" => Payload::UnloadModule(UnloadModuleSyscallMsg { name: module.name.clone() }),
+        _ => return None,
     })
 }
 
@@ -161,11 +239,20 @@ fn exec_msg(exec: &proto::ExecEvent, ppid: u32) -> ExecSyscallMsg {
         args_truncated: exec.args_truncated,
         envs: Some(exec.envs.clone()),
         envs_truncated: exec.envs_truncated,
-        tty: String::new(),
+        tty: datadog_tty(&exec.tty),
         credentials: exec.credentials.as_ref().and_then(process_credentials),
         ppid,
         // The agent links a process it did not see start to its parent by ppid.
         from_procfs: exec.from_procfs || exec.seen_at_attach,
+    }
+}
+
+/// A terminal as Datadog's tracer names it: `pts3` for `/dev/pts/3`, the
+/// device's name for others.
+fn datadog_tty(tty: &str) -> String {
+    match tty.strip_prefix("/dev/pts/") {
+        Some(number) => format!("pts{number}"),
+        None => tty.strip_prefix("/dev/").unwrap_or("").to_owned(),
     }
 }
 

@@ -729,6 +729,7 @@ fn events_we_know_whole_give_the_golden_messages() {
             family: family as i32,
             protocol: Protocol::Tcp as i32,
             fd: Some(3),
+            ..Default::default()
         })
     };
     let exit = |cause: ExitCause, code, signal| {
@@ -1032,6 +1033,7 @@ fn events_the_agent_has_no_type_for_or_would_misread_are_none() {
             family: family as i32,
             protocol: 1,
             fd: Some(3),
+            ..Default::default()
         })
     };
     assert!(send(-111, connect(AddressFamily::Inet, "127.0.0.1")));
@@ -1121,6 +1123,7 @@ fn golden_messages_become_our_events() {
             family: AddressFamily::Inet6 as i32,
             protocol: Protocol::Tcp as i32,
             fd: None,
+            ..Default::default()
         })
     );
     assert_eq!(
@@ -1201,4 +1204,75 @@ fn the_golden_hello_becomes_ours() {
     let container = ours.container.expect("container");
     assert_eq!(container.id, CONTAINER);
     assert_eq!(container.created_at, Some(pbjson_types::Timestamp { seconds: 1767225595, nanos: 0 }));
+}
+
+#[test]
+fn process_control_and_socket_events_go_as_the_agent_s_types() {
+    let send = |syscall: &str, retval: i64, payload: Ours| {
+        outbound::syscall(&event(7, 1, Some(retval), syscall, payload), "").map(|m| m.payload)
+    };
+    let name = proto::PrctlEvent { option: 15, new_name: "worker".into(), ..Default::default() };
+    assert_eq!(
+        send("prctl", 0, Ours::Prctl(name)),
+        Some(Payload::Prctl(PrctlSyscallMsg { option: Int(15), arg2: 0, new_name: "worker".into() }))
+    );
+    let limit = proto::RlimitEvent { resource: 7, soft: Some(64), hard: Some(u64::MAX), pid: 9, ..Default::default() };
+    assert_eq!(
+        send("prlimit64", 0, Ours::Rlimit(limit)),
+        Some(Payload::Setrlimit(SetrlimitSyscallMsg { resource: Int(7), cur_limit: 64, max_limit: u64::MAX, pid: 9 }))
+    );
+    let filter = proto::SetsockoptEvent {
+        level: 1,
+        option: 26,
+        socket_family: Some(17),
+        socket_type: Some(3),
+        socket_protocol: Some(768),
+        filter: vec![0; 16],
+        filter_instructions: Some(2),
+        ..Default::default()
+    };
+    assert_eq!(
+        send("setsockopt", 0, Ours::Setsockopt(filter.clone())),
+        Some(Payload::Setsockopt(SetsockoptSyscallMsg {
+            socket_family: 17,
+            socket_protocol: 768,
+            socket_type: 3,
+            level: 1,
+            opt_name: 26,
+            filter: Some(vec![0; 16]),
+            filter_len: 2,
+        }))
+    );
+    // The socket's kind unknown: the agent would take zeros for fact.
+    let unknown = proto::SetsockoptEvent { socket_family: None, ..filter };
+    assert_eq!(send("setsockopt", 0, Ours::Setsockopt(unknown)), None);
+    let load = proto::ModuleEvent { name: "evil".into(), path: "/tmp/evil.ko".into(), ..Default::default() };
+    assert_eq!(
+        send("finit_module", -1, Ours::Module(load.clone())),
+        Some(Payload::LoadModule(LoadModuleSyscallMsg {
+            file: FileSyscallMsg { filename: "/tmp/evil.ko".into(), ..Default::default() },
+            loaded_from_memory: false,
+            name: "evil".into(),
+            args: String::new(),
+        }))
+    );
+    assert_eq!(
+        send("delete_module", 0, Ours::Module(load.clone())),
+        Some(Payload::UnloadModule(UnloadModuleSyscallMsg { name: "evil".into() }))
+    );
+    // Failures other than EACCES and EPERM are not sent, as by Datadog's tracer.
+    assert_eq!(send("init_module", -8, Ours::Module(load)), None);
+    // A datagram is no connection; TCP Fast Open is.
+    let to = |flags| {
+        Ours::Connect(proto::ConnectEvent {
+            address: "127.0.0.1".into(),
+            port: 53,
+            family: AddressFamily::Inet as i32,
+            send_flags: flags,
+            ..Default::default()
+        })
+    };
+    assert_eq!(send("sendto", 12, to(0)), None);
+    assert!(matches!(send("sendto", 12, to(0x2000_0000)), Some(Payload::Connect(_))));
+    assert_eq!(send("kill", 0, Ours::Signal(proto::SignalEvent { pid: 1, signal: 9, ..Default::default() })), None);
 }

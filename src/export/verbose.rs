@@ -78,6 +78,14 @@ fn signal_name(signal: i32) -> String {
     Signal::try_from(signal).map_or_else(|_| format!("SIG{signal}"), |s| s.as_str().to_owned())
 }
 
+/// A constant by its name, or its number when it has none.
+fn name_or_number(name: &str, number: i64) -> String {
+    match name {
+        "" => number.to_string(),
+        name => name.to_owned(),
+    }
+}
+
 fn format_retval(out: &mut String, retval: i64) {
     if retval < 0 {
         let errno = Errno::from_raw(-retval as i32);
@@ -210,6 +218,9 @@ pub fn format_event(out: &mut String, event: &Event) {
         Some(Payload::Connect(c)) => {
             let _ = write!(out, "{name}({}, ", c.fd.unwrap_or(-1));
             format_address(out, c.protocol(), c.family(), &c.address, c.port);
+            if c.send_flags != 0 {
+                let _ = write!(out, ", flags={:#x}", c.send_flags);
+            }
             out.push(')');
             format_retval(out, event.retval.unwrap_or(0));
         }
@@ -332,6 +343,74 @@ pub fn format_event(out: &mut String, event: &Event) {
             let _ = write!(out, "{name}(flags={:#x})", uffd.flags);
             format_retval(out, event.retval.unwrap_or(0));
         }
+        Some(Payload::Prctl(prctl)) => {
+            let _ = write!(out, "{name}({}", name_or_number(&prctl.option_name, i64::from(prctl.option)));
+            match prctl.new_name.as_str() {
+                "" => {
+                    let _ = write!(out, ", {}", name_or_number(&prctl.arg2_name, prctl.arg2 as i64));
+                    if !prctl.arg3_name.is_empty() {
+                        let _ = write!(out, ", {}", prctl.arg3_name);
+                    }
+                }
+                new_name => {
+                    let _ = write!(out, ", {}", Quoted(new_name));
+                }
+            }
+            out.push(')');
+            format_retval(out, event.retval.unwrap_or(0));
+        }
+        Some(Payload::Rlimit(rlimit)) => {
+            let limit = |l: Option<u64>| match l {
+                Some(u64::MAX) => "RLIM_INFINITY".to_owned(),
+                Some(l) => l.to_string(),
+                None => "?".to_owned(),
+            };
+            let resource = name_or_number(&rlimit.resource_name, i64::from(rlimit.resource));
+            let (soft, hard) = (limit(rlimit.soft), limit(rlimit.hard));
+            let _ = write!(out, "{name}(pid {}, {resource}, soft={soft}, hard={hard})", rlimit.pid);
+            format_retval(out, event.retval.unwrap_or(0));
+        }
+        Some(Payload::Setsockopt(opt)) => {
+            let level = name_or_number(&opt.level_name, i64::from(opt.level));
+            let option = name_or_number(&opt.option_name, i64::from(opt.option));
+            let _ = write!(out, "{name}({}, {level}, {option}", opt.fd.unwrap_or(-1));
+            if let Some(value) = opt.value {
+                let _ = write!(out, ", {value}");
+            }
+            if !opt.name.is_empty() {
+                let _ = write!(out, ", {}", Quoted(&opt.name));
+            }
+            if let Some(instructions) = opt.filter_instructions {
+                let _ = write!(out, ", {instructions} instructions");
+            }
+            out.push(')');
+            format_retval(out, event.retval.unwrap_or(0));
+        }
+        Some(Payload::Socket(socket)) => {
+            let family = name_or_number(&socket.family_name, i64::from(socket.family));
+            let _ = write!(out, "{name}({family}, {:#x}, {})", socket.r#type, socket.protocol);
+            format_retval(out, event.retval.unwrap_or(0));
+        }
+        Some(Payload::Module(module)) => {
+            let _ = write!(out, "{name}({}", Quoted(&module.name));
+            for text in [&module.path, &module.args].into_iter().filter(|t| !t.is_empty()) {
+                let _ = write!(out, ", {}", Quoted(text));
+            }
+            out.push(')');
+            format_retval(out, event.retval.unwrap_or(0));
+        }
+        Some(Payload::Bpf(bpf)) => {
+            let _ = write!(out, "{name}({})", name_or_number(&bpf.command_name, i64::from(bpf.command)));
+            format_retval(out, event.retval.unwrap_or(0));
+        }
+        Some(Payload::Signal(signal)) => {
+            let _ = write!(out, "{name}(pid {}", signal.pid);
+            if let Some(tid) = signal.tid {
+                let _ = write!(out, ", tid {tid}");
+            }
+            let _ = write!(out, ", {})", name_or_number(&signal.signal_name, i64::from(signal.signal)));
+            format_retval(out, event.retval.unwrap_or(0));
+        }
         None => {
             let _ = write!(out, "{name}(?)");
         }
@@ -388,6 +467,7 @@ mod tests {
                 family: AddressFamily::Inet as i32,
                 protocol: Protocol::Tcp as i32,
                 fd: Some(3),
+                ..Default::default()
             })),
             ..Event::default()
         };

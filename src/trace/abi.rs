@@ -49,3 +49,16 @@ pub struct SyscallEntry {
     pub nr: u64,
     pub args: [u64; 6],
 }
+
+impl SyscallEntry {
+    /// An entry with its arguments as the kernel takes them: an i386 call
+    /// uses the low 32 bits of each register, whatever a 64-bit process left
+    /// in the upper halves (which the kernel reports as they are). Read
+    /// whole, they would point the tracer at memory the call never reads.
+    pub fn new(abi: Abi, nr: u64, mut args: [u64; 6]) -> SyscallEntry {
+        if abi == Abi::I386 {
+            args = args.map(|arg| arg & 0xffff_ffff);
+        }
+        SyscallEntry { abi, nr, args }
+    }
+}

@@ -409,6 +409,8 @@ impl Engine {
             // workload's own, or from full-ptrace mode, is checked here.
             Action::TraceWhen { index, value, decoder } if entry.args[index] as u32 == value => decoder,
             Action::TraceWhen { .. } => return,
+            Action::TraceIf { when, decoder } if when.passes(&entry.args) => decoder,
+            Action::TraceIf { .. } => return,
             Action::Refuse(errno) => {
                 let _ = ptrace::refuse_syscall(tid, errno);
                 return;

@@ -6,7 +6,8 @@
 //! with it rather than run on with a filter whose traced syscalls would all
 //! fail with ENOSYS) and makes itself undumpable. Released, the child gives
 //! up CAP_SYS_PTRACE, installs the seccomp filter and hands its
-//! notification listener back to the tracer over the same socket, drops
+//! notification listener back to the tracer over the same socket (the
+//! tracer copies it with pidfd_getfd), drops
 //! privileges if asked, and execs; that exec is the first stop.
 
 use std::ffi::{CString, OsStr, OsString};
@@ -15,7 +16,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
@@ -24,6 +25,7 @@ use nix::unistd::{fork, ForkResult, Pid};
 
 use crate::exit::{code, ExitError};
 use crate::log::log;
+use crate::trace::procfs;
 use crate::trace::ptrace;
 use crate::trace::seccomp::{self, Listener};
 use crate::trace::signals::IgnoredSignals;
@@ -179,7 +181,7 @@ impl Launch {
                 // Release the child.
                 let _ = nix::unistd::write(&tracer_end, b"go");
                 let listener = match &self.filter {
-                    Some(_) => receive_listener(&tracer_end),
+                    Some(_) => receive_listener(&tracer_end, child),
                     None => None,
                 };
                 Ok((child, listener))
@@ -191,59 +193,54 @@ impl Launch {
 /// The child's answer after installing the filter: its listener, or why
 /// the filter has none (logged: the workload could then install a
 /// notifying filter of its own, whose calls the tracer would not see).
-fn receive_listener(socket: &OwnedFd) -> Option<OwnedFd> {
-    let mut status = [0u8; 4];
-    let mut iov = [std::io::IoSliceMut::new(&mut status)];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let flags = nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC;
+///
+/// The child names the listener's descriptor and the tracer copies it
+/// (pidfd_getfd), then says so: the child's sendmsg(2), which could pass it,
+/// would stop at the filter now in place, before the tracer waits for stops.
+fn receive_listener(socket: &OwnedFd, child: Pid) -> Option<OwnedFd> {
+    let mut answer = [0u8; 8];
     // The child is still our own code, which answers or dies (and then the
     // socket ends): this read cannot hang on the workload.
-    let message = nix::sys::socket::recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut space), flags).ok()?;
-    let received = message.bytes;
-    for cmsg in message.cmsgs().ok()? {
-        if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = cmsg {
-            // SAFETY: SCM_RIGHTS gives the receiver new descriptors it owns.
-            return fds.first().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) });
-        }
+    let received = nix::unistd::read(socket, &mut answer).ok()?;
+    if received != answer.len() {
+        return None;
     }
-    if received == status.len() {
-        let errno = nix::errno::Errno::from_raw(i32::from_ne_bytes(status));
+    let word = |at: usize| i32::from_ne_bytes(answer[at..at + 4].try_into().expect("4 bytes"));
+    let (refused, value) = (word(0), word(4));
+    if refused != 0 {
+        let errno = nix::errno::Errno::from_raw(value);
         log!(
             "the seccomp filter could not reserve the notification listener ({errno}); a workload could install a notifying filter whose calls are not seen"
         );
+        return None;
     }
-    None
+    let listener = procfs::descriptor_copy(child, child, value);
+    // The child closes its own copy once told.
+    let _ = nix::unistd::write(socket, b"k");
+    if listener.is_none() {
+        log!("the seccomp filter's notification listener could not be copied; a workload could install a notifying filter whose calls are not seen");
+    }
+    listener
 }
 
-/// In the child: sends the listener (SCM_RIGHTS) or the errno that refused
-/// it, with one sendmsg(2) on a buffer on the stack.
+/// In the child: names the listener's descriptor (or the errno that
+/// refused it) with one write(2), waits for the tracer to have copied it,
+/// then closes it.
 ///
 /// # Safety
 /// Raw syscalls only, as after fork in a multi-threaded process.
 unsafe fn send_listener(socket: i32, listener: Listener) {
-    let status = match listener {
-        Listener::Fd(_) => 0i32,
-        Listener::Refused(errno) => errno,
-    }
-    .to_ne_bytes();
-    let mut iov = libc::iovec { iov_base: status.as_ptr() as *mut libc::c_void, iov_len: status.len() };
-    // Room for one cmsghdr and one descriptor, 8-byte aligned.
-    let mut control = [0u64; 4];
-    let mut message: libc::msghdr = std::mem::zeroed();
-    message.msg_iov = &mut iov;
-    message.msg_iovlen = 1;
+    let (refused, value) = match listener {
+        Listener::Fd(fd) => (0i32, fd),
+        Listener::Refused(errno) => (1, errno),
+    };
+    let mut answer = [0u8; 8];
+    answer[..4].copy_from_slice(&refused.to_ne_bytes());
+    answer[4..].copy_from_slice(&value.to_ne_bytes());
+    libc::write(socket, answer.as_ptr().cast(), answer.len());
     if let Listener::Fd(fd) = listener {
-        let len = libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) as usize;
-        message.msg_control = control.as_mut_ptr().cast();
-        message.msg_controllen = len;
-        let header = libc::CMSG_FIRSTHDR(&message);
-        (*header).cmsg_level = libc::SOL_SOCKET;
-        (*header).cmsg_type = libc::SCM_RIGHTS;
-        (*header).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<i32>(), fd);
-    }
-    libc::sendmsg(socket, &message, 0);
-    if let Listener::Fd(fd) = listener {
+        let mut copied = [0u8; 1];
+        libc::read(socket, copied.as_mut_ptr().cast(), copied.len());
         libc::close(fd);
     }
 }

@@ -263,24 +263,57 @@ pub fn descriptor_copy(tid: Pid, tgid: Pid, fd: i32) -> Option<OwnedFd> {
     (copy >= 0).then(|| unsafe { OwnedFd::from_raw_fd(copy as i32) })
 }
 
+/// An int SOL_SOCKET option of a socket.
+fn socket_option(socket: &OwnedFd, name: libc::c_int) -> Option<i32> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value and len are valid for writes of their sizes.
+    let rc = unsafe {
+        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, name, (&mut value as *mut libc::c_int).cast(), &mut len)
+    };
+    (rc == 0).then_some(value)
+}
+
 /// (type, protocol) of a socket.
 pub fn socket_kind(socket: &OwnedFd) -> Option<(i32, i32)> {
-    let option = |name| {
-        let mut value: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: value and len are valid for writes of their sizes.
-        let rc = unsafe {
-            libc::getsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                name,
-                (&mut value as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        (rc == 0).then_some(value)
+    Some((socket_option(socket, libc::SO_TYPE)?, socket_option(socket, libc::SO_PROTOCOL)?))
+}
+
+/// The AF_* family of a socket.
+pub fn socket_family(socket: &OwnedFd) -> Option<i32> {
+    socket_option(socket, libc::SO_DOMAIN)
+}
+
+/// The classic BPF program attached to a socket, as it was passed
+/// (SO_GET_FILTER: the kernel keeps the original instructions); None when
+/// it has none, or an eBPF one.
+pub fn socket_filter(socket: &OwnedFd) -> Option<Vec<u8>> {
+    /// SO_GET_FILTER is SO_ATTACH_FILTER's number.
+    const SO_GET_FILTER: libc::c_int = libc::SO_ATTACH_FILTER;
+    // With a zero length the kernel answers the instruction count; the
+    // length given and answered counts instructions, not bytes.
+    let mut count: libc::socklen_t = 0;
+    // SAFETY: a zero length asks for no buffer; count is valid for writes.
+    let rc = unsafe {
+        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, SO_GET_FILTER, std::ptr::null_mut(), &mut count)
     };
-    Some((option(libc::SO_TYPE)?, option(libc::SO_PROTOCOL)?))
+    if rc != 0 || count == 0 || count > 4096 {
+        return None;
+    }
+    let mut program = vec![0u8; count as usize * 8];
+    let mut len = count;
+    // SAFETY: program holds `count` instructions of 8 bytes, the length given.
+    let rc = unsafe {
+        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, SO_GET_FILTER, program.as_mut_ptr().cast(), &mut len)
+    };
+    (rc == 0 && len == count).then_some(program)
+}
+
+/// The process a pidfd refers to, from its fdinfo (`Pid:`, Linux 5.10+;
+/// -1 once the process is gone); None when the descriptor is no pidfd.
+pub fn pidfd_target(tid: Pid, fd: i32) -> Option<i32> {
+    let info = std::fs::read_to_string(format!("/proc/{tid}/fdinfo/{fd}")).ok()?;
+    info.lines().find_map(|l| l.strip_prefix("Pid:")).and_then(|pid| pid.trim().parse().ok())
 }
 
 /// Which end of a socket: its own address, or its peer's.

@@ -295,7 +295,7 @@ impl SyscallReader {
             }
             // SAFETY: op SECCOMP says the kernel filled the `seccomp` member.
             let seccomp = unsafe { info.u.seccomp };
-            let entry = SyscallEntry { abi: Abi::of(info.arch, seccomp.nr), nr: seccomp.nr, args: seccomp.args };
+            let entry = SyscallEntry::new(Abi::of(info.arch, seccomp.nr), seccomp.nr, seccomp.args);
             return Ok((entry, seccomp.ret_data));
         }
         let data = ptrace::getevent(pid)? as u32;
@@ -311,11 +311,7 @@ impl SyscallReader {
                 libc::PTRACE_SYSCALL_INFO_ENTRY => {
                     // SAFETY: op ENTRY says the kernel filled the `entry` member.
                     let entry = unsafe { info.u.entry };
-                    Ok(SyscallState::Entry(SyscallEntry {
-                        abi: Abi::of(info.arch, entry.nr),
-                        nr: entry.nr,
-                        args: entry.args,
-                    }))
+                    Ok(SyscallState::Entry(SyscallEntry::new(Abi::of(info.arch, entry.nr), entry.nr, entry.args)))
                 }
                 // SAFETY: op EXIT says the kernel filled the `exit` member.
                 libc::PTRACE_SYSCALL_INFO_EXIT => Ok(SyscallState::Exit(unsafe { info.u.exit }.sval)),
@@ -335,7 +331,7 @@ fn entry_from_registers(regs: &libc::user_regs_struct, abi: Abi) -> SyscallEntry
         Abi::I386 => [regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rbp],
         _ => [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9],
     };
-    SyscallEntry { abi, nr: regs.orig_rax, args }
+    SyscallEntry::new(abi, regs.orig_rax, args)
 }
 
 /// The ABI of user code by its code segment: x86_64 and i386 user code use

@@ -9,7 +9,7 @@
 //! too (never allowed blindly), so that no ABI is a way around the tracer.
 
 use crate::trace::abi::{Abi, AUDIT_ARCH_I386, AUDIT_ARCH_X86_64, X32_SYSCALL_BIT};
-use crate::trace::syscalls::{Action, SYSCALLS};
+use crate::trace::syscalls::{Action, ArgTest, When, SYSCALLS};
 
 const OFFSET_NR: u32 = 0;
 const OFFSET_ARCH: u32 = 4;
@@ -20,6 +20,7 @@ const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
 const BPF_JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
 const BPF_JA: u16 = (libc::BPF_JMP | libc::BPF_JA) as u16;
+const BPF_AND_K: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
 const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 
 /// The 16-bit SECCOMP_RET_DATA of a traced call.
@@ -103,6 +104,14 @@ fn push_abi_block(prog: &mut Vec<libc::sock_filter>, abi: Abi) {
                 prog.push(stmt(BPF_RET_K, trace));
                 prog.push(stmt(BPF_RET_K, libc::SECCOMP_RET_ALLOW));
             }
+            Action::TraceIf { when, .. } => {
+                // A long block is jumped over with JA (32-bit offset); it
+                // ends in RET on every path.
+                let block = condition_block(when, trace, abi);
+                prog.push(jump(BPF_JEQ_K, nr, 1, 0));
+                prog.push(stmt(BPF_JA, block.len() as u32));
+                prog.extend(block);
+            }
             Action::Refuse(errno) => {
                 prog.push(jump(BPF_JEQ_K, nr, 0, 1));
                 prog.push(stmt(BPF_RET_K, libc::SECCOMP_RET_ERRNO | errno as u32));
@@ -110,6 +119,69 @@ fn push_abi_block(prog: &mut Vec<libc::sock_filter>, abi: Abi) {
         }
     }
     prog.push(stmt(BPF_RET_K, libc::SECCOMP_RET_ALLOW));
+}
+
+/// `when` as a block that returns `trace` when it passes and ALLOW
+/// otherwise: each clause's tests in turn, a failed test jumping to the next
+/// clause, a clause that passes to its own RET.
+fn condition_block(when: When, trace: u32, abi: Abi) -> Vec<libc::sock_filter> {
+    let mut block = Vec::new();
+    for clause in when.0 {
+        // Jumps to the next clause, patched once its start is known: (at, on true).
+        let mut fails = Vec::new();
+        for test in clause.iter() {
+            push_test(&mut block, *test, abi, &mut fails);
+        }
+        block.push(stmt(BPF_RET_K, trace));
+        let next = block.len();
+        for (at, on_true) in fails {
+            let offset = u8::try_from(next - at - 1).expect("a clause of the syscall table fits a BPF jump");
+            match on_true {
+                true => block[at].jt = offset,
+                false => block[at].jf = offset,
+            }
+        }
+    }
+    block.push(stmt(BPF_RET_K, libc::SECCOMP_RET_ALLOW));
+    block
+}
+
+/// One argument test: falls through when it passes, records its jumps to
+/// the next clause in `fails`.
+fn push_test(block: &mut Vec<libc::sock_filter>, test: ArgTest, abi: Abi, fails: &mut Vec<(usize, bool)>) {
+    let low = |index: usize| stmt(BPF_LD_W_ABS, OFFSET_ARGS + 8 * index as u32);
+    match test {
+        ArgTest::OneOf(index, values) => {
+            block.push(low(index));
+            for (k, &value) in values.iter().enumerate() {
+                // A match jumps past the remaining values; the last miss fails.
+                block.push(jump(BPF_JEQ_K, value, (values.len() - 1 - k) as u8, 0));
+                if k == values.len() - 1 {
+                    fails.push((block.len() - 1, false));
+                }
+            }
+        }
+        ArgTest::Masked(index, mask, value) => {
+            block.push(low(index));
+            block.push(stmt(BPF_AND_K, mask));
+            block.push(jump(BPF_JEQ_K, value, 0, 0));
+            fails.push((block.len() - 1, false));
+        }
+        // An i386 call's arguments are their low 32 bits (see `SyscallEntry::new`).
+        ArgTest::NonZero(index) if abi == Abi::I386 => {
+            block.push(low(index));
+            block.push(jump(BPF_JEQ_K, 0, 0, 0));
+            fails.push((block.len() - 1, true));
+        }
+        ArgTest::NonZero(index) => {
+            // Low word not 0: passes (skips the high word's check).
+            block.push(low(index));
+            block.push(jump(BPF_JEQ_K, 0, 0, 2));
+            block.push(stmt(BPF_LD_W_ABS, OFFSET_ARGS + 8 * index as u32 + 4));
+            block.push(jump(BPF_JEQ_K, 0, 0, 0));
+            fails.push((block.len() - 1, true));
+        }
+    }
 }
 
 /// Builds the filter program. Done in the parent, before fork, so that the
@@ -239,10 +311,99 @@ mod tests {
         let checks: usize = SYSCALLS
             .iter()
             .map(|d| {
-                let per_number = 1 + matches!(d.action, Action::TraceWhen { .. }) as usize;
-                per_number * (d.number(Abi::X86_64).is_some() as usize + d.number(Abi::I386).is_some() as usize)
+                [Abi::X86_64, Abi::I386]
+                    .into_iter()
+                    .filter(|&abi| d.number(abi).is_some())
+                    .map(|abi| {
+                        1 + match d.action {
+                            Action::TraceWhen { .. } => 1,
+                            Action::TraceIf { when, .. } => {
+                                when.0.iter().flat_map(|c| c.iter()).map(|t| jeqs_of(*t, abi)).sum()
+                            }
+                            _ => 0,
+                        }
+                    })
+                    .sum::<usize>()
             })
             .sum();
         assert_eq!(jeqs, checks + 2, "two arch checks plus one per number and argument");
+    }
+
+    fn jeqs_of(test: ArgTest, abi: Abi) -> usize {
+        match test {
+            ArgTest::OneOf(_, values) => values.len(),
+            ArgTest::Masked(..) => 1,
+            ArgTest::NonZero(_) if abi == Abi::I386 => 1,
+            ArgTest::NonZero(_) => 2,
+        }
+    }
+
+    /// Runs the program on one `seccomp_data`, as the kernel would (only the
+    /// instructions the generator emits).
+    fn run(prog: &[libc::sock_filter], arch: u32, nr: u32, args: &[u64; 6]) -> u32 {
+        let word = |offset: u32| -> u32 {
+            match offset {
+                OFFSET_NR => nr,
+                OFFSET_ARCH => arch,
+                _ => {
+                    let arg = args[((offset - OFFSET_ARGS) / 8) as usize];
+                    if (offset - OFFSET_ARGS).is_multiple_of(8) {
+                        arg as u32
+                    } else {
+                        (arg >> 32) as u32
+                    }
+                }
+            }
+        };
+        let (mut pc, mut acc) = (0usize, 0u32);
+        loop {
+            let insn = prog[pc];
+            pc += 1;
+            match insn.code {
+                BPF_LD_W_ABS => acc = word(insn.k),
+                BPF_AND_K => acc &= insn.k,
+                BPF_JA => pc += insn.k as usize,
+                BPF_JEQ_K => pc += usize::from(if acc == insn.k { insn.jt } else { insn.jf }),
+                BPF_JSET_K => pc += usize::from(if acc & insn.k != 0 { insn.jt } else { insn.jf }),
+                BPF_RET_K => return insn.k,
+                code => panic!("unexpected instruction {code:#x}"),
+            }
+        }
+    }
+
+    /// Every argument condition the filter checks is the one the engine
+    /// checks: each row, with values on both sides of each test.
+    #[test]
+    fn the_filter_checks_arguments_as_the_table_says() {
+        let prog = build_filter();
+        for (index, def) in SYSCALLS.iter().enumerate() {
+            let Action::TraceIf { when, .. } = def.action else { continue };
+            let mut probes: Vec<u64> = vec![0, 1, 1 << 32, u64::MAX];
+            for test in when.0.iter().flat_map(|c| c.iter()) {
+                match *test {
+                    ArgTest::OneOf(_, values) => probes
+                        .extend(values.iter().flat_map(|&v| [u64::from(v), u64::from(v) + 1, u64::from(v) | 1 << 40])),
+                    ArgTest::Masked(_, mask, value) => probes.extend([u64::from(value), u64::from(value | !mask)]),
+                    ArgTest::NonZero(_) => {}
+                }
+            }
+            for (abi, arch) in [(Abi::X86_64, AUDIT_ARCH_X86_64), (Abi::I386, AUDIT_ARCH_I386)] {
+                let Some(nr) = def.number(abi) else { continue };
+                let trace = libc::SECCOMP_RET_TRACE | SeccompData::Known { abi, index }.encode();
+                for slot in 0..6 {
+                    for &a in &probes {
+                        for &b in &probes {
+                            let mut args = [0u64; 6];
+                            args[slot] = a;
+                            args[(slot + 1) % 6] = b;
+                            // The engine sees an i386 call's arguments as the kernel takes them.
+                            let seen = crate::trace::abi::SyscallEntry::new(abi, u64::from(nr), args).args;
+                            let expected = if when.passes(&seen) { trace } else { libc::SECCOMP_RET_ALLOW };
+                            assert_eq!(run(&prog, arch, nr, &args), expected, "{} {abi:?} {args:x?}", def.name);
+                        }
+                    }
+                }
+            }
+        }
     }
 }

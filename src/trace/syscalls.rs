@@ -9,7 +9,8 @@ use crate::trace::decode::PathArg::{At, Fd, Path, Text};
 use crate::trace::decode::PathArg::{AtOrFd, Returned};
 use crate::trace::decode::XattrValue::{Args, Struct};
 use crate::trace::decode::{
-    ChdirCall, CredCall, Decoder, ExecCall, FileCall as F, NetCall, NsCall, OpenCall, SeccompCall, UffdCall,
+    ChdirCall, CredCall, Decoder, ExecCall, FileCall as F, ModuleCall, NetCall, NsCall, OpenCall, RlimitCall,
+    SeccompCall, SendCall, SignalCall, UffdCall,
 };
 use crate::trace::decode::{LengthArg, TimeLayout};
 
@@ -22,9 +23,46 @@ pub enum Action {
     /// reads an int) equals `value` stop; the filter lets the others run
     /// untouched, so a hot call with nothing to report costs no stop.
     TraceWhen { index: usize, value: u32, decoder: Decoder },
+    /// Only calls whose arguments pass `when` stop (checked by the filter,
+    /// and by the engine for stops that did not come through it).
+    TraceIf { when: When, decoder: Decoder },
     /// The call never runs: it fails with this errno, unreported (a policy
     /// the filter applies by itself, as container runtimes' profiles do).
     Refuse(i32),
+}
+
+/// A test of one argument, as the filter can make it: registers only, never
+/// memory the workload could rewrite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgTest {
+    /// The argument's low 32 bits (an int, as the kernel reads it) are one of these.
+    OneOf(usize, &'static [u32]),
+    /// The argument's low 32 bits, masked, equal the value.
+    Masked(usize, u32, u32),
+    /// The argument is not 0 (a pointer that is not NULL): all 64 bits, or
+    /// an i386 call's low 32, as the kernel takes them.
+    NonZero(usize),
+}
+
+impl ArgTest {
+    pub fn passes(self, args: &[u64; 6]) -> bool {
+        let low = |index: usize| args[index] as u32;
+        match self {
+            ArgTest::OneOf(index, values) => values.contains(&low(index)),
+            ArgTest::Masked(index, mask, value) => low(index) & mask == value,
+            ArgTest::NonZero(index) => args[index] != 0,
+        }
+    }
+}
+
+/// When a call stops: any of the clauses, each passing when all its tests do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct When(pub &'static [&'static [ArgTest]]);
+
+impl When {
+    pub fn passes(self, args: &[u64; 6]) -> bool {
+        self.0.iter().any(|clause| clause.iter().all(|test| test.passes(args)))
+    }
 }
 
 pub struct SyscallDef {
@@ -65,12 +103,67 @@ const fn decode(decoder: Decoder) -> Action {
     Trace(decoder)
 }
 
-/// prctl(PR_SET_SECCOMP, ...): the only prctl option that stops.
-const PR_SET_SECCOMP: u32 = 22;
 /// ioctl(fd, USERFAULTFD_IOC_NEW) on /dev/userfaultfd: `_IO(0xAA, 0x00)`.
 const USERFAULTFD_IOC_NEW: u32 = 0xaa00;
 
-use Action::{Refuse, Trace, TraceWhen};
+/// prctl options that stop: those that change what the process may do or
+/// how it is seen (see `PrctlEvent`) and PR_SET_SECCOMP (a seccomp event),
+/// PR_CAP_AMBIENT only for the operations that change the set. PR_GET_*, PR_SET_VMA, PR_SET_PDEATHSIG
+/// and the like never stop.
+pub const PRCTL_WATCHED: When = When(&[
+    &[ArgTest::OneOf(0, &[4, 8, 15, 22, 24, 28, 35, 36, 38, 53, 0x5961_6d61])],
+    &[ArgTest::OneOf(0, &[47]), ArgTest::OneOf(1, &[2, 3, 4])],
+]);
+
+/// socket(2) of a packet socket, or a raw one (SOCK_RAW, SOCK_PACKET),
+/// whatever the SOCK_NONBLOCK and SOCK_CLOEXEC bits.
+pub const RAW_SOCKETS: When = When(&[
+    &[ArgTest::OneOf(0, &[libc::AF_PACKET as u32])],
+    &[ArgTest::Masked(1, 0xf, libc::SOCK_RAW as u32)],
+    // SOCK_PACKET (10), the obsolete packet socket type.
+    &[ArgTest::Masked(1, 0xf, 10)],
+]);
+
+/// setsockopt options that stop (see `SetsockoptEvent`): (level, options).
+pub const SOCKOPTS_WATCHED: When = When(&[
+    // SOL_SOCKET: SO_BINDTODEVICE, SO_ATTACH_FILTER, SO_DETACH_FILTER, SO_MARK,
+    // SO_LOCK_FILTER, SO_ATTACH_BPF, SO_ATTACH_REUSEPORT_CBPF and _EBPF, SO_BINDTOIFINDEX.
+    &[ArgTest::OneOf(1, &[1]), ArgTest::OneOf(2, &[25, 26, 27, 36, 44, 50, 51, 52, 62])],
+    // SOL_IP: IP_HDRINCL, IP_OPTIONS, IP_TRANSPARENT, IPT_SO_SET_REPLACE, IPT_SO_SET_ADD_COUNTERS.
+    &[ArgTest::OneOf(1, &[0]), ArgTest::OneOf(2, &[3, 4, 19, 64, 65])],
+    // SOL_IPV6: IPV6_HDRINCL, IP6T_SO_SET_REPLACE, IP6T_SO_SET_ADD_COUNTERS, IPV6_TRANSPARENT.
+    &[ArgTest::OneOf(1, &[41]), ArgTest::OneOf(2, &[36, 64, 65, 75])],
+    // SOL_TCP: TCP_REPAIR, TCP_ULP.
+    &[ArgTest::OneOf(1, &[6]), ArgTest::OneOf(2, &[19, 31])],
+    // SOL_PACKET: PACKET_ADD_MEMBERSHIP (promiscuous mode).
+    &[ArgTest::OneOf(1, &[263]), ArgTest::OneOf(2, &[1])],
+]);
+
+/// Signals that stop: those whose default action ends, stops or resumes a
+/// process (SIGHUP, SIGINT, SIGQUIT, SIGILL, SIGTRAP, SIGABRT, SIGBUS,
+/// SIGFPE, SIGKILL, SIGSEGV, SIGPIPE, SIGTERM, SIGSTKFLT, SIGCONT, SIGSTOP,
+/// SIGTSTP, SIGTTIN, SIGTTOU, SIGXCPU, SIGXFSZ, SIGPWR, SIGSYS). The filter
+/// cannot tell a signal a process sends itself from one to another, so the
+/// signals programs send themselves all the time never stop: timers
+/// (SIGALRM, SIGVTALRM, SIGPROF), SIGUSR1 and SIGUSR2, SIGIO, those ignored
+/// by default (SIGCHLD, SIGURG: Go preempts its threads with it, SIGWINCH),
+/// real-time ones (glibc's thread cancellation and set*id broadcast), and 0
+/// (a probe that sends nothing).
+const SIGNALS_WATCHED: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 15, 16, 18, 19, 20, 21, 22, 24, 25, 30, 31];
+
+/// `index` is the signal's argument.
+const fn signal_sent(index: usize) -> When {
+    match index {
+        1 => When(&[&[ArgTest::OneOf(1, SIGNALS_WATCHED)]]),
+        _ => When(&[&[ArgTest::OneOf(2, SIGNALS_WATCHED)]]),
+    }
+}
+
+const fn signal(call: SignalCall, index: usize) -> Action {
+    TraceIf { when: signal_sent(index), decoder: Decoder::Signal(call) }
+}
+
+use Action::{Refuse, Trace, TraceIf, TraceWhen};
 use Decoder::{Chdir, Clone, Exec, IoUring, Namespace, Net, Open, Ptrace, Seccomp, Socketcall, Userfaultfd};
 
 #[rustfmt::skip]
@@ -177,9 +270,31 @@ pub static SYSCALLS: &[SyscallDef] = &[
     // Calls that reach for the tracer or the kernel's control of processes.
     row("ptrace",          Some(101),  Some(26),   decode(Ptrace)),
     row("seccomp",         Some(317),  Some(354),  decode(Seccomp(SeccompCall::Seccomp))),
-    row("prctl",           Some(157),  Some(172),  TraceWhen { index: 0, value: PR_SET_SECCOMP, decoder: Seccomp(SeccompCall::Prctl) }),
+    // PR_SET_SECCOMP decodes as a seccomp call.
+    row("prctl",           Some(157),  Some(172),  TraceIf { when: PRCTL_WATCHED, decoder: Decoder::Prctl }),
     row("userfaultfd",     Some(323),  Some(374),  decode(Userfaultfd(UffdCall::Syscall))),
     row("ioctl",           Some(16),   Some(54),   TraceWhen { index: 1, value: USERFAULTFD_IOC_NEW, decoder: Userfaultfd(UffdCall::Ioctl) }),
+    // Resource limits; a prlimit64 without a new limit only reads.
+    row("setrlimit",       Some(160),  Some(75),   decode(Decoder::Rlimit(RlimitCall::Setrlimit))),
+    row("prlimit64",       Some(302),  Some(340),  TraceIf { when: When(&[&[ArgTest::NonZero(2)]]), decoder: Decoder::Rlimit(RlimitCall::Prlimit64) }),
+    // Kernel code: modules and eBPF.
+    row("init_module",     Some(175),  Some(128),  decode(Decoder::Module(ModuleCall::Init))),
+    row("finit_module",    Some(313),  Some(350),  decode(Decoder::Module(ModuleCall::Finit))),
+    row("delete_module",   Some(176),  Some(129),  decode(Decoder::Module(ModuleCall::Delete))),
+    row("bpf",             Some(321),  Some(357),  decode(Decoder::Bpf)),
+    // Signals to other processes.
+    row("kill",            Some(62),   Some(37),   signal(SignalCall::Kill, 1)),
+    row("tkill",           Some(200),  Some(238),  signal(SignalCall::Tkill, 1)),
+    row("tgkill",          Some(234),  Some(270),  signal(SignalCall::Tgkill, 2)),
+    row("pidfd_send_signal", Some(424), Some(424), signal(SignalCall::PidfdSendSignal, 1)),
+    // Sockets below TCP and UDP, options that shape traffic, and datagrams
+    // (or TCP Fast Open) to a destination without connect(2). sendmsg and
+    // sendmmsg carry their destination in memory: every call stops.
+    row("socket",          Some(41),   Some(359),  TraceIf { when: RAW_SOCKETS, decoder: Net(NetCall::Socket) }),
+    row("setsockopt",      Some(54),   Some(366),  TraceIf { when: SOCKOPTS_WATCHED, decoder: Net(NetCall::Setsockopt) }),
+    row("sendto",          Some(44),   Some(369),  TraceIf { when: When(&[&[ArgTest::NonZero(4)]]), decoder: Net(NetCall::Send(SendCall::Sendto)) }),
+    row("sendmsg",         Some(46),   Some(370),  decode(Net(NetCall::Send(SendCall::Sendmsg)))),
+    row("sendmmsg",        Some(307),  Some(345),  decode(Net(NetCall::Send(SendCall::Sendmmsg)))),
 ];
 
 /// The entry for a syscall number, for stops that did not come through the

@@ -13,6 +13,7 @@ use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
 use crate::trace::memory;
 use crate::trace::procfs;
 use crate::trace::ptrace;
+use crate::trace::snapshot;
 
 /// Bounds of exec arguments and environment (entries, and bytes per entry),
 /// the same as the agent-side model expects.
@@ -196,9 +197,16 @@ pub fn failed(cx: &mut Ctx<'_>, call: &Call, retval: i64, exec: ExecCall) {
         cwd: cx.cwd().unwrap_or_default(),
         credentials: procfs::status(cx.tid).map(|s| s.credentials),
         executable: String::new(),
+        tty: terminal(cx.tid),
         ..Default::default()
     };
     cx.emit_call(call, retval, partial, Payload::Exec(exec));
+}
+
+/// The process's controlling terminal ("/dev/pts/3"), as the kernel has it
+/// (/proc/PID/stat's tty_nr); empty when it has none.
+fn terminal(pid: Pid) -> String {
+    snapshot::stat(pid).map(|s| snapshot::tty_name(s.tty_nr)).unwrap_or_default()
 }
 
 /// PTRACE_EVENT_EXEC: the new image is in place. argv and envp are read from
@@ -267,6 +275,7 @@ pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime, caller:
         credentials: status.map(|s| s.credentials),
         executable,
         interpreter,
+        tty: terminal(pid),
         ..Default::default()
     };
     let mut event = match call {

@@ -12,9 +12,13 @@ mod creds;
 mod exec;
 mod file_detail;
 mod files;
+mod kernel;
 mod namespaces;
 mod net;
 mod open;
+mod process;
+mod sends;
+mod sockopts;
 mod tasks;
 
 pub use context::{Call, Ctx, Next};
@@ -23,9 +27,12 @@ pub use creds::CredCall;
 pub use exec::{bound_args, bound_envs, split_nul, succeeded as exec_succeeded, ExecCall};
 pub use file_detail::{LengthArg, TimeLayout, XattrValue};
 pub use files::{FileCall, PathArg};
+pub use kernel::ModuleCall;
 pub use namespaces::NsCall;
 pub use net::NetCall;
 pub use open::OpenCall;
+pub use process::{RlimitCall, SignalCall};
+pub use sends::SendCall;
 pub use tasks::ChdirCall;
 
 /// What a table entry decodes as.
@@ -46,6 +53,14 @@ pub enum Decoder {
     Ptrace,
     Seccomp(SeccompCall),
     Userfaultfd(UffdCall),
+    /// prctl; PR_SET_SECCOMP becomes a `Seccomp` call.
+    Prctl,
+    Rlimit(RlimitCall),
+    /// init_module, finit_module, delete_module.
+    Module(ModuleCall),
+    Bpf,
+    /// Signals to other processes.
+    Signal(SignalCall),
 }
 
 impl Decoder {
@@ -75,6 +90,15 @@ impl Decoder {
             Decoder::Ptrace => control::ptrace_entry(cx, call),
             Decoder::Seccomp(seccomp) => control::seccomp_entry(cx, call, seccomp),
             Decoder::Userfaultfd(uffd) => control::userfaultfd_entry(cx, call, uffd),
+            Decoder::Prctl if call.args[0] as u32 == process::PR_SET_SECCOMP as u32 => {
+                *self = Decoder::Seccomp(SeccompCall::Prctl);
+                self.entry(cx, call)
+            }
+            Decoder::Prctl => process::prctl_entry(cx, call),
+            Decoder::Rlimit(rlimit) => process::rlimit_entry(cx, call, rlimit),
+            Decoder::Module(module) => kernel::module_entry(cx, call, module),
+            Decoder::Bpf => Next::Exit,
+            Decoder::Signal(signal) => process::signal_entry(cx, call, signal),
         }
     }
 
@@ -91,6 +115,11 @@ impl Decoder {
             Decoder::Namespace(ns) => namespaces::exit(cx, call, retval, ns),
             Decoder::Ptrace => control::ptrace_exit(cx, call, retval),
             Decoder::Seccomp(seccomp) => control::seccomp_exit(cx, call, retval, seccomp),
+            Decoder::Prctl => process::prctl_exit(cx, call, retval),
+            Decoder::Rlimit(rlimit) => process::rlimit_exit(cx, call, retval, rlimit),
+            Decoder::Module(module) => kernel::module_exit(cx, call, retval, module),
+            Decoder::Bpf => kernel::bpf_exit(cx, call, retval),
+            Decoder::Signal(signal) => process::signal_exit(cx, call, retval, signal),
             // Decoded whole at entry: they never ask for the exit stop.
             Decoder::Socketcall | Decoder::Clone | Decoder::Userfaultfd(_) => {}
         }

@@ -9,10 +9,12 @@ use crate::proto::{self, event::Payload, AddressFamily, Protocol};
 use crate::text;
 use crate::trace::abi::Abi;
 use crate::trace::decode::context::{Call, Ctx, Next};
+use crate::trace::decode::sends::{self, SendCall};
+use crate::trace::decode::sockopts;
 use crate::trace::memory;
 use crate::trace::procfs::{self, End};
 
-const SOCKADDR_MAX: usize = 128;
+pub(super) const SOCKADDR_MAX: usize = 128;
 
 /// Which socket call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,10 +22,15 @@ pub enum NetCall {
     Connect,
     Bind,
     Accept,
+    /// socket(2): raw and packet sockets only (`sockopts`).
+    Socket,
+    Setsockopt,
+    /// Sends that name a destination (`sends`).
+    Send(SendCall),
 }
 
 /// A socket address: family, textual address, port.
-fn parse_sockaddr(raw: &[u8]) -> Option<(AddressFamily, String, u32)> {
+pub(super) fn parse_sockaddr(raw: &[u8]) -> Option<(AddressFamily, String, u32)> {
     let family = i32::from(u16::from_ne_bytes(raw.get(0..2)?.try_into().ok()?));
     let port = || raw.get(2..4).map(|p| u32::from(u16::from_be_bytes([p[0], p[1]])));
     match family {
@@ -66,6 +73,12 @@ fn protocol_of(family: AddressFamily, sock_type: i32, protocol: i32) -> Protocol
 /// it: a blocking connect leaves time for another thread to rewrite it
 /// before the exit.
 pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, net: NetCall) -> Next {
+    match net {
+        NetCall::Socket => return sockopts::socket_entry(call),
+        NetCall::Setsockopt => return sockopts::setsockopt_entry(cx, call),
+        NetCall::Send(send) => return sends::entry(cx, call, send),
+        _ => {}
+    }
     if net != NetCall::Accept {
         let [_, addr, len, ..] = call.args;
         call.entry_bytes = cx.read_bytes(addr, (len as usize).min(SOCKADDR_MAX));
@@ -78,24 +91,30 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, net: NetCall) {
         NetCall::Connect => connect_exit(cx, call, retval),
         NetCall::Bind => bind_exit(cx, call, retval),
         NetCall::Accept => accept_exit(cx, call, retval),
+        NetCall::Socket => sockopts::socket_exit(cx, call, retval),
+        NetCall::Setsockopt => sockopts::setsockopt_exit(cx, call, retval),
+        NetCall::Send(send) => sends::exit(cx, call, retval, send),
     }
 }
 
 /// An address that could not be read is reported empty (the event partial).
-fn address_or_empty(parsed: Option<(AddressFamily, String, u32)>) -> (AddressFamily, String, u32) {
+pub(super) fn address_or_empty(parsed: Option<(AddressFamily, String, u32)>) -> (AddressFamily, String, u32) {
     parsed.unwrap_or((AddressFamily::Unspecified, String::new(), 0))
 }
 
 /// The socket behind a tracee's descriptor, asked of the kernel now rather
 /// than of a table kept from socket(2) calls: inherited, passed or dup'ed
 /// sockets are all the same.
-fn socket_of(cx: &Ctx<'_>, fd: i32) -> Option<OwnedFd> {
+pub(super) fn socket_of(cx: &Ctx<'_>, fd: i32) -> Option<OwnedFd> {
     procfs::descriptor_copy(cx.tid, cx.tgid(), fd)
 }
 
-fn protocol_of_socket(socket: Option<&OwnedFd>, family: AddressFamily) -> Protocol {
-    let (sock_type, protocol) = socket.and_then(procfs::socket_kind).unwrap_or((0, -1));
-    protocol_of(family, sock_type, protocol)
+pub(super) fn protocol_of_socket(socket: Option<&OwnedFd>, family: AddressFamily) -> Protocol {
+    // A descriptor that is no socket (or is gone) has no protocol to tell.
+    match socket.and_then(procfs::socket_kind) {
+        Some((sock_type, protocol)) => protocol_of(family, sock_type, protocol),
+        None => Protocol::Unspecified,
+    }
 }
 
 /// connect: the address read at entry, checked against the socket's peer
@@ -115,6 +134,7 @@ fn connect_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
         family: family as i32,
         protocol: protocol_of_socket(socket.as_ref(), family) as i32,
         fd: Some(fd),
+        ..Default::default()
     };
     match unverified {
         Some(why) => cx.emit_unverified(call, retval, why, Payload::Connect(connect)),
@@ -124,10 +144,18 @@ fn connect_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
 
 type Address = (AddressFamily, String, u32);
 
+pub(super) fn is_ip(family: AddressFamily) -> bool {
+    matches!(family, AddressFamily::Inet | AddressFamily::Inet6)
+}
+
 /// The address a connect reached, and why it could not be checked if not.
-fn verify_peer(socket: Option<&OwnedFd>, requested: Option<Address>, retval: i64) -> (Option<Address>, Option<String>) {
+pub(super) fn verify_peer(
+    socket: Option<&OwnedFd>,
+    requested: Option<Address>,
+    retval: i64,
+) -> (Option<Address>, Option<String>) {
     let Some(requested) = requested else { return (None, None) };
-    if !matches!(requested.0, AddressFamily::Inet | AddressFamily::Inet6) {
+    if !is_ip(requested.0) {
         // A unix peer's name is whatever it bound, not what was asked.
         return (Some(requested), None);
     }
@@ -202,6 +230,11 @@ pub fn unpack_socketcall(cx: &mut Ctx<'_>, call: &mut Call) -> Option<NetCall> {
         3 => (NetCall::Connect, "connect", 3),
         5 => (NetCall::Accept, "accept", 3),
         18 => (NetCall::Accept, "accept4", 4),
+        1 => (NetCall::Socket, "socket", 3),
+        11 => (NetCall::Send(SendCall::Sendto), "sendto", 6),
+        14 => (NetCall::Setsockopt, "setsockopt", 5),
+        16 => (NetCall::Send(SendCall::Sendmsg), "sendmsg", 3),
+        20 => (NetCall::Send(SendCall::Sendmmsg), "sendmmsg", 4),
         _ => return None,
     };
     let words = memory::read_words(cx.tid, call.args[1], Abi::I386, count);
