@@ -201,3 +201,73 @@ fn a_connect_reports_the_peer_the_kernel_reached_whatever_a_sibling_writes() {
         eprintln!("{mode:?}: {corrected} of {COUNT} connects had their address changed after the tracer read it");
     }
 }
+
+/// The ways the tests run a workload: as the tracer's user, and when the
+/// tests are root, also as uid 1000 under a root tracer (`--uid`) and under
+/// a tracer that is itself uid 1000.
+fn users() -> Vec<(&'static [&'static str], Option<u32>)> {
+    let mut users: Vec<(&[&str], Option<u32>)> = vec![(&[], None)];
+    if is_root() {
+        users.push((&["--uid", "1000", "--gid", "1000"], None));
+        users.push((&[], Some(1000)));
+    }
+    users
+}
+
+#[test]
+fn an_open_names_the_file_the_kernel_opened_whatever_a_sibling_puts_at_its_descriptor() {
+    const COUNT: usize = 200;
+    let dir = open_dir();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (existing, decoy) = (dir.path().join("real"), dir.path().join("decoy"));
+    for file in [&existing, &decoy] {
+        std::fs::write(file, "x").unwrap();
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o666)).unwrap();
+    }
+    let created = dir.path().join("created");
+    let program = runnable_by_anyone(dir.path(), &fixture("attack_fdswap"));
+    let decoy_path = common::real_path(decoy.to_str().unwrap());
+    let cases = [
+        ("plain", &existing, libc::O_RDONLY | libc::O_NOCTTY | libc::O_CLOEXEC),
+        ("excl", &created, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC),
+    ];
+    for (flags, tracer_uid) in users() {
+        for mode in MODES {
+            for (kind, real, open_flags) in cases {
+                let count = COUNT.to_string();
+                let args = [program.as_os_str(), real.as_os_str(), decoy.as_os_str(), count.as_ref(), kind.as_ref()];
+                let mut trace = Trace::with_flags(&[flags, mode].concat(), &args);
+                if let Some(uid) = tracer_uid {
+                    trace = trace.run_by_user(uid, dir.path());
+                }
+                let run = trace.run();
+                let context = format!("{flags:?} tracer uid {tracer_uid:?} {mode:?} {kind}: {}", run.stderr);
+                assert_eq!(run.code(), Some(0), "{context}");
+                let outcomes: Vec<&str> = run.stdout.lines().collect();
+                assert_eq!(outcomes.len(), COUNT, "{context}");
+                let opens: Vec<_> = run.of("open").into_iter().filter(|e| e["open"]["flags"] == open_flags).collect();
+                assert_eq!(opens.len(), COUNT, "{context}");
+                let real_path = common::real_path(real.to_str().unwrap());
+                let mut unverified = 0;
+                for (event, outcome) in opens.iter().zip(&outcomes) {
+                    assert!(retval(event) >= 0, "{event:#?}");
+                    let path = event["open"]["path"].as_str().unwrap();
+                    match (event["unverified"].as_str(), *outcome) {
+                        // Reported as fact: it must be the file the kernel opened.
+                        (None, _) => assert_eq!(path, real_path, "{context}: {event:#?}"),
+                        // The decoy came in time: the event names it, and says it could not be confirmed.
+                        (Some(why), "swapped") => {
+                            assert_eq!(path, decoy_path, "{context}: {event:#?}");
+                            assert!(why.contains(&real_path), "{why}");
+                            unverified += 1;
+                        }
+                        // No other file was ever at the descriptor: nothing to doubt.
+                        (Some(_), outcome) => panic!("{context}: {outcome}: {event:#?}"),
+                    }
+                }
+                let swapped = outcomes.iter().filter(|o| **o == "swapped").count();
+                eprintln!("{context}: {swapped} of {COUNT} descriptors swapped, {unverified} events unverified");
+            }
+        }
+    }
+}

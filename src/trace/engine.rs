@@ -141,7 +141,7 @@ impl Engine {
     /// `root` is seized and about to exec the entrypoint; its parent is the tracer.
     pub fn new(mode: Mode, root: Pid, sink: EventSink, live: LiveProcesses) -> Self {
         let mut procs = ProcessTable::new(live);
-        procs.add_process(root, Pid::this());
+        procs.add_root(root, Pid::this());
         Engine {
             mode,
             procs,
@@ -443,7 +443,8 @@ impl Engine {
             None => kind == ForkEventKind::Clone && procfs::status(child).and_then(|s| s.tgid) != Some(child.as_raw()),
         };
         let sibling = request.is_some_and(|r| r.flags as i32 & libc::CLONE_PARENT != 0);
-        let sharing = Sharing { thread, sibling };
+        let tables = !thread && self.shares_tables_with_child(parent, request.map(|r| r.flags as i32), kind);
+        let sharing = Sharing { thread, sibling, tables };
         let child_tgid = self.procs.add_child(parent, child, sharing);
         if child_tgid == child {
             // A child adopted before this event may already have events of
@@ -470,6 +471,22 @@ impl Engine {
             };
             self.sink.emit(event);
         }
+    }
+
+    /// Whether a new process shares its creator's descriptor table or
+    /// memory with a task that can run alongside it. A vfork's creator
+    /// waits for the child's exec or exit: only its other threads, or
+    /// processes it shares with already, can. Flags not known (no clone
+    /// entry seen) count as shared, but for fork(2)'s.
+    fn shares_tables_with_child(&self, parent: Pid, flags: Option<i32>, kind: ForkEventKind) -> bool {
+        let flags = match (flags, kind) {
+            (Some(flags), _) => flags,
+            (None, ForkEventKind::Fork) => 0,
+            (None, ForkEventKind::Vfork) => libc::CLONE_VM | libc::CLONE_VFORK,
+            (None, ForkEventKind::Clone) => return true,
+        };
+        flags & libc::CLONE_FILES != 0
+            || (flags & libc::CLONE_VM != 0 && (flags & libc::CLONE_VFORK == 0 || self.procs.tables_shared(parent)))
     }
 
     /// A new task whose first stop came before its creator's fork event:

@@ -49,25 +49,9 @@ pub struct FileId {
 /// [`resolve_path`], and the file the path names now, its final symlink not
 /// followed (None when there is none: not created yet, or gone).
 pub fn resolve_file(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<(String, Option<FileId>)> {
-    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
-    const AT_FDCWD: i32 = -100;
+    use nix::fcntl::OFlag;
     let (dir, name) = split_final_name(raw);
-    let absolute = raw.first() == Some(&b'/');
-    let (base, resolve) = match (absolute, dirfd) {
-        (true, _) => (format!("/proc/{tid}/root"), ResolveFlag::RESOLVE_IN_ROOT),
-        (false, AT_FDCWD) => (format!("/proc/{tid}/cwd"), ResolveFlag::empty()),
-        (false, fd) => (format!("/proc/{tid}/fd/{fd}"), ResolveFlag::empty()),
-    };
-    let directory = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-    let base = nix::fcntl::open(base.as_str(), directory, nix::sys::stat::Mode::empty()).ok()?;
-    let relative = match dir.iter().position(|&b| b != b'/') {
-        Some(start) => std::ffi::OsStr::from_bytes(&dir[start..]),
-        None => std::ffi::OsStr::new("."),
-    };
-    // The workload's /proc/self and /proc/PID/cwd would be the tracer's own
-    // or another view: magic links are refused, and the caller falls back.
-    let how = OpenHow::new().flags(directory).resolve(resolve | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let opened = openat2(&base, relative, how).ok()?;
+    let opened = open_in_view(tid, dirfd, raw.first() == Some(&b'/'), dir, OFlag::O_DIRECTORY)?;
     let file = file_id(&opened, name.unwrap_or_default());
     let mut path = directory_path(opened)?;
     if let Some(name) = name {
@@ -77,6 +61,54 @@ pub fn resolve_file(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<(String, Option<
         path.extend_from_slice(name);
     }
     Some((text::lossless(&path), file))
+}
+
+/// `relative` (leading slashes ignored, "" for the base itself) opened
+/// O_PATH with `flags` from where thread `tid` would start resolving a path
+/// argument: its root for an absolute path (which then cannot climb out of
+/// it), its working directory, or its directory descriptor `dirfd`.
+fn open_in_view(tid: Pid, dirfd: i32, absolute: bool, relative: &[u8], flags: nix::fcntl::OFlag) -> Option<OwnedFd> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    const AT_FDCWD: i32 = -100;
+    let (base, resolve) = match (absolute, dirfd) {
+        (true, _) => (format!("/proc/{tid}/root"), ResolveFlag::RESOLVE_IN_ROOT),
+        (false, AT_FDCWD) => (format!("/proc/{tid}/cwd"), ResolveFlag::empty()),
+        (false, fd) => (format!("/proc/{tid}/fd/{fd}"), ResolveFlag::empty()),
+    };
+    let directory = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let base = nix::fcntl::open(base.as_str(), directory, nix::sys::stat::Mode::empty()).ok()?;
+    let relative = match relative.iter().position(|&b| b != b'/') {
+        Some(start) => std::ffi::OsStr::from_bytes(&relative[start..]),
+        None => std::ffi::OsStr::new("."),
+    };
+    // The workload's /proc/self and /proc/PID/cwd would be the tracer's own
+    // or another view: magic links are refused, and the caller falls back.
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | flags)
+        .resolve(resolve | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    openat2(&base, relative, how).ok()
+}
+
+/// The file an open(2) of path argument `raw` would open now: its final
+/// symlink followed unless `follow` is false (O_NOFOLLOW). None when it
+/// does not resolve from the tracer's side (it is gone, or its way goes
+/// through a magic link).
+pub fn opened_file(tid: Pid, dirfd: i32, raw: &[u8], follow: bool) -> Option<FileId> {
+    use nix::fcntl::OFlag;
+    let flags = if follow { OFlag::empty() } else { OFlag::O_NOFOLLOW };
+    let opened = open_in_view(tid, dirfd, raw.first() == Some(&b'/'), raw, flags)?;
+    file_id(&opened, b"")
+}
+
+/// The file descriptor `fd` of thread `tid` refers to now, and the kernel's
+/// path for it, both from one reference to it: another thread sharing the
+/// table cannot put a different file there between the two answers.
+pub fn descriptor_file(tid: Pid, fd: i32) -> Option<(String, FileId)> {
+    use nix::fcntl::OFlag;
+    let flags = OFlag::O_PATH | OFlag::O_CLOEXEC;
+    let file = nix::fcntl::open(format!("/proc/{tid}/fd/{fd}").as_str(), flags, nix::sys::stat::Mode::empty()).ok()?;
+    let id = file_id(&file, b"")?;
+    Some((readlink(&format!("/proc/self/fd/{}", file.as_raw_fd()))?, id))
 }
 
 /// The file a descriptor of thread `tid` refers to.
