@@ -271,3 +271,78 @@ fn an_open_names_the_file_the_kernel_opened_whatever_a_sibling_puts_at_its_descr
         }
     }
 }
+
+#[test]
+fn a_path_a_sibling_rewrites_during_the_call_is_reported_as_the_kernel_used_it_or_marked() {
+    const COUNT: usize = 200;
+    let program_dir = open_dir();
+    let program = runnable_by_anyone(program_dir.path(), &fixture("attack_paths"));
+    // (mode, the syscall its events have, what follows the kernel's choice in the path)
+    let cases =
+        [("unlink", "unlink", ""), ("mkdir", "mkdir", ""), ("open", "openat", "/x"), ("dirfd", "unlinkat", "/victim")];
+    let expected_retval = |kind: &str, choice: &str| match (kind, choice) {
+        ("open", "n") => -i64::from(libc::ENOENT),
+        ("open", _) => -i64::from(libc::ENOTDIR),
+        _ => 0,
+    };
+    for (flags, tracer_uid) in users() {
+        for mode in MODES {
+            for (kind, syscall, rest) in cases {
+                let dir = open_dir();
+                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+                let dir_path = dir.path().canonicalize().unwrap();
+                let count = COUNT.to_string();
+                let args = [program.as_os_str(), dir_path.as_os_str(), count.as_ref(), kind.as_ref()];
+                let mut trace = Trace::with_flags(&[flags, mode].concat(), &args);
+                if let Some(uid) = tracer_uid {
+                    trace = trace.run_by_user(uid, program_dir.path());
+                }
+                let run = trace.run();
+                let context = format!("{flags:?} tracer uid {tracer_uid:?} {mode:?} {kind}: {}", run.stderr);
+                assert_eq!(run.code(), Some(0), "{context}");
+                let choices: Vec<&str> = run.stdout.lines().collect();
+                assert_eq!(choices.len(), COUNT, "{context}");
+                let calls: Vec<_> = run
+                    .events
+                    .iter()
+                    .filter(|e| e["syscall"] == syscall)
+                    .filter(|e| {
+                        kind != "open" || e["open"]["flags"] == libc::O_RDONLY | libc::O_NOCTTY | libc::O_CLOEXEC
+                    })
+                    .collect();
+                assert_eq!(calls.len(), COUNT, "{context}");
+                let mut unverified = 0;
+                for (event, choice) in calls.iter().zip(&choices) {
+                    assert_eq!(retval(event), expected_retval(kind, choice), "{context}: {event:#?}");
+                    if event["unverified"].is_string() {
+                        unverified += 1;
+                        continue;
+                    }
+                    // Reported as fact: it must be what the kernel acted on.
+                    let payload = if kind == "open" { &event["open"] } else { &event["file"] };
+                    let expected = format!("{}/{choice}{rest}", dir_path.display());
+                    assert_eq!(payload["path"], expected.as_str(), "{context}: {event:#?}");
+                }
+                eprintln!("{context}: {unverified} of {COUNT} events unverified");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_process_whose_tables_are_its_own_gets_no_unverified_mark() {
+    // No other task shares its memory or descriptor table: what the tracer
+    // reads after the call is what the kernel saw.
+    let dir = tempfile::tempdir().unwrap();
+    let script = "mkdir d && echo x > d/f && mv d/f d/g && ln d/g d/h && ln -s g d/s && chmod 600 d/g \
+                  && cat d/s && rm d/g d/h d/s && rmdir d && cat missing";
+    for mode in MODES {
+        let mut trace = Trace::with_flags(mode, &["sh", "-c", script]);
+        trace.command().current_dir(dir.path());
+        let run = trace.run();
+        assert_eq!((run.code(), run.stdout.as_str()), (Some(1), "x\n"), "{}", run.stderr);
+        assert!(run.of("file").len() >= 7, "{:#?}", run.events);
+        let marked: Vec<_> = run.events.iter().filter(|e| e.get("unverified").is_some()).collect();
+        assert!(marked.is_empty(), "{mode:?}: {marked:#?}");
+    }
+}

@@ -37,6 +37,10 @@ pub struct Call {
     /// `MAX_EXEC_ENTRIES`, each cut a byte past the entry bound), and
     /// whether entries were left out; None when unreadable.
     pub entry_args: Option<(Vec<Vec<u8>>, bool)>,
+    /// A path argument's bytes as read at entry, kept where another task may
+    /// rewrite them before the kernel reads them: read again at exit, a
+    /// change shows the race.
+    pub entry_raw_path: Option<Vec<u8>>,
     /// Argument memory read at entry, as the kernel read it, before another
     /// thread of the workload can change it (a sockaddr, an open_how).
     pub entry_bytes: Vec<u8>,
@@ -58,6 +62,7 @@ impl Call {
             entry_target: None,
             entry_file: None,
             entry_args: None,
+            entry_raw_path: None,
             entry_bytes: Vec::new(),
             partial: false,
             ppid: None,
@@ -192,14 +197,19 @@ impl Ctx<'_> {
     /// Reads a path argument, resolves it, and identifies the file it names
     /// now (see [`procfs::resolve_file`]); None when unreadable.
     pub fn read_file(&mut self, dirfd: i32, addr: u64) -> Option<(String, Option<FileId>)> {
-        let (raw, _) = memory::read_cstring(self.tid, addr, PATH_MAX).ok()?;
+        let raw = self.read_raw_path(addr)?;
         procfs::resolve_file(self.tid, dirfd, &raw).or_else(|| Some((self.lexical(dirfd, &raw)?, None)))
     }
 
     /// Reads a path argument and resolves it; None when unreadable.
     pub fn read_path(&mut self, dirfd: i32, addr: u64) -> Option<String> {
-        let (raw, _) = memory::read_cstring(self.tid, addr, PATH_MAX).ok()?;
+        let raw = self.read_raw_path(addr)?;
         self.resolve(dirfd, &raw)
+    }
+
+    /// A path argument's bytes; None when unreadable.
+    pub fn read_raw_path(&self, addr: u64) -> Option<Vec<u8>> {
+        memory::read_cstring(self.tid, addr, PATH_MAX).ok().map(|(raw, _)| raw)
     }
 
     /// Up to `len` bytes of tracee memory at `addr`; fewer where it ends.

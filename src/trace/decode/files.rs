@@ -104,11 +104,15 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
     // unlinkat(AT_REMOVEDIR) is an rmdir.
     let removes_dir = spec.operation == FileOperation::Unlink && flags & libc::AT_REMOVEDIR as u32 != 0;
     let id = |i: usize| id_arg(call, call.args[i], spec.narrow_ids_on_i386);
+    let shared = cx.procs.tables_shared(cx.tid);
     // A file the call created has an identity only now.
+    let again =
+        if shared || (call.entry_file.is_none() && retval >= 0) { read_file_arg(cx, call, spec.path) } else { None };
     let file = match call.entry_file {
-        None if retval >= 0 => read_file_arg(cx, call, spec.path).and_then(|(_, file)| file),
+        None if retval >= 0 => again.as_ref().and_then(|(_, file)| *file),
         file => file,
     };
+    let unverified = if shared { unverified(cx, call, spec, retval, flags, again) } else { None };
     let event = proto::FileEvent {
         operation: if removes_dir { FileOperation::Rmdir } else { spec.operation } as i32,
         path: call.entry_path.clone().unwrap_or_default(),
@@ -121,5 +125,56 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
         inode: file.map_or(0, |f| f.inode),
         mount_id: file.and_then(|f| f.mount_id),
     };
-    cx.emit_call(call, retval, call.partial, Payload::File(event));
+    let event = cx.call_event(call, retval, call.partial, Payload::File(event));
+    cx.sink.emit(proto::Event { unverified: unverified.unwrap_or_default(), ..event });
+}
+
+/// While another task shares the caller's memory or descriptor table, the
+/// paths read at entry may not be what the kernel read a moment later: it
+/// can rewrite a string, or put another directory at a directory
+/// descriptor. They are read and resolved again at exit, and a successful
+/// call's effect is looked for in the kernel's state: a removed name no
+/// longer names the file it named at entry, a renamed file is at its new
+/// name, a link names its target's file, a created name exists. Why the
+/// event cannot be confirmed, or None.
+fn unverified(
+    cx: &mut Ctx<'_>,
+    call: &Call,
+    spec: FileCall,
+    retval: i64,
+    flags: u32,
+    again: Option<(String, Option<FileId>)>,
+) -> Option<String> {
+    const RACE: &str = "another task sharing the memory or the descriptor table changed the argument while the \
+                        call ran, and which one the kernel used is not known";
+    let (path, file) = again.unzip();
+    if path != call.entry_path {
+        let now = path.unwrap_or_else(|| "unreadable".to_owned());
+        return Some(format!("path: read at the call's entry; at its exit it named {now}: {RACE}"));
+    }
+    let target = spec.target.map(|t| read_file_arg(cx, call, t));
+    if let Some(target) = &target {
+        if target.as_ref().map(|(text, _)| text) != call.entry_target.as_ref() {
+            let now = target.as_ref().map_or("unreadable", |(text, _)| text.as_str());
+            return Some(format!("target: read at the call's entry; at its exit it was {now}: {RACE}"));
+        }
+    }
+    if retval < 0 {
+        return None;
+    }
+    let file = file.flatten();
+    let target_file = target.flatten().and_then(|(_, file)| file);
+    let confirmed = match spec.operation {
+        FileOperation::Unlink | FileOperation::Rmdir => call.entry_file.is_some() && file != call.entry_file,
+        FileOperation::Rename => call.entry_file.is_some() && target_file == call.entry_file,
+        // With AT_SYMLINK_FOLLOW the link is to the file a symlink names.
+        FileOperation::Link if flags & libc::AT_SYMLINK_FOLLOW as u32 == 0 => file.is_some() && file == target_file,
+        FileOperation::Mkdir | FileOperation::Symlink => call.entry_file.is_none() && file.is_some(),
+        _ => true,
+    };
+    (!confirmed).then(|| {
+        "path: the kernel's state after the call does not show its effect on the file this path named: another \
+         task sharing the memory or the descriptor table may have changed the argument while the call ran"
+            .to_owned()
+    })
 }

@@ -2,8 +2,7 @@
 
 use crate::proto::{self, event::Payload};
 use crate::text;
-use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
-use crate::trace::memory;
+use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD};
 use crate::trace::procfs;
 
 /// Which open call, for its argument positions.
@@ -49,12 +48,34 @@ impl OpenCall {
 }
 
 /// openat2 passes flags and mode in a `struct open_how` {u64 flags, u64
-/// mode, u64 resolve}, read at entry as the kernel reads it.
+/// mode, u64 resolve}, read at entry as the kernel reads it. Where another
+/// task may rewrite the path before the kernel reads it, its bytes are kept
+/// for the exit to compare.
 pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, open: OpenCall) -> Next {
     if open == OpenCall::Openat2 {
         call.entry_bytes = cx.read_bytes(call.args[2], 16);
     }
+    let path = open.args(call).path;
+    if path != 0 && cx.procs.tables_shared(cx.tid) {
+        call.entry_raw_path = cx.read_raw_path(path);
+    }
     Next::Exit
+}
+
+/// Why the path argument, read again at exit, cannot be trusted to be the
+/// one the kernel read: it differs from the entry's read.
+fn rewritten(cx: &mut Ctx<'_>, call: &Call, dirfd: i32, exit_raw: Option<&[u8]>) -> Option<String> {
+    let entry_raw = call.entry_raw_path.as_deref()?;
+    if exit_raw == Some(entry_raw) {
+        return None;
+    }
+    let name = |cx: &mut Ctx<'_>, raw: &[u8]| cx.resolve(dirfd, raw).unwrap_or_else(|| text::lossless(raw));
+    let entered = name(cx, entry_raw);
+    let exited = exit_raw.map_or_else(|| "unreadable".to_owned(), |raw| name(cx, raw));
+    Some(format!(
+        "path: the path argument was {entered} when the call was entered and {exited} at its exit: another task \
+         sharing the memory rewrote it while the call ran, and which one the kernel read is not known"
+    ))
 }
 
 pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, open: OpenCall) {
@@ -66,8 +87,11 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, open: OpenCall) {
         mode: if creates { args.mode } else { 0 },
     };
     if retval < 0 {
-        let path = cx.read_path(args.dirfd, args.path);
-        return cx.emit_call(call, retval, path.is_none(), Payload::Open(event(&path)));
+        let raw = cx.read_raw_path(args.path);
+        let path = raw.as_ref().and_then(|raw| cx.resolve(args.dirfd, raw));
+        let event = cx.call_event(call, retval, path.is_none(), Payload::Open(event(&path)));
+        let unverified = rewritten(cx, call, args.dirfd, raw.as_deref()).unwrap_or_default();
+        return cx.sink.emit(proto::Event { unverified, ..event });
     }
     // On success the kernel's own resolution of the new descriptor is the
     // truth (symlinks, `..`, and no window for the workload to change the
@@ -78,7 +102,7 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, open: OpenCall) {
         let path = cx.fd_path(fd).or_else(|| cx.read_path(args.dirfd, args.path));
         return cx.emit_call(call, retval, path.is_none(), Payload::Open(event(&path)));
     }
-    match check_descriptor(cx, &args, fd) {
+    match check_descriptor(cx, call, &args, fd) {
         Ok(path) => cx.emit_call(call, retval, false, Payload::Open(event(&Some(path)))),
         Err((path, unverified)) => {
             let event = cx.call_event(call, retval, path.is_none(), Payload::Open(event(&path)));
@@ -93,10 +117,15 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, open: OpenCall) {
 /// path after the kernel read it): reported as verified only when the path
 /// argument names that very file now (device, inode, mount); otherwise
 /// reported all the same, with why it could not be confirmed.
-fn check_descriptor(cx: &mut Ctx<'_>, args: &OpenArgs, fd: i32) -> Result<String, (Option<String>, String)> {
+fn check_descriptor(
+    cx: &mut Ctx<'_>,
+    call: &Call,
+    args: &OpenArgs,
+    fd: i32,
+) -> Result<String, (Option<String>, String)> {
     let raw = match args.path {
         0 => None,
-        addr => memory::read_cstring(cx.tid, addr, PATH_MAX).ok().map(|(raw, _)| raw),
+        addr => cx.read_raw_path(addr),
     };
     let Some((path, file)) = procfs::descriptor_file(cx.tid, fd) else {
         let requested = raw.and_then(|raw| cx.resolve(args.dirfd, &raw));
@@ -109,6 +138,9 @@ fn check_descriptor(cx: &mut Ctx<'_>, args: &OpenArgs, fd: i32) -> Result<String
                    table could have put it there, and there is no path argument to check it against";
         return Err((Some(path), why.to_owned()));
     };
+    if let Some(why) = rewritten(cx, call, args.dirfd, Some(&raw)) {
+        return Err((Some(path), why));
+    }
     if args.flags & libc::O_TMPFILE == libc::O_TMPFILE {
         let why = "path: the file at the descriptor the call returned; an unnamed file (O_TMPFILE) cannot be \
                    told from another one that a task sharing the descriptor table could have put there";
