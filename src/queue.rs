@@ -69,7 +69,8 @@ pub fn value(event: &Event) -> Value {
             | Payload::IoUring(_)
             | Payload::Ptrace(_)
             | Payload::Seccomp(_)
-            | Payload::Userfaultfd(_),
+            | Payload::Userfaultfd(_)
+            | Payload::TracerTarget(_),
         ) => Value::High,
         Some(Payload::Open(_) | Payload::File(_) | Payload::Chdir(_)) | None if failed => Value::Low,
         _ => Value::Normal,
@@ -94,6 +95,7 @@ pub fn kind(event: &Event) -> &'static str {
         Some(Payload::Seccomp(_)) => "seccomp",
         Some(Payload::Userfaultfd(_)) => "userfaultfd",
         Some(Payload::Namespace(_)) => "namespace",
+        Some(Payload::TracerTarget(_)) => "tracer_target",
         None => "none",
     }
 }

@@ -26,8 +26,11 @@ fn open_dir() -> tempfile::TempDir {
 /// open to it).
 fn runnable_by_anyone(dir: &Path, program: &Path) -> PathBuf {
     let copy = dir.join(program.file_name().unwrap());
-    std::fs::copy(program, &copy).unwrap();
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Written by another process: a descriptor open for writing in this one
+    // would be inherited by the programs other tests fork meanwhile, and
+    // make running the copy fail with ETXTBSY until they exec.
+    let status = std::process::Command::new("install").arg("-m755").arg(program).arg(&copy).status().unwrap();
+    assert!(status.success());
     copy
 }
 
@@ -344,5 +347,70 @@ fn a_process_whose_tables_are_its_own_gets_no_unverified_mark() {
         assert!(run.of("file").len() >= 7, "{:#?}", run.events);
         let marked: Vec<_> = run.events.iter().filter(|e| e.get("unverified").is_some()).collect();
         assert!(marked.is_empty(), "{mode:?}: {marked:#?}");
+    }
+}
+
+#[test]
+fn signals_and_pidfds_aimed_at_the_tracer_are_refused_and_reported() {
+    let dir = open_dir();
+    let marker = dir.path().join("marker");
+    std::fs::write(&marker, "x").unwrap();
+    let program = runnable_by_anyone(dir.path(), &fixture("attack_signal"));
+    let refused = [
+        ("kill", "thread", "SIGSTOP"),
+        ("kill", "process", "SIGSTOP"),
+        ("kill", "process", "SIGTERM"),
+        ("tkill", "thread", "SIGKILL"),
+        ("tgkill", "process", "SIGSTOP"),
+        ("rt_sigqueueinfo", "process", "SIGSTOP"),
+        ("pidfd_open", "process", ""),
+        ("pidfd_send_signal", "process", "SIGSTOP"),
+    ];
+    for (flags, tracer_uid) in users() {
+        for mode in MODES {
+            let mut trace = Trace::with_flags(&[flags, mode].concat(), &[&program, &marker]);
+            if let Some(uid) = tracer_uid {
+                trace = trace.run_by_user(uid, dir.path());
+            }
+            let child = trace.spawn();
+            let tracer = i64::from(child.id());
+            let run = trace.finish(child);
+            let context = format!("{flags:?} tracer uid {tracer_uid:?} {mode:?}: {}", run.stderr);
+            // Signal 0 only asks whether the tracer is there; the kernel
+            // answers as it would anyway (EPERM across users).
+            let probe = if flags.is_empty() { "ok" } else { "EPERM" };
+            let expected = format!(
+                "tracer thread is not its process\nkill thread SIGSTOP: EPERM\nkill process SIGSTOP: EPERM\n\
+                 kill process SIGTERM: EPERM\ntkill thread SIGKILL: EPERM\ntgkill SIGSTOP: EPERM\n\
+                 rt_sigqueueinfo SIGSTOP: EPERM\npidfd_open: EPERM\npidfd_send_signal SIGSTOP: EPERM\n\
+                 kill process 0: {probe}\nopen: ok\n"
+            );
+            assert_eq!((run.code(), run.stdout.as_str()), (Some(0), expected.as_str()), "{context}");
+            let events: Vec<(&str, i64, &str, i64)> = run
+                .of("tracer_target")
+                .into_iter()
+                .map(|e| {
+                    assert_eq!(retval(e), -i64::from(libc::EPERM), "{e:#?}");
+                    assert!(e["denied"].is_string(), "{e:#?}");
+                    let target = &e["tracer_target"];
+                    let signal = target["signal_name"].as_str().unwrap_or("");
+                    (e["syscall"].as_str().unwrap(), target["pid"].as_i64().unwrap(), signal, pid_of(e))
+                })
+                .collect();
+            assert_eq!(events.len(), refused.len(), "{context}: {events:#?}");
+            let workload = pid_of(run.of("exec")[0]);
+            let tracer_thread = events[0].1;
+            assert_ne!(tracer_thread, tracer);
+            for ((syscall, pid, signal, caller), (expected_syscall, whom, expected_signal)) in
+                events.iter().zip(refused)
+            {
+                let expected_pid = if whom == "thread" { tracer_thread } else { tracer };
+                assert_eq!(
+                    (*syscall, *pid, *signal, *caller),
+                    (expected_syscall, expected_pid, expected_signal, workload)
+                );
+            }
+            assert_eq!(run.opens_of(marker.to_str().unwrap()).len(), 1, "{context}");
+        }
     }
 }

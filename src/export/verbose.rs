@@ -299,6 +299,13 @@ pub fn format_event(out: &mut String, event: &Event) {
             let _ = write!(out, "{name}(flags={:#x})", uffd.flags);
             format_retval(out, event.retval.unwrap_or(0));
         }
+        Some(Payload::TracerTarget(target)) => {
+            let _ = match target.signal_name.as_str() {
+                "" => write!(out, "{name}(tracer {}, {})", target.pid, target.signal),
+                signal => write!(out, "{name}(tracer {}, {signal})", target.pid),
+            };
+            format_retval(out, event.retval.unwrap_or(0));
+        }
         None => {
             let _ = write!(out, "{name}(?)");
         }

@@ -22,6 +22,7 @@ use crate::queue::EventSink;
 use crate::trace::abi::{Abi, SyscallEntry};
 use crate::trace::attach::{self, Seized};
 use crate::trace::decode::{self, Call, Ctx, Decoder, Next};
+use crate::trace::guard;
 use crate::trace::process::{LiveProcesses, ProcessTable, Sharing};
 use crate::trace::procfs;
 use crate::trace::ptrace::{self, Death, EventStop, ForkEventKind, Resume, Stop, SyscallReader, SyscallState};
@@ -296,19 +297,36 @@ impl Engine {
         // The filter's data names the table entry, but a filter of the
         // workload's own can return any data: it is only a hint, checked
         // against the real syscall number.
+        if self.guarded(tid, &entry, time) {
+            return self.resume_mode(tid);
+        }
         let hinted = match SeccompData::decode(data) {
             SeccompData::Known { index, .. } => Some(&SYSCALLS[index]),
-            SeccompData::Foreign => None,
+            SeccompData::Foreign | SeccompData::Guard { .. } => None,
         };
         let def = hinted
             .filter(|def| def.number(entry.abi).map(u64::from) == Some(entry.nr))
             .or_else(|| syscalls::lookup(entry.abi, entry.nr));
         match def {
             Some(def) => self.enter(tid, def, entry, time),
+            // A guarded call aimed elsewhere is not the tracer's business.
+            None if guard::lookup(entry.abi, entry.nr).is_some() => {}
             // x32 or a foreign architecture: seen, not decodable.
             None => self.stats.foreign += 1,
         }
         self.resume_mode(tid)
+    }
+
+    /// A call aimed at the tracer itself is refused (EPERM) and reported;
+    /// returns whether this one was.
+    fn guarded(&mut self, tid: Pid, entry: &SyscallEntry, time: SystemTime) -> bool {
+        let Some(guard) = guard::lookup(entry.abi, entry.nr) else { return false };
+        let Some(aim) = guard::aims_at_tracer(guard, tid, &entry.args, Pid::this()) else { return false };
+        let _ = ptrace::refuse_syscall(tid, libc::EPERM);
+        let mut call = Call::new(guard.name, entry, time);
+        call.ppid = Some(self.ctx(tid).ppid());
+        decode::tracer_target_refused(&mut self.ctx(tid), &call, aim);
+        true
     }
 
     /// A PTRACE_SYSCALL stop: an entry in full mode, or a watched call's exit.
@@ -322,7 +340,7 @@ impl Engine {
                 thread.in_syscall = true;
                 // An entry stop while a call is pending is the same call seen
                 // again (pre-4.8 kernels stop at entry after the seccomp stop).
-                if !pending {
+                if !pending && !self.guarded(tid, &entry, time) {
                     if let Some(def) = syscalls::lookup(entry.abi, entry.nr) {
                         self.enter(tid, def, entry, time);
                     }

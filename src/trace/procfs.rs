@@ -111,6 +111,23 @@ pub fn descriptor_file(tid: Pid, fd: i32) -> Option<(String, FileId)> {
     Some((readlink(&format!("/proc/self/fd/{}", file.as_raw_fd()))?, id))
 }
 
+/// Whether `tid` is a thread of the tracer's own process (the workload is
+/// in the tracer's pid namespace).
+pub fn is_own_thread(tid: Pid) -> bool {
+    std::path::Path::new(&format!("/proc/self/task/{tid}")).exists()
+}
+
+/// The process a descriptor of thread `tid` can signal: a pidfd's (its
+/// fdinfo's `Pid:`), or a /proc/PID directory's.
+pub fn pidfd_process(tid: Pid, fd: i32) -> Option<i32> {
+    let (info, _) = read_bounded(&format!("/proc/{tid}/fdinfo/{fd}"), PAGE)?;
+    let info = String::from_utf8_lossy(&info);
+    if let Some(line) = info.lines().find_map(|l| l.strip_prefix("Pid:")) {
+        return line.trim().parse().ok();
+    }
+    fd_path(tid, fd)?.strip_prefix("/proc/")?.parse().ok()
+}
+
 /// The file a descriptor of thread `tid` refers to.
 pub fn fd_file(tid: Pid, fd: i32) -> Option<FileId> {
     statx(libc::AT_FDCWD, format!("/proc/{tid}/fd/{fd}").as_bytes(), libc::AT_NO_AUTOMOUNT)

@@ -37,10 +37,6 @@ pub struct Call {
     /// `MAX_EXEC_ENTRIES`, each cut a byte past the entry bound), and
     /// whether entries were left out; None when unreadable.
     pub entry_args: Option<(Vec<Vec<u8>>, bool)>,
-    /// A path argument's bytes as read at entry, kept where another task may
-    /// rewrite them before the kernel reads them: read again at exit, a
-    /// change shows the race.
-    pub entry_raw_path: Option<Vec<u8>>,
     /// Argument memory read at entry, as the kernel read it, before another
     /// thread of the workload can change it (a sockaddr, an open_how).
     pub entry_bytes: Vec<u8>,
@@ -62,7 +58,6 @@ impl Call {
             entry_target: None,
             entry_file: None,
             entry_args: None,
-            entry_raw_path: None,
             entry_bytes: Vec::new(),
             partial: false,
             ppid: None,

@@ -6,6 +6,7 @@ use crate::proto::{self, event::Payload, FileOperation};
 use crate::text;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
 use crate::trace::decode::creds::id_arg;
+use crate::trace::decode::open;
 use crate::trace::memory;
 use crate::trace::procfs::{self, FileId};
 
@@ -160,7 +161,7 @@ fn unverified(
         }
     }
     if retval < 0 {
-        return None;
+        return Some(open::FAILED_UNVERIFIABLE.to_owned());
     }
     let file = file.flatten();
     let target_file = target.flatten().and_then(|(_, file)| file);
@@ -170,7 +171,15 @@ fn unverified(
         // With AT_SYMLINK_FOLLOW the link is to the file a symlink names.
         FileOperation::Link if flags & libc::AT_SYMLINK_FOLLOW as u32 == 0 => file.is_some() && file == target_file,
         FileOperation::Mkdir | FileOperation::Symlink => call.entry_file.is_none() && file.is_some(),
-        _ => true,
+        // A mode or owner the file may have had already: no effect to look for.
+        _ => {
+            return Some(
+                "path: read from the workload's memory; another task sharing the memory or the descriptor table \
+                 could have changed it before the kernel read it, and this call leaves no change of a name to \
+                 check it against"
+                    .to_owned(),
+            )
+        }
     };
     (!confirmed).then(|| {
         "path: the kernel's state after the call does not show its effect on the file this path named: another \

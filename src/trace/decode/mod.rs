@@ -17,7 +17,7 @@ mod open;
 mod tasks;
 
 pub use context::{Call, Ctx, Next};
-pub use control::{SeccompCall, UffdCall};
+pub use control::{tracer_target_refused, SeccompCall, UffdCall};
 pub use creds::CredCall;
 pub use exec::{bound_args, bound_envs, split_nul, succeeded as exec_succeeded, ExecCall};
 pub use files::{FileCall, PathArg};

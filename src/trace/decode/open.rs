@@ -48,34 +48,12 @@ impl OpenCall {
 }
 
 /// openat2 passes flags and mode in a `struct open_how` {u64 flags, u64
-/// mode, u64 resolve}, read at entry as the kernel reads it. Where another
-/// task may rewrite the path before the kernel reads it, its bytes are kept
-/// for the exit to compare.
+/// mode, u64 resolve}, read at entry as the kernel reads it.
 pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, open: OpenCall) -> Next {
     if open == OpenCall::Openat2 {
         call.entry_bytes = cx.read_bytes(call.args[2], 16);
     }
-    let path = open.args(call).path;
-    if path != 0 && cx.procs.tables_shared(cx.tid) {
-        call.entry_raw_path = cx.read_raw_path(path);
-    }
     Next::Exit
-}
-
-/// Why the path argument, read again at exit, cannot be trusted to be the
-/// one the kernel read: it differs from the entry's read.
-fn rewritten(cx: &mut Ctx<'_>, call: &Call, dirfd: i32, exit_raw: Option<&[u8]>) -> Option<String> {
-    let entry_raw = call.entry_raw_path.as_deref()?;
-    if exit_raw == Some(entry_raw) {
-        return None;
-    }
-    let name = |cx: &mut Ctx<'_>, raw: &[u8]| cx.resolve(dirfd, raw).unwrap_or_else(|| text::lossless(raw));
-    let entered = name(cx, entry_raw);
-    let exited = exit_raw.map_or_else(|| "unreadable".to_owned(), |raw| name(cx, raw));
-    Some(format!(
-        "path: the path argument was {entered} when the call was entered and {exited} at its exit: another task \
-         sharing the memory rewrote it while the call ran, and which one the kernel read is not known"
-    ))
 }
 
 pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, open: OpenCall) {
@@ -86,11 +64,13 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, open: OpenCall) {
         flags: Some(args.flags),
         mode: if creates { args.mode } else { 0 },
     };
+    let shared = cx.procs.tables_shared(cx.tid);
     if retval < 0 {
-        let raw = cx.read_raw_path(args.path);
-        let path = raw.as_ref().and_then(|raw| cx.resolve(args.dirfd, raw));
+        let path = cx.read_path(args.dirfd, args.path);
         let event = cx.call_event(call, retval, path.is_none(), Payload::Open(event(&path)));
-        let unverified = rewritten(cx, call, args.dirfd, raw.as_deref()).unwrap_or_default();
+        // Another task could have rewritten the path before the kernel
+        // read it, and a failed call leaves nothing to check it against.
+        let unverified = if shared { FAILED_UNVERIFIABLE.to_owned() } else { String::new() };
         return cx.sink.emit(proto::Event { unverified, ..event });
     }
     // On success the kernel's own resolution of the new descriptor is the
@@ -98,11 +78,11 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, open: OpenCall) {
     // string after the kernel read it), as long as no other task can have
     // put another file at its number since the call returned.
     let fd = retval as i32;
-    if !cx.procs.tables_shared(cx.tid) {
+    if !shared {
         let path = cx.fd_path(fd).or_else(|| cx.read_path(args.dirfd, args.path));
         return cx.emit_call(call, retval, path.is_none(), Payload::Open(event(&path)));
     }
-    match check_descriptor(cx, call, &args, fd) {
+    match check_descriptor(cx, &args, fd) {
         Ok(path) => cx.emit_call(call, retval, false, Payload::Open(event(&Some(path)))),
         Err((path, unverified)) => {
             let event = cx.call_event(call, retval, path.is_none(), Payload::Open(event(&path)));
@@ -111,18 +91,19 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, open: OpenCall) {
     }
 }
 
+/// Why a failed call's path argument is not reported as fact where another
+/// task shares the caller's memory or descriptor table.
+pub const FAILED_UNVERIFIABLE: &str = "path: read from the workload's memory after the call failed; another task \
+    sharing the memory or the descriptor table could have changed the path or its directory before the kernel \
+    read it, and a failed call leaves nothing to check it against";
+
 /// The file at the new descriptor, when another task shares the caller's
 /// descriptor table (it can move the descriptor away and put another file
 /// at its number before the tracer looks) or its memory (it can rewrite the
 /// path after the kernel read it): reported as verified only when the path
 /// argument names that very file now (device, inode, mount); otherwise
 /// reported all the same, with why it could not be confirmed.
-fn check_descriptor(
-    cx: &mut Ctx<'_>,
-    call: &Call,
-    args: &OpenArgs,
-    fd: i32,
-) -> Result<String, (Option<String>, String)> {
+fn check_descriptor(cx: &mut Ctx<'_>, args: &OpenArgs, fd: i32) -> Result<String, (Option<String>, String)> {
     let raw = match args.path {
         0 => None,
         addr => cx.read_raw_path(addr),
@@ -138,9 +119,6 @@ fn check_descriptor(
                    table could have put it there, and there is no path argument to check it against";
         return Err((Some(path), why.to_owned()));
     };
-    if let Some(why) = rewritten(cx, call, args.dirfd, Some(&raw)) {
-        return Err((Some(path), why));
-    }
     if args.flags & libc::O_TMPFILE == libc::O_TMPFILE {
         let why = "path: the file at the descriptor the call returned; an unnamed file (O_TMPFILE) cannot be \
                    told from another one that a task sharing the descriptor table could have put there";
