@@ -506,7 +506,7 @@ fn a_full_buffer_keeps_what_matters_and_the_goodbye_adds_up_with_the_losses() {
     let run = trace.finish(child);
     assert_eq!(run.code(), Some(0), "{}", run.stderr);
     let seen = agent.seen.lock().unwrap();
-    let counters = seen.goodbye.clone().expect("a Goodbye");
+    let counters = seen.goodbye.expect("a Goodbye");
     let mut losses = seen.losses.clone();
     losses.sort_unstable();
     losses.dedup();
