@@ -13,6 +13,10 @@
 //! `TARGET_DIR/bench/results.json` (cargo's target directory). Last, W8: the
 //! /proc scan's CPU per scan with 1,000 processes present (`--only-procscan`
 //! runs only that).
+//!
+//! `--only W0b,W0c,W1` runs only the workloads whose names start so (no
+//! ingest, no W8), and `--tracer PATH` measures that binary instead of
+//! building the static one: a quick look at what one change costs.
 
 mod ingest;
 mod procscan;
@@ -151,14 +155,25 @@ fn arguments(args: &[String]) -> Result<(bool, usize), String> {
     Ok((quick, runs))
 }
 
+/// The value of `--NAME VALUE`, if given.
+fn option<'a>(args: &'a [String], name: &str) -> Result<Option<&'a str>, String> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => args.get(i + 1).map(|v| Some(v.as_str())).ok_or(format!("{name} takes a value")),
+        None => Ok(None),
+    }
+}
+
 /// The programs the workloads need, with the Debian package to install.
-fn check_tools() -> Result<(), String> {
-    for (program, package) in [
-        ("strace", "strace"),
-        ("redis-server", "redis-server"),
-        ("redis-benchmark", "redis-tools"),
-        ("redis-cli", "redis-tools"),
-    ] {
+fn check_tools(redis: bool) -> Result<(), String> {
+    let mut tools = vec![("strace", "strace")];
+    if redis {
+        tools.extend([
+            ("redis-server", "redis-server"),
+            ("redis-benchmark", "redis-tools"),
+            ("redis-cli", "redis-tools"),
+        ]);
+    }
+    for (program, package) in tools {
         if Command::new(program).arg("--version").output().is_err() {
             return Err(format!("{program} is needed: apt-get install -y {package}"));
         }
@@ -185,8 +200,13 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         return bench_procscan(&crate::dist()?.display().to_string(), &dir);
     }
     let sizes: Sizes = if quick { programs::QUICK } else { programs::FULL };
-    check_tools()?;
-    let tracer = crate::dist()?.display().to_string();
+    let only: Option<Vec<&str>> = option(args, "--only")?.map(|list| list.split(',').collect());
+    let chosen = |name: &str| only.as_ref().is_none_or(|prefixes| prefixes.iter().any(|p| name.starts_with(p)));
+    check_tools(chosen("W7"))?;
+    let tracer = match option(args, "--tracer")? {
+        Some(path) => path.to_owned(),
+        None => crate::dist()?.display().to_string(),
+    };
     let dir = crate::target_subdir("bench")?;
     let getpid = compile(&dir, "getpid", programs::GETPID)?;
     let openclose = compile(&dir, "openclose", programs::OPENCLOSE)?;
@@ -204,6 +224,9 @@ pub fn bench(args: &[String]) -> Result<(), String> {
     let workloads: Vec<(&'static str, Workload)> = vec![
         ("W0a getpid (untraced)", command(vec![p(&getpid), sizes.getpid.to_string()])),
         ("W0b openat+close", command(vec![p(&openclose), sizes.openclose.to_string()])),
+        // W0b with an idle second thread: the cost of checking each open's
+        // descriptor where another task could swap it (W0c / W0b, ours).
+        ("W0c openat+close, 2 threads", command(vec![p(&openclose), sizes.openclose.to_string(), s("threaded")])),
         (
             "W1 exec loop",
             command(vec![
@@ -244,7 +267,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
     ];
 
     let mut results = Vec::new();
-    for (workload, what) in &workloads {
+    for (workload, what) in workloads.iter().filter(|(name, _)| chosen(name)) {
         let once = |prefix: &[String]| match what {
             Workload::Command(argv) => time_once(&[prefix, argv.as_slice()].concat()),
             Workload::Redis => redis::run_once(prefix, sizes.redis_requests),
@@ -281,6 +304,9 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         }
     }
     agent.stop()?;
+    if only.is_some() {
+        return Ok(());
+    }
 
     let ingest = ingest::measure(&tracer, &dir, &project, sizes.ingest_events)?;
     let targets = report::targets(&results, &ingest);
