@@ -414,3 +414,38 @@ fn signals_and_pidfds_aimed_at_the_tracer_are_refused_and_reported() {
         }
     }
 }
+
+#[test]
+fn a_threaded_program_s_ordinary_opens_are_confirmed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("target"), "x").unwrap();
+    std::os::unix::fs::symlink("target", dir.path().join("link")).unwrap();
+    let dir_path = dir.path().canonicalize().unwrap();
+    for mode in MODES {
+        let run = Trace::with_flags(mode, &[fixture("threaded_opens").as_os_str(), dir_path.as_os_str()]).run();
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        let pid = pid_of(run.of("exec")[0]);
+        let thread = run.stdout.trim();
+        let opens: Vec<&str> = run
+            .of("open")
+            .into_iter()
+            .filter(|e| e["open"]["flags"].as_i64().is_some_and(|f| f & i64::from(libc::O_NOCTTY) != 0))
+            .map(|e| {
+                assert!(e.get("unverified").is_none(), "{mode:?}: {e:#?}");
+                e["open"]["path"].as_str().unwrap()
+            })
+            .collect();
+        let d = dir_path.display();
+        let expected = [
+            format!("/proc/{pid}/status"),
+            format!("/proc/{pid}/task/{thread}/comm"),
+            format!("{d}/target"),
+            "/dev/null".to_owned(),
+            d.to_string(),
+            format!("{d}/new"),
+        ];
+        assert_eq!(opens, expected, "{mode:?}");
+        let unlink = run.of("file").into_iter().find(|e| e["syscall"] == "unlink").unwrap();
+        assert!(unlink.get("unverified").is_none(), "{unlink:#?}");
+    }
+}

@@ -77,9 +77,11 @@ fn open_in_view(tid: Pid, dirfd: i32, absolute: bool, relative: &[u8], flags: ni
     };
     let directory = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
     let base = nix::fcntl::open(base.as_str(), directory, nix::sys::stat::Mode::empty()).ok()?;
-    let relative = match relative.iter().position(|&b| b != b'/') {
-        Some(start) => std::ffi::OsStr::from_bytes(&relative[start..]),
-        None => std::ffi::OsStr::new("."),
+    let relative = &relative[relative.iter().position(|&b| b != b'/').unwrap_or(relative.len())..];
+    let own = if absolute { own_proc_links(tid, relative) } else { None };
+    let relative = match own.as_deref().unwrap_or(relative) {
+        b"" => std::ffi::OsStr::new("."),
+        relative => std::ffi::OsStr::from_bytes(relative),
     };
     // The workload's /proc/self and /proc/PID/cwd would be the tracer's own
     // or another view: magic links are refused, and the caller falls back.
@@ -87,6 +89,19 @@ fn open_in_view(tid: Pid, dirfd: i32, absolute: bool, relative: &[u8], flags: ni
         .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | flags)
         .resolve(resolve | ResolveFlag::RESOLVE_NO_MAGICLINKS);
     openat2(&base, relative, how).ok()
+}
+
+/// `proc/self` and `proc/thread-self` at the start of an absolute path, as
+/// the thread has them: procfs answers them for whoever looks, here the
+/// tracer (the workload is in the tracer's pid namespace).
+fn own_proc_links(tid: Pid, path: &[u8]) -> Option<Vec<u8>> {
+    let (link, rest) = [&b"proc/self"[..], b"proc/thread-self"].into_iter().find_map(|link| {
+        let rest = path.strip_prefix(link)?;
+        (rest.is_empty() || rest[0] == b'/').then_some((link, rest))
+    })?;
+    let tgid = status(tid)?.tgid?;
+    let own = if link == b"proc/self" { format!("proc/{tgid}") } else { format!("proc/{tgid}/task/{tid}") };
+    Some([own.as_bytes(), rest].concat())
 }
 
 /// The file an open(2) of path argument `raw` would open now: its final
@@ -377,6 +392,16 @@ mod tests {
         let expected = format!("{}/real/victim", base.display());
         assert_eq!(resolve_path(Pid::this(), -100, raw.as_bytes()), Some(expected));
         assert_eq!(resolve_path(Pid::this(), -100, b"/nonexistent-dir/x"), None);
+    }
+
+    #[test]
+    fn proc_self_is_the_thread_s_own_not_the_tracer_s() {
+        let me = Pid::this();
+        let thread = nix::unistd::gettid();
+        assert_eq!(own_proc_links(thread, b"proc/self/status"), Some(format!("proc/{me}/status").into_bytes()));
+        assert_eq!(own_proc_links(thread, b"proc/thread-self"), Some(format!("proc/{me}/task/{thread}").into_bytes()));
+        assert_eq!(own_proc_links(thread, b"proc/selfish"), None);
+        assert_eq!(own_proc_links(thread, b"etc/passwd"), None);
     }
 
     #[test]
