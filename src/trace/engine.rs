@@ -294,12 +294,12 @@ impl Engine {
         let time = SystemTime::now();
         let abi_in_data = |data| SeccompData::decode(data).abi();
         let Ok((entry, data)) = self.reader.read_seccomp(tid, abi_in_data) else { return Resume::Continue };
-        // The filter's data names the table entry, but a filter of the
-        // workload's own can return any data: it is only a hint, checked
-        // against the real syscall number.
         if self.guarded(tid, &entry, time) {
             return self.resume_mode(tid);
         }
+        // The filter's data names the table entry, but a filter of the
+        // workload's own can return any data: it is only a hint, checked
+        // against the real syscall number.
         let hinted = match SeccompData::decode(data) {
             SeccompData::Known { index, .. } => Some(&SYSCALLS[index]),
             SeccompData::Foreign | SeccompData::Guard { .. } => None,

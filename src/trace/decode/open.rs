@@ -70,7 +70,7 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, open: OpenCall) {
         let event = cx.call_event(call, retval, path.is_none(), Payload::Open(event(&path)));
         // Another task could have rewritten the path before the kernel
         // read it, and a failed call leaves nothing to check it against.
-        let unverified = if shared { FAILED_UNVERIFIABLE.to_owned() } else { String::new() };
+        let unverified = if shared && args.path != 0 { FAILED_UNVERIFIABLE.to_owned() } else { String::new() };
         return cx.sink.emit(proto::Event { unverified, ..event });
     }
     // On success the kernel's own resolution of the new descriptor is the
