@@ -97,6 +97,31 @@ fn time_once(argv: &[String]) -> Result<Run, String> {
     Ok(Run { elapsed, stats: parse_stats(&stderr), p99_ms: None })
 }
 
+/// The syscalls `argv` and everything it starts make (perf's count of
+/// raw_syscalls:sys_enter); None without a usable perf.
+fn count_syscalls(argv: &[String]) -> Option<u64> {
+    let output = bare(Command::new("perf").args(["stat", "-x,", "-e", "raw_syscalls:sys_enter", "--"]).args(argv))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .ok()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let line = stderr.lines().find(|l| l.contains("raw_syscalls:sys_enter"))?;
+    line.split(',').next()?.trim().parse().ok()
+}
+
+/// The tracer's own syscalls per ptrace stop: the traced run's syscalls
+/// less the native run's, over the stops `--stats` counted. What the
+/// tracer does at each stop, in a number that the machine's noise does not
+/// move (wall times do).
+fn tracer_syscalls_per_stop(native: &[String], traced: &[String]) -> Option<(f64, u64, u64)> {
+    let run = time_once(traced).ok()?;
+    let stops: u64 = run.stats.iter().filter(|(k, _)| k.ends_with("_stops")).map(|(_, v)| v).sum();
+    let tracer = count_syscalls(traced)?.checked_sub(count_syscalls(native)?)?;
+    (stops > 0).then(|| (tracer as f64 / stops as f64, tracer, stops))
+}
+
 fn median<T: PartialOrd + Copy>(values: &mut [T]) -> T {
     values.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     values[values.len() / 2]
@@ -301,6 +326,14 @@ pub fn bench(args: &[String]) -> Result<(), String> {
             };
             println!("{}", report::row(&measurement));
             results.push(measurement);
+        }
+        if let (Workload::Command(argv), Some((_, ours))) = (what, configs.iter().find(|(c, _)| *c == "ours")) {
+            let traced = [ours.as_slice(), argv.as_slice()].concat();
+            if let Some((per_stop, tracer, stops)) = tracer_syscalls_per_stop(argv, &traced) {
+                println!(
+                    "{workload:<27}tracer syscalls per stop (ours, perf): {per_stop:.2} ({tracer} in {stops} stops)"
+                );
+            }
         }
     }
     agent.stop()?;
