@@ -16,7 +16,9 @@
 //!
 //! `--only W0b,W0c,W1` runs only the workloads whose names start so (no
 //! ingest, no W8), and `--tracer PATH` measures that binary instead of
-//! building the static one: a quick look at what one change costs.
+//! building the static one: a quick look at what one change costs. Where
+//! `perf` works, each command workload also gets the tracer's own syscalls
+//! per ptrace stop (a traced run's count less a native one's).
 
 mod ingest;
 mod procscan;
@@ -331,7 +333,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
             let traced = [ours.as_slice(), argv.as_slice()].concat();
             if let Some((per_stop, tracer, stops)) = tracer_syscalls_per_stop(argv, &traced) {
                 println!(
-                    "{workload:<27}tracer syscalls per stop (ours, perf): {per_stop:.2} ({tracer} in {stops} stops)"
+                    "{workload:<27} tracer syscalls per stop (ours, perf): {per_stop:.2} ({tracer} in {stops} stops)"
                 );
             }
         }
