@@ -8,7 +8,7 @@
 //! neither depends on the other.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -75,7 +75,8 @@ pub fn value(event: &Event) -> Value {
             | Payload::Socket(_)
             | Payload::Module(_)
             | Payload::Bpf(_)
-            | Payload::Signal(_),
+            | Payload::Signal(_)
+            | Payload::TracerTarget(_),
         ) => Value::High,
         Some(Payload::Open(_) | Payload::File(_) | Payload::Chdir(_)) | None if failed => Value::Low,
         _ => Value::Normal,
@@ -107,6 +108,7 @@ pub fn kind(event: &Event) -> &'static str {
         Some(Payload::Module(_)) => "module",
         Some(Payload::Bpf(_)) => "bpf",
         Some(Payload::Signal(_)) => "signal",
+        Some(Payload::TracerTarget(_)) => "tracer_target",
         None => "none",
     }
 }
@@ -118,6 +120,9 @@ pub struct EventSink {
     queued_bytes: Arc<AtomicUsize>,
     capacity: usize,
     capacity_bytes: usize,
+    /// Drops not yet told to the exporters, shared with the queue: an agent
+    /// hears of them as a Loss, numbered where they happened.
+    lost: Arc<AtomicU64>,
     /// Events emitted, dropped or not, by kind.
     pub by_kind: BTreeMap<&'static str, u64>,
     pub emitted: u64,
@@ -128,6 +133,7 @@ pub struct EventSink {
 pub struct EventQueue {
     rx: mpsc::Receiver<Event>,
     queued_bytes: Arc<AtomicUsize>,
+    lost: Arc<AtomicU64>,
 }
 
 /// A queue and its two ends.
@@ -138,14 +144,16 @@ pub fn bounded() -> (EventSink, EventQueue) {
 fn bounded_to(capacity: usize, capacity_bytes: usize) -> (EventSink, EventQueue) {
     let (tx, rx) = mpsc::channel(capacity);
     let queued_bytes = Arc::<AtomicUsize>::default();
+    let lost = Arc::<AtomicU64>::default();
     let sink = EventSink {
         tx: Some(tx),
         queued_bytes: Arc::clone(&queued_bytes),
+        lost: Arc::clone(&lost),
         capacity,
         capacity_bytes,
         ..EventSink::discard()
     };
-    (sink, EventQueue { rx, queued_bytes })
+    (sink, EventQueue { rx, queued_bytes, lost })
 }
 
 impl EventSink {
@@ -154,6 +162,7 @@ impl EventSink {
         EventSink {
             tx: None,
             queued_bytes: Arc::default(),
+            lost: Arc::default(),
             capacity: CAPACITY,
             capacity_bytes: CAPACITY_BYTES,
             by_kind: BTreeMap::new(),
@@ -168,6 +177,7 @@ impl EventSink {
         EventSink {
             tx: self.tx.clone(),
             queued_bytes: Arc::clone(&self.queued_bytes),
+            lost: Arc::clone(&self.lost),
             capacity: self.capacity,
             capacity_bytes: self.capacity_bytes,
             ..EventSink::discard()
@@ -187,17 +197,21 @@ impl EventSink {
         let bytes = self.queued_bytes.fetch_add(size, Ordering::Relaxed) + size;
         if queued * 100 >= self.capacity * share || bytes > self.capacity_bytes / 100 * share {
             self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-            self.dropped += 1;
-            return;
+            return self.drop_one();
         }
         match tx.try_send(event) {
             Ok(()) => self.emitted += 1,
             // Full, or the exporters are gone (they failed and said why): keep tracing.
             Err(_) => {
                 self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-                self.dropped += 1;
+                self.drop_one();
             }
         }
+    }
+
+    fn drop_one(&mut self) {
+        self.dropped += 1;
+        self.lost.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -210,6 +224,11 @@ impl EventQueue {
 
     pub fn is_empty(&self) -> bool {
         self.rx.is_empty()
+    }
+
+    /// Events the tracer dropped since the last call.
+    pub fn take_lost(&self) -> u64 {
+        self.lost.swap(0, Ordering::Relaxed)
     }
 
     /// Gives the memory of events taken from the queue back to the tracer,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{Run, Trace};
 use cws_instrumentation::proto::event_service_server::{EventService, EventServiceServer};
-use cws_instrumentation::proto::{agent_message, tracer_message, Ack, AgentMessage, TracerMessage};
+use cws_instrumentation::proto::{agent_message, tracer_message, Ack, AgentMessage, Counters, TracerMessage};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -220,10 +220,16 @@ struct Seen {
     streams: u64,
     /// Every event received, with its sequence number, in arrival order.
     events: Vec<(u64, Value)>,
+    /// Every Loss range received, in arrival order.
+    losses: Vec<(u64, u64)>,
+    /// The Goodbye's counters, once received.
+    goodbye: Option<Counters>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
 enum Behaviour {
+    /// Every batch acknowledged, as `serve` does.
+    Faithful,
     /// Every stream refused with UNAVAILABLE.
     Refuse,
     /// Each batch acknowledged 1000 beyond its last event.
@@ -250,8 +256,19 @@ fn ack(sequence: u64) -> Result<AgentMessage, Status> {
 impl Agent {
     /// Records a batch; the ack to send for it.
     fn record(seen: &Mutex<Seen>, behaviour: Behaviour, message: TracerMessage) -> Option<u64> {
-        let Some(tracer_message::Message::Batch(batch)) = message.message else { return None };
         let mut seen = seen.lock().unwrap();
+        let batch = match message.message {
+            Some(tracer_message::Message::Batch(batch)) => batch,
+            Some(tracer_message::Message::Loss(loss)) => {
+                seen.losses.push((loss.first_sequence, loss.last_sequence));
+                return None;
+            }
+            Some(tracer_message::Message::Goodbye(goodbye)) => {
+                seen.goodbye = goodbye.counters;
+                return None;
+            }
+            _ => return None,
+        };
         for (offset, event) in batch.events.iter().enumerate() {
             seen.events.push((batch.first_sequence + offset as u64, serde_json::to_value(event).unwrap()));
         }
@@ -467,4 +484,45 @@ fn a_resend_after_dropped_events_keeps_each_event_under_its_own_number() {
         assert_eq!(event, &run.events[*sequence as usize], "event {sequence} came under another's number");
     }
     assert!(received.iter().filter(|(s, _)| (5..10).contains(s)).count() >= 10, "5..=9 came twice: {received:?}");
+}
+
+#[test]
+fn a_full_buffer_keeps_what_matters_and_the_goodbye_adds_up_with_the_losses() {
+    let address = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    // No agent until the workload is done: every event waits in a buffer of
+    // 8, which the failed opens overflow before the last exec comes.
+    let script =
+        "for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16; do true </nonexistent; done 2>/dev/null; exec /bin/true";
+    let flags = ["--async", "--buffer-events", "8", "--flush-timeout", "30s", "--connect-timeout", "10s"];
+    let mut trace = traced(&address, &flags, &["sh", "-c", script]);
+    let child = trace.spawn();
+    let started = Instant::now();
+    let exited = |text: &str| text.lines().any(|l| l.contains("\"exit\"") && l.contains("\"syscall\":\"exit\""));
+    while !exited(&std::fs::read_to_string(trace.events_path()).unwrap_or_default()) {
+        assert!(started.elapsed() < common::DEADLINE, "the workload did not end");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let agent = RunningAgent::start_at(Behaviour::Faithful, &address);
+    let run = trace.finish(child);
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let seen = agent.seen.lock().unwrap();
+    let counters = seen.goodbye.expect("a Goodbye");
+    let mut losses = seen.losses.clone();
+    losses.sort_unstable();
+    losses.dedup();
+    let lost: u64 = losses.iter().map(|(first, last)| last - first + 1).sum();
+    let received: std::collections::BTreeSet<u64> = seen.events.iter().map(|(s, _)| *s).collect();
+    // Every number is an event received or in a Loss range, once; the
+    // Goodbye counts both.
+    assert_eq!((counters.dropped, counters.events), (lost, received.len() as u64), "{losses:?} {received:?}");
+    let mut numbers: Vec<u64> = received.iter().copied().collect();
+    numbers.extend(losses.iter().flat_map(|&(first, last)| first..=last));
+    numbers.sort_unstable();
+    assert_eq!(numbers, (0..counters.events + counters.dropped).collect::<Vec<_>>());
+    assert!(counters.dropped > 0, "the buffer overflowed: {}", run.stderr);
+    // The failed opens made way for the execs.
+    let execs = |events: Vec<&Value>| events.into_iter().filter(|e| e.get("exec").is_some()).count();
+    assert_eq!(execs(seen.events.iter().map(|(_, e)| e).collect()), execs(run.events.iter().collect()));
+    let failed_opens = seen.events.iter().filter(|(_, e)| e.get("open").is_some() && e["retval"] == "-2").count();
+    assert!(failed_opens < 16, "{failed_opens}");
 }

@@ -26,8 +26,11 @@ fn open_dir() -> tempfile::TempDir {
 /// open to it).
 fn runnable_by_anyone(dir: &Path, program: &Path) -> PathBuf {
     let copy = dir.join(program.file_name().unwrap());
-    std::fs::copy(program, &copy).unwrap();
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Written by another process: a descriptor open for writing in this one
+    // would be inherited by the programs other tests fork meanwhile, and
+    // make running the copy fail with ETXTBSY until they exec.
+    let status = std::process::Command::new("install").arg("-m755").arg(program).arg(&copy).status().unwrap();
+    assert!(status.success());
     copy
 }
 
@@ -199,5 +202,250 @@ fn a_connect_reports_the_peer_the_kernel_reached_whatever_a_sibling_writes() {
             }
         }
         eprintln!("{mode:?}: {corrected} of {COUNT} connects had their address changed after the tracer read it");
+    }
+}
+
+/// The ways the tests run a workload: as the tracer's user, and when the
+/// tests are root, also as uid 1000 under a root tracer (`--uid`) and under
+/// a tracer that is itself uid 1000.
+fn users() -> Vec<(&'static [&'static str], Option<u32>)> {
+    let mut users: Vec<(&[&str], Option<u32>)> = vec![(&[], None)];
+    if is_root() {
+        users.push((&["--uid", "1000", "--gid", "1000"], None));
+        users.push((&[], Some(1000)));
+    }
+    users
+}
+
+#[test]
+fn an_open_names_the_file_the_kernel_opened_whatever_a_sibling_puts_at_its_descriptor() {
+    const COUNT: usize = 200;
+    let dir = open_dir();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (existing, decoy) = (dir.path().join("real"), dir.path().join("decoy"));
+    for file in [&existing, &decoy] {
+        std::fs::write(file, "x").unwrap();
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o666)).unwrap();
+    }
+    let created = dir.path().join("created");
+    let program = runnable_by_anyone(dir.path(), &fixture("attack_fdswap"));
+    let decoy_path = common::real_path(decoy.to_str().unwrap());
+    let cases = [
+        ("plain", &existing, libc::O_RDONLY | libc::O_NOCTTY | libc::O_CLOEXEC),
+        ("excl", &created, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC),
+    ];
+    for (flags, tracer_uid) in users() {
+        for mode in MODES {
+            for (kind, real, open_flags) in cases {
+                let count = COUNT.to_string();
+                let args = [program.as_os_str(), real.as_os_str(), decoy.as_os_str(), count.as_ref(), kind.as_ref()];
+                let mut trace = Trace::with_flags(&[flags, mode].concat(), &args);
+                if let Some(uid) = tracer_uid {
+                    trace = trace.run_by_user(uid, dir.path());
+                }
+                let run = trace.run();
+                let context = format!("{flags:?} tracer uid {tracer_uid:?} {mode:?} {kind}: {}", run.stderr);
+                assert_eq!(run.code(), Some(0), "{context}");
+                let outcomes: Vec<&str> = run.stdout.lines().collect();
+                assert_eq!(outcomes.len(), COUNT, "{context}");
+                let opens: Vec<_> = run.of("open").into_iter().filter(|e| e["open"]["flags"] == open_flags).collect();
+                assert_eq!(opens.len(), COUNT, "{context}");
+                let real_path = common::real_path(real.to_str().unwrap());
+                let mut unverified = 0;
+                for (event, outcome) in opens.iter().zip(&outcomes) {
+                    assert!(retval(event) >= 0, "{event:#?}");
+                    let path = event["open"]["path"].as_str().unwrap();
+                    match (event["unverified"].as_str(), *outcome) {
+                        // Reported as fact: it must be the file the kernel opened.
+                        (None, _) => assert_eq!(path, real_path, "{context}: {event:#?}"),
+                        // The decoy came in time: the event names it, and says it could not be confirmed.
+                        (Some(why), "swapped") => {
+                            assert_eq!(path, decoy_path, "{context}: {event:#?}");
+                            assert!(why.contains(&real_path), "{why}");
+                            unverified += 1;
+                        }
+                        // No other file was ever at the descriptor: nothing to doubt.
+                        (Some(_), outcome) => panic!("{context}: {outcome}: {event:#?}"),
+                    }
+                }
+                let swapped = outcomes.iter().filter(|o| **o == "swapped").count();
+                eprintln!("{context}: {swapped} of {COUNT} descriptors swapped, {unverified} events unverified");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_path_a_sibling_rewrites_during_the_call_is_reported_as_the_kernel_used_it_or_marked() {
+    const COUNT: usize = 200;
+    let program_dir = open_dir();
+    let program = runnable_by_anyone(program_dir.path(), &fixture("attack_paths"));
+    // (mode, the syscall its events have, what follows the kernel's choice in the path)
+    let cases =
+        [("unlink", "unlink", ""), ("mkdir", "mkdir", ""), ("open", "openat", "/x"), ("dirfd", "unlinkat", "/victim")];
+    let expected_retval = |kind: &str, choice: &str| match (kind, choice) {
+        ("open", "n") => -i64::from(libc::ENOENT),
+        ("open", _) => -i64::from(libc::ENOTDIR),
+        _ => 0,
+    };
+    for (flags, tracer_uid) in users() {
+        for mode in MODES {
+            for (kind, syscall, rest) in cases {
+                let dir = open_dir();
+                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+                let dir_path = dir.path().canonicalize().unwrap();
+                let count = COUNT.to_string();
+                let args = [program.as_os_str(), dir_path.as_os_str(), count.as_ref(), kind.as_ref()];
+                let mut trace = Trace::with_flags(&[flags, mode].concat(), &args);
+                if let Some(uid) = tracer_uid {
+                    trace = trace.run_by_user(uid, program_dir.path());
+                }
+                let run = trace.run();
+                let context = format!("{flags:?} tracer uid {tracer_uid:?} {mode:?} {kind}: {}", run.stderr);
+                assert_eq!(run.code(), Some(0), "{context}");
+                let choices: Vec<&str> = run.stdout.lines().collect();
+                assert_eq!(choices.len(), COUNT, "{context}");
+                let calls: Vec<_> = run
+                    .events
+                    .iter()
+                    .filter(|e| e["syscall"] == syscall)
+                    .filter(|e| {
+                        kind != "open" || e["open"]["flags"] == libc::O_RDONLY | libc::O_NOCTTY | libc::O_CLOEXEC
+                    })
+                    .collect();
+                assert_eq!(calls.len(), COUNT, "{context}");
+                let mut unverified = 0;
+                for (event, choice) in calls.iter().zip(&choices) {
+                    assert_eq!(retval(event), expected_retval(kind, choice), "{context}: {event:#?}");
+                    if event["unverified"].is_string() {
+                        unverified += 1;
+                        continue;
+                    }
+                    // Reported as fact: it must be what the kernel acted on.
+                    let payload = if kind == "open" { &event["open"] } else { &event["file"] };
+                    let expected = format!("{}/{choice}{rest}", dir_path.display());
+                    assert_eq!(payload["path"], expected.as_str(), "{context}: {event:#?}");
+                }
+                eprintln!("{context}: {unverified} of {COUNT} events unverified");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_process_whose_tables_are_its_own_gets_no_unverified_mark() {
+    // No other task shares its memory or descriptor table: what the tracer
+    // reads after the call is what the kernel saw.
+    let dir = tempfile::tempdir().unwrap();
+    let script = "mkdir d && echo x > d/f && mv d/f d/g && ln d/g d/h && ln -s g d/s && chmod 600 d/g \
+                  && cat d/s && rm d/g d/h d/s && rmdir d && cat missing";
+    for mode in MODES {
+        let mut trace = Trace::with_flags(mode, &["sh", "-c", script]);
+        trace.command().current_dir(dir.path());
+        let run = trace.run();
+        assert_eq!((run.code(), run.stdout.as_str()), (Some(1), "x\n"), "{}", run.stderr);
+        assert!(run.of("file").len() >= 7, "{:#?}", run.events);
+        let marked: Vec<_> = run.events.iter().filter(|e| e.get("unverified").is_some()).collect();
+        assert!(marked.is_empty(), "{mode:?}: {marked:#?}");
+    }
+}
+
+#[test]
+fn signals_and_pidfds_aimed_at_the_tracer_are_refused_and_reported() {
+    let dir = open_dir();
+    let marker = dir.path().join("marker");
+    std::fs::write(&marker, "x").unwrap();
+    let program = runnable_by_anyone(dir.path(), &fixture("attack_signal"));
+    let refused = [
+        ("kill", "thread", "SIGSTOP"),
+        ("kill", "process", "SIGSTOP"),
+        ("kill", "process", "SIGTERM"),
+        ("tkill", "thread", "SIGKILL"),
+        ("tgkill", "process", "SIGSTOP"),
+        ("rt_sigqueueinfo", "process", "SIGSTOP"),
+        ("pidfd_open", "process", ""),
+        ("pidfd_send_signal", "process", "SIGSTOP"),
+    ];
+    for (flags, tracer_uid) in users() {
+        for mode in MODES {
+            let mut trace = Trace::with_flags(&[flags, mode].concat(), &[&program, &marker]);
+            if let Some(uid) = tracer_uid {
+                trace = trace.run_by_user(uid, dir.path());
+            }
+            let child = trace.spawn();
+            let tracer = i64::from(child.id());
+            let run = trace.finish(child);
+            let context = format!("{flags:?} tracer uid {tracer_uid:?} {mode:?}: {}", run.stderr);
+            // Signal 0 only asks whether the tracer is there; the kernel
+            // answers as it would anyway (EPERM across users).
+            let probe = if flags.is_empty() { "ok" } else { "EPERM" };
+            let expected = format!(
+                "tracer thread is not its process\nkill thread SIGSTOP: EPERM\nkill process SIGSTOP: EPERM\n\
+                 kill process SIGTERM: EPERM\ntkill thread SIGKILL: EPERM\ntgkill SIGSTOP: EPERM\n\
+                 rt_sigqueueinfo SIGSTOP: EPERM\npidfd_open: EPERM\npidfd_send_signal SIGSTOP: EPERM\n\
+                 kill process 0: {probe}\nopen: ok\n"
+            );
+            assert_eq!((run.code(), run.stdout.as_str()), (Some(0), expected.as_str()), "{context}");
+            let events: Vec<(&str, i64, &str, i64)> = run
+                .of("tracer_target")
+                .into_iter()
+                .map(|e| {
+                    assert_eq!(retval(e), -i64::from(libc::EPERM), "{e:#?}");
+                    assert!(e["denied"].is_string(), "{e:#?}");
+                    let target = &e["tracer_target"];
+                    let signal = target["signal_name"].as_str().unwrap_or("");
+                    (e["syscall"].as_str().unwrap(), target["pid"].as_i64().unwrap(), signal, pid_of(e))
+                })
+                .collect();
+            assert_eq!(events.len(), refused.len(), "{context}: {events:#?}");
+            let workload = pid_of(run.of("exec")[0]);
+            let tracer_thread = events[0].1;
+            assert_ne!(tracer_thread, tracer);
+            for ((syscall, pid, signal, caller), (expected_syscall, whom, expected_signal)) in
+                events.iter().zip(refused)
+            {
+                let expected_pid = if whom == "thread" { tracer_thread } else { tracer };
+                assert_eq!(
+                    (*syscall, *pid, *signal, *caller),
+                    (expected_syscall, expected_pid, expected_signal, workload)
+                );
+            }
+            assert_eq!(run.opens_of(marker.to_str().unwrap()).len(), 1, "{context}");
+        }
+    }
+}
+
+#[test]
+fn a_threaded_program_s_ordinary_opens_are_confirmed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("target"), "x").unwrap();
+    std::os::unix::fs::symlink("target", dir.path().join("link")).unwrap();
+    let dir_path = dir.path().canonicalize().unwrap();
+    for mode in MODES {
+        let run = Trace::with_flags(mode, &[fixture("threaded_opens").as_os_str(), dir_path.as_os_str()]).run();
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        let pid = pid_of(run.of("exec")[0]);
+        let thread = run.stdout.trim();
+        let opens: Vec<&str> = run
+            .of("open")
+            .into_iter()
+            .filter(|e| e["open"]["flags"].as_i64().is_some_and(|f| f & i64::from(libc::O_NOCTTY) != 0))
+            .map(|e| {
+                assert!(e.get("unverified").is_none(), "{mode:?}: {e:#?}");
+                e["open"]["path"].as_str().unwrap()
+            })
+            .collect();
+        let d = dir_path.display();
+        let expected = [
+            format!("/proc/{pid}/status"),
+            format!("/proc/{pid}/task/{thread}/comm"),
+            format!("{d}/target"),
+            "/dev/null".to_owned(),
+            d.to_string(),
+            format!("{d}/new"),
+        ];
+        assert_eq!(opens, expected, "{mode:?}");
+        let unlink = run.of("file").into_iter().find(|e| e["syscall"] == "unlink").unwrap();
+        assert!(unlink.get("unverified").is_none(), "{unlink:#?}");
     }
 }

@@ -4,8 +4,12 @@
 //! Every event gets the next sequence number of the session. It stays in
 //! the buffer until the agent acknowledges it, so a reconnect resends what
 //! the last connection may have lost (the agent drops duplicates). When the
-//! buffer is full, new events are dropped, counted, and announced to the
-//! agent with a Loss message: loss is never silent.
+//! buffer is full, the least valuable event no stream has carried yet is
+//! dropped (`crate::queue::Value`: a failed open before an exec), the new
+//! one when none is worth less; every drop is counted and announced to the
+//! agent with a Loss message: loss is never silent. The Goodbye's counters
+//! are the buffer's: `dropped` is the length of all Loss ranges, `events`
+//! the numbers kept.
 //!
 //! Nothing the agent does can hold the tracer: once the workload is gone,
 //! the whole delivery (connecting, waiting for headers, sending, waiting for
@@ -70,27 +74,68 @@ struct Buffer {
     bytes: usize,
     /// Sequence number of the next event.
     next_sequence: u64,
-    /// Dropped ranges the agent may not have heard of, oldest first: each is
-    /// announced on every connection until an ack passes it.
-    losses: Vec<(u64, u64)>,
-    /// How many of `losses` the current connection has announced.
-    announced: usize,
+    /// Dropped ranges the agent may not have heard of, in sequence order:
+    /// each is announced on every connection until an ack passes it.
+    losses: Vec<LossRange>,
+    /// One past the last event a stream has carried: events from here on
+    /// were never sent, and only they may be dropped for a better one.
+    carried: u64,
+    /// Events from `carried` on, by value (`Value as usize`).
+    uncarried: [usize; 3],
     /// Events dropped in all.
     dropped: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LossRange {
+    first: u64,
+    last: u64,
+    /// Announced on the current connection.
+    announced: bool,
+}
+
+fn value_index(event: &Event) -> usize {
+    crate::queue::value(event) as usize
 }
 
 impl Buffer {
     fn push(&mut self, event: Event, capacity: usize) {
         let encoded_len = prost::Message::encoded_len(&event);
         let size = crate::queue::footprint_of_encoded(encoded_len);
-        if self.events.len() < capacity && self.bytes + size <= BUFFER_BYTES {
-            let sequence = self.next_sequence;
-            self.next_sequence += 1;
-            self.bytes += size;
-            self.events.push_back((sequence, event, encoded_len));
-            return;
+        let value = value_index(&event);
+        while !self.fits(size, capacity) {
+            if !self.drop_less_valuable_than(value) {
+                self.lose(1);
+                return;
+            }
         }
-        self.lose(1);
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        self.bytes += size;
+        self.uncarried[value] += 1;
+        self.events.push_back((sequence, event, encoded_len));
+    }
+
+    fn fits(&self, size: usize, capacity: usize) -> bool {
+        self.events.len() < capacity && self.bytes + size <= BUFFER_BYTES
+    }
+
+    /// Drops the oldest event that no stream carried and is worth less than
+    /// `value`; false when there is none.
+    fn drop_less_valuable_than(&mut self, value: usize) -> bool {
+        if self.uncarried[..value].iter().all(|&n| n == 0) {
+            return false;
+        }
+        let start = self.events.partition_point(|(s, _, _)| *s < self.carried);
+        let Some(offset) = self.events.range(start..).position(|(_, e, _)| value_index(e) < value) else {
+            return false;
+        };
+        let Some((sequence, event, encoded_len)) = self.events.remove(start + offset) else { return false };
+        self.bytes -= crate::queue::footprint_of_encoded(encoded_len);
+        self.uncarried[value_index(&event)] -= 1;
+        self.dropped += 1;
+        self.add_loss(sequence, sequence);
+        true
     }
 
     /// Numbers `count` events that are not kept, as a loss to announce.
@@ -101,19 +146,57 @@ impl Buffer {
         let (first_lost, last_lost) = (self.next_sequence, self.next_sequence + count - 1);
         self.next_sequence += count;
         self.dropped += count;
-        // An announced range is not widened afterwards: the rest is a range of its own.
-        let open = self.losses.len() > self.announced;
-        match self.losses.last_mut() {
-            Some((_, last)) if open && *last + 1 == first_lost => *last = last_lost,
-            _ => self.losses.push((first_lost, last_lost)),
+        self.add_loss(first_lost, last_lost);
+    }
+
+    /// Records a lost range, in sequence order; joined to a neighbour that
+    /// is not announced yet (an announced range is not widened afterwards).
+    fn add_loss(&mut self, first: u64, last: u64) {
+        let at = self.losses.partition_point(|r| r.last < first);
+        let mut range = LossRange { first, last, announced: false };
+        if at > 0 && !self.losses[at - 1].announced && self.losses[at - 1].last + 1 == first {
+            range.first = self.losses.remove(at - 1).first;
+            return self.add_loss(range.first, last);
         }
+        if let Some(next) = self.losses.get_mut(at) {
+            if !next.announced && last + 1 == next.first {
+                next.first = first;
+                return;
+            }
+        }
+        self.losses.insert(at, range);
     }
 
     /// The loss ranges this connection has not announced yet.
     fn take_unannounced_losses(&mut self) -> Vec<(u64, u64)> {
-        let fresh = self.losses[self.announced..].to_vec();
-        self.announced = self.losses.len();
+        let mut fresh = Vec::new();
+        for range in self.losses.iter_mut().filter(|r| !r.announced) {
+            range.announced = true;
+            fresh.push((range.first, range.last));
+        }
         fresh
+    }
+
+    /// A new connection has announced nothing yet.
+    fn forget_announcements(&mut self) {
+        for range in &mut self.losses {
+            range.announced = false;
+        }
+    }
+
+    /// The events from `next` on that fit in one batch, now carried by a
+    /// stream: they may no longer be dropped for better ones.
+    fn take_batch(&mut self, next: u64) -> Vec<(u64, Event)> {
+        let batch = self.batch_from(next);
+        if let Some((last, _)) = batch.last() {
+            for (sequence, event) in &batch {
+                if *sequence >= self.carried {
+                    self.uncarried[value_index(event)] -= 1;
+                }
+            }
+            self.carried = self.carried.max(last + 1);
+        }
+        batch
     }
 
     /// The sequence a new stream starts from: the oldest event held, or the
@@ -145,14 +228,23 @@ impl Buffer {
     /// An ack of `sequence` also says the agent read every Loss sent before
     /// it on this stream, and each was sent before any later event.
     fn ack(&mut self, sequence: u64) {
-        let heard = self.losses.partition_point(|(_, last)| *last <= sequence);
+        let heard = self.losses.partition_point(|r| r.last <= sequence);
         self.losses.drain(..heard);
-        self.announced = self.announced.saturating_sub(heard);
         while self.events.front().is_some_and(|(s, _, _)| *s <= sequence) {
-            if let Some((_, _, encoded_len)) = self.events.pop_front() {
+            if let Some((sequence, event, encoded_len)) = self.events.pop_front() {
                 self.bytes -= crate::queue::footprint_of_encoded(encoded_len);
+                if sequence >= self.carried {
+                    self.uncarried[value_index(&event)] -= 1;
+                }
             }
         }
+    }
+
+    /// The Goodbye's counters as the agent can check them: `dropped` is
+    /// every event numbered in a Loss range, `events` every other number.
+    fn count_into(&self, counters: &mut crate::proto::Counters) {
+        counters.dropped = self.dropped;
+        counters.events = self.next_sequence - self.dropped;
     }
 }
 
@@ -484,7 +576,7 @@ async fn stream(
     // Resend from the oldest unacknowledged event, and every loss not known heard.
     let start = {
         let mut buffer = shared.buffer();
-        buffer.announced = 0;
+        buffer.forget_announcements();
         buffer.resend_start()
     };
     let answer_timeout = options.answer_timeout.max(MIN_ANSWER_TIMEOUT);
@@ -501,7 +593,7 @@ async fn stream(
                 }
                 let (losses, batch) = {
                     let mut buffer = shared.buffer();
-                    (buffer.take_unannounced_losses(), buffer.batch_from(sent.next))
+                    (buffer.take_unannounced_losses(), buffer.take_batch(sent.next))
                 };
                 for (first, last) in losses {
                     sent.carried = sent.carried.max(last + 1);
@@ -520,6 +612,7 @@ async fn stream(
                 if !goodbye_sent {
                     if let Some(counters) = bye.counters.as_mut() {
                         counters.reconnects = progress.connections.saturating_sub(1);
+                        shared.buffer().count_into(counters);
                     }
                     sent.send(sender, tracer_message::Message::Goodbye(bye)).await?;
                     goodbye_sent = true;
@@ -578,6 +671,15 @@ fn take_ack(options: &Options, shared: &Shared, sequence: u64, carried: u64, pro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::event::Payload;
+
+    fn ranges(buffer: &Buffer) -> Vec<(u64, u64)> {
+        buffer.losses.iter().map(|r| (r.first, r.last)).collect()
+    }
+
+    fn sequences(buffer: &Buffer) -> Vec<u64> {
+        buffer.events.iter().map(|(s, _, _)| *s).collect()
+    }
 
     #[test]
     fn a_full_buffer_drops_new_events_as_contiguous_losses() {
@@ -586,13 +688,13 @@ mod tests {
             buffer.push(Event::default(), 2);
         }
         assert_eq!(buffer.events.iter().map(|(s, _, _)| *s).collect::<Vec<_>>(), vec![0, 1]);
-        assert_eq!((buffer.losses.clone(), buffer.dropped), (vec![(2, 4)], 3));
+        assert_eq!((ranges(&buffer), buffer.dropped), (vec![(2, 4)], 3));
         buffer.ack(0);
         buffer.push(Event::default(), 2);
         assert_eq!(buffer.events.iter().map(|(s, _, _)| *s).collect::<Vec<_>>(), vec![1, 5]);
         // Drops made before the exporter (by the protocol probe) come as one range.
         buffer.lose(2);
-        assert_eq!((buffer.losses.clone(), buffer.next_sequence, buffer.dropped), (vec![(2, 4), (6, 7)], 8, 5));
+        assert_eq!((ranges(&buffer), buffer.next_sequence, buffer.dropped), (vec![(2, 4), (6, 7)], 8, 5));
     }
 
     #[test]
@@ -606,14 +708,14 @@ mod tests {
         assert_eq!(buffer.take_unannounced_losses(), vec![(3, 3)], "an announced range is not widened");
         assert_eq!(buffer.take_unannounced_losses(), vec![]);
         // The connection died before the agent read them: a new one says them again.
-        buffer.announced = 0;
+        buffer.forget_announcements();
         assert_eq!(buffer.take_unannounced_losses(), vec![(1, 2), (3, 3)]);
         // An event after the losses acknowledged: they were heard.
         buffer.ack(0);
-        assert_eq!(buffer.losses, vec![(1, 2), (3, 3)], "an ack before them says nothing of them");
+        assert_eq!(ranges(&buffer), vec![(1, 2), (3, 3)], "an ack before them says nothing of them");
         buffer.push(Event::default(), 1);
         buffer.ack(4);
-        assert_eq!((buffer.losses.clone(), buffer.announced), (vec![], 0));
+        assert_eq!(ranges(&buffer), vec![]);
     }
 
     #[test]
@@ -647,5 +749,65 @@ mod tests {
         buffer.ack(0);
         buffer.push(event, usize::MAX);
         assert_eq!((buffer.events.len(), buffer.dropped), (fits, 3), "an ack makes room again");
+    }
+
+    fn failed_open() -> Event {
+        Event { retval: Some(-2), payload: Some(Payload::Open(Default::default())), ..Default::default() }
+    }
+
+    fn exec() -> Event {
+        Event { retval: Some(0), payload: Some(Payload::Exec(Default::default())), ..Default::default() }
+    }
+
+    #[test]
+    fn a_full_buffer_drops_its_least_valuable_unsent_event_for_a_better_one() {
+        let mut buffer = Buffer::default();
+        for event in [failed_open(), failed_open(), exec()] {
+            buffer.push(event, 3);
+        }
+        // An exec pushes out the oldest failed open, then the next one.
+        buffer.push(exec(), 3);
+        buffer.push(exec(), 3);
+        assert_eq!(sequences(&buffer), vec![2, 3, 4]);
+        assert_eq!(ranges(&buffer), vec![(0, 1)], "neighbouring losses are one range");
+        // Nothing is worth less than a failed open: it is the one dropped.
+        buffer.push(failed_open(), 3);
+        assert_eq!((ranges(&buffer), buffer.dropped), (vec![(0, 1), (5, 5)], 3));
+        // A loss announced already is not widened by a later eviction.
+        buffer.ack(4);
+        assert_eq!(buffer.take_unannounced_losses(), vec![(5, 5)]);
+        for event in [failed_open(), exec(), exec(), exec()] {
+            buffer.push(event, 3);
+        }
+        assert_eq!((sequences(&buffer), ranges(&buffer)), (vec![7, 8, 9], vec![(5, 5), (6, 6)]));
+    }
+
+    #[test]
+    fn an_event_a_stream_carried_is_never_dropped_for_another() {
+        let mut buffer = Buffer::default();
+        buffer.push(failed_open(), 2);
+        buffer.push(failed_open(), 2);
+        assert_eq!(buffer.take_batch(0).len(), 2);
+        // The agent may have stored them: the exec is the one lost.
+        buffer.push(exec(), 2);
+        assert_eq!((sequences(&buffer), ranges(&buffer)), (vec![0, 1], vec![(2, 2)]));
+        buffer.ack(0);
+        buffer.push(failed_open(), 2);
+        buffer.push(exec(), 2);
+        assert_eq!((sequences(&buffer), ranges(&buffer)), (vec![1, 4], vec![(2, 3)]));
+    }
+
+    #[test]
+    fn the_goodbye_counts_every_loss_range_and_every_other_number() {
+        let mut buffer = Buffer::default();
+        for event in [failed_open(), exec(), failed_open(), exec(), exec()] {
+            buffer.push(event, 2);
+        }
+        buffer.lose(3);
+        let mut counters = crate::proto::Counters::default();
+        buffer.count_into(&mut counters);
+        let lost: u64 = ranges(&buffer).iter().map(|(first, last)| last - first + 1).sum();
+        assert_eq!((counters.dropped, counters.events), (lost, buffer.next_sequence - lost));
+        assert_eq!((counters.dropped, counters.events), (6, 2));
     }
 }

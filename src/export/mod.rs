@@ -75,6 +75,20 @@ impl Sink {
         }
     }
 
+    /// Announces `count` events the tracer dropped to an agent (the local
+    /// sinks only count them, in `--stats`).
+    fn lose(&mut self, count: u64) {
+        if count == 0 {
+            return;
+        }
+        match self {
+            Sink::Agent(exporter) => exporter.lose(count),
+            Sink::Datadog(exporter) => exporter.lose(count),
+            Sink::Auto(exporter) => exporter.lose(count),
+            Sink::Verbose(_) | Sink::Debug(_) | Sink::JsonLines(_) => {}
+        }
+    }
+
     async fn flush(&mut self) -> io::Result<()> {
         match self {
             Sink::Verbose(printer) => printer.flush().await,
@@ -185,7 +199,10 @@ async fn drain(
     // Set once the tracer is done: the Goodbye comes after its last event.
     let mut ended: Option<Goodbye> = None;
     while queue.recv_many(&mut batch, DRAIN_EVENTS).await > 0 {
+        // The tracer's drops since the last batch take their numbers before it.
+        let lost = queue.take_lost();
         for sink in &mut sinks {
+            sink.lose(lost);
             sink.write(&batch).await?;
         }
         // Only now is the batch's memory free for the tracer to queue more.
@@ -206,6 +223,10 @@ async fn drain(
                 }
             }
         }
+    }
+    let lost = queue.take_lost();
+    for sink in &mut sinks {
+        sink.lose(lost);
     }
     let mut delivery = grpc::Delivery::default();
     let goodbye = match ended {

@@ -93,7 +93,14 @@ async fn recognise(hostport: &str) -> Result<Peer, String> {
 
 /// Where events go while the protocol is unknown, and then.
 enum State {
-    Pending { events: Vec<Event>, bytes: usize, dropped: u64 },
+    /// `gaps`: (index in `events`, count) of the tracer's drops before that
+    /// event; `dropped`: every event from the first the buffer could not keep.
+    Pending {
+        events: Vec<Event>,
+        bytes: usize,
+        gaps: Vec<(usize, u64)>,
+        dropped: u64,
+    },
     Grpc(GrpcExporter),
     Datadog(datadog::Exporter),
     Finished,
@@ -113,7 +120,7 @@ pub struct Auto {
 
 impl Auto {
     pub fn start(options: grpc::Options, connected: std::sync::mpsc::Sender<()>) -> Auto {
-        let state = Arc::new(Mutex::new(State::Pending { events: Vec::new(), bytes: 0, dropped: 0 }));
+        let state = Arc::new(Mutex::new(State::Pending { events: Vec::new(), bytes: 0, gaps: Vec::new(), dropped: 0 }));
         let (goodbye, goodbye_rx) = watch::channel(None);
         let ended_at = Arc::new(OnceLock::new());
         let (address, capacity) = (options.address.clone(), options.capacity);
@@ -123,7 +130,7 @@ impl Auto {
 
     pub fn write(&self, batch: &[Event]) {
         match &mut *lock(&self.state) {
-            State::Pending { events, bytes, dropped } => {
+            State::Pending { events, bytes, dropped, .. } => {
                 for event in batch {
                     let size = crate::queue::footprint(event);
                     // After a drop, everything drops: what is kept stays a prefix.
@@ -141,6 +148,17 @@ impl Auto {
         }
     }
 
+    /// Counts `count` events the tracer dropped, after those written so far.
+    pub fn lose(&self, count: u64) {
+        match &mut *lock(&self.state) {
+            State::Pending { dropped, .. } if *dropped > 0 => *dropped += count,
+            State::Pending { events, gaps, .. } => gaps.push((events.len(), count)),
+            State::Grpc(exporter) => exporter.lose(count),
+            State::Datadog(exporter) => exporter.lose(count),
+            State::Finished => {}
+        }
+    }
+
     pub async fn finish(self, goodbye: Goodbye) -> Delivery {
         let _ = self.ended_at.set(Instant::now());
         let _ = self.goodbye.send(Some(goodbye));
@@ -150,7 +168,8 @@ impl Auto {
         match state {
             State::Grpc(exporter) => exporter.finish(goodbye).await,
             State::Datadog(exporter) => exporter.finish(goodbye).await,
-            State::Pending { events, dropped, .. } => {
+            State::Pending { events, gaps, dropped, .. } => {
+                let dropped = dropped + gaps.iter().map(|(_, count)| count).sum::<u64>();
                 let delivery = Delivery { undelivered: events.len() as u64, dropped, ..Delivery::default() };
                 log!(
                     "{} events were not delivered: no agent answered at {}",
@@ -189,22 +208,33 @@ async fn decide(
     let how = format!("waited {} ms for its first bytes", FIRST_BYTES_WAIT.as_millis());
     let address = options.address.clone();
     let mut state = lock(&state);
-    let State::Pending { events, dropped, .. } = std::mem::replace(&mut *state, State::Finished) else { return };
+    let State::Pending { events, gaps, dropped, .. } = std::mem::replace(&mut *state, State::Finished) else {
+        return;
+    };
+    // The events kept meanwhile and the tracer's drops among them, in order.
+    let hand_over = |write: &dyn Fn(&[Event]), lose: &dyn Fn(u64)| {
+        let mut from = 0;
+        for &(at, count) in &gaps {
+            write(&events[from..at]);
+            lose(count);
+            from = at;
+        }
+        write(&events[from..]);
+        lose(dropped);
+    };
     *state = match peer {
         Peer::Grpc => {
             log!("the agent at {address} speaks gRPC (it opened with HTTP/2 SETTINGS); sending it gRPC");
             let exporter = GrpcExporter::start(options, connected);
             // Once full, the pending buffer dropped every later event: the
             // losses come after what it kept, and keep their numbers.
-            exporter.write(&events);
-            exporter.lose(dropped);
+            hand_over(&|batch| exporter.write(batch), &|count| exporter.lose(count));
             State::Grpc(exporter)
         }
         Peer::Datadog(stream) => {
             log!("the agent at {address} is a Datadog agent ({how}: none came); sending it the Datadog protocol");
             let exporter = datadog::Exporter::start(options, Some(stream), connected);
-            exporter.write(&events);
-            exporter.lose(dropped);
+            hand_over(&|batch| exporter.write(batch), &|count| exporter.lose(count));
             State::Datadog(exporter)
         }
     };

@@ -411,6 +411,13 @@ pub fn format_event(out: &mut String, event: &Event) {
             let _ = write!(out, ", {})", name_or_number(&signal.signal_name, i64::from(signal.signal)));
             format_retval(out, event.retval.unwrap_or(0));
         }
+        Some(Payload::TracerTarget(target)) => {
+            let _ = match target.signal_name.as_str() {
+                "" => write!(out, "{name}(tracer {}, {})", target.pid, target.signal),
+                signal => write!(out, "{name}(tracer {}, {signal})", target.pid),
+            };
+            format_retval(out, event.retval.unwrap_or(0));
+        }
         None => {
             let _ = write!(out, "{name}(?)");
         }

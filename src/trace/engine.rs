@@ -22,6 +22,7 @@ use crate::queue::EventSink;
 use crate::trace::abi::{Abi, SyscallEntry};
 use crate::trace::attach::{self, Seized};
 use crate::trace::decode::{self, Call, Ctx, Decoder, Next};
+use crate::trace::guard;
 use crate::trace::process::{LiveProcesses, ProcessTable, Sharing};
 use crate::trace::procfs;
 use crate::trace::ptrace::{self, Death, EventStop, ForkEventKind, Resume, Stop, SyscallReader, SyscallState};
@@ -141,7 +142,7 @@ impl Engine {
     /// `root` is seized and about to exec the entrypoint; its parent is the tracer.
     pub fn new(mode: Mode, root: Pid, sink: EventSink, live: LiveProcesses) -> Self {
         let mut procs = ProcessTable::new(live);
-        procs.add_process(root, Pid::this());
+        procs.add_root(root, Pid::this());
         Engine {
             mode,
             procs,
@@ -293,22 +294,39 @@ impl Engine {
         let time = SystemTime::now();
         let abi_in_data = |data| SeccompData::decode(data).abi();
         let Ok((entry, data)) = self.reader.read_seccomp(tid, abi_in_data) else { return Resume::Continue };
+        if self.guarded(tid, &entry, time) {
+            return self.resume_mode(tid);
+        }
         // The filter's data names the table entry, but a filter of the
         // workload's own can return any data: it is only a hint, checked
         // against the real syscall number.
         let hinted = match SeccompData::decode(data) {
             SeccompData::Known { index, .. } => Some(&SYSCALLS[index]),
-            SeccompData::Foreign => None,
+            SeccompData::Foreign | SeccompData::Guard { .. } => None,
         };
         let def = hinted
             .filter(|def| def.number(entry.abi).map(u64::from) == Some(entry.nr))
             .or_else(|| syscalls::lookup(entry.abi, entry.nr));
         match def {
             Some(def) => self.enter(tid, def, entry, time),
+            // A guarded call aimed elsewhere is not the tracer's business.
+            None if guard::lookup(entry.abi, entry.nr).is_some() => {}
             // x32 or a foreign architecture: seen, not decodable.
             None => self.stats.foreign += 1,
         }
         self.resume_mode(tid)
+    }
+
+    /// A call aimed at the tracer itself is refused (EPERM) and reported;
+    /// returns whether this one was.
+    fn guarded(&mut self, tid: Pid, entry: &SyscallEntry, time: SystemTime) -> bool {
+        let Some(guard) = guard::lookup(entry.abi, entry.nr) else { return false };
+        let Some(aim) = guard::aims_at_tracer(guard, tid, &entry.args, Pid::this()) else { return false };
+        let _ = ptrace::refuse_syscall(tid, libc::EPERM);
+        let mut call = Call::new(guard.name, entry, time);
+        call.ppid = Some(self.ctx(tid).ppid());
+        decode::tracer_target_refused(&mut self.ctx(tid), &call, aim);
+        true
     }
 
     /// A PTRACE_SYSCALL stop: an entry in full mode, or a watched call's exit.
@@ -322,7 +340,7 @@ impl Engine {
                 thread.in_syscall = true;
                 // An entry stop while a call is pending is the same call seen
                 // again (pre-4.8 kernels stop at entry after the seccomp stop).
-                if !pending {
+                if !pending && !self.guarded(tid, &entry, time) {
                     if let Some(def) = syscalls::lookup(entry.abi, entry.nr) {
                         self.enter(tid, def, entry, time);
                     }
@@ -445,7 +463,8 @@ impl Engine {
             None => kind == ForkEventKind::Clone && procfs::status(child).and_then(|s| s.tgid) != Some(child.as_raw()),
         };
         let sibling = request.is_some_and(|r| r.flags as i32 & libc::CLONE_PARENT != 0);
-        let sharing = Sharing { thread, sibling };
+        let tables = !thread && self.shares_tables_with_child(parent, request.map(|r| r.flags as i32), kind);
+        let sharing = Sharing { thread, sibling, tables };
         let child_tgid = self.procs.add_child(parent, child, sharing);
         if child_tgid == child {
             // A child adopted before this event may already have events of
@@ -472,6 +491,22 @@ impl Engine {
             };
             self.sink.emit(event);
         }
+    }
+
+    /// Whether a new process shares its creator's descriptor table or
+    /// memory with a task that can run alongside it. A vfork's creator
+    /// waits for the child's exec or exit: only its other threads, or
+    /// processes it shares with already, can. Flags not known (no clone
+    /// entry seen) count as shared, but for fork(2)'s.
+    fn shares_tables_with_child(&self, parent: Pid, flags: Option<i32>, kind: ForkEventKind) -> bool {
+        let flags = match (flags, kind) {
+            (Some(flags), _) => flags,
+            (None, ForkEventKind::Fork) => 0,
+            (None, ForkEventKind::Vfork) => libc::CLONE_VM | libc::CLONE_VFORK,
+            (None, ForkEventKind::Clone) => return true,
+        };
+        flags & libc::CLONE_FILES != 0
+            || (flags & libc::CLONE_VM != 0 && (flags & libc::CLONE_VFORK == 0 || self.procs.tables_shared(parent)))
     }
 
     /// A new task whose first stop came before its creator's fork event:

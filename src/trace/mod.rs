@@ -6,12 +6,14 @@
 //! Layers, lowest first: `abi` (the kernel's numbers); `memory`, `procfs`,
 //! `paths`, `ptrace` (reading the tracee and its stops); `process` (the
 //! process table), `restart` (interrupted calls); `decode` (what each call means); `syscalls` (the table);
-//! `seccomp` (the filter built from it); `launch`, `signals`, `engine`.
+//! `guard` (calls aimed at the tracer); `seccomp` (the filter built from
+//! both); `launch`, `signals`, `engine`.
 
 mod abi;
 mod attach;
 mod decode;
 mod engine;
+mod guard;
 mod launch;
 mod memory;
 mod netlink;
@@ -55,11 +57,11 @@ pub struct Inheritance {
 }
 
 impl Inheritance {
-    /// Takes the signal state the tracer was started with, and blocks the
-    /// signals the forwarder will pass on.
+    /// Takes the signal state the tracer was started with, and blocks every
+    /// signal but the attach mode's wake.
     pub fn capture() -> nix::Result<Inheritance> {
         let ignored_signals = signals::IgnoredSignals::capture();
-        let signal_mask = signals::block_forwarded()?;
+        let signal_mask = signals::block_signals()?;
         Ok(Inheritance { signal_mask, ignored_signals })
     }
 }
@@ -118,7 +120,7 @@ impl Tracer {
             Launch::new(&workload.program, &workload.argv, inheritance.signal_mask, inheritance.ignored_signals)?;
         launch.uid = workload.uid;
         launch.gid = workload.gid;
-        launch.filter = (workload.mode == Mode::Seccomp).then(seccomp::build_filter);
+        launch.filter = (workload.mode == Mode::Seccomp).then(|| seccomp::build_filter(nix::unistd::Pid::this()));
         // Orphaned descendants are adopted by the tracer, as by PID 1 in a
         // container: they stay traced, are reaped, and see the same parent
         // whether or not the tracer is PID 1.

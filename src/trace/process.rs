@@ -47,6 +47,13 @@ impl Thread {
 
 pub struct Process {
     pub ppid: Pid,
+    /// Its live threads in the table.
+    threads: usize,
+    /// Another process may share its descriptor table or memory (a clone
+    /// with CLONE_FILES or CLONE_VM but not CLONE_THREAD, either side), or
+    /// it is not known whether one does. Kept until its exec, which gives it
+    /// tables of its own.
+    shared_with_processes: bool,
 }
 
 /// How a new task relates to the one that created it.
@@ -55,6 +62,9 @@ pub struct Sharing {
     pub thread: bool,
     /// CLONE_PARENT: the child is a sibling of its creator.
     pub sibling: bool,
+    /// Not a thread, but the child shares its creator's descriptor table
+    /// or memory (CLONE_FILES, CLONE_VM).
+    pub tables: bool,
 }
 
 /// Processes alive under the tracer, readable from the signal forwarder.
@@ -93,20 +103,38 @@ impl ProcessTable {
         self.threads.get(&tid).and_then(|t| self.processes.get(&t.tgid))
     }
 
-    /// A process whose state is not known yet: everything comes from /proc.
+    /// The process the tracer started: its tables are its own.
+    pub fn add_root(&mut self, pid: Pid, ppid: Pid) {
+        self.insert_process(pid, ppid, false);
+    }
+
+    /// A process whose state is not known yet: everything comes from /proc,
+    /// and another process may share its tables.
     pub fn add_process(&mut self, pid: Pid, ppid: Pid) {
-        self.insert_process(pid, ppid, Thread::unknown(pid));
+        self.insert_process(pid, ppid, true);
     }
 
     /// A thread of `tgid` whose state is not known yet.
     pub fn add_thread(&mut self, tid: Pid, tgid: Pid) {
-        self.threads.insert(tid, Thread::unknown(tgid));
+        if self.threads.insert(tid, Thread::unknown(tgid)).is_none() {
+            if let Some(process) = self.processes.get_mut(&tgid) {
+                process.threads += 1;
+            }
+        }
     }
 
-    fn insert_process(&mut self, pid: Pid, ppid: Pid, leader: Thread) {
-        self.threads.insert(pid, leader);
-        self.processes.insert(pid, Process { ppid });
+    fn insert_process(&mut self, pid: Pid, ppid: Pid, shared_with_processes: bool) {
+        self.threads.insert(pid, Thread::unknown(pid));
+        self.processes.insert(pid, Process { ppid, threads: 1, shared_with_processes });
         self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(pid.as_raw());
+    }
+
+    /// Whether a task other than `tid` may use its descriptor table or its
+    /// memory: another thread, or another process (see `Process`). Only
+    /// then can what the tracer reads of them after the kernel did differ
+    /// from what the kernel saw, while `tid` is stopped.
+    pub fn tables_shared(&self, tid: Pid) -> bool {
+        self.process_of(tid).is_none_or(|p| p.threads > 1 || p.shared_with_processes)
     }
 
     /// A task created by thread `parent`; returns its tgid. A child already
@@ -119,17 +147,21 @@ impl ProcessTable {
             }
             return self.threads[&child].tgid;
         };
+        let parent_tgid = from.tgid;
+        let parent = self.processes.get_mut(&parent_tgid);
+        let grandparent = parent.as_ref().map(|p| p.ppid);
+        if let Some(parent) = parent {
+            parent.shared_with_processes |= sharing.tables;
+        }
         if let Some(known) = self.threads.get(&child) {
             return known.tgid;
         }
-        let parent_tgid = from.tgid;
         if sharing.thread {
-            self.threads.insert(child, Thread::unknown(parent_tgid));
+            self.add_thread(child, parent_tgid);
             return parent_tgid;
         }
-        let grandparent = self.processes.get(&parent_tgid).map(|p| p.ppid);
         let ppid = if sharing.sibling { grandparent.unwrap_or(parent_tgid) } else { parent_tgid };
-        self.insert_process(child, ppid, Thread::unknown(child));
+        self.insert_process(child, ppid, sharing.tables);
         child
     }
 
@@ -139,12 +171,19 @@ impl ProcessTable {
         let execing = self.threads.remove(&former_tid);
         self.threads.retain(|_, t| t.tgid != tgid);
         self.threads.insert(tgid, execing.unwrap_or_else(|| Thread::unknown(tgid)));
+        if let Some(process) = self.processes.get_mut(&tgid) {
+            process.threads = 1;
+            process.shared_with_processes = false;
+        }
     }
 
     /// Forgets a dead thread; returns it, and its process when it was the
     /// last of the thread group (the leader is reaped last).
     pub fn remove_thread(&mut self, tid: Pid) -> (Option<Thread>, Option<Process>) {
         let thread = self.threads.remove(&tid);
+        if let Some(process) = thread.as_ref().and_then(|t| self.processes.get_mut(&t.tgid)) {
+            process.threads = process.threads.saturating_sub(1);
+        }
         let process = self.processes.remove(&tid);
         if process.is_some() {
             self.threads.retain(|_, t| t.tgid != tid);
@@ -189,11 +228,33 @@ mod tests {
     fn threads_join_their_process_and_vanish_at_exec() {
         let mut table = table();
         let (leader, thread) = (Pid::from_raw(10), Pid::from_raw(13));
-        let sharing = Sharing { thread: true, sibling: false };
+        let sharing = Sharing { thread: true, ..Sharing::default() };
         assert_eq!(table.add_child(leader, thread, sharing), leader);
         table.exec(leader, thread);
         assert!(table.thread(thread).is_none());
         assert_eq!(table.thread(leader).unwrap().tgid, leader);
+    }
+
+    #[test]
+    fn tables_are_shared_by_threads_and_by_clone_files_or_vm_children_until_exec() {
+        let mut table = table();
+        let (leader, thread, child) = (Pid::from_raw(10), Pid::from_raw(11), Pid::from_raw(12));
+        table.add_root(Pid::from_raw(30), Pid::from_raw(1));
+        assert!(!table.tables_shared(Pid::from_raw(30)), "the root's tables are its own");
+        assert!(table.tables_shared(leader), "a process found running may share");
+        table.exec(leader, leader);
+        assert!(!table.tables_shared(leader));
+        table.add_child(leader, thread, Sharing { thread: true, ..Sharing::default() });
+        assert!(table.tables_shared(leader) && table.tables_shared(thread));
+        table.remove_thread(thread);
+        assert!(!table.tables_shared(leader), "the other thread is gone");
+        table.add_child(leader, child, Sharing::default());
+        assert!(!table.tables_shared(leader) && !table.tables_shared(child), "a fork copies");
+        let shared = Pid::from_raw(13);
+        table.add_child(leader, shared, Sharing { tables: true, ..Sharing::default() });
+        assert!(table.tables_shared(leader) && table.tables_shared(shared));
+        table.exec(shared, shared);
+        assert!(!table.tables_shared(shared));
     }
 
     #[test]

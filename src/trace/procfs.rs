@@ -55,25 +55,9 @@ pub fn resolve_file(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<(String, Option<
 /// [`resolve_path`], and with `identify` the file (a statx the tracee
 /// would wait for otherwise).
 fn resolve(tid: Pid, dirfd: i32, raw: &[u8], identify: bool) -> Option<(String, Option<FileId>)> {
-    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
-    const AT_FDCWD: i32 = -100;
+    use nix::fcntl::OFlag;
     let (dir, name) = split_final_name(raw);
-    let absolute = raw.first() == Some(&b'/');
-    let (base, resolve) = match (absolute, dirfd) {
-        (true, _) => (format!("/proc/{tid}/root"), ResolveFlag::RESOLVE_IN_ROOT),
-        (false, AT_FDCWD) => (format!("/proc/{tid}/cwd"), ResolveFlag::empty()),
-        (false, fd) => (format!("/proc/{tid}/fd/{fd}"), ResolveFlag::empty()),
-    };
-    let directory = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-    let base = nix::fcntl::open(base.as_str(), directory, nix::sys::stat::Mode::empty()).ok()?;
-    let relative = match dir.iter().position(|&b| b != b'/') {
-        Some(start) => std::ffi::OsStr::from_bytes(&dir[start..]),
-        None => std::ffi::OsStr::new("."),
-    };
-    // The workload's /proc/self and /proc/PID/cwd would be the tracer's own
-    // or another view: magic links are refused, and the caller falls back.
-    let how = OpenHow::new().flags(directory).resolve(resolve | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let opened = openat2(&base, relative, how).ok()?;
+    let opened = open_in_view(tid, dirfd, raw.first() == Some(&b'/'), dir, OFlag::O_DIRECTORY)?;
     let file = identify.then(|| file_id(&opened, name.unwrap_or_default())).flatten();
     let mut path = directory_path(opened)?;
     if let Some(name) = name {
@@ -83,6 +67,86 @@ fn resolve(tid: Pid, dirfd: i32, raw: &[u8], identify: bool) -> Option<(String, 
         path.extend_from_slice(name);
     }
     Some((text::lossless(&path), file))
+}
+
+/// `relative` (leading slashes ignored, "" for the base itself) opened
+/// O_PATH with `flags` from where thread `tid` would start resolving a path
+/// argument: its root for an absolute path (which then cannot climb out of
+/// it), its working directory, or its directory descriptor `dirfd`.
+fn open_in_view(tid: Pid, dirfd: i32, absolute: bool, relative: &[u8], flags: nix::fcntl::OFlag) -> Option<OwnedFd> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    const AT_FDCWD: i32 = -100;
+    let (base, resolve) = match (absolute, dirfd) {
+        (true, _) => (format!("/proc/{tid}/root"), ResolveFlag::RESOLVE_IN_ROOT),
+        (false, AT_FDCWD) => (format!("/proc/{tid}/cwd"), ResolveFlag::empty()),
+        (false, fd) => (format!("/proc/{tid}/fd/{fd}"), ResolveFlag::empty()),
+    };
+    let directory = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let base = nix::fcntl::open(base.as_str(), directory, nix::sys::stat::Mode::empty()).ok()?;
+    let relative = &relative[relative.iter().position(|&b| b != b'/').unwrap_or(relative.len())..];
+    let own = if absolute { own_proc_links(tid, relative) } else { None };
+    let relative = match own.as_deref().unwrap_or(relative) {
+        b"" => std::ffi::OsStr::new("."),
+        relative => std::ffi::OsStr::from_bytes(relative),
+    };
+    // The workload's /proc/self and /proc/PID/cwd would be the tracer's own
+    // or another view: magic links are refused, and the caller falls back.
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | flags)
+        .resolve(resolve | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    openat2(&base, relative, how).ok()
+}
+
+/// `proc/self` and `proc/thread-self` at the start of an absolute path, as
+/// the thread has them: procfs answers them for whoever looks, here the
+/// tracer (the workload is in the tracer's pid namespace).
+fn own_proc_links(tid: Pid, path: &[u8]) -> Option<Vec<u8>> {
+    let (link, rest) = [&b"proc/self"[..], b"proc/thread-self"].into_iter().find_map(|link| {
+        let rest = path.strip_prefix(link)?;
+        (rest.is_empty() || rest[0] == b'/').then_some((link, rest))
+    })?;
+    let tgid = status(tid)?.tgid?;
+    let own = if link == b"proc/self" { format!("proc/{tgid}") } else { format!("proc/{tgid}/task/{tid}") };
+    Some([own.as_bytes(), rest].concat())
+}
+
+/// The file an open(2) of path argument `raw` would open now: its final
+/// symlink followed unless `follow` is false (O_NOFOLLOW). None when it
+/// does not resolve from the tracer's side (it is gone, or its way goes
+/// through a magic link).
+pub fn opened_file(tid: Pid, dirfd: i32, raw: &[u8], follow: bool) -> Option<FileId> {
+    use nix::fcntl::OFlag;
+    let flags = if follow { OFlag::empty() } else { OFlag::O_NOFOLLOW };
+    let opened = open_in_view(tid, dirfd, raw.first() == Some(&b'/'), raw, flags)?;
+    file_id(&opened, b"")
+}
+
+/// The file descriptor `fd` of thread `tid` refers to now, and the kernel's
+/// path for it, both from one reference to it: another thread sharing the
+/// table cannot put a different file there between the two answers.
+pub fn descriptor_file(tid: Pid, fd: i32) -> Option<(String, FileId)> {
+    use nix::fcntl::OFlag;
+    let flags = OFlag::O_PATH | OFlag::O_CLOEXEC;
+    let file = nix::fcntl::open(format!("/proc/{tid}/fd/{fd}").as_str(), flags, nix::sys::stat::Mode::empty()).ok()?;
+    let id = file_id(&file, b"")?;
+    Some((readlink(&format!("/proc/self/fd/{}", file.as_raw_fd()))?, id))
+}
+
+/// Whether `tid` is a thread of the tracer's own process (the workload is
+/// in the tracer's pid namespace).
+pub fn is_own_thread(tid: Pid) -> bool {
+    std::path::Path::new(&format!("/proc/self/task/{tid}")).exists()
+}
+
+/// The process a descriptor of thread `tid` can signal: a pidfd's (its
+/// fdinfo's `Pid:`), or a /proc/PID directory's.
+pub fn pidfd_process(tid: Pid, fd: i32) -> Option<i32> {
+    let (info, _) = read_bounded(&format!("/proc/{tid}/fdinfo/{fd}"), PAGE)?;
+    let info = String::from_utf8_lossy(&info);
+    if let Some(line) = info.lines().find_map(|l| l.strip_prefix("Pid:")) {
+        return line.trim().parse().ok();
+    }
+    fd_path(tid, fd)?.strip_prefix("/proc/")?.parse().ok()
 }
 
 /// The file a descriptor of thread `tid` refers to.
@@ -377,6 +441,16 @@ mod tests {
         let expected = format!("{}/real/victim", base.display());
         assert_eq!(resolve_path(Pid::this(), -100, raw.as_bytes()), Some(expected));
         assert_eq!(resolve_path(Pid::this(), -100, b"/nonexistent-dir/x"), None);
+    }
+
+    #[test]
+    fn proc_self_is_the_thread_s_own_not_the_tracer_s() {
+        let me = Pid::this();
+        let thread = nix::unistd::gettid();
+        assert_eq!(own_proc_links(thread, b"proc/self/status"), Some(format!("proc/{me}/status").into_bytes()));
+        assert_eq!(own_proc_links(thread, b"proc/thread-self"), Some(format!("proc/{me}/task/{thread}").into_bytes()));
+        assert_eq!(own_proc_links(thread, b"proc/selfish"), None);
+        assert_eq!(own_proc_links(thread, b"etc/passwd"), None);
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //! Calls through an architecture we do not decode, and x32 calls, are traced
 //! too (never allowed blindly), so that no ABI is a way around the tracer.
 
+use nix::unistd::Pid;
+
 use crate::trace::abi::{Abi, AUDIT_ARCH_I386, AUDIT_ARCH_X86_64, X32_SYSCALL_BIT};
+use crate::trace::guard::{Target, GUARDS};
 use crate::trace::syscalls::{Action, ArgTest, When, SYSCALLS};
 
 const OFFSET_NR: u32 = 0;
@@ -30,10 +33,14 @@ pub enum SeccompData {
     Known { abi: Abi, index: usize },
     /// Unknown architecture or x32: traced so that it is seen, not decoded.
     Foreign,
+    /// A call whose arguments aim at the tracer (`guard.rs`).
+    Guard { abi: Abi },
 }
 
 const ABI_SHIFT: u32 = 12;
 const FOREIGN: u32 = 0xffff;
+const GUARD_X86_64: u32 = 0xfffe;
+const GUARD_I386: u32 = 0xfffd;
 
 impl SeccompData {
     fn encode(self) -> u32 {
@@ -47,14 +54,16 @@ impl SeccompData {
                 debug_assert!(index < 1 << ABI_SHIFT);
                 (abi_bits << ABI_SHIFT) | index as u32
             }
-            SeccompData::Foreign => FOREIGN,
+            SeccompData::Foreign | SeccompData::Guard { abi: Abi::Unknown } => FOREIGN,
+            SeccompData::Guard { abi: Abi::X86_64 } => GUARD_X86_64,
+            SeccompData::Guard { abi: Abi::I386 } => GUARD_I386,
         }
     }
 
     /// The ABI the data names (for kernels that report nothing else).
     pub fn abi(self) -> Abi {
         match self {
-            SeccompData::Known { abi, .. } => abi,
+            SeccompData::Known { abi, .. } | SeccompData::Guard { abi } => abi,
             SeccompData::Foreign => Abi::Unknown,
         }
     }
@@ -63,6 +72,8 @@ impl SeccompData {
         let data = data & 0xffff;
         let index = (data & ((1 << ABI_SHIFT) - 1)) as usize;
         match data >> ABI_SHIFT {
+            _ if data == GUARD_X86_64 => SeccompData::Guard { abi: Abi::X86_64 },
+            _ if data == GUARD_I386 => SeccompData::Guard { abi: Abi::I386 },
             _ if data == FOREIGN || index >= SYSCALLS.len() => SeccompData::Foreign,
             0 => SeccompData::Known { abi: Abi::X86_64, index },
             1 => SeccompData::Known { abi: Abi::I386, index },
@@ -79,14 +90,47 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
 
+/// For every guarded call (`guard.rs`) that has a number in `abi`: stop it
+/// when its process id argument is `tracer` and its signal is not 0 (a
+/// call that may name another of the tracer's threads, or a pidfd, is
+/// checked at the stop). Ends with the syscall number loaded again.
+fn push_guards(prog: &mut Vec<libc::sock_filter>, abi: Abi, tracer: u32) {
+    let trace = libc::SECCOMP_RET_TRACE | SeccompData::Guard { abi }.encode();
+    for g in GUARDS {
+        let Some(nr) = g.number(abi) else { continue };
+        // Each test jumps past the block's end when the call is not aimed
+        // at the tracer; the block ends with RET.
+        let mut tests: Vec<(u32, u32, bool)> = vec![(OFFSET_NR, nr, true)];
+        if let Target::Tgid(i) | Target::Task(i) = g.target {
+            tests.push((OFFSET_ARGS + 8 * i as u32, tracer, true));
+        }
+        if let Some(i) = g.signal {
+            tests.push((OFFSET_ARGS + 8 * i as u32, 0, false));
+        }
+        let len = 2 * tests.len() + 1;
+        for (n, (offset, value, must_equal)) in tests.into_iter().enumerate() {
+            let past_end = (len - 2 * n - 2) as u8;
+            prog.push(stmt(BPF_LD_W_ABS, offset));
+            prog.push(if must_equal {
+                jump(BPF_JEQ_K, value, 0, past_end)
+            } else {
+                jump(BPF_JEQ_K, value, past_end, 0)
+            });
+        }
+        prog.push(stmt(BPF_RET_K, trace));
+    }
+    prog.push(stmt(BPF_LD_W_ABS, OFFSET_NR));
+}
+
 /// For every table entry that has a number in `abi`: `JEQ nr; RET action`
-/// (with an argument check first for `TraceWhen`).
-fn push_abi_block(prog: &mut Vec<libc::sock_filter>, abi: Abi) {
+/// (with an argument check first for `TraceWhen`), after the guards.
+fn push_abi_block(prog: &mut Vec<libc::sock_filter>, abi: Abi, tracer: u32) {
     prog.push(stmt(BPF_LD_W_ABS, OFFSET_NR));
     if abi == Abi::X86_64 {
         prog.push(jump(BPF_JSET_K, X32_SYSCALL_BIT as u32, 0, 1));
         prog.push(stmt(BPF_RET_K, libc::SECCOMP_RET_TRACE | SeccompData::Foreign.encode()));
     }
+    push_guards(prog, abi, tracer);
     for (index, def) in SYSCALLS.iter().enumerate() {
         let Some(nr) = def.number(abi) else { continue };
         let trace = libc::SECCOMP_RET_TRACE | SeccompData::Known { abi, index }.encode();
@@ -184,13 +228,15 @@ fn push_test(block: &mut Vec<libc::sock_filter>, test: ArgTest, abi: Abi, fails:
     }
 }
 
-/// Builds the filter program. Done in the parent, before fork, so that the
-/// child only has to hand it to the kernel.
-pub fn build_filter() -> Vec<libc::sock_filter> {
+/// Builds the filter program for a workload traced by process `tracer`.
+/// Done in the parent, before fork, so that the child only has to hand it
+/// to the kernel.
+pub fn build_filter(tracer: Pid) -> Vec<libc::sock_filter> {
+    let tracer = tracer.as_raw() as u32;
     let mut native = Vec::new();
-    push_abi_block(&mut native, Abi::X86_64);
+    push_abi_block(&mut native, Abi::X86_64, tracer);
     let mut compat = Vec::new();
-    push_abi_block(&mut compat, Abi::I386);
+    push_abi_block(&mut compat, Abi::I386, tracer);
 
     let mut prog = vec![stmt(BPF_LD_W_ABS, OFFSET_ARCH)];
     // arch == x86_64 ? fall into the native block : skip over it (JA takes a
@@ -299,14 +345,17 @@ mod tests {
             }
         }
         assert_eq!(SeccompData::decode(SeccompData::Foreign.encode()), SeccompData::Foreign);
+        for abi in [Abi::X86_64, Abi::I386] {
+            assert_eq!(SeccompData::decode(SeccompData::Guard { abi }.encode()), SeccompData::Guard { abi });
+        }
     }
 
     #[test]
     fn filter_is_within_kernel_limits() {
-        let prog = build_filter();
+        let prog = build_filter(Pid::this());
         assert!(prog.len() < 4096);
         // Every number of both ABIs appears once as a JEQ constant, and
-        // every argument check once more.
+        // every argument check once more; so does every guard's.
         let jeqs = prog.iter().filter(|i| i.code == BPF_JEQ_K).count();
         let checks: usize = SYSCALLS
             .iter()
@@ -326,7 +375,13 @@ mod tests {
                     .sum::<usize>()
             })
             .sum();
-        assert_eq!(jeqs, checks + 2, "two arch checks plus one per number and argument");
+        let guards: usize = GUARDS
+            .iter()
+            .map(|g| {
+                2 * (1 + matches!(g.target, Target::Tgid(_) | Target::Task(_)) as usize + g.signal.is_some() as usize)
+            })
+            .sum();
+        assert_eq!(jeqs, checks + guards + 2, "two arch checks plus one per number and argument");
     }
 
     fn jeqs_of(test: ArgTest, abi: Abi) -> usize {
@@ -375,7 +430,17 @@ mod tests {
     /// checks: each row, with values on both sides of each test.
     #[test]
     fn the_filter_checks_arguments_as_the_table_says() {
-        let prog = build_filter();
+        // A tracer pid none of the probes below is: the guards that compare
+        // a process id let every call through to the table's rows.
+        let prog = build_filter(Pid::from_raw(4_000_000));
+        // A guard that names its target otherwise stops every call with a
+        // signal before the table is looked at.
+        let guard_stops = |abi: Abi, nr: u32, args: &[u64; 6]| {
+            GUARDS.iter().find(|g| g.number(abi) == Some(nr)).is_some_and(|g| {
+                matches!(g.target, Target::Pidfd(_) | Target::AnyTask(_))
+                    && g.signal.is_none_or(|i| args[i] as u32 != 0)
+            })
+        };
         for (index, def) in SYSCALLS.iter().enumerate() {
             let Action::TraceIf { when, .. } = def.action else { continue };
             let mut probes: Vec<u64> = vec![0, 1, 1 << 32, u64::MAX];
@@ -398,7 +463,13 @@ mod tests {
                             args[(slot + 1) % 6] = b;
                             // The engine sees an i386 call's arguments as the kernel takes them.
                             let seen = crate::trace::abi::SyscallEntry::new(abi, u64::from(nr), args).args;
-                            let expected = if when.passes(&seen) { trace } else { libc::SECCOMP_RET_ALLOW };
+                            let expected = match () {
+                                _ if guard_stops(abi, nr, &args) => {
+                                    libc::SECCOMP_RET_TRACE | SeccompData::Guard { abi }.encode()
+                                }
+                                _ if when.passes(&seen) => trace,
+                                _ => libc::SECCOMP_RET_ALLOW,
+                            };
                             assert_eq!(run(&prog, arch, nr, &args), expected, "{} {abi:?} {args:x?}", def.name);
                         }
                     }

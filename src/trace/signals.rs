@@ -36,11 +36,21 @@ fn forwarded_set() -> SigSet {
     set
 }
 
-/// Blocks the forwarded signals in the calling thread (and so in every thread
-/// it starts afterwards). Returns the mask to restore in the workload.
-pub fn block_forwarded() -> nix::Result<SigSet> {
+/// Blocks every signal but WAKE and job control's in the calling thread
+/// (and so in every thread it starts afterwards): the forwarded ones are
+/// waited for by the forwarder, and any other that the workload sends one
+/// of the tracer's threads stays pending instead of ending the tracer (most
+/// signals end a process by default; the filter stops only the harmful
+/// ones, see `guard.rs`). The terminal's stop and continue signals keep
+/// their default action, so that the tracer stops and resumes with its
+/// job. Returns the mask to restore in the workload.
+pub fn block_signals() -> nix::Result<SigSet> {
+    let mut blocked = SigSet::all();
+    for signal in [Signal::SIGURG, Signal::SIGTSTP, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGCONT] {
+        blocked.remove(signal);
+    }
     let mut previous = SigSet::empty();
-    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&forwarded_set()), Some(&mut previous))?;
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&blocked), Some(&mut previous))?;
     Ok(previous)
 }
 
@@ -151,7 +161,7 @@ const ENDING: [Signal; 4] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Si
 
 /// Sent to the tracer thread to break its waitpid when it must detach
 /// (ignored by default, so a stray one does no harm).
-const WAKE: i32 = libc::SIGURG;
+const WAKE: i32 = libc::SIGURG; // left unblocked by `block_signals`
 
 extern "C" fn on_wake(_: libc::c_int) {}
 

@@ -259,7 +259,11 @@ impl Trace {
         use std::os::unix::process::CommandExt;
         let copy = dir.join("cws-instrumentation");
         if !copy.exists() {
-            std::fs::copy(binary(), &copy).unwrap();
+            // Written by another process: a descriptor open for writing in
+            // this one would be inherited by the programs other tests fork
+            // meanwhile, and running the copy would fail with ETXTBSY.
+            let status = Command::new("install").arg("-m755").arg(binary()).arg(&copy).status().unwrap();
+            assert!(status.success());
         }
         std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         let mut command = self::command(copy);

@@ -8,8 +8,9 @@
 //!   `CWS_STATIC_BINARY`; every failing step is reported.
 //! - `dist`: the distributed binary (`dist` profile: fat LTO), fully static
 //!   (glibc, crt-static) and stripped, at `TARGET_DIR/dist/cws-instrumentation`.
-//! - `bench [--quick] [--runs N]`: tracing overhead against native and
-//!   strace, side by side, and `serve` ingest (see `bench/mod.rs`).
+//! - `bench [--quick] [--runs N] [--only W0b,W1] [--tracer PATH]`: tracing
+//!   overhead against native and strace, side by side, and `serve` ingest
+//!   (see `bench/mod.rs`).
 //! - `image`: a `FROM scratch` image holding only `/cws-instrumentation`,
 //!   packaged from the `dist` binary with podman or buildah (works offline:
 //!   there is no base image to pull).
@@ -247,7 +248,9 @@ fn main() -> ExitCode {
         Some("image") => image(),
         Some("bench") => bench::bench(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => {
-            eprintln!("usage: cargo xtask demo|ci|dist|image|bench [--quick] [--runs N]");
+            eprintln!(
+                "usage: cargo xtask demo|ci|dist|image|bench [--quick] [--runs N] [--only W0b,W1] [--tracer PATH]"
+            );
             return ExitCode::from(2);
         }
     };

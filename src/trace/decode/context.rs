@@ -193,14 +193,19 @@ impl Ctx<'_> {
     /// Reads a path argument, resolves it, and identifies the file it names
     /// now (see [`procfs::resolve_file`]); None when unreadable.
     pub fn read_file(&mut self, dirfd: i32, addr: u64) -> Option<(String, Option<FileId>)> {
-        let (raw, _) = memory::read_cstring(self.tid, addr, PATH_MAX).ok()?;
+        let raw = self.read_raw_path(addr)?;
         procfs::resolve_file(self.tid, dirfd, &raw).or_else(|| Some((self.lexical(dirfd, &raw)?, None)))
     }
 
     /// Reads a path argument and resolves it; None when unreadable.
     pub fn read_path(&mut self, dirfd: i32, addr: u64) -> Option<String> {
-        let (raw, _) = memory::read_cstring(self.tid, addr, PATH_MAX).ok()?;
+        let raw = self.read_raw_path(addr)?;
         self.resolve(dirfd, &raw)
+    }
+
+    /// A path argument's bytes; None when unreadable.
+    pub fn read_raw_path(&self, addr: u64) -> Option<Vec<u8>> {
+        memory::read_cstring(self.tid, addr, PATH_MAX).ok().map(|(raw, _)| raw)
     }
 
     /// Up to `len` bytes of tracee memory at `addr`; fewer where it ends.

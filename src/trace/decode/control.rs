@@ -1,10 +1,11 @@
 //! Calls that reach for the kernel's control of processes and syscalls:
 //! ptrace, seccomp filters, userfaultfd. A workload that knows the tracer
 //! would use them against it; each attempt is an event, and userfaultfd is
-//! refused outright.
+//! refused outright, as are calls aimed at the tracer itself (`guard.rs`).
 
 use crate::proto::{self, event::Payload};
 use crate::trace::decode::context::{Call, Ctx, Next};
+use crate::trace::guard::Aim;
 
 /// Where a seccomp request comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,4 +136,12 @@ pub fn userfaultfd_entry(cx: &mut Ctx<'_>, call: &mut Call, uffd: UffdCall) -> N
     let reason = "userfaultfd is refused to traced workloads";
     cx.emit_refused(call, libc::EPERM, reason, Payload::Userfaultfd(proto::UserfaultfdEvent { flags }));
     Next::Refuse(libc::EPERM)
+}
+
+/// The event of a call aimed at the tracer, which the engine refused.
+pub fn tracer_target_refused(cx: &mut Ctx<'_>, call: &Call, aim: Aim) {
+    let signal_name = nix::sys::signal::Signal::try_from(aim.signal).map_or("", |s| s.as_str());
+    let event = proto::TracerTargetEvent { pid: aim.pid, signal: aim.signal, signal_name: signal_name.to_owned() };
+    let reason = "a signal or pidfd aimed at the tracer is refused to traced workloads";
+    cx.emit_refused(call, libc::EPERM, reason, Payload::TracerTarget(event));
 }

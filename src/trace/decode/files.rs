@@ -9,6 +9,7 @@ use crate::text;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
 use crate::trace::decode::creds::id_arg;
 use crate::trace::decode::file_detail::{self, Detail, LengthArg, TimeLayout, XattrValue};
+use crate::trace::decode::open;
 use crate::trace::memory;
 use crate::trace::procfs::{self, FileId};
 
@@ -152,11 +153,26 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
     // unlinkat(AT_REMOVEDIR) is an rmdir.
     let removes_dir = spec.operation == FileOperation::Unlink && flags & libc::AT_REMOVEDIR as u32 != 0;
     let id = |i: usize| id_arg(call, call.args[i], spec.narrow_ids_on_i386);
+    let shared = cx.procs.tables_shared(cx.tid);
     // A file the call created has an identity only now.
+    // Read again at exit: to check what the call did while another task
+    // shares the memory or descriptor table, or because a created file has an
+    // identity only now.
+    let again = match spec.path {
+        PathArg::Returned => None,
+        _ if shared || (call.entry_file.is_none() && retval >= 0) => read_file_arg(cx, call, spec.path),
+        _ => None,
+    };
     let (returned_path, file) = match (spec.path, call.entry_file) {
         (PathArg::Returned, _) if retval >= 0 => (cx.fd_path(retval as i32), procfs::fd_file(cx.tid, retval as i32)),
-        (_, None) if retval >= 0 => (None, read_file_arg(cx, call, spec.path).and_then(|(_, file)| file)),
+        (_, None) if retval >= 0 => (None, again.as_ref().and_then(|(_, file)| *file)),
         (_, file) => (None, file),
+    };
+    // A returned descriptor is named by the kernel, not by an argument.
+    let unverified = match spec.path {
+        PathArg::Returned => None,
+        _ if shared => unverified(cx, call, spec, retval, flags, again),
+        _ => None,
     };
     let mut event = proto::FileEvent {
         operation: if removes_dir { FileOperation::Rmdir } else { spec.operation } as i32,
@@ -172,5 +188,67 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
         ..Default::default()
     };
     file_detail::fill(&mut event, call, spec.detail);
-    cx.emit_call(call, retval, call.partial, Payload::File(event));
+    let event = cx.call_event(call, retval, call.partial, Payload::File(event));
+    cx.sink.emit(proto::Event { unverified: unverified.unwrap_or_default(), ..event });
+}
+
+/// While another task shares the caller's memory or descriptor table, the
+/// paths read at entry may not be what the kernel read a moment later: it
+/// can rewrite a string, or put another directory at a directory
+/// descriptor. They are read and resolved again at exit, and a successful
+/// call's effect is looked for in the kernel's state: a removed name no
+/// longer names the file it named at entry, a renamed file is at its new
+/// name, a link names its target's file, a created name exists. Why the
+/// event cannot be confirmed, or None.
+fn unverified(
+    cx: &mut Ctx<'_>,
+    call: &Call,
+    spec: FileCall,
+    retval: i64,
+    flags: u32,
+    again: Option<(String, Option<FileId>)>,
+) -> Option<String> {
+    const RACE: &str = "another task sharing the memory or the descriptor table changed the argument while the \
+                        call ran, and which one the kernel used is not known";
+    let (path, file) = again.unzip();
+    if path != call.entry_path {
+        let now = path.unwrap_or_else(|| "unreadable".to_owned());
+        return Some(format!("path: read at the call's entry; at its exit it named {now}: {RACE}"));
+    }
+    let target = spec.target.map(|t| read_file_arg(cx, call, t));
+    if let Some(target) = &target {
+        if target.as_ref().map(|(text, _)| text) != call.entry_target.as_ref() {
+            let now = target.as_ref().map_or("unreadable", |(text, _)| text.as_str());
+            return Some(format!("target: read at the call's entry; at its exit it was {now}: {RACE}"));
+        }
+    }
+    if retval < 0 {
+        return Some(open::FAILED_UNVERIFIABLE.to_owned());
+    }
+    let file = file.flatten();
+    let target_file = target.flatten().and_then(|(_, file)| file);
+    let confirmed = match spec.operation {
+        FileOperation::Unlink | FileOperation::Rmdir => call.entry_file.is_some() && file != call.entry_file,
+        FileOperation::Rename => call.entry_file.is_some() && target_file == call.entry_file,
+        // With AT_SYMLINK_FOLLOW the link is to the file a symlink names.
+        FileOperation::Link if flags & libc::AT_SYMLINK_FOLLOW as u32 == 0 => file.is_some() && file == target_file,
+        FileOperation::Mkdir | FileOperation::Symlink | FileOperation::Mknod => {
+            call.entry_file.is_none() && file.is_some()
+        }
+        // A mode, owner, time, length or attribute the file may have had
+        // already: no effect to look for.
+        _ => {
+            return Some(
+                "path: read from the workload's memory; another task sharing the memory or the descriptor table \
+                 could have changed it before the kernel read it, and this call leaves no change of a name to \
+                 check it against"
+                    .to_owned(),
+            )
+        }
+    };
+    (!confirmed).then(|| {
+        "path: the kernel's state after the call does not show its effect on the file this path named: another \
+         task sharing the memory or the descriptor table may have changed the argument while the call ran"
+            .to_owned()
+    })
 }

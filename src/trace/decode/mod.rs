@@ -22,7 +22,7 @@ mod sockopts;
 mod tasks;
 
 pub use context::{Call, Ctx, Next};
-pub use control::{SeccompCall, UffdCall};
+pub use control::{tracer_target_refused, SeccompCall, UffdCall};
 pub use creds::CredCall;
 pub use exec::{bound_args, bound_envs, split_nul, succeeded as exec_succeeded, ExecCall};
 pub use file_detail::{LengthArg, TimeLayout, XattrValue};

@@ -1,7 +1,9 @@
 //! The open family, and io_uring_setup: the ways a workload opens files.
 
 use crate::proto::{self, event::Payload};
+use crate::text;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD};
+use crate::trace::procfs;
 
 /// Which open call, for its argument positions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,21 +58,83 @@ pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, open: OpenCall) -> Next {
 
 pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, open: OpenCall) {
     let args = open.args(call);
-    // On success the kernel's own resolution of the new descriptor is the
-    // truth (symlinks, `..`, and no window for the workload to change the
-    // string after the kernel read it); on failure, the requested path.
-    let path = if retval >= 0 {
-        cx.fd_path(retval as i32).or_else(|| cx.read_path(args.dirfd, args.path))
-    } else {
-        cx.read_path(args.dirfd, args.path)
-    };
     let creates = args.flags & (libc::O_CREAT | libc::O_TMPFILE) != 0;
-    let event = proto::OpenEvent {
+    let event = |path: &Option<String>| proto::OpenEvent {
         path: path.clone().unwrap_or_default(),
         flags: Some(args.flags),
         mode: if creates { args.mode } else { 0 },
     };
-    cx.emit_call(call, retval, path.is_none(), Payload::Open(event));
+    let shared = cx.procs.tables_shared(cx.tid);
+    if retval < 0 {
+        let path = cx.read_path(args.dirfd, args.path);
+        let event = cx.call_event(call, retval, path.is_none(), Payload::Open(event(&path)));
+        // Another task could have rewritten the path before the kernel
+        // read it, and a failed call leaves nothing to check it against.
+        let unverified = if shared && args.path != 0 { FAILED_UNVERIFIABLE.to_owned() } else { String::new() };
+        return cx.sink.emit(proto::Event { unverified, ..event });
+    }
+    // On success the kernel's own resolution of the new descriptor is the
+    // truth (symlinks, `..`, and no window for the workload to change the
+    // string after the kernel read it), as long as no other task can have
+    // put another file at its number since the call returned.
+    let fd = retval as i32;
+    if !shared {
+        let path = cx.fd_path(fd).or_else(|| cx.read_path(args.dirfd, args.path));
+        return cx.emit_call(call, retval, path.is_none(), Payload::Open(event(&path)));
+    }
+    match check_descriptor(cx, &args, fd) {
+        Ok(path) => cx.emit_call(call, retval, false, Payload::Open(event(&Some(path)))),
+        Err((path, unverified)) => {
+            let event = cx.call_event(call, retval, path.is_none(), Payload::Open(event(&path)));
+            cx.sink.emit(proto::Event { unverified, ..event });
+        }
+    }
+}
+
+/// Why a failed call's path argument is not reported as fact where another
+/// task shares the caller's memory or descriptor table.
+pub const FAILED_UNVERIFIABLE: &str = "path: read from the workload's memory after the call failed; another task \
+    sharing the memory or the descriptor table could have changed the path or its directory before the kernel \
+    read it, and a failed call leaves nothing to check it against";
+
+/// The file at the new descriptor, when another task shares the caller's
+/// descriptor table (it can move the descriptor away and put another file
+/// at its number before the tracer looks) or its memory (it can rewrite the
+/// path after the kernel read it): reported as verified only when the path
+/// argument names that very file now (device, inode, mount); otherwise
+/// reported all the same, with why it could not be confirmed.
+fn check_descriptor(cx: &mut Ctx<'_>, args: &OpenArgs, fd: i32) -> Result<String, (Option<String>, String)> {
+    let raw = match args.path {
+        0 => None,
+        addr => cx.read_raw_path(addr),
+    };
+    let Some((path, file)) = procfs::descriptor_file(cx.tid, fd) else {
+        let requested = raw.and_then(|raw| cx.resolve(args.dirfd, &raw));
+        let why = "path: the path argument as read from the workload's memory; another task closed the \
+                   descriptor the call returned before the tracer could read it";
+        return Err((requested, why.to_owned()));
+    };
+    let Some(raw) = raw else {
+        let why = "path: the file at the descriptor the call returned; another task sharing the descriptor \
+                   table could have put it there, and there is no path argument to check it against";
+        return Err((Some(path), why.to_owned()));
+    };
+    if args.flags & libc::O_TMPFILE == libc::O_TMPFILE {
+        let why = "path: the file at the descriptor the call returned; an unnamed file (O_TMPFILE) cannot be \
+                   told from another one that a task sharing the descriptor table could have put there";
+        return Err((Some(path), why.to_owned()));
+    }
+    let follow = args.flags & libc::O_NOFOLLOW == 0;
+    if procfs::opened_file(cx.tid, args.dirfd, &raw, follow) == Some(file) {
+        return Ok(path);
+    }
+    let requested = cx.resolve(args.dirfd, &raw).unwrap_or_else(|| text::lossless(&raw));
+    let why = format!(
+        "path: the file at the descriptor the call returned, which the path argument ({requested}) no longer \
+         names: another task sharing the descriptor table or the memory changed one of them before the tracer \
+         read it"
+    );
+    Err((Some(path), why))
 }
 
 /// io_uring_setup(entries, params): the flags sit in `struct io_uring_params`

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick] [--runs N] [--only W1,W8]`: what tracing costs a workload,
+//! `cargo xtask bench [--quick] [--runs N] [--only W1,W8] [--tracer PATH]`: what tracing costs a workload,
 //! measured side by side in one run: native, strace with and without its
 //! seccomp filter, and this tracer offline (events encoded to /dev/null),
 //! exporting to a local `serve`, and with `--disable-seccomp`. Then how fast
@@ -160,6 +160,8 @@ struct Arguments {
     runs: usize,
     /// `--only W1,W8`: the ids of the workloads to run (all when None).
     only: Option<Vec<String>>,
+    /// `--tracer PATH`: measure that binary instead of building the static one.
+    tracer: Option<String>,
 }
 
 fn arguments(args: &[String]) -> Result<Arguments, String> {
@@ -176,7 +178,8 @@ fn arguments(args: &[String]) -> Result<Arguments, String> {
         }
         None => None,
     };
-    Ok(Arguments { quick, runs, only })
+    let tracer = value("--tracer").map(|path| path.cloned().ok_or("--tracer takes a path")).transpose()?;
+    Ok(Arguments { quick, runs, only, tracer })
 }
 
 /// A workload's id: the first word of its name (`W8`).
@@ -215,13 +218,16 @@ fn bench_procscan(tracer: &str, dir: &Path) -> Result<(), String> {
 }
 
 pub fn bench(args: &[String]) -> Result<(), String> {
-    let Arguments { quick, runs, only } = arguments(args)?;
+    let Arguments { quick, runs, only, tracer } = arguments(args)?;
     if args.iter().any(|a| a == "--only-procscan") {
         let dir = crate::target_subdir("bench")?;
         return bench_procscan(&crate::dist()?.display().to_string(), &dir);
     }
     let sizes: Sizes = if quick { programs::QUICK } else { programs::FULL };
-    let tracer = crate::dist()?.display().to_string();
+    let tracer = match tracer {
+        Some(path) => path,
+        None => crate::dist()?.display().to_string(),
+    };
     let dir = crate::target_subdir("bench")?;
     let getpid = compile(&dir, "getpid", programs::GETPID)?;
     let openclose = compile(&dir, "openclose", programs::OPENCLOSE)?;
@@ -239,6 +245,9 @@ pub fn bench(args: &[String]) -> Result<(), String> {
     let workloads: Vec<(&'static str, Workload)> = vec![
         ("W0a getpid (untraced)", command(vec![p(&getpid), sizes.getpid.to_string()])),
         ("W0b openat+close", command(vec![p(&openclose), sizes.openclose.to_string()])),
+        // What checking each open's descriptor costs where another task
+        // could swap it (issue 9): W0b with an idle second thread.
+        ("W0c openat+close, 2 threads", command(vec![p(&openclose), sizes.openclose.to_string(), s("threaded")])),
         (
             "W1 exec loop",
             command(vec![

@@ -10,10 +10,20 @@ pub const GETPID: &str = r#"#include <stdlib.h>
 #include <unistd.h>
 int main(int c, char **v) { long n = atol(v[1]); for (long i = 0; i < n; i++) syscall(SYS_getpid); return 0; }
 "#;
+/// With a second argument, an idle second thread shares the descriptor
+/// table and memory: the tracer then checks each open's descriptor (W0c).
 pub const OPENCLOSE: &str = r#"#include <fcntl.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <unistd.h>
-int main(int c, char **v) { long n = atol(v[1]); for (long i = 0; i < n; i++) close(open("/etc/hostname", O_RDONLY)); return 0; }
+static void *idle(void *u) { (void)u; pause(); return NULL; }
+int main(int c, char **v) {
+    long n = atol(v[1]);
+    pthread_t t;
+    if (c > 2) pthread_create(&t, NULL, idle, NULL);
+    for (long i = 0; i < n; i++) close(open("/etc/hostname", O_RDONLY));
+    return 0;
+}
 "#;
 /// Connects to its own loopback listener and accepts each connection
 /// itself, so the accept queue never overflows (an overflow costs a 1 s SYN
