@@ -97,7 +97,7 @@ struct Interrupted {
     /// (ERESTARTSYS), or any handler makes it EINTR (ERESTARTNOHAND).
     sa_restart_restarts: bool,
     /// Instruction pointer at the exit stop, and whether the thread runs
-    /// 64-bit code (whose signal frames the tracer can read).
+    /// code of an ABI whose signal frames the tracer can read (x86_64, i386).
     exit_ip: u64,
     frame_readable: bool,
     /// Single-stepping into the handler, to read the kernel's decision.
@@ -345,7 +345,7 @@ impl Engine {
             restart::Exit::Restarted => {}
             restart::Exit::Interrupted { sa_restart_restarts } => {
                 let (exit_ip, frame_readable) =
-                    ptrace::position(tid).map_or((0, false), |(ip, _, abi)| (ip, abi == Abi::X86_64));
+                    ptrace::position(tid).map_or((0, false), |(ip, _, abi)| (ip, abi != Abi::Unknown));
                 let interrupted =
                     Interrupted { pending, sa_restart_restarts, exit_ip, frame_readable, stepping: false };
                 self.interrupted.insert(tid, interrupted);
@@ -367,7 +367,7 @@ impl Engine {
         let Some(interrupted) = self.interrupted.remove(&tid) else { return SignalAction::Deliver };
         if interrupted.stepping {
             let frame = ptrace::position(tid).ok();
-            let verdict = frame.and_then(|(_, sp, _)| restart::verdict_from_frame(tid, sp, interrupted.exit_ip));
+            let verdict = frame.and_then(|(_, sp, abi)| restart::verdict_from_frame(tid, sp, abi, interrupted.exit_ip));
             if verdict != Some(Verdict::Restarted) {
                 self.report_eintr(tid, interrupted);
             }
