@@ -975,7 +975,7 @@ fn credential_changes_send_the_kernel_ids_after_success_only() {
 
 #[test]
 fn events_the_agent_has_no_type_for_or_would_misread_are_none() {
-    let open = || Ours::Open(proto::OpenEvent { path: "/lib/libc.so.6".into(), flags: Some(0), mode: 0 });
+    let open = || Ours::Open(proto::OpenEvent { path: "/lib/libc.so.6".into(), flags: Some(0), ..Default::default() });
     let send = |retval: i64, payload: Ours| outbound::syscall(&event(7, 1, Some(retval), "x", payload), "").is_some();
     assert!(send(3, open()));
     assert!(send(-13, open()));
@@ -1062,11 +1062,16 @@ fn golden_messages_become_our_events() {
     // An open with O_CREAT keeps the permission bits of Mode.
     assert_eq!(
         payload_of("19-open-spancontext"),
-        Ours::Open(proto::OpenEvent { path: "/srv/data/report.csv".into(), flags: Some(577), mode: 0o644 })
+        Ours::Open(proto::OpenEvent {
+            path: "/srv/data/report.csv".into(),
+            flags: Some(577),
+            mode: 0o644,
+            ..Default::default()
+        })
     );
     assert_eq!(
         payload_of("03-open"),
-        Ours::Open(proto::OpenEvent { path: "/etc/passwd".into(), flags: Some(0o2000000), mode: 0 })
+        Ours::Open(proto::OpenEvent { path: "/etc/passwd".into(), flags: Some(0o2000000), ..Default::default() })
     );
     assert_eq!(
         payload_of("20-connect-ipv6"),
@@ -1150,4 +1155,34 @@ fn the_golden_hello_becomes_ours() {
     let container = ours.container.expect("container");
     assert_eq!(container.id, CONTAINER);
     assert_eq!(container.created_at, Some(pbjson_types::Timestamp { seconds: 1767225595, nanos: 0 }));
+}
+
+#[test]
+fn file_metadata_goes_as_datadog_s_tracer_sends_it() {
+    let metadata = proto::FileMetadata {
+        mode: 33188,
+        user: Some("root".into()),
+        group: Some("root".into()),
+        mtime: Some(1766000000123456789),
+        ctime: Some(1766000000123456789),
+        ..Default::default()
+    };
+    let open = Ours::Open(proto::OpenEvent {
+        path: "/etc/passwd".into(),
+        flags: Some(0o2000000),
+        inode: 786453,
+        metadata: Some(metadata.clone()),
+        ..Default::default()
+    });
+    let open = event(7, 1767225600002000006, Some(3), "openat", open);
+    assert_eq!(outbound::syscall(&open, CONTAINER), Some(golden_without_cgroup("03-open")));
+    let unlink = Ours::File(proto::FileEvent {
+        operation: FileOperation::Unlink as i32,
+        path: "/tmp/app.lock".into(),
+        inode: 917505,
+        metadata: Some(metadata),
+        ..Default::default()
+    });
+    let unlink = event(7, 1767225600006000018, Some(0), "unlink", unlink);
+    assert_eq!(outbound::syscall(&unlink, CONTAINER), Some(golden_without_cgroup("07-unlink")));
 }

@@ -22,6 +22,7 @@ use crate::queue::EventSink;
 use crate::trace::abi::{Abi, SyscallEntry};
 use crate::trace::attach::{self, Seized};
 use crate::trace::decode::{self, Call, Ctx, Decoder, Next};
+use crate::trace::names::Names;
 use crate::trace::process::{LiveProcesses, ProcessTable, Sharing};
 use crate::trace::procfs;
 use crate::trace::ptrace::{self, Death, EventStop, ForkEventKind, Resume, Stop, SyscallReader, SyscallState};
@@ -122,6 +123,8 @@ pub struct Engine {
     /// of it is known.
     interrupted: HashMap<Pid, Interrupted>,
     sink: EventSink,
+    /// User and group names of file owners; None with file stats off.
+    names: Option<Names>,
     reader: SyscallReader,
     /// The entrypoint; None in attach mode, which ends when every traced
     /// process is gone or `detach` is set.
@@ -138,8 +141,9 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// `root` is seized and about to exec the entrypoint; its parent is the tracer.
-    pub fn new(mode: Mode, root: Pid, sink: EventSink, live: LiveProcesses) -> Self {
+    /// `root` is seized and about to exec the entrypoint; its parent is the
+    /// tracer. `file_stats`: events carry file metadata and owner names.
+    pub fn new(mode: Mode, root: Pid, sink: EventSink, live: LiveProcesses, file_stats: bool) -> Self {
         let mut procs = ProcessTable::new(live);
         procs.add_process(root, Pid::this());
         Engine {
@@ -148,6 +152,7 @@ impl Engine {
             pending: HashMap::new(),
             interrupted: HashMap::new(),
             sink,
+            names: file_stats.then(Names::default),
             reader: SyscallReader::new(),
             root: Some(root),
             detach: None,
@@ -160,7 +165,13 @@ impl Engine {
 
     /// Attach mode: the processes are seized, each of their threads about to
     /// report an interrupt stop. Setting `detach` makes `run` let them go.
-    pub fn attached(processes: Vec<Seized>, sink: EventSink, live: LiveProcesses, detach: Arc<AtomicBool>) -> Self {
+    pub fn attached(
+        processes: Vec<Seized>,
+        sink: EventSink,
+        live: LiveProcesses,
+        detach: Arc<AtomicBool>,
+        file_stats: bool,
+    ) -> Self {
         let mut procs = ProcessTable::new(live);
         for process in processes {
             procs.add_process(process.tgid, process.ppid);
@@ -174,6 +185,7 @@ impl Engine {
             pending: HashMap::new(),
             interrupted: HashMap::new(),
             sink,
+            names: file_stats.then(Names::default),
             reader: SyscallReader::new(),
             root: None,
             detach: Some(detach),
@@ -221,7 +233,7 @@ impl Engine {
     }
 
     fn ctx(&mut self, tid: Pid) -> Ctx<'_> {
-        Ctx { tid, procs: &mut self.procs, sink: &mut self.sink }
+        Ctx { tid, procs: &mut self.procs, sink: &mut self.sink, names: self.names.as_mut() }
     }
 
     /// How to resume a thread that has no signal to receive.

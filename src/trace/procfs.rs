@@ -44,6 +44,21 @@ pub struct FileId {
     pub device: u64,
     pub inode: u64,
     pub mount_id: Option<u64>,
+    /// What the same statx said of it otherwise, when it said all of it.
+    pub stat: Option<FileStat>,
+}
+
+/// A file's type and permissions, owner and times, as statx gave them
+/// with its identity (one call: the same file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStat {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Nanoseconds since the epoch; None beyond what 64 bits hold (a time
+    /// set after 2262 or before 1678).
+    pub mtime: Option<i64>,
+    pub ctime: Option<i64>,
 }
 
 /// [`resolve_path`], and the file the path names now, its final symlink not
@@ -94,15 +109,32 @@ fn statx(dir: i32, name: &[u8], flags: i32) -> Option<FileId> {
     // SAFETY: statx is plain data; all zeroes is a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: `name` is a NUL-terminated string and `stx` is valid for writes of its size.
-    let rc = unsafe { libc::statx(dir, name.as_ptr(), flags, libc::STATX_INO | libc::STATX_MNT_ID, &mut stx) };
+    let rc = unsafe { libc::statx(dir, name.as_ptr(), flags, libc::STATX_BASIC_STATS | libc::STATX_MNT_ID, &mut stx) };
     if rc != 0 || stx.stx_mask & libc::STATX_INO == 0 {
         return None;
     }
+    const STAT: u32 = libc::STATX_TYPE | libc::STATX_MODE | libc::STATX_UID | libc::STATX_GID;
+    let time = |t: libc::statx_timestamp, bit: u32| {
+        (stx.stx_mask & bit != 0).then(|| t.tv_sec.checked_mul(1_000_000_000)?.checked_add(i64::from(t.tv_nsec)))?
+    };
+    let stat = (stx.stx_mask & STAT == STAT).then(|| FileStat {
+        mode: u32::from(stx.stx_mode),
+        uid: stx.stx_uid,
+        gid: stx.stx_gid,
+        mtime: time(stx.stx_mtime, libc::STATX_MTIME),
+        ctime: time(stx.stx_ctime, libc::STATX_CTIME),
+    });
     Some(FileId {
         device: libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
         inode: stx.stx_ino,
         mount_id: (stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id),
+        stat,
     })
+}
+
+/// The program a process runs now (after an exec: the file the kernel ran).
+pub fn exe_file(pid: Pid) -> Option<FileId> {
+    statx(libc::AT_FDCWD, format!("/proc/{pid}/exe").as_bytes(), libc::AT_NO_AUTOMOUNT)
 }
 
 /// Most entries a directory may have for the tracer to look a name up in

@@ -108,7 +108,12 @@ pub fn fixture_i386(name: &str) -> Option<PathBuf> {
         skip("needs the i386 C library for `cc -m32` (Debian: gcc-multilib)");
         return None;
     }
-    Some(build_fixture(name, &format!("{name}-i386"), &["-m32"]))
+    Some(fixture_variant(name, "i386", &["-m32"]))
+}
+
+/// `tests/fixtures/NAME.c` built with `flags` as NAME-VARIANT (`-static`, say).
+pub fn fixture_variant(name: &str, variant: &str, flags: &[&str]) -> PathBuf {
+    build_fixture(name, &format!("{name}-{variant}"), flags)
 }
 
 fn build_fixture(name: &str, output: &str, flags: &[&str]) -> PathBuf {

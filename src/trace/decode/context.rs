@@ -11,6 +11,7 @@ use crate::queue::EventSink;
 use crate::text;
 use crate::trace::abi::{Abi, SyscallEntry};
 use crate::trace::memory;
+use crate::trace::names::Names;
 use crate::trace::paths;
 use crate::trace::process::ProcessTable;
 use crate::trace::procfs::{self, FileId};
@@ -98,6 +99,9 @@ pub struct Ctx<'a> {
     pub tid: Pid,
     pub procs: &'a mut ProcessTable,
     pub sink: &'a mut EventSink,
+    /// User and group names for file metadata; None with file stats off
+    /// (`--disable-stats`): then no metadata is looked up at all.
+    pub names: Option<&'a mut Names>,
 }
 
 fn abi_field(abi: Abi) -> i32 {

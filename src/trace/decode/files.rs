@@ -6,6 +6,7 @@ use crate::proto::{self, event::Payload, FileOperation};
 use crate::text;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
 use crate::trace::decode::creds::id_arg;
+use crate::trace::decode::identity;
 use crate::trace::memory;
 use crate::trace::procfs::{self, FileId};
 
@@ -109,17 +110,20 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
         None if retval >= 0 => read_file_arg(cx, call, spec.path).and_then(|(_, file)| file),
         file => file,
     };
+    let path = call.entry_path.clone().unwrap_or_default();
+    let facts = identity::facts(cx, file, &path);
     let event = proto::FileEvent {
         operation: if removes_dir { FileOperation::Rmdir } else { spec.operation } as i32,
-        path: call.entry_path.clone().unwrap_or_default(),
+        path,
         target: call.entry_target.clone().unwrap_or_default(),
         mode: spec.mode.map(|i| call.args[i] as u32),
         uid: spec.owner.map(id),
         gid: spec.owner.map(|i| id(i + 1)),
         flags,
-        device: file.map_or(0, |f| f.device),
-        inode: file.map_or(0, |f| f.inode),
-        mount_id: file.and_then(|f| f.mount_id),
+        device: facts.device,
+        inode: facts.inode,
+        mount_id: facts.mount_id,
+        metadata: facts.metadata,
     };
     cx.emit_call(call, retval, call.partial, Payload::File(event));
 }

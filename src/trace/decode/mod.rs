@@ -11,6 +11,7 @@ mod control;
 mod creds;
 mod exec;
 mod files;
+mod identity;
 mod namespaces;
 mod net;
 mod open;

@@ -2,6 +2,8 @@
 
 use crate::proto::{self, event::Payload};
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD};
+use crate::trace::decode::identity;
+use crate::trace::procfs;
 
 /// Which open call, for its argument positions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,10 +67,17 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, open: OpenCall) {
         cx.read_path(args.dirfd, args.path)
     };
     let creates = args.flags & (libc::O_CREAT | libc::O_TMPFILE) != 0;
+    // The file the kernel opened: the new descriptor's.
+    let file = (retval >= 0).then(|| procfs::fd_file(cx.tid, retval as i32)).flatten();
+    let facts = identity::facts(cx, file, path.as_deref().unwrap_or_default());
     let event = proto::OpenEvent {
         path: path.clone().unwrap_or_default(),
         flags: Some(args.flags),
         mode: if creates { args.mode } else { 0 },
+        device: facts.device,
+        inode: facts.inode,
+        mount_id: facts.mount_id,
+        metadata: facts.metadata,
     };
     cx.emit_call(call, retval, path.is_none(), Payload::Open(event));
 }

@@ -1,0 +1,40 @@
+//! The one reader of "which file, and what stat says of it" for every event
+//! that names a file (open, exec, file changes): device, inode and mount id
+//! always, and with file stats on (no `--disable-stats`) its mode, owner,
+//! times and the owner's names in the tracee's own root.
+
+use crate::proto::FileMetadata;
+use crate::trace::decode::context::Ctx;
+use crate::trace::procfs::FileId;
+
+/// What an event says of a file; all zero and None when there was none.
+#[derive(Default)]
+pub struct FileFacts {
+    pub device: u64,
+    pub inode: u64,
+    pub mount_id: Option<u64>,
+    pub metadata: Option<FileMetadata>,
+}
+
+/// The facts of `file`, named `path` in the event. A memfd's metadata is
+/// left out, as Datadog does: it lives on no filesystem a rule could name.
+pub fn facts(cx: &mut Ctx<'_>, file: Option<FileId>, path: &str) -> FileFacts {
+    let Some(file) = file else { return FileFacts::default() };
+    let memfd = path.starts_with("/memfd:");
+    let metadata = match (file.stat, cx.names.as_deref_mut()) {
+        (Some(stat), Some(names)) if !memfd => {
+            let (user, group) = names.lookup(cx.tid, stat.uid, stat.gid);
+            Some(FileMetadata {
+                mode: stat.mode,
+                uid: stat.uid,
+                gid: stat.gid,
+                user,
+                group,
+                mtime: stat.mtime,
+                ctime: stat.ctime,
+            })
+        }
+        _ => None,
+    };
+    FileFacts { device: file.device, inode: file.inode, mount_id: file.mount_id, metadata }
+}
