@@ -8,7 +8,9 @@ mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-use common::{fixture_variant, require_root, retval, Run, Trace, CAP_CHOWN, CAP_SYS_CHROOT};
+use common::{
+    fixture_variant, require_root, retval, Run, Trace, CAP_CHOWN, CAP_SETGID, CAP_SETUID, CAP_SYS_ADMIN, CAP_SYS_CHROOT,
+};
 use serde_json::{json, Value};
 
 /// The owner of the files under /data, named only in the root's own files.
@@ -170,4 +172,88 @@ fn disable_stats_leaves_the_metadata_out_and_keeps_the_identity() {
     };
     in_both_modes(Passwd::Regular, &["--disable-stats"], None, check);
     in_both_modes(Passwd::Regular, &[], Some(("DD_CWS_INSTRUMENTATION_STATS_DISABLED", "true")), check);
+}
+
+/// The mount id the kernel gives for an open file of this process.
+fn mount_id_of(file: &std::fs::File) -> u64 {
+    use std::os::fd::AsRawFd;
+    let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", file.as_raw_fd())).unwrap();
+    fdinfo.lines().find_map(|l| l.strip_prefix("mnt_id:")).unwrap().trim().parse().unwrap()
+}
+
+/// `path`'s path within its filesystem, from this process's mountinfo (the
+/// test's own view: no bind mount on the way).
+fn path_in_filesystem(path: &str) -> String {
+    let id = mount_id_of(&std::fs::File::open(path).unwrap()).to_string();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mountinfo.lines().find(|l| l.split(' ').next() == Some(id.as_str())).unwrap();
+    let fields: Vec<&str> = line.split(' ').collect();
+    let (root, point) = (fields[3], fields[4]);
+    let below = path.strip_prefix(point).unwrap().trim_start_matches('/');
+    match (root, below) {
+        (root, "") => root.to_owned(),
+        ("/", below) => format!("/{below}"),
+        (root, below) => format!("{root}/{below}"),
+    }
+}
+
+/// Runs `script` (`$1`: a directory holding `real/bound` and an empty
+/// `view`) under the tracer with `flags`, in both modes, and checks that
+/// the open and the unlink of `view/bound`, through a private bind mount
+/// of `real` on `view`, name the file and the bind's source.
+fn through_a_private_bind_mount(flags: &[&str], script: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().canonicalize().unwrap().to_str().unwrap().to_owned();
+    // Others may enter it: the workload may run as another user.
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
+    for mode in [&[] as &[&str], &["--disable-seccomp"]] {
+        let _ = std::fs::remove_dir_all(format!("{base}/real"));
+        let _ = std::fs::remove_dir(format!("{base}/view"));
+        for sub in ["real", "view"] {
+            std::fs::create_dir(format!("{base}/{sub}")).unwrap();
+            std::fs::set_permissions(format!("{base}/{sub}"), std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        std::fs::write(format!("{base}/real/bound"), "x").unwrap();
+        std::fs::set_permissions(format!("{base}/real/bound"), std::fs::Permissions::from_mode(0o666)).unwrap();
+        let real = std::fs::metadata(format!("{base}/real/bound")).unwrap();
+        let real_mount = mount_id_of(&std::fs::File::open(format!("{base}/real/bound")).unwrap());
+        let source_root = path_in_filesystem(&format!("{base}/real"));
+
+        let flags: Vec<&str> = mode.iter().chain(flags).copied().collect();
+        let run = Trace::with_flags(&flags, &["sh", "-c", script, "sh", &base]).run();
+        eprintln!("flags {flags:?}");
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        let through_view = format!("{base}/view/bound");
+        let opens = run.opens_of(&through_view);
+        assert_eq!(opens.len(), 1, "{:#?}", run.of("open"));
+        let unlink = run.one("file", "path", &through_view);
+        for (event, kind) in [(opens[0], "open"), (unlink, "file")] {
+            let payload = names_file(event, kind, &real);
+            // The bind is a mount of its own, showing `real`'s directory.
+            assert_ne!(payload["mount_id"], real_mount.to_string(), "{event:#}");
+            assert_eq!(payload["mount_root"], source_root.as_str(), "{event:#}");
+            assert_eq!(payload["source_path"], format!("{source_root}/bound"), "{event:#}");
+        }
+        // A file outside any bind mount has no other path.
+        let exec = &run.of("exec")[0]["exec"];
+        assert!(exec["mount_root"].is_string() && exec.get("source_path").is_none(), "{exec:#}");
+    }
+}
+
+#[test]
+fn a_file_through_a_private_bind_mount_is_named_by_its_source_too() {
+    if !require_root(&[CAP_SYS_ADMIN], "mount") {
+        return;
+    }
+    let script = r#"cd "$1" && unshare -m sh -c 'mount --make-rprivate / && mount --bind real view && cat view/bound && rm view/bound'"#;
+    through_a_private_bind_mount(&[], script);
+}
+
+#[test]
+fn a_bind_mount_of_an_unprivileged_user_through_a_user_namespace_is_seen_through_too() {
+    if !require_root(&[CAP_SETUID, CAP_SETGID], "run the workload as uid 1000") {
+        return;
+    }
+    let script = r#"cd "$1" && unshare -Urm sh -c 'mount --bind real view && cat view/bound && rm view/bound'"#;
+    through_a_private_bind_mount(&["--uid", "1000", "--gid", "1000"], script);
 }

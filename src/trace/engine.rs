@@ -22,6 +22,7 @@ use crate::queue::EventSink;
 use crate::trace::abi::{Abi, SyscallEntry};
 use crate::trace::attach::{self, Seized};
 use crate::trace::decode::{self, Call, Ctx, Decoder, Next};
+use crate::trace::mounts::Mounts;
 use crate::trace::names::Names;
 use crate::trace::process::{LiveProcesses, ProcessTable, Sharing};
 use crate::trace::procfs;
@@ -125,6 +126,7 @@ pub struct Engine {
     sink: EventSink,
     /// User and group names of file owners; None with file stats off.
     names: Option<Names>,
+    mounts: Mounts,
     reader: SyscallReader,
     /// The entrypoint; None in attach mode, which ends when every traced
     /// process is gone or `detach` is set.
@@ -153,6 +155,7 @@ impl Engine {
             interrupted: HashMap::new(),
             sink,
             names: file_stats.then(Names::default),
+            mounts: Mounts::default(),
             reader: SyscallReader::new(),
             root: Some(root),
             detach: None,
@@ -186,6 +189,7 @@ impl Engine {
             interrupted: HashMap::new(),
             sink,
             names: file_stats.then(Names::default),
+            mounts: Mounts::default(),
             reader: SyscallReader::new(),
             root: None,
             detach: Some(detach),
@@ -233,7 +237,7 @@ impl Engine {
     }
 
     fn ctx(&mut self, tid: Pid) -> Ctx<'_> {
-        Ctx { tid, procs: &mut self.procs, sink: &mut self.sink, names: self.names.as_mut() }
+        Ctx { tid, procs: &mut self.procs, sink: &mut self.sink, names: self.names.as_mut(), mounts: &mut self.mounts }
     }
 
     /// How to resume a thread that has no signal to receive.

@@ -14,6 +14,7 @@ mod decode;
 mod engine;
 mod launch;
 mod memory;
+mod mounts;
 mod names;
 mod paths;
 mod process;

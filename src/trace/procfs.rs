@@ -44,6 +44,8 @@ pub struct FileId {
     pub device: u64,
     pub inode: u64,
     pub mount_id: Option<u64>,
+    /// The mount's id that the kernel never reuses (Linux 6.8+).
+    pub unique_mount_id: Option<u64>,
     /// What the same statx said of it otherwise, when it said all of it.
     pub stat: Option<FileStat>,
 }
@@ -106,13 +108,17 @@ fn file_id(dir: &OwnedFd, name: &[u8]) -> Option<FileId> {
 
 fn statx(dir: i32, name: &[u8], flags: i32) -> Option<FileId> {
     let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: statx is plain data; all zeroes is a valid value.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: `name` is a NUL-terminated string and `stx` is valid for writes of its size.
-    let rc = unsafe { libc::statx(dir, name.as_ptr(), flags, libc::STATX_BASIC_STATS | libc::STATX_MNT_ID, &mut stx) };
-    if rc != 0 || stx.stx_mask & libc::STATX_INO == 0 {
+    let stx = raw_statx(dir, &name, flags, libc::STATX_BASIC_STATS | libc::STATX_MNT_ID)?;
+    if stx.stx_mask & libc::STATX_INO == 0 {
         return None;
     }
+    // Asked apart (the kernel fills one mount id or the other), and kept
+    // only when it is still the same file.
+    const STATX_MNT_ID_UNIQUE: u32 = 0x4000;
+    let unique = raw_statx(dir, &name, flags, libc::STATX_INO | STATX_MNT_ID_UNIQUE).filter(|u| {
+        u.stx_mask & STATX_MNT_ID_UNIQUE != 0
+            && (u.stx_ino, u.stx_dev_major, u.stx_dev_minor) == (stx.stx_ino, stx.stx_dev_major, stx.stx_dev_minor)
+    });
     const STAT: u32 = libc::STATX_TYPE | libc::STATX_MODE | libc::STATX_UID | libc::STATX_GID;
     let time = |t: libc::statx_timestamp, bit: u32| {
         (stx.stx_mask & bit != 0).then(|| t.tv_sec.checked_mul(1_000_000_000)?.checked_add(i64::from(t.tv_nsec)))?
@@ -128,8 +134,17 @@ fn statx(dir: i32, name: &[u8], flags: i32) -> Option<FileId> {
         device: libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
         inode: stx.stx_ino,
         mount_id: (stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id),
+        unique_mount_id: unique.map(|u| u.stx_mnt_id),
         stat,
     })
+}
+
+fn raw_statx(dir: i32, name: &std::ffi::CStr, flags: i32, mask: u32) -> Option<libc::statx> {
+    // SAFETY: statx is plain data; all zeroes is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is a NUL-terminated string and `stx` is valid for writes of its size.
+    let rc = unsafe { libc::statx(dir, name.as_ptr(), flags, mask, &mut stx) };
+    (rc == 0).then_some(stx)
 }
 
 /// The program a process runs now (after an exec: the file the kernel ran).

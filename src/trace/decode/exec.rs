@@ -273,6 +273,8 @@ pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime, caller:
         inode: facts.inode,
         mount_id: facts.mount_id,
         metadata: facts.metadata,
+        mount_root: facts.mount_root,
+        source_path: facts.source_path,
         ..Default::default()
     };
     let mut event = match call {

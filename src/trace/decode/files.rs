@@ -124,6 +124,8 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
         inode: facts.inode,
         mount_id: facts.mount_id,
         metadata: facts.metadata,
+        mount_root: facts.mount_root,
+        source_path: facts.source_path,
     };
     cx.emit_call(call, retval, call.partial, Payload::File(event));
 }

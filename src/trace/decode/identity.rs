@@ -1,10 +1,13 @@
 //! The one reader of "which file, and what stat says of it" for every event
 //! that names a file (open, exec, file changes): device, inode and mount id
-//! always, and with file stats on (no `--disable-stats`) its mode, owner,
-//! times and the owner's names in the tracee's own root.
+//! always, with the directory its mount shows (a bind mount's source), and
+//! with file stats on (no `--disable-stats`) its mode, owner, times and the
+//! owner's names in the tracee's own root.
 
 use crate::proto::FileMetadata;
+use crate::text;
 use crate::trace::decode::context::Ctx;
+use crate::trace::mounts;
 use crate::trace::procfs::FileId;
 
 /// What an event says of a file; all zero and None when there was none.
@@ -14,6 +17,8 @@ pub struct FileFacts {
     pub inode: u64,
     pub mount_id: Option<u64>,
     pub metadata: Option<FileMetadata>,
+    pub mount_root: String,
+    pub source_path: String,
 }
 
 /// The facts of `file`, named `path` in the event. A memfd's metadata is
@@ -36,5 +41,13 @@ pub fn facts(cx: &mut Ctx<'_>, file: Option<FileId>, path: &str) -> FileFacts {
         }
         _ => None,
     };
-    FileFacts { device: file.device, inode: file.inode, mount_id: file.mount_id, metadata }
+    let view = cx.mounts.view(cx.tid, &file);
+    let mount_root = view.map(|v| text::lossless(&v.root)).unwrap_or_default();
+    // Only a bind mount's files have another path; the event's is escaped text.
+    let source = view
+        .filter(|v| v.root != b"/")
+        .zip(text::bytes(path))
+        .and_then(|(view, path)| mounts::source_path(view, &path));
+    let source_path = source.map(|p| text::lossless(&p)).unwrap_or_default();
+    FileFacts { device: file.device, inode: file.inode, mount_id: file.mount_id, metadata, mount_root, source_path }
 }

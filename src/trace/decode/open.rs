@@ -78,6 +78,8 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, open: OpenCall) {
         inode: facts.inode,
         mount_id: facts.mount_id,
         metadata: facts.metadata,
+        mount_root: facts.mount_root,
+        source_path: facts.source_path,
     };
     cx.emit_call(call, retval, path.is_none(), Payload::Open(event));
 }
