@@ -20,6 +20,9 @@ const OWNER: (u32, u32) = (4242, 4343);
 #[derive(Clone, Copy, PartialEq)]
 enum Passwd {
     Regular,
+    /// An absolute symlink, to be followed inside the root (the host has no
+    /// /data/users).
+    Symlink,
     /// A FIFO nobody writes to: reading it would block forever.
     Fifo,
 }
@@ -41,9 +44,12 @@ fn build_root(passwd: Passwd) -> Root {
     for sub in ["etc", "data"] {
         std::fs::create_dir(at(sub)).unwrap();
     }
+    let users = "root:x:0:0::/:/prog\njailuser:x:4242:4343::/:/prog\n";
     match passwd {
-        Passwd::Regular => {
-            std::fs::write(at("etc/passwd"), "root:x:0:0::/:/prog\njailuser:x:4242:4343::/:/prog\n").unwrap()
+        Passwd::Regular => std::fs::write(at("etc/passwd"), users).unwrap(),
+        Passwd::Symlink => {
+            std::fs::write(at("data/users"), users).unwrap();
+            std::os::unix::fs::symlink("/data/users", at("etc/passwd")).unwrap();
         }
         Passwd::Fifo => nix::unistd::mkfifo(at("etc/passwd").as_str(), nix::sys::stat::Mode::S_IRUSR).unwrap(),
     }
@@ -110,31 +116,36 @@ fn events_carry_the_file_s_identity_metadata_and_names_from_the_process_s_own_ro
     if !require_root(&[CAP_SYS_CHROOT, CAP_CHOWN], "chroot, and give files an owner") {
         return;
     }
-    in_both_modes(Passwd::Regular, &[], None, |root, run| {
-        let file = format!("{}/data/file", root.path);
-        let opens = run.opens_of(&file);
-        assert_eq!(opens.len(), 2, "{:#?}", run.of("open"));
-        let first = names_file(opens[0], "open", &root.file);
-        assert_eq!(first["metadata"], metadata(&root.file, Some("jailuser"), Some("jailgroup")));
-        // The program replaced /etc/passwd in between: read again.
-        let second = names_file(opens[1], "open", &root.file);
-        assert_eq!(second["metadata"], metadata(&root.file, Some("renamed"), Some("jailgroup")));
+    assert!(!std::path::Path::new("/data/users").exists());
+    for passwd in [Passwd::Regular, Passwd::Symlink] {
+        in_both_modes(passwd, &[], None, check_identity_metadata_and_names);
+    }
+}
 
-        let unlink = run.one("file", "path", &format!("{}/data/gone", root.path));
-        assert_eq!(retval(unlink), 0);
-        let gone = names_file(unlink, "file", &root.gone);
-        assert_eq!(gone["metadata"], metadata(&root.gone, Some("jailuser"), Some("jailgroup")));
+fn check_identity_metadata_and_names(root: &Root, run: &Run) {
+    let file = format!("{}/data/file", root.path);
+    let opens = run.opens_of(&file);
+    assert_eq!(opens.len(), 2, "{:#?}", run.of("open"));
+    let first = names_file(opens[0], "open", &root.file);
+    assert_eq!(first["metadata"], metadata(&root.file, Some("jailuser"), Some("jailgroup")));
+    // The program replaced /etc/passwd in between: read again.
+    let second = names_file(opens[1], "open", &root.file);
+    assert_eq!(second["metadata"], metadata(&root.file, Some("renamed"), Some("jailgroup")));
 
-        // /prog, run by chroot then by itself: the file the kernel ran.
-        let prog = format!("{}/prog", root.path);
-        let execs: Vec<_> = run.of("exec").into_iter().filter(|e| e["exec"]["executable"] == prog.as_str()).collect();
-        assert_eq!(execs.len(), 2, "{:#?}", run.of("exec"));
-        let first = names_file(execs[0], "exec", &root.prog);
-        assert_eq!(first["metadata"], metadata(&root.prog, Some("root"), Some("root")));
-        // The new /etc/passwd has no uid 0: the root's files, not the host's, name the owner.
-        let second = names_file(execs[1], "exec", &root.prog);
-        assert_eq!(second["metadata"], metadata(&root.prog, None, Some("root")));
-    });
+    let unlink = run.one("file", "path", &format!("{}/data/gone", root.path));
+    assert_eq!(retval(unlink), 0);
+    let gone = names_file(unlink, "file", &root.gone);
+    assert_eq!(gone["metadata"], metadata(&root.gone, Some("jailuser"), Some("jailgroup")));
+
+    // /prog, run by chroot then by itself: the file the kernel ran.
+    let prog = format!("{}/prog", root.path);
+    let execs: Vec<_> = run.of("exec").into_iter().filter(|e| e["exec"]["executable"] == prog.as_str()).collect();
+    assert_eq!(execs.len(), 2, "{:#?}", run.of("exec"));
+    let first = names_file(execs[0], "exec", &root.prog);
+    assert_eq!(first["metadata"], metadata(&root.prog, Some("root"), Some("root")));
+    // The new /etc/passwd has no uid 0: the root's files, not the host's, name the owner.
+    let second = names_file(execs[1], "exec", &root.prog);
+    assert_eq!(second["metadata"], metadata(&root.prog, None, Some("root")));
 }
 
 #[test]

@@ -7,17 +7,20 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::{fstat, Mode, SFlag};
+use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{Mode, SFlag};
 use nix::unistd::Pid;
 
 use crate::text;
+use crate::trace::procfs::{self, FileId};
 
 /// Largest database read; a longer one is read up to here (its entries
 /// past the cut are not known).
 const DATABASE_MAX: usize = 1 << 20;
 /// Databases kept: a workload that chroots into many roots cycles them.
 const CACHED_MAX: usize = 8;
+/// Roots kept open (two descriptors each).
+const ROOTS_MAX: usize = 4;
 
 /// Which database.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -27,27 +30,70 @@ enum Database {
 }
 
 impl Database {
-    fn path(self) -> &'static str {
+    fn name(self) -> &'static str {
         match self {
-            Database::Passwd => "etc/passwd",
-            Database::Group => "etc/group",
+            Database::Passwd => "passwd",
+            Database::Group => "group",
         }
     }
 }
 
-/// A database as read: which file it was, in what state, and its id → name
-/// map (the first entry of an id wins, as getpwuid and getgrgid do).
+/// Which file, on which mount, in what state: a changed file differs in
+/// one of them (device, inode, mount, size, mtime, ctime) and is read again.
+type Version = (u64, u64, Option<u64>, u64, Option<i64>, Option<i64>);
+
+/// A file as statx gave it: a directory, a regular file (with its
+/// version), or anything else (a symlink, a FIFO, a device...).
+enum Kind {
+    Directory,
+    Regular(Version),
+    Other,
+}
+
+fn kind(file: &FileId) -> Kind {
+    let Some(stat) = file.stat else { return Kind::Other };
+    let mount = file.unique_mount_id.or(file.mount_id);
+    match SFlag::from_bits_truncate(stat.mode) & SFlag::S_IFMT {
+        SFlag::S_IFDIR => Kind::Directory,
+        SFlag::S_IFREG => Kind::Regular((file.device, file.inode, mount, stat.size, stat.mtime, stat.ctime)),
+        _ => Kind::Other,
+    }
+}
+
+/// Which directory (device, inode) on which mount: two mounts of one
+/// directory may have different mounts on top of its files.
+type Place = (u64, u64, Option<u64>);
+
+fn place_of(file: &FileId) -> Place {
+    (file.device, file.inode, file.unique_mount_id.or(file.mount_id))
+}
+
+/// A database as read, and its id → name map (the first entry of an id
+/// wins, as getpwuid and getgrgid do).
 struct Loaded {
-    /// st_dev, st_ino, size, mtime and ctime (s, ns): a changed file
-    /// differs in one of them, and is read again.
-    version: [i64; 7],
+    version: Version,
     names: HashMap<u32, String>,
     last_used: u64,
 }
 
-/// The databases read so far, per file.
+/// A root met before, kept open, with its /etc when that is a directory.
+/// The descriptor pins the root's mount, so its mount id cannot be reused
+/// while it is kept: a thread whose root has the same place has this root.
+struct Root {
+    place: Place,
+    dir: OwnedFd,
+    etc: Option<(Place, OwnedFd)>,
+    last_used: u64,
+}
+
+/// The roots and databases met so far. A lookup costs four statx when
+/// nothing changed: the thread's root, its /etc, and the two files, each
+/// checked against what was read (no symlink is followed on that way, so
+/// nothing leads out of the root); a symlinked /etc or database is opened
+/// confined to the root (openat2 RESOLVE_IN_ROOT) instead.
 #[derive(Default)]
 pub struct Names {
+    roots: Vec<Root>,
     loaded: Vec<Loaded>,
     uses: u64,
 }
@@ -56,37 +102,58 @@ impl Names {
     /// The names of `uid` and `gid` in thread `tid`'s root, as its
     /// /etc/passwd and /etc/group say now.
     pub fn lookup(&mut self, tid: Pid, uid: u32, gid: u32) -> (Option<String>, Option<String>) {
-        let directory = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-        let Ok(root) = nix::fcntl::open(format!("/proc/{tid}/root").as_str(), directory, Mode::empty()) else {
-            return (None, None);
-        };
-        (self.name(&root, Database::Passwd, uid), self.name(&root, Database::Group, gid))
+        self.uses += 1;
+        let Some(root) = self.root(tid) else { return (None, None) };
+        (self.name(root, Database::Passwd, uid), self.name(root, Database::Group, gid))
     }
 
-    fn name(&mut self, root: &OwnedFd, database: Database, id: u32) -> Option<String> {
-        // Opened without reading (O_PATH: a FIFO or device is not opened for
-        // real), its symlinks kept inside the workload's root, then looked at.
-        let how = OpenHow::new()
-            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
-            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        let file = openat2(root, database.path(), how).ok()?;
-        let stat = fstat(&file).ok()?;
-        if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-            return None;
+    /// The index of thread `tid`'s root among the roots kept.
+    fn root(&mut self, tid: Pid) -> Option<usize> {
+        let place = place_of(&procfs::root_file(tid)?);
+        let index = match self.roots.iter().position(|r| r.place == place) {
+            Some(index) => index,
+            None => {
+                let directory = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+                let dir = nix::fcntl::open(format!("/proc/{tid}/root").as_str(), directory, Mode::empty()).ok()?;
+                // The root may have changed since: kept only when it is the one met.
+                if place_of(&procfs::file_id(&dir, b"")?) != place {
+                    return None;
+                }
+                if self.roots.len() == ROOTS_MAX {
+                    let oldest = (0..self.roots.len()).min_by_key(|&i| self.roots[i].last_used)?;
+                    self.roots.swap_remove(oldest);
+                }
+                self.roots.push(Root { place, dir, etc: None, last_used: 0 });
+                self.roots.len() - 1
+            }
+        };
+        let root = &mut self.roots[index];
+        root.last_used = self.uses;
+        // The root's own /etc, a directory of this root, not a symlink.
+        let etc = procfs::file_id(&root.dir, b"etc");
+        match etc.as_ref().map(|etc| (kind(etc), place_of(etc))) {
+            Some((Kind::Directory, place)) if root.etc.as_ref().is_some_and(|(known, _)| *known == place) => {}
+            Some((Kind::Directory, place)) => {
+                let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+                root.etc = openat(&root.dir, "etc", flags, Mode::empty())
+                    .ok()
+                    .filter(|fd| procfs::file_id(fd, b"").is_some_and(|opened| place_of(&opened) == place))
+                    .map(|fd| (place, fd));
+            }
+            _ => root.etc = None,
         }
-        let version = [
-            stat.st_dev as i64,
-            stat.st_ino as i64,
-            stat.st_size,
-            stat.st_mtime,
-            stat.st_mtime_nsec,
-            stat.st_ctime,
-            stat.st_ctime_nsec,
-        ];
-        self.uses += 1;
+        Some(index)
+    }
+
+    fn name(&mut self, root: usize, database: Database, id: u32) -> Option<String> {
+        let (version, opened) = self.database_file(root, database)?;
         let index = match self.loaded.iter().position(|l| l.version == version) {
             Some(index) => index,
             None => {
+                let file = match opened {
+                    Some(file) => file,
+                    None => self.open_in_etc(root, database, version)?,
+                };
                 let names = parse(&read_regular(&file)?);
                 if self.loaded.len() == CACHED_MAX {
                     let oldest = (0..self.loaded.len()).min_by_key(|&i| self.loaded[i].last_used)?;
@@ -99,6 +166,40 @@ impl Names {
         let loaded = &mut self.loaded[index];
         loaded.last_used = self.uses;
         loaded.names.get(&id).cloned()
+    }
+
+    /// The database's version, and when it had to be opened to be found,
+    /// its descriptor (O_PATH). None when it is not a regular file.
+    fn database_file(&self, root: usize, database: Database) -> Option<(Version, Option<OwnedFd>)> {
+        let root = &self.roots[root];
+        if let Some((_, etc)) = &root.etc {
+            match kind(&procfs::file_id(etc, database.name().as_bytes())?) {
+                Kind::Regular(version) => return Some((version, None)),
+                Kind::Directory => return None,
+                Kind::Other => {} // A symlink, maybe: followed below, inside the root.
+            }
+        }
+        // Opened without reading (O_PATH: a FIFO or device is not opened for
+        // real), its symlinks kept inside the workload's root, then looked at.
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        let file = openat2(&root.dir, format!("etc/{}", database.name()).as_str(), how).ok()?;
+        match kind(&procfs::file_id(&file, b"")?) {
+            Kind::Regular(version) => Some((version, Some(file))),
+            _ => None,
+        }
+    }
+
+    /// The database in the root's /etc, checked to be the version found.
+    fn open_in_etc(&self, root: usize, database: Database, version: Version) -> Option<OwnedFd> {
+        let (_, etc) = self.roots[root].etc.as_ref()?;
+        let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let file = openat(etc, database.name(), flags, Mode::empty()).ok()?;
+        match kind(&procfs::file_id(&file, b"")?) {
+            Kind::Regular(opened) if opened == version => Some(file),
+            _ => None,
+        }
     }
 }
 

@@ -57,6 +57,7 @@ pub struct FileStat {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
+    pub size: u64,
     /// Nanoseconds since the epoch; None beyond what 64 bits hold (a time
     /// set after 2262 or before 1678).
     pub mtime: Option<i64>,
@@ -101,25 +102,52 @@ pub fn fd_file(tid: Pid, fd: i32) -> Option<FileId> {
     statx(libc::AT_FDCWD, format!("/proc/{tid}/fd/{fd}").as_bytes(), libc::AT_NO_AUTOMOUNT)
 }
 
-/// The file `name` names in `dir` (`dir` itself for an empty name).
-fn file_id(dir: &OwnedFd, name: &[u8]) -> Option<FileId> {
+/// The file `name` names in `dir` (`dir` itself for an empty name), its
+/// final symlink not followed.
+pub fn file_id(dir: &OwnedFd, name: &[u8]) -> Option<FileId> {
     statx(dir.as_raw_fd(), name, libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH | libc::AT_NO_AUTOMOUNT)
 }
 
 fn statx(dir: i32, name: &[u8], flags: i32) -> Option<FileId> {
+    const STATX_MNT_ID_UNIQUE: u32 = 0x4000;
     let name = std::ffi::CString::new(name).ok()?;
-    let stx = raw_statx(dir, &name, flags, libc::STATX_BASIC_STATS | libc::STATX_MNT_ID)?;
+    let stx = raw_statx(dir, &name, flags, libc::STATX_BASIC_STATS | STATX_MNT_ID_UNIQUE)?;
     if stx.stx_mask & libc::STATX_INO == 0 {
         return None;
     }
-    // Asked apart (the kernel fills one mount id or the other), and kept
-    // only when it is still the same file.
-    const STATX_MNT_ID_UNIQUE: u32 = 0x4000;
-    let unique = raw_statx(dir, &name, flags, libc::STATX_INO | STATX_MNT_ID_UNIQUE).filter(|u| {
-        u.stx_mask & STATX_MNT_ID_UNIQUE != 0
-            && (u.stx_ino, u.stx_dev_major, u.stx_dev_minor) == (stx.stx_ino, stx.stx_dev_major, stx.stx_dev_minor)
-    });
-    const STAT: u32 = libc::STATX_TYPE | libc::STATX_MODE | libc::STATX_UID | libc::STATX_GID;
+    let unique = (stx.stx_mask & STATX_MNT_ID_UNIQUE != 0).then_some(stx.stx_mnt_id);
+    // The kernel fills one mount id or the other. The one mountinfo shows is
+    // asked apart, once per mount (Linux 6.8+, whose unique ids are never
+    // reused), and taken only when the file and its mount were the same on
+    // both sides of it.
+    let same_file = |other: &libc::statx| {
+        (other.stx_ino, other.stx_dev_major, other.stx_dev_minor) == (stx.stx_ino, stx.stx_dev_major, stx.stx_dev_minor)
+    };
+    let ask_mount_id = || {
+        let other = raw_statx(dir, &name, flags, libc::STATX_INO | libc::STATX_MNT_ID)?;
+        let mount_id = (other.stx_mask & libc::STATX_MNT_ID != 0 && same_file(&other)).then_some(other.stx_mnt_id)?;
+        match unique {
+            Some(unique) => raw_statx(dir, &name, flags, libc::STATX_INO | STATX_MNT_ID_UNIQUE)
+                .filter(|again| same_file(again) && again.stx_mnt_id == unique)
+                .map(|_| mount_id),
+            None => Some(mount_id),
+        }
+    };
+    let mount_id = match unique {
+        Some(unique) => OLD_MOUNT_IDS.with_borrow_mut(|known| match known.get(&unique) {
+            Some(&id) => Some(id),
+            None => {
+                let id = ask_mount_id()?;
+                if known.len() == MOUNTS_KNOWN_MAX {
+                    known.clear();
+                }
+                known.insert(unique, id);
+                Some(id)
+            }
+        }),
+        None => ask_mount_id(),
+    };
+    const STAT: u32 = libc::STATX_TYPE | libc::STATX_MODE | libc::STATX_UID | libc::STATX_GID | libc::STATX_SIZE;
     let time = |t: libc::statx_timestamp, bit: u32| {
         (stx.stx_mask & bit != 0).then(|| t.tv_sec.checked_mul(1_000_000_000)?.checked_add(i64::from(t.tv_nsec)))?
     };
@@ -127,16 +155,26 @@ fn statx(dir: i32, name: &[u8], flags: i32) -> Option<FileId> {
         mode: u32::from(stx.stx_mode),
         uid: stx.stx_uid,
         gid: stx.stx_gid,
+        size: stx.stx_size,
         mtime: time(stx.stx_mtime, libc::STATX_MTIME),
         ctime: time(stx.stx_ctime, libc::STATX_CTIME),
     });
     Some(FileId {
         device: libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
         inode: stx.stx_ino,
-        mount_id: (stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id),
-        unique_mount_id: unique.map(|u| u.stx_mnt_id),
+        mount_id,
+        unique_mount_id: unique,
         stat,
     })
+}
+
+/// Mounts whose ids are remembered; past this the memory starts over.
+const MOUNTS_KNOWN_MAX: usize = 4096;
+
+thread_local! {
+    /// The id mountinfo shows of each mount met, by its unique id: a mount's
+    /// ids never change, so one statx per file is enough once it is known.
+    static OLD_MOUNT_IDS: std::cell::RefCell<std::collections::HashMap<u64, u64>> = Default::default();
 }
 
 fn raw_statx(dir: i32, name: &std::ffi::CStr, flags: i32, mask: u32) -> Option<libc::statx> {
@@ -145,6 +183,11 @@ fn raw_statx(dir: i32, name: &std::ffi::CStr, flags: i32, mask: u32) -> Option<l
     // SAFETY: `name` is a NUL-terminated string and `stx` is valid for writes of its size.
     let rc = unsafe { libc::statx(dir, name.as_ptr(), flags, mask, &mut stx) };
     (rc == 0).then_some(stx)
+}
+
+/// A thread's root directory, on its mount.
+pub fn root_file(tid: Pid) -> Option<FileId> {
+    statx(libc::AT_FDCWD, format!("/proc/{tid}/root").as_bytes(), libc::AT_NO_AUTOMOUNT)
 }
 
 /// The program a process runs now (after an exec: the file the kernel ran).
