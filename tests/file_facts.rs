@@ -132,6 +132,12 @@ fn check_identity_metadata_and_names(root: &Root, run: &Run) {
     let second = names_file(opens[1], "open", &root.file);
     assert_eq!(second["metadata"], metadata(&root.file, Some("renamed"), Some("jailgroup")));
 
+    // chown's ids named too; the metadata is the file's before the call.
+    let chown = run.one("file", "operation", "FILE_OPERATION_CHOWN");
+    let changed = names_file(chown, "file", &root.file);
+    assert_eq!((&changed["user"], &changed["group"]), (&json!("renamed"), &json!("jailgroup")));
+    assert_eq!(changed["metadata"], metadata(&root.file, Some("renamed"), Some("jailgroup")));
+
     let unlink = run.one("file", "path", &format!("{}/data/gone", root.path));
     assert_eq!(retval(unlink), 0);
     let gone = names_file(unlink, "file", &root.gone);
@@ -180,6 +186,8 @@ fn disable_stats_leaves_the_metadata_out_and_keeps_the_identity() {
             assert_eq!(names_file(event, kind, stat).get("metadata"), None, "{event:#}");
         }
         assert!(run.events.iter().all(|e| !e.to_string().contains("\"metadata\"")));
+        let chown = &run.one("file", "operation", "FILE_OPERATION_CHOWN")["file"];
+        assert_eq!((chown.get("user"), chown.get("group")), (None, None), "{chown:#}");
     };
     in_both_modes(Passwd::Regular, &["--disable-stats"], None, check);
     in_both_modes(Passwd::Regular, &[], Some(("DD_CWS_INSTRUMENTATION_STATS_DISABLED", "true")), check);

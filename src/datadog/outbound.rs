@@ -24,12 +24,13 @@
 //! is filled from our events' where they carry it (open, exec, and the
 //! file acted on by unlink, rmdir, rename, mkdir, link, symlink, chmod and
 //! chown; not a rename's new name, a link's target or a chdir's directory,
-//! and not a script's, whose executable is its interpreter). Fields we
-//! cannot fill: the names in credentials and chown's User and Group, TTY,
-//! SpanContext and CGroupID; ContainerID is the tracer's for every process. Fields we fill differently: Timestamp is when
-//! the syscall was entered (Datadog's: when the message is sent); an exec's
-//! Filename is the path asked for made absolute, symlinks not resolved
-//! (Datadog's tracer resolves them in its own mount namespace).
+//! and not a script's, whose executable is its interpreter), and chown's
+//! User and Group. Fields we cannot fill: the names in credentials, TTY,
+//! SpanContext and CGroupID; ContainerID is the tracer's for every process.
+//! Fields we fill differently: Timestamp is when the syscall was entered
+//! (Datadog's: when the message is sent); an exec's Filename is the path
+//! asked for made absolute, symlinks not resolved (Datadog's tracer
+//! resolves them in its own mount namespace).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -236,8 +237,9 @@ fn file_msg(file: &proto::FileEvent) -> Option<Payload> {
         FileOperation::Chown => Payload::Chown(ChownSyscallMsg {
             file: path(),
             uid: file.uid? as i32,
+            user: file.user.clone().unwrap_or_default(),
             gid: file.gid? as i32,
-            ..Default::default()
+            group: file.group.clone().unwrap_or_default(),
         }),
         FileOperation::Unspecified => return None,
     })

@@ -1180,9 +1180,22 @@ fn file_metadata_goes_as_datadog_s_tracer_sends_it() {
         operation: FileOperation::Unlink as i32,
         path: "/tmp/app.lock".into(),
         inode: 917505,
-        metadata: Some(metadata),
+        metadata: Some(metadata.clone()),
         ..Default::default()
     });
     let unlink = event(7, 1767225600006000018, Some(0), "unlink", unlink);
     assert_eq!(outbound::syscall(&unlink, CONTAINER), Some(golden_without_cgroup("07-unlink")));
+    // chown's User: the name of the uid asked for.
+    let chown = Ours::File(proto::FileEvent {
+        operation: FileOperation::Chown as i32,
+        path: "/tmp/app.cfg".into(),
+        uid: Some(1000),
+        gid: Some(-1),
+        user: Some("app".into()),
+        inode: 917506,
+        metadata: Some(proto::FileMetadata { mode: 33152, ..metadata }),
+        ..Default::default()
+    });
+    let chown = event(7, 1767225600117000351, Some(0), "chown", chown);
+    assert_eq!(outbound::syscall(&chown, CONTAINER), Some(golden_without_cgroup("30-chown")));
 }

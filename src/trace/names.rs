@@ -99,12 +99,13 @@ pub struct Names {
 }
 
 impl Names {
-    /// The names of `uid` and `gid` in thread `tid`'s root, as its
-    /// /etc/passwd and /etc/group say now.
-    pub fn lookup(&mut self, tid: Pid, uid: u32, gid: u32) -> (Option<String>, Option<String>) {
+    /// The names of `uid` and `gid` (those given) in thread `tid`'s root,
+    /// as its /etc/passwd and /etc/group say now.
+    pub fn lookup(&mut self, tid: Pid, uid: Option<u32>, gid: Option<u32>) -> (Option<String>, Option<String>) {
         self.uses += 1;
         let Some(root) = self.root(tid) else { return (None, None) };
-        (self.name(root, Database::Passwd, uid), self.name(root, Database::Group, gid))
+        let user = uid.and_then(|uid| self.name(root, Database::Passwd, uid));
+        (user, gid.and_then(|gid| self.name(root, Database::Group, gid)))
     }
 
     /// The index of thread `tid`'s root among the roots kept.

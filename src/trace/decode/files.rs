@@ -112,13 +112,15 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
     };
     let path = call.entry_path.clone().unwrap_or_default();
     let facts = identity::facts(cx, file, &path);
+    let (uid, gid) = (spec.owner.map(id), spec.owner.map(|i| id(i + 1)));
+    let (user, group) = identity::requested_owner_names(cx, uid, gid);
     let event = proto::FileEvent {
         operation: if removes_dir { FileOperation::Rmdir } else { spec.operation } as i32,
         path,
         target: call.entry_target.clone().unwrap_or_default(),
         mode: spec.mode.map(|i| call.args[i] as u32),
-        uid: spec.owner.map(id),
-        gid: spec.owner.map(|i| id(i + 1)),
+        uid,
+        gid,
         flags,
         device: facts.device,
         inode: facts.inode,
@@ -126,6 +128,8 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
         metadata: facts.metadata,
         mount_root: facts.mount_root,
         source_path: facts.source_path,
+        user,
+        group,
     };
     cx.emit_call(call, retval, call.partial, Payload::File(event));
 }

@@ -28,7 +28,7 @@ pub fn facts(cx: &mut Ctx<'_>, file: Option<FileId>, path: &str) -> FileFacts {
     let memfd = path.starts_with("/memfd:");
     let metadata = match (file.stat, cx.names.as_deref_mut()) {
         (Some(stat), Some(names)) if !memfd => {
-            let (user, group) = names.lookup(cx.tid, stat.uid, stat.gid);
+            let (user, group) = names.lookup(cx.tid, Some(stat.uid), Some(stat.gid));
             Some(FileMetadata {
                 mode: stat.mode,
                 uid: stat.uid,
@@ -50,4 +50,14 @@ pub fn facts(cx: &mut Ctx<'_>, file: Option<FileId>, path: &str) -> FileFacts {
         .and_then(|(view, path)| mounts::source_path(view, &path));
     let source_path = source.map(|p| text::lossless(&p)).unwrap_or_default();
     FileFacts { device: file.device, inode: file.inode, mount_id: file.mount_id, metadata, mount_root, source_path }
+}
+
+/// The names of the ids a chown asks for (-1: unchanged, no name), with
+/// file stats on.
+pub fn requested_owner_names(cx: &mut Ctx<'_>, uid: Option<i64>, gid: Option<i64>) -> (Option<String>, Option<String>) {
+    let id = |value: Option<i64>| value.and_then(|v| u32::try_from(v).ok());
+    match cx.names.as_deref_mut() {
+        Some(names) if id(uid).or(id(gid)).is_some() => names.lookup(cx.tid, id(uid), id(gid)),
+        _ => (None, None),
+    }
 }
