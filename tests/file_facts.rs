@@ -276,3 +276,16 @@ fn a_bind_mount_of_an_unprivileged_user_through_a_user_namespace_is_seen_through
     let script = r#"cd "$1" && unshare -Urm sh -c 'mount --bind real view && cat view/bound && rm view/bound'"#;
     through_a_private_bind_mount(&["--uid", "1000", "--gid", "1000"], script);
 }
+
+#[test]
+fn a_memfd_program_is_identified_without_metadata() {
+    for mode in [&[] as &[&str], &["--disable-seccomp"]] {
+        let run = Trace::with_flags(mode, &[common::fixture("memfd_exec")]).run();
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        let fileless = run.one("exec", "executable", "/memfd:cws-fileless (deleted)");
+        assert!(fileless["exec"]["inode"].as_str().unwrap().parse::<u64>().unwrap() > 0, "{fileless:#}");
+        assert_eq!(fileless["exec"].get("metadata"), None, "{fileless:#}");
+        // The program that made it is a file: its metadata is there.
+        assert!(run.of("exec")[0]["exec"]["metadata"]["mode"].is_u64());
+    }
+}
