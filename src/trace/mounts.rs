@@ -39,7 +39,11 @@ impl Mounts {
             if self.known.len() == KNOWN_MAX {
                 self.known.clear();
             }
-            let (mountinfo, _) = procfs::read_bounded(&format!("/proc/{tid}/mountinfo"), MOUNTINFO_MAX)?;
+            let (mut mountinfo, cut) = procfs::read_bounded(&format!("/proc/{tid}/mountinfo"), MOUNTINFO_MAX)?;
+            if cut {
+                // The last line, cut, would name a shorter root.
+                mountinfo.truncate(mountinfo.iter().rposition(|&b| b == b'\n').unwrap_or(0));
+            }
             self.known.insert(unique, find(&mountinfo, id, file.device));
         }
         self.known.get(&unique)?.as_ref()
