@@ -273,6 +273,12 @@ fn a_bind_mount_of_an_unprivileged_user_through_a_user_namespace_is_seen_through
     if !require_root(&[CAP_SETUID, CAP_SETGID], "run the workload as uid 1000") {
         return;
     }
+    use std::os::unix::process::CommandExt;
+    let probe = common::command("unshare").args(["-Ur", "true"]).uid(1000).gid(1000).status();
+    if !probe.is_ok_and(|status| status.success()) {
+        common::skip("needs user namespaces for unprivileged users (kernel.unprivileged_userns_clone)");
+        return;
+    }
     let script = r#"cd "$1" && unshare -Urm sh -c 'mount --bind real view && cat view/bound && rm view/bound'"#;
     through_a_private_bind_mount(&["--uid", "1000", "--gid", "1000"], script);
 }
