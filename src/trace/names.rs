@@ -3,7 +3,6 @@
 //! workload's to write: a FIFO, a device, a symlink out of its root or a
 //! huge file must neither stall nor fool the tracer thread.
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -17,8 +16,9 @@ use crate::trace::procfs::{self, FileId};
 /// Largest database read; a longer one is read up to here (its entries
 /// past the cut are not known).
 const DATABASE_MAX: usize = 1 << 20;
-/// Databases kept: a workload that chroots into many roots cycles them.
-const CACHED_MAX: usize = 8;
+/// Databases kept (each at most about 2 MiB in memory): a workload that
+/// chroots into many roots cycles them.
+const CACHED_MAX: usize = 4;
 /// Roots kept open (two descriptors each).
 const ROOTS_MAX: usize = 4;
 
@@ -68,11 +68,10 @@ fn place_of(file: &FileId) -> Place {
     (file.device, file.inode, file.unique_mount_id.or(file.mount_id))
 }
 
-/// A database as read, and its id → name map (the first entry of an id
-/// wins, as getpwuid and getgrgid do).
+/// A database as read, and where each id's name is in it.
 struct Loaded {
     version: Version,
-    names: HashMap<u32, String>,
+    names: Entries,
     last_used: u64,
 }
 
@@ -155,7 +154,7 @@ impl Names {
                     Some(file) => file,
                     None => self.open_in_etc(root, database, version)?,
                 };
-                let names = parse(&read_regular(&file)?);
+                let names = Entries::parse(read_regular(&file)?);
                 if self.loaded.len() == CACHED_MAX {
                     let oldest = (0..self.loaded.len()).min_by_key(|&i| self.loaded[i].last_used)?;
                     self.loaded.swap_remove(oldest);
@@ -166,7 +165,7 @@ impl Names {
         };
         let loaded = &mut self.loaded[index];
         loaded.last_used = self.uses;
-        loaded.names.get(&id).cloned()
+        loaded.names.get(id)
     }
 
     /// The database's version, and when it had to be opened to be found,
@@ -216,25 +215,49 @@ fn read_regular(file: &OwnedFd) -> Option<Vec<u8>> {
     Some(bytes)
 }
 
-/// `name:password:id:...` lines (both files start so); a line cut by the
-/// read bound, and lines that do not parse, are left out.
-fn parse(bytes: &[u8]) -> HashMap<u32, String> {
-    let complete = match bytes.iter().rposition(|&b| b == b'\n') {
-        Some(end) if bytes.len() == DATABASE_MAX => &bytes[..end],
-        _ => bytes,
-    };
-    let mut names = HashMap::new();
-    for line in complete.split(|&b| b == b'\n') {
-        let mut fields = line.split(|&b| b == b':');
-        // Both files put the id third (passwd's fourth field is the gid).
-        let (Some(name), Some(_), Some(id)) = (fields.next(), fields.next(), fields.next()) else { continue };
-        let Some(id) = std::str::from_utf8(id).ok().and_then(|id| id.parse::<u32>().ok()) else { continue };
-        if name.is_empty() || name.starts_with(b"#") {
-            continue;
+/// The entries of a passwd or group file, kept as the file's bytes and a
+/// sorted index into them: a workload's 1 MiB of one-letter names costs
+/// the tracer about twice that, not a map entry and a string each.
+struct Entries {
+    bytes: Vec<u8>,
+    /// (id, start, end of the name), by id, the first entry of an id only
+    /// (as getpwuid and getgrgid take it).
+    index: Vec<(u32, u32, u32)>,
+}
+
+impl Entries {
+    /// `name:password:id:...` lines (both files start so); a line cut by
+    /// the read bound, and lines that do not parse, are left out.
+    fn parse(mut bytes: Vec<u8>) -> Entries {
+        if bytes.len() == DATABASE_MAX {
+            bytes.truncate(bytes.iter().rposition(|&b| b == b'\n').unwrap_or(0));
         }
-        names.entry(id).or_insert_with(|| text::lossless(name));
+        let mut index = Vec::new();
+        let mut start = 0;
+        for line in bytes.split(|&b| b == b'\n') {
+            let line_start = start;
+            start += line.len() + 1;
+            let mut fields = line.split(|&b| b == b':');
+            // Both files put the id third (passwd's fourth field is the gid).
+            let (Some(name), Some(_), Some(id)) = (fields.next(), fields.next(), fields.next()) else { continue };
+            let Some(id) = std::str::from_utf8(id).ok().and_then(|id| id.parse::<u32>().ok()) else { continue };
+            if name.is_empty() || name.starts_with(b"#") {
+                continue;
+            }
+            // Within DATABASE_MAX: offsets fit in 32 bits.
+            index.push((id, line_start as u32, (line_start + name.len()) as u32));
+        }
+        // Stable: the first entry of an id stays first, and is the one kept.
+        index.sort_by_key(|&(id, _, _)| id);
+        index.dedup_by_key(|&mut (id, _, _)| id);
+        Entries { bytes, index }
     }
-    names
+
+    fn get(&self, id: u32) -> Option<String> {
+        let at = self.index.binary_search_by_key(&id, |&(id, _, _)| id).ok()?;
+        let (_, start, end) = self.index[at];
+        Some(text::lossless(&self.bytes[start as usize..end as usize]))
+    }
 }
 
 #[cfg(test)]
@@ -244,10 +267,10 @@ mod tests {
     #[test]
     fn entries_map_ids_to_names_first_one_winning() {
         let passwd = b"root:x:0:0:root:/root:/bin/sh\nalias:x:0:0::/:/bin/sh\n# note\nbad:x:nan:0\n\xffname:x:1000:1000::/:/bin/sh";
-        let names = parse(passwd);
-        assert_eq!(names.get(&0).map(String::as_str), Some("root"));
-        assert_eq!(names.get(&1000).map(String::as_str), Some(r"\xffname"));
-        assert_eq!(names.len(), 2);
+        let names = Entries::parse(passwd.to_vec());
+        assert_eq!(names.get(0).as_deref(), Some("root"));
+        assert_eq!(names.get(1000).as_deref(), Some(r"\xffname"));
+        assert_eq!(names.index.len(), 2);
     }
 
     #[test]
@@ -256,7 +279,7 @@ mod tests {
         let mut bytes = b"a:x:1:1\nb:x:2:2\n".to_vec();
         bytes.resize(DATABASE_MAX - 6, b'#');
         bytes.extend_from_slice(b"\nc:x:3");
-        let names = parse(&bytes);
-        assert_eq!((names.len(), names.get(&2).map(String::as_str)), (2, Some("b")));
+        let names = Entries::parse(bytes);
+        assert_eq!((names.index.len(), names.get(2).as_deref()), (2, Some("b")));
     }
 }
