@@ -14,8 +14,9 @@ use crate::trace::procfs::{self, FileId};
 
 /// Largest mountinfo read; mounts past it are not found.
 const MOUNTINFO_MAX: usize = 1 << 20;
-/// Mounts remembered; past this the cache starts over.
-const KNOWN_MAX: usize = 4096;
+/// Mounts remembered (each with two names of up to PATH_MAX: 2 MiB at
+/// most); past this the cache starts over.
+const KNOWN_MAX: usize = 256;
 
 /// A mount as its namespace's mountinfo names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
