@@ -84,7 +84,7 @@ pub fn verdict_from_frame(pid: Pid, sp: u64, handler_abi: Abi, exit_ip: u64) -> 
         Abi::X86_64 => (word(FRAME_AX)? as i64, word(FRAME_IP)?),
         Abi::I386 => {
             // An rt frame's `pinfo` points at its own siginfo; in the other
-            // frame that word is the saved gs and fs selectors.
+            // frame that word is the saved gs selector, a small number.
             let rt = word(IA32_RT_PINFO)? == sp.wrapping_add(IA32_RT_SIGINFO) & 0xffff_ffff;
             let context = if rt { IA32_RT_SIGCONTEXT } else { IA32_SIGCONTEXT };
             let ax = word(context + IA32_SIGCONTEXT_AX)? as u32 as i32;
