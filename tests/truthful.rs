@@ -170,6 +170,26 @@ fn a_restarted_call_is_reported_once_and_eintr_only_when_the_program_gets_it() {
 }
 
 #[test]
+fn a_restarted_call_of_an_i386_program_is_reported_once_too() {
+    let Some(program) = common::fixture_i386("restart") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    // Without SA_SIGINFO the kernel builds a sigframe_ia32, with it an rt_sigframe_ia32.
+    for handler in ["plain", "siginfo"] {
+        in_both_modes(&[program.to_str().unwrap(), fifo.to_str().unwrap(), handler], |run| {
+            let _ = std::fs::remove_file(&fifo);
+            assert_eq!((run.code(), run.stdout.as_str()), (Some(0), "0 0 -4\n"), "{}", run.stderr);
+            let parent = pid_of(run.of("exec")[0]);
+            let opens: Vec<_> =
+                run.opens_of(fifo.to_str().unwrap()).into_iter().filter(|e| pid_of(e) == parent).collect();
+            assert!(opens.iter().all(|e| e["abi"] == "ABI_I386"), "{opens:#?}");
+            let results: Vec<i64> = opens.iter().map(|e| retval(e).min(0)).collect();
+            assert_eq!(results, [0, 0, -(libc::EINTR as i64)], "{handler}");
+        });
+    }
+}
+
+#[test]
 fn a_script_reports_the_caller_s_argv_and_the_interpreter_the_kernel_ran() {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().canonicalize().unwrap().join("script.sh");

@@ -16,8 +16,8 @@ pub struct DatadogTraceArgs {
     #[arg(long)]
     pub debug: bool,
 
-    /// Accepted for Datadog compatibility; this tracer makes none of the
-    /// extra stat calls it turns off. Also DD_CWS_INSTRUMENTATION_STATS_DISABLED=true.
+    /// Leave file metadata (mode, owner, times) and owner names out of
+    /// events (not about --stats). Also DD_CWS_INSTRUMENTATION_STATS_DISABLED=true.
     #[arg(long)]
     pub disable_stats: bool,
 

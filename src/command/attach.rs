@@ -11,7 +11,8 @@ use crate::trace::{AttachError, LaunchError, Outcome, Stats, Tracer};
 /// Attaches, traces, and returns how it went with the pids that failed.
 pub fn run(args: &TraceArgs, sink: EventSink) -> (Result<Outcome, LaunchError>, Vec<AttachError>) {
     log!("attach mode: a seccomp filter cannot be added to a running process, so every syscall stops the tracee");
-    let (tracer, failures) = match Tracer::attach(args.datadog.pids.clone(), sink) {
+    let file_stats = crate::command::datadog::file_stats(&args.datadog);
+    let (tracer, failures) = match Tracer::attach(args.datadog.pids.clone(), sink, file_stats) {
         Ok(attached) => attached,
         Err(e) => return (Err(e), Vec::new()),
     };

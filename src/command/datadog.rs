@@ -70,6 +70,13 @@ fn open_test(path: &Path) -> nix::Result<()> {
     }
 }
 
+/// Whether events carry file metadata and owner names: Datadog's
+/// `--disable-stats` (or DD_CWS_INSTRUMENTATION_STATS_DISABLED=true) turns
+/// them off.
+pub fn file_stats(args: &DatadogTraceArgs) -> bool {
+    !(args.disable_stats || cli::env_flag("DD_CWS_INSTRUMENTATION_STATS_DISABLED"))
+}
+
 /// The /proc scan's period, or None when it is turned off. As Datadog's, a
 /// rate that is not a duration costs a warning and gives the default.
 pub fn proc_scan_period(args: &DatadogTraceArgs) -> Option<Duration> {

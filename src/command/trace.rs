@@ -95,6 +95,7 @@ fn wrap(
         log_signals: args.verbose,
         abandon_flush,
         proc_scan: datadog::proc_scan_period(&args.datadog),
+        file_stats: datadog::file_stats(&args.datadog),
     };
     Tracer::start(workload, inheritance, sink).and_then(Tracer::wait)
 }

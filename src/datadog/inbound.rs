@@ -82,7 +82,7 @@ pub fn event(msg: &SyscallMsg) -> Option<Event> {
             let creates = open.flags & (libc::O_CREAT | libc::O_TMPFILE) as u32 != 0;
             let mode = if creates { open.file.mode & 0o7777 } else { 0 };
             let path = open.file.filename.clone();
-            ("open", Ours::Open(proto::OpenEvent { path, flags: Some(open.flags as i32), mode }))
+            ("open", Ours::Open(proto::OpenEvent { path, flags: Some(open.flags as i32), mode, ..Default::default() }))
         }
         Payload::SetUid(ids) => ("setreuid", requested(vec![ids.uid.into(), ids.euid.into()])),
         Payload::SetGid(ids) => ("setregid", requested(vec![ids.gid.into(), ids.egid.into()])),

@@ -31,13 +31,18 @@
 //!   as an Open of `memfd:NAME` with the MFD_* flags, as Datadog's tracer
 //!   sends them.
 //!
-//! Fields we cannot fill: the file metadata (CTime, MTime, Mode, Inode and
-//! owner of each file: zero and nil, as with Datadog's `--disable-stats`),
-//! user and group names, SpanContext. ContainerID and CGroupID are
-//! the process's, filled by the exporter (`export::datadog`). Fields we fill differently: Timestamp is when
-//! the syscall was entered (Datadog's: when the message is sent); an exec's
-//! Filename is the path asked for made absolute, symlinks not resolved
-//! (Datadog's tracer resolves them in its own mount namespace).
+//! File metadata (CTime, MTime, Mode, Inode and the owner with its names)
+//! is filled from our events' where they carry it (open, exec, and the
+//! file acted on by unlink, rmdir, rename, mkdir, link, symlink, chmod,
+//! chown and the utime family; not a rename's new name, a link's target or
+//! a chdir's directory, and not a script's, whose executable is its
+//! interpreter), and chown's User and Group. Fields we cannot fill: the
+//! names in credentials, SpanContext. ContainerID and CGroupID are the
+//! process's, filled by the exporter (`export::datadog`). Fields we fill
+//! differently: Timestamp is when the syscall was entered (Datadog's: when
+//! the message is sent); an exec's Filename is the path asked for made
+//! absolute, symlinks not resolved (Datadog's tracer resolves them in its
+//! own mount namespace).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -228,12 +233,39 @@ fn file_named(path: &str) -> FileSyscallMsg {
     FileSyscallMsg { filename: path.to_owned(), ..Default::default() }
 }
 
+/// A file and what stat said of it, as Datadog's tracer fills them: the
+/// metadata zero and the owner nil without it (`--disable-stats`, a memfd,
+/// no file). Times before 1970 are 0: the agent's are unsigned.
+fn file_described(path: &str, inode: u64, metadata: Option<&proto::FileMetadata>) -> FileSyscallMsg {
+    let Some(meta) = metadata else { return FileSyscallMsg { inode, ..file_named(path) } };
+    let nanos = |time: Option<i64>| time.and_then(|t| u64::try_from(t).ok()).unwrap_or(0);
+    FileSyscallMsg {
+        filename: path.to_owned(),
+        ctime: nanos(meta.ctime),
+        mtime: nanos(meta.mtime),
+        mode: meta.mode,
+        inode,
+        credentials: Some(Credentials {
+            uid: meta.uid,
+            user: meta.user.clone().unwrap_or_default(),
+            gid: meta.gid,
+            group: meta.group.clone().unwrap_or_default(),
+            ..Default::default()
+        }),
+    }
+}
+
 fn exec_msg(exec: &proto::ExecEvent, ppid: u32) -> ExecSyscallMsg {
     // The program asked for (a script, not its interpreter), as Datadog's
     // tracer names it; what the kernel runs when that could not be read.
     let filename = if exec.path.is_empty() { &exec.executable } else { &exec.path };
+    // The metadata is the executable's: a script's interpreter's is not the script's.
+    let file = match exec.interpreter.is_empty() {
+        true => file_described(filename, exec.inode, exec.metadata.as_ref()),
+        false => file_named(filename),
+    };
     ExecSyscallMsg {
-        file: file_named(filename),
+        file,
         // Datadog's tracer sends a nil argv when it is empty.
         args: (!exec.args.is_empty()).then(|| exec.args.clone()),
         args_truncated: exec.args_truncated,
@@ -275,13 +307,14 @@ fn exit_msg(exit: &proto::ExitEvent) -> Option<ExitSyscallMsg> {
 
 fn open_msg(open: &proto::OpenEvent) -> Option<OpenSyscallMsg> {
     // Mode is the creation mode, as Datadog's tracer sends it when the call
-    // carries one (otherwise it is the file's st_mode, which we do not have).
-    let file = FileSyscallMsg { mode: open.mode, ..file_named(&open.path) };
+    // carries one, otherwise the file's st_mode.
+    let file = file_described(&open.path, open.inode, open.metadata.as_ref());
+    let file = FileSyscallMsg { mode: if open.mode != 0 { open.mode } else { file.mode }, ..file };
     Some(OpenSyscallMsg { file, flags: open.flags? as u32 })
 }
 
 fn file_msg(file: &proto::FileEvent, called: Option<&pbjson_types::Timestamp>) -> Option<Payload> {
-    let path = || file_named(&file.path);
+    let path = || file_described(&file.path, file.inode, file.metadata.as_ref());
     let target = || file_named(&file.target);
     Some(match file.operation() {
         FileOperation::Unlink => Payload::Unlink(UnlinkSyscallMsg { file: path() }),
@@ -297,8 +330,9 @@ fn file_msg(file: &proto::FileEvent, called: Option<&pbjson_types::Timestamp>) -
         FileOperation::Chown => Payload::Chown(ChownSyscallMsg {
             file: path(),
             uid: file.uid? as i32,
+            user: file.user.clone().unwrap_or_default(),
             gid: file.gid? as i32,
-            ..Default::default()
+            group: file.group.clone().unwrap_or_default(),
         }),
         FileOperation::Utimes => Payload::Utimes(UtimesSyscallMsg {
             file: path(),

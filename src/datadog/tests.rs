@@ -1021,7 +1021,7 @@ fn credential_changes_send_the_kernel_ids_after_success_only() {
 
 #[test]
 fn events_the_agent_has_no_type_for_or_would_misread_are_none() {
-    let open = || Ours::Open(proto::OpenEvent { path: "/lib/libc.so.6".into(), flags: Some(0), mode: 0 });
+    let open = || Ours::Open(proto::OpenEvent { path: "/lib/libc.so.6".into(), flags: Some(0), ..Default::default() });
     let send = |retval: i64, payload: Ours| outbound::syscall(&event(7, 1, Some(retval), "x", payload), "").is_some();
     assert!(send(3, open()));
     assert!(send(-13, open()));
@@ -1109,11 +1109,16 @@ fn golden_messages_become_our_events() {
     // An open with O_CREAT keeps the permission bits of Mode.
     assert_eq!(
         payload_of("19-open-spancontext"),
-        Ours::Open(proto::OpenEvent { path: "/srv/data/report.csv".into(), flags: Some(577), mode: 0o644 })
+        Ours::Open(proto::OpenEvent {
+            path: "/srv/data/report.csv".into(),
+            flags: Some(577),
+            mode: 0o644,
+            ..Default::default()
+        })
     );
     assert_eq!(
         payload_of("03-open"),
-        Ours::Open(proto::OpenEvent { path: "/etc/passwd".into(), flags: Some(0o2000000), mode: 0 })
+        Ours::Open(proto::OpenEvent { path: "/etc/passwd".into(), flags: Some(0o2000000), ..Default::default() })
     );
     assert_eq!(
         payload_of("20-connect-ipv6"),
@@ -1275,4 +1280,47 @@ fn process_control_and_socket_events_go_as_the_agent_s_types() {
     assert_eq!(send("sendto", 12, to(0)), None);
     assert!(matches!(send("sendto", 12, to(0x2000_0000)), Some(Payload::Connect(_))));
     assert_eq!(send("kill", 0, Ours::Signal(proto::SignalEvent { pid: 1, signal: 9, ..Default::default() })), None);
+}
+
+#[test]
+fn file_metadata_goes_as_datadog_s_tracer_sends_it() {
+    let metadata = proto::FileMetadata {
+        mode: 33188,
+        user: Some("root".into()),
+        group: Some("root".into()),
+        mtime: Some(1766000000123456789),
+        ctime: Some(1766000000123456789),
+        ..Default::default()
+    };
+    let open = Ours::Open(proto::OpenEvent {
+        path: "/etc/passwd".into(),
+        flags: Some(0o2000000),
+        inode: 786453,
+        metadata: Some(metadata.clone()),
+        ..Default::default()
+    });
+    let open = event(7, 1767225600002000006, Some(3), "openat", open);
+    assert_eq!(outbound::syscall(&open, CONTAINER), Some(golden_without_cgroup("03-open")));
+    let unlink = Ours::File(proto::FileEvent {
+        operation: FileOperation::Unlink as i32,
+        path: "/tmp/app.lock".into(),
+        inode: 917505,
+        metadata: Some(metadata.clone()),
+        ..Default::default()
+    });
+    let unlink = event(7, 1767225600006000018, Some(0), "unlink", unlink);
+    assert_eq!(outbound::syscall(&unlink, CONTAINER), Some(golden_without_cgroup("07-unlink")));
+    // chown's User: the name of the uid asked for.
+    let chown = Ours::File(proto::FileEvent {
+        operation: FileOperation::Chown as i32,
+        path: "/tmp/app.cfg".into(),
+        uid: Some(1000),
+        gid: Some(-1),
+        user: Some("app".into()),
+        inode: 917506,
+        metadata: Some(proto::FileMetadata { mode: 33152, ..metadata }),
+        ..Default::default()
+    });
+    let chown = event(7, 1767225600117000351, Some(0), "chown", chown);
+    assert_eq!(outbound::syscall(&chown, CONTAINER), Some(golden_without_cgroup("30-chown")));
 }

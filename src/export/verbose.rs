@@ -450,7 +450,7 @@ mod tests {
             payload: Some(Payload::Open(OpenEvent {
                 path: "/etc/x".into(),
                 flags: Some(libc::O_RDONLY | libc::O_CLOEXEC),
-                mode: 0,
+                ..Default::default()
             })),
             ..Event::default()
         };

@@ -23,6 +23,8 @@ use crate::trace::abi::{Abi, SyscallEntry};
 use crate::trace::attach::{self, Seized};
 use crate::trace::decode::{self, Call, Ctx, Decoder, Next};
 use crate::trace::guard;
+use crate::trace::mounts::Mounts;
+use crate::trace::names::Names;
 use crate::trace::process::{LiveProcesses, ProcessTable, Sharing};
 use crate::trace::procfs;
 use crate::trace::ptrace::{self, Death, EventStop, ForkEventKind, Resume, Stop, SyscallReader, SyscallState};
@@ -98,7 +100,7 @@ struct Interrupted {
     /// (ERESTARTSYS), or any handler makes it EINTR (ERESTARTNOHAND).
     sa_restart_restarts: bool,
     /// Instruction pointer at the exit stop, and whether the thread runs
-    /// 64-bit code (whose signal frames the tracer can read).
+    /// code of an ABI whose signal frames the tracer can read (x86_64, i386).
     exit_ip: u64,
     frame_readable: bool,
     /// Single-stepping into the handler, to read the kernel's decision.
@@ -123,6 +125,9 @@ pub struct Engine {
     /// of it is known.
     interrupted: HashMap<Pid, Interrupted>,
     sink: EventSink,
+    /// User and group names of file owners; None with file stats off.
+    names: Option<Names>,
+    mounts: Mounts,
     reader: SyscallReader,
     /// The entrypoint; None in attach mode, which ends when every traced
     /// process is gone or `detach` is set.
@@ -139,8 +144,9 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// `root` is seized and about to exec the entrypoint; its parent is the tracer.
-    pub fn new(mode: Mode, root: Pid, sink: EventSink, live: LiveProcesses) -> Self {
+    /// `root` is seized and about to exec the entrypoint; its parent is the
+    /// tracer. `file_stats`: events carry file metadata and owner names.
+    pub fn new(mode: Mode, root: Pid, sink: EventSink, live: LiveProcesses, file_stats: bool) -> Self {
         let mut procs = ProcessTable::new(live);
         procs.add_root(root, Pid::this());
         Engine {
@@ -149,6 +155,8 @@ impl Engine {
             pending: HashMap::new(),
             interrupted: HashMap::new(),
             sink,
+            names: file_stats.then(Names::default),
+            mounts: Mounts::default(),
             reader: SyscallReader::new(),
             root: Some(root),
             detach: None,
@@ -161,7 +169,13 @@ impl Engine {
 
     /// Attach mode: the processes are seized, each of their threads about to
     /// report an interrupt stop. Setting `detach` makes `run` let them go.
-    pub fn attached(processes: Vec<Seized>, sink: EventSink, live: LiveProcesses, detach: Arc<AtomicBool>) -> Self {
+    pub fn attached(
+        processes: Vec<Seized>,
+        sink: EventSink,
+        live: LiveProcesses,
+        detach: Arc<AtomicBool>,
+        file_stats: bool,
+    ) -> Self {
         let mut procs = ProcessTable::new(live);
         for process in processes {
             procs.add_process(process.tgid, process.ppid);
@@ -175,6 +189,8 @@ impl Engine {
             pending: HashMap::new(),
             interrupted: HashMap::new(),
             sink,
+            names: file_stats.then(Names::default),
+            mounts: Mounts::default(),
             reader: SyscallReader::new(),
             root: None,
             detach: Some(detach),
@@ -222,7 +238,7 @@ impl Engine {
     }
 
     fn ctx(&mut self, tid: Pid) -> Ctx<'_> {
-        Ctx { tid, procs: &mut self.procs, sink: &mut self.sink }
+        Ctx { tid, procs: &mut self.procs, sink: &mut self.sink, names: self.names.as_mut(), mounts: &mut self.mounts }
     }
 
     /// How to resume a thread that has no signal to receive.
@@ -363,7 +379,7 @@ impl Engine {
             restart::Exit::Restarted => {}
             restart::Exit::Interrupted { sa_restart_restarts } => {
                 let (exit_ip, frame_readable) =
-                    ptrace::position(tid).map_or((0, false), |(ip, _, abi)| (ip, abi == Abi::X86_64));
+                    ptrace::position(tid).map_or((0, false), |(ip, _, abi)| (ip, abi != Abi::Unknown));
                 let interrupted =
                     Interrupted { pending, sa_restart_restarts, exit_ip, frame_readable, stepping: false };
                 self.interrupted.insert(tid, interrupted);
@@ -385,7 +401,7 @@ impl Engine {
         let Some(interrupted) = self.interrupted.remove(&tid) else { return SignalAction::Deliver };
         if interrupted.stepping {
             let frame = ptrace::position(tid).ok();
-            let verdict = frame.and_then(|(_, sp, _)| restart::verdict_from_frame(tid, sp, interrupted.exit_ip));
+            let verdict = frame.and_then(|(_, sp, abi)| restart::verdict_from_frame(tid, sp, abi, interrupted.exit_ip));
             if verdict != Some(Verdict::Restarted) {
                 self.report_eintr(tid, interrupted);
             }

@@ -16,6 +16,8 @@ mod engine;
 mod guard;
 mod launch;
 mod memory;
+mod mounts;
+mod names;
 mod netlink;
 mod paths;
 mod process;
@@ -80,6 +82,8 @@ pub struct Workload {
     pub abandon_flush: Arc<tokio::sync::Notify>,
     /// Scan /proc this often for processes outside the traced tree (None: never).
     pub proc_scan: Option<std::time::Duration>,
+    /// File metadata and owner names in events (off: `--disable-stats`).
+    pub file_stats: bool,
 }
 
 /// Passes the forwarded signals (blocked by `Inheritance::capture`) on to
@@ -126,7 +130,7 @@ impl Tracer {
         // whether or not the tracer is PID 1.
         nix::sys::prctl::set_child_subreaper(true)
             .map_err(|e| LaunchError::Setup(format!("cannot become a child subreaper: {e}")))?;
-        let mode = workload.mode;
+        let (mode, file_stats) = (workload.mode, workload.file_stats);
         let live = LiveProcesses::default();
         let (started_tx, started_rx) = mpsc::channel();
         let tracer_live = live.clone();
@@ -144,7 +148,7 @@ impl Tracer {
                 };
                 // The engine lists the root as live before the forwarder starts,
                 // so that no signal finds nobody to go to.
-                let engine = Engine::new(mode, root, sink, tracer_live);
+                let engine = Engine::new(mode, root, sink, tracer_live, file_stats);
                 let _ = started_tx.send(Some(root));
                 Ok(engine.run())
             })
@@ -168,8 +172,12 @@ impl Tracer {
     /// gone or an ending signal (TERM, INT, HUP, QUIT) makes the tracer let
     /// them go. Returns the tracer, and the pids that could not be traced;
     /// when none could, no tracer. The forwarded signals must be blocked
-    /// (`Inheritance::capture`).
-    pub fn attach(pids: Vec<i32>, mut sink: EventSink) -> Result<(Option<Tracer>, Vec<AttachError>), LaunchError> {
+    /// (`Inheritance::capture`). `file_stats` as in [`Workload`].
+    pub fn attach(
+        pids: Vec<i32>,
+        mut sink: EventSink,
+        file_stats: bool,
+    ) -> Result<(Option<Tracer>, Vec<AttachError>), LaunchError> {
         let detach = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicBool::new(false));
         let tracer_tid = Arc::new(AtomicI32::new(0));
@@ -186,7 +194,8 @@ impl Tracer {
                 let traced = !attached.processes.is_empty();
                 let _ = attached_tx.send((traced, attached.failures));
                 let outcome = if traced {
-                    Engine::attached(attached.processes, sink, LiveProcesses::default(), thread_detach).run()
+                    let live = LiveProcesses::default();
+                    Engine::attached(attached.processes, sink, live, thread_detach, file_stats).run()
                 } else {
                     Outcome { root: None, stats: Stats::default(), detached: 0 }
                 };

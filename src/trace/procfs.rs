@@ -44,6 +44,24 @@ pub struct FileId {
     pub device: u64,
     pub inode: u64,
     pub mount_id: Option<u64>,
+    /// The mount's id that the kernel never reuses (Linux 6.8+).
+    pub unique_mount_id: Option<u64>,
+    /// What the same statx said of it otherwise, when it said all of it.
+    pub stat: Option<FileStat>,
+}
+
+/// A file's type and permissions, owner and times, as statx gave them
+/// with its identity (one call: the same file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStat {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// Nanoseconds since the epoch; None beyond what 64 bits hold (a time
+    /// set after 2262 or before 1678).
+    pub mtime: Option<i64>,
+    pub ctime: Option<i64>,
 }
 
 /// [`resolve_path`], and the file the path names now, its final symlink not
@@ -154,25 +172,97 @@ pub fn fd_file(tid: Pid, fd: i32) -> Option<FileId> {
     statx(libc::AT_FDCWD, format!("/proc/{tid}/fd/{fd}").as_bytes(), libc::AT_NO_AUTOMOUNT)
 }
 
-/// The file `name` names in `dir` (`dir` itself for an empty name).
-fn file_id(dir: &OwnedFd, name: &[u8]) -> Option<FileId> {
+/// The file `name` names in `dir` (`dir` itself for an empty name), its
+/// final symlink not followed.
+pub fn file_id(dir: &OwnedFd, name: &[u8]) -> Option<FileId> {
     statx(dir.as_raw_fd(), name, libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH | libc::AT_NO_AUTOMOUNT)
 }
 
 fn statx(dir: i32, name: &[u8], flags: i32) -> Option<FileId> {
+    const STATX_MNT_ID_UNIQUE: u32 = 0x4000;
     let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: statx is plain data; all zeroes is a valid value.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: `name` is a NUL-terminated string and `stx` is valid for writes of its size.
-    let rc = unsafe { libc::statx(dir, name.as_ptr(), flags, libc::STATX_INO | libc::STATX_MNT_ID, &mut stx) };
-    if rc != 0 || stx.stx_mask & libc::STATX_INO == 0 {
+    let stx = raw_statx(dir, &name, flags, libc::STATX_BASIC_STATS | STATX_MNT_ID_UNIQUE)?;
+    if stx.stx_mask & libc::STATX_INO == 0 {
         return None;
     }
+    let unique = (stx.stx_mask & STATX_MNT_ID_UNIQUE != 0).then_some(stx.stx_mnt_id);
+    // The kernel fills one mount id or the other. The one mountinfo shows is
+    // asked apart, once per mount (Linux 6.8+, whose unique ids are never
+    // reused), and taken only when the file and its mount were the same on
+    // both sides of it.
+    let same_file = |other: &libc::statx| {
+        (other.stx_ino, other.stx_dev_major, other.stx_dev_minor) == (stx.stx_ino, stx.stx_dev_major, stx.stx_dev_minor)
+    };
+    let ask_mount_id = || {
+        let other = raw_statx(dir, &name, flags, libc::STATX_INO | libc::STATX_MNT_ID)?;
+        let mount_id = (other.stx_mask & libc::STATX_MNT_ID != 0 && same_file(&other)).then_some(other.stx_mnt_id)?;
+        match unique {
+            Some(unique) => raw_statx(dir, &name, flags, libc::STATX_INO | STATX_MNT_ID_UNIQUE)
+                .filter(|again| same_file(again) && again.stx_mnt_id == unique)
+                .map(|_| mount_id),
+            None => Some(mount_id),
+        }
+    };
+    let mount_id = match unique {
+        Some(unique) => OLD_MOUNT_IDS.with_borrow_mut(|known| match known.get(&unique) {
+            Some(&id) => Some(id),
+            None => {
+                let id = ask_mount_id()?;
+                if known.len() == MOUNTS_KNOWN_MAX {
+                    known.clear();
+                }
+                known.insert(unique, id);
+                Some(id)
+            }
+        }),
+        None => ask_mount_id(),
+    };
+    const STAT: u32 = libc::STATX_TYPE | libc::STATX_MODE | libc::STATX_UID | libc::STATX_GID | libc::STATX_SIZE;
+    let time = |t: libc::statx_timestamp, bit: u32| {
+        (stx.stx_mask & bit != 0).then(|| t.tv_sec.checked_mul(1_000_000_000)?.checked_add(i64::from(t.tv_nsec)))?
+    };
+    let stat = (stx.stx_mask & STAT == STAT).then(|| FileStat {
+        mode: u32::from(stx.stx_mode),
+        uid: stx.stx_uid,
+        gid: stx.stx_gid,
+        size: stx.stx_size,
+        mtime: time(stx.stx_mtime, libc::STATX_MTIME),
+        ctime: time(stx.stx_ctime, libc::STATX_CTIME),
+    });
     Some(FileId {
         device: libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
         inode: stx.stx_ino,
-        mount_id: (stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id),
+        mount_id,
+        unique_mount_id: unique,
+        stat,
     })
+}
+
+/// Mounts whose ids are remembered; past this the memory starts over.
+const MOUNTS_KNOWN_MAX: usize = 4096;
+
+thread_local! {
+    /// The id mountinfo shows of each mount met, by its unique id: a mount's
+    /// ids never change, so one statx per file is enough once it is known.
+    static OLD_MOUNT_IDS: std::cell::RefCell<std::collections::HashMap<u64, u64>> = Default::default();
+}
+
+fn raw_statx(dir: i32, name: &std::ffi::CStr, flags: i32, mask: u32) -> Option<libc::statx> {
+    // SAFETY: statx is plain data; all zeroes is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is a NUL-terminated string and `stx` is valid for writes of its size.
+    let rc = unsafe { libc::statx(dir, name.as_ptr(), flags, mask, &mut stx) };
+    (rc == 0).then_some(stx)
+}
+
+/// A thread's root directory, on its mount.
+pub fn root_file(tid: Pid) -> Option<FileId> {
+    statx(libc::AT_FDCWD, format!("/proc/{tid}/root").as_bytes(), libc::AT_NO_AUTOMOUNT)
+}
+
+/// The program a process runs now (after an exec: the file the kernel ran).
+pub fn exe_file(pid: Pid) -> Option<FileId> {
+    statx(libc::AT_FDCWD, format!("/proc/{pid}/exe").as_bytes(), libc::AT_NO_AUTOMOUNT)
 }
 
 /// Most entries a directory may have for the tracer to look a name up in

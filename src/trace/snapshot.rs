@@ -101,6 +101,7 @@ pub fn exec_event(pid: Pid, found: Found) -> Option<Event> {
     let (environ, environ_cut) = environ.unwrap_or_default();
     let (args, args_truncated) = bound_args(split_nul(&cmdline), cmdline_cut);
     let (envs, envs_truncated) = bound_envs(split_nul(&environ), environ_cut);
+    let file = procfs::exe_file(pid);
     let exec = proto::ExecEvent {
         path: executable.clone(),
         args,
@@ -114,6 +115,10 @@ pub fn exec_event(pid: Pid, found: Found) -> Option<Event> {
         from_procfs: found == Found::ByScan,
         tty: tty_name(stat.tty_nr),
         interpreter: Vec::new(),
+        device: file.map_or(0, |f| f.device),
+        inode: file.map_or(0, |f| f.inode),
+        mount_id: file.and_then(|f| f.mount_id),
+        ..Default::default()
     };
     let time = start_time(stat.start_ticks).unwrap_or_else(SystemTime::now);
     Some(Event {

@@ -95,12 +95,34 @@ pub fn static_binary() -> Option<PathBuf> {
 
 /// Compiles `tests/fixtures/NAME.c` once per test run and returns the program.
 pub fn fixture(name: &str) -> PathBuf {
+    build_fixture(name, name, &[])
+}
+
+/// `tests/fixtures/NAME.c` built as an i386 program (`cc -m32`: Debian's
+/// gcc-multilib), or None, with a line saying so, where it cannot be.
+pub fn fixture_i386(name: &str) -> Option<PathBuf> {
+    let probe = Command::new("cc").args(["-m32", "-print-file-name=libc.so"]).output();
+    let libc = probe.ok().map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    // Without the i386 C library, gcc prints the name back unresolved.
+    if !libc.is_some_and(|path| Path::new(&path).is_absolute()) {
+        skip("needs the i386 C library for `cc -m32` (Debian: gcc-multilib)");
+        return None;
+    }
+    Some(fixture_variant(name, "i386", &["-m32"]))
+}
+
+/// `tests/fixtures/NAME.c` built with `flags` as NAME-VARIANT (`-static`, say).
+pub fn fixture_variant(name: &str, variant: &str, flags: &[&str]) -> PathBuf {
+    build_fixture(name, &format!("{name}-{variant}"), flags)
+}
+
+fn build_fixture(name: &str, output: &str, flags: &[&str]) -> PathBuf {
     static BUILT: OnceLock<Mutex<()>> = OnceLock::new();
     let _guard = BUILT.get_or_init(Mutex::default).lock().unwrap_or_else(|e| e.into_inner());
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("{name}.c"));
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
     std::fs::create_dir_all(&dir).unwrap();
-    let program = dir.join(name);
+    let program = dir.join(output);
     let fresh = |p: &Path| {
         let built = std::fs::metadata(p).and_then(|m| m.modified()).ok();
         let changed = std::fs::metadata(&source).and_then(|m| m.modified()).ok();
@@ -109,14 +131,15 @@ pub fn fixture(name: &str) -> PathBuf {
     if !fresh(&program) {
         // Built under another name, then renamed: another test binary
         // running at the same time never sees a half-written program.
-        let partial = dir.join(format!("{name}.{}.tmp", std::process::id()));
+        let partial = dir.join(format!("{output}.{}.tmp", std::process::id()));
         let status = Command::new("cc")
+            .args(flags)
             .args(["-O1", "-Wall", "-pthread", "-o"])
             .arg(&partial)
             .arg(&source)
             .status()
             .expect("a C compiler (cc) is needed to build test fixtures");
-        assert!(status.success(), "building fixture {name} failed");
+        assert!(status.success(), "building fixture {output} failed");
         std::fs::rename(&partial, &program).unwrap();
     }
     program

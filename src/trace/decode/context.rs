@@ -11,6 +11,8 @@ use crate::queue::EventSink;
 use crate::text;
 use crate::trace::abi::{Abi, SyscallEntry};
 use crate::trace::memory;
+use crate::trace::mounts::Mounts;
+use crate::trace::names::Names;
 use crate::trace::paths;
 use crate::trace::process::ProcessTable;
 use crate::trace::procfs::{self, FileId};
@@ -99,6 +101,11 @@ pub struct Ctx<'a> {
     pub tid: Pid,
     pub procs: &'a mut ProcessTable,
     pub sink: &'a mut EventSink,
+    /// User and group names for file metadata; None with file stats off
+    /// (`--disable-stats`): then no metadata is looked up at all.
+    pub names: Option<&'a mut Names>,
+    /// The mounts files were found on.
+    pub mounts: &'a mut Mounts,
 }
 
 fn abi_field(abi: Abi) -> i32 {

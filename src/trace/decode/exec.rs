@@ -10,6 +10,7 @@ use crate::proto::{self, event::Payload, Event};
 use crate::text;
 use crate::trace::abi::Abi;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
+use crate::trace::decode::identity;
 use crate::trace::memory;
 use crate::trace::procfs;
 use crate::trace::ptrace;
@@ -265,6 +266,7 @@ pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime, caller:
     let (envs, envs_truncated) = bound_envs(envs, environ_cut);
     let executable = executable.unwrap_or_default();
     let path = call.as_ref().and_then(|c| c.entry_path.clone()).unwrap_or_else(|| executable.clone());
+    let facts = identity::facts(cx, procfs::exe_file(pid), &executable);
     let exec = proto::ExecEvent {
         path,
         args,
@@ -276,6 +278,12 @@ pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime, caller:
         executable,
         interpreter,
         tty: terminal(pid),
+        device: facts.device,
+        inode: facts.inode,
+        mount_id: facts.mount_id,
+        metadata: facts.metadata,
+        mount_root: facts.mount_root,
+        source_path: facts.source_path,
         ..Default::default()
     };
     let mut event = match call {

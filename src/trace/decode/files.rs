@@ -9,6 +9,7 @@ use crate::text;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
 use crate::trace::decode::creds::id_arg;
 use crate::trace::decode::file_detail::{self, Detail, LengthArg, TimeLayout, XattrValue};
+use crate::trace::decode::identity;
 use crate::trace::decode::open;
 use crate::trace::memory;
 use crate::trace::procfs::{self, FileId};
@@ -154,7 +155,6 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
     let removes_dir = spec.operation == FileOperation::Unlink && flags & libc::AT_REMOVEDIR as u32 != 0;
     let id = |i: usize| id_arg(call, call.args[i], spec.narrow_ids_on_i386);
     let shared = cx.procs.tables_shared(cx.tid);
-    // A file the call created has an identity only now.
     // Read again at exit: to check what the call did while another task
     // shares the memory or descriptor table, or because a created file has an
     // identity only now.
@@ -174,17 +174,26 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
         _ if shared => unverified(cx, call, spec, retval, flags, again),
         _ => None,
     };
+    let path = returned_path.or_else(|| call.entry_path.clone()).unwrap_or_default();
+    let facts = identity::facts(cx, file, &path);
+    let (uid, gid) = (spec.owner.map(id), spec.owner.map(|i| id(i + 1)));
+    let (user, group) = identity::requested_owner_names(cx, uid, gid);
     let mut event = proto::FileEvent {
         operation: if removes_dir { FileOperation::Rmdir } else { spec.operation } as i32,
-        path: returned_path.or_else(|| call.entry_path.clone()).unwrap_or_default(),
+        path,
         target: spec.target.and(call.entry_target.clone()).unwrap_or_default(),
         mode: spec.mode.map(|i| call.args[i] as u32),
-        uid: spec.owner.map(id),
-        gid: spec.owner.map(|i| id(i + 1)),
+        uid,
+        gid,
         flags,
-        device: file.map_or(0, |f| f.device),
-        inode: file.map_or(0, |f| f.inode),
-        mount_id: file.and_then(|f| f.mount_id),
+        device: facts.device,
+        inode: facts.inode,
+        mount_id: facts.mount_id,
+        metadata: facts.metadata,
+        mount_root: facts.mount_root,
+        source_path: facts.source_path,
+        user,
+        group,
         ..Default::default()
     };
     file_detail::fill(&mut event, call, spec.detail);

@@ -12,6 +12,7 @@ mod creds;
 mod exec;
 mod file_detail;
 mod files;
+mod identity;
 mod kernel;
 mod namespaces;
 mod net;

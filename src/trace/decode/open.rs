@@ -3,7 +3,8 @@
 use crate::proto::{self, event::Payload};
 use crate::text;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD};
-use crate::trace::procfs;
+use crate::trace::decode::identity;
+use crate::trace::procfs::{self, FileId};
 
 /// Which open call, for its argument positions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,16 +59,11 @@ pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, open: OpenCall) -> Next {
 
 pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, open: OpenCall) {
     let args = open.args(call);
-    let creates = args.flags & (libc::O_CREAT | libc::O_TMPFILE) != 0;
-    let event = |path: &Option<String>| proto::OpenEvent {
-        path: path.clone().unwrap_or_default(),
-        flags: Some(args.flags),
-        mode: if creates { args.mode } else { 0 },
-    };
     let shared = cx.procs.tables_shared(cx.tid);
     if retval < 0 {
         let path = cx.read_path(args.dirfd, args.path);
-        let event = cx.call_event(call, retval, path.is_none(), Payload::Open(event(&path)));
+        let event = open_event(cx, &args, None, &path);
+        let event = cx.call_event(call, retval, path.is_none(), Payload::Open(event));
         // Another task could have rewritten the path before the kernel
         // read it, and a failed call leaves nothing to check it against.
         let unverified = if shared && args.path != 0 { FAILED_UNVERIFIABLE.to_owned() } else { String::new() };
@@ -80,14 +76,30 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, open: OpenCall) {
     let fd = retval as i32;
     if !shared {
         let path = cx.fd_path(fd).or_else(|| cx.read_path(args.dirfd, args.path));
-        return cx.emit_call(call, retval, path.is_none(), Payload::Open(event(&path)));
+        let file = procfs::fd_file(cx.tid, fd);
+        let event = open_event(cx, &args, file, &path);
+        return cx.emit_call(call, retval, path.is_none(), Payload::Open(event));
     }
-    match check_descriptor(cx, &args, fd) {
-        Ok(path) => cx.emit_call(call, retval, false, Payload::Open(event(&Some(path)))),
-        Err((path, unverified)) => {
-            let event = cx.call_event(call, retval, path.is_none(), Payload::Open(event(&path)));
-            cx.sink.emit(proto::Event { unverified, ..event });
-        }
+    let checked = check_descriptor(cx, &args, fd);
+    let event = open_event(cx, &args, checked.file, &checked.path);
+    let event = cx.call_event(call, retval, checked.path.is_none(), Payload::Open(event));
+    cx.sink.emit(proto::Event { unverified: checked.unverified.unwrap_or_default(), ..event });
+}
+
+/// The event of an open of `path`, the file the kernel opened being `file`.
+fn open_event(cx: &mut Ctx<'_>, args: &OpenArgs, file: Option<FileId>, path: &Option<String>) -> proto::OpenEvent {
+    let creates = args.flags & (libc::O_CREAT | libc::O_TMPFILE) != 0;
+    let facts = identity::facts(cx, file, path.as_deref().unwrap_or_default());
+    proto::OpenEvent {
+        path: path.clone().unwrap_or_default(),
+        flags: Some(args.flags),
+        mode: if creates { args.mode } else { 0 },
+        device: facts.device,
+        inode: facts.inode,
+        mount_id: facts.mount_id,
+        metadata: facts.metadata,
+        mount_root: facts.mount_root,
+        source_path: facts.source_path,
     }
 }
 
@@ -103,7 +115,7 @@ pub const FAILED_UNVERIFIABLE: &str = "path: read from the workload's memory aft
 /// path after the kernel read it): reported as verified only when the path
 /// argument names that very file now (device, inode, mount); otherwise
 /// reported all the same, with why it could not be confirmed.
-fn check_descriptor(cx: &mut Ctx<'_>, args: &OpenArgs, fd: i32) -> Result<String, (Option<String>, String)> {
+fn check_descriptor(cx: &mut Ctx<'_>, args: &OpenArgs, fd: i32) -> Checked {
     let raw = match args.path {
         0 => None,
         addr => cx.read_raw_path(addr),
@@ -112,21 +124,21 @@ fn check_descriptor(cx: &mut Ctx<'_>, args: &OpenArgs, fd: i32) -> Result<String
         let requested = raw.and_then(|raw| cx.resolve(args.dirfd, &raw));
         let why = "path: the path argument as read from the workload's memory; another task closed the \
                    descriptor the call returned before the tracer could read it";
-        return Err((requested, why.to_owned()));
+        return Checked { path: requested, file: None, unverified: Some(why.to_owned()) };
     };
     let Some(raw) = raw else {
         let why = "path: the file at the descriptor the call returned; another task sharing the descriptor \
                    table could have put it there, and there is no path argument to check it against";
-        return Err((Some(path), why.to_owned()));
+        return Checked { path: Some(path), file: Some(file), unverified: Some(why.to_owned()) };
     };
     if args.flags & libc::O_TMPFILE == libc::O_TMPFILE {
         let why = "path: the file at the descriptor the call returned; an unnamed file (O_TMPFILE) cannot be \
                    told from another one that a task sharing the descriptor table could have put there";
-        return Err((Some(path), why.to_owned()));
+        return Checked { path: Some(path), file: Some(file), unverified: Some(why.to_owned()) };
     }
     let follow = args.flags & libc::O_NOFOLLOW == 0;
     if procfs::opened_file(cx.tid, args.dirfd, &raw, follow) == Some(file) {
-        return Ok(path);
+        return Checked { path: Some(path), file: Some(file), unverified: None };
     }
     let requested = cx.resolve(args.dirfd, &raw).unwrap_or_else(|| text::lossless(&raw));
     let why = format!(
@@ -134,7 +146,16 @@ fn check_descriptor(cx: &mut Ctx<'_>, args: &OpenArgs, fd: i32) -> Result<String
          names: another task sharing the descriptor table or the memory changed one of them before the tracer \
          read it"
     );
-    Err((Some(path), why))
+    Checked { path: Some(path), file: Some(file), unverified: Some(why) }
+}
+
+/// What an open in a shared process is reported with: the path and file at
+/// its descriptor (or the requested path when the descriptor is gone), and
+/// why that could not be confirmed.
+struct Checked {
+    path: Option<String>,
+    file: Option<FileId>,
+    unverified: Option<String>,
 }
 
 /// io_uring_setup(entries, params): the flags sit in `struct io_uring_params`
