@@ -14,6 +14,7 @@ use nix::unistd::Pid;
 use crate::log::log;
 use crate::queue::EventSink;
 use crate::trace::procfs;
+use crate::trace::procstat;
 use crate::trace::ptrace::{self, Stop};
 use crate::trace::snapshot::{self, Found};
 
@@ -133,7 +134,7 @@ fn seize_process(tgid: Pid, known: &mut HashSet<Pid>) -> Result<Option<Seized>, 
     if threads.is_empty() {
         return Ok(None);
     }
-    let ppid = snapshot::stat(tgid).map_or_else(|| Pid::from_raw(0), |s| Pid::from_raw(s.ppid));
+    let ppid = procstat::stat(tgid).map_or_else(|| Pid::from_raw(0), |s| Pid::from_raw(s.ppid));
     Ok(Some(Seized { tgid, ppid, threads }))
 }
 
@@ -173,7 +174,7 @@ fn children_by_ppid(tgid: Pid) -> BTreeSet<Pid> {
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .map(Pid::from_raw)
-        .filter(|&pid| snapshot::stat(pid).is_some_and(|s| s.ppid == tgid.as_raw()))
+        .filter(|&pid| procstat::stat(pid).is_some_and(|s| s.ppid == tgid.as_raw()))
         .collect()
 }
 

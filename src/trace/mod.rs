@@ -11,6 +11,7 @@
 
 mod abi;
 mod attach;
+mod condition;
 mod decode;
 mod engine;
 mod guard;
@@ -23,6 +24,7 @@ mod paths;
 mod process;
 mod procfs;
 mod procscan;
+mod procstat;
 mod ptrace;
 mod restart;
 mod seccomp;

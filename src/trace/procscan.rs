@@ -40,7 +40,8 @@ use crate::proto::{self, event::Payload, Event};
 use crate::queue::EventSink;
 use crate::trace::netlink::{wait_readable, wall_time, Connector, Hint, Lost};
 use crate::trace::process::LiveProcesses;
-use crate::trace::snapshot::{self, Found, Stat};
+use crate::trace::procstat::{self, Stat};
+use crate::trace::snapshot::{self, Found};
 
 /// Datadog's scan: every 500 ms, after 2 s that let the tracer's own events go first.
 pub const DEFAULT_PERIOD: Duration = Duration::from_millis(500);
@@ -248,7 +249,7 @@ impl Scan {
         let me = std::process::id() as i32;
         let mut ancestors = HashSet::new();
         let mut pid = me;
-        while let Some(stat) = snapshot::stat(Pid::from_raw(pid)) {
+        while let Some(stat) = procstat::stat(Pid::from_raw(pid)) {
             if stat.ppid <= 0 || !ancestors.insert(stat.ppid) {
                 break;
             }
@@ -278,7 +279,7 @@ impl Scan {
         for &(pid, ino) in &listed {
             match self.known.get_mut(&pid) {
                 Some(known) if known.ino == ino => {}
-                known => match snapshot::stat(Pid::from_raw(pid)) {
+                known => match procstat::stat(Pid::from_raw(pid)) {
                     Some(stat) if known.as_ref().is_some_and(|k| k.start_ticks == stat.start_ticks) => {
                         known.expect("checked").ino = ino;
                     }
@@ -370,7 +371,7 @@ impl Scan {
     /// time of the exec that named it, which its event then carries.
     fn examine(&mut self, pid: i32, exec: Option<SystemTime>) {
         // Gone already: it ended before it could be read (its exit settles a known one).
-        let Some(stat) = snapshot::stat(Pid::from_raw(pid)) else { return };
+        let Some(stat) = procstat::stat(Pid::from_raw(pid)) else { return };
         if let Some(known) = self.known.get(&pid) {
             if known.start_ticks == stat.start_ticks {
                 if exec.is_some() && known.outside {
@@ -448,7 +449,7 @@ impl Scan {
             event.timestamp = Some(proto::timestamp(exec));
         }
         // Read after the stat: the pid must still be the same process.
-        snapshot::stat(Pid::from_raw(pid)).filter(|s| s.start_ticks == start_ticks)?;
+        procstat::stat(Pid::from_raw(pid)).filter(|s| s.start_ticks == start_ticks)?;
         let ppid = event.ppid as i32;
         self.sink.emit(event);
         Some(ppid)
@@ -470,7 +471,7 @@ impl Scan {
             let stat = match stats.get(&current) {
                 Some(stat) => *stat,
                 None => {
-                    let stat = snapshot::stat(Pid::from_raw(current))?;
+                    let stat = procstat::stat(Pid::from_raw(current))?;
                     stats.insert(current, stat);
                     stat
                 }
@@ -492,7 +493,7 @@ impl Scan {
 /// thread ended, is gone. A zombie is: it has ended, only its parent has
 /// not collected it yet.
 fn ending_of(pid: i32, start_ticks: u64) -> Ending {
-    match snapshot::stat(Pid::from_raw(pid)) {
+    match procstat::stat(Pid::from_raw(pid)) {
         Some(stat) if stat.start_ticks == start_ticks && matches!(stat.state, b'Z' | b'X') => {
             let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |t| t.count());
             if threads > 1 {

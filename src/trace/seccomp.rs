@@ -11,8 +11,9 @@
 use nix::unistd::Pid;
 
 use crate::trace::abi::{Abi, AUDIT_ARCH_I386, AUDIT_ARCH_X86_64, X32_SYSCALL_BIT};
+use crate::trace::condition::{ArgTest, When};
 use crate::trace::guard::{Target, GUARDS};
-use crate::trace::syscalls::{Action, ArgTest, When, SYSCALLS};
+use crate::trace::syscalls::{Action, SYSCALLS};
 
 const OFFSET_NR: u32 = 0;
 const OFFSET_ARCH: u32 = 4;

@@ -5,6 +5,7 @@
 
 use crate::proto::FileOperation as Op;
 use crate::trace::abi::Abi;
+use crate::trace::condition::{ArgTest, When};
 use crate::trace::decode::PathArg::{At, Fd, Path, Text};
 use crate::trace::decode::PathArg::{AtOrFd, Returned};
 use crate::trace::decode::XattrValue::{Args, Struct};
@@ -12,7 +13,7 @@ use crate::trace::decode::{
     ChdirCall, CredCall, Decoder, ExecCall, FileCall as F, ModuleCall, NetCall, NsCall, OpenCall, RlimitCall,
     SeccompCall, SendCall, SignalCall, UffdCall,
 };
-use crate::trace::decode::{LengthArg, TimeLayout};
+use crate::trace::decode::{LengthArg, TimeLayout, RAW_SOCKETS, SOCKOPTS_WATCHED};
 
 /// What the tracer does with a call of the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,40 +30,6 @@ pub enum Action {
     /// The call never runs: it fails with this errno, unreported (a policy
     /// the filter applies by itself, as container runtimes' profiles do).
     Refuse(i32),
-}
-
-/// A test of one argument, as the filter can make it: registers only, never
-/// memory the workload could rewrite.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ArgTest {
-    /// The argument's low 32 bits (an int, as the kernel reads it) are one of these.
-    OneOf(usize, &'static [u32]),
-    /// The argument's low 32 bits, masked, equal the value.
-    Masked(usize, u32, u32),
-    /// The argument is not 0 (a pointer that is not NULL): all 64 bits, or
-    /// an i386 call's low 32, as the kernel takes them.
-    NonZero(usize),
-}
-
-impl ArgTest {
-    pub fn passes(self, args: &[u64; 6]) -> bool {
-        let low = |index: usize| args[index] as u32;
-        match self {
-            ArgTest::OneOf(index, values) => values.contains(&low(index)),
-            ArgTest::Masked(index, mask, value) => low(index) & mask == value,
-            ArgTest::NonZero(index) => args[index] != 0,
-        }
-    }
-}
-
-/// When a call stops: any of the clauses, each passing when all its tests do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct When(pub &'static [&'static [ArgTest]]);
-
-impl When {
-    pub fn passes(self, args: &[u64; 6]) -> bool {
-        self.0.iter().any(|clause| clause.iter().all(|test| test.passes(args)))
-    }
 }
 
 pub struct SyscallDef {
@@ -113,30 +80,6 @@ const USERFAULTFD_IOC_NEW: u32 = 0xaa00;
 pub const PRCTL_WATCHED: When = When(&[
     &[ArgTest::OneOf(0, &[4, 8, 15, 22, 24, 28, 35, 36, 38, 53, 0x5961_6d61])],
     &[ArgTest::OneOf(0, &[47]), ArgTest::OneOf(1, &[2, 3, 4])],
-]);
-
-/// socket(2) of a packet socket, or a raw one (SOCK_RAW, SOCK_PACKET),
-/// whatever the SOCK_NONBLOCK and SOCK_CLOEXEC bits.
-pub const RAW_SOCKETS: When = When(&[
-    &[ArgTest::OneOf(0, &[libc::AF_PACKET as u32])],
-    &[ArgTest::Masked(1, 0xf, libc::SOCK_RAW as u32)],
-    // SOCK_PACKET (10), the obsolete packet socket type.
-    &[ArgTest::Masked(1, 0xf, 10)],
-]);
-
-/// setsockopt options that stop (see `SetsockoptEvent`): (level, options).
-pub const SOCKOPTS_WATCHED: When = When(&[
-    // SOL_SOCKET: SO_BINDTODEVICE, SO_ATTACH_FILTER, SO_DETACH_FILTER, SO_MARK,
-    // SO_LOCK_FILTER, SO_ATTACH_BPF, SO_ATTACH_REUSEPORT_CBPF and _EBPF, SO_BINDTOIFINDEX.
-    &[ArgTest::OneOf(1, &[1]), ArgTest::OneOf(2, &[25, 26, 27, 36, 44, 50, 51, 52, 62])],
-    // SOL_IP: IP_HDRINCL, IP_OPTIONS, IP_TRANSPARENT, IPT_SO_SET_REPLACE, IPT_SO_SET_ADD_COUNTERS.
-    &[ArgTest::OneOf(1, &[0]), ArgTest::OneOf(2, &[3, 4, 19, 64, 65])],
-    // SOL_IPV6: IPV6_HDRINCL, IP6T_SO_SET_REPLACE, IP6T_SO_SET_ADD_COUNTERS, IPV6_TRANSPARENT.
-    &[ArgTest::OneOf(1, &[41]), ArgTest::OneOf(2, &[36, 64, 65, 75])],
-    // SOL_TCP: TCP_REPAIR, TCP_ULP.
-    &[ArgTest::OneOf(1, &[6]), ArgTest::OneOf(2, &[19, 31])],
-    // SOL_PACKET: PACKET_ADD_MEMBERSHIP (promiscuous mode).
-    &[ArgTest::OneOf(1, &[263]), ArgTest::OneOf(2, &[1])],
 ]);
 
 /// Signals that stop: those whose default action ends, stops or resumes a

@@ -13,8 +13,8 @@ use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
 use crate::trace::decode::identity;
 use crate::trace::memory;
 use crate::trace::procfs;
+use crate::trace::procstat;
 use crate::trace::ptrace;
-use crate::trace::snapshot;
 
 /// Bounds of exec arguments and environment (entries, and bytes per entry),
 /// the same as the agent-side model expects.
@@ -207,7 +207,7 @@ pub fn failed(cx: &mut Ctx<'_>, call: &Call, retval: i64, exec: ExecCall) {
 /// The process's controlling terminal ("/dev/pts/3"), as the kernel has it
 /// (/proc/PID/stat's tty_nr); empty when it has none.
 fn terminal(pid: Pid) -> String {
-    snapshot::stat(pid).map(|s| snapshot::tty_name(s.tty_nr)).unwrap_or_default()
+    procstat::stat(pid).map(|s| procstat::tty_name(s.tty_nr)).unwrap_or_default()
 }
 
 /// PTRACE_EVENT_EXEC: the new image is in place. argv and envp are read from

@@ -19,6 +19,7 @@ mod net;
 mod open;
 mod process;
 mod sends;
+mod sockaddr;
 mod sockopts;
 mod tasks;
 
@@ -34,6 +35,7 @@ pub use net::NetCall;
 pub use open::OpenCall;
 pub use process::{RlimitCall, SignalCall};
 pub use sends::SendCall;
+pub use sockopts::{RAW_SOCKETS, SOCKOPTS_WATCHED};
 pub use tasks::ChdirCall;
 
 /// What a table entry decodes as.

@@ -2,19 +2,16 @@
 //! them. What a socket is (its type and protocol, its addresses) is asked
 //! of the socket itself, through a copy of the tracee's descriptor.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
-use std::os::fd::OwnedFd;
-
-use crate::proto::{self, event::Payload, AddressFamily, Protocol};
-use crate::text;
+use crate::proto::{self, event::Payload};
 use crate::trace::abi::Abi;
 use crate::trace::decode::context::{Call, Ctx, Next};
 use crate::trace::decode::sends::{self, SendCall};
+use crate::trace::decode::sockaddr::{
+    address_or_empty, parse_sockaddr, protocol_of_socket, socket_of, verify_peer, SOCKADDR_MAX,
+};
 use crate::trace::decode::sockopts;
 use crate::trace::memory;
 use crate::trace::procfs::{self, End};
-
-pub(super) const SOCKADDR_MAX: usize = 128;
 
 /// Which socket call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,46 +24,6 @@ pub enum NetCall {
     Setsockopt,
     /// Sends that name a destination (`sends`).
     Send(SendCall),
-}
-
-/// A socket address: family, textual address, port.
-pub(super) fn parse_sockaddr(raw: &[u8]) -> Option<(AddressFamily, String, u32)> {
-    let family = i32::from(u16::from_ne_bytes(raw.get(0..2)?.try_into().ok()?));
-    let port = || raw.get(2..4).map(|p| u32::from(u16::from_be_bytes([p[0], p[1]])));
-    match family {
-        libc::AF_INET => {
-            let ip: [u8; 4] = raw.get(4..8)?.try_into().ok()?;
-            Some((AddressFamily::Inet, Ipv4Addr::from(ip).to_string(), port()?))
-        }
-        libc::AF_INET6 => {
-            let ip: [u8; 16] = raw.get(8..24)?.try_into().ok()?;
-            Some((AddressFamily::Inet6, Ipv6Addr::from(ip).to_string(), port()?))
-        }
-        libc::AF_UNIX => {
-            let path = &raw[2..];
-            let text = match path.first() {
-                // Abstract names start with a NUL and are not terminated.
-                Some(0) => format!("@{}", text::lossless(&path[1..])),
-                _ => {
-                    let end = path.iter().position(|&b| b == 0).unwrap_or(path.len());
-                    text::lossless(&path[..end])
-                }
-            };
-            Some((AddressFamily::Unix, text, 0))
-        }
-        _ => Some((AddressFamily::Other, String::new(), 0)),
-    }
-}
-
-fn protocol_of(family: AddressFamily, sock_type: i32, protocol: i32) -> Protocol {
-    if !matches!(family, AddressFamily::Inet | AddressFamily::Inet6) {
-        return Protocol::Unspecified;
-    }
-    match (sock_type, protocol) {
-        (libc::SOCK_STREAM, 0 | libc::IPPROTO_TCP) => Protocol::Tcp,
-        (libc::SOCK_DGRAM, 0 | libc::IPPROTO_UDP) => Protocol::Udp,
-        _ => Protocol::Other,
-    }
 }
 
 /// The address of connect and bind is read at entry, when the kernel copies
@@ -97,26 +54,6 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, net: NetCall) {
     }
 }
 
-/// An address that could not be read is reported empty (the event partial).
-pub(super) fn address_or_empty(parsed: Option<(AddressFamily, String, u32)>) -> (AddressFamily, String, u32) {
-    parsed.unwrap_or((AddressFamily::Unspecified, String::new(), 0))
-}
-
-/// The socket behind a tracee's descriptor, asked of the kernel now rather
-/// than of a table kept from socket(2) calls: inherited, passed or dup'ed
-/// sockets are all the same.
-pub(super) fn socket_of(cx: &Ctx<'_>, fd: i32) -> Option<OwnedFd> {
-    procfs::descriptor_copy(cx.tid, cx.tgid(), fd)
-}
-
-pub(super) fn protocol_of_socket(socket: Option<&OwnedFd>, family: AddressFamily) -> Protocol {
-    // A descriptor that is no socket (or is gone) has no protocol to tell.
-    match socket.and_then(procfs::socket_kind) {
-        Some((sock_type, protocol)) => protocol_of(family, sock_type, protocol),
-        None => Protocol::Unspecified,
-    }
-}
-
 /// connect: the address read at entry, checked against the socket's peer
 /// after a successful IP connect. Another thread can rewrite the address
 /// between the tracer's read and the kernel's; the peer is the kernel's
@@ -139,42 +76,6 @@ fn connect_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
     match unverified {
         Some(why) => cx.emit_unverified(call, retval, why, Payload::Connect(connect)),
         None => cx.emit_call(call, retval, partial, Payload::Connect(connect)),
-    }
-}
-
-type Address = (AddressFamily, String, u32);
-
-pub(super) fn is_ip(family: AddressFamily) -> bool {
-    matches!(family, AddressFamily::Inet | AddressFamily::Inet6)
-}
-
-/// The address a connect reached, and why it could not be checked if not.
-pub(super) fn verify_peer(
-    socket: Option<&OwnedFd>,
-    requested: Option<Address>,
-    retval: i64,
-) -> (Option<Address>, Option<String>) {
-    let Some(requested) = requested else { return (None, None) };
-    if !is_ip(requested.0) {
-        // A unix peer's name is whatever it bound, not what was asked.
-        return (Some(requested), None);
-    }
-    if retval != 0 {
-        let why = "address: read from the workload's memory; the kernel keeps no peer to check it against \
-                   (the connect failed or is in progress)";
-        return (Some(requested), Some(why.to_owned()));
-    }
-    match socket.and_then(|s| procfs::socket_address(s, End::Peer)).and_then(|a| parse_sockaddr(&a)) {
-        Some(peer) if peer == requested => (Some(peer), None),
-        Some(peer) => {
-            let why = format!(
-                "address: {}:{} was read from the workload's memory, but the socket's peer is the kernel's answer \
-                 (the memory changed after the read, or the descriptor was replaced)",
-                requested.1, requested.2
-            );
-            (Some(peer), Some(why))
-        }
-        None => (Some(requested), Some("address: the socket has no peer to check it against".to_owned())),
     }
 }
 
@@ -245,32 +146,4 @@ pub fn unpack_socketcall(cx: &mut Ctx<'_>, call: &mut Call) -> Option<NetCall> {
     call.args = [0; 6];
     call.args[..words.len()].copy_from_slice(&words);
     Some(net)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sockaddrs_decode_to_text() {
-        let mut v4 = vec![0u8; 16];
-        v4[0..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
-        v4[2..4].copy_from_slice(&8080u16.to_be_bytes());
-        v4[4..8].copy_from_slice(&[127, 0, 0, 1]);
-        assert_eq!(parse_sockaddr(&v4), Some((AddressFamily::Inet, "127.0.0.1".into(), 8080)));
-
-        let mut v6 = vec![0u8; 28];
-        v6[0..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
-        v6[2..4].copy_from_slice(&443u16.to_be_bytes());
-        v6[23] = 1;
-        assert_eq!(parse_sockaddr(&v6), Some((AddressFamily::Inet6, "::1".into(), 443)));
-
-        let mut unix = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
-        unix.extend_from_slice(b"/run/x.sock\0garbage");
-        assert_eq!(parse_sockaddr(&unix), Some((AddressFamily::Unix, "/run/x.sock".into(), 0)));
-        let mut abstract_name = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
-        abstract_name.extend_from_slice(b"\0agent");
-        assert_eq!(parse_sockaddr(&abstract_name), Some((AddressFamily::Unix, "@agent".into(), 0)));
-        assert_eq!(parse_sockaddr(&[2]), None);
-    }
 }

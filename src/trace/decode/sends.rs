@@ -6,7 +6,7 @@
 use crate::proto::{self, event::Payload};
 use crate::trace::abi::Abi;
 use crate::trace::decode::context::{Call, Ctx, Next};
-use crate::trace::decode::net::{self, SOCKADDR_MAX};
+use crate::trace::decode::sockaddr::{self, SOCKADDR_MAX};
 use crate::trace::memory;
 
 /// Which send call.
@@ -115,7 +115,7 @@ fn read_msghdr_name(cx: &mut Ctx<'_>, call: &mut Call, msghdr: u64) {
 /// cannot be: the kernel keeps no record of where it went.
 pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, send: SendCall) {
     let fd = call.fd(0);
-    let socket = net::socket_of(cx, fd);
+    let socket = sockaddr::socket_of(cx, fd);
     let stream = socket.as_ref().and_then(crate::trace::procfs::socket_kind).map(|(t, _)| t) == Some(libc::SOCK_STREAM);
     let found = destinations(call);
     if found.is_empty() {
@@ -124,24 +124,24 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, send: SendCall) {
         return;
     }
     for raw in found {
-        let requested = net::parse_sockaddr(raw);
+        let requested = sockaddr::parse_sockaddr(raw);
         let partial = requested.is_none();
         let (checked, unverified) = match (stream, requested) {
             // A send's success is the bytes it sent; the check takes a connect's 0.
-            (true, requested) => net::verify_peer(socket.as_ref(), requested, retval.min(0)),
-            (false, Some(requested)) if net::is_ip(requested.0) => {
+            (true, requested) => sockaddr::verify_peer(socket.as_ref(), requested, retval.min(0)),
+            (false, Some(requested)) if sockaddr::is_ip(requested.0) => {
                 let why = "address: read from the workload's memory as the kernel read it; the kernel keeps no \
                            record of a datagram's destination to check it against";
                 (Some(requested), Some(why.to_owned()))
             }
             (false, requested) => (requested, None),
         };
-        let (family, address, port) = net::address_or_empty(checked);
+        let (family, address, port) = sockaddr::address_or_empty(checked);
         let connect = proto::ConnectEvent {
             address,
             port,
             family: family as i32,
-            protocol: net::protocol_of_socket(socket.as_ref(), family) as i32,
+            protocol: sockaddr::protocol_of_socket(socket.as_ref(), family) as i32,
             fd: Some(fd),
             send_flags: flags(call, send),
         };

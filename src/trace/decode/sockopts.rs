@@ -1,16 +1,40 @@
 //! Sockets below TCP and UDP (raw and packet sockets) and the socket
 //! options that shape or watch traffic (filters, raw headers, transparent
 //! proxying, iptables rules, promiscuous mode). Which calls stop is the
-//! table's `RAW_SOCKETS` and `SOCKOPTS_WATCHED`; i386's socketcall reaches
+//! conditions `RAW_SOCKETS` and `SOCKOPTS_WATCHED` below, the table rows'; i386's socketcall reaches
 //! here for every call and is checked against the same conditions.
 
 use crate::proto::{self, event::Payload};
 use crate::text;
 use crate::trace::abi::Abi;
+use crate::trace::condition::{ArgTest, When};
 use crate::trace::decode::context::{Call, Ctx, Next};
-use crate::trace::decode::net;
+use crate::trace::decode::sockaddr;
 use crate::trace::procfs;
-use crate::trace::syscalls::{RAW_SOCKETS, SOCKOPTS_WATCHED};
+
+/// socket(2) of a packet socket, or a raw one (SOCK_RAW, SOCK_PACKET),
+/// whatever the SOCK_NONBLOCK and SOCK_CLOEXEC bits.
+pub const RAW_SOCKETS: When = When(&[
+    &[ArgTest::OneOf(0, &[libc::AF_PACKET as u32])],
+    &[ArgTest::Masked(1, 0xf, libc::SOCK_RAW as u32)],
+    // SOCK_PACKET (10), the obsolete packet socket type.
+    &[ArgTest::Masked(1, 0xf, 10)],
+]);
+
+/// setsockopt options that stop (see `SetsockoptEvent`): (level, options).
+pub const SOCKOPTS_WATCHED: When = When(&[
+    // SOL_SOCKET: SO_BINDTODEVICE, SO_ATTACH_FILTER, SO_DETACH_FILTER, SO_MARK,
+    // SO_LOCK_FILTER, SO_ATTACH_BPF, SO_ATTACH_REUSEPORT_CBPF and _EBPF, SO_BINDTOIFINDEX.
+    &[ArgTest::OneOf(1, &[1]), ArgTest::OneOf(2, &[25, 26, 27, 36, 44, 50, 51, 52, 62])],
+    // SOL_IP: IP_HDRINCL, IP_OPTIONS, IP_TRANSPARENT, IPT_SO_SET_REPLACE, IPT_SO_SET_ADD_COUNTERS.
+    &[ArgTest::OneOf(1, &[0]), ArgTest::OneOf(2, &[3, 4, 19, 64, 65])],
+    // SOL_IPV6: IPV6_HDRINCL, IP6T_SO_SET_REPLACE, IP6T_SO_SET_ADD_COUNTERS, IPV6_TRANSPARENT.
+    &[ArgTest::OneOf(1, &[41]), ArgTest::OneOf(2, &[36, 64, 65, 75])],
+    // SOL_TCP: TCP_REPAIR, TCP_ULP.
+    &[ArgTest::OneOf(1, &[6]), ArgTest::OneOf(2, &[19, 31])],
+    // SOL_PACKET: PACKET_ADD_MEMBERSHIP (promiscuous mode).
+    &[ArgTest::OneOf(1, &[263]), ArgTest::OneOf(2, &[1])],
+]);
 
 /// BPF_MAXINSNS: the kernel refuses longer classic programs.
 const FILTER_MAX_INSTRUCTIONS: usize = 4096;
@@ -145,7 +169,7 @@ pub fn setsockopt_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
     let [fd, level, name, _, len, _] = call.args;
     let (fd, level, name) = (fd as i32, level as i32, name as i32);
     let (level_name, option_name, kind) = option(level, name);
-    let socket = net::socket_of(cx, fd);
+    let socket = sockaddr::socket_of(cx, fd);
     let kind_of_socket = socket.as_ref().and_then(procfs::socket_kind);
     let mut event = proto::SetsockoptEvent {
         fd: Some(fd),
