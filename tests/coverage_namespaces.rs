@@ -115,7 +115,8 @@ fn mounts_roots_and_namespaces_are_events_with_flags_by_name_as_the_kernel_did_t
         let mnt = format!("mnt:[{}]", made.num("setns", 2));
         let expected = vec![
             ns("unshare", "unshare", false, ["", "", ""], &["CLONE_NEWNS"], ""),
-            ns("unshare_bad", "unshare", false, ["", "", ""], &["0x80000000"], ""),
+            // Every bit the kernel was given, the upper half too.
+            ns("unshare_bad", "unshare", false, ["", "", ""], &["0x80000000", "0x10000000000"], ""),
             ns("private", "mount", false, ["/", "none", ""], &["MS_REC", "MS_PRIVATE"], ""),
             ns(
                 "mount_tmpfs",

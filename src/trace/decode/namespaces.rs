@@ -163,10 +163,12 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, ns: NsCall) {
         _ => call.entry_path.clone(),
     };
     let flags = match ns {
+        // unsigned long for the kernel: every bit counts (an i386 call's
+        // upper halves are already cleared).
         NsCall::Mount => call.args[3],
+        NsCall::Unshare => call.args[0],
         // int arguments.
         NsCall::Umount | NsCall::Setns => u64::from(call.args[1] as u32),
-        NsCall::Unshare => u64::from(call.args[0] as u32),
         NsCall::Chroot | NsCall::PivotRoot | NsCall::UmountNoFlags => 0,
     };
     let event = proto::NamespaceEvent {
