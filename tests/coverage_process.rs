@@ -316,6 +316,7 @@ fn raw_and_packet_sockets_and_traffic_shaping_options_are_events_ordinary_ones_a
             (at("attach_filter_badf", false), "SO_ATTACH_FILTER".into(), 0, Value::Null, Value::Null),
             (at("so_mark", false), "SO_MARK".into(), 7, Value::Null, kind.clone()),
             (at("bindtodevice", false), "SO_BINDTODEVICE".into(), 0, "lo".into(), kind.clone()),
+            (at("reuseport_cbpf", false), "SO_ATTACH_REUSEPORT_CBPF".into(), 0, Value::Null, kind.clone()),
             (at("hdrincl", false), "IP_HDRINCL".into(), 1, Value::Null, raw_family),
             (at("i386_so_mark", true), "SO_MARK".into(), 9, Value::Null, kind.clone()),
             (at("i386_socketcall_so_mark", true), "SO_MARK".into(), 9, Value::Null, kind),
@@ -326,6 +327,10 @@ fn raw_and_packet_sockets_and_traffic_shaping_options_are_events_ordinary_ones_a
         // [0x20, 0, 0, 0, 12, 0, 0, 0, 0x06, 0, 0, 0, 0xff, 0xff, 0, 0] in base64, as protojson writes bytes.
         assert_eq!(filter["filter"], "IAAAAAwAAAAGAAAA//8AAA==");
         assert_eq!(filter["filter_instructions"], 2);
+        // A reuseport group's program too, as passed.
+        let reuseport = &options[4]["setsockopt"];
+        assert_eq!((&reuseport["filter"], &reuseport["filter_instructions"]), (&filter["filter"], &Value::from(2)));
+        assert_eq!(made.num("reuseport_cbpf", 0), 0, "the group took the program");
         // Checked against the program the socket has (SO_GET_FILTER).
         assert!(options[0]["unverified"].is_null(), "{:#?}", options[0]);
         assert_eq!(num(&filter["socket_type"]), made.num("udp_kind", 2));

@@ -229,6 +229,50 @@ fn a_datadog_agent_gets_every_event_it_has_a_type_for_in_order() {
 }
 
 #[test]
+fn mounts_reach_the_agent_as_datadog_sends_them_a_bind_mount_as_bind() {
+    if !common::require_root(&[common::CAP_SYS_ADMIN, common::CAP_SYS_CHROOT], "mount, unshare and chroot") {
+        return;
+    }
+    let receiver = Receiver::start(Behaviour::Keep, None);
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().canonicalize().unwrap().display().to_string();
+    let command = vec![fixture("nscalls").display().to_string(), "mounts".into(), base.clone()];
+    let run = traced(&receiver.address, &[], &command).run();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let connections = receiver.finished();
+    let received = syscalls(&connections);
+    assert_eq!(received, expected_messages(&run, hello_of(&connections[0])));
+
+    let at = |name: &str| format!("{base}/{name}");
+    let mounts: Vec<[String; 3]> = received
+        .iter()
+        .filter_map(|m| match &m.payload {
+            Payload::Mount(k) => Some([k.source.clone(), k.target.clone(), k.fs_type.clone()]),
+            _ => None,
+        })
+        .collect();
+    let mount = |source: &str, target: &str, fstype: &str| [source.to_owned(), target.to_owned(), fstype.to_owned()];
+    // The mount that failed with ENOENT is not sent, as by Datadog's tracer.
+    let expected = [
+        mount("none", "/", ""),
+        mount("cws-tmpfs", &at("mnt"), "tmpfs"),
+        mount(&at("src"), &at("view"), "bind"),
+        mount("cws-i386", &at("i386"), "tmpfs"),
+        mount("cws-i386", &at("i386"), "tmpfs"),
+        mount("cws-root", &at("newroot"), "tmpfs"),
+    ];
+    assert_eq!(mounts, expected);
+    let umounts: Vec<&str> = received
+        .iter()
+        .filter_map(|m| match &m.payload {
+            Payload::Umount(u) => Some(u.path.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(umounts, [at("view"), at("mnt"), at("i386"), at("i386")]);
+}
+
+#[test]
 fn after_the_agent_drops_the_connection_the_tracer_reconnects_with_a_hello_first() {
     let dir = tempfile::tempdir().unwrap();
     let ready = dir.path().join("ready");

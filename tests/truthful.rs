@@ -272,10 +272,14 @@ fn root_mount_and_namespace_changes_are_reported() {
         assert_eq!(changes.len(), 6, "{changes:#?}");
         let mounted = format!("{base}/mnt");
         let (newns, private) = (libc::CLONE_NEWNS as u64, libc::MS_REC | libc::MS_PRIVATE);
-        assert_eq!(changes[0], json!({"syscall": "unshare", "retval": "0", "flags": newns.to_string()}));
+        assert_eq!(
+            changes[0],
+            json!({"syscall": "unshare", "retval": "0", "flags": newns.to_string(), "flag_names": ["CLONE_NEWNS"]})
+        );
         assert_eq!(
             changes[1],
-            json!({"syscall": "mount", "retval": "0", "path": "/", "source": "none", "flags": private.to_string()})
+            json!({"syscall": "mount", "retval": "0", "path": "/", "source": "none", "flags": private.to_string(),
+                   "flag_names": ["MS_REC", "MS_PRIVATE"]})
         );
         assert_eq!(
             changes[2],

@@ -18,8 +18,11 @@
 //! - AF_UNIX connects are not sent (nor by Datadog's tracer); sockets of
 //!   other families than IPv4, IPv6 and AF_UNIX, and unreadable addresses,
 //!   cannot be: the agent drops the connection for an IP it cannot parse;
+//! - mount goes as Mount, a bind mount (MS_BIND) with FSType `bind` as
+//!   Datadog's tracer sends it, umount2 (and i386's umount) as Umount;
 //! - io_uring_setup, bpf, signals and datagrams sent to a destination have
-//!   no Datadog type, nor truncate, the xattr calls, mknod and setgroups; a
+//!   no Datadog type, nor truncate, the xattr calls, mknod, setgroups,
+//!   chroot, pivot_root, unshare and setns; a
 //!   send with MSG_FASTOPEN (a TCP connection) goes as a Connect; prctl goes
 //!   for the options we watch (Datadog's tracer sends every prctl call);
 //! - setsockopt goes only when the socket's kind could be read (the agent
@@ -155,6 +158,7 @@ pub fn syscall(event: &Event, container_id: &str) -> Option<SyscallMsg> {
             }),
         ),
         Ours::Module(module) if accepted(retval) => (event.pid, module_msg(&event.syscall, module)?),
+        Ours::Namespace(ns) if accepted(retval) => (event.pid, mount_msg(&event.syscall, ns)?),
         _ => return None,
     };
     Some(SyscallMsg {
@@ -186,6 +190,23 @@ fn setsockopt_msg(opt: &proto::SetsockoptEvent) -> Option<SetsockoptSyscallMsg> 
         opt_name: opt.option as u32,
         filter_len: filter.as_ref().map_or(0, |f| (f.len() / 8) as u16),
         filter,
+    })
+}
+
+/// MS_BIND: Datadog's tracer sends a bind mount with FSType `bind`.
+const MS_BIND: u64 = 0x1000;
+
+/// mount and umount as Datadog's Mount and Umount; the other namespace
+/// calls (chroot, pivot_root, unshare, setns) have no Datadog type.
+fn mount_msg(syscall: &str, ns: &proto::NamespaceEvent) -> Option<Payload> {
+    Some(match syscall {
+        "mount" => Payload::Mount(MountSyscallMsg {
+            source: ns.source.clone(),
+            target: ns.path.clone(),
+            fs_type: if ns.flags & MS_BIND != 0 { "bind".to_owned() } else { ns.fstype.clone() },
+        }),
+        "umount2" | "umount" => Payload::Umount(UmountSyscallMsg { path: ns.path.clone() }),
+        _ => return None,
     })
 }
 

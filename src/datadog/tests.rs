@@ -820,6 +820,32 @@ fn events_we_know_whole_give_the_golden_messages() {
                 }),
             ),
         ),
+        (
+            "34-mount",
+            event(
+                7,
+                1767225600121000363,
+                Some(-1),
+                "mount",
+                Ours::Namespace(proto::NamespaceEvent {
+                    path: "/mnt/data".into(),
+                    source: "/srv/data".into(),
+                    flags: 0x1000 | 0x4000,
+                    flag_names: vec!["MS_BIND".into(), "MS_REC".into()],
+                    ..Default::default()
+                }),
+            ),
+        ),
+        (
+            "35-umount",
+            event(
+                7,
+                1767225600122000366,
+                Some(-1),
+                "umount2",
+                Ours::Namespace(proto::NamespaceEvent { path: "/mnt/data".into(), ..Default::default() }),
+            ),
+        ),
     ];
     for (name, ours) in cases {
         let message = outbound::syscall(&ours, CONTAINER).unwrap_or_else(|| panic!("{name}: no message"));
@@ -1267,6 +1293,17 @@ fn process_control_and_socket_events_go_as_the_agent_s_types() {
     );
     // Failures other than EACCES and EPERM are not sent, as by Datadog's tracer.
     assert_eq!(send("init_module", -8, Ours::Module(load)), None);
+    // A mount's own FSType when it is no bind; the other namespace calls have no type.
+    let tmpfs = proto::NamespaceEvent {
+        path: "/mnt".into(),
+        source: "none".into(),
+        fstype: "tmpfs".into(),
+        ..Default::default()
+    };
+    let mount = MountSyscallMsg { source: "none".into(), target: "/mnt".into(), fs_type: "tmpfs".into() };
+    assert_eq!(send("mount", 0, Ours::Namespace(tmpfs.clone())), Some(Payload::Mount(mount)));
+    assert_eq!(send("mount", -16, Ours::Namespace(tmpfs.clone())), None);
+    assert_eq!(send("chroot", 0, Ours::Namespace(tmpfs)), None);
     // A datagram is no connection; TCP Fast Open is.
     let to = |flags| {
         Ours::Connect(proto::ConnectEvent {

@@ -336,7 +336,11 @@ pub fn format_event(out: &mut String, event: &Event) {
             for (i, text) in texts.into_iter().filter(|t| !t.is_empty()).enumerate() {
                 let _ = write!(out, "{}{}", if i == 0 { "" } else { ", " }, Quoted(text));
             }
-            let _ = write!(out, ", flags={:#x})", ns.flags);
+            if ns.flag_names.is_empty() {
+                let _ = write!(out, ", flags={:#x})", ns.flags);
+            } else {
+                let _ = write!(out, ", flags={})", ns.flag_names.join("|"));
+            }
             format_retval(out, event.retval.unwrap_or(0));
         }
         Some(Payload::Userfaultfd(uffd)) => {
@@ -504,6 +508,31 @@ mod tests {
         let gone = Event { pid: 9, tid: 9, payload: Some(Payload::Exit(Default::default())), ..Event::default() };
         format_event(&mut line, &gone);
         assert_eq!(line, "[pid 9 ppid 0] +++ gone +++");
+    }
+
+    #[test]
+    fn namespace_flags_show_by_name_and_bare_ones_as_hex() {
+        let mount = |flags, flag_names: &[&str]| Event {
+            pid: 7,
+            ppid: 1,
+            tid: 7,
+            syscall: "mount".into(),
+            retval: Some(0),
+            payload: Some(Payload::Namespace(crate::proto::NamespaceEvent {
+                path: "/mnt".into(),
+                source: "/srv".into(),
+                flags,
+                flag_names: flag_names.iter().map(|n| (*n).to_owned()).collect(),
+                ..Default::default()
+            })),
+            ..Event::default()
+        };
+        let mut line = String::new();
+        format_event(&mut line, &mount(0x5000, &["MS_BIND", "MS_REC"]));
+        assert_eq!(line, r#"[pid 7 ppid 1] mount("/mnt", "/srv", flags=MS_BIND|MS_REC) = 0"#);
+        line.clear();
+        format_event(&mut line, &mount(0, &[]));
+        assert_eq!(line, r#"[pid 7 ppid 1] mount("/mnt", "/srv", flags=0x0) = 0"#);
     }
 
     #[test]

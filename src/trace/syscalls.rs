@@ -131,6 +131,7 @@ pub static SYSCALLS: &[SyscallDef] = &[
     row("pivot_root",      Some(155),  Some(217),  decode(Namespace(NsCall::PivotRoot))),
     row("mount",           Some(165),  Some(21),   decode(Namespace(NsCall::Mount))),
     row("umount2",         Some(166),  Some(52),   decode(Namespace(NsCall::Umount))),
+    row("umount",          None,       Some(22),   decode(Namespace(NsCall::UmountNoFlags))),
     row("unshare",         Some(272),  Some(310),  decode(Namespace(NsCall::Unshare))),
     row("setns",           Some(308),  Some(346),  decode(Namespace(NsCall::Setns))),
     row("chdir",           Some(80),   Some(12),   decode(Chdir(ChdirCall::Chdir))),

@@ -19,10 +19,99 @@ pub enum NsCall {
     Mount,
     /// umount2(target, flags).
     Umount,
+    /// i386's umount(target): umount2 without flags.
+    UmountNoFlags,
     /// unshare(flags).
     Unshare,
     /// setns(fd, nstype).
     Setns,
+}
+
+/// mount(2)'s MS_* flags (a bind mount is MS_BIND, a propagation change
+/// MS_PRIVATE, MS_SHARED, MS_SLAVE or MS_UNBINDABLE).
+const MOUNT_FLAGS: &[(u64, &str)] = &[
+    (1, "MS_RDONLY"),
+    (1 << 1, "MS_NOSUID"),
+    (1 << 2, "MS_NODEV"),
+    (1 << 3, "MS_NOEXEC"),
+    (1 << 4, "MS_SYNCHRONOUS"),
+    (1 << 5, "MS_REMOUNT"),
+    (1 << 6, "MS_MANDLOCK"),
+    (1 << 7, "MS_DIRSYNC"),
+    (1 << 8, "MS_NOSYMFOLLOW"),
+    (1 << 10, "MS_NOATIME"),
+    (1 << 11, "MS_NODIRATIME"),
+    (1 << 12, "MS_BIND"),
+    (1 << 13, "MS_MOVE"),
+    (1 << 14, "MS_REC"),
+    (1 << 15, "MS_SILENT"),
+    (1 << 16, "MS_POSIXACL"),
+    (1 << 17, "MS_UNBINDABLE"),
+    (1 << 18, "MS_PRIVATE"),
+    (1 << 19, "MS_SLAVE"),
+    (1 << 20, "MS_SHARED"),
+    (1 << 21, "MS_RELATIME"),
+    (1 << 22, "MS_KERNMOUNT"),
+    (1 << 23, "MS_I_VERSION"),
+    (1 << 24, "MS_STRICTATIME"),
+    (1 << 25, "MS_LAZYTIME"),
+];
+
+const MS_BIND: u64 = 1 << 12;
+const MS_MOVE: u64 = 1 << 13;
+
+/// The magic old programs put in mount's high 16 bits; the kernel drops
+/// those bits when it finds it (a name for the magic, not for each bit).
+const MS_MGC_VAL: u64 = 0xc0ed_0000;
+const MS_MGC_MSK: u64 = 0xffff_0000;
+
+const UMOUNT_FLAGS: &[(u64, &str)] =
+    &[(1, "MNT_FORCE"), (1 << 1, "MNT_DETACH"), (1 << 2, "MNT_EXPIRE"), (1 << 3, "UMOUNT_NOFOLLOW")];
+
+/// unshare(2)'s and setns(2)'s CLONE_* flags.
+const CLONE_FLAGS: &[(u64, &str)] = &[
+    (0x80, "CLONE_NEWTIME"),
+    (0x100, "CLONE_VM"),
+    (0x200, "CLONE_FS"),
+    (0x400, "CLONE_FILES"),
+    (0x800, "CLONE_SIGHAND"),
+    (0x1_0000, "CLONE_THREAD"),
+    (0x2_0000, "CLONE_NEWNS"),
+    (0x4_0000, "CLONE_SYSVSEM"),
+    (0x0200_0000, "CLONE_NEWCGROUP"),
+    (0x0400_0000, "CLONE_NEWUTS"),
+    (0x0800_0000, "CLONE_NEWIPC"),
+    (0x1000_0000, "CLONE_NEWUSER"),
+    (0x2000_0000, "CLONE_NEWPID"),
+    (0x4000_0000, "CLONE_NEWNET"),
+];
+
+/// `flags` by name, lowest bit first (`table` is in that order); bits
+/// without a name as hex, so that the list says every bit.
+fn flag_names(flags: u64, table: &[(u64, &str)]) -> Vec<String> {
+    (0..64)
+        .map(|i| 1u64 << i)
+        .filter(|bit| flags & bit != 0)
+        .map(|bit| {
+            table
+                .iter()
+                .find(|(named, _)| *named == bit)
+                .map_or_else(|| format!("{bit:#x}"), |(_, name)| (*name).to_owned())
+        })
+        .collect()
+}
+
+/// The call's flags by name.
+fn names_of(ns: NsCall, flags: u64) -> Vec<String> {
+    match ns {
+        NsCall::Mount if flags & MS_MGC_MSK == MS_MGC_VAL => {
+            [vec!["MS_MGC_VAL".to_owned()], flag_names(flags & !MS_MGC_MSK, MOUNT_FLAGS)].concat()
+        }
+        NsCall::Mount => flag_names(flags, MOUNT_FLAGS),
+        NsCall::Umount => flag_names(flags, UMOUNT_FLAGS),
+        NsCall::Unshare | NsCall::Setns => flag_names(flags, CLONE_FLAGS),
+        NsCall::Chroot | NsCall::PivotRoot | NsCall::UmountNoFlags => Vec::new(),
+    }
 }
 
 /// Text as given (a mount source or filesystem type is not always a path).
@@ -34,7 +123,7 @@ fn read_text(cx: &Ctx<'_>, addr: u64) -> Option<String> {
 pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, ns: NsCall) -> Next {
     let [a0, a1, a2, ..] = call.args;
     let unread = match ns {
-        NsCall::Chroot | NsCall::Umount => {
+        NsCall::Chroot | NsCall::Umount | NsCall::UmountNoFlags => {
             call.entry_path = cx.read_path(AT_FDCWD, a0);
             call.entry_path.is_none()
         }
@@ -45,8 +134,13 @@ pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, ns: NsCall) -> Next {
         }
         NsCall::Mount => {
             call.entry_path = cx.read_path(AT_FDCWD, a1);
-            // Both may be NULL (a remount, a propagation change).
-            call.entry_target = if a0 == 0 { Some(String::new()) } else { read_text(cx, a0) };
+            // Both may be NULL (a remount, a propagation change). A bind
+            // mount's or a move's source is a path, resolved as the kernel does.
+            call.entry_target = match a0 {
+                0 => Some(String::new()),
+                _ if call.args[3] & (MS_BIND | MS_MOVE) != 0 => cx.read_path(AT_FDCWD, a0),
+                _ => read_text(cx, a0),
+            };
             let fstype = if a2 == 0 { Some(String::new()) } else { read_text(cx, a2) };
             call.entry_bytes = fstype.clone().unwrap_or_default().into_bytes();
             call.entry_path.is_none() || call.entry_target.is_none() || fstype.is_none()
@@ -69,11 +163,13 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, ns: NsCall) {
         _ => call.entry_path.clone(),
     };
     let flags = match ns {
+        // unsigned long for the kernel: every bit counts (an i386 call's
+        // upper halves are already cleared).
         NsCall::Mount => call.args[3],
+        NsCall::Unshare => call.args[0],
         // int arguments.
         NsCall::Umount | NsCall::Setns => u64::from(call.args[1] as u32),
-        NsCall::Unshare => u64::from(call.args[0] as u32),
-        NsCall::Chroot | NsCall::PivotRoot => 0,
+        NsCall::Chroot | NsCall::PivotRoot | NsCall::UmountNoFlags => 0,
     };
     let event = proto::NamespaceEvent {
         path: path.unwrap_or_default(),
@@ -82,6 +178,23 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, ns: NsCall) {
         flags,
         fd: (ns == NsCall::Setns).then(|| call.fd(0)),
         namespace: if ns == NsCall::Setns { call.entry_path.clone().unwrap_or_default() } else { String::new() },
+        flag_names: names_of(ns, flags),
     };
     cx.emit_call(call, retval, false, Payload::Namespace(event));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_are_named_lowest_bit_first_and_unnamed_bits_shown_as_hex() {
+        assert_eq!(names_of(NsCall::Mount, 0x5000), ["MS_BIND", "MS_REC"]);
+        // The old magic is one name, and leaves the low bits to name.
+        assert_eq!(names_of(NsCall::Mount, 0xc0ed_0001), ["MS_MGC_VAL", "MS_RDONLY"]);
+        assert_eq!(names_of(NsCall::Mount, 1 << 9), ["0x200"]);
+        assert_eq!(names_of(NsCall::Umount, 0x3), ["MNT_FORCE", "MNT_DETACH"]);
+        assert_eq!(names_of(NsCall::Unshare, 0x8002_0000), ["CLONE_NEWNS", "0x80000000"]);
+        assert!(names_of(NsCall::Chroot, 0).is_empty());
+    }
 }

@@ -16,10 +16,14 @@
 //! measured against each, and JSON to `TARGET_DIR/bench/results.json`
 //! (cargo's target directory). Last, W9: the /proc scan's CPU per scan with
 //! 1,000 processes present, and the process connector's per 1,000
-//! processes started (`--only-procscan` runs only that). `--only` runs only
-//! the workloads named (by their ids), without the ingest and /proc scan
-//! parts.
+//! processes started (`--only-procscan` runs only that). W10, not timed:
+//! the stops and events per call of each family of issue 11's calls
+//! (`families`). `--only` runs only the workloads named (by their ids, W10
+//! among them), without the ingest and /proc scan parts.
+//! `--stops-reference PATH` compares each workload's stops under `ours`
+//! with those of an earlier run's results.json.
 
+mod families;
 mod ingest;
 mod postgres;
 mod procscan;
@@ -162,6 +166,8 @@ struct Arguments {
     only: Option<Vec<String>>,
     /// `--tracer PATH`: measure that binary instead of building the static one.
     tracer: Option<String>,
+    /// `--stops-reference PATH`: an earlier results.json whose stops to compare with.
+    stops_reference: Option<String>,
 }
 
 fn arguments(args: &[String]) -> Result<Arguments, String> {
@@ -179,7 +185,9 @@ fn arguments(args: &[String]) -> Result<Arguments, String> {
         None => None,
     };
     let tracer = value("--tracer").map(|path| path.cloned().ok_or("--tracer takes a path")).transpose()?;
-    Ok(Arguments { quick, runs, only, tracer })
+    let stops_reference =
+        value("--stops-reference").map(|path| path.cloned().ok_or("--stops-reference takes a path")).transpose()?;
+    Ok(Arguments { quick, runs, only, tracer, stops_reference })
 }
 
 /// A workload's id: the first word of its name (`W8`).
@@ -217,8 +225,18 @@ fn bench_procscan(tracer: &str, dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+fn bench_families(tracer: &str, dir: &Path, quick: bool) -> Result<(), String> {
+    let calls = if quick { 200 } else { 2_000 };
+    let costs = families::measure(tracer, dir, calls)?;
+    print!("{}", families::report(&costs, calls));
+    let out = dir.join("families.json");
+    std::fs::write(&out, families::json(&costs, calls).to_string()).map_err(|e| e.to_string())?;
+    println!("results: {}", out.display());
+    Ok(())
+}
+
 pub fn bench(args: &[String]) -> Result<(), String> {
-    let Arguments { quick, runs, only, tracer } = arguments(args)?;
+    let Arguments { quick, runs, only, tracer, stops_reference } = arguments(args)?;
     if args.iter().any(|a| a == "--only-procscan") {
         let dir = crate::target_subdir("bench")?;
         return bench_procscan(&crate::dist()?.display().to_string(), &dir);
@@ -269,6 +287,10 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         Some(ids) => workloads.into_iter().filter(|(name, _)| ids.iter().any(|i| i == id(name))).collect(),
         None => workloads,
     };
+    let families_wanted = !matches!(&only, Some(ids) if !ids.iter().any(|i| i == families::ID));
+    if workloads.is_empty() && families_wanted {
+        return bench_families(&tracer, &dir, quick);
+    }
     if workloads.is_empty() {
         return Err(format!("--only {}: no such workload", only.unwrap_or_default().join(",")));
     }
@@ -370,6 +392,17 @@ pub fn bench(args: &[String]) -> Result<(), String> {
     let json = report::json(runs, quick, &results, &ingest, &targets);
     std::fs::write(&out, json).map_err(|e| e.to_string())?;
     println!("results: {}", out.display());
+    if let Some(path) = stops_reference {
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+        let reference = serde_json::from_str(&text).map_err(|e| format!("{path}: {e}"))?;
+        println!("\nstops per run under ours, against {path}");
+        for line in report::stops_against(&results, &reference) {
+            println!("{line}");
+        }
+    }
+    if families_wanted {
+        bench_families(&tracer, &dir, quick)?;
+    }
     match only {
         Some(_) => Ok(()),
         None => bench_procscan(&tracer, &dir),

@@ -1,6 +1,8 @@
 //! The bench's output: one row per measurement, the targets of issues 5 and
 //! 16 with what was measured against each, and the JSON document.
 
+use std::collections::BTreeMap;
+
 use serde_json::json;
 
 use super::ingest::Load;
@@ -202,6 +204,7 @@ pub fn json(runs: usize, quick: bool, results: &[Measurement], ingest: &[Load], 
                 "p99_ms": m.p99_ms,
                 "stops_per_second": m.stops_per_second,
                 "tracer_syscalls_per_stop": m.tracer_syscalls_per_stop,
+                "stops": super::stop_count(&m.stats),
                 "stats": m.stats,
             })
         })
@@ -211,4 +214,33 @@ pub fn json(runs: usize, quick: bool, results: &[Measurement], ingest: &[Load], 
         targets.iter().map(|t| json!({ "goal": t.goal, "measured": t.measured, "met": t.met })).collect();
     let document = json!({ "runs": runs, "quick": quick, "results": results, "ingest": ingest, "targets": targets });
     serde_json::to_string_pretty(&document).unwrap_or_default() + "\n"
+}
+
+/// Each workload's stops per run under `ours` against a reference
+/// results.json's (its stats' `*_stops`, so that files written before the
+/// `stops` field compare too): a watched call added where a workload makes
+/// none shows as more stops.
+pub fn stops_against(results: &[Measurement], reference: &serde_json::Value) -> Vec<String> {
+    let before = |workload: &str| {
+        let entries = reference["results"].as_array()?;
+        let entry = entries.iter().find(|e| e["workload"] == workload && e["config"] == "ours")?;
+        let stats: BTreeMap<String, u64> = serde_json::from_value(entry["stats"].clone()).ok()?;
+        super::stop_count(&stats)
+    };
+    results
+        .iter()
+        .filter(|m| m.config == "ours")
+        .filter_map(|m| Some((m, super::stop_count(&m.stats)?)))
+        .map(|(m, now)| match before(m.workload) {
+            Some(then) => {
+                let verdict = match now.cmp(&then) {
+                    std::cmp::Ordering::Less => "fewer",
+                    std::cmp::Ordering::Equal => "unchanged",
+                    std::cmp::Ordering::Greater => "MORE",
+                };
+                format!("{:<26} {now:>10} (reference {then}): {verdict}", m.workload)
+            }
+            None => format!("{:<26} {now:>10} (not in the reference)", m.workload),
+        })
+        .collect()
 }
