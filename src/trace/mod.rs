@@ -13,6 +13,7 @@ mod abi;
 mod attach;
 mod decode;
 mod engine;
+mod etc_watch;
 mod guard;
 mod launch;
 mod memory;
