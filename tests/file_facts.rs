@@ -295,3 +295,41 @@ fn a_memfd_program_is_identified_without_metadata() {
         assert!(run.of("exec")[0]["exec"]["metadata"]["mode"].is_u64());
     }
 }
+
+/// The names follow every change of the workload's /etc/passwd, however
+/// made: a bind mount over it (no inode changes: the mount table does), a
+/// rewrite in place of the same size, its unmount.
+#[test]
+fn owner_names_follow_a_mount_over_etc_passwd_and_a_rewrite_in_place() {
+    if !require_root(&[CAP_SYS_ADMIN, CAP_CHOWN], "mount, and give files an owner") {
+        return;
+    }
+    let named = |file: &str, id: u32| {
+        let ids = std::fs::read_to_string(file).unwrap_or_default();
+        ids.lines().any(|l| l.split(':').nth(2) == Some(id.to_string().as_str()))
+    };
+    if named("/etc/passwd", OWNER.0) || named("/etc/group", OWNER.1) {
+        common::skip("the host's /etc/passwd or /etc/group names the test's owner");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().canonicalize().unwrap().to_str().unwrap().to_owned();
+    let owned = format!("{base}/owned");
+    std::fs::write(&owned, "x").unwrap();
+    std::os::unix::fs::chown(&owned, Some(OWNER.0), Some(OWNER.1)).unwrap();
+    let stat = std::fs::metadata(&owned).unwrap();
+    // Each step then a read of `owned`; dd rewrites the bound file's first
+    // name in place, neither truncating nor changing its size.
+    let script = r#"mount --make-rprivate / && cat "$1/owned" && mount --bind "$1/passwd" /etc/passwd && cat "$1/owned" && printf second | dd of=/etc/passwd conv=notrunc status=none && cat "$1/owned" && umount /etc/passwd && cat "$1/owned""#;
+    for mode in [&[] as &[&str], &["--disable-seccomp"]] {
+        std::fs::write(format!("{base}/passwd"), "firsts:x:4242:4343::/:/bin/sh\n").unwrap();
+        let run = Trace::with_flags(mode, &["unshare", "-m", "sh", "-c", script, "sh", &base]).run();
+        eprintln!("flags {mode:?}");
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        let opens = run.opens_of(&owned);
+        assert_eq!(opens.len(), 4, "{:#?}", run.of("open"));
+        let users: Vec<&Value> = opens.iter().map(|open| &names_file(open, "open", &stat)["metadata"]).collect();
+        let expected = [None, Some("firsts"), Some("second"), None].map(|user| metadata(&stat, user, None));
+        assert_eq!(users, expected.iter().collect::<Vec<_>>());
+    }
+}

@@ -14,6 +14,7 @@ mod attach;
 mod condition;
 mod decode;
 mod engine;
+mod etc_watch;
 mod guard;
 mod launch;
 mod memory;

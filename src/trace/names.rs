@@ -4,13 +4,14 @@
 //! huge file must neither stall nor fool the tracer thread.
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{Mode, SFlag};
 use nix::unistd::Pid;
 
 use crate::text;
+use crate::trace::etc_watch::{EtcWatch, Role};
 use crate::trace::procfs::{self, FileId};
 
 /// Largest database read; a longer one is read up to here (its entries
@@ -21,6 +22,8 @@ const DATABASE_MAX: usize = 1 << 20;
 const CACHED_MAX: usize = 4;
 /// Roots kept open (two descriptors each).
 const ROOTS_MAX: usize = 4;
+/// Most lookups between two tries to watch a root.
+const WATCH_RETRY_MAX: u64 = 1024;
 
 /// Which database.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -28,6 +31,8 @@ enum Database {
     Passwd,
     Group,
 }
+
+const DATABASES: [Database; 2] = [Database::Passwd, Database::Group];
 
 impl Database {
     fn name(self) -> &'static str {
@@ -73,6 +78,9 @@ struct Loaded {
     version: Version,
     names: Entries,
     last_used: u64,
+    /// Read while its root's databases were watched: any change seen since
+    /// may have left its version as it was.
+    watched: bool,
 }
 
 /// A root met before, kept open, with its /etc when that is a directory.
@@ -83,18 +91,38 @@ struct Root {
     dir: OwnedFd,
     etc: Option<(Place, OwnedFd)>,
     last_used: u64,
+    /// While nothing watched has changed: both databases' versions.
+    fresh: Option<Fresh>,
+    /// When watching failed (a symlinked /etc, a filesystem not watched,
+    /// the watch limit...): lookups to go before the next try, and how
+    /// many the one after waits (doubling, so that a root that cannot be
+    /// watched costs the tries next to nothing).
+    watch_retry: (u64, u64),
 }
 
-/// The roots and databases met so far. A lookup costs four statx when
-/// nothing changed: the thread's root, its /etc, and the two files, each
-/// checked against what was read (no symlink is followed on that way, so
-/// nothing leads out of the root); a symlinked /etc or database is opened
-/// confined to the root (openat2 RESOLVE_IN_ROOT) instead.
+/// A root whose /etc/passwd and /etc/group are watched (see `etc_watch`).
+struct Fresh {
+    /// By `DATABASES`' order.
+    versions: [Version; 2],
+    /// `/proc/TID/mountinfo` of the root's mount namespace: a mount over
+    /// /etc or a database changes no watched inode.
+    mounts: OwnedFd,
+}
+
+/// The roots and databases met so far. A root's /etc/passwd and
+/// /etc/group, once found regular files in its own /etc, are watched: a
+/// lookup then costs two syscalls while nothing changed (the statx of the
+/// thread's root, and one poll of the watches). Otherwise, and after any
+/// change, a lookup checks the root's /etc and the two files by statx
+/// against what was read (no symlink is followed on that way, so nothing
+/// leads out of the root); a symlinked /etc or database is opened
+/// confined to the root (openat2 RESOLVE_IN_ROOT) instead, and not watched.
 #[derive(Default)]
 pub struct Names {
     roots: Vec<Root>,
     loaded: Vec<Loaded>,
     uses: u64,
+    watch: EtcWatch,
 }
 
 impl Names {
@@ -102,9 +130,92 @@ impl Names {
     /// as its /etc/passwd and /etc/group say now.
     pub fn lookup(&mut self, tid: Pid, uid: Option<u32>, gid: Option<u32>) -> (Option<String>, Option<String>) {
         self.uses += 1;
+        self.forget_changed();
         let Some(root) = self.root(tid) else { return (None, None) };
+        if self.roots[root].fresh.is_none() {
+            self.try_watch(root, tid);
+        }
         let user = uid.and_then(|uid| self.name(root, Database::Passwd, uid));
         (user, gid.and_then(|gid| self.name(root, Database::Group, gid)))
+    }
+
+    /// Roots whose watched files or mount table changed are checked again,
+    /// and databases read under watches that saw a change are read again.
+    fn forget_changed(&mut self) {
+        let watched: Vec<usize> = (0..self.roots.len()).filter(|&i| self.roots[i].fresh.is_some()).collect();
+        let mounts: Vec<_> =
+            watched.iter().filter_map(|&i| Some(self.roots[i].fresh.as_ref()?.mounts.as_fd())).collect();
+        let (files, moved) = self.watch.changes(&mounts);
+        for (bit, &i) in watched.iter().enumerate() {
+            if files || moved & (1 << bit) != 0 {
+                self.roots[i].fresh = None;
+            }
+        }
+        if files {
+            self.loaded.retain(|l| !l.watched);
+        }
+    }
+
+    /// Root `index` watched when it can be, else a later try planned.
+    fn try_watch(&mut self, index: usize, tid: Pid) {
+        let wait = &mut self.roots[index].watch_retry.0;
+        if *wait > 0 {
+            *wait -= 1;
+            return;
+        }
+        match self.watch_root(index, tid) {
+            Some(fresh) => {
+                // Read before the watches were in place, a database could
+                // have changed within its version (a write within one tick
+                // of the file system's clock): read again under them.
+                self.loaded.retain(|l| l.watched || !fresh.versions.contains(&l.version));
+                self.roots[index].fresh = Some(fresh);
+                self.roots[index].watch_retry = (0, 0);
+            }
+            None => {
+                let retry = &mut self.roots[index].watch_retry;
+                retry.1 = (retry.1 * 2).clamp(1, WATCH_RETRY_MAX);
+                retry.0 = retry.1;
+            }
+        }
+    }
+
+    /// Watches for any change of root `index`'s databases, then checks
+    /// they are the regular files of its /etc (a change after a watch is
+    /// in place is seen by it): their versions, or None when not both can
+    /// be watched so (the statx checks then go on).
+    fn watch_root(&mut self, index: usize, tid: Pid) -> Option<Fresh> {
+        let root = &self.roots[index];
+        let (etc_place, etc) = root.etc.as_ref()?;
+        // Opened before the checks: a change of the table after it is seen.
+        let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+        let mounts = nix::fcntl::open(format!("/proc/{tid}/mountinfo").as_str(), flags, Mode::empty()).ok()?;
+        if !self.watch.add(&root.dir, Role::Root) || !self.watch.add(etc, Role::Etc) {
+            return None;
+        }
+        // Still the thread's root, and its /etc still this directory.
+        let still = |file: Option<FileId>, place: Place| {
+            file.is_some_and(|f| matches!(kind(&f), Kind::Directory) && place_of(&f) == place)
+        };
+        if !still(procfs::root_file(tid), root.place) || !still(procfs::file_id(&root.dir, b"etc"), *etc_place) {
+            return None;
+        }
+        let mut versions = Vec::with_capacity(DATABASES.len());
+        for database in DATABASES {
+            let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+            let file = openat(etc, database.name(), flags, Mode::empty()).ok()?;
+            let Kind::Regular(version) = kind(&procfs::file_id(&file, b"")?) else { return None };
+            if !self.watch.add(&file, Role::Database) {
+                return None;
+            }
+            // The name still leads to the watched file.
+            let named = procfs::file_id(etc, database.name().as_bytes())?;
+            if !matches!(kind(&named), Kind::Regular(now) if now == version) {
+                return None;
+            }
+            versions.push(version);
+        }
+        Some(Fresh { versions: versions.try_into().ok()?, mounts })
     }
 
     /// The index of thread `tid`'s root among the roots kept.
@@ -123,12 +234,15 @@ impl Names {
                     let oldest = (0..self.roots.len()).min_by_key(|&i| self.roots[i].last_used)?;
                     self.roots.swap_remove(oldest);
                 }
-                self.roots.push(Root { place, dir, etc: None, last_used: 0 });
+                self.roots.push(Root { place, dir, etc: None, last_used: 0, fresh: None, watch_retry: (0, 0) });
                 self.roots.len() - 1
             }
         };
         let root = &mut self.roots[index];
         root.last_used = self.uses;
+        if root.fresh.is_some() {
+            return Some(index);
+        }
         // The root's own /etc, a directory of this root, not a symlink.
         let etc = procfs::file_id(&root.dir, b"etc");
         match etc.as_ref().map(|etc| (kind(etc), place_of(etc))) {
@@ -159,7 +273,8 @@ impl Names {
                     let oldest = (0..self.loaded.len()).min_by_key(|&i| self.loaded[i].last_used)?;
                     self.loaded.swap_remove(oldest);
                 }
-                self.loaded.push(Loaded { version, names, last_used: 0 });
+                let watched = self.roots[root].fresh.is_some();
+                self.loaded.push(Loaded { version, names, last_used: 0, watched });
                 self.loaded.len() - 1
             }
         };
@@ -172,6 +287,10 @@ impl Names {
     /// its descriptor (O_PATH). None when it is not a regular file.
     fn database_file(&self, root: usize, database: Database) -> Option<(Version, Option<OwnedFd>)> {
         let root = &self.roots[root];
+        if let Some(fresh) = &root.fresh {
+            let at = DATABASES.iter().position(|&d| d == database)?;
+            return Some((fresh.versions[at], None));
+        }
         if let Some((_, etc)) = &root.etc {
             match kind(&procfs::file_id(etc, database.name().as_bytes())?) {
                 Kind::Regular(version) => return Some((version, None)),
