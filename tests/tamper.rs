@@ -449,3 +449,188 @@ fn a_threaded_program_s_ordinary_opens_are_confirmed() {
         assert!(unlink.get("unverified").is_none(), "{unlink:#?}");
     }
 }
+
+#[test]
+fn an_exec_reports_the_program_the_kernel_ran_whatever_a_sibling_writes_in_its_path() {
+    use std::os::unix::fs::MetadataExt;
+    const COUNT: usize = 100;
+    let program_dir = open_dir();
+    let program = runnable_by_anyone(program_dir.path(), &fixture("attack_args"));
+    // Programs that know themselves; scripts that exit 10 and 11; a program and a missing name.
+    for (kind, mode) in [("program", "exec"), ("script", "exec"), ("missing", "fail")] {
+        for (flags, tracer_uid) in users() {
+            for seccomp in MODES {
+                let dir = open_dir();
+                let dir_path = dir.path().canonicalize().unwrap();
+                let names: &[&str] = if kind == "missing" { &["a"] } else { &["a", "b"] };
+                let sources = tempfile::tempdir().unwrap();
+                for (name, code) in names.iter().zip([10, 11]) {
+                    let source = match kind {
+                        "script" => {
+                            let script = sources.path().join(name);
+                            std::fs::write(&script, format!("#!/bin/sh\nexit {code}\n")).unwrap();
+                            script
+                        }
+                        _ => program.clone(),
+                    };
+                    // Written by another process, as `runnable_by_anyone` says why.
+                    let status = std::process::Command::new("install")
+                        .arg("-m755")
+                        .arg(&source)
+                        .arg(dir_path.join(name))
+                        .status()
+                        .unwrap();
+                    assert!(status.success());
+                }
+                let count = COUNT.to_string();
+                let args = [program.as_os_str(), dir_path.as_os_str(), count.as_ref(), mode.as_ref()];
+                let mut trace = Trace::with_flags(&[flags, seccomp].concat(), &args);
+                if let Some(uid) = tracer_uid {
+                    trace = trace.run_by_user(uid, program_dir.path());
+                }
+                let run = trace.run();
+                let context = format!("{kind} {flags:?} tracer uid {tracer_uid:?} {seccomp:?}: {}", run.stderr);
+                assert_eq!(run.code(), Some(0), "{context}");
+                let ran: Vec<(i64, &str)> = run
+                    .stdout
+                    .lines()
+                    .map(|l| {
+                        let (pid, which) = l.split_once(' ').unwrap();
+                        (pid.parse().unwrap(), which)
+                    })
+                    .collect();
+                assert_eq!(ran.len(), COUNT, "{context}");
+                let mut unverified = 0;
+                for (pid, which) in ran {
+                    let execs: Vec<_> =
+                        run.of("exec").into_iter().filter(|e| pid_of(e) == pid && e["syscall"] == "execve").collect();
+                    // A failed exec, then the child's _exit; or the one that ran.
+                    assert_eq!(execs.len(), 1, "{context}: {pid}: {execs:#?}");
+                    let event = execs[0];
+                    let marked = event["unverified"].as_str();
+                    if which == "n" {
+                        assert_eq!(retval(event), -i64::from(libc::ENOENT), "{context}: {event:#?}");
+                        assert!(marked.is_some(), "{context}: a failed exec in a shared process: {event:#?}");
+                        unverified += 1;
+                        continue;
+                    }
+                    assert_eq!(retval(event), 0, "{context}: {event:#?}");
+                    let expected = dir_path.join(which);
+                    if kind == "program" {
+                        // The kernel's word, always.
+                        let inode = std::fs::metadata(&expected).unwrap().ino().to_string();
+                        assert_eq!(event["exec"]["inode"], inode.as_str(), "{context}: {event:#?}");
+                    }
+                    match marked {
+                        None => assert_eq!(event["exec"]["path"], expected.to_str().unwrap(), "{context}: {event:#?}"),
+                        // A script's argv[0] is the caller's word only: always marked.
+                        Some(why) if kind == "script" && !why.contains("the tracer read") => {
+                            assert_eq!(event["exec"]["path"], expected.to_str().unwrap(), "{context}: {why}");
+                            assert!(why.starts_with("args:"), "{context}: {why}");
+                        }
+                        Some(why) => {
+                            // A name the kernel did not take from the entry read: the event names its own.
+                            if why.contains("the tracer read") {
+                                assert_eq!(event["exec"]["path"], expected.to_str().unwrap(), "{context}: {why}");
+                            }
+                            unverified += 1;
+                        }
+                    }
+                }
+                eprintln!("{context}: {unverified} of {COUNT} execs had their path changed or failed");
+            }
+        }
+    }
+}
+
+#[test]
+fn openat2_reports_the_access_mode_the_kernel_gave_whatever_a_sibling_writes_in_open_how() {
+    const COUNT: usize = 200;
+    let dir = open_dir();
+    let file = dir.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let file_path = common::real_path(file.to_str().unwrap());
+    let program = runnable_by_anyone(dir.path(), &fixture("attack_args"));
+    for (flags, tracer_uid) in users() {
+        for mode in MODES {
+            let count = COUNT.to_string();
+            let args = [program.as_os_str(), file.as_os_str(), count.as_ref(), "openat2".as_ref()];
+            let mut trace = Trace::with_flags(&[flags, mode].concat(), &args);
+            if let Some(uid) = tracer_uid {
+                trace = trace.run_by_user(uid, dir.path());
+            }
+            let run = trace.run();
+            let context = format!("{flags:?} tracer uid {tracer_uid:?} {mode:?}: {}", run.stderr);
+            assert_eq!(run.code(), Some(0), "{context}");
+            let modes: Vec<i64> = run.stdout.lines().map(|l| l.parse().unwrap()).collect();
+            assert_eq!(modes.len(), COUNT, "{context}");
+            let opens: Vec<_> = run.opens_of(&file_path).into_iter().filter(|e| e["syscall"] == "openat2").collect();
+            assert_eq!(opens.len(), COUNT, "{context}");
+            let mut corrected = 0;
+            for (event, access) in opens.iter().zip(modes) {
+                assert!(retval(event) >= 0, "{context}: {event:#?}");
+                let reported = event["open"]["flags"].as_i64().unwrap();
+                assert_eq!(reported & i64::from(libc::O_ACCMODE), access, "{context}: {event:#?}");
+                // What the kernel keeps no record of is never reported as fact here.
+                let why = event["unverified"].as_str().unwrap_or_else(|| panic!("{context}: {event:#?}"));
+                assert!(why.contains("O_TRUNC"), "{why}");
+                corrected += usize::from(why.contains("the tracer read"));
+            }
+            eprintln!("{context}: {corrected} of {COUNT} open_how flags changed after the tracer read them");
+        }
+    }
+}
+
+#[test]
+fn a_mount_and_an_unmount_are_reported_as_the_kernel_did_them_whatever_a_sibling_writes() {
+    const COUNT: usize = 100;
+    if !common::require_root(&[common::CAP_SYS_ADMIN], "mount tmpfs in a mount namespace of its own") {
+        return;
+    }
+    let program_dir = open_dir();
+    let program = runnable_by_anyone(program_dir.path(), &fixture("attack_args"));
+    for mode in MODES {
+        let dir = tempfile::tempdir().unwrap();
+        let dir_path = dir.path().canonicalize().unwrap();
+        let count = COUNT.to_string();
+        let args = [
+            "unshare".as_ref(),
+            "-m".as_ref(),
+            "--propagation".as_ref(),
+            "private".as_ref(),
+            program.as_os_str(),
+            dir_path.as_os_str(),
+            count.as_ref(),
+            "mount".as_ref(),
+        ];
+        let run = Trace::with_flags(mode, &args).run();
+        let context = format!("{mode:?}: {}", run.stderr);
+        assert_eq!(run.code(), Some(0), "{context}");
+        let mounted: Vec<&str> = run.stdout.lines().collect();
+        assert_eq!(mounted.len(), COUNT, "{context}");
+        let calls = |syscall: &str| -> Vec<&serde_json::Value> {
+            run.of("namespace").into_iter().filter(|e| e["syscall"] == syscall && retval(e) == 0).collect()
+        };
+        let (mounts, unmounts) = (calls("mount"), calls("umount2"));
+        let mounts: Vec<_> = mounts.into_iter().filter(|e| e["namespace"]["fstype"] == "tmpfs").collect();
+        assert_eq!((mounts.len(), unmounts.len()), (COUNT, COUNT), "{context}");
+        let mut unverified = 0;
+        for ((mount, unmount), which) in mounts.iter().zip(&unmounts).zip(&mounted) {
+            let expected = dir_path.join(which);
+            for event in [mount, unmount] {
+                if event["unverified"].is_string() {
+                    unverified += 1;
+                    continue;
+                }
+                // Reported as fact: it must be where the kernel mounted, or unmounted.
+                assert_eq!(event["namespace"]["path"], expected.to_str().unwrap(), "{context}: {event:#?}");
+            }
+            assert_eq!(mount["namespace"]["source"], "cws-src", "{context}: {mount:#?}");
+        }
+        // Every failed umount2 (the name that was no mount point) is marked.
+        let failed: Vec<_> = run.of("namespace").into_iter().filter(|e| retval(e) < 0).collect();
+        assert!(failed.iter().all(|e| e["unverified"].is_string()), "{context}: {failed:#?}");
+        eprintln!("{context}: {unverified} of {} mounts and unmounts unverified", 2 * COUNT);
+    }
+}

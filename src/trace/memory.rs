@@ -254,6 +254,9 @@ pub struct ExecStrings {
     /// it than the bound (`select_entries`).
     pub env_at: u64,
     pub env_len: u64,
+    /// Where the kernel's own copy of the file name it was asked to run
+    /// lies (AT_EXECFN, above the environment).
+    pub execfn_at: u64,
 }
 
 /// A new image's argument and environment strings as the kernel copied
@@ -276,7 +279,8 @@ pub fn exec_strings(pid: Pid, sp: u64, abi: Abi, max: usize) -> Option<ExecStrin
         }
     };
     let (args_len, env_len) = ((layout.env - layout.args) as usize, (layout.end - layout.env) as usize);
-    let located = |args, env| ExecStrings { args, env, env_at: layout.env, env_len: env_len as u64 };
+    let located =
+        |args, env| ExecStrings { args, env, env_at: layout.env, env_len: env_len as u64, execfn_at: layout.end };
     if args_len <= max && env_len <= max {
         // Contiguous: one read for both.
         let mut both = read_exact_or_less(pid, layout.args, args_len + env_len);

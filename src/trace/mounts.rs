@@ -88,6 +88,39 @@ fn unescape(field: &[u8]) -> Vec<u8> {
     bytes
 }
 
+/// A mount as a thread's mountinfo lists it, for checking what a mount or
+/// umount2 call did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub id: u64,
+    /// Where it is mounted, in the thread's view (relative to its root).
+    pub point: Vec<u8>,
+    pub fstype: Vec<u8>,
+    pub source: Vec<u8>,
+}
+
+/// Every mount of thread `tid`'s namespace; None when mountinfo could not
+/// be read whole.
+pub fn listed(tid: Pid) -> Option<Vec<Listed>> {
+    let (mountinfo, cut) = procfs::read_bounded(&format!("/proc/{tid}/mountinfo"), MOUNTINFO_MAX)?;
+    if cut {
+        return None;
+    }
+    mountinfo.split(|&b| b == b'\n').filter(|line| !line.is_empty()).map(parse_listed).collect()
+}
+
+/// "id parent major:minor root point options [optional...] - fstype source
+/// superoptions".
+fn parse_listed(line: &[u8]) -> Option<Listed> {
+    let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+    let id = std::str::from_utf8(fields.first()?).ok()?.parse().ok()?;
+    let point = unescape(fields.get(4)?);
+    let dash = fields.iter().skip(6).position(|f| *f == b"-")? + 6;
+    let fstype = unescape(fields.get(dash + 1)?);
+    let source = unescape(fields.get(dash + 2)?);
+    Some(Listed { id, point, fstype, source })
+}
+
 /// `path` (bytes) as reached through `view`'s source: its part below the
 /// mount point joined to the mount's root. None when the path is not
 /// below the mount point (another root's view of it: a chroot).
@@ -123,6 +156,16 @@ mod tests {
         // A reused id of another filesystem's mount is not this one.
         assert_eq!(find(MOUNTINFO, 80, libc::makedev(8, 1)), None);
         assert_eq!(find(MOUNTINFO, 8, device), None);
+    }
+
+    #[test]
+    fn a_listed_mount_has_its_point_type_and_source_past_the_optional_fields() {
+        let line = b"81 27 0:52 / /tmp/a\\040b rw,relatime shared:1 master:2 - tmpfs my\\040src rw";
+        let listed = parse_listed(line).unwrap();
+        let expected =
+            Listed { id: 81, point: b"/tmp/a b".to_vec(), fstype: b"tmpfs".to_vec(), source: b"my src".to_vec() };
+        assert_eq!(listed, expected);
+        assert_eq!(parse_listed(b"81 27 0:52 / /tmp/a rw"), None);
     }
 
     #[test]

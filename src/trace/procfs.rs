@@ -167,6 +167,16 @@ pub fn pidfd_process(tid: Pid, fd: i32) -> Option<i32> {
     fd_path(tid, fd)?.strip_prefix("/proc/")?.parse().ok()
 }
 
+/// The open flags the kernel keeps for descriptor `fd` of thread `tid`
+/// (fdinfo's `flags:`, in octal: the open file's flags, O_CLOEXEC the
+/// descriptor's).
+pub fn fd_flags(tid: Pid, fd: i32) -> Option<i32> {
+    let (info, _) = read_bounded(&format!("/proc/{tid}/fdinfo/{fd}"), PAGE)?;
+    let info = String::from_utf8_lossy(&info);
+    let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+    i32::from_str_radix(flags.trim(), 8).ok()
+}
+
 /// The file a descriptor of thread `tid` refers to.
 pub fn fd_file(tid: Pid, fd: i32) -> Option<FileId> {
     statx(libc::AT_FDCWD, format!("/proc/{tid}/fd/{fd}").as_bytes(), libc::AT_NO_AUTOMOUNT)

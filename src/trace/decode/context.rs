@@ -45,6 +45,14 @@ pub struct Call {
     pub entry_bytes: Vec<u8>,
     /// Set when something could not be read at entry.
     pub partial: bool,
+    /// Whether another task shared the caller's memory or descriptor table
+    /// at entry (see `ProcessTable::tables_shared`), for a decoder whose
+    /// check at exit needs what entry saw (an exec's tables are the new
+    /// image's by its exec event).
+    pub shared: bool,
+    /// The mounts at a mount or umount2 target at entry (their mountinfo
+    /// ids), where `shared`; None when mountinfo could not be read.
+    pub entry_mounts: Option<Vec<u64>>,
     /// The parent process when the call was entered: by its exit the
     /// parent may have died and the process been given to another.
     pub ppid: Option<u32>,
@@ -63,6 +71,8 @@ impl Call {
             entry_args: None,
             entry_bytes: Vec::new(),
             partial: false,
+            shared: false,
+            entry_mounts: None,
             ppid: None,
         }
     }

@@ -11,8 +11,9 @@ use crate::text;
 use crate::trace::abi::Abi;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
 use crate::trace::decode::identity;
+use crate::trace::decode::open;
 use crate::trace::memory;
-use crate::trace::procfs;
+use crate::trace::procfs::{self, FileId};
 use crate::trace::procstat;
 use crate::trace::ptrace;
 
@@ -42,6 +43,9 @@ const PRIORITY_ENVS: [&str; 10] = [
 const FAILED_EXEC_ENV_SCAN: usize = 1 << 16;
 /// How much of the argument strings, and of the environment, is read at exec.
 const EXEC_STRINGS_MAX: usize = 256 * 1024;
+/// The longest name the kernel gives the file an exec runs: a path, after
+/// `/dev/fd/N/` for one relative to a directory descriptor.
+const KERNEL_NAME_MAX: usize = PATH_MAX + 32;
 
 /// Which of the two exec calls, for their argument positions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,18 +79,98 @@ impl ExecCall {
 /// that held it is gone.
 pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, exec: ExecCall) -> Next {
     let args = exec.args(call);
-    call.entry_path = match memory::read_cstring(cx.tid, args.path, PATH_MAX) {
-        // execveat(fd, "", AT_EMPTY_PATH): the descriptor itself (fileless exec).
-        Ok((raw, _)) if raw.is_empty() && args.flags & libc::AT_EMPTY_PATH != 0 => cx.fd_path(args.dirfd),
-        Ok((raw, _)) => cx.resolve(args.dirfd, &raw),
-        Err(_) => None,
+    let raw = memory::read_cstring(cx.tid, args.path, PATH_MAX).ok().map(|(raw, _)| raw);
+    // execveat(fd, "", AT_EMPTY_PATH): the descriptor itself (fileless exec).
+    let fileless = raw.as_ref().is_some_and(|raw| raw.is_empty()) && args.flags & libc::AT_EMPTY_PATH != 0;
+    call.entry_path = match &raw {
+        Some(_) if fileless => cx.fd_path(args.dirfd),
+        Some(raw) => cx.resolve(args.dirfd, raw),
+        None => None,
     };
     call.partial = call.entry_path.is_none();
+    // Another task could rewrite the path, or change the directory it is
+    // looked up from, before the kernel reads it: what the kernel ran is
+    // checked at the exec event against the name it was asked for and the
+    // file that name led to here.
+    call.shared = cx.procs.tables_shared(cx.tid);
+    if let (true, Some(raw)) = (call.shared, &raw) {
+        call.entry_bytes = kernel_file_name(args.dirfd, raw);
+        call.entry_file = match fileless {
+            true => procfs::fd_file(cx.tid, args.dirfd),
+            false => procfs::opened_file(cx.tid, args.dirfd, raw, args.flags & libc::AT_SYMLINK_NOFOLLOW == 0),
+        };
+    }
     // The caller's argv: for a `#!` script the kernel replaces argv[0] by
     // the interpreter's line and the script's path.
     let limit = MAX_EXEC_ENTRY_LEN + 1;
     call.entry_args = memory::read_string_array(cx.tid, args.argv, call.abi, MAX_EXEC_ENTRIES, limit).ok();
     Next::Exit
+}
+
+/// The name the kernel gives the file an exec of `raw` from `dirfd` runs
+/// (`bprm->filename`), and copies onto the new stack (AT_EXECFN): the path
+/// as given, or `/dev/fd/N[/path]` for a relative path from a directory
+/// descriptor or a fileless exec.
+fn kernel_file_name(dirfd: i32, raw: &[u8]) -> Vec<u8> {
+    match (dirfd, raw) {
+        (AT_FDCWD, _) | (_, [b'/', ..]) => raw.to_vec(),
+        (fd, []) => format!("/dev/fd/{fd}").into_bytes(),
+        (fd, raw) => [format!("/dev/fd/{fd}/").as_bytes(), raw].concat(),
+    }
+}
+
+/// Why a successful exec by a process that shared its memory or descriptor
+/// table at entry cannot be reported as read there, or None. The kernel's
+/// own copy of the file name it was asked for (`execfn`, on the new stack,
+/// which nothing but the new image can write and which has not run yet)
+/// must be the name read at entry, and the file that name led to at entry
+/// must be the one the kernel ran (`/proc/PID/exe`; for a script, whose
+/// `exe` is its interpreter, the file the name leads to now).
+fn exec_unverified(cx: &Ctx<'_>, call: &Call, execfn: Option<&[u8]>, exe: Option<FileId>, script: bool) -> Vec<String> {
+    const RACE: &str = "another task sharing the memory or the descriptor table changed it while the call ran";
+    let Some(execfn) = execfn else {
+        return vec![format!(
+            "path: read at the call's entry; the kernel's copy of the file name on the new stack could not be \
+             read to confirm it, and {RACE} may have"
+        )];
+    };
+    if execfn != call.entry_bytes.as_slice() {
+        let read = text::lossless(&call.entry_bytes);
+        return vec![format!(
+            "path: the name the kernel ran (its own copy, on the new stack), resolved after the exec; the tracer \
+             read {read} at the call's entry: {RACE}"
+        )];
+    }
+    let mut why = Vec::new();
+    let ran = match script {
+        false => exe,
+        // The kernel keeps no reference to a script once its interpreter runs.
+        true if execfn.starts_with(b"/dev/fd/") => None,
+        true => procfs::opened_file(cx.tid, AT_FDCWD, execfn, true),
+    };
+    // Which file, whatever its metadata did meanwhile.
+    let which_file = |file: Option<FileId>| file.map(|f| (f.device, f.inode, f.mount_id));
+    if call.entry_file.is_none() {
+        why.push(format!(
+            "path: the name the kernel was asked to run, but the tracer could not follow it to a file at the \
+             call's entry (a magic link such as /proc/self/exe, or a name not there then) to compare with the file \
+             the kernel ran, and {RACE} may have"
+        ));
+    } else if which_file(ran) != which_file(call.entry_file) {
+        let which = if script { "the script the name leads to after the exec" } else { "the file the kernel ran" };
+        why.push(format!(
+            "path: the name the kernel was asked to run, but {which} is not the file that name led to at the \
+             call's entry: {RACE} (its directory, working directory or directory descriptor), or the file at \
+             that name was replaced"
+        ));
+    }
+    if script {
+        why.push(format!(
+            "args: argv[0] of a script as read at the call's entry; the kernel replaces it by the interpreter's \
+             line and keeps no copy, and {RACE} may have"
+        ));
+    }
+    why
 }
 
 /// The new image's argv (`stack`, the kernel's copy) against the caller's
@@ -201,7 +285,10 @@ pub fn failed(cx: &mut Ctx<'_>, call: &Call, retval: i64, exec: ExecCall) {
         tty: terminal(cx.tid),
         ..Default::default()
     };
-    cx.emit_call(call, retval, partial, Payload::Exec(exec));
+    let event = cx.call_event(call, retval, partial, Payload::Exec(exec));
+    // As a failed open: nothing the kernel did is left to check the path against.
+    let unverified = if call.shared { open::FAILED_UNVERIFIABLE.to_owned() } else { String::new() };
+    cx.sink.emit(Event { unverified, ..event });
 }
 
 /// The process's controlling terminal ("/dev/pts/3"), as the kernel has it
@@ -222,6 +309,12 @@ pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime, caller:
         .ok()
         .filter(|(_, abi)| *abi != Abi::Unknown)
         .and_then(|(sp, abi)| memory::exec_strings(pid, sp, abi, EXEC_STRINGS_MAX));
+    let shared = call.as_ref().is_some_and(|c| c.shared);
+    let execfn = from_stack
+        .as_ref()
+        .filter(|_| shared)
+        .and_then(|s| memory::read_cstring(pid, s.execfn_at, KERNEL_NAME_MAX).ok())
+        .map(|(name, _)| name);
     let environ_path = format!("/proc/{pid}/environ");
     let (cmdline, environ, env_at, env_len) = match from_stack {
         Some(s) => (Some(s.args), Some(s.env), Some(s.env_at), s.env_len),
@@ -265,8 +358,20 @@ pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime, caller:
     let envs = split_nul(&environ).chain(beyond.iter().map(Vec::as_slice));
     let (envs, envs_truncated) = bound_envs(envs, environ_cut);
     let executable = executable.unwrap_or_default();
-    let path = call.as_ref().and_then(|c| c.entry_path.clone()).unwrap_or_else(|| executable.clone());
-    let facts = identity::facts(cx, procfs::exe_file(pid), &executable);
+    let mut path = call.as_ref().and_then(|c| c.entry_path.clone()).unwrap_or_else(|| executable.clone());
+    let exe = procfs::exe_file(pid);
+    let unverified = match &call {
+        Some(call) if call.shared => exec_unverified(cx, call, execfn.as_deref(), exe, !interpreter.is_empty()),
+        _ => Vec::new(),
+    };
+    // The kernel's name, when it is not the one read at entry.
+    if let Some(name) = execfn.filter(|name| call.as_ref().is_some_and(|c| c.entry_bytes != *name)) {
+        path = match name.starts_with(b"/dev/fd/") {
+            true => text::lossless(&name),
+            false => cx.resolve(AT_FDCWD, &name).unwrap_or_else(|| text::lossless(&name)),
+        };
+    }
+    let facts = identity::facts(cx, exe, &executable);
     let exec = proto::ExecEvent {
         path,
         args,
@@ -298,6 +403,7 @@ pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime, caller:
     };
     // The thread that called execve, though it now has the process id.
     event.tid = caller.as_raw() as u32;
+    event.unverified = unverified.join("; ");
     cx.sink.emit(event);
 }
 

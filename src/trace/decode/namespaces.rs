@@ -6,6 +6,7 @@ use crate::proto::{self, event::Payload};
 use crate::text;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
 use crate::trace::memory;
+use crate::trace::mounts;
 use crate::trace::procfs;
 
 /// Which call, for what its arguments mean.
@@ -152,7 +153,82 @@ pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, ns: NsCall) -> Next {
         }
     };
     call.partial |= unread;
+    // Another task could rewrite the arguments before the kernel reads
+    // them: what a successful call did is looked for in mountinfo at exit.
+    call.shared = cx.procs.tables_shared(cx.tid);
+    if call.shared && matches!(ns, NsCall::Mount | NsCall::Umount) {
+        call.entry_mounts = mounted_at(cx, call.entry_path.as_deref());
+    }
     Next::Exit
+}
+
+/// The ids of the mounts at `target` (an event's path) in the thread's
+/// mountinfo; None when it could not be read.
+fn mounted_at(cx: &Ctx<'_>, target: Option<&str>) -> Option<Vec<u64>> {
+    let target = text::bytes(target?)?;
+    Some(mounts::listed(cx.tid)?.into_iter().filter(|m| m.point == target).map(|m| m.id).collect())
+}
+
+/// Flags with which mount(2) changes an existing mount instead of adding
+/// one: a remount, and the propagation changes (shared, private, slave,
+/// unbindable).
+const CHANGES_A_MOUNT: u64 =
+    libc::MS_REMOUNT | libc::MS_SHARED | libc::MS_PRIVATE | libc::MS_SLAVE | libc::MS_UNBINDABLE;
+/// Flags with which mount(2) puts an existing mount's tree elsewhere.
+const BINDS_OR_MOVES: u64 = libc::MS_BIND | libc::MS_MOVE;
+
+/// Why a mount or umount2 by a process sharing its memory with another
+/// task cannot be reported as read at entry, or None: a new mount must be
+/// in the thread's mountinfo at the target, of that type and from that
+/// source, and was not there at entry; an unmount must have taken away a
+/// mount that was at the target at entry. What leaves nothing to look for
+/// (a failure, a remount, a propagation change) is marked, and so is a
+/// bind or move's source.
+fn mount_unverified(cx: &Ctx<'_>, call: &Call, retval: i64, ns: NsCall) -> Option<String> {
+    const RACE: &str = "another task sharing the memory could have changed them before the kernel read them";
+    let fields = if ns == NsCall::Umount { "path" } else { "path, source, fstype" };
+    if retval < 0 {
+        return Some(format!("{fields}: as read at the call's entry; it failed, and {RACE}"));
+    }
+    let flags = call.args[3];
+    // The kernel tells these apart in this order: remount, propagation, bind, move, new mount.
+    if ns == NsCall::Mount && flags & CHANGES_A_MOUNT != 0 {
+        return Some(format!(
+            "path, source, fstype: as read at the call's entry; a remount or propagation change leaves no new \
+             mount to check them against, and {RACE}"
+        ));
+    }
+    let (Some(before), Some(target)) = (&call.entry_mounts, call.entry_path.as_deref().and_then(text::bytes)) else {
+        return Some(format!("{fields}: as read at the call's entry; mountinfo could not be read, and {RACE}"));
+    };
+    let Some(after) = mounts::listed(cx.tid) else {
+        return Some(format!("{fields}: as read at the call's entry; mountinfo could not be read, and {RACE}"));
+    };
+    if ns == NsCall::Umount {
+        let gone = before.iter().any(|id| !after.iter().any(|m| m.id == *id));
+        return (!gone).then(|| format!("path: no mount that was at it at the call's entry is gone after it: {RACE}"));
+    }
+    let source = call.entry_target.as_deref().and_then(text::bytes).unwrap_or_default();
+    let fstype = std::str::from_utf8(&call.entry_bytes).ok().and_then(text::bytes).unwrap_or_default();
+    let new_at_target = |m: &&mounts::Listed| m.point == target && !before.contains(&m.id);
+    if flags & BINDS_OR_MOVES != 0 {
+        return Some(match after.iter().any(|m| new_at_target(&m)) {
+            true => format!(
+                "source: a bind or move's source as read at the call's entry; its target is confirmed by \
+                             mountinfo, but {RACE}"
+            ),
+            false => format!("path, source: no new mount at the path in mountinfo after the call: {RACE}"),
+        });
+    }
+    // A NULL source is listed as "none".
+    let same_source = |m: &mounts::Listed| m.source == source || (source.is_empty() && m.source == b"none");
+    let confirmed = after.iter().filter(new_at_target).any(|m| m.fstype == fstype && same_source(m));
+    (!confirmed).then(|| {
+        format!(
+            "path, source, fstype: no new mount at the path, of that type and from that source, in mountinfo after \
+             the call: {RACE}"
+        )
+    })
 }
 
 pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, ns: NsCall) {
@@ -180,7 +256,12 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, ns: NsCall) {
         namespace: if ns == NsCall::Setns { call.entry_path.clone().unwrap_or_default() } else { String::new() },
         flag_names: names_of(ns, flags),
     };
-    cx.emit_call(call, retval, false, Payload::Namespace(event));
+    let unverified = match ns {
+        NsCall::Mount | NsCall::Umount if call.shared => mount_unverified(cx, call, retval, ns),
+        _ => None,
+    };
+    let event = cx.call_event(call, retval, false, Payload::Namespace(event));
+    cx.sink.emit(proto::Event { unverified: unverified.unwrap_or_default(), ..event });
 }
 
 #[cfg(test)]

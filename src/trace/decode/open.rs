@@ -58,7 +58,7 @@ pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, open: OpenCall) -> Next {
 }
 
 pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, open: OpenCall) {
-    let args = open.args(call);
+    let mut args = open.args(call);
     let shared = cx.procs.tables_shared(cx.tid);
     if retval < 0 {
         let path = cx.read_path(args.dirfd, args.path);
@@ -81,9 +81,54 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, open: OpenCall) {
         return cx.emit_call(call, retval, path.is_none(), Payload::Open(event));
     }
     let checked = check_descriptor(cx, &args, fd);
+    let mut unverified: Vec<String> = checked.unverified.into_iter().collect();
+    if open == OpenCall::Openat2 {
+        let (flags, why) = check_open_how(cx, args.flags, fd);
+        args.flags = flags;
+        unverified.push(why);
+    }
     let event = open_event(cx, &args, checked.file, &checked.path);
     let event = cx.call_event(call, retval, checked.path.is_none(), Payload::Open(event));
-    cx.sink.emit(proto::Event { unverified: checked.unverified.unwrap_or_default(), ..event });
+    cx.sink.emit(proto::Event { unverified: unverified.join("; "), ..event });
+}
+
+/// The open flags the kernel keeps of an open file and that nothing can
+/// change later (fcntl's F_SETFL changes O_APPEND, O_NONBLOCK, O_DIRECT,
+/// O_NOATIME and O_ASYNC; F_SETFD O_CLOEXEC; O_CREAT, O_EXCL, O_NOCTTY and
+/// O_TRUNC are dropped once the file is open): the access mode, O_PATH,
+/// O_DIRECTORY, O_NOFOLLOW, O_TMPFILE, O_SYNC and O_DSYNC.
+const KEPT_FLAGS: i32 =
+    libc::O_ACCMODE | libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_TMPFILE | libc::O_SYNC;
+
+/// What openat2's flags are reported as where another task shares the
+/// caller's memory (its `open_how` could have been rewritten between the
+/// tracer's read and the kernel's): the bits the kernel keeps are taken
+/// from the new descriptor, and why the rest cannot be confirmed.
+fn check_open_how(cx: &Ctx<'_>, read: i32, fd: i32) -> (i32, String) {
+    const UNCHECKED: &str = "O_CREAT, O_EXCL, O_TRUNC, O_NOCTTY, O_APPEND, O_NONBLOCK, O_DIRECT, O_NOATIME, O_ASYNC, \
+        O_CLOEXEC and the mode are as read from the workload's memory at the call's entry: another task sharing the \
+        memory could have changed them before the kernel read them, and the kernel keeps no record of them that \
+        another task cannot change";
+    // O_SYNC is __O_SYNC with O_DSYNC, which the kernel adds to the former.
+    let asked = if read & libc::O_SYNC != 0 { read | libc::O_DSYNC } else { read };
+    match procfs::fd_flags(cx.tid, fd) {
+        Some(kept) if kept & KEPT_FLAGS == asked & KEPT_FLAGS => (
+            read,
+            format!(
+                "flags: the access mode, O_PATH, O_DIRECTORY, O_NOFOLLOW, O_TMPFILE and O_SYNC are \
+                            confirmed by the new descriptor; {UNCHECKED}"
+            ),
+        ),
+        Some(kept) => (
+            (read & !KEPT_FLAGS) | (kept & KEPT_FLAGS),
+            format!(
+                "flags: the access mode, O_PATH, O_DIRECTORY, O_NOFOLLOW, O_TMPFILE and O_SYNC are the new \
+                 descriptor's ({kept:#o}); the tracer read {read:#o} at the call's entry: another task sharing the \
+                 memory changed the open_how while the call ran; {UNCHECKED}"
+            ),
+        ),
+        None => (read, format!("flags: the new descriptor's flags could not be read; {UNCHECKED}")),
+    }
 }
 
 /// The event of an open of `path`, the file the kernel opened being `file`.
