@@ -10,7 +10,7 @@ use crate::proto::{self, event::Payload, Event};
 use crate::text;
 use crate::trace::abi::Abi;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
-use crate::trace::decode::identity;
+use crate::trace::decode::identity::{self, CarriesFacts};
 use crate::trace::decode::open;
 use crate::trace::memory;
 use crate::trace::procfs::{self, FileId};
@@ -383,14 +383,9 @@ pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime, caller:
         executable,
         interpreter,
         tty: terminal(pid),
-        device: facts.device,
-        inode: facts.inode,
-        mount_id: facts.mount_id,
-        metadata: facts.metadata,
-        mount_root: facts.mount_root,
-        source_path: facts.source_path,
         ..Default::default()
-    };
+    }
+    .with_facts(facts);
     let mut event = match call {
         Some(call) => cx.call_event(&call, 0, partial, Payload::Exec(exec)),
         None => Event {

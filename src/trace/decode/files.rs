@@ -9,7 +9,7 @@ use crate::text;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD, PATH_MAX};
 use crate::trace::decode::creds::id_arg;
 use crate::trace::decode::file_detail::{self, Detail, LengthArg, TimeLayout, XattrValue};
-use crate::trace::decode::identity;
+use crate::trace::decode::identity::{self, CarriesFacts};
 use crate::trace::decode::open;
 use crate::trace::memory;
 use crate::trace::procfs::{self, FileId};
@@ -186,16 +186,11 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
         uid,
         gid,
         flags,
-        device: facts.device,
-        inode: facts.inode,
-        mount_id: facts.mount_id,
-        metadata: facts.metadata,
-        mount_root: facts.mount_root,
-        source_path: facts.source_path,
         user,
         group,
         ..Default::default()
-    };
+    }
+    .with_facts(facts);
     file_detail::fill(&mut event, call, spec.detail);
     let event = cx.call_event(call, retval, call.partial, Payload::File(event));
     cx.sink.emit(proto::Event { unverified: unverified.unwrap_or_default(), ..event });

@@ -4,7 +4,7 @@
 //! with file stats on (no `--disable-stats`) its mode, owner, times and the
 //! owner's names in the tracee's own root.
 
-use crate::proto::FileMetadata;
+use crate::proto::{self, FileMetadata};
 use crate::text;
 use crate::trace::decode::context::Ctx;
 use crate::trace::mounts;
@@ -20,6 +20,24 @@ pub struct FileFacts {
     pub mount_root: String,
     pub source_path: String,
 }
+
+/// The events that name a file carry its facts in the same fields.
+pub trait CarriesFacts {
+    fn with_facts(self, facts: FileFacts) -> Self;
+}
+
+macro_rules! carries_facts {
+    ($($event:ty),*) => {$(
+        impl CarriesFacts for $event {
+            fn with_facts(self, facts: FileFacts) -> Self {
+                let FileFacts { device, inode, mount_id, metadata, mount_root, source_path } = facts;
+                Self { device, inode, mount_id, metadata, mount_root, source_path, ..self }
+            }
+        }
+    )*};
+}
+
+carries_facts!(proto::OpenEvent, proto::ExecEvent, proto::FileEvent);
 
 /// The facts of `file`, named `path` in the event. A memfd's metadata is
 /// left out, as Datadog does: it lives on no filesystem a rule could name.

@@ -3,7 +3,7 @@
 use crate::proto::{self, event::Payload};
 use crate::text;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD};
-use crate::trace::decode::identity;
+use crate::trace::decode::identity::{self, CarriesFacts};
 use crate::trace::procfs::{self, FileId};
 
 /// Which open call, for its argument positions.
@@ -139,13 +139,9 @@ fn open_event(cx: &mut Ctx<'_>, args: &OpenArgs, file: Option<FileId>, path: &Op
         path: path.clone().unwrap_or_default(),
         flags: Some(args.flags),
         mode: if creates { args.mode } else { 0 },
-        device: facts.device,
-        inode: facts.inode,
-        mount_id: facts.mount_id,
-        metadata: facts.metadata,
-        mount_root: facts.mount_root,
-        source_path: facts.source_path,
+        ..Default::default()
     }
+    .with_facts(facts)
 }
 
 /// Why a failed call's path argument is not reported as fact where another
