@@ -8,47 +8,10 @@
 
 mod common;
 
-use std::collections::HashMap;
-
-use common::{fixture, retval, Trace};
+use common::{retval, Made};
 use serde_json::Value;
 
 const MODES: [&[&str]; 2] = [&[], &["--disable-seccomp"]];
-
-/// A run of `nscalls ARGS` and its result lines by label.
-struct Made {
-    run: common::Run,
-    lines: HashMap<String, Vec<String>>,
-}
-
-impl Made {
-    fn new(flags: &[&str], args: &[&str]) -> Made {
-        let program = fixture("nscalls");
-        let mut command = vec![program.to_str().unwrap()];
-        command.extend_from_slice(args);
-        let run = Trace::with_flags(flags, &command).run();
-        assert_eq!(run.code(), Some(0), "{flags:?} {args:?}: {}\n{}", run.stdout, run.stderr);
-        let lines = run
-            .stdout
-            .lines()
-            .map(|l| {
-                let mut words = l.split(' ').map(str::to_owned);
-                (words.next().unwrap(), words.collect())
-            })
-            .collect();
-        Made { run, lines }
-    }
-
-    fn word(&self, label: &str, i: usize) -> &str {
-        let line = self.lines.get(label).unwrap_or_else(|| panic!("no {label} line in {:?}", self.run.stdout));
-        &line[i]
-    }
-
-    /// Word `i` of the line labelled `label`, as a number.
-    fn num(&self, label: &str, i: usize) -> i64 {
-        self.word(label, i).parse().unwrap_or_else(|_| panic!("{label}: {:?}", self.lines[label]))
-    }
-}
 
 fn abi(i386: bool) -> &'static str {
     if i386 {
@@ -102,7 +65,7 @@ fn mounts_roots_and_namespaces_are_events_with_flags_by_name_as_the_kernel_did_t
     for mode in MODES {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().canonicalize().unwrap().to_str().unwrap().to_owned();
-        let made = Made::new(mode, &["mounts", &base]);
+        let made = Made::new("nscalls", mode, &["mounts", &base]);
         let events = made.run.of("namespace");
         let got: Vec<Ns> = events.iter().map(|e| ns_of(e)).collect();
         let at = |name: &str| format!("{base}/{name}");
@@ -189,7 +152,7 @@ fn mounts_roots_and_namespaces_are_events_with_flags_by_name_as_the_kernel_did_t
 #[test]
 fn ptrace_seccomp_userfaultfd_and_io_uring_attempts_are_events_with_their_results() {
     for mode in MODES {
-        let made = Made::new(mode, &["control"]);
+        let made = Made::new("nscalls", mode, &["control"]);
         let call = |e: &Value| (text(&e["syscall"]), text(&e["abi"]), retval(e));
         let at =
             |label: &str, syscall: &str, i386: bool| (syscall.to_owned(), abi(i386).to_owned(), made.num(label, 0));

@@ -8,52 +8,10 @@
 
 mod common;
 
-use std::collections::HashMap;
-
-use common::{fixture, real_path, retval, Terminal, Trace};
+use common::{real_path, retval, Made, Terminal, Trace};
 use serde_json::Value;
 
 const MODES: [&[&str]; 2] = [&[], &["--disable-seccomp"]];
-
-/// A run of `procnet MODE ARGS` and its result lines by label.
-struct Made {
-    run: common::Run,
-    lines: HashMap<String, Vec<String>>,
-}
-
-impl Made {
-    fn new(flags: &[&str], args: &[&str]) -> Made {
-        let program = fixture("procnet");
-        let mut command = vec![program.to_str().unwrap()];
-        command.extend_from_slice(args);
-        let run = Trace::with_flags(flags, &command).run();
-        assert_eq!(run.code(), Some(0), "{flags:?} {args:?}: {}\n{}", run.stdout, run.stderr);
-        let lines = run
-            .stdout
-            .lines()
-            .map(|l| {
-                let mut words = l.split(' ').map(str::to_owned);
-                (words.next().unwrap(), words.collect())
-            })
-            .collect();
-        Made { run, lines }
-    }
-
-    /// Word `i` of the line labelled `label`, as a number.
-    fn num(&self, label: &str, i: usize) -> i64 {
-        let line = self.lines.get(label).unwrap_or_else(|| panic!("no {label} line in {:?}", self.run.stdout));
-        line[i].parse().unwrap_or_else(|_| panic!("{label}: {line:?}"))
-    }
-
-    fn text(&self, label: &str, i: usize) -> &str {
-        &self.lines[label][i]
-    }
-
-    /// The events of `kind` from the calls named `syscalls`.
-    fn events(&self, kind: &str, syscalls: &[&str]) -> Vec<&Value> {
-        self.run.of(kind).into_iter().filter(|e| syscalls.iter().any(|s| e["syscall"] == *s)).collect()
-    }
-}
 
 /// A protojson number (64-bit ones are strings; zero values are left out).
 fn num(value: &Value) -> i64 {
@@ -81,7 +39,7 @@ fn call(event: &Value) -> (String, String, i64) {
 #[test]
 fn prctl_options_that_change_a_process_are_events_with_their_arguments_by_name() {
     for mode in MODES {
-        let made = Made::new(mode, &["prctl"]);
+        let made = Made::new("procnet", mode, &["prctl"]);
         let events = made.events("prctl", &["prctl"]);
         let got: Vec<_> = events
             .iter()
@@ -114,14 +72,14 @@ fn prctl_options_that_change_a_process_are_events_with_their_arguments_by_name()
         ];
         assert_eq!(got, expected, "{mode:?}: {events:#?}");
         // The names are the kernel's (PR_GET_NAME), never a read that failed.
-        assert_eq!(events[0]["prctl"]["new_name"], made.text("set_name", 1));
+        assert_eq!(events[0]["prctl"]["new_name"], made.word("set_name", 1));
         assert_eq!(events[0]["prctl"]["option_name"], "PR_SET_NAME");
         assert_eq!(events[0]["unverified"], Value::Null);
         assert_eq!(events[1]["partial"], true);
-        assert_eq!(events[6]["prctl"]["new_name"], made.text("i386_set_name", 1));
+        assert_eq!(events[6]["prctl"]["new_name"], made.word("i386_set_name", 1));
         assert_eq!(events[5]["prctl"]["option_name"], "PR_SET_NO_NEW_PRIVS");
         // The name the kernel read (low 32 bits of the pointer), not a decoy.
-        assert_eq!(made.text("i386_set_name_high_bits", 1), "cws-real");
+        assert_eq!(made.word("i386_set_name_high_bits", 1), "cws-real");
         assert_eq!(events[8]["prctl"]["new_name"], "cws-real", "{:#?}", events[8]);
         assert!(events[8]["unverified"].is_null(), "{:#?}", events[8]);
         assert_eq!(made.num("no_new_privs", 1), 1);
@@ -133,7 +91,7 @@ fn prctl_options_that_change_a_process_are_events_with_their_arguments_by_name()
 #[test]
 fn resource_limits_report_resource_limits_and_target_as_the_kernel_then_has_them() {
     for mode in MODES {
-        let made = Made::new(mode, &["rlimit"]);
+        let made = Made::new("procnet", mode, &["rlimit"]);
         let events = made.events("rlimit", &["setrlimit", "prlimit64"]);
         let pid = common::pid_of(events[0]);
         let got: Vec<_> = events
@@ -170,7 +128,7 @@ fn resource_limits_report_resource_limits_and_target_as_the_kernel_then_has_them
 #[test]
 fn signals_to_other_processes_are_events_and_probes_and_signals_to_oneself_are_not() {
     for mode in MODES {
-        let made = Made::new(mode, &["signals"]);
+        let made = Made::new("procnet", mode, &["signals"]);
         let events = made.events("signal", &["kill", "tkill", "tgkill", "pidfd_send_signal"]);
         let got: Vec<_> = events
             .iter()
@@ -214,7 +172,7 @@ fn module_loads_and_unloads_report_names_parameters_and_files() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("cws_fake.ko");
     for mode in MODES {
-        let made = Made::new(mode, &["modules", image.to_str().unwrap()]);
+        let made = Made::new("procnet", mode, &["modules", image.to_str().unwrap()]);
         let events = made.events("module", &["init_module", "finit_module", "delete_module"]);
         let got: Vec<_> = events
             .iter()
@@ -256,7 +214,7 @@ fn module_loads_and_unloads_report_names_parameters_and_files() {
 #[test]
 fn bpf_commands_are_events_by_name() {
     for mode in MODES {
-        let made = Made::new(mode, &["bpf"]);
+        let made = Made::new("procnet", mode, &["bpf"]);
         let events = made.events("bpf", &["bpf"]);
         let got: Vec<_> =
             events.iter().map(|e| (call(e), num(&e["bpf"]["command"]), e["bpf"]["command_name"].clone())).collect();
@@ -273,7 +231,7 @@ fn bpf_commands_are_events_by_name() {
 #[test]
 fn raw_and_packet_sockets_and_traffic_shaping_options_are_events_ordinary_ones_are_not() {
     for mode in MODES {
-        let made = Made::new(mode, &["sockets"]);
+        let made = Made::new("procnet", mode, &["sockets"]);
         let sockets = made.events("socket", &["socket"]);
         let got: Vec<_> = sockets
             .iter()
@@ -341,7 +299,7 @@ fn raw_and_packet_sockets_and_traffic_shaping_options_are_events_ordinary_ones_a
 #[test]
 fn datagrams_and_fast_open_sent_to_a_destination_are_connect_events() {
     for mode in MODES {
-        let made = Made::new(mode, &["sockets"]);
+        let made = Made::new("procnet", mode, &["sockets"]);
         let sends = made.events("connect", &["sendto", "sendmsg", "sendmmsg"]);
         let got: Vec<_> = sends
             .iter()

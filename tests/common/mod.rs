@@ -403,3 +403,47 @@ impl Terminal {
         self.lines.iter().collect()
     }
 }
+
+/// A run of a fixture that prints one line per call it made, `LABEL WORD...`:
+/// what it got and what the kernel says afterwards, the ground truth its
+/// events are compared with.
+pub struct Made {
+    pub run: Run,
+    pub lines: std::collections::HashMap<String, Vec<String>>,
+}
+
+impl Made {
+    /// `fixture_name ARGS`, traced with `flags`; it must exit 0.
+    pub fn new(fixture_name: &str, flags: &[&str], args: &[&str]) -> Made {
+        let program = fixture(fixture_name);
+        let mut command = vec![program.to_str().unwrap()];
+        command.extend_from_slice(args);
+        let run = Trace::with_flags(flags, &command).run();
+        assert_eq!(run.code(), Some(0), "{flags:?} {args:?}: {}\n{}", run.stdout, run.stderr);
+        let lines = run
+            .stdout
+            .lines()
+            .map(|l| {
+                let mut words = l.split(' ').map(str::to_owned);
+                (words.next().unwrap(), words.collect())
+            })
+            .collect();
+        Made { run, lines }
+    }
+
+    /// Word `i` of the line labelled `label`.
+    pub fn word(&self, label: &str, i: usize) -> &str {
+        let line = self.lines.get(label).unwrap_or_else(|| panic!("no {label} line in {:?}", self.run.stdout));
+        &line[i]
+    }
+
+    /// Word `i` of the line labelled `label`, as a number.
+    pub fn num(&self, label: &str, i: usize) -> i64 {
+        self.word(label, i).parse().unwrap_or_else(|_| panic!("{label}: {:?}", self.lines[label]))
+    }
+
+    /// The events of `kind` from the calls named `syscalls`.
+    pub fn events(&self, kind: &str, syscalls: &[&str]) -> Vec<&Value> {
+        self.run.of(kind).into_iter().filter(|e| syscalls.iter().any(|s| e["syscall"] == *s)).collect()
+    }
+}
