@@ -63,6 +63,13 @@ impl Failure {
     }
 }
 
+/// Starts reading the task metadata in the background when the Hello's
+/// container names an endpoint (`ECS_CONTAINER_METADATA_URI_V4`).
+pub fn start_fetch(hello: &crate::proto::Hello) -> Option<tokio::task::JoinHandle<Option<EcsContext>>> {
+    let uri = hello.container.as_ref().map_or("", |c| c.ecs_metadata_uri.as_str());
+    (!uri.is_empty()).then(|| tokio::spawn(fetch(uri.to_owned())))
+}
+
 /// What the endpoint at `uri` says about this task and container. On
 /// failure the tracer says why in one line and goes on without it.
 pub async fn fetch(uri: String) -> Option<EcsContext> {

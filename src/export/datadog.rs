@@ -248,8 +248,7 @@ async fn deliver(
 ) {
     // Read once per run, before the first Hello: on Fargate the container id
     // may come only from there.
-    let ecs_uri = options.hello.container.as_ref().map_or("", |c| c.ecs_metadata_uri.as_str());
-    let mut ecs = (!ecs_uri.is_empty()).then(|| tokio::spawn(ecs::fetch(ecs_uri.to_owned())));
+    let mut ecs = ecs::start_fetch(&options.hello);
     let mut backoff = Backoff::new();
     let hostport = options.address.to_string();
     loop {

@@ -388,8 +388,7 @@ async fn deliver(
 ) {
     // Read once per run, while the first connection is being made; every
     // Hello, from the first on, carries what it said.
-    let ecs_uri = options.hello.container.as_ref().map_or("", |c| c.ecs_metadata_uri.as_str());
-    let mut ecs = (!ecs_uri.is_empty()).then(|| tokio::spawn(ecs::fetch(ecs_uri.to_owned())));
+    let mut ecs = ecs::start_fetch(&options.hello);
     let mut backoff = Backoff::new();
     loop {
         let failure = match connect(&options.address, options.credentials.tls.as_ref()).await {

@@ -29,7 +29,7 @@ use crate::log::log;
 use crate::proto::{Event, Goodbye};
 
 use super::grpc::{self, Delivery, BUFFER_BYTES};
-use super::retry::{flush_limit, Backoff, Repeated};
+use super::retry::{flush_limit, pause, Backoff, Repeated};
 use super::{datadog, grpc::Exporter as GrpcExporter};
 
 /// How long a connection's silence takes to mean a Datadog agent. An HTTP/2
@@ -252,12 +252,7 @@ async fn probe_until_answered(address: &Address, mut goodbye: watch::Receiver<Op
             }
             Err(error) => failures.record(format!("cannot reach the agent at {address}"), error, "; retrying"),
         }
-        let ended = goodbye.borrow().is_some();
-        tokio::select! {
-            () = tokio::time::sleep(backoff.draw()) => {}
-            // The workload is gone: try once more at once, it may be the last chance.
-            Ok(()) = goodbye.changed(), if !ended => {}
-        }
+        pause(&mut backoff, &mut goodbye).await;
     }
 }
 

@@ -149,22 +149,7 @@ impl Engine {
     pub fn new(mode: Mode, root: Pid, sink: EventSink, live: LiveProcesses, file_stats: bool) -> Self {
         let mut procs = ProcessTable::new(live);
         procs.add_root(root, Pid::this());
-        Engine {
-            mode,
-            procs,
-            pending: HashMap::new(),
-            interrupted: HashMap::new(),
-            sink,
-            names: file_stats.then(Names::default),
-            mounts: Mounts::default(),
-            reader: SyscallReader::new(),
-            root: Some(root),
-            detach: None,
-            root_death: None,
-            root_started: false,
-            stats: Stats::default(),
-            _single_thread: PhantomData,
-        }
+        Engine { root: Some(root), ..Engine::with_table(mode, procs, sink, file_stats) }
     }
 
     /// Attach mode: the processes are seized, each of their threads about to
@@ -183,8 +168,13 @@ impl Engine {
                 procs.add_thread(tid, process.tgid);
             }
         }
+        Engine { detach: Some(detach), root_started: true, ..Engine::with_table(Mode::Full, procs, sink, file_stats) }
+    }
+
+    /// An engine over `procs`, with no root and nothing pending yet.
+    fn with_table(mode: Mode, procs: ProcessTable, sink: EventSink, file_stats: bool) -> Self {
         Engine {
-            mode: Mode::Full,
+            mode,
             procs,
             pending: HashMap::new(),
             interrupted: HashMap::new(),
@@ -193,9 +183,9 @@ impl Engine {
             mounts: Mounts::default(),
             reader: SyscallReader::new(),
             root: None,
-            detach: Some(detach),
+            detach: None,
             root_death: None,
-            root_started: true,
+            root_started: false,
             stats: Stats::default(),
             _single_thread: PhantomData,
         }
