@@ -8,12 +8,15 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::os::fd::AsFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signalfd::SignalFd;
 use nix::unistd::Pid;
 
 use crate::log::log;
@@ -21,7 +24,7 @@ use crate::proto::{self, event::Payload, Event, ForkKind};
 use crate::queue::EventSink;
 use crate::trace::abi::{Abi, SyscallEntry};
 use crate::trace::attach::{self, Seized};
-use crate::trace::decode::{self, Call, Ctx, Decoder, Next};
+use crate::trace::decode::{self, Call, Ctx, Decoder, Next, OpenCall, Supervised};
 use crate::trace::guard;
 use crate::trace::mounts::Mounts;
 use crate::trace::names::Names;
@@ -30,6 +33,8 @@ use crate::trace::procfs;
 use crate::trace::ptrace::{self, Death, EventStop, ForkEventKind, Resume, Stop, SyscallReader, SyscallState};
 use crate::trace::restart::{self, Verdict};
 use crate::trace::seccomp::SeccompData;
+use crate::trace::signals;
+use crate::trace::supervise::{self, Performed, Served, Supervisor};
 use crate::trace::syscalls::{self, Action, SyscallDef, SYSCALLS};
 
 /// How syscalls reach the tracer.
@@ -53,6 +58,10 @@ pub struct Stats {
     pub other: u64,
     /// Seccomp stops of calls no table entry decodes (x32, foreign ABIs).
     pub foreign: u64,
+    /// Opens the tracer performed itself (no stop), and those it sent back
+    /// to ptrace (`supervise.rs`).
+    pub supervised: u64,
+    pub bounced: u64,
     pub events: u64,
     pub dropped: u64,
     /// Events by kind (`crate::queue::kind`), dropped or not.
@@ -116,6 +125,29 @@ enum SignalAction {
     Discard,
 }
 
+/// Supervised opens: the listener, what wakes the engine for ptrace stops
+/// while it waits on it, and the opens bounced back to ptrace.
+struct Supervision {
+    supervisor: Supervisor,
+    /// None where no signalfd could be had: the engine then looks at both
+    /// every few milliseconds.
+    child_stops: Option<SignalFd>,
+    bounced: HashMap<Pid, Bounce>,
+}
+
+/// Where a bounced open is on its way back to ptrace.
+enum Bounce {
+    /// PTRACE_INTERRUPT sent: its interrupt stop marks the call.
+    Interrupting,
+    /// Marked; the sixth argument's own value.
+    Marked(u64),
+    /// Its seccomp stop came: the value goes back at its exit stop.
+    InCall(u64),
+}
+
+/// How long the engine waits on the listener alone, without a signalfd.
+const POLL_WITHOUT_SIGNALFD: u16 = 5;
+
 pub struct Engine {
     mode: Mode,
     procs: ProcessTable,
@@ -139,6 +171,7 @@ pub struct Engine {
     root_started: bool,
     root_death: Option<Death>,
     stats: Stats,
+    supervision: Option<Supervision>,
     /// ptrace requests are only valid from the thread that attached.
     _single_thread: PhantomData<*const ()>,
 }
@@ -187,6 +220,7 @@ impl Engine {
             root_death: None,
             root_started: false,
             stats: Stats::default(),
+            supervision: None,
             _single_thread: PhantomData,
         }
     }
@@ -202,6 +236,18 @@ impl Engine {
         self.detach.as_ref().is_some_and(|d| d.load(Ordering::SeqCst))
     }
 
+    /// Serves the filter's notifications with `supervisor` from now on.
+    pub fn supervise(&mut self, supervisor: Supervisor) {
+        let child_stops = match signals::child_stops() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                log!("cannot wait for ptrace stops on a descriptor ({e}); looking for them every {POLL_WITHOUT_SIGNALFD} ms");
+                None
+            }
+        };
+        self.supervision = Some(Supervision { supervisor, child_stops, bounced: HashMap::new() });
+    }
+
     /// Traces until every tracee is gone.
     pub fn run(mut self) -> Outcome {
         let mut detached = 0;
@@ -210,7 +256,7 @@ impl Engine {
                 detached = attach::detach_all(self.procs.threads());
                 break;
             }
-            let stop = match ptrace::wait_any() {
+            let stop = match self.next_stop() {
                 Ok(stop) => stop,
                 Err(Errno::EINTR) => continue,
                 Err(_) => break, // ECHILD: nothing left to wait for.
@@ -227,13 +273,143 @@ impl Engine {
         Outcome { root: self.root_death, stats: self.stats, detached }
     }
 
+    /// The next ptrace stop; with supervised opens, the notifications that
+    /// come first are served meanwhile.
+    fn next_stop(&mut self) -> nix::Result<Stop> {
+        loop {
+            let Some(supervision) = &self.supervision else { return ptrace::wait_any() };
+            if let Some(stop) = ptrace::poll_any()? {
+                return Ok(stop);
+            }
+            let listener = supervision.supervisor.listener().as_fd();
+            let mut fds = vec![PollFd::new(listener, PollFlags::POLLIN)];
+            if let Some(child_stops) = &supervision.child_stops {
+                fds.push(PollFd::new(child_stops.as_fd(), PollFlags::POLLIN));
+            }
+            let timeout = match supervision.child_stops {
+                Some(_) => PollTimeout::NONE,
+                None => PollTimeout::from(POLL_WITHOUT_SIGNALFD),
+            };
+            poll(&mut fds, timeout)?;
+            let ready = |fd: &PollFd<'_>| fd.revents().unwrap_or(PollFlags::empty());
+            let (listener, woken) = (ready(&fds[0]), fds.get(1).map(ready));
+            drop(fds);
+            if woken.is_some_and(|r| r.contains(PollFlags::POLLIN)) {
+                if let Some(child_stops) = &supervision.child_stops {
+                    while let Ok(Some(_)) = child_stops.read_signal() {}
+                }
+            }
+            if listener.contains(PollFlags::POLLIN) {
+                self.serve_notification();
+            } else if listener.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
+                // No task is left under the filter: only ptrace stops remain.
+                return ptrace::wait_any();
+            }
+        }
+    }
+
+    /// Serves one pending notification: performed, failed, or bounced back
+    /// to ptrace.
+    fn serve_notification(&mut self) {
+        let Some(supervision) = &mut self.supervision else { return };
+        let Some(notification) = supervision.supervisor.take() else { return };
+        match supervision.supervisor.serve(notification) {
+            Served::Opened { call, fd, file } => self.report_supervised(&call, Supervised::Opened { fd, file: &file }),
+            Served::Failed { call, errno, base } => {
+                let outcome = Supervised::Failed { errno, raw: &call.raw, base: base.as_deref() };
+                self.report_supervised(&call, outcome);
+            }
+            Served::Bounce(tid) => {
+                self.stats.bounced += 1;
+                match ptrace::interrupt(tid) {
+                    Ok(()) => {
+                        supervision.bounced.insert(tid, Bounce::Interrupting);
+                    }
+                    // Not a thread the tracer can stop: its call runs as the
+                    // kernel has it, unseen, rather than never.
+                    Err(e) => {
+                        log!("cannot stop thread {tid} to trace its open ({e}); the open runs unseen");
+                        let _ = supervision.supervisor.let_run(notification.id);
+                    }
+                }
+            }
+            Served::Gone => {}
+        }
+    }
+
+    fn report_supervised(&mut self, performed: &Performed, outcome: Supervised<'_>) {
+        let n = &performed.notification;
+        if Some(n.tid) == self.root && !self.root_started {
+            return;
+        }
+        self.stats.supervised += 1;
+        let (name, open) = match n.nr as u32 {
+            supervise::OPEN => ("open", OpenCall::Open),
+            _ => ("openat", OpenCall::Openat),
+        };
+        let entry = SyscallEntry::new(Abi::X86_64, n.nr as u64, n.args);
+        let mut call = Call::new(name, &entry, performed.time);
+        call.ppid = Some(self.ctx(n.tid).ppid());
+        decode::supervised_open(&mut self.ctx(n.tid), &call, open, outcome);
+    }
+
+    /// At a bounced open's interrupt stop: marks it for ptrace.
+    fn mark_bounced(&mut self, tid: Pid) {
+        let Some(supervision) = &mut self.supervision else { return };
+        if let Some(Bounce::Interrupting) = supervision.bounced.remove(&tid) {
+            if let Ok(Some(own)) = ptrace::restart_supervised(tid, supervision.supervisor.marker(), true) {
+                supervision.bounced.insert(tid, Bounce::Marked(own));
+            }
+        }
+    }
+
+    /// At a seccomp stop: a bounced open's, marked, is now under ptrace.
+    fn bounced_entered(&mut self, tid: Pid, entry: &SyscallEntry) {
+        let Some(supervision) = &mut self.supervision else { return };
+        let marked = entry.abi == Abi::X86_64
+            && matches!(entry.nr as u32, supervise::OPEN | supervise::OPENAT)
+            && entry.args[supervise::MARKER_ARG] == supervision.supervisor.marker();
+        if let (true, Some(Bounce::Marked(own))) = (marked, supervision.bounced.get(&tid)) {
+            supervision.bounced.insert(tid, Bounce::InCall(*own));
+        }
+    }
+
+    /// At a syscall stop: a bounced open's exit, where its sixth argument
+    /// gets its own value back. Not at its seccomp stop: the kernel runs the
+    /// filters again after a tracer's seccomp stop, and without the marker
+    /// that second run would notify the call again.
+    fn unmark_bounced(&mut self, tid: Pid) {
+        let Some(supervision) = &mut self.supervision else { return };
+        if let Some(Bounce::InCall(own)) = supervision.bounced.get(&tid) {
+            let _ = ptrace::set_sixth_arg(tid, *own);
+            supervision.bounced.remove(&tid);
+        }
+    }
+
+    /// Whether a bounced open is under way on this thread (its exit stop is
+    /// needed to put its argument back).
+    fn bounced_in_call(&self, tid: Pid) -> bool {
+        self.supervision.as_ref().is_some_and(|s| matches!(s.bounced.get(&tid), Some(Bounce::InCall(_))))
+    }
+
+    /// A thread's credentials, root or namespaces may have changed, or its
+    /// id may be reused: what the supervisor knew of threads is forgotten.
+    fn supervisor_forgets(&mut self, tid: Option<Pid>) {
+        if let Some(supervision) = &mut self.supervision {
+            supervision.supervisor.forget();
+            if let Some(tid) = tid {
+                supervision.bounced.remove(&tid);
+            }
+        }
+    }
+
     fn ctx(&mut self, tid: Pid) -> Ctx<'_> {
         Ctx { tid, procs: &mut self.procs, sink: &mut self.sink, names: self.names.as_mut(), mounts: &mut self.mounts }
     }
 
     /// How to resume a thread that has no signal to receive.
     fn resume_mode(&self, tid: Pid) -> Resume {
-        if self.pending.contains_key(&tid) || self.mode == Mode::Full {
+        if self.pending.contains_key(&tid) || self.mode == Mode::Full || self.bounced_in_call(tid) {
             Resume::Syscall
         } else {
             Resume::Continue
@@ -274,11 +450,15 @@ impl Engine {
                 if self.procs.thread(stop.pid).is_none() {
                     self.adopt(stop.pid);
                 }
+                self.mark_bounced(stop.pid);
                 let how = self.resume_mode(stop.pid);
                 let _ = stop.resume(how);
             }
             Stop::Signal(stop) => {
                 self.stats.signal += 1;
+                if let Some(supervision) = &self.supervision {
+                    let _ = ptrace::restart_supervised(stop.pid, supervision.supervisor.marker(), false);
+                }
                 let how = self.resume_mode(stop.pid);
                 let _ = match self.on_signal(stop.pid, stop.signal) {
                     SignalAction::Deliver => stop.deliver(how),
@@ -300,6 +480,8 @@ impl Engine {
         let time = SystemTime::now();
         let abi_in_data = |data| SeccompData::decode(data).abi();
         let Ok((entry, data)) = self.reader.read_seccomp(tid, abi_in_data) else { return Resume::Continue };
+        self.bounced_entered(tid, &entry);
+
         if self.guarded(tid, &entry, time) {
             return self.resume_mode(tid);
         }
@@ -337,6 +519,7 @@ impl Engine {
 
     /// A PTRACE_SYSCALL stop: an entry in full mode, or a watched call's exit.
     fn on_syscall(&mut self, tid: Pid) {
+        self.unmark_bounced(tid);
         let time = SystemTime::now();
         let pending = self.pending.contains_key(&tid);
         let Some(thread) = self.procs.thread_mut(tid) else { return };
@@ -363,6 +546,9 @@ impl Engine {
 
     /// A watched call's exit: reported with what the program sees.
     fn on_exit(&mut self, tid: Pid, pending: Pending, retval: i64) {
+        if matches!(pending.decoder, Decoder::Credentials(_) | Decoder::Namespace(_) | Decoder::Prctl) {
+            self.supervisor_forgets(None);
+        }
         match restart::classify(retval) {
             restart::Exit::Final(retval) => pending.decoder.exit(&mut self.ctx(tid), &pending.call, retval),
             // The call runs again, and that one is reported.
@@ -428,7 +614,7 @@ impl Engine {
             thread.forking = None;
         }
         let mut decoder = match def.action {
-            Action::Trace(decoder) => decoder,
+            Action::Trace(decoder) | Action::Supervise { decoder, .. } => decoder,
             // The filter checks the argument too; a stop from a filter of the
             // workload's own, or from full-ptrace mode, is checked here.
             Action::TraceWhen { index, value, decoder } if entry.args[index] as u32 == value => decoder,
@@ -545,11 +731,13 @@ impl Engine {
         self.interrupted.remove(&former);
         self.interrupted.remove(&tgid);
         let call = pending.filter(|p| matches!(p.decoder, Decoder::Exec(_))).map(|p| p.call);
+        self.supervisor_forgets(Some(former));
         decode::exec_succeeded(&mut self.ctx(tgid), call, time, former);
     }
 
     fn on_death(&mut self, pid: Pid, death: Death) {
         self.pending.remove(&pid);
+        self.supervisor_forgets(Some(pid));
         // Killed by the signal that interrupted its call: the call did not complete.
         if let Some(interrupted) = self.interrupted.remove(&pid) {
             self.report_eintr(pid, interrupted);

@@ -61,7 +61,7 @@ pub struct Launch {
     env: Vec<CString>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
-    pub filter: Option<Vec<libc::sock_filter>>,
+    pub filter: Option<seccomp::Programs>,
     /// The signal mask and ignored signals to restore in the workload.
     pub signal_mask: SigSet,
     pub ignored_signals: IgnoredSignals,
@@ -181,7 +181,18 @@ impl Launch {
                 // Release the child.
                 let _ = nix::unistd::write(&tracer_end, b"go");
                 let listener = match &self.filter {
-                    Some(_) => receive_listener(&tracer_end, child),
+                    Some(programs) => match receive_listener(&tracer_end, child) {
+                        Ok(listener) => listener,
+                        // The filter notifies opens that nobody could answer.
+                        Err(()) if programs.supervised.is_some() => {
+                            let _ = kill(child, Signal::SIGKILL);
+                            let _ = waitpid(child, None);
+                            return Err(LaunchError::Setup(
+                                "cannot take the seccomp filter's listener from the workload (pidfd_getfd)".into(),
+                            ));
+                        }
+                        Err(()) => None,
+                    },
                     None => None,
                 };
                 Ok((child, listener))
@@ -197,13 +208,14 @@ impl Launch {
 /// The child names the listener's descriptor and the tracer copies it
 /// (pidfd_getfd), then says so: the child's sendmsg(2), which could pass it,
 /// would stop at the filter now in place, before the tracer waits for stops.
-fn receive_listener(socket: &OwnedFd, child: Pid) -> Option<OwnedFd> {
+/// Err: the child has a listener that could not be copied.
+fn receive_listener(socket: &OwnedFd, child: Pid) -> Result<Option<OwnedFd>, ()> {
     let mut answer = [0u8; 8];
     // The child is still our own code, which answers or dies (and then the
     // socket ends): this read cannot hang on the workload.
-    let received = nix::unistd::read(socket, &mut answer).ok()?;
+    let received = nix::unistd::read(socket, &mut answer).map_err(drop)?;
     if received != answer.len() {
-        return None;
+        return Err(());
     }
     let word = |at: usize| i32::from_ne_bytes(answer[at..at + 4].try_into().expect("4 bytes"));
     let (refused, value) = (word(0), word(4));
@@ -212,7 +224,7 @@ fn receive_listener(socket: &OwnedFd, child: Pid) -> Option<OwnedFd> {
         log!(
             "the seccomp filter could not reserve the notification listener ({errno}); a workload could install a notifying filter whose calls are not seen"
         );
-        return None;
+        return Ok(None);
     }
     let listener = procfs::descriptor_copy(child, child, value);
     // The child closes its own copy once told.
@@ -220,7 +232,7 @@ fn receive_listener(socket: &OwnedFd, child: Pid) -> Option<OwnedFd> {
     if listener.is_none() {
         log!("the seccomp filter's notification listener could not be copied; a workload could install a notifying filter whose calls are not seen");
     }
-    listener
+    listener.map(Some).ok_or(())
 }
 
 /// In the child: names the listener's descriptor (or the errno that
@@ -335,8 +347,8 @@ fn child(launch: &Launch, release: i32, argv: &[*const libc::c_char], envp: &[*c
         // The filter goes in while the tracer's privileges are still ours:
         // with CAP_SYS_ADMIN it needs no NO_NEW_PRIVS, so setuid programs
         // keep working in the workload even under --uid.
-        if let Some(filter) = &launch.filter {
-            match seccomp::install(filter) {
+        if let Some(programs) = &launch.filter {
+            match seccomp::install(programs) {
                 Ok(listener) => send_listener(release, listener),
                 Err(e) => die(b"cannot install the seccomp filter", e, 125),
             }

@@ -16,6 +16,7 @@ mod decode;
 mod engine;
 mod etc_watch;
 mod guard;
+mod impersonate;
 mod launch;
 mod memory;
 mod mounts;
@@ -31,7 +32,9 @@ mod restart;
 mod seccomp;
 mod signals;
 mod snapshot;
+mod supervise;
 mod syscalls;
+mod unotify;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -46,6 +49,7 @@ use crate::queue::EventSink;
 use engine::Engine;
 use launch::Launch;
 use process::LiveProcesses;
+use supervise::Supervisor;
 
 pub use attach::AttachError;
 pub use engine::{Mode, Outcome, Stats};
@@ -127,7 +131,10 @@ impl Tracer {
             Launch::new(&workload.program, &workload.argv, inheritance.signal_mask, inheritance.ignored_signals)?;
         launch.uid = workload.uid;
         launch.gid = workload.gid;
-        launch.filter = (workload.mode == Mode::Seccomp).then(|| seccomp::build_filter(nix::unistd::Pid::this()));
+        // Supervised opens need the filter's listener, and a bounce needs
+        // ptrace stops of the seccomp kind.
+        let marker = (workload.mode == Mode::Seccomp && supervise::wanted()).then(supervise::new_marker);
+        launch.filter = (workload.mode == Mode::Seccomp).then(|| seccomp::programs(nix::unistd::Pid::this(), marker));
         // Orphaned descendants are adopted by the tracer, as by PID 1 in a
         // container: they stay traced, are reaped, and see the same parent
         // whether or not the tracer is PID 1.
@@ -142,7 +149,7 @@ impl Tracer {
             .name("cws-tracer".into())
             .spawn(move || -> Result<Outcome, LaunchError> {
                 // The filter's listener stays open until every tracee is gone.
-                let (root, _listener) = match launch.spawn(mode == Mode::Full) {
+                let (root, listener) = match launch.spawn(mode == Mode::Full) {
                     Ok(spawned) => spawned,
                     Err(e) => {
                         let _ = started_tx.send(None);
@@ -151,7 +158,14 @@ impl Tracer {
                 };
                 // The engine lists the root as live before the forwarder starts,
                 // so that no signal finds nobody to go to.
-                let engine = Engine::new(mode, root, sink, tracer_live, file_stats);
+                let mut engine = Engine::new(mode, root, sink, tracer_live, file_stats);
+                let _listener = match (listener, marker) {
+                    (Some(listener), Some(marker)) => {
+                        engine.supervise(Supervisor::new(listener, marker));
+                        None
+                    }
+                    (listener, _) => listener,
+                };
                 let _ = started_tx.send(Some(root));
                 Ok(engine.run())
             })

@@ -517,6 +517,51 @@ pub fn peak_rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// An O_PATH descriptor of `path`, followed to the end (a /proc magic link
+/// leads to the file it names).
+pub fn open_path(path: &std::ffi::CStr) -> Option<OwnedFd> {
+    // SAFETY: `path` is NUL-terminated; openat returns a new descriptor or -1.
+    let fd = unsafe { libc::openat(libc::AT_FDCWD, path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    // SAFETY: a descriptor openat just returned, owned by no one else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// openat2(2) from `dir` with `resolve`'s limits on the walk (Linux 5.6+).
+pub fn open_beneath(dir: &OwnedFd, path: &std::ffi::CStr, flags: i32, resolve: u64) -> nix::Result<OwnedFd> {
+    // SAFETY: open_how is plain data; zero is valid for every field.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = flags as u64;
+    how.resolve = resolve;
+    let size = std::mem::size_of::<libc::open_how>();
+    // SAFETY: `path` is NUL-terminated and `how` is an open_how of `size` bytes.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_openat2, dir.as_raw_fd(), path.as_ptr(), &how as *const libc::open_how, size)
+    };
+    let fd = nix::errno::Errno::result(fd)?;
+    // SAFETY: a descriptor openat2 just returned, owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Opens again, with `flags`, the file an O_PATH descriptor of the
+/// tracer's refers to (through its /proc magic link): the kernel checks
+/// the open's permissions on that very file.
+pub fn reopen(file: &OwnedFd, flags: i32) -> nix::Result<OwnedFd> {
+    let path = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).expect("no NUL in a number");
+    // SAFETY: `path` is NUL-terminated; open returns a new descriptor or -1.
+    let fd = nix::errno::Errno::result(unsafe { libc::open(path.as_ptr(), flags) })?;
+    // SAFETY: a descriptor open just returned, owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Clears O_NONBLOCK on an open file description.
+pub fn clear_nonblock(file: &OwnedFd) -> nix::Result<()> {
+    // SAFETY: F_GETFL takes and returns integers.
+    let flags = nix::errno::Errno::result(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) })?;
+    // SAFETY: F_SETFL takes and returns integers.
+    nix::errno::Errno::result(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) })
+        .map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

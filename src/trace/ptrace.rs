@@ -15,6 +15,7 @@ use nix::sys::ptrace::{self, Options};
 use nix::unistd::Pid;
 
 use crate::trace::abi::{Abi, SyscallEntry};
+use crate::trace::supervise;
 
 /// Options set on the workload at seize time; children inherit them.
 pub const OPTIONS: Options = Options::PTRACE_O_TRACESYSGOOD
@@ -108,22 +109,39 @@ pub enum ForkEventKind {
 }
 
 pub fn wait_any() -> nix::Result<Stop> {
+    wait(0).map(|stop| stop.expect("a blocking wait returns a stop"))
+}
+
+/// As [`wait_any`], without blocking: None when no tracee has a stop to
+/// report now.
+pub fn poll_any() -> nix::Result<Option<Stop>> {
+    wait(libc::WNOHANG)
+}
+
+fn wait(flags: libc::c_int) -> nix::Result<Option<Stop>> {
     let mut status: libc::c_int = 0;
     // SAFETY: waitpid only writes the status integer we pass.
-    let pid = unsafe { libc::waitpid(-1, &mut status, libc::__WALL) };
-    let pid = Errno::result(pid).map(Pid::from_raw)?;
+    let pid = unsafe { libc::waitpid(-1, &mut status, libc::__WALL | flags) };
+    let pid = Errno::result(pid)?;
+    if pid == 0 {
+        return Ok(None);
+    }
+    Ok(Some(stop_of(Pid::from_raw(pid), status)))
+}
+
+fn stop_of(pid: Pid, status: libc::c_int) -> Stop {
     // Decoded by hand rather than with nix's WaitStatus: real-time signals do
     // not fit its Signal enum, and every signal must be passed on unchanged.
     if libc::WIFEXITED(status) {
-        return Ok(Stop::Dead(pid, Death::Exited(libc::WEXITSTATUS(status))));
+        return Stop::Dead(pid, Death::Exited(libc::WEXITSTATUS(status)));
     }
     if libc::WIFSIGNALED(status) {
         let death = Death::Signaled { signal: libc::WTERMSIG(status), core_dumped: libc::WCOREDUMP(status) };
-        return Ok(Stop::Dead(pid, death));
+        return Stop::Dead(pid, death);
     }
     let signal = libc::WSTOPSIG(status);
     let event = status >> 16;
-    Ok(match (signal, event) {
+    match (signal, event) {
         (s, 0) if s == libc::SIGTRAP | 0x80 => Stop::Syscall(SyscallStop { pid }),
         (libc::SIGTRAP, libc::PTRACE_EVENT_SECCOMP) => Stop::Seccomp(SyscallStop { pid }),
         (libc::SIGTRAP, libc::PTRACE_EVENT_FORK) => Stop::Fork(EventStop { pid }, ForkEventKind::Fork),
@@ -135,7 +153,7 @@ pub fn wait_any() -> nix::Result<Stop> {
         (_, 0) => Stop::Signal(SignalStop { pid, signal }),
         // Events we did not ask for (VFORK_DONE, EXIT): nothing to decode.
         _ => Stop::Trap(EventStop { pid }),
-    })
+    }
 }
 
 /// How to let a tracee run on from a stop where no signal is pending.
@@ -377,5 +395,42 @@ pub fn set_first_arg(pid: Pid, abi: Abi, value: u64) -> nix::Result<()> {
         Abi::I386 => regs.rbx = value,
         _ => regs.rdi = value,
     }
+    ptrace::setregs(pid, regs)
+}
+
+/// Where a signal or PTRACE_INTERRUPT ended a supervised open's wait for
+/// the tracer (the call never ran: it is in a restart state, with no
+/// marker): makes the kernel run it again whatever handler runs first
+/// (ERESTARTNOINTR: natively, such an open is never interrupted), and with
+/// `marker` as its sixth argument when `bounce` (the filter then sends it
+/// to ptrace). Returns the sixth argument's value before, when it did.
+pub fn restart_supervised(pid: Pid, marker: u64, bounce: bool) -> nix::Result<Option<u64>> {
+    const RESTART_CODES: [i64; 3] = [-512, -513, -514];
+    let mut regs = ptrace::getregs(pid)?;
+    let flags = match regs.orig_rax as u32 {
+        supervise::OPEN => regs.rsi,
+        supervise::OPENAT => regs.rdx,
+        _ => return Ok(None),
+    };
+    let waiting = abi_of_code(regs.cs) == Some(Abi::X86_64)
+        && RESTART_CODES.contains(&(regs.rax as i64))
+        && regs.r9 != marker
+        && supervise::supervised_form(flags);
+    if !waiting {
+        return Ok(None);
+    }
+    let before = regs.r9;
+    regs.rax = -513i64 as u64;
+    if bounce {
+        regs.r9 = marker;
+    }
+    ptrace::setregs(pid, regs)?;
+    Ok(Some(before))
+}
+
+/// Puts back the sixth argument of a bounced open at its seccomp stop.
+pub fn set_sixth_arg(pid: Pid, value: u64) -> nix::Result<()> {
+    let mut regs = ptrace::getregs(pid)?;
+    regs.r9 = value;
     ptrace::setregs(pid, regs)
 }

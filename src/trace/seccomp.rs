@@ -1,10 +1,10 @@
 //! The seccomp-bpf filter, generated from the syscall table.
 //!
-//! The program reads only `arch` and `nr`, never arguments or the instruction
-//! pointer, so since Linux 5.11 the kernel caches every ALLOW verdict in a
-//! per-syscall bitmap: an untraced syscall never runs the filter at all.
 //! Traced syscalls return SECCOMP_RET_TRACE with 16 bits of data that name the
 //! table entry and ABI (see [`SeccompData`]), read back by the engine.
+//! Supervised opens return SECCOMP_RET_USER_NOTIF where the tracer serves
+//! them (`supervise.rs`), and SECCOMP_RET_TRACE when their sixth argument is
+//! the tracer's marker (a call the tracer bounced back to ptrace).
 //! Calls through an architecture we do not decode, and x32 calls, are traced
 //! too (never allowed blindly), so that no ABI is a way around the tracer.
 
@@ -13,6 +13,7 @@ use nix::unistd::Pid;
 use crate::trace::abi::{Abi, AUDIT_ARCH_I386, AUDIT_ARCH_X86_64, X32_SYSCALL_BIT};
 use crate::trace::condition::{ArgTest, When};
 use crate::trace::guard::{Target, GUARDS};
+use crate::trace::supervise;
 use crate::trace::syscalls::{Action, SYSCALLS};
 
 const OFFSET_NR: u32 = 0;
@@ -125,7 +126,7 @@ fn push_guards(prog: &mut Vec<libc::sock_filter>, abi: Abi, tracer: u32) {
 
 /// For every table entry that has a number in `abi`: `JEQ nr; RET action`
 /// (with an argument check first for `TraceWhen`), after the guards.
-fn push_abi_block(prog: &mut Vec<libc::sock_filter>, abi: Abi, tracer: u32) {
+fn push_abi_block(prog: &mut Vec<libc::sock_filter>, abi: Abi, tracer: u32, marker: Option<u64>) {
     prog.push(stmt(BPF_LD_W_ABS, OFFSET_NR));
     if abi == Abi::X86_64 {
         prog.push(jump(BPF_JSET_K, X32_SYSCALL_BIT as u32, 0, 1));
@@ -157,6 +158,18 @@ fn push_abi_block(prog: &mut Vec<libc::sock_filter>, abi: Abi, tracer: u32) {
                 prog.push(stmt(BPF_JA, block.len() as u32));
                 prog.extend(block);
             }
+            Action::Supervise { flags, .. } => match marker.filter(|_| abi == Abi::X86_64) {
+                Some(marker) => {
+                    let block = supervise_block(flags, marker, trace);
+                    prog.push(jump(BPF_JEQ_K, nr, 1, 0));
+                    prog.push(stmt(BPF_JA, block.len() as u32));
+                    prog.extend(block);
+                }
+                None => {
+                    prog.push(jump(BPF_JEQ_K, nr, 0, 1));
+                    prog.push(stmt(BPF_RET_K, trace));
+                }
+            },
             Action::Refuse(errno) => {
                 prog.push(jump(BPF_JEQ_K, nr, 0, 1));
                 prog.push(stmt(BPF_RET_K, libc::SECCOMP_RET_ERRNO | errno as u32));
@@ -164,6 +177,25 @@ fn push_abi_block(prog: &mut Vec<libc::sock_filter>, abi: Abi, tracer: u32) {
         }
     }
     prog.push(stmt(BPF_RET_K, libc::SECCOMP_RET_ALLOW));
+}
+
+/// A supervised open: TRACE when its sixth argument is `marker` (both
+/// halves), else USER_NOTIF when its flags (argument `flags`, an int) have
+/// none of the bits that make an open unsupervised, else TRACE.
+fn supervise_block(flags: usize, marker: u64, trace: u32) -> Vec<libc::sock_filter> {
+    let marker_at = OFFSET_ARGS + 8 * supervise::MARKER_ARG as u32;
+    vec![
+        stmt(BPF_LD_W_ABS, marker_at),
+        jump(BPF_JEQ_K, marker as u32, 0, 3),
+        stmt(BPF_LD_W_ABS, marker_at + 4),
+        jump(BPF_JEQ_K, (marker >> 32) as u32, 0, 1),
+        stmt(BPF_RET_K, trace),
+        stmt(BPF_LD_W_ABS, OFFSET_ARGS + 8 * flags as u32),
+        stmt(BPF_AND_K, supervise::NOT_SUPERVISED_FLAGS),
+        jump(BPF_JEQ_K, 0, 0, 1),
+        stmt(BPF_RET_K, libc::SECCOMP_RET_USER_NOTIF),
+        stmt(BPF_RET_K, trace),
+    ]
 }
 
 /// `when` as a block that returns `trace` when it passes and ALLOW
@@ -229,15 +261,28 @@ fn push_test(block: &mut Vec<libc::sock_filter>, test: ArgTest, abi: Abi, fails:
     }
 }
 
-/// Builds the filter program for a workload traced by process `tracer`.
-/// Done in the parent, before fork, so that the child only has to hand it
-/// to the kernel.
-pub fn build_filter(tracer: Pid) -> Vec<libc::sock_filter> {
+/// The programs the child may install: with supervised opens (kept for a
+/// filter that gets its listener: without one, notifying calls would fail
+/// with ENOSYS) and without.
+pub struct Programs {
+    pub supervised: Option<Vec<libc::sock_filter>>,
+    pub plain: Vec<libc::sock_filter>,
+}
+
+/// Builds the filter programs for a workload traced by process `tracer`,
+/// supervised opens bounced with `marker` (None: none supervised). Done in
+/// the parent, before fork, so that the child only has to hand one to the
+/// kernel.
+pub fn programs(tracer: Pid, marker: Option<u64>) -> Programs {
+    Programs { supervised: marker.map(|m| build_filter(tracer, Some(m))), plain: build_filter(tracer, None) }
+}
+
+fn build_filter(tracer: Pid, marker: Option<u64>) -> Vec<libc::sock_filter> {
     let tracer = tracer.as_raw() as u32;
     let mut native = Vec::new();
-    push_abi_block(&mut native, Abi::X86_64, tracer);
+    push_abi_block(&mut native, Abi::X86_64, tracer, marker);
     let mut compat = Vec::new();
-    push_abi_block(&mut compat, Abi::I386, tracer);
+    push_abi_block(&mut compat, Abi::I386, tracer, marker);
 
     let mut prog = vec![stmt(BPF_LD_W_ABS, OFFSET_ARCH)];
     // arch == x86_64 ? fall into the native block : skip over it (JA takes a
@@ -275,9 +320,11 @@ pub enum Listener {
     Refused(i32),
 }
 
-/// Installs `filter` on the calling thread, with a user-notification
-/// listener that the filter never uses: a thread group may have only one,
-/// so holding it keeps the workload from getting one of its own. With
+/// Installs one of `programs` on the calling thread, with a
+/// user-notification listener: a thread group may have only one, so holding
+/// it keeps the workload from getting one of its own, and it serves the
+/// supervised opens. Where the kernel refuses the listener, the program
+/// without supervised opens goes in. With
 /// SECCOMP_FILTER_FLAG_SPEC_ALLOW where the kernel has it: kernels whose
 /// default forces the speculative store bypass mitigation on filtered
 /// tasks would otherwise slow the workload's own code, tracing or not, and
@@ -286,9 +333,13 @@ pub enum Listener {
 /// Runs in the forked child, so it only makes raw syscalls. Tries without
 /// NO_NEW_PRIVS first: a tracer with CAP_SYS_ADMIN then leaves setuid
 /// programs working in the workload.
-pub fn install(filter: &[libc::sock_filter]) -> Result<Listener, i32> {
-    let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
+pub fn install(programs: &Programs) -> Result<Listener, i32> {
     let set_filter = |flags: libc::c_ulong| {
+        let filter = match &programs.supervised {
+            Some(supervised) if flags & libc::SECCOMP_FILTER_FLAG_NEW_LISTENER != 0 => supervised,
+            _ => &programs.plain,
+        };
+        let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
         // SAFETY: `prog` points at `filter`, which outlives the call; the
         // kernel copies the program before returning.
         let rc = unsafe {
@@ -353,8 +404,9 @@ mod tests {
 
     #[test]
     fn filter_is_within_kernel_limits() {
-        let prog = build_filter(Pid::this());
+        let prog = build_filter(Pid::this(), None);
         assert!(prog.len() < 4096);
+        assert!(build_filter(Pid::this(), Some(u64::MAX - 1)).len() < 4096);
         // Every number of both ABIs appears once as a JEQ constant, and
         // every argument check once more; so does every guard's.
         let jeqs = prog.iter().filter(|i| i.code == BPF_JEQ_K).count();
@@ -433,7 +485,7 @@ mod tests {
     fn the_filter_checks_arguments_as_the_table_says() {
         // A tracer pid none of the probes below is: the guards that compare
         // a process id let every call through to the table's rows.
-        let prog = build_filter(Pid::from_raw(4_000_000));
+        let prog = build_filter(Pid::from_raw(4_000_000), None);
         // A guard that names its target otherwise stops every call with a
         // signal before the table is looked at.
         let guard_stops = |abi: Abi, nr: u32, args: &[u64; 6]| {
@@ -474,6 +526,41 @@ mod tests {
                             assert_eq!(run(&prog, arch, nr, &args), expected, "{} {abi:?} {args:x?}", def.name);
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Read-only opens go to the listener, every other form and every call
+    /// carrying the marker to ptrace; i386 calls always to ptrace.
+    #[test]
+    fn supervised_opens_notify_only_their_form() {
+        let marker = 0x1234_5678_9abc_def0u64;
+        let prog = build_filter(Pid::from_raw(4_000_000), Some(marker));
+        let plain = build_filter(Pid::from_raw(4_000_000), None);
+        let notify = libc::SECCOMP_RET_USER_NOTIF;
+        for (index, def) in SYSCALLS.iter().enumerate() {
+            let Action::Supervise { flags, .. } = def.action else { continue };
+            for (abi, arch) in [(Abi::X86_64, AUDIT_ARCH_X86_64), (Abi::I386, AUDIT_ARCH_I386)] {
+                let Some(nr) = def.number(abi) else { continue };
+                let trace = libc::SECCOMP_RET_TRACE | SeccompData::Known { abi, index }.encode();
+                let with = |flag_value: i32, sixth: u64| {
+                    let mut args = [0u64; 6];
+                    args[flags] = flag_value as u64;
+                    args[supervise::MARKER_ARG] = sixth;
+                    (run(&prog, arch, nr, &args), run(&plain, arch, nr, &args))
+                };
+                let supervised = if abi == Abi::X86_64 { notify } else { trace };
+                for read_only in
+                    [0, libc::O_DIRECTORY | libc::O_CLOEXEC, libc::O_PATH | libc::O_NOFOLLOW, libc::O_NONBLOCK]
+                {
+                    assert_eq!(with(read_only, 0), (supervised, trace), "{} {abi:?} {read_only:#o}", def.name);
+                    assert_eq!(with(read_only, marker), (trace, trace), "{} {abi:?} marked", def.name);
+                    assert_eq!(with(read_only, marker & 0xffff_ffff), (supervised, trace), "{} half marker", def.name);
+                    assert_eq!(with(read_only, marker | 1 << 63), (supervised, trace), "{} other high half", def.name);
+                }
+                for writes in [libc::O_WRONLY, libc::O_RDWR, libc::O_CREAT, libc::O_TRUNC, libc::O_TMPFILE] {
+                    assert_eq!(with(writes, 0), (trace, trace), "{} {abi:?} {writes:#o}", def.name);
                 }
             }
         }

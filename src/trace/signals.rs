@@ -202,3 +202,18 @@ fn zeroed_siginfo() -> libc::siginfo_t {
     // SAFETY: siginfo_t is plain data for which all-zero bytes are valid.
     unsafe { std::mem::zeroed() }
 }
+
+/// A descriptor that is readable while a SIGCHLD is pending: what wakes
+/// the engine for ptrace stops while it also waits on the seccomp listener.
+/// SIGCHLD stays blocked in every tracer thread (`block_signals`), so the
+/// descriptor is the only one to take it; its disposition is made the
+/// default, as the kernel sends none for stops to a tracer that ignores it.
+pub fn child_stops() -> nix::Result<nix::sys::signalfd::SignalFd> {
+    use nix::sys::signal::{signal, SigHandler};
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    // SAFETY: the default disposition installs no handler.
+    unsafe { signal(Signal::SIGCHLD, SigHandler::SigDfl) }?;
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+}

@@ -27,6 +27,11 @@ pub enum Action {
     /// Only calls whose arguments pass `when` stop (checked by the filter,
     /// and by the engine for stops that did not come through it).
     TraceIf { when: When, decoder: Decoder },
+    /// Read-only opens (argument `flags` holds the open flags): where the
+    /// tracer supervises opens, the filter hands them to its listener and
+    /// the tracer performs them (`supervise.rs`); every other form, every
+    /// i386 call and every call bounced back to ptrace stops as `Trace`.
+    Supervise { flags: usize, decoder: Decoder },
     /// The call never runs: it fails with this errno, unreported (a policy
     /// the filter applies by itself, as container runtimes' profiles do).
     Refuse(i32),
@@ -106,7 +111,7 @@ const fn signal(call: SignalCall, index: usize) -> Action {
     TraceIf { when: signal_sent(index), decoder: Decoder::Signal(call) }
 }
 
-use Action::{Refuse, Trace, TraceIf, TraceWhen};
+use Action::{Refuse, Supervise, Trace, TraceIf, TraceWhen};
 use Decoder::{Chdir, Clone, Exec, IoUring, Namespace, Net, Open, Ptrace, Seccomp, Socketcall, Userfaultfd};
 
 #[rustfmt::skip]
@@ -114,8 +119,8 @@ pub static SYSCALLS: &[SyscallDef] = &[
     //   name               x86_64      i386        decodes as
     row("execve",          Some(59),   Some(11),   decode(Exec(ExecCall::Execve))),
     row("execveat",        Some(322),  Some(358),  decode(Exec(ExecCall::Execveat))),
-    row("open",            Some(2),    Some(5),    decode(Open(OpenCall::Open))),
-    row("openat",          Some(257),  Some(295),  decode(Open(OpenCall::Openat))),
+    row("open",            Some(2),    Some(5),    Supervise { flags: 1, decoder: Open(OpenCall::Open) }),
+    row("openat",          Some(257),  Some(295),  Supervise { flags: 2, decoder: Open(OpenCall::Openat) }),
     row("openat2",         Some(437),  Some(437),  decode(Open(OpenCall::Openat2))),
     row("creat",           Some(85),   Some(8),    decode(Open(OpenCall::Creat))),
     row("open_by_handle_at", Some(304), Some(342), decode(Open(OpenCall::ByHandle))),

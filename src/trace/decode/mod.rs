@@ -32,7 +32,7 @@ pub use files::{FileCall, PathArg};
 pub use kernel::ModuleCall;
 pub use namespaces::NsCall;
 pub use net::NetCall;
-pub use open::OpenCall;
+pub use open::{supervised as supervised_open, OpenCall, Supervised};
 pub use process::{RlimitCall, SignalCall};
 pub use sends::SendCall;
 pub use sockopts::{RAW_SOCKETS, SOCKOPTS_WATCHED};

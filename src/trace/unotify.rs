@@ -1,0 +1,84 @@
+//! The seccomp user-notification listener's requests (seccomp_unotify(2)):
+//! receiving a notification, checking it is still live, answering it with
+//! an error or with a descriptor the tracer opened.
+//!
+//! `unsafe` here is the listener's ioctls, each on structs of plain data.
+
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::unistd::Pid;
+
+/// A call the filter held for the tracer: the thread waits, inside the
+/// call, until it is answered.
+#[derive(Clone, Copy, Debug)]
+pub struct Notification {
+    /// The kernel's cookie for this call; stale once the thread is gone or
+    /// a signal has interrupted its wait.
+    pub id: u64,
+    /// The calling thread, in the tracer's pid namespace.
+    pub tid: Pid,
+    pub nr: i32,
+    pub arch: u32,
+    pub args: [u64; 6],
+}
+
+/// Takes the next notification; EAGAIN-like errors (none pending, one
+/// whose thread died since) come back as errors for the caller to skip.
+pub fn receive(listener: &OwnedFd) -> nix::Result<Notification> {
+    // SAFETY: seccomp_notif is plain data; the kernel wants it zeroed.
+    let mut notif: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+    // SAFETY: NOTIF_RECV writes one seccomp_notif into `notif`, which is valid for writes of its size.
+    let rc = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_RECV, &mut notif) };
+    Errno::result(rc)?;
+    Ok(Notification {
+        id: notif.id,
+        tid: Pid::from_raw(notif.pid as i32),
+        nr: notif.data.nr,
+        arch: notif.data.arch,
+        args: notif.data.args,
+    })
+}
+
+/// Whether the notification's thread still waits for this answer: after it
+/// has been read from, the thread's memory is known to be that thread's
+/// (its id cannot have been reused by another process meanwhile).
+pub fn still_waiting(listener: &OwnedFd, id: u64) -> bool {
+    // SAFETY: NOTIF_ID_VALID reads the u64 it is pointed at.
+    let rc = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &id) };
+    rc == 0
+}
+
+/// The call fails with `errno`; the thread never runs it.
+pub fn answer_error(listener: &OwnedFd, id: u64, errno: i32) -> nix::Result<()> {
+    let response = libc::seccomp_notif_resp { id, val: 0, error: -errno, flags: 0 };
+    // SAFETY: NOTIF_SEND reads one seccomp_notif_resp, which `response` is.
+    let rc = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &response) };
+    Errno::result(rc).map(drop)
+}
+
+/// The call returns a new descriptor of the thread's that refers to
+/// `file`, as if the thread had opened it (SECCOMP_ADDFD_FLAG_SEND, Linux
+/// 5.14: installing and answering are one step, so a thread interrupted
+/// meanwhile gets neither). Returns the descriptor's number.
+pub fn answer_descriptor(listener: &OwnedFd, id: u64, file: BorrowedFd<'_>, cloexec: bool) -> nix::Result<i32> {
+    let addfd = libc::seccomp_notif_addfd {
+        id,
+        flags: libc::SECCOMP_ADDFD_FLAG_SEND as u32,
+        srcfd: file.as_raw_fd() as u32,
+        newfd: 0,
+        newfd_flags: if cloexec { libc::O_CLOEXEC as u32 } else { 0 },
+    };
+    // SAFETY: NOTIF_ADDFD reads one seccomp_notif_addfd, which `addfd` is.
+    let rc = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ADDFD, &addfd) };
+    Errno::result(rc)
+}
+
+/// The call runs as the kernel has it (SECCOMP_USER_NOTIF_FLAG_CONTINUE).
+pub fn answer_continue(listener: &OwnedFd, id: u64) -> nix::Result<()> {
+    let response =
+        libc::seccomp_notif_resp { id, val: 0, error: 0, flags: libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32 };
+    // SAFETY: NOTIF_SEND reads one seccomp_notif_resp, which `response` is.
+    let rc = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &response) };
+    Errno::result(rc).map(drop)
+}
