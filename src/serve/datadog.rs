@@ -171,10 +171,11 @@ impl Session {
 
 /// With a token required: a Datadog tracer, which cannot present one, is
 /// refused at its first frame; our tracer's probe is answered, as that
-/// tracer will present the token over gRPC.
+/// tracer will present the token over gRPC. A first frame that does not come
+/// whole in time is a refusal too: no session waits here.
 pub(super) async fn refuse(mut stream: Prefixed, peer: &str) {
-    let probe = match read_frame(&mut stream).await {
-        Ok(Some(body)) => matches!(Message::decode(&body), Ok(Received::Message(Message::Probe(_)))),
+    let probe = match tokio::time::timeout(super::HELLO_TIMEOUT, read_frame(&mut stream)).await {
+        Ok(Ok(Some(body))) => matches!(Message::decode(&body), Ok(Received::Message(Message::Probe(_)))),
         _ => false,
     };
     let said = if probe {
