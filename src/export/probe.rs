@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -86,13 +87,31 @@ fn opens_http2(header: &[u8; FRAME_HEADER]) -> bool {
 /// One attempt: connect, write the Hello (`hello`, a whole frame), listen.
 async fn recognise(hostport: &str, hello: &[u8]) -> Result<Peer, String> {
     let mut stream = super::tcp::connect_ipv4_first(hostport).await?;
-    stream.write_all(hello).await.map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + FIRST_BYTES_WAIT;
+    // Written while listening: a gRPC server closes on a Hello it cannot
+    // read, maybe before taking all of it (a long entrypoint), and the write
+    // fails; what it said first still says what it is.
+    let (heard, written) = {
+        let (mut reader, mut writer) = stream.split();
+        tokio::join!(first_bytes(&mut reader, deadline), tokio::time::timeout_at(deadline, writer.write_all(hello)))
+    };
+    match (heard?, written) {
+        (Some(header), _) if opens_http2(&header) => Ok(Peer::Grpc),
+        (Some(_), _) => Err("it answered, but not in HTTP/2 (neither a gRPC nor a Datadog agent)".into()),
+        (None, Ok(Ok(()))) => Ok(Peer::Datadog(stream)),
+        (None, Ok(Err(error))) => Err(error.to_string()),
+        (None, Err(_)) => Err(format!("it did not take the Hello within {} ms", FIRST_BYTES_WAIT.as_millis())),
+    }
+}
+
+/// The server's first frame header, or None when it said nothing by
+/// `deadline`.
+async fn first_bytes(reader: &mut ReadHalf<'_>, deadline: Instant) -> Result<Option<[u8; FRAME_HEADER]>, String> {
     let mut header = [0u8; FRAME_HEADER];
     let mut got = 0;
-    let deadline = Instant::now() + FIRST_BYTES_WAIT;
     while got < FRAME_HEADER {
-        match tokio::time::timeout_at(deadline, stream.read(&mut header[got..])).await {
-            Err(_) if got == 0 => return Ok(Peer::Datadog(stream)),
+        match tokio::time::timeout_at(deadline, reader.read(&mut header[got..])).await {
+            Err(_) if got == 0 => return Ok(None),
             Err(_) => return Err(format!("it wrote {got} bytes that do not open HTTP/2, then nothing")),
             Ok(Ok(0)) if got == 0 => return Err("it closed the connection without a word".into()),
             Ok(Ok(0)) => return Err(format!("it wrote {got} bytes that do not open HTTP/2, then closed")),
@@ -100,11 +119,7 @@ async fn recognise(hostport: &str, hello: &[u8]) -> Result<Peer, String> {
             Ok(Err(error)) => return Err(error.to_string()),
         }
     }
-    if opens_http2(&header) {
-        Ok(Peer::Grpc)
-    } else {
-        Err("it speaks first, but not HTTP/2 (neither a gRPC nor a Datadog agent)".into())
-    }
+    Ok(Some(header))
 }
 
 /// Where events go while the protocol is unknown, and then.

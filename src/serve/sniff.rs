@@ -32,7 +32,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How long a client may stay silent before the server speaks HTTP/2 first.
-/// Well under the 500 ms a silent `auto` probe waits for it.
+/// Well under the 500 ms an older tracer's silent `auto` probe waits for it.
 pub const SILENCE: Duration = Duration::from_millis(100);
 
 /// An empty SETTINGS frame: the least an HTTP/2 server may open with (RFC
