@@ -63,11 +63,30 @@ impl Failure {
     }
 }
 
+/// What the endpoint said, read once per run: `--probe-protocol auto`
+/// needs it for the Hello its probe sends, and the exporter it then starts
+/// must not ask (nor say it failed) again.
+static READ: tokio::sync::OnceCell<Option<EcsContext>> = tokio::sync::OnceCell::const_new();
+
 /// Starts reading the task metadata in the background when the Hello's
 /// container names an endpoint (`ECS_CONTAINER_METADATA_URI_V4`).
 pub fn start_fetch(hello: &crate::proto::Hello) -> Option<tokio::task::JoinHandle<Option<EcsContext>>> {
-    let uri = hello.container.as_ref().map_or("", |c| c.ecs_metadata_uri.as_str());
-    (!uri.is_empty()).then(|| tokio::spawn(fetch(uri.to_owned())))
+    let uri = hello.container.as_ref().map_or("", |c| c.ecs_metadata_uri.as_str()).to_owned();
+    (!uri.is_empty()).then(|| tokio::spawn(async { READ.get_or_init(|| fetch(uri)).await.clone() }))
+}
+
+/// Waits for the read `start_fetch` started, the first time, and adds what
+/// it said to the Hello. Bounded by the read's own timeout, which has said
+/// why it failed.
+pub async fn add_fetched(
+    fetch: &mut Option<tokio::task::JoinHandle<Option<EcsContext>>>,
+    hello: &mut crate::proto::Hello,
+) {
+    if let Some(fetch) = fetch.take() {
+        if let Ok(Some(metadata)) = fetch.await {
+            crate::context::add_ecs(hello, metadata);
+        }
+    }
 }
 
 /// What the endpoint at `uri` says about this task and container. On

@@ -660,9 +660,7 @@ async fn route(
                     Some((writer, shutdown)) => {
                         datadog::Session::new(address.to_string(), writer).run(stream, shutdown).await
                     }
-                    None => log!(
-                        "{address}: refused: a Datadog-protocol tracer cannot present the token this sidecar requires"
-                    ),
+                    None => datadog::refuse(stream, &address.to_string()).await,
                 },
                 Ok(sniff::Sniffed::Closed(0)) => {}
                 Ok(sniff::Sniffed::Closed(got)) => log!("{address}: closed after {got} bytes of an HTTP/2 preface"),

@@ -107,7 +107,9 @@ fn read_connection(
             Ok(Received::Message(message)) => message,
             other => return Err(format!("not a tracer's message: {other:?}")),
         };
-        let hello = matches!(message, Message::Hello(_));
+        // The agent takes the probe's Hello for a Hello: the key offering
+        // gRPC is one it does not know.
+        let hello = matches!(message, Message::Hello(_) | Message::Probe(_));
         let mut seen = connection.lock().unwrap();
         seen.largest_body = seen.largest_body.max(len);
         seen.messages.push(message);
@@ -123,7 +125,7 @@ fn read_connection(
 
 fn hello_of(connection: &Connection) -> &HelloMsg {
     match connection.messages.first() {
-        Some(Message::Hello(hello)) => hello,
+        Some(Message::Hello(hello) | Message::Probe(hello)) => hello,
         other => panic!("a connection opened with {other:?}, not a Hello"),
     }
 }
@@ -132,7 +134,7 @@ fn syscalls(connections: &[Connection]) -> Vec<SyscallMsg> {
     let all = connections.iter().flat_map(|c| c.messages.iter().skip(1));
     all.map(|m| match m {
         Message::Syscall(syscall) => (**syscall).clone(),
-        Message::Hello(hello) => panic!("a second Hello on one connection: {hello:?}"),
+        Message::Hello(hello) | Message::Probe(hello) => panic!("a second Hello on one connection: {hello:?}"),
     })
     .collect()
 }
@@ -192,6 +194,9 @@ fn a_datadog_agent_gets_every_event_it_has_a_type_for_in_order() {
     let connections = receiver.finished();
     assert_eq!(connections.len(), 1, "{}", run.stderr);
     assert_eq!(connections[0].ended, Some(Ok(())));
+    // The probe's Hello is the one the agent keeps: the exporter went on
+    // after it, on the same connection (`syscalls` refuses a second Hello).
+    assert!(matches!(connections[0].messages.first(), Some(Message::Probe(_))), "{}", run.stderr);
 
     let hello = hello_of(&connections[0]);
     let nsid = std::fs::metadata("/proc/self/ns/pid").unwrap().ino();
@@ -332,8 +337,9 @@ fn no_frame_is_over_256_kib_whatever_the_arguments_and_environment() {
     assert!(exec.args_truncated && exec.envs_truncated, "{exec:?}");
 }
 
-/// Starts `serve` on loopback; its address and the child.
-fn serve(output: &std::path::Path) -> (String, std::process::Child) {
+/// Starts `serve` on loopback; its address, the child, and the rest of
+/// its log.
+fn serve(output: &std::path::Path) -> (String, std::process::Child, impl BufRead) {
     let mut child = Command::new(common::binary())
         .args(["serve", "--listen", "127.0.0.1:0", "--output"])
         .arg(output)
@@ -341,22 +347,27 @@ fn serve(output: &std::path::Path) -> (String, std::process::Child) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut log = BufReader::new(child.stderr.take().unwrap());
     let mut first = String::new();
-    BufReader::new(child.stderr.take().unwrap()).read_line(&mut first).unwrap();
+    log.read_line(&mut first).unwrap();
     let address = first.trim().strip_prefix("cws-instrumentation: listening on ").expect("a listening line");
-    (address.to_owned(), child)
+    (address.to_owned(), child, log)
 }
 
 #[test]
 fn auto_speaks_grpc_to_serve() {
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("agent.jsonl");
-    let (address, mut sidecar) = serve(&output);
+    let (address, mut sidecar, mut log) = serve(&output);
     let run = traced(&address, &[], &strings(&["sh", "-c", "cat /etc/hostname >/dev/null; exit 4"])).run();
     let _ = sidecar.kill();
     let _ = sidecar.wait();
+    let mut said = String::new();
+    log.read_to_string(&mut said).unwrap();
     assert_eq!(run.code(), Some(4), "{}", run.stderr);
     assert!(run.stderr.contains(&format!("the agent at {address} speaks gRPC")), "{}", run.stderr);
+    // Decided on `serve`'s answer to the probe's Hello, not on its silence.
+    assert!(said.contains("our tracer's protocol probe, answered in HTTP/2"), "{said}");
     assert!(run.stderr.contains("undelivered=0 "), "{}", run.stderr);
     let lines = std::fs::read_to_string(&output).unwrap();
     assert_eq!(lines.lines().count(), run.events.len(), "serve wrote every event");

@@ -1456,6 +1456,41 @@ mod datadog_tracers {
         assert_eq!(written, expected.map(|(c, p)| (c.to_owned(), p.to_owned())));
     }
 
+    /// `--probe-protocol auto` opens with a Hello that offers gRPC: `serve`
+    /// answers it with HTTP/2 (and so tells the tracer to speak gRPC) as soon
+    /// as the frame is in, not after a silence. The probe's side is shut
+    /// once it is written: a sidecar that waited for more, or for silence,
+    /// would see the end of the stream and close without a word.
+    #[test]
+    fn our_tracers_probe_is_answered_with_http2_as_soon_as_it_is_read_with_or_without_a_token() {
+        use cws_instrumentation::datadog::frame::frame;
+        use cws_instrumentation::datadog::msg::{HelloMsg, Message};
+        let probe = frame(Message::Probe(HelloMsg { nsid: 7, mode: "wrapped".into(), ..Default::default() })).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "a-token-for-this-test\n").unwrap();
+        for token_required in [false, true] {
+            let mut sidecar = Sidecar::start_with("127.0.0.1:0", &output_path(&dir), |c| {
+                if token_required {
+                    c.arg("--auth-token-file").arg(&token);
+                }
+            });
+            let mut tracer = connect(&sidecar.address);
+            tracer.write_all(&probe).unwrap();
+            tracer.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut answer = Vec::new();
+            tracer.read_to_end(&mut answer).unwrap();
+            assert_eq!(
+                answer,
+                [0, 0, 0, 4, 0, 0, 0, 0, 0],
+                "an empty SETTINGS frame; token required: {token_required}"
+            );
+            sidecar.wait_for("our tracer's protocol probe, answered in HTTP/2: gRPC is spoken here");
+            assert_eq!(sidecar.stop(), Some(0));
+        }
+        assert!(read_lines(&output_path(&dir)).is_empty(), "a probe is no session: nothing written");
+    }
+
     #[test]
     fn a_sidecar_that_requires_a_token_refuses_datadog_tracers_which_cannot_present_one() {
         let dir = tempfile::tempdir().unwrap();

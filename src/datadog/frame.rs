@@ -58,7 +58,7 @@ pub fn frame(mut message: Message) -> Result<Vec<u8>, TooLarge> {
             }
             _ => false,
         },
-        Message::Hello(hello) => {
+        Message::Hello(hello) | Message::Probe(hello) => {
             cut_tail(&mut hello.entrypoint_args, excess, &mut false);
             true
         }

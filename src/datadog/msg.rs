@@ -11,6 +11,9 @@ const MESSAGE_HELLO: i32 = 1;
 const MESSAGE_SYSCALL: i32 = 2;
 /// Made up by the agent when a connection ends; never to be sent.
 const MESSAGE_GOODBYE: i32 = 3;
+/// An envelope key of ours, `true` in [`Message::Probe`]. The agent skips it
+/// as it skips every key it does not know (SPEC.md section 4).
+const OFFERS_GRPC: &str = "OffersGRPC";
 
 /// `ExitSyscallMsg.Cause`.
 pub const EXIT_CAUSE_EXITED: u32 = 0;
@@ -584,6 +587,11 @@ impl SyscallFields {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Message {
     Hello(HelloMsg),
+    /// The Hello of `--probe-protocol auto` (`export::probe`): to the agent a
+    /// Hello like any other, the first frame of the connection it keeps; the
+    /// envelope also says the tracer speaks gRPC, and `serve`, which speaks
+    /// both, answers with HTTP/2 at once (a Datadog agent never answers).
+    Probe(HelloMsg),
     Syscall(Box<SyscallMsg>),
 }
 
@@ -603,10 +611,11 @@ pub enum Received {
 impl Message {
     /// The msgpack body.
     pub fn encode(&self, w: &mut Writer) {
-        w.map_len(3);
+        let probe = matches!(self, Message::Probe(_));
+        w.map_len(if probe { 4 } else { 3 });
         w.str("Type");
         match self {
-            Message::Hello(hello) => {
+            Message::Hello(hello) | Message::Probe(hello) => {
                 MESSAGE_HELLO.encode(w);
                 w.str("Hello");
                 hello.encode(w);
@@ -621,6 +630,10 @@ impl Message {
                 syscall.encode(w);
             }
         }
+        if probe {
+            w.str(OFFERS_GRPC);
+            true.encode(w);
+        }
     }
 
     /// Reads one body as `msgpack.Unmarshal` into the agent's `Message`
@@ -629,18 +642,21 @@ impl Message {
     /// syscall type without its payload) is an error.
     pub fn decode(body: &[u8]) -> Result<Received, DecodeError> {
         let mut r = Reader::new(body);
-        let (mut message_type, mut hello, mut syscall) = (0i32, None, None);
+        let (mut message_type, mut hello, mut syscall, mut offers_grpc) = (0i32, None, None, false);
         let len = r.map_len()?.unwrap_or(0);
         for _ in 0..len {
             match r.key()? {
                 b"Type" => message_type = Value::decode(&mut r)?,
                 b"Hello" => hello = Value::decode(&mut r)?,
                 b"Syscall" => syscall = SyscallFields::decode(&mut r)?,
+                // Skipped whatever it holds, as by the agent, which does not know it.
+                key if key == OFFERS_GRPC.as_bytes() => offers_grpc = r.skip_noting_true()?,
                 _ => r.skip()?,
             }
         }
+        let hello_of = |h| if offers_grpc { Message::Probe(h) } else { Message::Hello(h) };
         match message_type {
-            MESSAGE_HELLO => hello.map(|h| Received::Message(Message::Hello(h))).ok_or(DecodeError::MissingHello),
+            MESSAGE_HELLO => hello.map(|h| Received::Message(hello_of(h))).ok_or(DecodeError::MissingHello),
             MESSAGE_SYSCALL => syscall.ok_or(DecodeError::MissingSyscall)?.into_message(),
             MESSAGE_GOODBYE => Ok(Received::Goodbye),
             other => Ok(Received::UnknownMessage(other)),

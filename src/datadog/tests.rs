@@ -48,7 +48,7 @@ fn golden_named(name: &str) -> Golden {
 fn golden_syscall(name: &str) -> SyscallMsg {
     match message_from_json(&golden_named(name).json) {
         Message::Syscall(syscall) => *syscall,
-        Message::Hello(_) => panic!("{name} is a Hello"),
+        Message::Hello(_) | Message::Probe(_) => panic!("{name} is a Hello"),
     }
 }
 
@@ -357,7 +357,7 @@ fn the_golden_frames_cover_hello_and_every_syscall_type() {
         .iter()
         .filter_map(|g| match message_from_json(&g.json) {
             Message::Syscall(m) => Some(m.payload.syscall_type()),
-            Message::Hello(_) => None,
+            Message::Hello(_) | Message::Probe(_) => None,
         })
         .collect();
     types.sort();
@@ -466,6 +466,28 @@ fn messages_the_agent_crashes_on_or_ignores_are_told_apart() {
         rmp::encode::write_f64(w, 1.0).unwrap();
     });
     assert_eq!(Message::decode(&float_type), Err(DecodeError::Unexpected { expected: "an integer", found: 0xcb }));
+}
+
+#[test]
+fn the_probe_is_the_golden_hello_with_one_more_envelope_key_which_only_true_makes_a_probe() {
+    let golden = golden_named("01-hello");
+    let Message::Hello(hello) = message_from_json(&golden.json) else { panic!("not a hello") };
+    let probe = frame(Message::Probe(hello.clone())).unwrap();
+    // The agent reads the Hello it would read from Datadog's tracer, and
+    // skips the key it does not know.
+    let key = [&[0xaa][..], b"OffersGRPC"].concat();
+    let mut expected = [&golden.frame[4..], &key, &[0xc3]].concat();
+    expected[0] = 0x84;
+    assert_eq!(probe[4..], expected);
+    assert_eq!(u32::from_le_bytes(probe[..4].try_into().unwrap()) as usize, expected.len());
+    assert_eq!(Message::decode(&probe[4..]), Ok(Received::Message(Message::Probe(hello.clone()))));
+    for not_true in [0xc2, 0xc0, 0x01] {
+        let body = [&expected[..expected.len() - 1], &[not_true]].concat();
+        assert_eq!(Message::decode(&body), Ok(Received::Message(Message::Hello(hello.clone()))), "{not_true:#x}");
+    }
+    // Skipped whatever it holds, as by the agent.
+    let body = [&expected[..expected.len() - 1], &[0x91, 0xc3]].concat();
+    assert_eq!(Message::decode(&body), Ok(Received::Message(Message::Hello(hello))));
 }
 
 // ---- hostile input ----------------------------------------------------------------

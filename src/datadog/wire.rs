@@ -234,6 +234,13 @@ impl<'a> Reader<'a> {
         Ok(self.bytes()?.unwrap_or_default())
     }
 
+    /// Skips the next value, as `skip`; whether it was `true`.
+    pub fn skip_noting_true(&mut self) -> Result<bool, DecodeError> {
+        let is_true = matches!(Marker::from_u8(self.peek()?), Marker::True);
+        self.skip()?;
+        Ok(is_true)
+    }
+
     /// Skips one value of any type, without recursion.
     pub fn skip(&mut self) -> Result<(), DecodeError> {
         let mut pending: u64 = 1;

@@ -36,7 +36,7 @@ use crate::datadog::outbound;
 use crate::ecs;
 use crate::log::log;
 use crate::proto::event::Payload;
-use crate::proto::{Event, Goodbye, Hello};
+use crate::proto::{Event, Goodbye};
 
 use super::grpc::{self, Delivery, Skipped, BUFFER_BYTES};
 use super::retry::{flush_limit, pause, Backoff, Repeated};
@@ -145,8 +145,8 @@ pub struct Exporter {
 
 impl Exporter {
     /// Starts at once, on `connection` when one is open already (the
-    /// protocol probe's: nothing was written on it yet). `connected` fires
-    /// once a Hello is written.
+    /// protocol probe's: its Hello is written). `connected` fires once a
+    /// Hello is written.
     pub fn start(
         options: grpc::Options,
         connection: Option<TcpStream>,
@@ -253,21 +253,20 @@ async fn deliver(
     let hostport = options.address.to_string();
     loop {
         let opened = match connection.take() {
-            Some(stream) => Ok(stream),
+            Some(stream) => Ok((stream, Hello::Written)),
             None => {
                 // Before connecting: a new connection's Hello goes out at
                 // once, as a Datadog tracer's does (`serve` takes a client
                 // silent for 100 ms for an HTTP/2 one).
-                add_ecs(&mut ecs, &mut options.hello).await;
-                connect_ipv4_first(&hostport).await
+                ecs::add_fetched(&mut ecs, &mut options.hello).await;
+                connect_ipv4_first(&hostport).await.map(|stream| (stream, Hello::ToWrite))
             }
         };
         let failure = match opened {
-            Ok(stream) => {
-                add_ecs(&mut ecs, &mut options.hello).await;
+            Ok((stream, hello)) => {
                 progress.connections += 1;
                 let since = Instant::now();
-                let result = send(options, shared, stream, connected, &mut goodbye, progress).await;
+                let result = send(options, shared, stream, hello, connected, &mut goodbye, progress).await;
                 if since.elapsed() >= STEADY {
                     backoff.reset();
                     progress.failures.settle();
@@ -284,14 +283,11 @@ async fn deliver(
     }
 }
 
-/// Waits for the ECS metadata read, the first time, and adds it to the
-/// Hello. Bounded by the read's own timeout, which has said why it failed.
-async fn add_ecs(ecs: &mut Option<tokio::task::JoinHandle<Option<crate::proto::EcsContext>>>, hello: &mut Hello) {
-    if let Some(fetch) = ecs.take() {
-        if let Ok(Some(metadata)) = fetch.await {
-            context::add_ecs(hello, metadata);
-        }
-    }
+/// Whether a connection's Hello is still to be written.
+enum Hello {
+    ToWrite,
+    /// By the protocol probe, which handed the connection over.
+    Written,
 }
 
 /// One connection: the Hello, then every held message in order. Ok once all
@@ -300,14 +296,17 @@ async fn send(
     options: &grpc::Options,
     shared: &Shared,
     stream: TcpStream,
+    hello: Hello,
     connected: &std::sync::mpsc::Sender<()>,
     goodbye: &mut watch::Receiver<Option<Goodbye>>,
     progress: &mut Progress,
 ) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     let (mut reader, mut writer) = stream.into_split();
-    let hello = frame(Message::Hello(outbound::hello(&options.hello))).map_err(|e| e.to_string())?;
-    writer.write_all(&hello).await.map_err(|e| e.to_string())?;
+    if let Hello::ToWrite = hello {
+        let hello = frame(Message::Hello(outbound::hello(&options.hello))).map_err(|e| e.to_string())?;
+        writer.write_all(&hello).await.map_err(|e| e.to_string())?;
+    }
     let _ = connected.send(());
     let container_id = options.hello.container.as_ref().map(|c| c.id.clone()).unwrap_or_default();
     loop {

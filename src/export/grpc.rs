@@ -28,12 +28,12 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::address::Address;
 use crate::auth::{AgentCredentials, Token};
+use crate::ecs;
 use crate::log::{causes, log};
 use crate::proto::event_service_client::EventServiceClient;
 use crate::proto::{
     agent_message, tracer_message, AgentMessage, Event, EventBatch, Goodbye, Hello, Loss, TracerMessage,
 };
-use crate::{context, ecs};
 
 use super::retry::{flush_limit, pause, Backoff, Repeated};
 
@@ -393,12 +393,7 @@ async fn deliver(
     loop {
         let failure = match connect(&options.address, options.credentials.tls.as_ref()).await {
             Ok(channel) => {
-                if let Some(fetch) = ecs.take() {
-                    // Bounded by the fetch's own timeout; it has said why if it failed.
-                    if let Ok(Some(metadata)) = fetch.await {
-                        context::add_ecs(&mut options.hello, metadata);
-                    }
-                }
+                ecs::add_fetched(&mut ecs, &mut options.hello).await;
                 progress.connections += 1;
                 progress.acknowledged = false;
                 let result = stream(options, shared, channel, connected, &mut goodbye, progress).await;

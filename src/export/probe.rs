@@ -1,16 +1,26 @@
 //! `--probe-protocol auto`: which agent is at the endpoint, gRPC or Datadog.
 //!
 //! An HTTP/2 server speaks first (its SETTINGS frame, right after accepting),
-//! and a Datadog agent never writes anything. So the tracer connects, sends
-//! nothing, and waits [`FIRST_BYTES_WAIT`] for the server's first bytes: an
-//! HTTP/2 SETTINGS frame means gRPC (the connection is closed, the gRPC
-//! exporter makes its own); silence means Datadog, and the Datadog exporter
-//! sends its Hello first on that same connection. A Datadog agent is thus
-//! never sent a byte it could count as a broken frame. Nobody there (refused,
-//! or a connection closed without a word, or bytes that are not HTTP/2): try
-//! again after a backoff, and decide when someone answers. Meanwhile events
-//! wait in a buffer bounded as the exporters' are. The choice is said once
-//! on stderr and holds for the run.
+//! and a Datadog agent never writes anything. So the tracer connects, writes
+//! the Datadog Hello, and waits [`FIRST_BYTES_WAIT`] for the server's first
+//! bytes: an HTTP/2 SETTINGS frame means gRPC (the connection is closed, the
+//! gRPC exporter makes its own); silence means Datadog, and the Datadog
+//! exporter goes on after that Hello on the same connection.
+//!
+//! Why the Hello, and not silence: `serve` takes both protocols on one port
+//! and can only tell them apart by what the client writes first; a silent
+//! client gets HTTP/2 only after `serve` gave up waiting for it (100 ms). The
+//! Hello is what a Datadog agent must get first anyway, so it sees exactly
+//! the connection it would have seen (the envelope's extra key, saying that
+//! the tracer also speaks gRPC, is skipped as every unknown key is: see
+//! `datadog::msg::Message::Probe`), never a byte it could count as a broken
+//! frame, while `serve` recognises the key and answers with HTTP/2 at once.
+//! Any other gRPC server has sent its SETTINGS before it reads anything.
+//!
+//! Nobody there (refused, or a connection closed without a word, or bytes
+//! that are not HTTP/2): try again after a backoff, and decide when someone
+//! answers. Meanwhile events wait in a buffer bounded as the exporters' are.
+//! The choice is said once on stderr and holds for the run.
 //!
 //! Unix sockets and TLS are gRPC only (a TLS server waits for the client's
 //! first bytes: silence would say nothing).
@@ -18,13 +28,18 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::address::Address;
 use crate::cli::ProbeProtocol;
+use crate::datadog::frame::frame;
+use crate::datadog::msg::Message;
+use crate::datadog::outbound;
+use crate::ecs;
 use crate::log::log;
 use crate::proto::{Event, Goodbye};
 
@@ -56,7 +71,8 @@ pub fn settle(asked: ProbeProtocol, options: &grpc::Options) -> Result<ProbeProt
 /// What answered at the endpoint.
 enum Peer {
     Grpc,
-    /// Silent: a Datadog agent; the connection is kept for it.
+    /// Silent: a Datadog agent; the connection, its Hello written, is kept
+    /// for it.
     Datadog(TcpStream),
 }
 
@@ -68,15 +84,34 @@ fn opens_http2(header: &[u8; FRAME_HEADER]) -> bool {
     header[3] == 4 && header[4] == 0 && stream == 0 && length.is_multiple_of(6)
 }
 
-/// One attempt: connect, send nothing, listen.
-async fn recognise(hostport: &str) -> Result<Peer, String> {
+/// One attempt: connect, write the Hello (`hello`, a whole frame), listen.
+async fn recognise(hostport: &str, hello: &[u8]) -> Result<Peer, String> {
     let mut stream = super::tcp::connect_ipv4_first(hostport).await?;
+    let deadline = Instant::now() + FIRST_BYTES_WAIT;
+    // Written while listening: a gRPC server closes on a Hello it cannot
+    // read, maybe before taking all of it (a long entrypoint), and the write
+    // fails; what it said first still says what it is.
+    let (heard, written) = {
+        let (mut reader, mut writer) = stream.split();
+        tokio::join!(first_bytes(&mut reader, deadline), tokio::time::timeout_at(deadline, writer.write_all(hello)))
+    };
+    match (heard?, written) {
+        (Some(header), _) if opens_http2(&header) => Ok(Peer::Grpc),
+        (Some(_), _) => Err("it answered, but not in HTTP/2 (neither a gRPC nor a Datadog agent)".into()),
+        (None, Ok(Ok(()))) => Ok(Peer::Datadog(stream)),
+        (None, Ok(Err(error))) => Err(error.to_string()),
+        (None, Err(_)) => Err(format!("it did not take the Hello within {} ms", FIRST_BYTES_WAIT.as_millis())),
+    }
+}
+
+/// The server's first frame header, or None when it said nothing by
+/// `deadline`.
+async fn first_bytes(reader: &mut ReadHalf<'_>, deadline: Instant) -> Result<Option<[u8; FRAME_HEADER]>, String> {
     let mut header = [0u8; FRAME_HEADER];
     let mut got = 0;
-    let deadline = Instant::now() + FIRST_BYTES_WAIT;
     while got < FRAME_HEADER {
-        match tokio::time::timeout_at(deadline, stream.read(&mut header[got..])).await {
-            Err(_) if got == 0 => return Ok(Peer::Datadog(stream)),
+        match tokio::time::timeout_at(deadline, reader.read(&mut header[got..])).await {
+            Err(_) if got == 0 => return Ok(None),
             Err(_) => return Err(format!("it wrote {got} bytes that do not open HTTP/2, then nothing")),
             Ok(Ok(0)) if got == 0 => return Err("it closed the connection without a word".into()),
             Ok(Ok(0)) => return Err(format!("it wrote {got} bytes that do not open HTTP/2, then closed")),
@@ -84,11 +119,7 @@ async fn recognise(hostport: &str) -> Result<Peer, String> {
             Ok(Err(error)) => return Err(error.to_string()),
         }
     }
-    if opens_http2(&header) {
-        Ok(Peer::Grpc)
-    } else {
-        Err("it speaks first, but not HTTP/2 (neither a gRPC nor a Datadog agent)".into())
-    }
+    Ok(Some(header))
 }
 
 /// Where events go while the protocol is unknown, and then.
@@ -197,10 +228,10 @@ async fn decide(
     goodbye: watch::Receiver<Option<Goodbye>>,
     ended_at: Arc<OnceLock<Instant>>,
 ) {
-    let abandon = Arc::clone(&options.abandon);
+    let (abandon, flush_timeout) = (Arc::clone(&options.abandon), options.flush_timeout);
     let peer = tokio::select! {
-        peer = probe_until_answered(&options.address, goodbye.clone()) => peer,
-        _ = flush_limit(goodbye, options.flush_timeout, &abandon) => return,
+        peer = probe_until_answered(&mut options, goodbye.clone()) => peer,
+        _ = flush_limit(goodbye, flush_timeout, &abandon) => return,
     };
     if let Some(ended) = ended_at.get() {
         options.flush_timeout = options.flush_timeout.saturating_sub(ended.elapsed());
@@ -240,12 +271,24 @@ async fn decide(
     };
 }
 
-async fn probe_until_answered(address: &Address, mut goodbye: watch::Receiver<Option<Goodbye>>) -> Peer {
+/// Probes until someone answers; the Hello it sends is the one a Datadog
+/// agent keeps, so the ECS metadata is read first (once per run: the
+/// exporter started then finds it read).
+async fn probe_until_answered(options: &mut grpc::Options, mut goodbye: watch::Receiver<Option<Goodbye>>) -> Peer {
+    ecs::add_fetched(&mut ecs::start_fetch(&options.hello), &mut options.hello).await;
+    let address = &options.address;
     let hostport = address.to_string();
+    let probe = frame(Message::Probe(outbound::hello(&options.hello)));
     let mut backoff = Backoff::new();
     let mut failures = Repeated::default();
     loop {
-        match recognise(&hostport).await {
+        let recognised = match &probe {
+            Ok(hello) => recognise(&hostport, hello).await,
+            // Over the agent's limit even with its arguments cut: no agent
+            // could take it, and the Datadog exporter would say so as well.
+            Err(too_large) => Err(too_large.to_string()),
+        };
+        match recognised {
             Ok(peer) => {
                 failures.settle();
                 return peer;

@@ -18,10 +18,18 @@
 //! in); later ones are ignored, and counted. Messages before any Hello are
 //! written, with the message's container id. A Goodbye on the wire forgets
 //! the Hello's container, as the agent does, and the session goes on.
+//!
+//! Our tracer's `--probe-protocol auto` opens with a Hello that also offers
+//! gRPC (`Message::Probe`): as a connection's first frame it is answered at
+//! once with HTTP/2's first frame, which tells the tracer to come back
+//! speaking gRPC, the richer protocol (acks, resending, sequences), and the
+//! connection ends there. Without the answer the tracer would take this port
+//! for a Datadog agent; with a token required, it could not come at all.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::datadog::frame::read_frame;
@@ -29,7 +37,7 @@ use crate::datadog::inbound;
 use crate::datadog::msg::{HelloMsg, Message, Received, SyscallMsg};
 use crate::log::log;
 
-use super::sniff::Prefixed;
+use super::sniff::{Prefixed, SERVER_PREFACE};
 use super::{append_line, line_head, Quoted, Write};
 
 /// Skipped messages of types the agent does not know, under one name each.
@@ -70,6 +78,7 @@ impl Session {
     /// Reads frames until the tracer closes, breaks a rule, or the sidecar
     /// stops; then says how the session ended, in one line.
     pub(super) async fn run(mut self, mut stream: Prefixed, mut shutdown: watch::Receiver<bool>) {
+        let mut first = true;
         let ended = loop {
             let frame = tokio::select! {
                 frame = read_frame(&mut stream) => frame,
@@ -85,7 +94,12 @@ impl Session {
                 Err(error) => break format!("cut off: undecodable message: {error}"),
             };
             match message {
-                Received::Message(Message::Hello(hello)) => self.hello(&hello),
+                // Where the probe puts it; it is no session.
+                Received::Message(Message::Probe(_)) if first => {
+                    log!("{}: {}", self.peer, answer_probe(&mut stream).await);
+                    return;
+                }
+                Received::Message(Message::Hello(hello) | Message::Probe(hello)) => self.hello(&hello),
                 Received::Message(Message::Syscall(syscall)) => {
                     if let Err(why) = self.write(&syscall).await {
                         break why;
@@ -98,6 +112,7 @@ impl Session {
                 Received::UnknownMessage(_) => *self.skipped.entry(UNKNOWN_MESSAGE).or_default() += 1,
                 Received::UnknownSyscall(_) => *self.skipped.entry(UNKNOWN_SYSCALL).or_default() += 1,
             }
+            first = false;
         };
         let skipped: Vec<String> = self.skipped.iter().map(|(kind, count)| format!("{kind} {count}")).collect();
         log!(
@@ -151,5 +166,31 @@ impl Session {
         self.writer.send(write).await.map_err(|_| "the output is closed".to_owned())?;
         self.next += 1;
         Ok(())
+    }
+}
+
+/// With a token required: a Datadog tracer, which cannot present one, is
+/// refused at its first frame; our tracer's probe is answered, as that
+/// tracer will present the token over gRPC. A first frame that does not come
+/// whole in time is a refusal too: no session waits here.
+pub(super) async fn refuse(mut stream: Prefixed, peer: &str) {
+    let probe = match tokio::time::timeout(super::HELLO_TIMEOUT, read_frame(&mut stream)).await {
+        Ok(Ok(Some(body))) => matches!(Message::decode(&body), Ok(Received::Message(Message::Probe(_)))),
+        _ => false,
+    };
+    let said = if probe {
+        answer_probe(&mut stream).await
+    } else {
+        "refused: a Datadog-protocol tracer cannot present the token this sidecar requires".to_owned()
+    };
+    log!("{peer}: {said}");
+}
+
+/// Answers our tracer's probe with the frame every HTTP/2 server opens with:
+/// the tracer then connects again, speaking gRPC. What happened, for the log.
+async fn answer_probe(stream: &mut Prefixed) -> String {
+    match stream.write_all(&SERVER_PREFACE).await {
+        Ok(()) => "our tracer's protocol probe, answered in HTTP/2: gRPC is spoken here".to_owned(),
+        Err(error) => format!("our tracer's protocol probe, which could not be answered: {error}"),
     }
 }

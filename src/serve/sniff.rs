@@ -10,10 +10,11 @@
 //! come, decides without waiting on anyone who has something to say.
 //!
 //! A client that says nothing is handed to HTTP/2 after [`SILENCE`]: an
-//! HTTP/2 server speaks first (its SETTINGS frame), and the tracer's
-//! `--probe-protocol auto` waits for exactly that (500 ms) to tell a gRPC
-//! agent from a Datadog one, which never writes. Datadog tracers write their
-//! Hello as soon as they are connected.
+//! HTTP/2 server speaks first (its SETTINGS frame), and a client may wait for
+//! that (older versions of our tracer's `--probe-protocol auto` did, for
+//! 500 ms, to tell a gRPC agent from a Datadog one, which never writes).
+//! Datadog tracers write their Hello as soon as they are connected, and so
+//! does `auto` now, which `serve` answers at once (`datadog`).
 //!
 //! The bytes read to decide are given back, in order, by [`Prefixed`].
 
@@ -31,8 +32,12 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How long a client may stay silent before the server speaks HTTP/2 first.
-/// Well under the 500 ms `auto` waits for it.
+/// Well under the 500 ms an older tracer's silent `auto` probe waits for it.
 pub const SILENCE: Duration = Duration::from_millis(100);
+
+/// An empty SETTINGS frame: the least an HTTP/2 server may open with (RFC
+/// 9113, 3.4), and what the tracer's `auto` probe takes for gRPC.
+pub const SERVER_PREFACE: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
 
 /// How long a client that started the preface may take to finish it.
 pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
