@@ -74,7 +74,7 @@ int main(int c, char **v) {
 /// How many iterations (calls, connections, requests, transactions per
 /// client) a workload makes, and how many of them the full-ptrace
 /// configurations (`strace` without its filter, `ours --disable-seccomp`)
-/// run: those stop at every syscall, 30 to 250 µs an iteration here, so
+/// run: those stop at every syscall, 25 to 300 µs an iteration here, so
 /// that the full count would take minutes a run. Their times are scaled to
 /// `n` (time per iteration times `n`), which keeps their ratios to native
 /// comparable with the other configurations'.
