@@ -4,6 +4,11 @@
 //! exporting to a local `serve`, and with `--disable-seccomp`. Then how fast
 //! `serve` ingests events from a load generator.
 //!
+//! The two full-ptrace configurations (strace without its filter, ours
+//! with `--disable-seccomp`) stop at every syscall: they run fewer of a
+//! loop's iterations (`programs::Count`), their times scaled to the whole
+//! count, and not W2, whose unwatched calls W0a already prices.
+//!
 //! Wall times are medians and minimums over N runs after one warm-up run,
 //! the configurations taking turns;
 //! ratios are against native measured in the same run (the machines are
@@ -38,7 +43,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use programs::{compile, Sizes};
+use programs::{compile, Count, Sizes};
 
 /// The syscalls every traced configuration watches: this tracer's table
 /// (but fchmodat2, which Debian 12's strace does not know).
@@ -48,6 +53,9 @@ const SET: &str = "execve,execveat,open,openat,openat2,creat,open_by_handle_at,c
 pub struct Measurement {
     pub workload: &'static str,
     pub config: &'static str,
+    /// Of the whole count, where the configuration ran fewer iterations
+    /// (`Count::full_ptrace`): `median` and `min` are scaled to it.
+    pub scaled: Option<Count>,
     pub median: Duration,
     pub min: Duration,
     /// Median wall time over native's median, from the same run.
@@ -71,11 +79,60 @@ pub struct Run {
 
 /// What a workload runs under each configuration's prefix.
 enum Workload {
-    Command(Vec<String>),
-    /// W7: a Redis server under the prefix, loaded by redis-benchmark.
-    Redis,
-    /// W8: a PostgreSQL server under the prefix, loaded by pgbench.
-    Postgres(postgres::Mix),
+    /// A program run to its end, under the full-ptrace configurations too
+    /// where `full_ptrace`.
+    Command { argv: Vec<String>, full_ptrace: bool },
+    /// A program that loops as many times as its last argument says.
+    Loop(Vec<String>, Count),
+    /// W7: a Redis server under the prefix, loaded by redis-benchmark with
+    /// this many requests of each kind.
+    Redis(Count),
+    /// W8: a PostgreSQL server under the prefix, loaded by pgbench with this
+    /// many transactions per client.
+    Postgres(postgres::Mix, Count),
+}
+
+impl Workload {
+    /// Its iterations, where its time is proportional to them.
+    fn count(&self) -> Option<Count> {
+        match self {
+            Workload::Command { .. } => None,
+            Workload::Loop(_, count) | Workload::Redis(count) | Workload::Postgres(_, count) => Some(*count),
+        }
+    }
+
+    /// Whether `config` runs it at all.
+    fn runs_under(&self, config: &Config) -> bool {
+        !config.full_ptrace || !matches!(self, Workload::Command { full_ptrace: false, .. })
+    }
+
+    /// One run under `prefix`, of the iterations a full-ptrace
+    /// configuration runs or of the whole count.
+    fn run_once(
+        &self,
+        prefix: &[String],
+        full_ptrace: bool,
+        cluster: Option<&postgres::Cluster>,
+    ) -> Result<Run, String> {
+        match self {
+            Workload::Command { argv, .. } => time_once(&[prefix, argv.as_slice()].concat()),
+            Workload::Loop(argv, count) => {
+                time_once(&[prefix, argv.as_slice(), &[count.under(full_ptrace).to_string()]].concat())
+            }
+            Workload::Redis(count) => redis::run_once(prefix, count.under(full_ptrace)),
+            Workload::Postgres(mix, count) => {
+                postgres::run_once(prefix, cluster.ok_or("no cluster")?, *mix, count.under(full_ptrace))
+            }
+        }
+    }
+}
+
+/// A configuration: how it prefixes a workload, and whether it stops the
+/// workload at every syscall (no seccomp filter).
+struct Config {
+    name: &'static str,
+    prefix: Vec<String>,
+    full_ptrace: bool,
 }
 
 /// A bare environment: what a container entrypoint gets, not cargo's (its
@@ -198,7 +255,7 @@ fn id(workload: &str) -> &str {
 /// The programs the workloads need, with the Debian package to install
 /// (PostgreSQL installs itself, see `postgres`).
 fn check_tools(workloads: &[(&'static str, Workload)]) -> Result<(), String> {
-    let redis = workloads.iter().any(|(_, w)| matches!(w, Workload::Redis));
+    let redis = workloads.iter().any(|(_, w)| matches!(w, Workload::Redis(_)));
     let tools = [
         (true, "strace", "strace"),
         (redis, "redis-server", "redis-server"),
@@ -258,14 +315,14 @@ pub fn bench(args: &[String]) -> Result<(), String> {
 
     let s = |v: &str| v.to_owned();
     let p = |v: &Path| v.display().to_string();
-    let command = |argv: Vec<String>| Workload::Command(argv);
+    let command = |argv: Vec<String>| Workload::Command { argv, full_ptrace: true };
     let make = format!("make -s -B -j2 -C {}", project.display());
     let workloads: Vec<(&'static str, Workload)> = vec![
-        ("W0a getpid (untraced)", command(vec![p(&getpid), sizes.getpid.to_string()])),
-        ("W0b openat+close", command(vec![p(&openclose), sizes.openclose.to_string()])),
+        ("W0a getpid (untraced)", Workload::Loop(vec![p(&getpid)], sizes.getpid)),
+        ("W0b openat+close", Workload::Loop(vec![p(&openclose)], sizes.openclose)),
         // What checking each open's descriptor costs where another task
         // could swap it (issue 9): W0b with an idle second thread.
-        ("W0c openat+close, 2 threads", command(vec![p(&openclose), sizes.openclose.to_string(), s("threaded")])),
+        ("W0c openat+close, 2 threads", Workload::Loop(vec![p(&openclose), s("threaded")], sizes.openclose)),
         (
             "W1 exec loop",
             command(vec![
@@ -274,14 +331,22 @@ pub fn bench(args: &[String]) -> Result<(), String> {
                 format!("i=0; while [ $i -lt {} ]; do /bin/true; i=$((i+1)); done", sizes.execs),
             ]),
         ),
-        ("W2 find", command(vec![s("find"), s(sizes.find_root), s("-type"), s("f")])),
-        ("W3 connects", command(vec![p(&connect), sizes.connects.to_string()])),
+        (
+            "W2 find",
+            // Not under full ptrace: find's unwatched calls (fcntl, close,
+            // fstat, getdents, 15 a directory) cost there what W0a's show
+            // per call, and in /usr make 460,000 stops, 40 s a run.
+            Workload::Command { argv: vec![s("find"), s(sizes.find_root), s("-type"), s("f")], full_ptrace: false },
+        ),
+        ("W3 connects", Workload::Loop(vec![p(&connect)], sizes.connects)),
         ("W4 cpu", command(vec![p(&cpu), sizes.cpu.to_string()])),
         ("W5 make -j2", command(vec![s("sh"), s("-c"), make])),
+        // Its threads spin for a fixed time whatever the signals' count:
+        // not a loop whose time scales with its count.
         ("W6 16 threads + signals", command(vec![p(&threads), sizes.signals.to_string()])),
-        ("W7 redis SET+GET", Workload::Redis),
-        ("W8 postgres select-only", Workload::Postgres(postgres::Mix::SelectOnly)),
-        ("W8 postgres TPC-B", Workload::Postgres(postgres::Mix::TpcB)),
+        ("W7 redis SET+GET", Workload::Redis(sizes.redis_requests)),
+        ("W8 postgres select-only", Workload::Postgres(postgres::Mix::SelectOnly, sizes.pgbench_select)),
+        ("W8 postgres TPC-B", Workload::Postgres(postgres::Mix::TpcB, sizes.pgbench_tpcb)),
     ];
     let workloads: Vec<_> = match &only {
         Some(ids) => workloads.into_iter().filter(|(name, _)| ids.iter().any(|i| i == id(name))).collect(),
@@ -295,7 +360,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         return Err(format!("--only {}: no such workload", only.unwrap_or_default().join(",")));
     }
     check_tools(&workloads)?;
-    let cluster = match workloads.iter().any(|(_, w)| matches!(w, Workload::Postgres(_))) {
+    let cluster = match workloads.iter().any(|(_, w)| matches!(w, Workload::Postgres(..))) {
         true => Some(postgres::Cluster::create()?),
         false => None,
     };
@@ -314,62 +379,65 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         argv.push(s("--"));
         argv
     };
-    let configs: Vec<(&'static str, Vec<String>)> = vec![
-        ("native", vec![]),
-        ("strace --seccomp-bpf", strace(true)),
-        ("strace", strace(false)),
-        ("ours", ours(&["--probe-addr", "", "--events-file", "/dev/null"])),
-        ("ours + gRPC", ours(&["--probe-addr", &agent.address])),
-        ("ours --disable-seccomp", ours(&["--probe-addr", "", "--events-file", "/dev/null", "--disable-seccomp"])),
+    let config = |name, prefix, full_ptrace| Config { name, prefix, full_ptrace };
+    let configs = [
+        config("native", vec![], false),
+        config("strace --seccomp-bpf", strace(true), false),
+        config("strace", strace(false), true),
+        config("ours", ours(&["--probe-addr", "", "--events-file", "/dev/null"]), false),
+        config("ours + gRPC", ours(&["--probe-addr", &agent.address]), false),
+        config(
+            "ours --disable-seccomp",
+            ours(&["--probe-addr", "", "--events-file", "/dev/null", "--disable-seccomp"]),
+            true,
+        ),
     ];
 
-    let ours_index = configs.iter().position(|(config, _)| *config == "ours").ok_or("no ours configuration")?;
+    let ours_prefix = &configs.iter().find(|c| c.name == "ours").ok_or("no ours configuration")?.prefix;
     let mut results = Vec::new();
     for (workload, what) in &workloads {
-        let once = |prefix: &[String]| match what {
-            Workload::Command(argv) => time_once(&[prefix, argv.as_slice()].concat()),
-            Workload::Redis => redis::run_once(prefix, sizes.redis_requests),
-            Workload::Postgres(mix) => {
-                let transactions = match mix {
-                    postgres::Mix::SelectOnly => sizes.pgbench_select,
-                    postgres::Mix::TpcB => sizes.pgbench_tpcb,
-                };
-                postgres::run_once(prefix, cluster.as_ref().ok_or("no cluster")?, *mix, transactions)
-            }
-        };
-        for (_, prefix) in &configs {
-            once(prefix)?; // warm-up
+        let once = |config: &Config| what.run_once(&config.prefix, config.full_ptrace, cluster.as_ref());
+        let configs: Vec<&Config> = configs.iter().filter(|c| what.runs_under(c)).collect();
+        for config in &configs {
+            once(config)?; // warm-up
         }
         // Round-robin over the configurations, so that a noisy spell of the
         // machine spreads over all of them rather than landing on one.
         let mut runs_of: Vec<Vec<Run>> = configs.iter().map(|_| Vec::with_capacity(runs)).collect();
         for _ in 0..runs {
-            for ((_, prefix), done) in configs.iter().zip(&mut runs_of) {
-                done.push(once(prefix)?);
+            for (config, done) in configs.iter().zip(&mut runs_of) {
+                done.push(once(config)?);
             }
         }
         // Not timed: the tracer thread's syscalls, counted by the kernel.
-        let counted = syscalls::counting_prefix(&dir, &configs[ours_index].1);
-        let tracer_syscalls = counted.and_then(|prefix| Some((once(&prefix).ok()?, syscalls::count(&dir)?)));
+        let counted = syscalls::counting_prefix(&dir, ours_prefix);
+        let tracer_syscalls = counted
+            .and_then(|prefix| Some((what.run_once(&prefix, false, cluster.as_ref()).ok()?, syscalls::count(&dir)?)));
         let mut native = None;
-        for (index, ((config, _), done)) in configs.iter().zip(runs_of).enumerate() {
+        for (config, done) in configs.iter().zip(runs_of) {
+            // A full-ptrace run of fewer iterations stands for the whole count.
+            let scaled = what.count().filter(|count| count.under(config.full_ptrace) < count.n);
+            let scale = scaled.map_or(1.0, |count| count.n as f64 / count.full_ptrace.max(1) as f64);
             let mut times: Vec<Duration> = done.iter().map(|r| r.elapsed).collect();
             let mut p99s: Vec<f64> = done.iter().filter_map(|r| r.p99_ms).collect();
             let min = *times.iter().min().unwrap_or(&Duration::ZERO);
-            let median_time = median(&mut times);
+            let run_time = median(&mut times);
+            let median_time = run_time.mul_f64(scale);
             let base = *native.get_or_insert(median_time);
             let stats = done.into_iter().last().map(|r| r.stats).unwrap_or_default();
             let stops = stop_count(&stats);
             let measurement = Measurement {
                 workload,
-                config,
+                config: config.name,
+                scaled,
                 median: median_time,
-                min,
+                min: min.mul_f64(scale),
                 ratio: median_time.as_secs_f64() / base.as_secs_f64().max(1e-9),
-                stops_per_second: stops.map(|n| n as f64 / median_time.as_secs_f64().max(1e-9)),
+                // Over the time of the iterations run, whose stops these are.
+                stops_per_second: stops.map(|n| n as f64 / run_time.as_secs_f64().max(1e-9)),
                 tracer_syscalls_per_stop: tracer_syscalls
                     .as_ref()
-                    .filter(|_| index == ours_index)
+                    .filter(|_| config.name == "ours")
                     .and_then(|(run, count)| Some(*count as f64 / stop_count(&run.stats)?.max(1) as f64)),
                 stats,
                 p99_ms: (!p99s.is_empty()).then(|| median(&mut p99s)),

@@ -10,15 +10,16 @@ pub const GETPID: &str = r#"#include <stdlib.h>
 #include <unistd.h>
 int main(int c, char **v) { long n = atol(v[1]); for (long i = 0; i < n; i++) syscall(SYS_getpid); return 0; }
 "#;
-/// With a second argument, an idle second thread shares the descriptor
-/// table and memory: the tracer then checks each open's descriptor (W0c).
+/// `openclose [threaded] N`: with `threaded`, an idle second thread shares
+/// the descriptor table and memory: the tracer then checks each open's
+/// descriptor (W0c). The count comes last, as for every `Loop` workload.
 pub const OPENCLOSE: &str = r#"#include <fcntl.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <unistd.h>
 static void *idle(void *u) { (void)u; pause(); return NULL; }
 int main(int c, char **v) {
-    long n = atol(v[1]);
+    long n = atol(v[c - 1]);
     pthread_t t;
     if (c > 2) pthread_create(&t, NULL, idle, NULL);
     for (long i = 0; i < n; i++) close(open("/etc/hostname", O_RDONLY));
@@ -70,52 +71,86 @@ int main(int c, char **v) {
 }
 "#;
 
+/// How many iterations (calls, connections, requests, transactions per
+/// client) a workload makes, and how many of them the full-ptrace
+/// configurations (`strace` without its filter, `ours --disable-seccomp`)
+/// run: those stop at every syscall, 25 to 300 µs an iteration here, so
+/// that the full count would take minutes a run. Their times are scaled to
+/// `n` (time per iteration times `n`), which keeps their ratios to native
+/// comparable with the other configurations'.
+#[derive(Clone, Copy)]
+pub struct Count {
+    pub n: u64,
+    pub full_ptrace: u64,
+}
+
+impl Count {
+    /// The same count under every configuration.
+    const fn all(n: u64) -> Count {
+        Count { n, full_ptrace: n }
+    }
+
+    /// The iterations a configuration runs.
+    pub fn under(self, full_ptrace: bool) -> u64 {
+        if full_ptrace {
+            self.full_ptrace
+        } else {
+            self.n
+        }
+    }
+}
+
 pub struct Sizes {
-    pub getpid: u64,
-    pub openclose: u64,
+    pub getpid: Count,
+    pub openclose: Count,
     pub execs: u64,
-    pub connects: u64,
+    pub connects: Count,
     pub cpu: u64,
     pub signals: u64,
     pub find_root: &'static str,
     pub c_files: usize,
     /// Requests of each kind (SET, GET) redis-benchmark sends in W7.
-    pub redis_requests: u64,
+    pub redis_requests: Count,
     /// W8: transactions per pgbench client, select-only and TPC-B.
-    pub pgbench_select: u64,
-    pub pgbench_tpcb: u64,
+    pub pgbench_select: Count,
+    pub pgbench_tpcb: Count,
     /// Events the ingest load generator sends to `serve` per stream count.
     pub ingest_events: u64,
 }
 
+/// Sized for a full run (10 runs of each configuration) in about 25
+/// minutes on two vCPUs where a ptrace stop costs 60 to 90 µs (README,
+/// "Benchmarks", has the estimate per workload): each traced loop is
+/// thousands of iterations long, so that a tracer's start (15 ms) stays
+/// under 1% of a run.
 pub const FULL: Sizes = Sizes {
-    getpid: 1_000_000,
-    openclose: 200_000,
+    getpid: Count { n: 1_000_000, full_ptrace: 10_000 },
+    openclose: Count { n: 20_000, full_ptrace: 2_000 },
     execs: 500,
-    connects: 10_000,
+    connects: Count { n: 5_000, full_ptrace: 1_000 },
     cpu: 400_000_000,
     signals: 10_000,
     find_root: "/usr",
     c_files: 24,
-    redis_requests: 200_000,
-    pgbench_select: 25_000,
-    pgbench_tpcb: 2_000,
+    redis_requests: Count { n: 100_000, full_ptrace: 5_000 },
+    pgbench_select: Count { n: 10_000, full_ptrace: 2_000 },
+    pgbench_tpcb: Count { n: 1_000, full_ptrace: 250 },
     ingest_events: 2_000_000,
 };
 /// Small enough that --quick, full-ptrace configurations included,
 /// finishes within about three minutes on two cores.
 pub const QUICK: Sizes = Sizes {
-    getpid: 30_000,
-    openclose: 2_000,
+    getpid: Count { n: 30_000, full_ptrace: 10_000 },
+    openclose: Count::all(2_000),
     execs: 50,
-    connects: 500,
+    connects: Count::all(500),
     cpu: 100_000_000,
     signals: 500,
     find_root: "/usr/include/linux",
     c_files: 4,
-    redis_requests: 20_000,
-    pgbench_select: 5_000,
-    pgbench_tpcb: 500,
+    redis_requests: Count { n: 20_000, full_ptrace: 5_000 },
+    pgbench_select: Count::all(5_000),
+    pgbench_tpcb: Count::all(500),
     ingest_events: 500_000,
 };
 

@@ -20,8 +20,9 @@ pub fn row(m: &Measurement) -> String {
     let p99 = m.p99_ms.map(|p| format!(" p99 {p:.2} ms")).unwrap_or_default();
     let rate = m.stops_per_second.map(|r| format!(" {r:.0} stops/s")).unwrap_or_default();
     let cost = m.tracer_syscalls_per_stop.map(|c| format!(" {c:.2} tracer syscalls/stop")).unwrap_or_default();
+    let scaled = m.scaled.map(|c| format!(" (ran {} of {}, times scaled)", c.full_ptrace, c.n)).unwrap_or_default();
     format!(
-        "{:<26} {:<24} median {:>9.1} ms  min {:>9.1} ms  x{:<6.3}{p99}{rate}{cost} {}",
+        "{:<26} {:<24} median {:>9.1} ms  min {:>9.1} ms  x{:<6.3}{scaled}{p99}{rate}{cost} {}",
         m.workload,
         m.config,
         m.median.as_secs_f64() * 1e3,
@@ -198,6 +199,7 @@ pub fn json(runs: usize, quick: bool, results: &[Measurement], ingest: &[Load], 
             json!({
                 "workload": m.workload,
                 "config": m.config,
+                "scaled": m.scaled.map(|c| json!({ "ran": c.full_ptrace, "of": c.n })),
                 "median_ms": m.median.as_secs_f64() * 1e3,
                 "min_ms": m.min.as_secs_f64() * 1e3,
                 "ratio_to_native": m.ratio,
