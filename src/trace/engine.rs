@@ -456,7 +456,9 @@ impl Engine {
             }
             Stop::Signal(stop) => {
                 self.stats.signal += 1;
-                if let Some(supervision) = &self.supervision {
+                // A call of the ptrace path that the signal interrupted is
+                // the kernel's to restart or fail, as natively.
+                if let (Some(supervision), false) = (&self.supervision, self.interrupted.contains_key(&stop.pid)) {
                     let _ = ptrace::restart_supervised(stop.pid, supervision.supervisor.marker(), false);
                 }
                 let how = self.resume_mode(stop.pid);
