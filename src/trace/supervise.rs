@@ -146,6 +146,7 @@ struct Performer {
 
 impl Supervisor {
     pub fn new(listener: OwnedFd, marker: u64) -> Supervisor {
+        let _ = unotify::wake_on_one_cpu(&listener);
         let performer = Performer::new();
         if performer.is_none() {
             crate::log::log!("cannot tell the tracer's own root and credentials; every open stops under ptrace");

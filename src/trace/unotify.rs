@@ -82,3 +82,15 @@ pub fn answer_continue(listener: &OwnedFd, id: u64) -> nix::Result<()> {
     let rc = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &response) };
     Errno::result(rc).map(drop)
 }
+
+/// Asks the kernel to wake the tracer on the notifying thread's CPU, and
+/// the thread on the tracer's when answered (SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP,
+/// Linux 6.6): the two then hand the CPU to each other as at a ptrace stop,
+/// instead of each waking the other's idle CPU, which costs tens of
+/// microseconds in a VM. Older kernels refuse it; nothing else changes.
+pub fn wake_on_one_cpu(listener: &OwnedFd) -> nix::Result<()> {
+    const SYNC_WAKE_UP: u64 = 1;
+    // SAFETY: NOTIF_SET_FLAGS reads the u64 it is pointed at.
+    let rc = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS, &SYNC_WAKE_UP) };
+    Errno::result(rc).map(drop)
+}
