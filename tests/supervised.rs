@@ -10,20 +10,10 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use common::{fixture, retval, Run, Trace};
+use common::{fixture, retval, users, Run, Trace};
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
-}
-
-/// (trace flags, uid the tracer itself runs as)
-fn users() -> Vec<(&'static [&'static str], Option<u32>)> {
-    let mut users: Vec<(&[&str], Option<u32>)> = vec![(&[], None)];
-    if is_root() {
-        users.push((&["--uid", "1000", "--gid", "1000"], None));
-        users.push((&[], Some(1000)));
-    }
-    users
 }
 
 /// A directory anyone may enter and write, holding a copy of `program`.
@@ -169,31 +159,33 @@ fn a_workload_is_granted_and_refused_opens_by_its_own_credentials() {
 #[test]
 fn an_open_names_the_file_the_kernel_opened_whatever_a_sibling_writes_in_its_path() {
     const COUNT: usize = 500;
-    let (dir, program) = workspace("flip_open");
-    let mut inodes = std::collections::HashMap::new();
-    for name in ["a", "b"] {
-        let file = dir.path().join(name);
-        std::fs::write(&file, name).unwrap();
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&file).unwrap());
-        inodes.insert(inode, common::real_path(file.to_str().unwrap()));
-    }
-    for (flags, tracer_uid) in users() {
+    let (dir, program) = workspace("attack_paths");
+    for (user, (flags, tracer_uid)) in users().into_iter().enumerate() {
+        // Each user's own files: the fixture makes them readable by their owner only.
+        let files = dir.path().join(format!("files-{user}"));
+        std::fs::create_dir_all(&files).unwrap();
+        std::fs::set_permissions(&files, std::fs::Permissions::from_mode(0o777)).unwrap();
         let count = COUNT.to_string();
-        let run = run(flags, tracer_uid, dir.path(), &[program.as_os_str(), dir.path().as_os_str(), count.as_ref()]);
+        let args = [program.as_os_str(), files.as_os_str(), count.as_ref(), "read".as_ref()];
+        let run = run(flags, tracer_uid, dir.path(), &args);
         let context = format!("{flags:?} tracer uid {tracer_uid:?}: {}", run.stderr);
         assert_eq!(run.code(), Some(0), "{context}");
-        let opened: Vec<u64> = run.stdout.lines().map(|l| l.strip_prefix("o ").unwrap().parse().unwrap()).collect();
-        let events: Vec<_> =
-            run.of("open").into_iter().filter(|e| inodes.values().any(|p| e["open"]["path"] == *p)).collect();
+        let opened: Vec<&str> = run.stdout.lines().collect();
+        let path_of = |name: &str| common::real_path(files.join(name).to_str().unwrap());
+        let inode_of = |name: &str| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(files.join(name)).unwrap());
+        let events: Vec<_> = run
+            .of("open")
+            .into_iter()
+            .filter(|e| e["open"]["flags"] == libc::O_CLOEXEC)
+            .filter(|e| ["a", "b"].iter().any(|n| e["open"]["path"] == path_of(n).as_str()))
+            .collect();
         assert_eq!(events.len(), COUNT, "{context}");
-        let mut flips = 0;
-        for (event, inode) in events.iter().zip(&opened) {
-            assert_eq!(number(event, "inode"), *inode, "{context}: {event:#}");
-            assert_eq!(event["open"]["path"], inodes[inode].as_str(), "{context}: {event:#}");
+        for (event, name) in events.iter().zip(&opened) {
+            assert_eq!(event["open"]["path"], path_of(name).as_str(), "{context}: {event:#}");
+            assert_eq!(number(event, "inode"), inode_of(name), "{context}: {event:#}");
             assert!(event.get("unverified").is_none(), "{context}: {event:#}");
-            flips += usize::from(inodes[inode].ends_with("/b"));
         }
+        let flips = opened.iter().filter(|n| **n == "b").count();
         eprintln!("{context}: {flips} of {COUNT} opens reached b");
         assert!(stat(&run, "supervised_opens") >= COUNT as u64, "{context}");
     }

@@ -7,7 +7,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use common::{fixture, pid_of, retval, Run, Trace};
+use common::{fixture, pid_of, retval, users, Run, Trace};
 
 const MODES: [&[&str]; 2] = [&[], &["--disable-seccomp"]];
 
@@ -203,18 +203,6 @@ fn a_connect_reports_the_peer_the_kernel_reached_whatever_a_sibling_writes() {
         }
         eprintln!("{mode:?}: {corrected} of {COUNT} connects had their address changed after the tracer read it");
     }
-}
-
-/// The ways the tests run a workload: as the tracer's user, and when the
-/// tests are root, also as uid 1000 under a root tracer (`--uid`) and under
-/// a tracer that is itself uid 1000.
-fn users() -> Vec<(&'static [&'static str], Option<u32>)> {
-    let mut users: Vec<(&[&str], Option<u32>)> = vec![(&[], None)];
-    if is_root() {
-        users.push((&["--uid", "1000", "--gid", "1000"], None));
-        users.push((&[], Some(1000)));
-    }
-    users
 }
 
 #[test]

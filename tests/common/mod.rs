@@ -447,3 +447,15 @@ impl Made {
         self.run.of(kind).into_iter().filter(|e| syscalls.iter().any(|s| e["syscall"] == *s)).collect()
     }
 }
+
+/// The ways the tests run a workload: as the tracer's user, and when the
+/// tests are root, also as uid 1000 under a root tracer (`--uid`) and under
+/// a tracer that is itself uid 1000: (trace flags, the tracer's own uid).
+pub fn users() -> Vec<(&'static [&'static str], Option<u32>)> {
+    let mut users: Vec<(&[&str], Option<u32>)> = vec![(&[], None)];
+    if nix::unistd::geteuid().is_root() {
+        users.push((&["--uid", "1000", "--gid", "1000"], None));
+        users.push((&[], Some(1000)));
+    }
+    users
+}
