@@ -138,11 +138,19 @@ struct Supervision {
 /// Where a bounced open is on its way back to ptrace.
 enum Bounce {
     /// PTRACE_INTERRUPT sent: its interrupt stop marks the call.
-    Interrupting,
+    Interrupting(Entered),
     /// Marked; the sixth argument's own value.
-    Marked(u64),
+    Marked(u64, Entered),
     /// Its seccomp stop came: the value goes back at its exit stop.
     InCall(u64),
+}
+
+/// When a bounced open was first entered, and its caller's parent then: the
+/// call's, not the later ptrace stop's (a parent can die in between).
+#[derive(Clone, Copy)]
+struct Entered {
+    time: SystemTime,
+    ppid: u32,
 }
 
 /// How long the engine waits on the listener alone, without a signalfd.
@@ -311,10 +319,16 @@ impl Engine {
     /// Serves one pending notification: performed, failed, or bounced back
     /// to ptrace.
     fn serve_notification(&mut self) {
-        let Some(supervision) = &mut self.supervision else { return };
+        let time = SystemTime::now();
+        let Some(supervision) = &self.supervision else { return };
         let Some(notification) = supervision.supervisor.take() else { return };
+        let entered =
+            Entered { time, ppid: self.procs.process_of(notification.tid).map_or(0, |p| p.ppid.as_raw() as u32) };
+        let Some(supervision) = &mut self.supervision else { return };
         match supervision.supervisor.serve(notification) {
-            Served::Opened { call, fd, file } => self.report_supervised(&call, Supervised::Opened { fd, file: &file }),
+            Served::Opened { call, fd, file, id } => {
+                self.report_supervised(&call, Supervised::Opened { fd, file: &file, id })
+            }
             Served::Failed { call, errno, base } => {
                 let outcome = Supervised::Failed { errno, raw: &call.raw, base: base.as_deref() };
                 self.report_supervised(&call, outcome);
@@ -323,7 +337,7 @@ impl Engine {
                 self.stats.bounced += 1;
                 match ptrace::interrupt(tid) {
                     Ok(()) => {
-                        supervision.bounced.insert(tid, Bounce::Interrupting);
+                        supervision.bounced.insert(tid, Bounce::Interrupting(entered));
                     }
                     // Not a thread the tracer can stop: its call runs as the
                     // kernel has it, unseen, rather than never.
@@ -356,21 +370,26 @@ impl Engine {
     /// At a bounced open's interrupt stop: marks it for ptrace.
     fn mark_bounced(&mut self, tid: Pid) {
         let Some(supervision) = &mut self.supervision else { return };
-        if let Some(Bounce::Interrupting) = supervision.bounced.remove(&tid) {
+        if let Some(Bounce::Interrupting(entered)) = supervision.bounced.remove(&tid) {
             if let Ok(Some(own)) = ptrace::restart_supervised(tid, supervision.supervisor.marker(), true) {
-                supervision.bounced.insert(tid, Bounce::Marked(own));
+                supervision.bounced.insert(tid, Bounce::Marked(own, entered));
             }
         }
     }
 
     /// At a seccomp stop: a bounced open's, marked, is now under ptrace.
-    fn bounced_entered(&mut self, tid: Pid, entry: &SyscallEntry) {
-        let Some(supervision) = &mut self.supervision else { return };
+    /// Returns when and with which parent it was first entered.
+    fn bounced_entered(&mut self, tid: Pid, entry: &SyscallEntry) -> Option<Entered> {
+        let supervision = self.supervision.as_mut()?;
         let marked = entry.abi == Abi::X86_64
             && matches!(entry.nr as u32, supervise::OPEN | supervise::OPENAT)
             && entry.args[supervise::MARKER_ARG] == supervision.supervisor.marker();
-        if let (true, Some(Bounce::Marked(own))) = (marked, supervision.bounced.get(&tid)) {
-            supervision.bounced.insert(tid, Bounce::InCall(*own));
+        match (marked, supervision.bounced.get(&tid)) {
+            (true, Some(&Bounce::Marked(own, entered))) => {
+                supervision.bounced.insert(tid, Bounce::InCall(own));
+                Some(entered)
+            }
+            _ => None,
         }
     }
 
@@ -482,7 +501,7 @@ impl Engine {
         let time = SystemTime::now();
         let abi_in_data = |data| SeccompData::decode(data).abi();
         let Ok((entry, data)) = self.reader.read_seccomp(tid, abi_in_data) else { return Resume::Continue };
-        self.bounced_entered(tid, &entry);
+        let bounced = self.bounced_entered(tid, &entry);
 
         if self.guarded(tid, &entry, time) {
             return self.resume_mode(tid);
@@ -498,7 +517,12 @@ impl Engine {
             .filter(|def| def.number(entry.abi).map(u64::from) == Some(entry.nr))
             .or_else(|| syscalls::lookup(entry.abi, entry.nr));
         match def {
-            Some(def) => self.enter(tid, def, entry, time),
+            Some(def) => {
+                self.enter(tid, def, entry, bounced.map_or(time, |b| b.time));
+                if let (Some(bounced), Some(pending)) = (bounced, self.pending.get_mut(&tid)) {
+                    pending.call.ppid = Some(bounced.ppid);
+                }
+            }
             // A guarded call aimed elsewhere is not the tracer's business.
             None if guard::lookup(entry.abi, entry.nr).is_some() => {}
             // x32 or a foreign architecture: seen, not decodable.

@@ -553,13 +553,11 @@ pub fn reopen(file: &OwnedFd, flags: i32) -> nix::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Clears O_NONBLOCK on an open file description.
-pub fn clear_nonblock(file: &OwnedFd) -> nix::Result<()> {
-    // SAFETY: F_GETFL takes and returns integers.
-    let flags = nix::errno::Errno::result(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) })?;
+/// Sets an open file description's status flags (F_SETFL: of `flags`, the
+/// kernel takes O_APPEND, O_ASYNC, O_DIRECT, O_NOATIME and O_NONBLOCK).
+pub fn set_status_flags(file: &OwnedFd, flags: i32) -> nix::Result<()> {
     // SAFETY: F_SETFL takes and returns integers.
-    nix::errno::Errno::result(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) })
-        .map(drop)
+    nix::errno::Errno::result(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags) }).map(drop)
 }
 
 #[cfg(test)]

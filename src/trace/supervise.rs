@@ -105,8 +105,8 @@ pub struct Performed {
 /// What serving a notification came to.
 pub enum Served {
     /// The thread has the file as descriptor `fd`; `file` is the tracer's
-    /// own descriptor of it, to report from.
-    Opened { call: Performed, fd: i32, file: OwnedFd },
+    /// own descriptor of it, to report from, `id` what statx said of it.
+    Opened { call: Performed, fd: i32, file: OwnedFd, id: Option<FileId> },
     /// The thread's call failed with `errno`; `base` is the path of the
     /// directory a relative path was walked from.
     Failed { call: Performed, errno: i32, base: Option<String> },
@@ -209,10 +209,10 @@ impl Supervisor {
         let Some(performer) = &mut self.performer else { return Served::Bounce(n.tid) };
         let Some(credentials) = performer.credentials(n.tid) else { return Served::Bounce(n.tid) };
         match performer.open(&call, &credentials) {
-            Opening::Opened(file) => {
+            Opening::Opened(file, id) => {
                 match unotify::answer_descriptor(&self.listener, n.id, file.as_fd(), call.flags & libc::O_CLOEXEC != 0)
                 {
-                    Ok(fd) => Served::Opened { call, fd, file },
+                    Ok(fd) => Served::Opened { call, fd, file, id },
                     Err(Errno::ENOENT) => Served::Gone,
                     // The thread's own table is full: what its call would have met.
                     Err(errno @ (Errno::EMFILE | Errno::ENFILE)) => self.fail(call, errno as i32, None),
@@ -318,10 +318,12 @@ impl Performer {
             // the rest are the tracer's own troubles.
             Err(_) => return Opening::Bounce,
         };
+        // The file's identity, for the event too: the reopened file is the same one.
+        let found_id = procfs::file_id(&found, b"");
         if call.flags & libc::O_PATH != 0 {
-            return Opening::Opened(found);
+            return Opening::Opened(found, found_id);
         }
-        let Some(kind) = procfs::file_id(&found, b"").and_then(|id| id.stat).map(|s| s.mode & libc::S_IFMT) else {
+        let Some(kind) = found_id.as_ref().and_then(|id| id.stat.as_ref()).map(|s| s.mode & libc::S_IFMT) else {
             return Opening::Bounce;
         };
         if kind != libc::S_IFREG && kind != libc::S_IFDIR {
@@ -337,10 +339,11 @@ impl Performer {
             Err(errno @ (Errno::EACCES | Errno::EPERM)) => return Opening::Failed(errno as i32, None),
             Err(_) => return Opening::Bounce,
         };
-        if call.flags & libc::O_NONBLOCK == 0 && procfs::clear_nonblock(&file).is_err() {
+        // The O_NONBLOCK added against leases goes; the thread's own flags stay.
+        if call.flags & libc::O_NONBLOCK == 0 && procfs::set_status_flags(&file, call.flags).is_err() {
             return Opening::Bounce;
         }
-        Opening::Opened(file)
+        Opening::Opened(file, found_id)
     }
 }
 
@@ -349,7 +352,7 @@ fn proc_path(path: &str) -> CString {
 }
 
 enum Opening {
-    Opened(OwnedFd),
+    Opened(OwnedFd, Option<FileId>),
     Failed(i32, Option<String>),
     Bounce,
 }

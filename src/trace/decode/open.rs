@@ -98,8 +98,8 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, open: OpenCall) {
 /// How a supervised open ended (the tracer performed it: `supervise.rs`).
 pub enum Supervised<'a> {
     /// The thread got descriptor `fd`; `file` is the tracer's own
-    /// descriptor of the same open file.
-    Opened { fd: i32, file: &'a OwnedFd },
+    /// descriptor of the same open file, `id` its identity.
+    Opened { fd: i32, file: &'a OwnedFd, id: Option<FileId> },
     /// It failed with `errno`, walking `raw` from `base` (a relative path's
     /// directory; None for an absolute path).
     Failed { errno: i32, raw: &'a [u8], base: Option<&'a str> },
@@ -111,9 +111,9 @@ pub enum Supervised<'a> {
 pub fn supervised(cx: &mut Ctx<'_>, call: &Call, open: OpenCall, outcome: Supervised<'_>) {
     let args = open.args(call);
     match outcome {
-        Supervised::Opened { fd, file } => {
+        Supervised::Opened { fd, file, id } => {
             let path = procfs::fd_path(nix::unistd::Pid::this(), file.as_raw_fd());
-            let event = open_event(cx, &args, procfs::file_id(file, b""), &path);
+            let event = open_event(cx, &args, id, &path);
             cx.emit_call(call, i64::from(fd), path.is_none(), Payload::Open(event));
         }
         Supervised::Failed { errno, raw, base } => {
