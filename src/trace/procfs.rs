@@ -517,6 +517,17 @@ pub fn peak_rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// (device, inode, mount id) of `name` in `dir` (`dir` itself for an empty
+/// name), from what the kernel has cached (AT_STATX_DONT_SYNC): asking a
+/// FUSE or network filesystem's server would let it hold the tracer.
+pub fn cached_identity(dir: i32, name: &std::ffi::CStr) -> Option<(u64, u64, u64)> {
+    let flags = libc::AT_EMPTY_PATH | libc::AT_NO_AUTOMOUNT | libc::AT_STATX_DONT_SYNC;
+    let stx = raw_statx(dir, name, flags, libc::STATX_INO | libc::STATX_MNT_ID)?;
+    let wanted = libc::STATX_INO | libc::STATX_MNT_ID;
+    (stx.stx_mask & wanted == wanted)
+        .then(|| (libc::makedev(stx.stx_dev_major, stx.stx_dev_minor), stx.stx_ino, stx.stx_mnt_id))
+}
+
 /// An O_PATH descriptor of `path`, followed to the end (a /proc magic link
 /// leads to the file it names).
 pub fn open_path(path: &std::ffi::CStr) -> Option<OwnedFd> {

@@ -137,7 +137,8 @@ pub struct Supervisor {
 struct Performer {
     /// The tracer's root, where absolute paths start.
     root: OwnedFd,
-    root_id: FileId,
+    /// (device, inode, mount id) of the tracer's root.
+    root_id: (u64, u64, u64),
     own: Own,
     views: HashMap<Pid, View>,
     /// Inodes of the tracer's mount and user namespaces.
@@ -236,8 +237,7 @@ impl Supervisor {
 impl Performer {
     fn new() -> Option<Performer> {
         let root = procfs::open_path(c"/")?;
-        let root_id = procfs::file_id(&root, b"")?;
-        root_id.mount_id?;
+        let root_id = procfs::cached_identity(root.as_raw_fd(), c"")?;
         let namespaces = namespaces_of("self")?;
         Some(Performer { root, root_id, own: Own::current()?, views: HashMap::new(), namespaces })
     }
@@ -259,17 +259,13 @@ impl Performer {
 
     fn look_at(&self, tid: Pid) -> View {
         let same_root =
-            procfs::root_file(tid).is_some_and(|root| (root.device, root.inode, root.mount_id) == self.root_id_key());
+            procfs::cached_identity(libc::AT_FDCWD, &proc_path(&format!("/proc/{tid}/root"))) == Some(self.root_id);
         let same_namespaces = namespaces_of(&tid.to_string()) == Some(self.namespaces);
         let credentials = procfs::status(tid).and_then(|s| FsCredentials::from_status(&s.credentials));
         match credentials {
             Some(credentials) if same_root && same_namespaces => View::Like(credentials),
             _ => View::Foreign,
         }
-    }
-
-    fn root_id_key(&self) -> (u64, u64, Option<u64>) {
-        (self.root_id.device, self.root_id.inode, self.root_id.mount_id)
     }
 
     fn open(&self, call: &Performed, credentials: &FsCredentials) -> Opening {
@@ -285,7 +281,8 @@ impl Performer {
             (true, Some(base)) => {
                 // A walk from another mount could meet a server the
                 // workload runs (FUSE) or a /proc of its own.
-                let on_root_mount = procfs::file_id(&base, b"").is_some_and(|id| id.mount_id == self.root_id.mount_id);
+                let on_root_mount =
+                    procfs::cached_identity(base.as_raw_fd(), c"").is_some_and(|(_, _, mount)| mount == self.root_id.2);
                 if !on_root_mount {
                     return Opening::Bounce;
                 }
