@@ -498,6 +498,55 @@ fn a_resend_after_dropped_events_keeps_each_event_under_its_own_number() {
     }
 }
 
+/// Every number is an event received or in a Loss range, once, and the
+/// Goodbye counts both; its counters.
+fn assert_every_number_received_or_lost(seen: &Seen) -> Counters {
+    let counters = seen.goodbye.expect("a Goodbye");
+    let mut losses = seen.losses.clone();
+    losses.sort_unstable();
+    losses.dedup();
+    let lost: u64 = losses.iter().map(|(first, last)| last - first + 1).sum();
+    let received: std::collections::BTreeSet<u64> = seen.events.iter().map(|(s, _)| *s).collect();
+    assert_eq!((counters.dropped, counters.events), (lost, received.len() as u64), "{losses:?} {received:?}");
+    let mut numbers: Vec<u64> = received.iter().copied().collect();
+    numbers.extend(losses.iter().flat_map(|&(first, last)| first..=last));
+    numbers.sort_unstable();
+    assert_eq!(numbers, (0..counters.events + counters.dropped).collect::<Vec<_>>());
+    counters
+}
+
+#[test]
+fn an_ack_past_a_loss_announced_ahead_of_unsent_events_forgets_none_of_them() {
+    let address = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // More events than a batch holds (256) wait for the agent in a buffer
+    // of 300 that overflows: the first stream announces the drops after
+    // them, then sends one batch, which the agent acknowledges far beyond.
+    let script = format!("while [ ! -e {} ]; do cat /etc/hostname >/dev/null; done", go.display());
+    let flags = ["--async", "--buffer-events", "300", "--flush-timeout", "30s"];
+    let mut trace = traced(&address, &flags, &["sh", "-c", &script]);
+    let child = trace.spawn();
+    let started = Instant::now();
+    while std::fs::read_to_string(trace.events_path()).unwrap_or_default().lines().count() < 400 {
+        assert!(started.elapsed() < common::DEADLINE, "the workload made too few events");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let agent = RunningAgent::start_at(Behaviour::AckBeyond, &address);
+    while agent.events().last().is_none_or(|(s, _)| *s < 400) {
+        assert!(started.elapsed() < common::DEADLINE, "no event after the overflow was delivered");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::fs::write(&go, "").unwrap();
+    let run = trace.finish(child);
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let seen = agent.seen.lock().unwrap();
+    assert!(assert_every_number_received_or_lost(&seen).dropped > 0, "the buffer overflowed: {}", run.stderr);
+    for (sequence, event) in &seen.events {
+        assert_eq!(event, &run.events[*sequence as usize], "event {sequence} came under another's number");
+    }
+}
+
 #[test]
 fn a_full_buffer_keeps_what_matters_and_the_goodbye_adds_up_with_the_losses() {
     let address = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
@@ -518,19 +567,7 @@ fn a_full_buffer_keeps_what_matters_and_the_goodbye_adds_up_with_the_losses() {
     let run = trace.finish(child);
     assert_eq!(run.code(), Some(0), "{}", run.stderr);
     let seen = agent.seen.lock().unwrap();
-    let counters = seen.goodbye.expect("a Goodbye");
-    let mut losses = seen.losses.clone();
-    losses.sort_unstable();
-    losses.dedup();
-    let lost: u64 = losses.iter().map(|(first, last)| last - first + 1).sum();
-    let received: std::collections::BTreeSet<u64> = seen.events.iter().map(|(s, _)| *s).collect();
-    // Every number is an event received or in a Loss range, once; the
-    // Goodbye counts both.
-    assert_eq!((counters.dropped, counters.events), (lost, received.len() as u64), "{losses:?} {received:?}");
-    let mut numbers: Vec<u64> = received.iter().copied().collect();
-    numbers.extend(losses.iter().flat_map(|&(first, last)| first..=last));
-    numbers.sort_unstable();
-    assert_eq!(numbers, (0..counters.events + counters.dropped).collect::<Vec<_>>());
+    let counters = assert_every_number_received_or_lost(&seen);
     assert!(counters.dropped > 0, "the buffer overflowed: {}", run.stderr);
     // The failed opens made way for the execs.
     let execs = |events: Vec<&Value>| events.into_iter().filter(|e| e.get("exec").is_some()).count();
