@@ -236,10 +236,9 @@ enum Behaviour {
     AckBeyond,
     /// Response headers held back until the first ack, as grpcio does by default.
     HeadersWithFirstAck,
-    /// On the first stream, the first batch acknowledged up to its middle,
-    /// and the stream failed at the first batch that skips sequences (after
-    /// dropped events); later streams as usual.
-    FailFirstStreamAtAGap,
+    /// On the first stream, the first event acknowledged, and the stream
+    /// failed at the first batch from this sequence on; later streams as usual.
+    FailFirstStreamFrom(u64),
 }
 
 struct Agent {
@@ -287,8 +286,8 @@ impl EventService for Agent {
             seen.streams += 1;
             seen.streams
         };
-        if self.behaviour == Behaviour::FailFirstStreamAtAGap && streams == 1 {
-            return Ok(Response::new(Box::pin(self.fail_at_a_gap(request.into_inner()))));
+        if let (Behaviour::FailFirstStreamFrom(from), 1) = (self.behaviour, streams) {
+            return Ok(Response::new(Box::pin(self.fail_from(from, request.into_inner()))));
         }
         if self.behaviour == Behaviour::Refuse {
             return Err(Status::unavailable("refusing every stream"));
@@ -319,23 +318,27 @@ impl EventService for Agent {
 }
 
 impl Agent {
-    /// `FailFirstStreamAtAGap`'s first stream.
-    fn fail_at_a_gap(&self, mut incoming: Streaming<TracerMessage>) -> ReceiverStream<Result<AgentMessage, Status>> {
+    /// `FailFirstStreamFrom(from)`'s first stream.
+    fn fail_from(
+        &self,
+        from: u64,
+        mut incoming: Streaming<TracerMessage>,
+    ) -> ReceiverStream<Result<AgentMessage, Status>> {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let seen = Arc::clone(&self.seen);
         tokio::spawn(async move {
-            let mut next: Option<u64> = None;
+            let mut acknowledged = false;
             while let Ok(Some(message)) = incoming.message().await {
                 let Some(tracer_message::Message::Batch(batch)) = &message.message else { continue };
-                let (first, count) = (batch.first_sequence, batch.events.len() as u64);
-                if next.is_some_and(|n| n != first) {
-                    let _ = tx.send(Err(Status::unavailable("failing at the first gap"))).await;
+                let first = batch.first_sequence;
+                if first >= from {
+                    let _ = tx.send(Err(Status::unavailable("failing at the batches after the first"))).await;
                     return;
                 }
-                next = Some(first + count);
-                Agent::record(&seen, Behaviour::FailFirstStreamAtAGap, message);
-                if first == 0 {
-                    let _ = tx.send(ack((count / 2).saturating_sub(1))).await;
+                Agent::record(&seen, Behaviour::FailFirstStreamFrom(from), message);
+                if !acknowledged {
+                    acknowledged = true;
+                    let _ = tx.send(ack(first)).await;
                 }
             }
         });
@@ -468,10 +471,12 @@ fn a_resend_after_dropped_events_keeps_each_event_under_its_own_number() {
         assert!(started.elapsed() < common::DEADLINE, "the workload made no events");
         std::thread::sleep(Duration::from_millis(5));
     }
-    // The first stream gets 0..=9, acknowledges 0..=4 and fails when the
-    // events after the dropped ones come: the next stream resends 5..=9
-    // and those, with a gap between.
-    let agent = RunningAgent::start_at(Behaviour::FailFirstStreamAtAGap, &address);
+    // The probe keeps 0..=9 and drops the rest. The first stream gets what
+    // of 0..=9 the exporter still holds (execs that came before the stream
+    // may push failed opens out, announced), acknowledges 0, and fails when
+    // the events after the dropped ones come: the next stream resends the
+    // others, and those, with gaps between.
+    let agent = RunningAgent::start_at(Behaviour::FailFirstStreamFrom(10), &address);
     while agent.seen.lock().unwrap().streams < 2 || agent.events().last().is_none_or(|(s, _)| *s < 10) {
         assert!(started.elapsed() < common::DEADLINE, "no resend after the failed stream");
         std::thread::sleep(Duration::from_millis(5));
@@ -483,7 +488,63 @@ fn a_resend_after_dropped_events_keeps_each_event_under_its_own_number() {
     for (sequence, event) in &received {
         assert_eq!(event, &run.events[*sequence as usize], "event {sequence} came under another's number");
     }
-    assert!(received.iter().filter(|(s, _)| (5..10).contains(s)).count() >= 10, "5..=9 came twice: {received:?}");
+    let sequences: Vec<u64> = received.iter().map(|(s, _)| *s).collect();
+    let resent: Vec<u64> = (1..10).filter(|s| sequences.contains(s)).collect();
+    // The first cat's exec is among them: nothing is worth more, nothing pushes it out.
+    assert!(!resent.is_empty(), "the first stream got events after 0: {sequences:?}");
+    for sequence in resent {
+        let times = sequences.iter().filter(|&&s| s == sequence).count();
+        assert!(times >= 2, "{sequence} came on the first stream and again on the next: {sequences:?}");
+    }
+}
+
+/// Every number is an event received or in a Loss range, once, and the
+/// Goodbye counts both; its counters.
+fn assert_every_number_received_or_lost(seen: &Seen) -> Counters {
+    let counters = seen.goodbye.expect("a Goodbye");
+    let mut losses = seen.losses.clone();
+    losses.sort_unstable();
+    losses.dedup();
+    let lost: u64 = losses.iter().map(|(first, last)| last - first + 1).sum();
+    let received: std::collections::BTreeSet<u64> = seen.events.iter().map(|(s, _)| *s).collect();
+    assert_eq!((counters.dropped, counters.events), (lost, received.len() as u64), "{losses:?} {received:?}");
+    let mut numbers: Vec<u64> = received.iter().copied().collect();
+    numbers.extend(losses.iter().flat_map(|&(first, last)| first..=last));
+    numbers.sort_unstable();
+    assert_eq!(numbers, (0..counters.events + counters.dropped).collect::<Vec<_>>());
+    counters
+}
+
+#[test]
+fn an_ack_past_a_loss_announced_ahead_of_unsent_events_forgets_none_of_them() {
+    let address = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // More events than a batch holds (256) wait for the agent in a buffer
+    // of 300 that overflows: the first stream announces the drops after
+    // them, then sends one batch, which the agent acknowledges far beyond.
+    let script = format!("while [ ! -e {} ]; do cat /etc/hostname >/dev/null; done", go.display());
+    let flags = ["--async", "--buffer-events", "300", "--flush-timeout", "30s"];
+    let mut trace = traced(&address, &flags, &["sh", "-c", &script]);
+    let child = trace.spawn();
+    let started = Instant::now();
+    while std::fs::read_to_string(trace.events_path()).unwrap_or_default().lines().count() < 400 {
+        assert!(started.elapsed() < common::DEADLINE, "the workload made too few events");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let agent = RunningAgent::start_at(Behaviour::AckBeyond, &address);
+    while agent.events().last().is_none_or(|(s, _)| *s < 400) {
+        assert!(started.elapsed() < common::DEADLINE, "no event after the overflow was delivered");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::fs::write(&go, "").unwrap();
+    let run = trace.finish(child);
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let seen = agent.seen.lock().unwrap();
+    assert!(assert_every_number_received_or_lost(&seen).dropped > 0, "the buffer overflowed: {}", run.stderr);
+    for (sequence, event) in &seen.events {
+        assert_eq!(event, &run.events[*sequence as usize], "event {sequence} came under another's number");
+    }
 }
 
 #[test]
@@ -506,19 +567,7 @@ fn a_full_buffer_keeps_what_matters_and_the_goodbye_adds_up_with_the_losses() {
     let run = trace.finish(child);
     assert_eq!(run.code(), Some(0), "{}", run.stderr);
     let seen = agent.seen.lock().unwrap();
-    let counters = seen.goodbye.expect("a Goodbye");
-    let mut losses = seen.losses.clone();
-    losses.sort_unstable();
-    losses.dedup();
-    let lost: u64 = losses.iter().map(|(first, last)| last - first + 1).sum();
-    let received: std::collections::BTreeSet<u64> = seen.events.iter().map(|(s, _)| *s).collect();
-    // Every number is an event received or in a Loss range, once; the
-    // Goodbye counts both.
-    assert_eq!((counters.dropped, counters.events), (lost, received.len() as u64), "{losses:?} {received:?}");
-    let mut numbers: Vec<u64> = received.iter().copied().collect();
-    numbers.extend(losses.iter().flat_map(|&(first, last)| first..=last));
-    numbers.sort_unstable();
-    assert_eq!(numbers, (0..counters.events + counters.dropped).collect::<Vec<_>>());
+    let counters = assert_every_number_received_or_lost(&seen);
     assert!(counters.dropped > 0, "the buffer overflowed: {}", run.stderr);
     // The failed opens made way for the execs.
     let execs = |events: Vec<&Value>| events.into_iter().filter(|e| e.get("exec").is_some()).count();

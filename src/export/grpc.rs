@@ -225,17 +225,19 @@ impl Buffer {
             .collect()
     }
 
-    /// An ack of `sequence` also says the agent read every Loss sent before
-    /// it on this stream, and each was sent before any later event.
-    fn ack(&mut self, sequence: u64) {
-        let heard = self.losses.partition_point(|r| r.last <= sequence);
-        self.losses.drain(..heard);
-        while self.events.front().is_some_and(|(s, _, _)| *s <= sequence) {
-            if let Some((sequence, event, encoded_len)) = self.events.pop_front() {
+    /// An ack of `sequence` on the current stream, which sent the events
+    /// before `sent` (never past `carried`). It says the agent stored what
+    /// this stream carried up to `sequence`, and read the Losses announced on
+    /// it up to there. Events from `sent` on stay whatever it says: this
+    /// stream announces every Loss before its next batch, so an ack may pass
+    /// a Loss announced ahead of events not sent yet, and an agent cannot
+    /// have stored those. A Loss not announced on this stream stays too,
+    /// to be announced.
+    fn ack(&mut self, sequence: u64, sent: u64) {
+        self.losses.retain(|r| !(r.announced && r.last <= sequence));
+        while self.events.front().is_some_and(|(s, _, _)| *s <= sequence && *s < sent) {
+            if let Some((_, _, encoded_len)) = self.events.pop_front() {
                 self.bytes -= crate::queue::footprint_of_encoded(encoded_len);
-                if sequence >= self.carried {
-                    self.uncarried[value_index(&event)] -= 1;
-                }
             }
         }
     }
@@ -482,8 +484,9 @@ struct Sent {
     /// The next event to send.
     next: u64,
     /// One past the last sequence this stream carried (events and losses):
-    /// an ack may not reach it. What is before the resend start was
-    /// acknowledged already, so an ack of it changes nothing.
+    /// an ack may not reach it, and one that does is said. What is before
+    /// the resend start was acknowledged already, so an ack of it changes
+    /// nothing.
     carried: u64,
     /// Since when the agent owes an ack for events this stream sent: a peer
     /// that takes events and never answers is given up on, not waited on.
@@ -535,7 +538,7 @@ fn on_reply(
         }
         Some(Reply::Message(AgentMessage { message: Some(agent_message::Message::Ack(ack)) })) => {
             if let Some(sequence) = ack.sequence {
-                take_ack(options, shared, sequence, sent.carried, progress);
+                take_ack(options, shared, sequence, sent, progress);
             }
             // Answered; what is sent and still unacknowledged is owed from now.
             let outstanding = shared.buffer().events.front().is_some_and(|(s, _, _)| *s < sent.next);
@@ -640,7 +643,8 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 
 /// Applies an ack, cut to what the stream carried: an agent that
 /// acknowledges more would make the tracer forget events it never sent.
-fn take_ack(options: &Options, shared: &Shared, sequence: u64, carried: u64, progress: &mut Progress) {
+fn take_ack(options: &Options, shared: &Shared, sequence: u64, sent: &Sent, progress: &mut Progress) {
+    let carried = sent.carried;
     let sequence = if sequence < carried {
         sequence
     } else {
@@ -654,7 +658,7 @@ fn take_ack(options: &Options, shared: &Shared, sequence: u64, carried: u64, pro
     };
     let mut buffer = shared.buffer();
     let held = buffer.events.len();
-    buffer.ack(sequence);
+    buffer.ack(sequence, sent.next);
     if buffer.events.len() < held && !progress.acknowledged {
         // The agent works: the backoff starts over, the failure streak is over.
         progress.acknowledged = true;
@@ -675,6 +679,19 @@ mod tests {
         buffer.events.iter().map(|(s, _, _)| *s).collect()
     }
 
+    /// A new stream announces every loss and sends every event held, in
+    /// rounds as `stream` does, then the agent acknowledges `sequence`.
+    fn send_all_and_ack(buffer: &mut Buffer, sequence: u64) {
+        buffer.forget_announcements();
+        let mut next = buffer.resend_start();
+        loop {
+            buffer.take_unannounced_losses();
+            let Some(&(last, _)) = buffer.take_batch(next).last() else { break };
+            next = last + 1;
+        }
+        buffer.ack(sequence, next);
+    }
+
     #[test]
     fn a_full_buffer_drops_new_events_as_contiguous_losses() {
         let mut buffer = Buffer::default();
@@ -683,7 +700,7 @@ mod tests {
         }
         assert_eq!(buffer.events.iter().map(|(s, _, _)| *s).collect::<Vec<_>>(), vec![0, 1]);
         assert_eq!((ranges(&buffer), buffer.dropped), (vec![(2, 4)], 3));
-        buffer.ack(0);
+        send_all_and_ack(&mut buffer, 0);
         buffer.push(Event::default(), 2);
         assert_eq!(buffer.events.iter().map(|(s, _, _)| *s).collect::<Vec<_>>(), vec![1, 5]);
         // Drops made before the exporter (by the protocol probe) come as one range.
@@ -705,10 +722,12 @@ mod tests {
         buffer.forget_announcements();
         assert_eq!(buffer.take_unannounced_losses(), vec![(1, 2), (3, 3)]);
         // An event after the losses acknowledged: they were heard.
-        buffer.ack(0);
+        assert_eq!(buffer.take_batch(0).len(), 1);
+        buffer.ack(0, 1);
         assert_eq!(ranges(&buffer), vec![(1, 2), (3, 3)], "an ack before them says nothing of them");
         buffer.push(Event::default(), 1);
-        buffer.ack(4);
+        assert_eq!(buffer.take_batch(1).len(), 1);
+        buffer.ack(4, 5);
         assert_eq!(ranges(&buffer), vec![]);
     }
 
@@ -719,13 +738,13 @@ mod tests {
             buffer.push(Event::default(), 2);
         }
         buffer.push(Event::default(), 2); // dropped: sequence 2
-        buffer.ack(0);
+        send_all_and_ack(&mut buffer, 0);
         buffer.push(Event::default(), 2); // sequence 3, after the gap
         let sequences = |batch: Vec<(u64, Event)>| batch.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
         assert_eq!(sequences(buffer.batch_from(0)), vec![1]);
         assert_eq!(sequences(buffer.batch_from(2)), vec![3]);
         assert_eq!(buffer.resend_start(), 1);
-        buffer.ack(3);
+        send_all_and_ack(&mut buffer, 3);
         assert_eq!(buffer.resend_start(), 4, "all acknowledged: a new stream starts at the next event");
     }
 
@@ -740,7 +759,7 @@ mod tests {
         }
         assert_eq!((buffer.events.len(), buffer.dropped), (fits, 3));
         assert!(buffer.bytes <= BUFFER_BYTES);
-        buffer.ack(0);
+        send_all_and_ack(&mut buffer, 0);
         buffer.push(event, usize::MAX);
         assert_eq!((buffer.events.len(), buffer.dropped), (fits, 3), "an ack makes room again");
     }
@@ -768,8 +787,8 @@ mod tests {
         buffer.push(failed_open(), 3);
         assert_eq!((ranges(&buffer), buffer.dropped), (vec![(0, 1), (5, 5)], 3));
         // A loss announced already is not widened by a later eviction.
-        buffer.ack(4);
-        assert_eq!(buffer.take_unannounced_losses(), vec![(5, 5)]);
+        send_all_and_ack(&mut buffer, 4);
+        assert_eq!((sequences(&buffer), ranges(&buffer)), (vec![], vec![(5, 5)]));
         for event in [failed_open(), exec(), exec(), exec()] {
             buffer.push(event, 3);
         }
@@ -785,10 +804,35 @@ mod tests {
         // The agent may have stored them: the exec is the one lost.
         buffer.push(exec(), 2);
         assert_eq!((sequences(&buffer), ranges(&buffer)), (vec![0, 1], vec![(2, 2)]));
-        buffer.ack(0);
+        buffer.ack(0, 2);
         buffer.push(failed_open(), 2);
         buffer.push(exec(), 2);
         assert_eq!((sequences(&buffer), ranges(&buffer)), (vec![1, 4], vec![(2, 3)]));
+    }
+
+    #[test]
+    fn an_ack_past_a_loss_announced_ahead_keeps_what_the_stream_did_not_send_or_say_yet() {
+        let mut buffer = Buffer::default();
+        let unsent = BATCH_EVENTS as u64;
+        for _ in 0..unsent {
+            buffer.push(exec(), usize::MAX);
+        }
+        buffer.push(failed_open(), usize::MAX); // unsent
+        buffer.push(exec(), usize::MAX); // unsent + 1
+        buffer.lose(1); // unsent + 2: the tracer's queue dropped one
+                        // The stream's first round: every loss, then a full batch; the rest waits.
+        assert_eq!(buffer.take_unannounced_losses(), vec![(unsent + 2, unsent + 2)]);
+        assert_eq!(buffer.take_batch(0).len() as u64, unsent);
+        // Meanwhile an exec pushes the failed open out.
+        buffer.push(exec(), unsent as usize + 2);
+        // The agent stored the batch and read the Loss: it says so before the rest is sent.
+        buffer.ack(unsent + 2, unsent);
+        assert_eq!(sequences(&buffer), vec![unsent + 1, unsent + 3], "what the stream did not send is kept");
+        assert_eq!(ranges(&buffer), vec![(unsent, unsent)], "a loss the stream did not announce is kept");
+        // The next round says it, then sends the rest.
+        assert_eq!(buffer.take_unannounced_losses(), vec![(unsent, unsent)]);
+        let next: Vec<u64> = buffer.take_batch(unsent).iter().map(|(s, _)| *s).collect();
+        assert_eq!(next, vec![unsent + 1]);
     }
 
     #[test]
