@@ -438,7 +438,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
                 tracer_syscalls_per_stop: tracer_syscalls
                     .as_ref()
                     .filter(|_| config.name == "ours")
-                    .and_then(|(run, count)| Some(*count as f64 / stop_count(&run.stats)?.max(1) as f64)),
+                    .and_then(|(run, count)| Some(*count as f64 / tracer_wakes(&run.stats)?.max(1) as f64)),
                 stats,
                 p99_ms: (!p99s.is_empty()).then(|| median(&mut p99s)),
             };
@@ -475,6 +475,12 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         Some(_) => Ok(()),
         None => bench_procscan(&tracer, &dir),
     }
+}
+
+/// What wakes the tracer thread: its ptrace stops and the opens it
+/// performed itself (each a notification it serves), None without stats.
+fn tracer_wakes(stats: &BTreeMap<String, u64>) -> Option<u64> {
+    Some(stop_count(stats)? + stats.get("supervised_opens").copied().unwrap_or(0))
 }
 
 /// The ptrace stops of a `--stats` line (None without one: not ours).
