@@ -453,37 +453,62 @@ fn an_agent_that_sends_its_headers_with_its_first_ack_gets_every_event() {
     assert_eq!(agent.seen.lock().unwrap().streams, 1, "{}", run.stderr);
 }
 
+/// A traced shell loop that makes events until the test writes its `go`
+/// file, started with no agent at a free loopback address: returns once its
+/// events file holds `events` events (the buffer has overflowed by then).
+struct Overflowing {
+    address: String,
+    go: std::path::PathBuf,
+    trace: Trace,
+    child: std::process::Child,
+    started: Instant,
+    _dir: tempfile::TempDir,
+}
+
+impl Overflowing {
+    fn start(flags: &[&str], body: &str, events: usize) -> Overflowing {
+        let address = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let go = dir.path().join("go");
+        let script = format!("while [ ! -e {} ]; do {body}; done", go.display());
+        let mut trace = traced(&address, flags, &["sh", "-c", &script]);
+        let child = trace.spawn();
+        let started = Instant::now();
+        while std::fs::read_to_string(trace.events_path()).unwrap_or_default().lines().count() < events {
+            assert!(started.elapsed() < common::DEADLINE, "the workload made too few events");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Overflowing { address, go, trace, child, started, _dir: dir }
+    }
+
+    /// Ends the loop and the trace.
+    fn finish(self) -> Run {
+        std::fs::write(&self.go, "").unwrap();
+        let run = self.trace.finish(self.child);
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        run
+    }
+}
+
 #[test]
 fn a_resend_after_dropped_events_keeps_each_event_under_its_own_number() {
-    let address = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let go = dir.path().join("go");
     // Events go on until the test says: the buffer (10) overflows while no
     // agent listens, and fills again after the agent's first ack.
-    let script = format!("while [ ! -e {} ]; do cat /etc/hostname >/dev/null; sleep 0.02; done", go.display());
     // auto: the events and drops before the agent answers are kept by the
     // protocol probe, and handed over under the same numbers.
     let flags = ["--async", "--buffer-events", "10", "--flush-timeout", "30s", "--probe-protocol", "auto"];
-    let mut trace = traced(&address, &flags, &["sh", "-c", &script]);
-    let child = trace.spawn();
-    let started = Instant::now();
-    while std::fs::read_to_string(trace.events_path()).unwrap_or_default().lines().count() < 30 {
-        assert!(started.elapsed() < common::DEADLINE, "the workload made no events");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let workload = Overflowing::start(&flags, "cat /etc/hostname >/dev/null; sleep 0.02", 30);
     // The probe keeps 0..=9 and drops the rest. The first stream gets what
     // of 0..=9 the exporter still holds (execs that came before the stream
     // may push failed opens out, announced), acknowledges 0, and fails when
     // the events after the dropped ones come: the next stream resends the
     // others, and those, with gaps between.
-    let agent = RunningAgent::start_at(Behaviour::FailFirstStreamFrom(10), &address);
+    let agent = RunningAgent::start_at(Behaviour::FailFirstStreamFrom(10), &workload.address);
     while agent.seen.lock().unwrap().streams < 2 || agent.events().last().is_none_or(|(s, _)| *s < 10) {
-        assert!(started.elapsed() < common::DEADLINE, "no resend after the failed stream");
+        assert!(workload.started.elapsed() < common::DEADLINE, "no resend after the failed stream");
         std::thread::sleep(Duration::from_millis(5));
     }
-    std::fs::write(&go, "").unwrap();
-    let run = trace.finish(child);
-    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let run = workload.finish();
     let received = agent.seen.lock().unwrap().events.clone();
     for (sequence, event) in &received {
         assert_eq!(event, &run.events[*sequence as usize], "event {sequence} came under another's number");
@@ -517,29 +542,17 @@ fn assert_every_number_received_or_lost(seen: &Seen) -> Counters {
 
 #[test]
 fn an_ack_past_a_loss_announced_ahead_of_unsent_events_forgets_none_of_them() {
-    let address = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let go = dir.path().join("go");
     // More events than a batch holds (256) wait for the agent in a buffer
     // of 300 that overflows: the first stream announces the drops after
     // them, then sends one batch, which the agent acknowledges far beyond.
-    let script = format!("while [ ! -e {} ]; do cat /etc/hostname >/dev/null; done", go.display());
     let flags = ["--async", "--buffer-events", "300", "--flush-timeout", "30s"];
-    let mut trace = traced(&address, &flags, &["sh", "-c", &script]);
-    let child = trace.spawn();
-    let started = Instant::now();
-    while std::fs::read_to_string(trace.events_path()).unwrap_or_default().lines().count() < 400 {
-        assert!(started.elapsed() < common::DEADLINE, "the workload made too few events");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let agent = RunningAgent::start_at(Behaviour::AckBeyond, &address);
+    let workload = Overflowing::start(&flags, "cat /etc/hostname >/dev/null", 400);
+    let agent = RunningAgent::start_at(Behaviour::AckBeyond, &workload.address);
     while agent.events().last().is_none_or(|(s, _)| *s < 400) {
-        assert!(started.elapsed() < common::DEADLINE, "no event after the overflow was delivered");
+        assert!(workload.started.elapsed() < common::DEADLINE, "no event after the overflow was delivered");
         std::thread::sleep(Duration::from_millis(5));
     }
-    std::fs::write(&go, "").unwrap();
-    let run = trace.finish(child);
-    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let run = workload.finish();
     let seen = agent.seen.lock().unwrap();
     assert!(assert_every_number_received_or_lost(&seen).dropped > 0, "the buffer overflowed: {}", run.stderr);
     for (sequence, event) in &seen.events {
