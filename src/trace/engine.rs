@@ -289,19 +289,18 @@ impl Engine {
             if let Some(stop) = ptrace::poll_any()? {
                 return Ok(stop);
             }
+            // No allocation per wait: the signalfd's slot, without one, is
+            // the listener again and left out of the poll.
             let listener = supervision.supervisor.listener().as_fd();
-            let mut fds = vec![PollFd::new(listener, PollFlags::POLLIN)];
-            if let Some(child_stops) = &supervision.child_stops {
-                fds.push(PollFd::new(child_stops.as_fd(), PollFlags::POLLIN));
-            }
-            let timeout = match supervision.child_stops {
-                Some(_) => PollTimeout::NONE,
-                None => PollTimeout::from(POLL_WITHOUT_SIGNALFD),
+            let second = supervision.child_stops.as_ref().map_or(listener, |fd| fd.as_fd());
+            let mut fds = [PollFd::new(listener, PollFlags::POLLIN), PollFd::new(second, PollFlags::POLLIN)];
+            let (watched, timeout) = match supervision.child_stops {
+                Some(_) => (2, PollTimeout::NONE),
+                None => (1, PollTimeout::from(POLL_WITHOUT_SIGNALFD)),
             };
-            poll(&mut fds, timeout)?;
+            poll(&mut fds[..watched], timeout)?;
             let ready = |fd: &PollFd<'_>| fd.revents().unwrap_or(PollFlags::empty());
-            let (listener, woken) = (ready(&fds[0]), fds.get(1).map(ready));
-            drop(fds);
+            let (listener, woken) = (ready(&fds[0]), fds[1..watched].first().map(ready));
             if woken.is_some_and(|r| r.contains(PollFlags::POLLIN)) {
                 if let Some(child_stops) = &supervision.child_stops {
                     while let Ok(Some(_)) = child_stops.read_signal() {}

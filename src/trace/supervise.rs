@@ -208,8 +208,9 @@ impl Supervisor {
         }
         let call = Performed { notification: n, time, dirfd, raw, flags: flags as i32 };
         let Some(performer) = &mut self.performer else { return Served::Bounce(n.tid) };
+        performer.know(n.tid);
         let Some(credentials) = performer.credentials(n.tid) else { return Served::Bounce(n.tid) };
-        match performer.open(&call, &credentials) {
+        match performer.open(&call, credentials) {
             Opening::Opened(file, id) => {
                 match unotify::answer_descriptor(&self.listener, n.id, file.as_fd(), call.flags & libc::O_CLOEXEC != 0)
                 {
@@ -242,17 +243,18 @@ impl Performer {
         Some(Performer { root, root_id, own: Own::current()?, views: HashMap::new(), namespaces })
     }
 
+    /// Looks at the thread once, until `forget`.
+    fn know(&mut self, tid: Pid) {
+        if !self.views.contains_key(&tid) {
+            let view = self.look_at(tid);
+            self.views.insert(tid, view);
+        }
+    }
+
     /// The thread's credentials, where its opens can be the tracer's.
-    fn credentials(&mut self, tid: Pid) -> Option<FsCredentials> {
-        let view = match self.views.get(&tid) {
-            Some(view) => view,
-            None => {
-                let view = self.look_at(tid);
-                self.views.entry(tid).or_insert(view)
-            }
-        };
-        match view {
-            View::Like(credentials) => Some(credentials.clone()),
+    fn credentials(&self, tid: Pid) -> Option<&FsCredentials> {
+        match self.views.get(&tid)? {
+            View::Like(credentials) => Some(credentials),
             View::Foreign => None,
         }
     }
