@@ -44,12 +44,6 @@ fn run_bounded(trace: Trace, timeouts: Duration) -> Run {
     run
 }
 
-fn stat(run: &Run, name: &str) -> u64 {
-    let stats = run.stderr.lines().find_map(|l| l.split_once("stats: ")).expect("a stats line").1;
-    let value = stats.split(' ').find_map(|p| p.strip_prefix(&format!("{name}="))).expect(name);
-    value.parse().unwrap()
-}
-
 /// The tracer's lines on stderr that contain `text`.
 fn said<'a>(run: &'a Run, text: &str) -> Vec<&'a str> {
     run.stderr.lines().filter(|l| l.contains(text)).collect()
@@ -73,7 +67,7 @@ fn a_silent_peer_costs_the_timeouts_and_nothing_more() {
     let run = run_bounded(traced(&address, &flags, &["sh", "-c", "echo ran; exit 3"]), Duration::from_secs(1));
     assert_eq!((run.code(), run.stdout.as_str()), (Some(3), "ran\n"), "{}", run.stderr);
     assert_eq!(said(&run, "within 500ms; starting the workload anyway").len(), 1, "{}", run.stderr);
-    assert_eq!(stat(&run, "undelivered"), run.events.len() as u64, "{}", run.stderr);
+    assert_eq!(run.stat("undelivered"), run.events.len() as u64, "{}", run.stderr);
 }
 
 #[test]
@@ -98,7 +92,7 @@ fn a_stop_signal_after_the_workload_ended_ends_the_flush_at_once() {
     assert!(signalled.elapsed() < HANG, "SIGTERM did not end the flush: {:?}", signalled.elapsed());
     assert_eq!(run.code(), Some(3), "the workload's status, not the signal's: {}", run.stderr);
     assert_eq!(said(&run, "a stop signal after the workload's end").len(), 1, "{}", run.stderr);
-    assert_eq!(stat(&run, "undelivered"), run.events.len() as u64, "{}", run.stderr);
+    assert_eq!(run.stat("undelivered"), run.events.len() as u64, "{}", run.stderr);
 }
 
 /// A peer that answers every connection with `answer`, and counts the
@@ -186,7 +180,7 @@ fn assert_given_up_on_and_retried(prelude: &str) {
         "{}",
         run.stderr
     );
-    assert_eq!(stat(&run, "undelivered"), run.events.len() as u64, "{}", run.stderr);
+    assert_eq!(run.stat("undelivered"), run.events.len() as u64, "{}", run.stderr);
 }
 
 #[test]
@@ -211,7 +205,7 @@ fn assert_backoff_against(peer: Peer) {
     assert!(failed == connections || failed + 1 == connections, "{failed} failures, {connections} connections");
     // 2 s of backoff from 100 ms, doubling: a handful of attempts, not thousands.
     assert!(connections <= 20, "{connections} connections in 2 s: no backoff");
-    assert_eq!(stat(&run, "undelivered"), run.events.len() as u64, "{}", run.stderr);
+    assert_eq!(run.stat("undelivered"), run.events.len() as u64, "{}", run.stderr);
 }
 
 /// What an agent in this file saw.
@@ -420,7 +414,7 @@ fn an_agent_refusing_every_stream_is_retried_with_backoff_and_said_once() {
     let failed = times_in_all(&failures);
     assert!(failed == streams || failed + 1 == streams, "{failed} failures, {streams} streams\n{}", run.stderr);
     assert!(streams <= 20, "{streams} streams in 2 s: no backoff");
-    assert_eq!(stat(&run, "undelivered"), run.events.len() as u64, "{}", run.stderr);
+    assert_eq!(run.stat("undelivered"), run.events.len() as u64, "{}", run.stderr);
 }
 
 #[test]
@@ -436,7 +430,7 @@ fn acks_beyond_what_was_sent_are_cut_to_it_and_said_once() {
     assert_received(&agent, &run);
     let complaints = said(&run, "acknowledges events it was not sent");
     assert!(!complaints.is_empty() && complaints.len() <= 2, "said once, then counted: {}", run.stderr);
-    assert_eq!(stat(&run, "undelivered"), 0, "{}", run.stderr);
+    assert_eq!(run.stat("undelivered"), 0, "{}", run.stderr);
 }
 
 #[test]
@@ -449,7 +443,7 @@ fn an_agent_that_sends_its_headers_with_its_first_ack_gets_every_event() {
     // No headers before an event: the workload waited its connect timeout.
     assert_eq!(said(&run, "within 500ms; starting the workload anyway").len(), 1, "{}", run.stderr);
     assert_received(&agent, &run);
-    assert_eq!(stat(&run, "undelivered"), 0, "{}", run.stderr);
+    assert_eq!(run.stat("undelivered"), 0, "{}", run.stderr);
     assert_eq!(agent.seen.lock().unwrap().streams, 1, "{}", run.stderr);
 }
 

@@ -183,13 +183,6 @@ fn outside_process_and_reused_pid(env: &[(&str, &str)]) -> common::Run {
     run
 }
 
-/// A counter of the tracer's `--stats` line.
-fn stat(run: &common::Run, name: &str) -> u64 {
-    let line = run.stderr.lines().find(|l| l.contains("stats: ")).expect("a stats line");
-    let value = line.split_whitespace().find_map(|f| f.strip_prefix(&format!("{name}="))).expect(name);
-    value.parse().unwrap()
-}
-
 #[test]
 fn the_flag_and_the_environment_turn_the_scan_off() {
     // Started before the control: a scan they ran would have come before its first.
@@ -202,11 +195,11 @@ fn the_flag_and_the_environment_turn_the_scan_off() {
     let on = on.finish();
     outside.kill().unwrap();
     outside.wait().unwrap();
-    assert!(stat(&on, "proc_scans") >= 1, "{}", on.stderr);
+    assert!(on.stat("proc_scans") >= 1, "{}", on.stderr);
     for traced in [off, off_by_env] {
         let run = traced.finish();
         assert_eq!(run.code(), Some(0), "{}", run.stderr);
-        assert_eq!(stat(&run, "proc_scans"), 0, "{}", run.stderr);
+        assert_eq!(run.stat("proc_scans"), 0, "{}", run.stderr);
         assert!(run.of("exec").iter().all(|e| e["exec"]["from_procfs"] != true), "{:#?}", run.of("exec"));
     }
 }

@@ -35,13 +35,6 @@ fn run(flags: &[&str], tracer_uid: Option<u32>, dir: &Path, command: &[&std::ffi
     trace.run()
 }
 
-/// The count `name=N` of the `--stats` line.
-fn stat(run: &Run, name: &str) -> u64 {
-    let line = run.stderr.lines().find(|l| l.contains("stats:")).unwrap_or_else(|| panic!("{}", run.stderr));
-    let value = line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{name}=")));
-    value.unwrap_or_else(|| panic!("no {name} in {line}")).parse().unwrap()
-}
-
 fn lines(run: &Run) -> std::collections::HashMap<&str, Vec<&str>> {
     run.stdout.lines().map(|l| l.split_once(' ').unwrap()).map(|(k, v)| (k, v.split(' ').collect())).collect()
 }
@@ -51,7 +44,7 @@ fn number(event: &serde_json::Value, field: &str) -> u64 {
 }
 
 #[test]
-fn supervised_and_bounced_opens_report_what_the_kernel_did() {
+fn supervised_and_bounced_calls_report_what_the_kernel_did() {
     let (dir, program) = workspace("supervised");
     let file = dir.path().join("data");
     std::fs::write(&file, "data").unwrap();
@@ -109,20 +102,68 @@ fn supervised_and_bounced_opens_report_what_the_kernel_did() {
             let status = of(&format!("/proc/{pid}/status"));
             assert_eq!(status.len(), 1, "{context}: {opens:#?}");
             assert_eq!(retval(status[0]), made["status"][0].parse::<i64>().unwrap(), "{context}");
+            check_creating_opens(&made, &of, dir_path, &context);
             // No open failed with EINTR for a signal whose handler has no
             // SA_RESTART: natively, these opens cannot be interrupted.
             assert_eq!(made["eintr"], ["0", "0", "1"], "{context}");
             assert_eq!(of("/dev/null").len(), 1 + 300, "{context}");
-            let supervised = stat(&run, "supervised_opens");
+            let supervised = run.stat("supervised_calls");
             match (mode.is_empty(), switch) {
                 (true, None) => {
-                    assert!(supervised >= 302, "{context}");
-                    assert!(stat(&run, "bounced_opens") >= 302, "{context}");
+                    // The file's opens and the failed one, the creating and
+                    // writing ones; /dev/null's, the FIFO, /proc and the
+                    // dangling symlink's bounced.
+                    assert!(supervised >= 303 + 5, "{context}");
+                    assert!(run.stat("bounced_calls") >= 301 + 3, "{context}");
                 }
                 _ => assert_eq!(supervised, 0, "{context}"),
             }
         }
     }
+}
+
+/// The fixture's creating and writing opens, each event held against what
+/// the kernel told the program.
+fn check_creating_opens<'a>(
+    made: &std::collections::HashMap<&str, Vec<&str>>,
+    of: &dyn Fn(&str) -> Vec<&'a serde_json::Value>,
+    dir: &str,
+    context: &str,
+) {
+    let numbers = |label: &str| -> Vec<i64> {
+        made[label].iter().map(|w| w.parse().unwrap_or_else(|_| panic!("{label} {w}: {context}"))).collect()
+    };
+    // The file is the caller's, with the mode it asked for less its mask.
+    let created = numbers("created");
+    assert_eq!(made["created"][3], "640", "{context}");
+    assert_eq!(created[4], created[5], "owner and euid: {context}");
+    let events = of(&format!("{dir}/made"));
+    let (first, rest) = events.split_first().unwrap_or_else(|| panic!("no open of made: {context}"));
+    assert_eq!(retval(first), created[0], "{context}: {first:#}");
+    assert_eq!((number(first, "device"), number(first, "inode")), (created[1] as u64, created[2] as u64), "{context}");
+    assert_eq!(first["open"]["flags"], libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, "{context}: {first:#}");
+    assert_eq!(first["open"]["mode"], 0o666, "{context}: {first:#}");
+    assert!(first.get("unverified").is_none(), "{context}: {first:#}");
+    // O_EXCL on the existing file, then the same file truncated.
+    assert_eq!(made["excl"], ["17"], "{context}");
+    let [excl, trunc] = rest else { panic!("{context}: {rest:#?}") };
+    assert_eq!(retval(excl), -17, "{context}: {excl:#}");
+    let truncated = numbers("trunc");
+    assert_eq!(&truncated[1..], [created[1], created[2], 0, 1, 0], "{context}");
+    assert_eq!(retval(trunc), truncated[0], "{context}: {trunc:#}");
+    assert_eq!(number(trunc, "inode"), created[2] as u64, "{context}");
+    // A dangling symlink: its target made, and named.
+    let dangling = numbers("dangling");
+    assert_eq!(dangling[3], 1, "{context}");
+    let target = of(&format!("{dir}/target"));
+    assert_eq!(target.len(), 1, "{context}");
+    assert_eq!(retval(target[0]), dangling[0], "{context}: {:#}", target[0]);
+    assert_eq!(number(target[0], "inode"), dangling[2] as u64, "{context}");
+    assert_eq!(made["dircreat"], ["21"], "{context}");
+    let dircreat: Vec<_> = of(dir).into_iter().filter(|e| e["open"]["flags"] == libc::O_CREAT).collect();
+    assert_eq!(dircreat.iter().map(|e| retval(e)).collect::<Vec<_>>(), [-21], "{context}");
+    assert_eq!(made["nodir"], ["2"], "{context}");
+    assert_eq!(of(&format!("{dir}/none/x")).iter().map(|e| retval(e)).collect::<Vec<_>>(), [-2], "{context}");
 }
 
 #[test]
@@ -151,7 +192,83 @@ fn a_workload_is_granted_and_refused_opens_by_its_own_credentials() {
                 0 => assert!(retval(opens[0]) >= 0, "{flags:?}: {:#}", opens[0]),
                 _ => assert_eq!(retval(opens[0]), -libc::EACCES as i64, "{flags:?}: {:#}", opens[0]),
             }
-            assert!(stat(&run, "supervised_opens") > 0, "{}", run.stderr);
+            assert!(run.stat("supervised_calls") > 0, "{}", run.stderr);
+        }
+    }
+}
+
+/// Files and directories a workload creates are its own (owner, the
+/// directory's set-group-id group, its mask), and it is refused what the
+/// kernel refuses it: each traced shell's `: >> FILE` and `mkdir DIR` held
+/// against the same run natively as the same user, from the same state.
+#[test]
+fn a_workload_creates_files_as_itself_and_is_refused_what_the_kernel_refuses_it() {
+    use std::os::unix::fs::MetadataExt;
+    if !is_root() {
+        return common::skip("needs root to make directories of other owners");
+    }
+    // An open(FILE, O_WRONLY|O_CREAT|O_APPEND, 0666) failing the shell if it
+    // fails, and a mkdir(DIR, 0777); the event of each: (kind, syscall).
+    // Both under a mask of the shell's own, not the tracer's.
+    let commands = [("umask 027; : >> \"$0\"", ("open", "openat")), ("umask 027; mkdir \"$0\"", ("file", "mkdir"))];
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // (directory, its mode, its group; the name touched, the owner of a file already there)
+    let cases = [
+        ("closed", 0o755, 0, "new", None),
+        ("group", 0o2777, 4242, "new", None),
+        ("sticky", 0o1777, 0, "theirs", Some(2000)),
+    ];
+    let prepare = || {
+        for (name, mode, gid, file, existing) in cases {
+            let sub = dir.path().join(name);
+            let _ = std::fs::remove_dir_all(&sub);
+            std::fs::create_dir(&sub).unwrap();
+            std::os::unix::fs::chown(&sub, Some(0), Some(gid)).unwrap();
+            std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(mode)).unwrap();
+            if let Some(owner) = existing {
+                std::fs::write(sub.join(file), "").unwrap();
+                std::fs::set_permissions(sub.join(file), std::fs::Permissions::from_mode(0o666)).unwrap();
+                std::os::unix::fs::chown(sub.join(file), Some(owner), Some(owner)).unwrap();
+            }
+        }
+    };
+    let outcome = |path: &Path, code: Option<i32>| {
+        let meta = std::fs::metadata(path).ok().map(|m| (m.uid(), m.gid(), m.mode() & 0o7777));
+        (code, meta)
+    };
+    for (flags, native_as) in [
+        (&[][..], &[][..]),
+        (&["--uid", "1000", "--gid", "1000"][..], &["--reuid", "1000", "--regid", "1000", "--clear-groups"][..]),
+    ] {
+        for ((name, _, _, file, existing), (command, (kind, syscall))) in
+            cases.into_iter().flat_map(|case| commands.map(|command| (case, command)))
+        {
+            if existing.is_some() && kind == "file" {
+                continue;
+            }
+            let path = dir.path().join(name).join(file);
+            prepare();
+            let native =
+                std::process::Command::new("setpriv").args(native_as).args(["sh", "-c", command]).arg(&path).status();
+            let native = outcome(&path, native.unwrap().code());
+            prepare();
+            let run = run(flags, None, dir.path(), &["sh".as_ref(), "-c".as_ref(), command.as_ref(), path.as_os_str()]);
+            let context = format!("{flags:?} {command} {path:?}: {}", run.stderr);
+            assert_eq!(outcome(&path, run.code()), native, "{context}");
+            let real = common::real_path(path.to_str().unwrap());
+            let events: Vec<_> = run
+                .of(kind)
+                .into_iter()
+                .filter(|e| e["syscall"] == syscall && e[kind]["path"] == real.as_str())
+                .collect();
+            assert_eq!(events.len(), 1, "{context}: {:#?}", run.events);
+            match native.0 {
+                Some(0) => assert!(retval(events[0]) >= 0, "{context}: {:#}", events[0]),
+                _ => assert_eq!(retval(events[0]), -libc::EACCES as i64, "{context}: {:#}", events[0]),
+            }
+            assert!(events[0].get("unverified").is_none(), "{context}: {:#}", events[0]);
+            assert!(run.stat("supervised_calls") > 0, "{context}");
         }
     }
 }
@@ -160,33 +277,47 @@ fn a_workload_is_granted_and_refused_opens_by_its_own_credentials() {
 fn an_open_names_the_file_the_kernel_opened_whatever_a_sibling_writes_in_its_path() {
     const COUNT: usize = 500;
     let (dir, program) = workspace("attack_paths");
+    // Opening one of two files, and creating one of two.
+    let modes =
+        [("read", libc::O_CLOEXEC), ("create", libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC)];
     for (user, (flags, tracer_uid)) in users().into_iter().enumerate() {
-        // Each user's own files: the fixture makes them readable by their owner only.
-        let files = dir.path().join(format!("files-{user}"));
-        std::fs::create_dir_all(&files).unwrap();
-        std::fs::set_permissions(&files, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let count = COUNT.to_string();
-        let args = [program.as_os_str(), files.as_os_str(), count.as_ref(), "read".as_ref()];
-        let run = run(flags, tracer_uid, dir.path(), &args);
-        let context = format!("{flags:?} tracer uid {tracer_uid:?}: {}", run.stderr);
-        assert_eq!(run.code(), Some(0), "{context}");
-        let opened: Vec<&str> = run.stdout.lines().collect();
-        let path_of = |name: &str| common::real_path(files.join(name).to_str().unwrap());
-        let inode_of = |name: &str| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(files.join(name)).unwrap());
-        let events: Vec<_> = run
-            .of("open")
-            .into_iter()
-            .filter(|e| e["open"]["flags"] == libc::O_CLOEXEC)
-            .filter(|e| ["a", "b"].iter().any(|n| e["open"]["path"] == path_of(n).as_str()))
-            .collect();
-        assert_eq!(events.len(), COUNT, "{context}");
-        for (event, name) in events.iter().zip(&opened) {
-            assert_eq!(event["open"]["path"], path_of(name).as_str(), "{context}: {event:#}");
-            assert_eq!(number(event, "inode"), inode_of(name), "{context}: {event:#}");
-            assert!(event.get("unverified").is_none(), "{context}: {event:#}");
+        for (mode, open_flags) in modes {
+            // Each user's own files: the fixture makes them readable by their owner only.
+            let files = dir.path().join(format!("files-{user}-{mode}"));
+            std::fs::create_dir_all(&files).unwrap();
+            std::fs::set_permissions(&files, std::fs::Permissions::from_mode(0o777)).unwrap();
+            let count = COUNT.to_string();
+            let args = [program.as_os_str(), files.as_os_str(), count.as_ref(), mode.as_ref()];
+            let run = run(flags, tracer_uid, dir.path(), &args);
+            let context = format!("{mode} {flags:?} tracer uid {tracer_uid:?}: {}", run.stderr);
+            assert_eq!(run.code(), Some(0), "{context}");
+            let path_of = |name: &str| common::real_path(files.join(name).to_str().unwrap());
+            let inode_of =
+                |name: &str| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(files.join(name)).unwrap());
+            // What the kernel did: the name opened or made, and the inode.
+            let done: Vec<(&str, u64)> = run
+                .stdout
+                .lines()
+                .map(|line| match line.split_once(' ') {
+                    Some((name, inode)) => (name, inode.parse().unwrap()),
+                    None => (line, inode_of(line)),
+                })
+                .collect();
+            let events: Vec<_> = run
+                .of("open")
+                .into_iter()
+                .filter(|e| e["open"]["flags"] == open_flags)
+                .filter(|e| ["a", "b"].iter().any(|n| e["open"]["path"] == path_of(n).as_str()))
+                .collect();
+            assert_eq!(events.len(), COUNT, "{context}");
+            for (event, (name, inode)) in events.iter().zip(&done) {
+                assert_eq!(event["open"]["path"], path_of(name).as_str(), "{context}: {event:#}");
+                assert_eq!(number(event, "inode"), *inode, "{context}: {event:#}");
+                assert!(event.get("unverified").is_none(), "{context}: {event:#}");
+            }
+            let flips = done.iter().filter(|(n, _)| *n == "b").count();
+            eprintln!("{context}: {flips} of {COUNT} opens reached b");
+            assert!(run.stat("supervised_calls") >= COUNT as u64, "{context}");
         }
-        let flips = opened.iter().filter(|n| **n == "b").count();
-        eprintln!("{context}: {flips} of {COUNT} opens reached b");
-        assert!(stat(&run, "supervised_opens") >= COUNT as u64, "{context}");
     }
 }

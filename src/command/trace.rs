@@ -157,7 +157,7 @@ fn goodbye(outcome: &Result<Outcome, LaunchError>) -> Goodbye {
 fn log_stats(outcome: &Outcome, delivery: &grpc::Delivery) {
     let s = &outcome.stats;
     log!(
-        "stats: seccomp_stops={} syscall_stops={} fork_stops={} exec_stops={} group_stops={} signal_stops={} other_stops={} foreign_calls={} supervised_opens={} bounced_opens={} events={} dropped={} undelivered={} reconnects={} peak_rss_kib={} proc_scans={} proc_scan_cpu_us={} proc_scan_first_cpu_us={} detached={} skipped={} skipped_by_kind={}",
+        "stats: seccomp_stops={} syscall_stops={} fork_stops={} exec_stops={} group_stops={} signal_stops={} other_stops={} foreign_calls={} supervised_calls={} bounced_calls={} events={} dropped={} undelivered={} reconnects={} peak_rss_kib={} proc_scans={} proc_scan_cpu_us={} proc_scan_first_cpu_us={} detached={} skipped={} skipped_by_kind={}",
         s.seccomp, s.syscall, s.fork, s.exec, s.group, s.signal, s.other, s.foreign, s.supervised, s.bounced, s.events,
         s.dropped,
         delivery.undelivered + delivery.dropped, delivery.reconnects, trace::peak_rss_kib().unwrap_or(0),

@@ -24,7 +24,7 @@ use crate::proto::{self, event::Payload, Event, ForkKind};
 use crate::queue::EventSink;
 use crate::trace::abi::{Abi, SyscallEntry};
 use crate::trace::attach::{self, Seized};
-use crate::trace::decode::{self, Call, Ctx, Decoder, Next, OpenCall, Supervised};
+use crate::trace::decode::{self, Call, Ctx, Decoder, Next, Supervised};
 use crate::trace::guard;
 use crate::trace::mounts::Mounts;
 use crate::trace::names::Names;
@@ -58,8 +58,8 @@ pub struct Stats {
     pub other: u64,
     /// Seccomp stops of calls no table entry decodes (x32, foreign ABIs).
     pub foreign: u64,
-    /// Opens the tracer performed itself (no stop), and those it sent back
-    /// to ptrace (`supervise.rs`).
+    /// Calls the tracer performed itself (no stop), and those it sent back
+    /// to ptrace (`supervise/`).
     pub supervised: u64,
     pub bounced: u64,
     pub events: u64,
@@ -325,13 +325,9 @@ impl Engine {
             Entered { time, ppid: self.procs.process_of(notification.tid).map_or(0, |p| p.ppid.as_raw() as u32) };
         let Some(supervision) = &mut self.supervision else { return };
         match supervision.supervisor.serve(notification) {
-            Served::Opened { call, fd, file, id } => {
-                self.report_supervised(&call, Supervised::Opened { fd, file: &file, id })
-            }
-            Served::Failed { call, errno, base } => {
-                let outcome = Supervised::Failed { errno, raw: &call.raw, base: base.as_deref() };
-                self.report_supervised(&call, outcome);
-            }
+            Served::Opened { call, fd, id, path } => self.report_supervised(&call, Supervised::Opened { fd, id, path }),
+            Served::Failed { call, errno, path } => self.report_supervised(&call, Supervised::Failed { errno, path }),
+            Served::Named { call, named } => self.report_supervised(&call, Supervised::Named(&named)),
             Served::Bounce(tid) => {
                 self.stats.bounced += 1;
                 match ptrace::interrupt(tid) {
@@ -341,7 +337,7 @@ impl Engine {
                     // Not a thread the tracer can stop: its call runs as the
                     // kernel has it, unseen, rather than never.
                     Err(e) => {
-                        log!("cannot stop thread {tid} to trace its open ({e}); the open runs unseen");
+                        log!("cannot stop thread {tid} to trace its call ({e}); the call runs unseen");
                         let _ = supervision.supervisor.let_run(notification.id);
                     }
                 }
@@ -356,14 +352,10 @@ impl Engine {
             return;
         }
         self.stats.supervised += 1;
-        let (name, open) = match n.nr as u32 {
-            supervise::OPEN => ("open", OpenCall::Open),
-            _ => ("openat", OpenCall::Openat),
-        };
         let entry = SyscallEntry::new(Abi::X86_64, n.nr as u64, n.args);
-        let mut call = Call::new(name, &entry, performed.time);
+        let mut call = Call::new(performed.name, &entry, performed.time);
         call.ppid = Some(self.ctx(n.tid).ppid());
-        decode::supervised_open(&mut self.ctx(n.tid), &call, open, outcome);
+        performed.decoder.supervised(&mut self.ctx(n.tid), &call, outcome);
     }
 
     /// At a bounced open's interrupt stop: marks it for ptrace.
@@ -381,7 +373,7 @@ impl Engine {
     fn bounced_entered(&mut self, tid: Pid, entry: &SyscallEntry) -> Option<Entered> {
         let supervision = self.supervision.as_mut()?;
         let marked = entry.abi == Abi::X86_64
-            && matches!(entry.nr as u32, supervise::OPEN | supervise::OPENAT)
+            && matches!(syscalls::lookup(Abi::X86_64, entry.nr).map(|d| d.action), Some(Action::Supervise { .. }))
             && entry.args[supervise::MARKER_ARG] == supervision.supervisor.marker();
         match (marked, supervision.bounced.get(&tid)) {
             (true, Some(&Bounce::Marked(own, entered))) => {

@@ -1,6 +1,6 @@
-//! Opening files with a tracee's file-system credentials, on the tracer's
-//! own thread: the kernel then grants or refuses exactly what it would
-//! grant or refuse the tracee.
+//! Opening and creating files with a tracee's file-system credentials and
+//! creation mask, on the tracer's own thread: the kernel then grants or
+//! refuses, and creates, exactly what it would for the tracee.
 //!
 //! Linux keeps credentials per thread; the raw setfsuid, setfsgid,
 //! setgroups and capset calls change only the calling thread's (libc's
@@ -99,6 +99,32 @@ impl Own {
         let own = &self.credentials;
         (own.fsuid, own.fsgid, &own.groups) == (target.fsuid, target.fsgid, &target.groups)
             && own.effective & !CAP_SYS_PTRACE == target.effective & !CAP_SYS_PTRACE
+    }
+}
+
+/// The calling thread's file-creation mask, made its own (its fs_struct
+/// unshared from the tracer's other threads), so that taking on a tracee's
+/// changes nothing else. The kernel applies it to a file the thread
+/// creates, or the directory's default ACL instead, as for the tracee's
+/// own call.
+pub struct Mask(std::cell::Cell<u32>);
+
+impl Mask {
+    /// None where the thread cannot have a mask of its own.
+    pub fn own() -> Option<Mask> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).ok()?;
+        let current = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        nix::sys::stat::umask(current);
+        Some(Mask(std::cell::Cell::new(current.bits())))
+    }
+
+    /// Takes on `mask` (as /proc/TID/status gives a tracee's).
+    pub fn set(&self, mask: u32) {
+        let mask = mask & 0o777;
+        if self.0.get() != mask {
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+            self.0.set(mask);
+        }
     }
 }
 

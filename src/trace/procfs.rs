@@ -314,6 +314,12 @@ fn directory_path(dir: OwnedFd) -> Option<Vec<u8>> {
     }
 }
 
+/// The path of a directory the tracer holds open, also deeper than the
+/// kernel names (PATH_MAX).
+pub fn directory_name(dir: &OwnedFd) -> Option<String> {
+    Some(text::lossless(&directory_path(dir.try_clone().ok()?)?))
+}
+
 /// (directory part, final name): the name is None when the path ends in a
 /// directory (`/`, `.`, `..`), which then resolves whole. Trailing slashes
 /// name the same file (`mkdir("new/")`).
@@ -367,6 +373,8 @@ pub struct Status {
     pub tgid: Option<i32>,
     pub ppid: Option<i32>,
     pub credentials: Credentials,
+    /// The file-creation mask (Linux 4.7+).
+    pub umask: Option<u32>,
     /// Signals with a handler (SigCgt; bit N-1 for signal N).
     pub caught: Option<u64>,
 }
@@ -392,6 +400,7 @@ fn parse_status(bytes: &[u8]) -> Status {
         let mask = || u64::from_str_radix(value.trim(), 16).ok();
         let c = &mut status.credentials;
         match key {
+            b"Umask" => status.umask = u32::from_str_radix(value.trim(), 8).ok(),
             b"Tgid" => status.tgid = numbers.next().flatten().map(|v| v as i32),
             b"PPid" => status.ppid = numbers.next().flatten().map(|v| v as i32),
             // Real, effective, saved, filesystem.
@@ -538,10 +547,11 @@ pub fn open_path(path: &std::ffi::CStr) -> Option<OwnedFd> {
 }
 
 /// openat2(2) from `dir` with `resolve`'s limits on the walk (Linux 5.6+).
-pub fn open_beneath(dir: &OwnedFd, path: &std::ffi::CStr, flags: i32, resolve: u64) -> nix::Result<OwnedFd> {
+pub fn open_beneath(dir: &OwnedFd, path: &std::ffi::CStr, flags: i32, mode: u32, resolve: u64) -> nix::Result<OwnedFd> {
     // SAFETY: open_how is plain data; zero is valid for every field.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = flags as u64;
+    how.mode = u64::from(mode);
     how.resolve = resolve;
     let size = std::mem::size_of::<libc::open_how>();
     // SAFETY: `path` is NUL-terminated and `how` is an open_how of `size` bytes.
@@ -613,6 +623,7 @@ mod tests {
             Uid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nGroups:\t10 4294967294 \nSigCgt:\t0000000000000202\nCapEff:\t0000000000000080\n";
         let status = parse_status(text);
         assert_eq!((status.tgid, status.ppid, status.caught), (Some(12), Some(7), Some(0x202)));
+        assert_eq!(status.umask, Some(0o22));
         let c = status.credentials;
         assert_eq!([c.uid, c.euid, c.suid, c.fsuid], [Some(1), Some(2), Some(3), Some(4)]);
         assert_eq!([c.gid, c.egid, c.sgid, c.fsgid], [Some(5), Some(6), Some(7), Some(8)]);

@@ -15,7 +15,7 @@ use nix::sys::ptrace::{self, Options};
 use nix::unistd::Pid;
 
 use crate::trace::abi::{Abi, SyscallEntry};
-use crate::trace::supervise;
+use crate::trace::syscalls;
 
 /// Options set on the workload at seize time; children inherit them.
 pub const OPTIONS: Options = Options::PTRACE_O_TRACESYSGOOD
@@ -398,24 +398,21 @@ pub fn set_first_arg(pid: Pid, abi: Abi, value: u64) -> nix::Result<()> {
     ptrace::setregs(pid, regs)
 }
 
-/// Where a signal or PTRACE_INTERRUPT ended a supervised open's wait for
+/// Where a signal or PTRACE_INTERRUPT ended a supervised call's wait for
 /// the tracer (the call never ran: it is in a restart state, with no
 /// marker): makes the kernel run it again whatever handler runs first
-/// (ERESTARTNOINTR: natively, such an open is never interrupted), and with
-/// `marker` as its sixth argument when `bounce` (the filter then sends it
-/// to ptrace). Returns the sixth argument's value before, when it did.
+/// (ERESTARTNOINTR: natively, such a call on a local file is never
+/// interrupted), and with `marker` as its sixth argument when `bounce` (the
+/// filter then sends it to ptrace). Returns the sixth argument's value
+/// before, when it did.
 pub fn restart_supervised(pid: Pid, marker: u64, bounce: bool) -> nix::Result<Option<u64>> {
     const RESTART_CODES: [i64; 3] = [-512, -513, -514];
     let mut regs = ptrace::getregs(pid)?;
-    let flags = match regs.orig_rax as u32 {
-        supervise::OPEN => regs.rsi,
-        supervise::OPENAT => regs.rdx,
-        _ => return Ok(None),
-    };
+    let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
     let waiting = abi_of_code(regs.cs) == Some(Abi::X86_64)
         && RESTART_CODES.contains(&(regs.rax as i64))
         && regs.r9 != marker
-        && supervise::supervised_form(flags);
+        && syscalls::supervised(regs.orig_rax, &args).is_some();
     if !waiting {
         return Ok(None);
     }
@@ -428,7 +425,7 @@ pub fn restart_supervised(pid: Pid, marker: u64, bounce: bool) -> nix::Result<Op
     Ok(Some(before))
 }
 
-/// Puts back the sixth argument of a bounced open at its seccomp stop.
+/// Puts back the sixth argument of a bounced call at its exit stop.
 pub fn set_sixth_arg(pid: Pid, value: u64) -> nix::Result<()> {
     let mut regs = ptrace::getregs(pid)?;
     regs.r9 = value;

@@ -14,7 +14,7 @@ use crate::trace::abi::{Abi, AUDIT_ARCH_I386, AUDIT_ARCH_X86_64, X32_SYSCALL_BIT
 use crate::trace::condition::{ArgTest, When};
 use crate::trace::guard::{Target, GUARDS};
 use crate::trace::supervise;
-use crate::trace::syscalls::{Action, SYSCALLS};
+use crate::trace::syscalls::{Action, Notified, SYSCALLS};
 
 const OFFSET_NR: u32 = 0;
 const OFFSET_ARCH: u32 = 4;
@@ -158,9 +158,9 @@ fn push_abi_block(prog: &mut Vec<libc::sock_filter>, abi: Abi, tracer: u32, mark
                 prog.push(stmt(BPF_JA, block.len() as u32));
                 prog.extend(block);
             }
-            Action::Supervise { flags, .. } => match marker.filter(|_| abi == Abi::X86_64) {
+            Action::Supervise { notified, .. } => match marker.filter(|_| abi == Abi::X86_64) {
                 Some(marker) => {
-                    let block = supervise_block(flags, marker, trace);
+                    let block = supervise_block(notified, marker, trace);
                     prog.push(jump(BPF_JEQ_K, nr, 1, 0));
                     prog.push(stmt(BPF_JA, block.len() as u32));
                     prog.extend(block);
@@ -179,23 +179,30 @@ fn push_abi_block(prog: &mut Vec<libc::sock_filter>, abi: Abi, tracer: u32, mark
     prog.push(stmt(BPF_RET_K, libc::SECCOMP_RET_ALLOW));
 }
 
-/// A supervised open: TRACE when its sixth argument is `marker` (both
-/// halves), else USER_NOTIF when its flags (argument `flags`, an int) have
-/// none of the bits that make an open unsupervised, else TRACE.
-fn supervise_block(flags: usize, marker: u64, trace: u32) -> Vec<libc::sock_filter> {
+/// A supervised call: TRACE when its sixth argument is `marker` (both
+/// halves), else USER_NOTIF when it is of the `notified` form (an open's
+/// flags, argument `flags` as an int, have none of the bits that make it
+/// unsupervised), else TRACE.
+fn supervise_block(notified: Notified, marker: u64, trace: u32) -> Vec<libc::sock_filter> {
     let marker_at = OFFSET_ARGS + 8 * supervise::MARKER_ARG as u32;
-    vec![
+    let mut block = vec![
         stmt(BPF_LD_W_ABS, marker_at),
         jump(BPF_JEQ_K, marker as u32, 0, 3),
         stmt(BPF_LD_W_ABS, marker_at + 4),
         jump(BPF_JEQ_K, (marker >> 32) as u32, 0, 1),
         stmt(BPF_RET_K, trace),
-        stmt(BPF_LD_W_ABS, OFFSET_ARGS + 8 * flags as u32),
-        stmt(BPF_AND_K, supervise::NOT_SUPERVISED_FLAGS),
-        jump(BPF_JEQ_K, 0, 0, 1),
-        stmt(BPF_RET_K, libc::SECCOMP_RET_USER_NOTIF),
-        stmt(BPF_RET_K, trace),
-    ]
+    ];
+    match notified {
+        Notified::Always => block.push(stmt(BPF_RET_K, libc::SECCOMP_RET_USER_NOTIF)),
+        Notified::NamedOpens { flags } => block.extend([
+            stmt(BPF_LD_W_ABS, OFFSET_ARGS + 8 * flags as u32),
+            stmt(BPF_AND_K, supervise::NOT_SUPERVISED_FLAGS),
+            jump(BPF_JEQ_K, 0, 0, 1),
+            stmt(BPF_RET_K, libc::SECCOMP_RET_USER_NOTIF),
+            stmt(BPF_RET_K, trace),
+        ]),
+    }
+    block
 }
 
 /// `when` as a block that returns `trace` when it passes and ALLOW
@@ -531,36 +538,45 @@ mod tests {
         }
     }
 
-    /// Read-only opens go to the listener, every other form and every call
-    /// carrying the marker to ptrace; i386 calls always to ptrace.
+    /// Opens and file calls go to the listener, an O_TMPFILE open and every
+    /// call carrying the marker to ptrace; i386 calls always to ptrace.
     #[test]
-    fn supervised_opens_notify_only_their_form() {
+    fn supervised_calls_notify_only_their_form() {
         let marker = 0x1234_5678_9abc_def0u64;
         let prog = build_filter(Pid::from_raw(4_000_000), Some(marker));
         let plain = build_filter(Pid::from_raw(4_000_000), None);
         let notify = libc::SECCOMP_RET_USER_NOTIF;
         for (index, def) in SYSCALLS.iter().enumerate() {
-            let Action::Supervise { flags, .. } = def.action else { continue };
+            let Action::Supervise { notified, .. } = def.action else { continue };
             for (abi, arch) in [(Abi::X86_64, AUDIT_ARCH_X86_64), (Abi::I386, AUDIT_ARCH_I386)] {
                 let Some(nr) = def.number(abi) else { continue };
                 let trace = libc::SECCOMP_RET_TRACE | SeccompData::Known { abi, index }.encode();
                 let with = |flag_value: i32, sixth: u64| {
                     let mut args = [0u64; 6];
-                    args[flags] = flag_value as u64;
+                    if let Notified::NamedOpens { flags } = notified {
+                        args[flags] = flag_value as u64;
+                    }
                     args[supervise::MARKER_ARG] = sixth;
                     (run(&prog, arch, nr, &args), run(&plain, arch, nr, &args))
                 };
                 let supervised = if abi == Abi::X86_64 { notify } else { trace };
-                for read_only in
-                    [0, libc::O_DIRECTORY | libc::O_CLOEXEC, libc::O_PATH | libc::O_NOFOLLOW, libc::O_NONBLOCK]
-                {
-                    assert_eq!(with(read_only, 0), (supervised, trace), "{} {abi:?} {read_only:#o}", def.name);
-                    assert_eq!(with(read_only, marker), (trace, trace), "{} {abi:?} marked", def.name);
-                    assert_eq!(with(read_only, marker & 0xffff_ffff), (supervised, trace), "{} half marker", def.name);
-                    assert_eq!(with(read_only, marker | 1 << 63), (supervised, trace), "{} other high half", def.name);
+                let forms = [
+                    0,
+                    libc::O_DIRECTORY | libc::O_CLOEXEC,
+                    libc::O_PATH | libc::O_NOFOLLOW,
+                    libc::O_NONBLOCK,
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+                    libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+                ];
+                for form in forms {
+                    assert_eq!(with(form, 0), (supervised, trace), "{} {abi:?} {form:#o}", def.name);
+                    assert_eq!(with(form, marker), (trace, trace), "{} {abi:?} marked", def.name);
+                    assert_eq!(with(form, marker & 0xffff_ffff), (supervised, trace), "{} half marker", def.name);
+                    assert_eq!(with(form, marker | 1 << 63), (supervised, trace), "{} other high half", def.name);
                 }
-                for writes in [libc::O_WRONLY, libc::O_RDWR, libc::O_CREAT, libc::O_TRUNC, libc::O_TMPFILE] {
-                    assert_eq!(with(writes, 0), (trace, trace), "{} {abi:?} {writes:#o}", def.name);
+                let unnamed = if notified == Notified::Always { supervised } else { trace };
+                for tmpfile in [libc::O_TMPFILE | libc::O_RDWR, libc::O_TMPFILE & !libc::O_DIRECTORY] {
+                    assert_eq!(with(tmpfile, 0), (unnamed, trace), "{} {abi:?} {tmpfile:#o}", def.name);
                 }
             }
         }

@@ -14,6 +14,7 @@ use crate::trace::decode::{
     SeccompCall, SendCall, SignalCall, UffdCall,
 };
 use crate::trace::decode::{LengthArg, TimeLayout, RAW_SOCKETS, SOCKOPTS_WATCHED};
+use crate::trace::supervise;
 
 /// What the tracer does with a call of the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,14 +28,33 @@ pub enum Action {
     /// Only calls whose arguments pass `when` stop (checked by the filter,
     /// and by the engine for stops that did not come through it).
     TraceIf { when: When, decoder: Decoder },
-    /// Read-only opens (argument `flags` holds the open flags): where the
-    /// tracer supervises opens, the filter hands them to its listener and
-    /// the tracer performs them (`supervise.rs`); every other form, every
-    /// i386 call and every call bounced back to ptrace stops as `Trace`.
-    Supervise { flags: usize, decoder: Decoder },
+    /// Calls the tracer can perform itself: where it supervises calls, the
+    /// filter hands those of the `notified` form to its listener and the
+    /// tracer performs them (`supervise/`); every other form, every i386
+    /// call and every call bounced back to ptrace stops as `Trace`.
+    Supervise { notified: Notified, decoder: Decoder },
     /// The call never runs: it fails with this errno, unreported (a policy
     /// the filter applies by itself, as container runtimes' profiles do).
     Refuse(i32),
+}
+
+/// Which calls of a `Supervise` row the filter hands to the listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Notified {
+    /// Every call.
+    Always,
+    /// Opens whose flags (argument `flags`) are not O_TMPFILE's.
+    NamedOpens { flags: usize },
+}
+
+impl Notified {
+    /// Whether a call with these arguments is of the notified form.
+    pub fn covers(self, args: &[u64; 6]) -> bool {
+        match self {
+            Notified::Always => true,
+            Notified::NamedOpens { flags } => args[flags] as u32 & supervise::NOT_SUPERVISED_FLAGS == 0,
+        }
+    }
 }
 
 pub struct SyscallDef {
@@ -69,6 +89,15 @@ const fn ids32(count: usize) -> Action {
 
 const fn file(spec: F) -> Action {
     Trace(Decoder::File(spec))
+}
+
+/// A file call the tracer performs itself where it can.
+const fn names(spec: F) -> Action {
+    Supervise { notified: Notified::Always, decoder: Decoder::File(spec) }
+}
+
+const fn opens(flags: usize, call: OpenCall) -> Action {
+    Supervise { notified: Notified::NamedOpens { flags }, decoder: Decoder::Open(call) }
 }
 
 const fn decode(decoder: Decoder) -> Action {
@@ -119,8 +148,8 @@ pub static SYSCALLS: &[SyscallDef] = &[
     //   name               x86_64      i386        decodes as
     row("execve",          Some(59),   Some(11),   decode(Exec(ExecCall::Execve))),
     row("execveat",        Some(322),  Some(358),  decode(Exec(ExecCall::Execveat))),
-    row("open",            Some(2),    Some(5),    Supervise { flags: 1, decoder: Open(OpenCall::Open) }),
-    row("openat",          Some(257),  Some(295),  Supervise { flags: 2, decoder: Open(OpenCall::Openat) }),
+    row("open",            Some(2),    Some(5),    opens(1, OpenCall::Open)),
+    row("openat",          Some(257),  Some(295),  opens(2, OpenCall::Openat)),
     row("openat2",         Some(437),  Some(437),  decode(Open(OpenCall::Openat2))),
     row("creat",           Some(85),   Some(8),    decode(Open(OpenCall::Creat))),
     row("open_by_handle_at", Some(304), Some(342), decode(Open(OpenCall::ByHandle))),
@@ -141,18 +170,18 @@ pub static SYSCALLS: &[SyscallDef] = &[
     row("setns",           Some(308),  Some(346),  decode(Namespace(NsCall::Setns))),
     row("chdir",           Some(80),   Some(12),   decode(Chdir(ChdirCall::Chdir))),
     row("fchdir",          Some(81),   Some(133),  decode(Chdir(ChdirCall::Fchdir))),
-    row("unlink",          Some(87),   Some(10),   file(F::new(Op::Unlink, Path(0)))),
-    row("unlinkat",        Some(263),  Some(301),  file(F::new(Op::Unlink, At(0, 1)).flags(2))),
-    row("rmdir",           Some(84),   Some(40),   file(F::new(Op::Rmdir, Path(0)))),
-    row("rename",          Some(82),   Some(38),   file(F::new(Op::Rename, Path(0)).target(Path(1)))),
-    row("renameat",        Some(264),  Some(302),  file(F::new(Op::Rename, At(0, 1)).target(At(2, 3)))),
-    row("renameat2",       Some(316),  Some(353),  file(F::new(Op::Rename, At(0, 1)).target(At(2, 3)).flags(4))),
-    row("mkdir",           Some(83),   Some(39),   file(F::new(Op::Mkdir, Path(0)).mode(1))),
-    row("mkdirat",         Some(258),  Some(296),  file(F::new(Op::Mkdir, At(0, 1)).mode(2))),
-    row("link",            Some(86),   Some(9),    file(F::new(Op::Link, Path(1)).target(Path(0)))),
-    row("linkat",          Some(265),  Some(303),  file(F::new(Op::Link, At(2, 3)).target(At(0, 1)).flags(4))),
-    row("symlink",         Some(88),   Some(83),   file(F::new(Op::Symlink, Path(1)).target(Text(0)))),
-    row("symlinkat",       Some(266),  Some(304),  file(F::new(Op::Symlink, At(1, 2)).target(Text(0)))),
+    row("unlink",          Some(87),   Some(10),   names(F::new(Op::Unlink, Path(0)))),
+    row("unlinkat",        Some(263),  Some(301),  names(F::new(Op::Unlink, At(0, 1)).flags(2))),
+    row("rmdir",           Some(84),   Some(40),   names(F::new(Op::Rmdir, Path(0)))),
+    row("rename",          Some(82),   Some(38),   names(F::new(Op::Rename, Path(0)).target(Path(1)))),
+    row("renameat",        Some(264),  Some(302),  names(F::new(Op::Rename, At(0, 1)).target(At(2, 3)))),
+    row("renameat2",       Some(316),  Some(353),  names(F::new(Op::Rename, At(0, 1)).target(At(2, 3)).flags(4))),
+    row("mkdir",           Some(83),   Some(39),   names(F::new(Op::Mkdir, Path(0)).mode(1))),
+    row("mkdirat",         Some(258),  Some(296),  names(F::new(Op::Mkdir, At(0, 1)).mode(2))),
+    row("link",            Some(86),   Some(9),    names(F::new(Op::Link, Path(1)).target(Path(0)))),
+    row("linkat",          Some(265),  Some(303),  names(F::new(Op::Link, At(2, 3)).target(At(0, 1)).flags(4))),
+    row("symlink",         Some(88),   Some(83),   names(F::new(Op::Symlink, Path(1)).target(Text(0)))),
+    row("symlinkat",       Some(266),  Some(304),  names(F::new(Op::Symlink, At(1, 2)).target(Text(0)))),
     row("chmod",           Some(90),   Some(15),   file(F::new(Op::Chmod, Path(0)).mode(1))),
     row("fchmod",          Some(91),   Some(94),   file(F::new(Op::Chmod, Fd(0)).mode(1))),
     row("fchmodat",        Some(268),  Some(306),  file(F::new(Op::Chmod, At(0, 1)).mode(2))),
@@ -245,6 +274,16 @@ pub static SYSCALLS: &[SyscallDef] = &[
     row("sendmsg",         Some(46),   Some(370),  decode(Net(NetCall::Send(SendCall::Sendmsg)))),
     row("sendmmsg",        Some(307),  Some(345),  decode(Net(NetCall::Send(SendCall::Sendmmsg)))),
 ];
+
+/// The entry and decoder of an x86_64 call the filter hands to the listener
+/// where the tracer supervises calls (None for any other call).
+pub fn supervised(nr: u64, args: &[u64; 6]) -> Option<(&'static SyscallDef, Decoder)> {
+    let def = lookup(Abi::X86_64, nr)?;
+    match def.action {
+        Action::Supervise { notified, decoder } if notified.covers(args) => Some((def, decoder)),
+        _ => None,
+    }
+}
 
 /// The entry for a syscall number, for stops that did not come through the
 /// filter (`--disable-seccomp`).

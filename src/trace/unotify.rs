@@ -1,6 +1,6 @@
 //! The seccomp user-notification listener's requests (seccomp_unotify(2)):
 //! receiving a notification, checking it is still live, answering it with
-//! an error or with a descriptor the tracer opened.
+//! a return value, an error or a descriptor the tracer opened.
 //!
 //! `unsafe` here is the listener's ioctls, each on structs of plain data.
 
@@ -49,9 +49,11 @@ pub fn still_waiting(listener: &OwnedFd, id: u64) -> bool {
     rc == 0
 }
 
-/// The call fails with `errno`; the thread never runs it.
-pub fn answer_error(listener: &OwnedFd, id: u64, errno: i32) -> nix::Result<()> {
-    let response = libc::seccomp_notif_resp { id, val: 0, error: -errno, flags: 0 };
+/// The call returns `retval` (a negated errno: fails with it); the thread
+/// never runs it.
+pub fn answer_return(listener: &OwnedFd, id: u64, retval: i64) -> nix::Result<()> {
+    let (val, error) = if retval < 0 { (0, retval as i32) } else { (retval, 0) };
+    let response = libc::seccomp_notif_resp { id, val, error, flags: 0 };
     // SAFETY: NOTIF_SEND reads one seccomp_notif_resp, which `response` is.
     let rc = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &response) };
     Errno::result(rc).map(drop)

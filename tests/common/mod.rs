@@ -158,6 +158,13 @@ impl Run {
         self.status.code()
     }
 
+    /// A counter of the tracer's `--stats` line.
+    pub fn stat(&self, name: &str) -> u64 {
+        let line = self.stderr.lines().find(|l| l.contains("stats: ")).unwrap_or_else(|| panic!("{}", self.stderr));
+        let value = line.split_whitespace().find_map(|f| f.strip_prefix(&format!("{name}=")));
+        value.unwrap_or_else(|| panic!("no {name} in {line}")).parse().unwrap()
+    }
+
     /// Events with a payload of `kind` (exec, open, connect, fork, exit, chdir).
     pub fn of(&self, kind: &str) -> Vec<&Value> {
         self.events.iter().filter(|e| e.get(kind).is_some()).collect()

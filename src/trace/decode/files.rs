@@ -108,6 +108,44 @@ impl FileCall {
     }
 }
 
+/// What a name call did, as the tracer performed it (`supervise/names.rs`).
+pub struct Named {
+    pub retval: i64,
+    /// The name the call's path argument means (rename's old name, link's
+    /// and symlink's new one), as the tracer walked it.
+    pub path: Option<String>,
+    /// rename's new name, link's existing file, symlink's contents.
+    pub target: Option<String>,
+    /// The file removed, renamed or linked to, as its name named it just
+    /// before the call; the file made, just after.
+    pub file: Option<FileId>,
+    /// Why `file` could not be confirmed, or None.
+    pub unverified: Option<String>,
+}
+
+/// What the tracer needs to make a file call itself (`supervise/names.rs`).
+impl FileCall {
+    pub fn operation(&self) -> FileOperation {
+        self.operation
+    }
+
+    pub fn path_arg(&self) -> PathArg {
+        self.path
+    }
+
+    pub fn target_arg(&self) -> Option<PathArg> {
+        self.target
+    }
+
+    pub fn mode_arg(&self) -> Option<usize> {
+        self.mode
+    }
+
+    pub fn flags_arg(&self) -> Option<usize> {
+        self.flags
+    }
+}
+
 /// The path and the file it names now, for the file acted on.
 fn read_file_arg(cx: &mut Ctx<'_>, call: &Call, arg: PathArg) -> Option<(String, Option<FileId>)> {
     match arg {
@@ -151,9 +189,6 @@ pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, spec: FileCall) -> Next {
 
 pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
     let flags = spec.flags.map_or(0, |i| call.args[i] as u32);
-    // unlinkat(AT_REMOVEDIR) is an rmdir.
-    let removes_dir = spec.operation == FileOperation::Unlink && flags & libc::AT_REMOVEDIR as u32 != 0;
-    let id = |i: usize| id_arg(call, call.args[i], spec.narrow_ids_on_i386);
     let shared = cx.procs.tables_shared(cx.tid);
     // Read again at exit: to check what the call did while another task
     // shares the memory or descriptor table, or because a created file has an
@@ -175,13 +210,43 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
         _ => None,
     };
     let path = returned_path.or_else(|| call.entry_path.clone()).unwrap_or_default();
+    let target = spec.target.and(call.entry_target.clone());
+    let event = file_event(cx, call, spec, path, target, file);
+    let event = cx.call_event(call, retval, call.partial, Payload::File(event));
+    cx.sink.emit(proto::Event { unverified: unverified.unwrap_or_default(), ..event });
+}
+
+/// The event of a file call the tracer made itself. Nothing in it is read
+/// from the workload but its registers: the names are the ones the tracer
+/// walked and acted on.
+pub fn supervised(cx: &mut Ctx<'_>, call: &Call, spec: FileCall, named: &Named) {
+    let path = named.path.clone().unwrap_or_default();
+    let event = file_event(cx, call, spec, path, named.target.clone(), named.file);
+    let event = cx.call_event(call, named.retval, named.path.is_none(), Payload::File(event));
+    cx.sink.emit(proto::Event { unverified: named.unverified.clone().unwrap_or_default(), ..event });
+}
+
+/// A file call's event: `path` acted on (the file there being `file`), and
+/// `target`; the rest from the call's register arguments.
+fn file_event(
+    cx: &mut Ctx<'_>,
+    call: &Call,
+    spec: FileCall,
+    path: String,
+    target: Option<String>,
+    file: Option<FileId>,
+) -> proto::FileEvent {
+    let flags = spec.flags.map_or(0, |i| call.args[i] as u32);
+    // unlinkat(AT_REMOVEDIR) is an rmdir.
+    let removes_dir = spec.operation == FileOperation::Unlink && flags & libc::AT_REMOVEDIR as u32 != 0;
+    let id = |i: usize| id_arg(call, call.args[i], spec.narrow_ids_on_i386);
     let facts = identity::facts(cx, file, &path);
     let (uid, gid) = (spec.owner.map(id), spec.owner.map(|i| id(i + 1)));
     let (user, group) = identity::requested_owner_names(cx, uid, gid);
     let mut event = proto::FileEvent {
         operation: if removes_dir { FileOperation::Rmdir } else { spec.operation } as i32,
         path,
-        target: spec.target.and(call.entry_target.clone()).unwrap_or_default(),
+        target: target.unwrap_or_default(),
         mode: spec.mode.map(|i| call.args[i] as u32),
         uid,
         gid,
@@ -192,8 +257,7 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
     }
     .with_facts(facts);
     file_detail::fill(&mut event, call, spec.detail);
-    let event = cx.call_event(call, retval, call.partial, Payload::File(event));
-    cx.sink.emit(proto::Event { unverified: unverified.unwrap_or_default(), ..event });
+    event
 }
 
 /// While another task shares the caller's memory or descriptor table, the

@@ -28,15 +28,17 @@ pub use control::{tracer_target_refused, SeccompCall, UffdCall};
 pub use creds::CredCall;
 pub use exec::{bound_args, bound_envs, split_nul, succeeded as exec_succeeded, ExecCall};
 pub use file_detail::{LengthArg, TimeLayout, XattrValue};
-pub use files::{FileCall, PathArg};
+pub use files::{FileCall, Named, PathArg};
 pub use kernel::ModuleCall;
 pub use namespaces::NsCall;
 pub use net::NetCall;
-pub use open::{supervised as supervised_open, OpenCall, Supervised};
+pub use open::OpenCall;
 pub use process::{RlimitCall, SignalCall};
 pub use sends::SendCall;
 pub use sockopts::{RAW_SOCKETS, SOCKOPTS_WATCHED};
 pub use tasks::ChdirCall;
+
+use crate::trace::procfs::FileId;
 
 /// What a table entry decodes as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,4 +129,25 @@ impl Decoder {
             Decoder::Socketcall | Decoder::Clone | Decoder::Userfaultfd(_) => {}
         }
     }
+
+    /// A call the tracer performed itself (`supervise/`), reported from
+    /// what it did, never from the workload's memory.
+    pub fn supervised(self, cx: &mut Ctx<'_>, call: &Call, outcome: Supervised<'_>) {
+        match (self, outcome) {
+            (Decoder::Open(open), outcome) => open::supervised(cx, call, open, outcome),
+            (Decoder::File(spec), Supervised::Named(named)) => files::supervised(cx, call, spec, named),
+            _ => {}
+        }
+    }
+}
+
+/// How a supervised call ended.
+pub enum Supervised<'a> {
+    /// An open: the thread got descriptor `fd`, the file being `id`, named
+    /// `path`.
+    Opened { fd: i32, id: Option<FileId>, path: Option<String> },
+    /// An open failed with `errno`, walking `path`.
+    Failed { errno: i32, path: Option<String> },
+    /// A name call.
+    Named(&'a Named),
 }

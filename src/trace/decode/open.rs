@@ -1,12 +1,10 @@
 //! The open family, and io_uring_setup: the ways a workload opens files.
 
-use std::os::fd::{AsRawFd, OwnedFd};
-
 use crate::proto::{self, event::Payload};
 use crate::text;
 use crate::trace::decode::context::{Call, Ctx, Next, AT_FDCWD};
 use crate::trace::decode::identity::{self, CarriesFacts};
-use crate::trace::paths;
+use crate::trace::decode::Supervised;
 use crate::trace::procfs::{self, FileId};
 
 /// Which open call, for its argument positions.
@@ -95,38 +93,18 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, open: OpenCall) {
     cx.sink.emit(proto::Event { unverified: unverified.join("; "), ..event });
 }
 
-/// How a supervised open ended (the tracer performed it: `supervise.rs`).
-pub enum Supervised<'a> {
-    /// The thread got descriptor `fd`; `file` is the tracer's own
-    /// descriptor of the same open file, `id` its identity.
-    Opened { fd: i32, file: &'a OwnedFd, id: Option<FileId> },
-    /// It failed with `errno`, walking `raw` from `base` (a relative path's
-    /// directory; None for an absolute path).
-    Failed { errno: i32, raw: &'a [u8], base: Option<&'a str> },
-}
-
 /// The event of a supervised open. Nothing in it is read back from the
 /// workload: the path is the one the tracer walked, and the file the one it
 /// opened and still holds, so no other task can have changed either.
 pub fn supervised(cx: &mut Ctx<'_>, call: &Call, open: OpenCall, outcome: Supervised<'_>) {
     let args = open.args(call);
-    match outcome {
-        Supervised::Opened { fd, file, id } => {
-            let path = procfs::fd_path(nix::unistd::Pid::this(), file.as_raw_fd());
-            let event = open_event(cx, &args, id, &path);
-            cx.emit_call(call, i64::from(fd), path.is_none(), Payload::Open(event));
-        }
-        Supervised::Failed { errno, raw, base } => {
-            let raw = text::lossless(raw);
-            let path = match base {
-                _ if raw.starts_with('/') => Some(paths::absolute("/", &raw)),
-                Some(base) => Some(paths::absolute(base, &raw)),
-                None => cx.resolve(args.dirfd, raw.as_bytes()),
-            };
-            let event = open_event(cx, &args, None, &path);
-            cx.emit_call(call, -i64::from(errno), path.is_none(), Payload::Open(event));
-        }
-    }
+    let (retval, id, path) = match outcome {
+        Supervised::Opened { fd, id, path } => (i64::from(fd), id, path),
+        Supervised::Failed { errno, path } => (-i64::from(errno), None, path),
+        Supervised::Named(_) => return,
+    };
+    let event = open_event(cx, &args, id, &path);
+    cx.emit_call(call, retval, path.is_none(), Payload::Open(event));
 }
 
 /// The open flags the kernel keeps of an open file and that nothing can

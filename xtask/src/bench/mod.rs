@@ -480,7 +480,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
 /// What wakes the tracer thread: its ptrace stops and the opens it
 /// performed itself (each a notification it serves), None without stats.
 fn tracer_wakes(stats: &BTreeMap<String, u64>) -> Option<u64> {
-    Some(stop_count(stats)? + stats.get("supervised_opens").copied().unwrap_or(0))
+    Some(stop_count(stats)? + stats.get("supervised_calls").copied().unwrap_or(0))
 }
 
 /// The ptrace stops of a `--stats` line (None without one: not ours).

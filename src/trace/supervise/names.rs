@@ -1,0 +1,266 @@
+//! Supervised name calls: unlink, rmdir, mkdir, rename, link and symlink
+//! (and their `*at` forms), performed by the tracer on the names it read,
+//! and answered with what its own call returned.
+//!
+//! Each name is split into its directory and its final name; the directory
+//! is walked as every supervised walk is (`mod.rs`), and the call is made
+//! on (that directory, that final name): the kernel acts on the very names
+//! the event reports. Beyond what every supervised call needs:
+//! - a name ending in `/`, `.` or `..`, or empty, is bounced (the kernel's
+//!   rules for those differ per call);
+//! - flags the tracer's call does not take the same way (AT_EMPTY_PATH, an
+//!   unknown bit) are bounced;
+//! - mkdir runs under the thread's creation mask;
+//! - the names are walked in the kernel's order (rename's old name first,
+//!   link's existing file first), so a call with two bad names fails with
+//!   the error the native call would have.
+//!
+//! Which file the call acted on is read from the directory just before the
+//! call (the file removed, renamed or linked to) or just after it (the one
+//! made), and checked against the directory after it: a removed name no
+//! longer names that file, a renamed or linked file is at its new name, a
+//! made one is of the kind made. Another process changing the directory in
+//! between is not ruled out by that check when it puts things back as they
+//! would have been; where the check fails, the event says so.
+
+use std::ffi::CString;
+use std::os::fd::OwnedFd;
+
+use nix::errno::Errno;
+use nix::fcntl::AtFlags;
+use nix::fcntl::RenameFlags;
+use nix::sys::stat::Mode;
+use nix::unistd::{Pid, UnlinkatFlags};
+
+use super::{Base, Performed, Performer, Served, Supervisor, RESOLVE};
+use crate::proto::FileOperation;
+use crate::trace::decode::{FileCall, Named, PathArg};
+use crate::trace::impersonate::FsCredentials;
+use crate::trace::paths;
+use crate::trace::procfs::{self, FileId};
+
+/// A name argument: the directory descriptor it is relative to, and the
+/// bytes the tracer read.
+struct NameArg {
+    dirfd: i32,
+    raw: Vec<u8>,
+}
+
+/// A name walked to its directory.
+struct Walked {
+    dir: OwnedFd,
+    last: CString,
+    /// The directory's path joined to the final name.
+    path: Option<String>,
+}
+
+/// The call to make, with what each kind needs.
+enum NameCall {
+    Unlink(UnlinkatFlags),
+    Mkdir(Mode),
+    Rename(RenameFlags),
+    /// Whether the existing file's final symlink is followed.
+    Link(bool),
+    Symlink(Vec<u8>),
+}
+
+impl Supervisor {
+    pub(super) fn serve_name_call(&mut self, call: Performed, spec: FileCall) -> Served {
+        let n = call.notification;
+        let name_at = |arg: PathArg| match arg {
+            PathArg::Path(i) => Some((libc::AT_FDCWD, n.args[i])),
+            PathArg::At(dirfd, i) => Some((n.args[dirfd] as i32, n.args[i])),
+            _ => None,
+        };
+        let Some((dirfd, path)) = name_at(spec.path_arg()) else { return Served::Bounce(n.tid) };
+        let flags = spec.flags_arg().map_or(0, |i| n.args[i] as u32 as i32);
+        let second = match spec.target_arg() {
+            Some(PathArg::Text(i)) => Some((libc::AT_FDCWD, n.args[i])),
+            Some(arg) => match name_at(arg) {
+                Some(name) => Some(name),
+                None => return Served::Bounce(n.tid),
+            },
+            None => None,
+        };
+        let strings = match second {
+            Some((_, addr)) => self.read_strings(&n, [path, addr]).map(|[a, b]| (a, Some(b))),
+            None => self.read_strings(&n, [path]).map(|[a]| (a, None)),
+        };
+        let (raw, second_raw) = match strings {
+            Ok(strings) => strings,
+            Err(unserved) => return unserved.of(n.tid),
+        };
+        let name = NameArg { dirfd, raw };
+        let second = second.zip(second_raw).map(|((dirfd, _), raw)| NameArg { dirfd, raw });
+        let Some(kind) = call_of(spec, flags, n.args, &second) else { return Served::Bounce(n.tid) };
+        let Some((performer, credentials)) = self.performer_for(n.tid) else { return Served::Bounce(n.tid) };
+        let Some(named) = performer.perform(n.tid, credentials, kind, &name, second.as_ref()) else {
+            return Served::Bounce(n.tid);
+        };
+        match self.answer(&call, named.retval) {
+            Ok(()) => Served::Named { call, named },
+            Err(unserved) => unserved.of(n.tid),
+        }
+    }
+}
+
+/// The call a row's arguments make; None for what the tracer does not make
+/// the same way.
+fn call_of(spec: FileCall, flags: i32, args: [u64; 6], second: &Option<NameArg>) -> Option<NameCall> {
+    let call = match spec.operation() {
+        FileOperation::Unlink => match flags {
+            0 => NameCall::Unlink(UnlinkatFlags::NoRemoveDir),
+            libc::AT_REMOVEDIR => NameCall::Unlink(UnlinkatFlags::RemoveDir),
+            _ => return None,
+        },
+        FileOperation::Rmdir => NameCall::Unlink(UnlinkatFlags::RemoveDir),
+        FileOperation::Mkdir => NameCall::Mkdir(Mode::from_bits_truncate(args[spec.mode_arg()?] as u32)),
+        FileOperation::Rename => NameCall::Rename(RenameFlags::from_bits(flags as u32)?),
+        FileOperation::Link => match flags {
+            0 => NameCall::Link(false),
+            libc::AT_SYMLINK_FOLLOW => NameCall::Link(true),
+            _ => return None,
+        },
+        FileOperation::Symlink => NameCall::Symlink(second.as_ref()?.raw.clone()),
+        _ => return None,
+    };
+    Some(call)
+}
+
+impl Performer {
+    /// Performs the call on `name` (and rename's new name or link's
+    /// existing file, `second`), as the thread; None to bounce.
+    fn perform(
+        &self,
+        tid: Pid,
+        credentials: &FsCredentials,
+        call: NameCall,
+        name: &NameArg,
+        second: Option<&NameArg>,
+    ) -> Option<Named> {
+        let base = self.base(tid, name.dirfd, &name.raw)?;
+        let other = match (&call, second) {
+            (NameCall::Rename(_) | NameCall::Link(_), Some(arg)) => Some((arg, self.base(tid, arg.dirfd, &arg.raw)?)),
+            _ => None,
+        };
+        let _borrowed = self.become_like(tid, credentials, matches!(call, NameCall::Mkdir(_)))?;
+        let walked = walk(&base, &name.raw)?;
+        let walked_other = match &other {
+            Some((arg, other_base)) => Some(walk(other_base, &arg.raw)?),
+            None => None,
+        };
+        let text = |walked: &Result<Walked, Errno>, arg: &NameArg, base: &Base<'_>| match walked {
+            Ok(walked) => walked.path.clone(),
+            Err(_) => base.join(&arg.raw),
+        };
+        let path = text(&walked, name, &base);
+        let target = match (&call, &other, &walked_other) {
+            (NameCall::Symlink(contents), ..) => Some(crate::text::lossless(contents)),
+            (_, Some((arg, other_base)), Some(walked)) => text(walked, arg, other_base),
+            _ => None,
+        };
+        // The kernel walks link's existing file before its new name, and
+        // rename's old name before its new one.
+        let errors = [walked.as_ref().err(), walked_other.as_ref().and_then(|w| w.as_ref().err())];
+        let error = if matches!(call, NameCall::Link(_)) { errors[1].or(errors[0]) } else { errors[0].or(errors[1]) };
+        if let Some(errno) = error {
+            return Some(Named { retval: -(*errno as i64), path, target, file: None, unverified: None });
+        }
+        let walked = walked.ok()?;
+        let walked_other = walked_other.and_then(Result::ok);
+        let (retval, file, unverified) = make(call, &walked, walked_other.as_ref());
+        Some(Named { retval, path, target, file, unverified })
+    }
+}
+
+/// Walks `raw` from `base` to its directory: None to bounce (a final name
+/// the calls treat each their own way, a walk the tracer's limits stop),
+/// else the directory or the error the native walk meets too.
+fn walk(base: &Base<'_>, raw: &[u8]) -> Option<Result<Walked, Errno>> {
+    let (dir, last) = split(raw)?;
+    let dir_path = CString::new(if dir.is_empty() { b".".to_vec() } else { dir.to_vec() }).ok()?;
+    let last = CString::new(last).ok()?;
+    let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
+    match procfs::open_beneath(base.fd(), &dir_path, flags, 0, RESOLVE) {
+        Ok(dir) => {
+            let path =
+                procfs::directory_name(&dir).map(|d| paths::absolute(&d, &crate::text::lossless(last.as_bytes())));
+            Some(Ok(Walked { dir, last, path }))
+        }
+        Err(errno @ (Errno::ENOENT | Errno::ENOTDIR | Errno::EACCES | Errno::ENAMETOOLONG)) => Some(Err(errno)),
+        Err(_) => None,
+    }
+}
+
+/// (directory part, final name) of a name whose final name is a plain one:
+/// None for an empty name and one ending in `/`, `.` or `..`.
+fn split(raw: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (dir, last) = match raw.iter().rposition(|&b| b == b'/') {
+        Some(0) => (&raw[..1], &raw[1..]),
+        Some(slash) => (&raw[..slash], &raw[slash + 1..]),
+        None => (&b""[..], raw),
+    };
+    match last {
+        b"" | b"." | b".." => None,
+        last => Some((dir, last)),
+    }
+}
+
+/// Makes the call; returns its return value, the file it acted on, and why
+/// that file could not be confirmed.
+fn make(call: NameCall, name: &Walked, other: Option<&Walked>) -> (i64, Option<FileId>, Option<String>) {
+    const UNCONFIRMED: &str = "file: the directory after the call does not show its effect on the file its name \
+        named just before it: another process changed the directory meanwhile, and which file the call acted on \
+        is not known";
+    let id = |walked: &Walked| procfs::file_id(&walked.dir, walked.last.as_bytes());
+    let same = |a: &Option<FileId>, b: &Option<FileId>| matches!((a, b), (Some(a), Some(b)) if (a.device, a.inode) == (b.device, b.inode));
+    let kind = |file: &Option<FileId>| file.and_then(|f| f.stat).map(|s| s.mode & libc::S_IFMT);
+    let (result, file, confirmed) = match call {
+        NameCall::Unlink(flags) => {
+            let before = id(name);
+            let result = nix::unistd::unlinkat(&name.dir, name.last.as_c_str(), flags);
+            let gone = before.is_some() && !same(&id(name), &before);
+            (result, before, gone)
+        }
+        NameCall::Mkdir(mode) => {
+            let result = nix::sys::stat::mkdirat(&name.dir, name.last.as_c_str(), mode);
+            let made = id(name);
+            let confirmed = kind(&made) == Some(libc::S_IFDIR);
+            (result, made, confirmed)
+        }
+        NameCall::Symlink(contents) => {
+            let Ok(contents) = CString::new(contents) else { return (-(libc::ENOENT as i64), None, None) };
+            let result = nix::unistd::symlinkat(contents.as_c_str(), &name.dir, name.last.as_c_str());
+            let made = id(name);
+            let confirmed = kind(&made) == Some(libc::S_IFLNK);
+            (result, made, confirmed)
+        }
+        NameCall::Rename(flags) => {
+            let Some(new) = other else { return (-(libc::EINVAL as i64), None, None) };
+            let before = id(name);
+            let result = nix::fcntl::renameat2(&name.dir, name.last.as_c_str(), &new.dir, new.last.as_c_str(), flags);
+            let moved = same(&id(new), &before);
+            (result, before, moved)
+        }
+        NameCall::Link(follow) => {
+            let Some(existing) = other else { return (-(libc::EINVAL as i64), None, None) };
+            let before = match follow {
+                // The file a symlink leads to, as linkat follows it.
+                true => procfs::open_beneath(&existing.dir, &existing.last, libc::O_PATH | libc::O_CLOEXEC, 0, RESOLVE)
+                    .ok()
+                    .and_then(|file| procfs::file_id(&file, b"")),
+                false => id(existing),
+            };
+            let flags = if follow { AtFlags::AT_SYMLINK_FOLLOW } else { AtFlags::empty() };
+            let result =
+                nix::unistd::linkat(&existing.dir, existing.last.as_c_str(), &name.dir, name.last.as_c_str(), flags);
+            let made = id(name);
+            let linked = same(&made, &before);
+            (result, made, linked)
+        }
+    };
+    match result {
+        Ok(()) => (0, file, (!confirmed).then(|| UNCONFIRMED.to_owned())),
+        Err(errno) => (-(errno as i64), file, None),
+    }
+}
