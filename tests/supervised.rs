@@ -321,3 +321,30 @@ fn an_open_names_the_file_the_kernel_opened_whatever_a_sibling_writes_in_its_pat
         }
     }
 }
+
+/// A hard link made through a symlink to /proc/self/fd/N links one of the
+/// workload's own files, never one of the tracer's: the tracer leaves
+/// AT_SYMLINK_FOLLOW to the workload's own call (under ptrace).
+#[test]
+fn a_link_through_proc_self_links_the_workload_s_files_never_the_tracer_s() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let program = fixture("link_follow");
+    let mut trace = Trace::with_flags(&["--stats"], &[program.as_os_str(), dir.path().as_os_str()]);
+    let child = trace.spawn();
+    let run = trace.finish(child);
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let events_file = std::fs::metadata(trace.events_path()).unwrap();
+    let mut links = 0;
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name().to_string_lossy().starts_with("link-") {
+            let meta = entry.metadata().unwrap();
+            assert_ne!((meta.dev(), meta.ino()), (events_file.dev(), events_file.ino()), "{entry:?}");
+            links += 1;
+        }
+    }
+    eprintln!("{links} of the workload's own files linked");
+    let linkats = run.events.iter().filter(|e| e["syscall"] == "linkat").count();
+    assert_eq!(linkats, 64, "{}", run.stderr);
+}

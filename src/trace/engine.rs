@@ -563,7 +563,8 @@ impl Engine {
 
     /// A watched call's exit: reported with what the program sees.
     fn on_exit(&mut self, tid: Pid, pending: Pending, retval: i64) {
-        if matches!(pending.decoder, Decoder::Credentials(_) | Decoder::Namespace(_) | Decoder::Prctl) {
+        if matches!(pending.decoder, Decoder::Credentials(_) | Decoder::Namespace(_) | Decoder::Prctl | Decoder::Umask)
+        {
             self.supervisor_forgets(None);
         }
         match restart::classify(retval) {

@@ -260,6 +260,9 @@ pub static SYSCALLS: &[SyscallDef] = &[
     row("finit_module",    Some(313),  Some(350),  decode(Decoder::Module(ModuleCall::Finit))),
     row("delete_module",   Some(176),  Some(129),  decode(Decoder::Module(ModuleCall::Delete))),
     row("bpf",             Some(321),  Some(357),  decode(Decoder::Bpf)),
+    // What a file created next gets: no event, but a supervised creation
+    // uses the thread's mask, which only this call changes.
+    row("umask",           Some(95),   Some(60),   decode(Decoder::Umask)),
     // Signals to other processes.
     row("kill",            Some(62),   Some(37),   signal(SignalCall::Kill, 1)),
     row("tkill",           Some(200),  Some(238),  signal(SignalCall::Tkill, 1)),

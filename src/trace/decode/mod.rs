@@ -66,6 +66,9 @@ pub enum Decoder {
     Bpf,
     /// Signals to other processes.
     Signal(SignalCall),
+    /// umask: no event; its exit tells the tracer that the creation masks
+    /// it keeps for supervised calls (`supervise/`) may be stale.
+    Umask,
 }
 
 impl Decoder {
@@ -102,7 +105,7 @@ impl Decoder {
             Decoder::Prctl => process::prctl_entry(cx, call),
             Decoder::Rlimit(rlimit) => process::rlimit_entry(cx, call, rlimit),
             Decoder::Module(module) => kernel::module_entry(cx, call, module),
-            Decoder::Bpf => Next::Exit,
+            Decoder::Bpf | Decoder::Umask => Next::Exit,
             Decoder::Signal(signal) => process::signal_entry(cx, call, signal),
         }
     }
@@ -127,6 +130,7 @@ impl Decoder {
             Decoder::Signal(signal) => process::signal_exit(cx, call, retval, signal),
             // Decoded whole at entry: they never ask for the exit stop.
             Decoder::Socketcall | Decoder::Clone | Decoder::Userfaultfd(_) => {}
+            Decoder::Umask => {}
         }
     }
 

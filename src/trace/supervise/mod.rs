@@ -140,7 +140,8 @@ impl Unserved {
 
 /// What the tracer knows of a thread it may perform calls for.
 enum View {
-    Like(FsCredentials),
+    /// Its credentials, and its creation mask (None: unreadable).
+    Like(FsCredentials, Option<u32>),
     /// Another root or namespace, or credentials unreadable.
     Foreign,
 }
@@ -167,6 +168,9 @@ struct Performer {
     /// Inodes of the tracer's mount and user namespaces.
     namespaces: (u64, u64),
 }
+
+/// A thread's credentials and creation mask, as the tracer last read them.
+type Thread<'a> = (&'a FsCredentials, Option<u32>);
 
 /// Where a path is walked from: the tracer's root for an absolute path,
 /// else the thread's working directory or directory descriptor.
@@ -270,9 +274,9 @@ impl Supervisor {
         Ok(strings)
     }
 
-    /// The performer and the thread's credentials, where the tracer can
+    /// The performer and what it knows of the thread, where the tracer can
     /// perform the thread's calls.
-    fn performer_for(&mut self, tid: Pid) -> Option<(&Performer, &FsCredentials)> {
+    fn performer_for(&mut self, tid: Pid) -> Option<(&Performer, Thread<'_>)> {
         let performer = self.performer.as_mut()?;
         performer.know(tid);
         let performer = &*performer;
@@ -307,10 +311,11 @@ impl Performer {
         }
     }
 
-    /// The thread's credentials, where its calls can be the tracer's.
-    fn credentials(&self, tid: Pid) -> Option<&FsCredentials> {
+    /// The thread's credentials and creation mask, where its calls can be
+    /// the tracer's.
+    fn credentials(&self, tid: Pid) -> Option<(&FsCredentials, Option<u32>)> {
         match self.views.get(&tid)? {
-            View::Like(credentials) => Some(credentials),
+            View::Like(credentials, mask) => Some((credentials, *mask)),
             View::Foreign => None,
         }
     }
@@ -319,9 +324,9 @@ impl Performer {
         let same_root =
             procfs::cached_identity(libc::AT_FDCWD, &proc_path(&format!("/proc/{tid}/root"))) == Some(self.root_id);
         let same_namespaces = namespaces_of(&tid.to_string()) == Some(self.namespaces);
-        let credentials = procfs::status(tid).and_then(|s| FsCredentials::from_status(&s.credentials));
-        match credentials {
-            Some(credentials) if same_root && same_namespaces => View::Like(credentials),
+        let Some(status) = procfs::status(tid) else { return View::Foreign };
+        match FsCredentials::from_status(&status.credentials) {
+            Some(credentials) if same_root && same_namespaces => View::Like(credentials, status.umask),
             _ => View::Foreign,
         }
     }
@@ -346,9 +351,9 @@ impl Performer {
     /// Takes on the thread's credentials (and, for a call that creates a
     /// file, its creation mask) until the result is dropped; None where the
     /// tracer cannot.
-    fn become_like(&self, tid: Pid, credentials: &FsCredentials, creates: bool) -> Option<Option<Borrowed<'_>>> {
+    fn become_like(&self, thread: Thread<'_>, creates: bool) -> Option<Option<Borrowed<'_>>> {
+        let (credentials, mask) = thread;
         if creates {
-            let mask = procfs::status(tid).and_then(|status| status.umask);
             match (&self.mask, mask) {
                 (Some(own), Some(mask)) => own.set(mask),
                 _ => return None,

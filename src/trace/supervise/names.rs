@@ -8,8 +8,9 @@
 //! the event reports. Beyond what every supervised call needs:
 //! - a name ending in `/`, `.` or `..`, or empty, is bounced (the kernel's
 //!   rules for those differ per call);
-//! - flags the tracer's call does not take the same way (AT_EMPTY_PATH, an
-//!   unknown bit) are bounced;
+//! - flags the tracer's call does not take the same way (AT_EMPTY_PATH,
+//!   AT_SYMLINK_FOLLOW, whose symlink could lead to /proc/self/fd/N, the
+//!   tracer's own files; an unknown bit) are bounced;
 //! - mkdir runs under the thread's creation mask;
 //! - the names are walked in the kernel's order (rename's old name first,
 //!   link's existing file first), so a call with two bad names fails with
@@ -32,10 +33,9 @@ use nix::fcntl::RenameFlags;
 use nix::sys::stat::Mode;
 use nix::unistd::{Pid, UnlinkatFlags};
 
-use super::{Base, Performed, Performer, Served, Supervisor, RESOLVE};
+use super::{Base, Performed, Performer, Served, Supervisor, Thread, RESOLVE};
 use crate::proto::FileOperation;
 use crate::trace::decode::{FileCall, Named, PathArg};
-use crate::trace::impersonate::FsCredentials;
 use crate::trace::paths;
 use crate::trace::procfs::{self, FileId};
 
@@ -59,8 +59,8 @@ enum NameCall {
     Unlink(UnlinkatFlags),
     Mkdir(Mode),
     Rename(RenameFlags),
-    /// Whether the existing file's final symlink is followed.
-    Link(bool),
+    /// link, which never follows the existing name's final symlink.
+    Link,
     Symlink(Vec<u8>),
 }
 
@@ -93,8 +93,8 @@ impl Supervisor {
         let name = NameArg { dirfd, raw };
         let second = second.zip(second_raw).map(|((dirfd, _), raw)| NameArg { dirfd, raw });
         let Some(kind) = call_of(spec, flags, n.args, &second) else { return Served::Bounce(n.tid) };
-        let Some((performer, credentials)) = self.performer_for(n.tid) else { return Served::Bounce(n.tid) };
-        let Some(named) = performer.perform(n.tid, credentials, kind, &name, second.as_ref()) else {
+        let Some((performer, thread)) = self.performer_for(n.tid) else { return Served::Bounce(n.tid) };
+        let Some(named) = performer.perform(n.tid, thread, kind, &name, second.as_ref()) else {
             return Served::Bounce(n.tid);
         };
         match self.answer(&call, named.retval) {
@@ -116,11 +116,9 @@ fn call_of(spec: FileCall, flags: i32, args: [u64; 6], second: &Option<NameArg>)
         FileOperation::Rmdir => NameCall::Unlink(UnlinkatFlags::RemoveDir),
         FileOperation::Mkdir => NameCall::Mkdir(Mode::from_bits_truncate(args[spec.mode_arg()?] as u32)),
         FileOperation::Rename => NameCall::Rename(RenameFlags::from_bits(flags as u32)?),
-        FileOperation::Link => match flags {
-            0 => NameCall::Link(false),
-            libc::AT_SYMLINK_FOLLOW => NameCall::Link(true),
-            _ => return None,
-        },
+        // AT_SYMLINK_FOLLOW is bounced: the tracer's linkat would follow a
+        // symlink to /proc/self/fd/N into the tracer's own files.
+        FileOperation::Link if flags == 0 => NameCall::Link,
         FileOperation::Symlink => NameCall::Symlink(second.as_ref()?.raw.clone()),
         _ => return None,
     };
@@ -133,17 +131,17 @@ impl Performer {
     fn perform(
         &self,
         tid: Pid,
-        credentials: &FsCredentials,
+        thread: Thread<'_>,
         call: NameCall,
         name: &NameArg,
         second: Option<&NameArg>,
     ) -> Option<Named> {
         let base = self.base(tid, name.dirfd, &name.raw)?;
         let other = match (&call, second) {
-            (NameCall::Rename(_) | NameCall::Link(_), Some(arg)) => Some((arg, self.base(tid, arg.dirfd, &arg.raw)?)),
+            (NameCall::Rename(_) | NameCall::Link, Some(arg)) => Some((arg, self.base(tid, arg.dirfd, &arg.raw)?)),
             _ => None,
         };
-        let _borrowed = self.become_like(tid, credentials, matches!(call, NameCall::Mkdir(_)))?;
+        let _borrowed = self.become_like(thread, matches!(call, NameCall::Mkdir(_)))?;
         let walked = walk(&base, &name.raw)?;
         let walked_other = match &other {
             Some((arg, other_base)) => Some(walk(other_base, &arg.raw)?),
@@ -162,7 +160,7 @@ impl Performer {
         // The kernel walks link's existing file before its new name, and
         // rename's old name before its new one.
         let errors = [walked.as_ref().err(), walked_other.as_ref().and_then(|w| w.as_ref().err())];
-        let error = if matches!(call, NameCall::Link(_)) { errors[1].or(errors[0]) } else { errors[0].or(errors[1]) };
+        let error = if matches!(call, NameCall::Link) { errors[1].or(errors[0]) } else { errors[0].or(errors[1]) };
         if let Some(errno) = error {
             return Some(Named { retval: -(*errno as i64), path, target, file: None, unverified: None });
         }
@@ -242,18 +240,16 @@ fn make(call: NameCall, name: &Walked, other: Option<&Walked>) -> (i64, Option<F
             let moved = same(&id(new), &before);
             (result, before, moved)
         }
-        NameCall::Link(follow) => {
+        NameCall::Link => {
             let Some(existing) = other else { return (-(libc::EINVAL as i64), None, None) };
-            let before = match follow {
-                // The file a symlink leads to, as linkat follows it.
-                true => procfs::open_beneath(&existing.dir, &existing.last, libc::O_PATH | libc::O_CLOEXEC, 0, RESOLVE)
-                    .ok()
-                    .and_then(|file| procfs::file_id(&file, b"")),
-                false => id(existing),
-            };
-            let flags = if follow { AtFlags::AT_SYMLINK_FOLLOW } else { AtFlags::empty() };
-            let result =
-                nix::unistd::linkat(&existing.dir, existing.last.as_c_str(), &name.dir, name.last.as_c_str(), flags);
+            let before = id(existing);
+            let result = nix::unistd::linkat(
+                &existing.dir,
+                existing.last.as_c_str(),
+                &name.dir,
+                name.last.as_c_str(),
+                AtFlags::empty(),
+            );
             let made = id(name);
             let linked = same(&made, &before);
             (result, made, linked)

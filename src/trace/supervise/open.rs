@@ -22,9 +22,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use nix::errno::Errno;
 use nix::unistd::Pid;
 
-use super::{Base, Performed, Performer, Served, Supervisor, RESOLVE};
+use super::{Base, Performed, Performer, Served, Supervisor, Thread, RESOLVE};
 use crate::trace::decode::OpenCall;
-use crate::trace::impersonate::FsCredentials;
 use crate::trace::procfs::{self, FileId};
 use crate::trace::unotify;
 
@@ -81,8 +80,8 @@ impl Supervisor {
             Err(unserved) => return unserved.of(n.tid),
         };
         let args = OpenArgs { dirfd, raw, flags: flags as i32 & OPEN_FLAGS, mode: mode as u32 };
-        let Some((performer, credentials)) = self.performer_for(n.tid) else { return Served::Bounce(n.tid) };
-        let opening = performer.open(n.tid, &args, credentials);
+        let Some((performer, thread)) = self.performer_for(n.tid) else { return Served::Bounce(n.tid) };
+        let opening = performer.open(n.tid, &args, thread);
         match opening {
             Opening::Opened(file, id) => {
                 let cloexec = args.flags & libc::O_CLOEXEC != 0;
@@ -123,7 +122,7 @@ fn performer_path(supervisor: &Supervisor, tid: Pid, args: &OpenArgs) -> Option<
 }
 
 impl Performer {
-    fn open(&self, tid: Pid, args: &OpenArgs, credentials: &FsCredentials) -> Opening {
+    fn open(&self, tid: Pid, args: &OpenArgs, thread: Thread<'_>) -> Opening {
         let Some(base) = self.base(tid, args.dirfd, &args.raw) else { return Opening::Bounce };
         let Ok(path) = CString::new(args.raw.clone()) else { return Opening::Bounce };
         let flags = args.flags;
@@ -133,7 +132,7 @@ impl Performer {
         if creates && flags & libc::O_DIRECTORY != 0 {
             return Opening::Bounce;
         }
-        let Some(borrowed) = self.become_like(tid, credentials, creates) else { return Opening::Bounce };
+        let Some(borrowed) = self.become_like(thread, creates) else { return Opening::Bounce };
         let failed = |errno: Errno| Opening::Failed(errno, base.join(&args.raw));
         // O_CREAT with O_EXCL never follows a final symlink.
         let exclusive = creates && flags & libc::O_EXCL != 0;
