@@ -269,8 +269,13 @@ fn a_path_a_sibling_rewrites_during_the_call_is_reported_as_the_kernel_used_it_o
     let program_dir = open_dir();
     let program = runnable_by_anyone(program_dir.path(), &fixture("attack_paths"));
     // (mode, the syscall its events have, what follows the kernel's choice in the path)
-    let cases =
-        [("unlink", "unlink", ""), ("mkdir", "mkdir", ""), ("open", "openat", "/x"), ("dirfd", "unlinkat", "/victim")];
+    let cases = [
+        ("unlink", "unlink", ""),
+        ("mkdir", "mkdir", ""),
+        ("open", "openat", "/x"),
+        ("dirfd", "unlinkat", "/victim"),
+        ("chmod", "chmod", ""),
+    ];
     let expected_retval = |kind: &str, choice: &str| match (kind, choice) {
         ("open", "n") => -i64::from(libc::ENOENT),
         ("open", _) => -i64::from(libc::ENOTDIR),

@@ -91,7 +91,7 @@ const fn file(spec: F) -> Action {
     Trace(Decoder::File(spec))
 }
 
-/// A file call the tracer performs itself where it can.
+/// A file call on a name that the tracer performs itself where it can.
 const fn names(spec: F) -> Action {
     Supervise { notified: Notified::Always, decoder: Decoder::File(spec) }
 }
@@ -182,17 +182,17 @@ pub static SYSCALLS: &[SyscallDef] = &[
     row("linkat",          Some(265),  Some(303),  names(F::new(Op::Link, At(2, 3)).target(At(0, 1)).flags(4))),
     row("symlink",         Some(88),   Some(83),   names(F::new(Op::Symlink, Path(1)).target(Text(0)))),
     row("symlinkat",       Some(266),  Some(304),  names(F::new(Op::Symlink, At(1, 2)).target(Text(0)))),
-    row("chmod",           Some(90),   Some(15),   file(F::new(Op::Chmod, Path(0)).mode(1))),
+    row("chmod",           Some(90),   Some(15),   names(F::new(Op::Chmod, Path(0)).mode(1))),
     row("fchmod",          Some(91),   Some(94),   file(F::new(Op::Chmod, Fd(0)).mode(1))),
-    row("fchmodat",        Some(268),  Some(306),  file(F::new(Op::Chmod, At(0, 1)).mode(2))),
-    row("fchmodat2",       Some(452),  Some(452),  file(F::new(Op::Chmod, At(0, 1)).mode(2).flags(3))),
+    row("fchmodat",        Some(268),  Some(306),  names(F::new(Op::Chmod, At(0, 1)).mode(2))),
+    row("fchmodat2",       Some(452),  Some(452),  names(F::new(Op::Chmod, At(0, 1)).mode(2).flags(3))),
     // On i386, chown, lchown and fchown take 16-bit ids; the *32 forms 32-bit ones.
-    row("chown",           Some(92),   Some(182),  file(F::new(Op::Chown, Path(0)).owner(1).narrow_ids_on_i386())),
-    row("lchown",          Some(94),   Some(16),   file(F::new(Op::Chown, Path(0)).owner(1).narrow_ids_on_i386())),
+    row("chown",           Some(92),   Some(182),  names(F::new(Op::Chown, Path(0)).owner(1).narrow_ids_on_i386())),
+    row("lchown",          Some(94),   Some(16),   names(F::new(Op::Chown, Path(0)).owner(1).narrow_ids_on_i386().symlink_itself())),
     row("fchown",          Some(93),   Some(95),   file(F::new(Op::Chown, Fd(0)).owner(1).narrow_ids_on_i386())),
-    row("fchownat",        Some(260),  Some(298),  file(F::new(Op::Chown, At(0, 1)).owner(2).flags(4))),
+    row("fchownat",        Some(260),  Some(298),  names(F::new(Op::Chown, At(0, 1)).owner(2).flags(4))),
     row("chown32",         None,       Some(212),  file(F::new(Op::Chown, Path(0)).owner(1))),
-    row("lchown32",        None,       Some(198),  file(F::new(Op::Chown, Path(0)).owner(1))),
+    row("lchown32",        None,       Some(198),  file(F::new(Op::Chown, Path(0)).owner(1).symlink_itself())),
     row("fchown32",        None,       Some(207),  file(F::new(Op::Chown, Fd(0)).owner(1))),
     // Timestomping: times as each call lays them out (i386's time32 forms
     // take 32-bit ones; utimensat_time64 is i386's 64-bit utimensat).

@@ -43,6 +43,8 @@ pub struct FileCall {
     owner: Option<usize>,
     /// Through i386, the owner ids are 16-bit (chown, lchown, fchown).
     narrow_ids_on_i386: bool,
+    /// Whether a final symlink is followed (lchown: the symlink itself).
+    follows: bool,
     flags: Option<usize>,
     detail: Detail,
 }
@@ -56,6 +58,7 @@ impl FileCall {
             mode: None,
             owner: None,
             narrow_ids_on_i386: false,
+            follows: true,
             flags: None,
             detail: Detail::None,
         }
@@ -77,6 +80,11 @@ impl FileCall {
 
     pub const fn narrow_ids_on_i386(self) -> FileCall {
         FileCall { narrow_ids_on_i386: true, ..self }
+    }
+
+    /// The call acts on a final symlink itself (lchown).
+    pub const fn symlink_itself(self) -> FileCall {
+        FileCall { follows: false, ..self }
     }
 
     pub const fn flags(self, index: usize) -> FileCall {
@@ -143,6 +151,15 @@ impl FileCall {
 
     pub fn flags_arg(&self) -> Option<usize> {
         self.flags
+    }
+
+    /// The uid argument; the gid follows it.
+    pub fn owner_arg(&self) -> Option<usize> {
+        self.owner
+    }
+
+    pub fn follows(&self) -> bool {
+        self.follows
     }
 }
 

@@ -1,6 +1,7 @@
-//! Supervised name calls: unlink, rmdir, mkdir, rename, link and symlink
-//! (and their `*at` forms), performed by the tracer on the names it read,
-//! and answered with what its own call returned.
+//! Supervised name calls: unlink, rmdir, mkdir, rename, link and symlink,
+//! and chmod and chown of the file a name leads to (and their `*at` forms),
+//! performed by the tracer on the names it read, and answered with what its
+//! own call returned.
 //!
 //! Each name is split into its directory and its final name; the directory
 //! is walked as every supervised walk is (`mod.rs`), and the call is made
@@ -12,6 +13,10 @@
 //!   AT_SYMLINK_FOLLOW, whose symlink could lead to /proc/self/fd/N, the
 //!   tracer's own files; an unknown bit) are bounced;
 //! - mkdir runs under the thread's creation mask;
+//! - chmod and chown act on the file the tracer's own walk of the final name
+//!   found (a symlink followed only within the root's mount, never a magic
+//!   link), through its own descriptor of it: the file reported is the file
+//!   changed;
 //! - the names are walked in the kernel's order (rename's old name first,
 //!   link's existing file first), so a call with two bad names fails with
 //!   the error the native call would have.
@@ -25,13 +30,14 @@
 //! would have been; where the check fails, the event says so.
 
 use std::ffi::CString;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 
 use nix::errno::Errno;
 use nix::fcntl::AtFlags;
 use nix::fcntl::RenameFlags;
 use nix::sys::stat::Mode;
-use nix::unistd::{Pid, UnlinkatFlags};
+use nix::unistd::{Gid, Pid, Uid, UnlinkatFlags};
 
 use super::{Base, Performed, Performer, Served, Supervisor, Thread, RESOLVE};
 use crate::proto::FileOperation;
@@ -62,6 +68,14 @@ enum NameCall {
     /// link, which never follows the existing name's final symlink.
     Link,
     Symlink(Vec<u8>),
+    Chmod(Mode),
+    /// chown, with the ids to set (None: unchanged), and whether a final
+    /// symlink is followed.
+    Chown {
+        owner: Option<Uid>,
+        group: Option<Gid>,
+        follows: bool,
+    },
 }
 
 impl Supervisor {
@@ -120,6 +134,19 @@ fn call_of(spec: FileCall, flags: i32, args: [u64; 6], second: &Option<NameArg>)
         // symlink to /proc/self/fd/N into the tracer's own files.
         FileOperation::Link if flags == 0 => NameCall::Link,
         FileOperation::Symlink => NameCall::Symlink(second.as_ref()?.raw.clone()),
+        // fchmodat2's flags (AT_SYMLINK_NOFOLLOW, AT_EMPTY_PATH) are bounced.
+        FileOperation::Chmod if flags == 0 => {
+            NameCall::Chmod(Mode::from_bits_truncate(args[spec.mode_arg()?] as u32 & 0o7777))
+        }
+        FileOperation::Chown if flags & !libc::AT_SYMLINK_NOFOLLOW == 0 => {
+            let owner = spec.owner_arg()?;
+            let id = |i: usize| Some(args[i] as u32).filter(|&id| id != u32::MAX);
+            NameCall::Chown {
+                owner: id(owner).map(Uid::from_raw),
+                group: id(owner + 1).map(Gid::from_raw),
+                follows: spec.follows() && flags & libc::AT_SYMLINK_NOFOLLOW == 0,
+            }
+        }
         _ => return None,
     };
     Some(call)
@@ -166,7 +193,7 @@ impl Performer {
         }
         let walked = walked.ok()?;
         let walked_other = walked_other.and_then(Result::ok);
-        let (retval, file, unverified) = make(call, &walked, walked_other.as_ref());
+        let (retval, file, unverified) = make(call, &walked, walked_other.as_ref())?;
         Some(Named { retval, path, target, file, unverified })
     }
 }
@@ -204,9 +231,26 @@ fn split(raw: &[u8]) -> Option<(&[u8], &[u8])> {
     }
 }
 
+/// What `make` returns: the call's return value, the file it acted on, and
+/// why that file could not be confirmed; None to bounce.
+type Made = Option<(i64, Option<FileId>, Option<String>)>;
+
+/// The file the final name leads to, found by the tracer's own walk (a
+/// symlink followed within the root's mount only); Err: the native walk's
+/// error, or None to bounce (a symlink to another mount or a magic link,
+/// which the thread's own call follows).
+fn final_file(name: &Walked, follows: bool) -> Result<OwnedFd, Option<Errno>> {
+    let flags = libc::O_PATH | libc::O_CLOEXEC | if follows { 0 } else { libc::O_NOFOLLOW };
+    match procfs::open_beneath(&name.dir, &name.last, flags, 0, RESOLVE) {
+        Ok(file) => Ok(file),
+        Err(errno @ (Errno::ENOENT | Errno::ENOTDIR | Errno::EACCES | Errno::ENAMETOOLONG)) => Err(Some(errno)),
+        Err(_) => Err(None),
+    }
+}
+
 /// Makes the call; returns its return value, the file it acted on, and why
-/// that file could not be confirmed.
-fn make(call: NameCall, name: &Walked, other: Option<&Walked>) -> (i64, Option<FileId>, Option<String>) {
+/// that file could not be confirmed (None: to bounce).
+fn make(call: NameCall, name: &Walked, other: Option<&Walked>) -> Made {
     const UNCONFIRMED: &str = "file: the directory after the call does not show its effect on the file its name \
         named just before it: another process changed the directory meanwhile, and which file the call acted on \
         is not known";
@@ -227,21 +271,43 @@ fn make(call: NameCall, name: &Walked, other: Option<&Walked>) -> (i64, Option<F
             (result, made, confirmed)
         }
         NameCall::Symlink(contents) => {
-            let Ok(contents) = CString::new(contents) else { return (-(libc::ENOENT as i64), None, None) };
+            let contents = CString::new(contents).ok()?;
             let result = nix::unistd::symlinkat(contents.as_c_str(), &name.dir, name.last.as_c_str());
             let made = id(name);
             let confirmed = kind(&made) == Some(libc::S_IFLNK);
             (result, made, confirmed)
         }
         NameCall::Rename(flags) => {
-            let Some(new) = other else { return (-(libc::EINVAL as i64), None, None) };
+            let new = other?;
             let before = id(name);
             let result = nix::fcntl::renameat2(&name.dir, name.last.as_c_str(), &new.dir, new.last.as_c_str(), flags);
             let moved = same(&id(new), &before);
             (result, before, moved)
         }
+        NameCall::Chmod(mode) => {
+            let file = match final_file(name, true) {
+                Ok(file) => file,
+                Err(walk) => return walk.map(|errno| (-(errno as i64), None, None)),
+            };
+            let changed = procfs::file_id(&file, b"");
+            // chmod has no AT_EMPTY_PATH before fchmodat2 (Linux 6.6): the
+            // /proc link of the tracer's own descriptor leads to the file.
+            let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+            let result = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode.bits()))
+                .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)));
+            (result, changed, true)
+        }
+        NameCall::Chown { owner, group, follows } => {
+            let file = match final_file(name, follows) {
+                Ok(file) => file,
+                Err(walk) => return walk.map(|errno| (-(errno as i64), None, None)),
+            };
+            let changed = procfs::file_id(&file, b"");
+            let result = nix::unistd::fchownat(&file, "", owner, group, AtFlags::AT_EMPTY_PATH);
+            (result, changed, true)
+        }
         NameCall::Link => {
-            let Some(existing) = other else { return (-(libc::EINVAL as i64), None, None) };
+            let existing = other?;
             let before = id(existing);
             let result = nix::unistd::linkat(
                 &existing.dir,
@@ -255,8 +321,8 @@ fn make(call: NameCall, name: &Walked, other: Option<&Walked>) -> (i64, Option<F
             (result, made, linked)
         }
     };
-    match result {
+    Some(match result {
         Ok(()) => (0, file, (!confirmed).then(|| UNCONFIRMED.to_owned())),
         Err(errno) => (-(errno as i64), file, None),
-    }
+    })
 }
