@@ -348,3 +348,72 @@ fn a_link_through_proc_self_links_the_workload_s_files_never_the_tracer_s() {
     let linkats = run.events.iter().filter(|e| e["syscall"] == "linkat").count();
     assert_eq!(linkats, 64, "{}", run.stderr);
 }
+
+/// chmod and chown change what the kernel lets the workload change, and
+/// the file its name leads to (a symlink followed, or not for `chown -h`):
+/// each traced command held against the same command run natively as the
+/// same user, from the same state, by the modes and owners left behind.
+#[test]
+fn a_workload_changes_modes_and_owners_as_itself() {
+    use std::os::unix::fs::MetadataExt;
+    if !is_root() {
+        return common::skip("needs root to make files of other owners");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let at = |name: &str| dir.path().join(name);
+    let prepare = || {
+        for name in ["mine", "theirs", "to-mine", "to-theirs"] {
+            let _ = std::fs::remove_file(at(name));
+        }
+        for (name, owner) in [("mine", 1000), ("theirs", 2000)] {
+            std::fs::write(at(name), "").unwrap();
+            std::fs::set_permissions(at(name), std::fs::Permissions::from_mode(0o644)).unwrap();
+            std::os::unix::fs::chown(at(name), Some(owner), Some(owner)).unwrap();
+        }
+        std::os::unix::fs::symlink("mine", at("to-mine")).unwrap();
+        std::os::unix::fs::symlink("theirs", at("to-theirs")).unwrap();
+    };
+    // What each file and symlink is left with.
+    let state = || {
+        ["mine", "theirs", "to-mine", "to-theirs"].map(|name| {
+            let meta = std::fs::symlink_metadata(at(name)).unwrap();
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777)
+        })
+    };
+    // (command, the name it acts on, the syscall its event has)
+    let commands = [
+        ("chmod 600 \"$0\"", "theirs", "fchmodat"),
+        ("chmod 600 \"$0\"", "to-mine", "fchmodat"),
+        ("chown 2000 \"$0\"", "mine", "fchownat"),
+        ("chgrp 1000 \"$0\"", "to-mine", "fchownat"),
+        ("chown -h 1000 \"$0\"", "to-theirs", "fchownat"),
+    ];
+    for (flags, native_as) in [
+        (&[][..], &[][..]),
+        (&["--uid", "1000", "--gid", "1000"][..], &["--reuid", "1000", "--regid", "1000", "--clear-groups"][..]),
+    ] {
+        for (command, name, syscall) in commands {
+            let path = at(name);
+            prepare();
+            let native =
+                std::process::Command::new("setpriv").args(native_as).args(["sh", "-c", command]).arg(&path).status();
+            let native = (native.unwrap().code(), state());
+            prepare();
+            let run = run(flags, None, dir.path(), &["sh".as_ref(), "-c".as_ref(), command.as_ref(), path.as_os_str()]);
+            let context = format!("{flags:?} {command} {name}: {}", run.stderr);
+            assert_eq!((run.code(), state()), native, "{context}");
+            let real = common::real_path(path.to_str().unwrap());
+            let events: Vec<_> = run
+                .of("file")
+                .into_iter()
+                .filter(|e| e["syscall"] == syscall && e["file"]["path"] == real.as_str())
+                .collect();
+            assert_eq!(events.len(), 1, "{context}: {:#?}", run.events);
+            let expected = if native.0 == Some(0) { 0 } else { -i64::from(libc::EPERM) };
+            assert_eq!(retval(events[0]), expected, "{context}: {:#}", events[0]);
+            assert!(events[0].get("unverified").is_none(), "{context}: {:#}", events[0]);
+            assert!(run.stat("supervised_calls") > 0, "{context}");
+        }
+    }
+}
