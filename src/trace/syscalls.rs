@@ -215,8 +215,8 @@ pub static SYSCALLS: &[SyscallDef] = &[
     // Linux 6.13: the value in a struct, whose XATTR_* flags join the AT_* ones (no bit is shared).
     row("setxattrat",      Some(463),  Some(463),  file(F::new(Op::Setxattr, AtOrFd(0, 1)).xattr(3, Some(Struct(4))).flags(2))),
     row("removexattrat",   Some(466),  Some(466),  file(F::new(Op::Removexattr, AtOrFd(0, 1)).xattr(3, None).flags(2))),
-    row("mknod",           Some(133),  Some(14),   file(F::new(Op::Mknod, Path(0)).mode(1).device(2))),
-    row("mknodat",         Some(259),  Some(297),  file(F::new(Op::Mknod, At(0, 1)).mode(2).device(3))),
+    row("mknod",           Some(133),  Some(14),   names(F::new(Op::Mknod, Path(0)).mode(1).device(2))),
+    row("mknodat",         Some(259),  Some(297),  names(F::new(Op::Mknod, At(0, 1)).mode(2).device(3))),
     row("memfd_create",    Some(319),  Some(356),  file(F::new(Op::MemfdCreate, Returned).name(0).flags(1))),
     row("setuid",          Some(105),  Some(23),   ids(1)),
     row("setgid",          Some(106),  Some(46),   ids(1)),

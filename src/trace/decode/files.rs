@@ -161,6 +161,14 @@ impl FileCall {
     pub fn follows(&self) -> bool {
         self.follows
     }
+
+    /// mknod's device number argument.
+    pub fn device_arg(&self) -> Option<usize> {
+        match self.detail {
+            Detail::Device(index) => Some(index),
+            _ => None,
+        }
+    }
 }
 
 /// The path and the file it names now, for the file acted on.

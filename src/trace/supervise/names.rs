@@ -1,4 +1,4 @@
-//! Supervised name calls: unlink, rmdir, mkdir, rename, link and symlink,
+//! Supervised name calls: unlink, rmdir, mkdir, mknod, rename, link and symlink,
 //! and chmod and chown of the file a name leads to (and their `*at` forms),
 //! performed by the tracer on the names it read, and answered with what its
 //! own call returned.
@@ -12,7 +12,7 @@
 //! - flags the tracer's call does not take the same way (AT_EMPTY_PATH,
 //!   AT_SYMLINK_FOLLOW, whose symlink could lead to /proc/self/fd/N, the
 //!   tracer's own files; an unknown bit) are bounced;
-//! - mkdir runs under the thread's creation mask;
+//! - mkdir and mknod run under the thread's creation mask;
 //! - chmod and chown act on the file the tracer's own walk of the final name
 //!   found (a symlink followed only within the root's mount, never a magic
 //!   link), through its own descriptor of it: the file reported is the file
@@ -36,7 +36,7 @@ use std::os::unix::fs::PermissionsExt;
 use nix::errno::Errno;
 use nix::fcntl::AtFlags;
 use nix::fcntl::RenameFlags;
-use nix::sys::stat::Mode;
+use nix::sys::stat::{Mode, SFlag};
 use nix::unistd::{Gid, Pid, Uid, UnlinkatFlags};
 
 use super::{Base, Performed, Performer, Served, Supervisor, Thread, RESOLVE};
@@ -64,6 +64,9 @@ struct Walked {
 enum NameCall {
     Unlink(UnlinkatFlags),
     Mkdir(Mode),
+    /// mknod's file type (none: a regular file), permissions and device
+    /// number (as the kernel takes it: 32 bits).
+    Mknod(SFlag, Mode, u32),
     Rename(RenameFlags),
     /// link, which never follows the existing name's final symlink.
     Link,
@@ -128,6 +131,11 @@ fn call_of(spec: FileCall, flags: i32, args: [u64; 6], second: &Option<NameArg>)
             _ => return None,
         },
         FileOperation::Rmdir => NameCall::Unlink(UnlinkatFlags::RemoveDir),
+        FileOperation::Mknod => {
+            let mode = args[spec.mode_arg()?] as u32;
+            let kind = SFlag::from_bits_truncate(mode & libc::S_IFMT);
+            NameCall::Mknod(kind, Mode::from_bits_truncate(mode & 0o7777), args[spec.device_arg()?] as u32)
+        }
         FileOperation::Mkdir => NameCall::Mkdir(Mode::from_bits_truncate(args[spec.mode_arg()?] as u32)),
         FileOperation::Rename => NameCall::Rename(RenameFlags::from_bits(flags as u32)?),
         // AT_SYMLINK_FOLLOW is bounced: the tracer's linkat would follow a
@@ -168,7 +176,8 @@ impl Performer {
             (NameCall::Rename(_) | NameCall::Link, Some(arg)) => Some((arg, self.base(tid, arg.dirfd, &arg.raw)?)),
             _ => None,
         };
-        let _borrowed = self.become_like(thread, matches!(call, NameCall::Mkdir(_)))?;
+        let creates = matches!(call, NameCall::Mkdir(_) | NameCall::Mknod(..));
+        let _borrowed = self.become_like(thread, creates)?;
         let walked = walk(&base, &name.raw)?;
         let walked_other = match &other {
             Some((arg, other_base)) => Some(walk(other_base, &arg.raw)?),
@@ -268,6 +277,13 @@ fn make(call: NameCall, name: &Walked, other: Option<&Walked>) -> Made {
             let result = nix::sys::stat::mkdirat(&name.dir, name.last.as_c_str(), mode);
             let made = id(name);
             let confirmed = kind(&made) == Some(libc::S_IFDIR);
+            (result, made, confirmed)
+        }
+        NameCall::Mknod(file_type, mode, device) => {
+            let result = nix::sys::stat::mknodat(&name.dir, name.last.as_c_str(), file_type, mode, u64::from(device));
+            let made = id(name);
+            let wanted = if file_type.is_empty() { libc::S_IFREG } else { file_type.bits() };
+            let confirmed = kind(&made) == Some(wanted);
             (result, made, confirmed)
         }
         NameCall::Symlink(contents) => {
