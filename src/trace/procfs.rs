@@ -77,7 +77,7 @@ fn resolve(tid: Pid, dirfd: i32, raw: &[u8], identify: bool) -> Option<(String, 
     let (dir, name) = split_final_name(raw);
     let opened = open_in_view(tid, dirfd, raw.first() == Some(&b'/'), dir, OFlag::O_DIRECTORY)?;
     let file = identify.then(|| file_id(&opened, name.unwrap_or_default())).flatten();
-    let mut path = directory_path(opened)?;
+    let mut path = directory_path(&opened)?;
     if let Some(name) = name {
         if path != b"/" {
             path.push(b'/');
@@ -284,12 +284,13 @@ const CLIMB_MAX: usize = 1 << 12;
 /// The path of an open directory. The kernel names it up to PATH_MAX; a
 /// deeper one is built by climbing `..` until the kernel can name an
 /// ancestor, looking each directory's name up in its parent by inode.
-fn directory_path(dir: OwnedFd) -> Option<Vec<u8>> {
+fn directory_path(dir: &OwnedFd) -> Option<Vec<u8>> {
     use nix::fcntl::{openat, OFlag};
     use nix::sys::stat::{fstat, Mode};
     let mut names: Vec<Vec<u8>> = Vec::new();
-    let mut current = dir;
+    let mut ancestor: Option<OwnedFd> = None;
     loop {
+        let current = ancestor.as_ref().unwrap_or(dir);
         match std::fs::read_link(format!("/proc/self/fd/{}", current.as_raw_fd())) {
             Ok(known) => {
                 let mut path = known.into_os_string().into_vec();
@@ -304,20 +305,20 @@ fn directory_path(dir: OwnedFd) -> Option<Vec<u8>> {
             Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) && names.len() < CLIMB_MAX => {}
             Err(_) => return None,
         }
-        let own = fstat(&current).ok()?;
+        let own = fstat(current).ok()?;
         let parent =
-            openat(&current, "..", OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).ok()?;
+            openat(current, "..", OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).ok()?;
         let entries = std::fs::read_dir(format!("/proc/self/fd/{}", parent.as_raw_fd())).ok()?;
         let name = entries.take(NAME_SCAN_MAX).filter_map(Result::ok).find(|e| e.ino() == own.st_ino)?;
         names.push(name.file_name().into_vec());
-        current = parent;
+        ancestor = Some(parent);
     }
 }
 
 /// The path of a directory the tracer holds open, also deeper than the
 /// kernel names (PATH_MAX).
 pub fn directory_name(dir: &OwnedFd) -> Option<String> {
-    Some(text::lossless(&directory_path(dir.try_clone().ok()?)?))
+    Some(text::lossless(&directory_path(dir)?))
 }
 
 /// (directory part, final name): the name is None when the path ends in a
