@@ -80,8 +80,9 @@ fn supervised_and_bounced_calls_report_what_the_kernel_did() {
                 assert_eq!((number(event, "device"), number(event, "inode")), (dev as u64, ino as u64), "{context}");
                 assert!(event.get("unverified").is_none(), "{context}: {event:#}");
             }
-            // The loop's 300 opens of the file, each reported once.
-            assert_eq!(file_opens.len(), 2 + 300, "{context}");
+            // The loop's 300 opens of the file, each reported once, and
+            // openat2's three of it.
+            assert_eq!(file_opens.len(), 2 + 300 + 3, "{context}");
             let missing = of(&format!("{dir_path}/missing"));
             assert_eq!(missing.len(), 1, "{context}");
             assert_eq!(retval(missing[0]), -made["missing"][0].parse::<i64>().unwrap(), "{context}");
@@ -103,6 +104,8 @@ fn supervised_and_bounced_calls_report_what_the_kernel_did() {
             assert_eq!(status.len(), 1, "{context}: {opens:#?}");
             assert_eq!(retval(status[0]), made["status"][0].parse::<i64>().unwrap(), "{context}");
             check_creating_opens(&made, &of, dir_path, &context);
+            let openat2: Vec<_> = opens.iter().copied().filter(|e| e["syscall"] == "openat2").collect();
+            check_openat2(&made, &openat2, &file_path, dir_path, &context);
             // No open failed with EINTR for a signal whose handler has no
             // SA_RESTART: natively, these opens cannot be interrupted.
             assert_eq!(made["eintr"], ["0", "0", "1"], "{context}");
@@ -164,6 +167,56 @@ fn check_creating_opens<'a>(
     assert_eq!(dircreat.iter().map(|e| retval(e)).collect::<Vec<_>>(), [-21], "{context}");
     assert_eq!(made["nodir"], ["2"], "{context}");
     assert_eq!(of(&format!("{dir}/none/x")).iter().map(|e| retval(e)).collect::<Vec<_>>(), [-2], "{context}");
+}
+
+/// The fixture's openat2 calls: each event held against what the kernel
+/// returned, with the flags and mode of the `open_how` it acted on.
+fn check_openat2(
+    made: &std::collections::HashMap<&str, Vec<&str>>,
+    events: &[&serde_json::Value],
+    file: &str,
+    dir: &str,
+    context: &str,
+) {
+    let numbers = |label: &str| -> Vec<i64> {
+        let words = &made[label];
+        let fd = words[0].parse().unwrap();
+        let rest = words[1..3].iter().map(|w| w.parse().unwrap());
+        std::iter::once(fd).chain(rest).chain([i64::from_str_radix(words[3], 8).unwrap()]).collect()
+    };
+    // (label, path, flags, mode, errno natively)
+    let cases = [
+        ("o2read", file.to_owned(), libc::O_RDONLY, 0, None),
+        ("o2create", format!("{dir}/made2"), libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o660, None),
+        ("o2nosym", format!("{dir}/dangling"), libc::O_RDONLY, 0, Some(libc::ELOOP)),
+        ("o2beneath", format!("{dir}/../x"), libc::O_RDONLY, 0, Some(libc::EXDEV)),
+        ("o2size", file.to_owned(), libc::O_RDONLY, 0, Some(libc::EINVAL)),
+        ("o2mode", file.to_owned(), libc::O_RDONLY, 0o600, Some(libc::EINVAL)),
+    ];
+    let mut events = events.iter();
+    for (label, path, flags, mode, errno) in cases {
+        let got = numbers(label);
+        let event = events.next().unwrap_or_else(|| panic!("no openat2 event for {label}: {context}"));
+        assert_eq!(retval(event), got[0], "{label} {context}: {event:#}");
+        match errno {
+            Some(errno) => assert_eq!(got[0], -i64::from(errno), "{label} {context}"),
+            None => {
+                assert!(got[0] >= 0, "{label} {context}");
+                assert_eq!(event["open"]["path"], path.as_str(), "{label} {context}: {event:#}");
+                assert_eq!(number(event, "inode"), got[2] as u64, "{label} {context}: {event:#}");
+                assert!(event.get("unverified").is_none(), "{label} {context}: {event:#}");
+            }
+        }
+        // Flags and mode as the kernel took them: the size-16 call's open_how
+        // is not the kernel's to read whole, and is not reported as fact.
+        if label != "o2size" {
+            assert_eq!(event["open"]["flags"], flags, "{label} {context}: {event:#}");
+        }
+        if flags & libc::O_CREAT != 0 {
+            assert_eq!(event["open"]["mode"], mode, "{label} {context}: {event:#}");
+            assert_eq!(got[3], 0o640, "{label}: 0660 under the mask 027: {context}");
+        }
+    }
 }
 
 #[test]

@@ -355,6 +355,7 @@ impl Engine {
         let entry = SyscallEntry::new(Abi::X86_64, n.nr as u64, n.args);
         let mut call = Call::new(performed.name, &entry, performed.time);
         call.ppid = Some(self.ctx(n.tid).ppid());
+        call.entry_bytes.clone_from(&performed.entry_bytes);
         performed.decoder.supervised(&mut self.ctx(n.tid), &call, outcome);
     }
 

@@ -1,6 +1,7 @@
-//! Supervised opens: `open` and `openat` (every form but O_TMPFILE),
-//! performed by the tracer and handed over as a new descriptor of the
-//! thread's (SECCOMP_IOCTL_NOTIF_ADDFD).
+//! Supervised opens: `open`, `openat` and `openat2` (every form but
+//! O_TMPFILE), performed by the tracer and handed over as a new descriptor
+//! of the thread's (SECCOMP_IOCTL_NOTIF_ADDFD). openat2's `open_how` is read
+//! once, and the tracer's copy is what it acts on and reports.
 //!
 //! Beyond what every supervised call needs (`mod.rs`):
 //! - the file is a regular file or a directory (no FIFO that would block,
@@ -22,10 +23,11 @@ use std::os::fd::{AsFd, OwnedFd};
 use nix::errno::Errno;
 use nix::unistd::Pid;
 
-use super::{Base, Performed, Performer, Served, Supervisor, Thread, RESOLVE};
+use super::{Base, Performed, Performer, Served, Supervisor, Thread, NOT_SUPERVISED_FLAGS, RESOLVE};
 use crate::trace::decode::OpenCall;
+use crate::trace::memory;
 use crate::trace::procfs::{self, FileId};
-use crate::trace::unotify;
+use crate::trace::unotify::{self, Notification};
 
 /// The open flags open(2) and openat(2) take (the kernel's
 /// VALID_OPEN_FLAGS): they drop the others, which openat2 would refuse.
@@ -57,7 +59,19 @@ struct OpenArgs {
     flags: i32,
     /// The mode a created file is asked for.
     mode: u32,
+    /// openat2's limits on the walk, added to the tracer's own.
+    resolve: u64,
 }
+
+/// The size of openat2's first `struct open_how` {u64 flags, u64 mode, u64
+/// resolve}; a larger one (a later kernel's) is the kernel's to check.
+const OPEN_HOW_SIZE: u64 = 24;
+
+/// openat2's walk limits the tracer applies as given: each only makes a
+/// walk fail (EXDEV, ELOOP), and such a walk is bounced. RESOLVE_BENEATH
+/// and RESOLVE_IN_ROOT, which change where an absolute path starts, and
+/// RESOLVE_CACHED, are bounced.
+const RESOLVE_AS_GIVEN: u64 = libc::RESOLVE_NO_XDEV | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_SYMLINKS;
 
 /// What the tracer's open came to.
 enum Opening {
@@ -68,18 +82,29 @@ enum Opening {
 }
 
 impl Supervisor {
-    pub(super) fn serve_open(&mut self, call: Performed, open: OpenCall) -> Served {
+    pub(super) fn serve_open(&mut self, mut call: Performed, open: OpenCall) -> Served {
         let n = call.notification;
-        let (dirfd, path, flags, mode) = match open {
-            OpenCall::Openat => (n.args[0] as i32, n.args[1], n.args[2], n.args[3]),
-            OpenCall::Open => (libc::AT_FDCWD, n.args[0], n.args[1], n.args[2]),
+        let (dirfd, path, flags, mode, resolve) = match open {
+            OpenCall::Openat => (n.args[0] as i32, n.args[1], n.args[2] as i32 & OPEN_FLAGS, n.args[3] as u32, 0),
+            OpenCall::Open => (libc::AT_FDCWD, n.args[0], n.args[1] as i32 & OPEN_FLAGS, n.args[2] as u32, 0),
+            OpenCall::Openat2 => match read_open_how(&n) {
+                Some((how, flags, mode, resolve)) => {
+                    call.entry_bytes = how;
+                    (n.args[0] as i32, n.args[1], flags, mode, resolve)
+                }
+                None => return Served::Bounce(n.tid),
+            },
             _ => return Served::Bounce(n.tid),
         };
+        // After the open_how: its read, too, was the waiting thread's.
         let [raw] = match self.read_strings(&n, [path]) {
             Ok(strings) => strings,
             Err(unserved) => return unserved.of(n.tid),
         };
-        let args = OpenArgs { dirfd, raw, flags: flags as i32 & OPEN_FLAGS, mode: mode as u32 };
+        if flags as u32 & NOT_SUPERVISED_FLAGS != 0 {
+            return Served::Bounce(n.tid);
+        }
+        let args = OpenArgs { dirfd, raw, flags, mode, resolve };
         let Some((performer, thread)) = self.performer_for(n.tid) else { return Served::Bounce(n.tid) };
         let opening = performer.open(n.tid, &args, thread);
         match opening {
@@ -115,6 +140,28 @@ impl Supervisor {
     }
 }
 
+/// openat2's `open_how`, read once: its bytes (the event's), flags, mode
+/// and walk limits. None for what the tracer bounces: another size, a flag
+/// or limit it does not take as given, what openat2 refuses (a mode without
+/// O_CREAT, O_PATH with flags it does not combine with).
+fn read_open_how(n: &Notification) -> Option<(Vec<u8>, i32, u32, u64)> {
+    if n.args[3] != OPEN_HOW_SIZE {
+        return None;
+    }
+    let mut how = vec![0u8; OPEN_HOW_SIZE as usize];
+    if memory::read(n.tid, n.args[2], &mut how) != how.len() {
+        return None;
+    }
+    let word = |i: usize| u64::from_ne_bytes(how[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    let (flags, mode, resolve) = (word(0), word(1), word(2));
+    let known = flags & !u64::from(OPEN_FLAGS as u32) == 0 && resolve & !RESOLVE_AS_GIVEN == 0;
+    let flags = flags as i32;
+    let mode_fits = mode & !0o7777 == 0 && (mode == 0 || flags & libc::O_CREAT != 0);
+    let path_only = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    let combines = flags & libc::O_PATH == 0 || flags & !path_only == 0;
+    (known && mode_fits && combines).then_some((how, flags, mode as u32, resolve))
+}
+
 /// The path `args` walk, joined to where the thread walks it from.
 fn performer_path(supervisor: &Supervisor, tid: Pid, args: &OpenArgs) -> Option<String> {
     let performer = supervisor.performer.as_ref()?;
@@ -137,7 +184,8 @@ impl Performer {
         // O_CREAT with O_EXCL never follows a final symlink.
         let exclusive = creates && flags & libc::O_EXCL != 0;
         let walk_flags = flags & (libc::O_NOFOLLOW | libc::O_DIRECTORY) | if exclusive { libc::O_NOFOLLOW } else { 0 };
-        let found = procfs::open_beneath(base.fd(), &path, libc::O_PATH | libc::O_CLOEXEC | walk_flags, 0, RESOLVE);
+        let resolve = RESOLVE | args.resolve;
+        let found = procfs::open_beneath(base.fd(), &path, libc::O_PATH | libc::O_CLOEXEC | walk_flags, 0, resolve);
         let found = match found {
             Ok(found) => found,
             Err(Errno::ENOENT) if creates => return create(&base, &path, args).unwrap_or_else(failed),
@@ -169,7 +217,7 @@ impl Performer {
             // checks of an existing file in a sticky directory; a file put
             // there since the walk is the workload's own race, and taken
             // only if it is a regular file too.
-            true => match procfs::open_beneath(base.fd(), &path, quiet(flags), args.mode & 0o7777, RESOLVE) {
+            true => match procfs::open_beneath(base.fd(), &path, quiet(flags), args.mode & 0o7777, resolve) {
                 Ok(file) => match procfs::file_id(&file, b"") {
                     Some(id) if id.stat.as_ref().is_some_and(|s| s.mode & libc::S_IFMT == libc::S_IFREG) => {
                         return finish(file, flags, Some(id)).unwrap_or_else(failed);
@@ -197,7 +245,8 @@ impl Performer {
 /// symlink, or a file made since the walk) the workload's own call, under
 /// ptrace, is the one to follow it or open it.
 fn create(base: &Base<'_>, path: &CString, args: &OpenArgs) -> Result<Opening, Errno> {
-    match procfs::open_beneath(base.fd(), path, quiet(args.flags | libc::O_EXCL), args.mode & 0o7777, RESOLVE) {
+    let resolve = RESOLVE | args.resolve;
+    match procfs::open_beneath(base.fd(), path, quiet(args.flags | libc::O_EXCL), args.mode & 0o7777, resolve) {
         Ok(file) => {
             let id = procfs::file_id(&file, b"");
             finish(file, args.flags, id)
