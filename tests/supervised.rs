@@ -167,6 +167,12 @@ fn check_creating_opens<'a>(
     assert_eq!(dircreat.iter().map(|e| retval(e)).collect::<Vec<_>>(), [-21], "{context}");
     assert_eq!(made["nodir"], ["2"], "{context}");
     assert_eq!(of(&format!("{dir}/none/x")).iter().map(|e| retval(e)).collect::<Vec<_>>(), [-2], "{context}");
+    let created = numbers("creat");
+    let creat = of(&format!("{dir}/made3"));
+    let [creat] = creat.as_slice() else { panic!("{context}: {creat:#?}") };
+    assert_eq!((&creat["syscall"], retval(creat)), (&serde_json::json!("creat"), created[0]), "{context}");
+    assert_eq!(number(creat, "inode"), created[2] as u64, "{context}: {creat:#}");
+    assert_eq!(made["creat"][3], "640", "{context}");
 }
 
 /// The fixture's openat2 calls: each event held against what the kernel

@@ -151,7 +151,7 @@ pub static SYSCALLS: &[SyscallDef] = &[
     row("open",            Some(2),    Some(5),    opens(1, OpenCall::Open)),
     row("openat",          Some(257),  Some(295),  opens(2, OpenCall::Openat)),
     row("openat2",         Some(437),  Some(437),  Supervise { notified: Notified::Always, decoder: Open(OpenCall::Openat2) }),
-    row("creat",           Some(85),   Some(8),    decode(Open(OpenCall::Creat))),
+    row("creat",           Some(85),   Some(8),    Supervise { notified: Notified::Always, decoder: Open(OpenCall::Creat) }),
     row("open_by_handle_at", Some(304), Some(342), decode(Open(OpenCall::ByHandle))),
     row("io_uring_setup",  Some(425),  Some(425),  decode(IoUring)),
     row("connect",         Some(42),   Some(362),  decode(Net(NetCall::Connect))),

@@ -1,5 +1,5 @@
-//! Supervised opens: `open`, `openat` and `openat2` (every form but
-//! O_TMPFILE), performed by the tracer and handed over as a new descriptor
+//! Supervised opens: `open`, `openat`, `openat2` (every form but
+//! O_TMPFILE) and `creat`, performed by the tracer and handed over as a new descriptor
 //! of the thread's (SECCOMP_IOCTL_NOTIF_ADDFD). openat2's `open_how` is read
 //! once, and the tracer's copy is what it acts on and reports.
 //!
@@ -87,6 +87,10 @@ impl Supervisor {
         let (dirfd, path, flags, mode, resolve) = match open {
             OpenCall::Openat => (n.args[0] as i32, n.args[1], n.args[2] as i32 & OPEN_FLAGS, n.args[3] as u32, 0),
             OpenCall::Open => (libc::AT_FDCWD, n.args[0], n.args[1] as i32 & OPEN_FLAGS, n.args[2] as u32, 0),
+            OpenCall::Creat => {
+                let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
+                (libc::AT_FDCWD, n.args[0], flags, n.args[1] as u32, 0)
+            }
             OpenCall::Openat2 => match read_open_how(&n) {
                 Some((how, flags, mode, resolve)) => {
                     call.entry_bytes = how;
