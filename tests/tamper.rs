@@ -275,6 +275,7 @@ fn a_path_a_sibling_rewrites_during_the_call_is_reported_as_the_kernel_used_it_o
         ("open", "openat", "/x"),
         ("dirfd", "unlinkat", "/victim"),
         ("chmod", "chmod", ""),
+        ("fchmod", "fchmod", ""),
     ];
     let expected_retval = |kind: &str, choice: &str| match (kind, choice) {
         ("open", "n") => -i64::from(libc::ENOENT),

@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::DirEntryExt;
 
+use nix::errno::Errno;
 use nix::unistd::Pid;
 
 use crate::proto::Credentials;
@@ -423,18 +424,36 @@ fn parse_status(bytes: &[u8]) -> Status {
 /// name a thread (PIDFD_THREAD, 6.9+), else its process's: threads share
 /// their table in practice.
 pub fn descriptor_copy(tid: Pid, tgid: Pid, fd: i32) -> Option<OwnedFd> {
+    let pidfd = if tid == tgid { pidfd_open(tid, 0) } else { thread_pidfd(tid).or_else(|_| pidfd_open(tgid, 0)) };
+    descriptor_from(&pidfd.ok()?, fd).ok()
+}
+
+/// A duplicate of the descriptor `fd` of thread `tid`, from its own table
+/// only: for a thread other than its process's first on a kernel that
+/// cannot name a thread (before 6.9), an error (ENOSYS), as its table may
+/// be its own. EBADF: no such descriptor.
+pub fn thread_descriptor_copy(tid: Pid, tgid: Pid, fd: i32) -> nix::Result<OwnedFd> {
+    let pidfd = if tid == tgid { pidfd_open(tid, 0) } else { thread_pidfd(tid).map_err(|_| Errno::ENOSYS) }?;
+    descriptor_from(&pidfd, fd)
+}
+
+fn thread_pidfd(tid: Pid) -> nix::Result<OwnedFd> {
     const PIDFD_THREAD: libc::c_long = libc::O_EXCL as libc::c_long;
-    let open = |pid: Pid, flags: libc::c_long| {
-        // SAFETY: pidfd_open takes integers and returns a new descriptor or -1.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), flags) };
-        // SAFETY: a non-negative return is a fresh descriptor we own.
-        (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as i32) })
-    };
-    let pidfd = if tid == tgid { open(tid, 0) } else { open(tid, PIDFD_THREAD).or_else(|| open(tgid, 0)) }?;
+    pidfd_open(tid, PIDFD_THREAD)
+}
+
+fn pidfd_open(pid: Pid, flags: libc::c_long) -> nix::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes integers and returns a new descriptor or -1.
+    let pidfd = Errno::result(unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), flags) })?;
+    // SAFETY: a descriptor pidfd_open just returned, owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(pidfd as i32) })
+}
+
+fn descriptor_from(pidfd: &OwnedFd, fd: i32) -> nix::Result<OwnedFd> {
     // SAFETY: pidfd_getfd takes integers and returns a new descriptor or -1.
-    let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    // SAFETY: a non-negative return is a fresh descriptor we own.
-    (copy >= 0).then(|| unsafe { OwnedFd::from_raw_fd(copy as i32) })
+    let copy = Errno::result(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) })?;
+    // SAFETY: a descriptor pidfd_getfd just returned, owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(copy as i32) })
 }
 
 /// An int SOL_SOCKET option of a socket.

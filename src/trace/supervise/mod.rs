@@ -143,8 +143,7 @@ impl Unserved {
 
 /// What the tracer knows of a thread it may perform calls for.
 enum View {
-    /// Its credentials, and its creation mask (None: unreadable).
-    Like(FsCredentials, Option<u32>),
+    Like(Thread),
     /// Another root or namespace, or credentials unreadable.
     Foreign,
 }
@@ -172,8 +171,14 @@ struct Performer {
     namespaces: (u64, u64),
 }
 
-/// A thread's credentials and creation mask, as the tracer last read them.
-type Thread<'a> = (&'a FsCredentials, Option<u32>);
+/// A thread whose calls the tracer can perform, as it last read it.
+struct Thread {
+    credentials: FsCredentials,
+    /// Its creation mask (None: unreadable).
+    mask: Option<u32>,
+    /// Its process.
+    tgid: Option<Pid>,
+}
 
 /// Where a path is walked from: the tracer's root for an absolute path,
 /// else the thread's working directory or directory descriptor.
@@ -279,7 +284,7 @@ impl Supervisor {
 
     /// The performer and what it knows of the thread, where the tracer can
     /// perform the thread's calls.
-    fn performer_for(&mut self, tid: Pid) -> Option<(&Performer, Thread<'_>)> {
+    fn performer_for(&mut self, tid: Pid) -> Option<(&Performer, &Thread)> {
         let performer = self.performer.as_mut()?;
         performer.know(tid);
         let performer = &*performer;
@@ -314,11 +319,11 @@ impl Performer {
         }
     }
 
-    /// The thread's credentials and creation mask, where its calls can be
-    /// the tracer's.
-    fn credentials(&self, tid: Pid) -> Option<(&FsCredentials, Option<u32>)> {
+    /// What the tracer knows of the thread, where its calls can be the
+    /// tracer's.
+    fn credentials(&self, tid: Pid) -> Option<&Thread> {
         match self.views.get(&tid)? {
-            View::Like(credentials, mask) => Some((credentials, *mask)),
+            View::Like(thread) => Some(thread),
             View::Foreign => None,
         }
     }
@@ -329,7 +334,9 @@ impl Performer {
         let same_namespaces = namespaces_of(&tid.to_string()) == Some(self.namespaces);
         let Some(status) = procfs::status(tid) else { return View::Foreign };
         match FsCredentials::from_status(&status.credentials) {
-            Some(credentials) if same_root && same_namespaces => View::Like(credentials, status.umask),
+            Some(credentials) if same_root && same_namespaces => {
+                View::Like(Thread { credentials, mask: status.umask, tgid: status.tgid.map(Pid::from_raw) })
+            }
             _ => View::Foreign,
         }
     }
@@ -354,17 +361,16 @@ impl Performer {
     /// Takes on the thread's credentials (and, for a call that creates a
     /// file, its creation mask) until the result is dropped; None where the
     /// tracer cannot.
-    fn become_like(&self, thread: Thread<'_>, creates: bool) -> Option<Option<Borrowed<'_>>> {
-        let (credentials, mask) = thread;
+    fn become_like(&self, thread: &Thread, creates: bool) -> Option<Option<Borrowed<'_>>> {
         if creates {
-            match (&self.mask, mask) {
+            match (&self.mask, thread.mask) {
                 (Some(own), Some(mask)) => own.set(mask),
                 _ => return None,
             }
         }
-        match self.own.is_like(credentials) {
+        match self.own.is_like(&thread.credentials) {
             true => Some(None),
-            false => self.own.become_like(credentials).ok().map(Some),
+            false => self.own.become_like(&thread.credentials).ok().map(Some),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Supervised name calls: unlink, rmdir, mkdir, mknod, rename, link and symlink,
 //! and chmod and chown of the file a name leads to (and their `*at` forms),
 //! performed by the tracer on the names it read, and answered with what its
-//! own call returned.
+//! own call returned; fchmod and fchown, on the tracer's own duplicate of
+//! the thread's descriptor.
 //!
 //! Each name is split into its directory and its final name; the directory
 //! is walked as every supervised walk is (`mod.rs`), and the call is made
@@ -44,6 +45,7 @@ use crate::proto::FileOperation;
 use crate::trace::decode::{FileCall, Named, PathArg};
 use crate::trace::paths;
 use crate::trace::procfs::{self, FileId};
+use crate::trace::unotify;
 
 /// A name argument: the directory descriptor it is relative to, and the
 /// bytes the tracer read.
@@ -84,6 +86,9 @@ enum NameCall {
 impl Supervisor {
     pub(super) fn serve_name_call(&mut self, call: Performed, spec: FileCall) -> Served {
         let n = call.notification;
+        if let PathArg::Fd(i) = spec.path_arg() {
+            return self.serve_descriptor_call(call, spec, n.args[i] as i32);
+        }
         let name_at = |arg: PathArg| match arg {
             PathArg::Path(i) => Some((libc::AT_FDCWD, n.args[i])),
             PathArg::At(dirfd, i) => Some((n.args[dirfd] as i32, n.args[i])),
@@ -114,6 +119,31 @@ impl Supervisor {
         let Some(named) = performer.perform(n.tid, thread, kind, &name, second.as_ref()) else {
             return Served::Bounce(n.tid);
         };
+        match self.answer(&call, named.retval) {
+            Ok(()) => Served::Named { call, named },
+            Err(unserved) => unserved.of(n.tid),
+        }
+    }
+}
+
+impl Supervisor {
+    /// fchmod and fchown: made on the tracer's own duplicate of the thread's
+    /// descriptor (pidfd_getfd), the same open file, whatever the thread's
+    /// table holds at that number afterwards.
+    fn serve_descriptor_call(&mut self, call: Performed, spec: FileCall, fd: i32) -> Served {
+        let n = call.notification;
+        let Some(kind @ (NameCall::Chmod(_) | NameCall::Chown { .. })) = call_of(spec, 0, n.args, &None) else {
+            return Served::Bounce(n.tid);
+        };
+        let Some((performer, thread)) = self.performer_for(n.tid) else { return Served::Bounce(n.tid) };
+        let Some(tgid) = thread.tgid else { return Served::Bounce(n.tid) };
+        let copy = procfs::thread_descriptor_copy(n.tid, tgid, fd);
+        let named = performer.change(thread, kind, copy);
+        // The thread is the one whose table was read, not a reused id's.
+        if !unotify::still_waiting(&self.listener, n.id) {
+            return Served::Gone;
+        }
+        let Some(named) = named else { return Served::Bounce(n.tid) };
         match self.answer(&call, named.retval) {
             Ok(()) => Served::Named { call, named },
             Err(unserved) => unserved.of(n.tid),
@@ -166,7 +196,7 @@ impl Performer {
     fn perform(
         &self,
         tid: Pid,
-        thread: Thread<'_>,
+        thread: &Thread,
         call: NameCall,
         name: &NameArg,
         second: Option<&NameArg>,
@@ -204,6 +234,35 @@ impl Performer {
         let walked_other = walked_other.and_then(Result::ok);
         let (retval, file, unverified) = make(call, &walked, walked_other.as_ref())?;
         Some(Named { retval, path, target, file, unverified })
+    }
+}
+
+impl Performer {
+    /// Makes fchmod or fchown on `copy`, the thread's descriptor as the
+    /// tracer took it; None to bounce.
+    fn change(&self, thread: &Thread, call: NameCall, copy: nix::Result<OwnedFd>) -> Option<Named> {
+        let file = match copy {
+            Ok(file) => file,
+            Err(Errno::EBADF) => {
+                return Some(Named {
+                    retval: -(libc::EBADF as i64),
+                    path: None,
+                    target: None,
+                    file: None,
+                    unverified: None,
+                })
+            }
+            Err(_) => return None,
+        };
+        let _borrowed = self.become_like(thread, false)?;
+        let result = match call {
+            NameCall::Chmod(mode) => nix::sys::stat::fchmod(&file, mode),
+            NameCall::Chown { owner, group, .. } => nix::unistd::fchown(&file, owner, group),
+            _ => return None,
+        };
+        let path = procfs::fd_path(Pid::this(), file.as_raw_fd());
+        let retval = result.map_or_else(|errno| -(errno as i64), |()| 0);
+        Some(Named { retval, path, target: None, file: procfs::file_id(&file, b""), unverified: None })
     }
 }
 

@@ -173,7 +173,7 @@ fn performer_path(supervisor: &Supervisor, tid: Pid, args: &OpenArgs) -> Option<
 }
 
 impl Performer {
-    fn open(&self, tid: Pid, args: &OpenArgs, thread: Thread<'_>) -> Opening {
+    fn open(&self, tid: Pid, args: &OpenArgs, thread: &Thread) -> Opening {
         let Some(base) = self.base(tid, args.dirfd, &args.raw) else { return Opening::Bounce };
         let Ok(path) = CString::new(args.raw.clone()) else { return Opening::Bounce };
         let flags = args.flags;
