@@ -256,6 +256,22 @@ fn a_workload_is_granted_and_refused_opens_by_its_own_credentials() {
     }
 }
 
+/// Each workload user: the tracer's flags for it, and setpriv's to run a
+/// command natively as it.
+const WORKLOAD_USERS: [(&[&str], &[&str]); 2] =
+    [(&[], &[]), (&["--uid", "1000", "--gid", "1000"], &["--reuid", "1000", "--regid", "1000", "--clear-groups"])];
+
+/// `sh -c COMMAND PATH` run natively as `native_as`: its exit code.
+fn natively(native_as: &[&str], command: &str, path: &Path) -> Option<i32> {
+    let status = std::process::Command::new("setpriv").args(native_as).args(["sh", "-c", command]).arg(path).status();
+    status.unwrap().code()
+}
+
+/// `sh -c COMMAND PATH` traced with `flags`.
+fn traced(flags: &[&str], dir: &Path, command: &str, path: &Path) -> Run {
+    run(flags, None, dir, &["sh".as_ref(), "-c".as_ref(), command.as_ref(), path.as_os_str()])
+}
+
 /// Files and directories a workload creates are its own (owner, the
 /// directory's set-group-id group, its mask), and it is refused what the
 /// kernel refuses it: each traced shell's `: >> FILE` and `mkdir DIR` held
@@ -296,10 +312,7 @@ fn a_workload_creates_files_as_itself_and_is_refused_what_the_kernel_refuses_it(
         let meta = std::fs::metadata(path).ok().map(|m| (m.uid(), m.gid(), m.mode() & 0o7777));
         (code, meta)
     };
-    for (flags, native_as) in [
-        (&[][..], &[][..]),
-        (&["--uid", "1000", "--gid", "1000"][..], &["--reuid", "1000", "--regid", "1000", "--clear-groups"][..]),
-    ] {
+    for (flags, native_as) in WORKLOAD_USERS {
         for ((name, _, _, file, existing), (command, (kind, syscall))) in
             cases.into_iter().flat_map(|case| commands.map(|command| (case, command)))
         {
@@ -308,11 +321,9 @@ fn a_workload_creates_files_as_itself_and_is_refused_what_the_kernel_refuses_it(
             }
             let path = dir.path().join(name).join(file);
             prepare();
-            let native =
-                std::process::Command::new("setpriv").args(native_as).args(["sh", "-c", command]).arg(&path).status();
-            let native = outcome(&path, native.unwrap().code());
+            let native = outcome(&path, natively(native_as, command, &path));
             prepare();
-            let run = run(flags, None, dir.path(), &["sh".as_ref(), "-c".as_ref(), command.as_ref(), path.as_os_str()]);
+            let run = traced(flags, dir.path(), command, &path);
             let context = format!("{flags:?} {command} {path:?}: {}", run.stderr);
             assert_eq!(outcome(&path, run.code()), native, "{context}");
             let real = common::real_path(path.to_str().unwrap());
@@ -448,18 +459,13 @@ fn a_workload_changes_modes_and_owners_as_itself() {
         ("chgrp 1000 \"$0\"", "to-mine", "fchownat"),
         ("chown -h 1000 \"$0\"", "to-theirs", "fchownat"),
     ];
-    for (flags, native_as) in [
-        (&[][..], &[][..]),
-        (&["--uid", "1000", "--gid", "1000"][..], &["--reuid", "1000", "--regid", "1000", "--clear-groups"][..]),
-    ] {
+    for (flags, native_as) in WORKLOAD_USERS {
         for (command, name, syscall) in commands {
             let path = at(name);
             prepare();
-            let native =
-                std::process::Command::new("setpriv").args(native_as).args(["sh", "-c", command]).arg(&path).status();
-            let native = (native.unwrap().code(), state());
+            let native = (natively(native_as, command, &path), state());
             prepare();
-            let run = run(flags, None, dir.path(), &["sh".as_ref(), "-c".as_ref(), command.as_ref(), path.as_os_str()]);
+            let run = traced(flags, dir.path(), command, &path);
             let context = format!("{flags:?} {command} {name}: {}", run.stderr);
             assert_eq!((run.code(), state()), native, "{context}");
             let real = common::real_path(path.to_str().unwrap());
