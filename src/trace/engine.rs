@@ -363,7 +363,7 @@ impl Engine {
     fn mark_bounced(&mut self, tid: Pid) {
         let Some(supervision) = &mut self.supervision else { return };
         if let Some(Bounce::Interrupting(entered)) = supervision.bounced.remove(&tid) {
-            if let Ok(Some(own)) = ptrace::restart_supervised(tid, supervision.supervisor.marker(), true) {
+            if let Ok(Some(own)) = ptrace::restart_supervised(tid, supervision.supervisor.marker(), true, notified) {
                 supervision.bounced.insert(tid, Bounce::Marked(own, entered));
             }
         }
@@ -470,7 +470,7 @@ impl Engine {
                 // A call of the ptrace path that the signal interrupted is
                 // the kernel's to restart or fail, as natively.
                 if let (Some(supervision), false) = (&self.supervision, self.interrupted.contains_key(&stop.pid)) {
-                    let _ = ptrace::restart_supervised(stop.pid, supervision.supervisor.marker(), false);
+                    let _ = ptrace::restart_supervised(stop.pid, supervision.supervisor.marker(), false, notified);
                 }
                 let how = self.resume_mode(stop.pid);
                 let _ = match self.on_signal(stop.pid, stop.signal) {
@@ -789,4 +789,9 @@ fn stop_pid(stop: &Stop) -> Pid {
         Stop::Group(s) => s.pid,
         Stop::Signal(s) => s.pid,
     }
+}
+
+/// Whether the filter hands this x86_64 call to the supervisor.
+fn notified(nr: u64, args: &[u64; 6]) -> bool {
+    syscalls::supervised(nr, args).is_some()
 }

@@ -15,7 +15,6 @@ use nix::sys::ptrace::{self, Options};
 use nix::unistd::Pid;
 
 use crate::trace::abi::{Abi, SyscallEntry};
-use crate::trace::syscalls;
 
 /// Options set on the workload at seize time; children inherit them.
 pub const OPTIONS: Options = Options::PTRACE_O_TRACESYSGOOD
@@ -403,16 +402,22 @@ pub fn set_first_arg(pid: Pid, abi: Abi, value: u64) -> nix::Result<()> {
 /// marker): makes the kernel run it again whatever handler runs first
 /// (ERESTARTNOINTR: natively, such a call on a local file is never
 /// interrupted), and with `marker` as its sixth argument when `bounce` (the
-/// filter then sends it to ptrace). Returns the sixth argument's value
-/// before, when it did.
-pub fn restart_supervised(pid: Pid, marker: u64, bounce: bool) -> nix::Result<Option<u64>> {
+/// filter then sends it to ptrace). `notified` says which calls (number,
+/// arguments) the filter hands to the tracer. Returns the sixth argument's
+/// value before, when it did.
+pub fn restart_supervised(
+    pid: Pid,
+    marker: u64,
+    bounce: bool,
+    notified: impl Fn(u64, &[u64; 6]) -> bool,
+) -> nix::Result<Option<u64>> {
     const RESTART_CODES: [i64; 3] = [-512, -513, -514];
     let mut regs = ptrace::getregs(pid)?;
     let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
     let waiting = abi_of_code(regs.cs) == Some(Abi::X86_64)
         && RESTART_CODES.contains(&(regs.rax as i64))
         && regs.r9 != marker
-        && syscalls::supervised(regs.orig_rax, &args).is_some();
+        && notified(regs.orig_rax, &args);
     if !waiting {
         return Ok(None);
     }

@@ -14,7 +14,7 @@ use crate::trace::abi::{Abi, AUDIT_ARCH_I386, AUDIT_ARCH_X86_64, X32_SYSCALL_BIT
 use crate::trace::condition::{ArgTest, When};
 use crate::trace::guard::{Target, GUARDS};
 use crate::trace::supervise;
-use crate::trace::syscalls::{Action, Notified, SYSCALLS};
+use crate::trace::syscalls::{Action, Notified, NOT_SUPERVISED_FLAGS, SYSCALLS};
 
 const OFFSET_NR: u32 = 0;
 const OFFSET_ARCH: u32 = 4;
@@ -196,7 +196,7 @@ fn supervise_block(notified: Notified, marker: u64, trace: u32) -> Vec<libc::soc
         Notified::Always => block.push(stmt(BPF_RET_K, libc::SECCOMP_RET_USER_NOTIF)),
         Notified::NamedOpens { flags } => block.extend([
             stmt(BPF_LD_W_ABS, OFFSET_ARGS + 8 * flags as u32),
-            stmt(BPF_AND_K, supervise::NOT_SUPERVISED_FLAGS),
+            stmt(BPF_AND_K, NOT_SUPERVISED_FLAGS),
             jump(BPF_JEQ_K, 0, 0, 1),
             stmt(BPF_RET_K, libc::SECCOMP_RET_USER_NOTIF),
             stmt(BPF_RET_K, trace),

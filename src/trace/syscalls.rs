@@ -14,7 +14,6 @@ use crate::trace::decode::{
     SeccompCall, SendCall, SignalCall, UffdCall,
 };
 use crate::trace::decode::{LengthArg, TimeLayout, RAW_SOCKETS, SOCKOPTS_WATCHED};
-use crate::trace::supervise;
 
 /// What the tracer does with a call of the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +37,10 @@ pub enum Action {
     Refuse(i32),
 }
 
+/// Open flags that make an open unsupervised: `__O_TMPFILE` (O_TMPFILE
+/// without O_DIRECTORY), an unnamed file that a later linkat names.
+pub const NOT_SUPERVISED_FLAGS: u32 = 0o20_000_000;
+
 /// Which calls of a `Supervise` row the filter hands to the listener.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Notified {
@@ -52,7 +55,7 @@ impl Notified {
     pub fn covers(self, args: &[u64; 6]) -> bool {
         match self {
             Notified::Always => true,
-            Notified::NamedOpens { flags } => args[flags] as u32 & supervise::NOT_SUPERVISED_FLAGS == 0,
+            Notified::NamedOpens { flags } => args[flags] as u32 & NOT_SUPERVISED_FLAGS == 0,
         }
     }
 }

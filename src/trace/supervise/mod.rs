@@ -56,10 +56,6 @@ use crate::trace::procfs::{self, FileId};
 use crate::trace::syscalls;
 use crate::trace::unotify::{self, Notification};
 
-/// Open flags that make an open unsupervised: `__O_TMPFILE` (O_TMPFILE
-/// without O_DIRECTORY), an unnamed file that a later linkat names.
-pub const NOT_SUPERVISED_FLAGS: u32 = 0o20_000_000;
-
 /// The argument that carries the marker: the sixth, unused by every
 /// supervised call.
 pub const MARKER_ARG: usize = 5;

@@ -23,10 +23,11 @@ use std::os::fd::{AsFd, OwnedFd};
 use nix::errno::Errno;
 use nix::unistd::Pid;
 
-use super::{Base, Performed, Performer, Served, Supervisor, Thread, NOT_SUPERVISED_FLAGS, RESOLVE};
+use super::{Base, Performed, Performer, Served, Supervisor, Thread, RESOLVE};
 use crate::trace::decode::OpenCall;
 use crate::trace::memory;
 use crate::trace::procfs::{self, FileId};
+use crate::trace::syscalls::NOT_SUPERVISED_FLAGS;
 use crate::trace::unotify::{self, Notification};
 
 /// The open flags open(2) and openat(2) take (the kernel's
