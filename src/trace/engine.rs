@@ -133,6 +133,11 @@ struct Supervision {
     /// every few milliseconds.
     child_stops: Option<SignalFd>,
     bounced: HashMap<Pid, Bounce>,
+    /// Calls the tracer made whose answer came too late (a signal ended
+    /// the thread's wait meanwhile): their results, which the thread's
+    /// signal-delivery stop makes the call return instead of restarting it
+    /// (restarted, an unlink or a mkdir would fail the second time).
+    made: HashMap<Pid, i64>,
 }
 
 /// Where a bounced open is on its way back to ptrace.
@@ -253,7 +258,7 @@ impl Engine {
                 None
             }
         };
-        self.supervision = Some(Supervision { supervisor, child_stops, bounced: HashMap::new() });
+        self.supervision = Some(Supervision { supervisor, child_stops, bounced: HashMap::new(), made: HashMap::new() });
     }
 
     /// Traces until every tracee is gone.
@@ -327,7 +332,12 @@ impl Engine {
         match supervision.supervisor.serve(notification) {
             Served::Opened { call, fd, id, path } => self.report_supervised(&call, Supervised::Opened { fd, id, path }),
             Served::Failed { call, errno, path } => self.report_supervised(&call, Supervised::Failed { errno, path }),
-            Served::Named { call, named } => self.report_supervised(&call, Supervised::Named(&named)),
+            Served::Named { call, named, answered } => {
+                if !answered {
+                    supervision.made.insert(call.notification.tid, named.retval);
+                }
+                self.report_supervised(&call, Supervised::Named(&named));
+            }
             Served::Bounce(tid) => {
                 self.stats.bounced += 1;
                 match ptrace::interrupt(tid) {
@@ -363,7 +373,9 @@ impl Engine {
     fn mark_bounced(&mut self, tid: Pid) {
         let Some(supervision) = &mut self.supervision else { return };
         if let Some(Bounce::Interrupting(entered)) = supervision.bounced.remove(&tid) {
-            if let Ok(Some(own)) = ptrace::restart_supervised(tid, supervision.supervisor.marker(), true, notified) {
+            if let Ok(Some(own)) =
+                ptrace::restart_supervised(tid, supervision.supervisor.marker(), true, notified, None)
+            {
                 supervision.bounced.insert(tid, Bounce::Marked(own, entered));
             }
         }
@@ -410,6 +422,8 @@ impl Engine {
             supervision.supervisor.forget();
             if let Some(tid) = tid {
                 supervision.bounced.remove(&tid);
+                supervision.made.remove(&tid);
+                supervision.supervisor.forget_thread(tid);
             }
         }
     }
@@ -469,8 +483,12 @@ impl Engine {
                 self.stats.signal += 1;
                 // A call of the ptrace path that the signal interrupted is
                 // the kernel's to restart or fail, as natively.
-                if let (Some(supervision), false) = (&self.supervision, self.interrupted.contains_key(&stop.pid)) {
-                    let _ = ptrace::restart_supervised(stop.pid, supervision.supervisor.marker(), false, notified);
+                if let (Some(supervision), false) = (&mut self.supervision, self.interrupted.contains_key(&stop.pid)) {
+                    let made = supervision.made.get(&stop.pid).copied();
+                    let marker = supervision.supervisor.marker();
+                    if let Ok(Some(_)) = ptrace::restart_supervised(stop.pid, marker, false, notified, made) {
+                        supervision.made.remove(&stop.pid);
+                    }
                 }
                 let how = self.resume_mode(stop.pid);
                 let _ = match self.on_signal(stop.pid, stop.signal) {

@@ -112,8 +112,11 @@ pub enum Served {
     /// An open failed with `errno`, walking `path` (the bytes the tracer
     /// walked, joined to the directory it walked them from).
     Failed { call: Performed, errno: i32, path: Option<String> },
-    /// A name call, answered with what the tracer's own call returned.
-    Named { call: Performed, named: Named },
+    /// A name call, answered with what the tracer's own call returned
+    /// (`answered`: false where a signal ended the thread's wait before the
+    /// answer; the call is made all the same, and its result is the one the
+    /// thread must get).
+    Named { call: Performed, named: Named, answered: bool },
     /// Not the tracer's to perform: the engine makes the kernel run the
     /// call under ptrace.
     Bounce(Pid),
@@ -150,6 +153,23 @@ pub struct Supervisor {
     /// None where the tracer cannot tell what its own root and credentials
     /// are: then every call is bounced (a notified call must be answered).
     performer: Option<Performer>,
+    /// Files the tracer opened whose handing over came too late (a signal
+    /// ended the thread's wait), by thread: its restarted call, the same
+    /// registers, gets that file instead of a second open (an O_EXCL one
+    /// would fail).
+    held: HashMap<Pid, Held>,
+}
+
+/// An opened file waiting for the thread's restarted call.
+struct Held {
+    nr: i32,
+    args: [u64; 6],
+    file: OwnedFd,
+    id: Option<FileId>,
+    path: Option<String>,
+    cloexec: bool,
+    /// openat2's `open_how` as the tracer read it, for the event.
+    entry_bytes: Vec<u8>,
 }
 
 /// What the tracer needs to perform calls as the workload would.
@@ -215,7 +235,7 @@ impl Supervisor {
         if performer.is_none() {
             crate::log::log!("cannot tell the tracer's own root and credentials; every open stops under ptrace");
         }
-        Supervisor { listener, marker, performer }
+        Supervisor { listener, marker, performer, held: HashMap::new() }
     }
 
     pub fn listener(&self) -> &OwnedFd {
@@ -233,6 +253,12 @@ impl Supervisor {
         if let Some(performer) = &mut self.performer {
             performer.views.clear();
         }
+    }
+
+    /// Forgets a thread that ended or ran another program: a file held for
+    /// its restarted call is closed.
+    pub fn forget_thread(&mut self, tid: Pid) {
+        self.held.remove(&tid);
     }
 
     /// Lets the notified call run as the kernel has it, unseen: for a thread

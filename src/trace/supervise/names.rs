@@ -119,10 +119,7 @@ impl Supervisor {
         let Some(named) = performer.perform(n.tid, thread, kind, &name, second.as_ref()) else {
             return Served::Bounce(n.tid);
         };
-        match self.answer(&call, named.retval) {
-            Ok(()) => Served::Named { call, named },
-            Err(unserved) => unserved.of(n.tid),
-        }
+        self.answered(call, named)
     }
 }
 
@@ -135,19 +132,24 @@ impl Supervisor {
         let Some(kind @ (NameCall::Chmod(_) | NameCall::Chown { .. })) = call_of(spec, 0, n.args, &None) else {
             return Served::Bounce(n.tid);
         };
-        let Some((performer, thread)) = self.performer_for(n.tid) else { return Served::Bounce(n.tid) };
-        let Some(tgid) = thread.tgid else { return Served::Bounce(n.tid) };
+        let Some(tgid) = self.performer_for(n.tid).and_then(|(_, thread)| thread.tgid) else {
+            return Served::Bounce(n.tid);
+        };
         let copy = procfs::thread_descriptor_copy(n.tid, tgid, fd);
-        let named = performer.change(thread, kind, copy);
         // The thread is the one whose table was read, not a reused id's.
         if !unotify::still_waiting(&self.listener, n.id) {
             return Served::Gone;
         }
-        let Some(named) = named else { return Served::Bounce(n.tid) };
-        match self.answer(&call, named.retval) {
-            Ok(()) => Served::Named { call, named },
-            Err(unserved) => unserved.of(n.tid),
-        }
+        let Some((performer, thread)) = self.performer_for(n.tid) else { return Served::Bounce(n.tid) };
+        let Some(named) = performer.change(thread, kind, copy) else { return Served::Bounce(n.tid) };
+        self.answered(call, named)
+    }
+
+    /// Answers a call the tracer made: whether or not the answer reaches
+    /// the thread, the call was made, and is reported.
+    fn answered(&self, call: Performed, named: Named) -> Served {
+        let answered = self.answer(&call, named.retval).is_ok();
+        Served::Named { call, named, answered }
     }
 }
 
@@ -254,6 +256,13 @@ impl Performer {
             }
             Err(_) => return None,
         };
+        // A file of another mount could be a server's the workload runs
+        // (FUSE), which could hold the tracer.
+        let on_root_mount =
+            procfs::cached_identity(file.as_raw_fd(), c"").is_some_and(|(_, _, mount)| mount == self.root_id.2);
+        if !on_root_mount {
+            return None;
+        }
         let _borrowed = self.become_like(thread, false)?;
         let result = match call {
             NameCall::Chmod(mode) => nix::sys::stat::fchmod(&file, mode),

@@ -23,7 +23,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use nix::errno::Errno;
 use nix::unistd::Pid;
 
-use super::{Base, Performed, Performer, Served, Supervisor, Thread, RESOLVE};
+use super::{Base, Held, Performed, Performer, Served, Supervisor, Thread, RESOLVE};
 use crate::trace::decode::OpenCall;
 use crate::trace::memory;
 use crate::trace::procfs::{self, FileId};
@@ -85,6 +85,11 @@ enum Opening {
 impl Supervisor {
     pub(super) fn serve_open(&mut self, mut call: Performed, open: OpenCall) -> Served {
         let n = call.notification;
+        // The restart of a call whose file came too late: that file.
+        if let Some(held) = self.held.remove(&n.tid).filter(|held| (held.nr, held.args) == (n.nr, n.args)) {
+            call.entry_bytes = held.entry_bytes;
+            return self.hand_over(call, held.file, held.id, held.path, held.cloexec);
+        }
         let (dirfd, path, flags, mode, resolve) = match open {
             OpenCall::Openat => (n.args[0] as i32, n.args[1], n.args[2] as i32 & OPEN_FLAGS, n.args[3] as u32, 0),
             OpenCall::Open => (libc::AT_FDCWD, n.args[0], n.args[1] as i32 & OPEN_FLAGS, n.args[2] as u32, 0),
@@ -114,25 +119,40 @@ impl Supervisor {
         let opening = performer.open(n.tid, &args, thread);
         match opening {
             Opening::Opened(file, id) => {
-                let cloexec = args.flags & libc::O_CLOEXEC != 0;
-                match unotify::answer_descriptor(&self.listener, n.id, file.as_fd(), cloexec) {
-                    Ok(fd) => {
-                        // Deeper than the kernel names a file: the path walked.
-                        let path = procfs::fd_path(Pid::this(), std::os::fd::AsRawFd::as_raw_fd(&file))
-                            .or_else(|| performer_path(self, n.tid, &args));
-                        Served::Opened { call, fd, id, path }
-                    }
-                    Err(Errno::ENOENT) => Served::Gone,
-                    // The thread's own table is full: what its call would have met.
-                    Err(errno @ (Errno::EMFILE | Errno::ENFILE)) => {
-                        let path = performer_path(self, n.tid, &args);
-                        self.fail(call, errno, path)
-                    }
-                    Err(_) => Served::Bounce(n.tid),
-                }
+                // Deeper than the kernel names a file: the path walked.
+                let path = procfs::fd_path(Pid::this(), std::os::fd::AsRawFd::as_raw_fd(&file))
+                    .or_else(|| performer_path(self, n.tid, &args));
+                self.hand_over(call, file, id, path, args.flags & libc::O_CLOEXEC != 0)
             }
             Opening::Failed(errno, path) => self.fail(call, errno, path),
             Opening::Bounce => Served::Bounce(n.tid),
+        }
+    }
+
+    /// Hands `file` over as the thread's new descriptor. Where a signal
+    /// ended the thread's wait meanwhile, the file is held for its
+    /// restarted call.
+    fn hand_over(
+        &mut self,
+        call: Performed,
+        file: OwnedFd,
+        id: Option<FileId>,
+        path: Option<String>,
+        cloexec: bool,
+    ) -> Served {
+        let n = call.notification;
+        match unotify::answer_descriptor(&self.listener, n.id, file.as_fd(), cloexec) {
+            Ok(fd) => Served::Opened { call, fd, id, path },
+            // ENOENT: the wait ended before the answer; ESRCH: while the
+            // thread was taking the file.
+            Err(Errno::ENOENT | Errno::ESRCH) => {
+                let entry_bytes = call.entry_bytes;
+                self.held.insert(n.tid, Held { nr: n.nr, args: n.args, file, id, path, cloexec, entry_bytes });
+                Served::Gone
+            }
+            // The thread's own table is full: what its call would have met.
+            Err(errno @ (Errno::EMFILE | Errno::ENFILE)) => self.fail(call, errno, path),
+            Err(_) => Served::Bounce(n.tid),
         }
     }
 

@@ -19,7 +19,10 @@ pub fn row(m: &Measurement) -> String {
     let stats: Vec<String> = m.stats.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
     let p99 = m.p99_ms.map(|p| format!(" p99 {p:.2} ms")).unwrap_or_default();
     let rate = m.stops_per_second.map(|r| format!(" {r:.0} stops/s")).unwrap_or_default();
-    let cost = m.tracer_syscalls_per_stop.map(|c| format!(" {c:.2} tracer syscalls/stop or open")).unwrap_or_default();
+    let cost = m
+        .tracer_syscalls_per_stop
+        .map(|c| format!(" {c:.2} tracer syscalls/stop or supervised call"))
+        .unwrap_or_default();
     let scaled = m.scaled.map(|c| format!(" (ran {} of {}, times scaled)", c.full_ptrace, c.n)).unwrap_or_default();
     format!(
         "{:<26} {:<24} median {:>9.1} ms  min {:>9.1} ms  x{:<6.3}{scaled}{p99}{rate}{cost} {}",
@@ -161,7 +164,7 @@ pub fn markdown(results: &[Measurement]) -> String {
     let goals = issue_16(results);
     let ratio = |workload, config| find(results, workload, config).map_or(String::new(), |m| format!("{:.3}", m.ratio));
     let mut table = String::from(
-        "| workload | strace --seccomp-bpf | ours | ours + gRPC | stops/s | tracer syscalls per stop or supervised open | issue 16 target: met (measured) |\n|---|---|---|---|---|---|---|\n",
+        "| workload | strace --seccomp-bpf | ours | ours + gRPC | stops/s | tracer syscalls per stop or supervised call | issue 16 target: met (measured) |\n|---|---|---|---|---|---|---|\n",
     );
     for workload in workloads(results) {
         let ours = find(results, workload, "ours");
