@@ -133,11 +133,13 @@ struct Supervision {
     /// every few milliseconds.
     child_stops: Option<SignalFd>,
     bounced: HashMap<Pid, Bounce>,
-    /// Calls the tracer made whose answer came too late (a signal ended
-    /// the thread's wait meanwhile): their results, which the thread's
-    /// signal-delivery stop makes the call return instead of restarting it
-    /// (restarted, an unlink or a mkdir would fail the second time).
-    made: HashMap<Pid, i64>,
+    /// The last name call the tracer made for each thread (number,
+    /// arguments, result), until the thread's next notification: a signal
+    /// can end the thread's wait before the answer, or even after it was
+    /// sent (the kernel then drops it), and that thread's signal-delivery
+    /// stop then makes the call return this result instead of restarting
+    /// it (restarted, an unlink or a mkdir would fail the second time).
+    made: HashMap<Pid, (i32, [u64; 6], i64)>,
 }
 
 /// Where a bounced open is on its way back to ptrace.
@@ -329,13 +331,14 @@ impl Engine {
         let entered =
             Entered { time, ppid: self.procs.process_of(notification.tid).map_or(0, |p| p.ppid.as_raw() as u32) };
         let Some(supervision) = &mut self.supervision else { return };
+        // The thread has moved on from the last call made for it.
+        supervision.made.remove(&notification.tid);
         match supervision.supervisor.serve(notification) {
             Served::Opened { call, fd, id, path } => self.report_supervised(&call, Supervised::Opened { fd, id, path }),
             Served::Failed { call, errno, path } => self.report_supervised(&call, Supervised::Failed { errno, path }),
-            Served::Named { call, named, answered } => {
-                if !answered {
-                    supervision.made.insert(call.notification.tid, named.retval);
-                }
+            Served::Named { call, named } => {
+                let n = &call.notification;
+                supervision.made.insert(n.tid, (n.nr, n.args, named.retval));
                 self.report_supervised(&call, Supervised::Named(&named));
             }
             Served::Bounce(tid) => {

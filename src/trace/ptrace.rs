@@ -404,16 +404,17 @@ pub fn set_first_arg(pid: Pid, abi: Abi, value: u64) -> nix::Result<()> {
 /// interrupted), and with `marker` as its sixth argument when `bounce` (the
 /// filter then sends it to ptrace). `notified` says which calls (number,
 /// arguments) the filter hands to the tracer. Where the tracer has made
-/// the call already and its answer came too late, `made` is its result: the
-/// call returns that instead of restarting, as natively it would have
-/// completed before the signal was handled. Returns the sixth argument's
-/// value before, when it did any of this.
+/// this very call already (`made`: its number, arguments and result) and
+/// the signal beat its answer, the call returns that result instead of
+/// restarting, as natively it would have completed before the signal was
+/// handled. Returns the sixth argument's value before, when it did any of
+/// this.
 pub fn restart_supervised(
     pid: Pid,
     marker: u64,
     bounce: bool,
     notified: impl Fn(u64, &[u64; 6]) -> bool,
-    made: Option<i64>,
+    made: Option<(i32, [u64; 6], i64)>,
 ) -> nix::Result<Option<u64>> {
     const RESTART_CODES: [i64; 3] = [-512, -513, -514];
     let mut regs = ptrace::getregs(pid)?;
@@ -426,8 +427,9 @@ pub fn restart_supervised(
         return Ok(None);
     }
     let before = regs.r9;
+    let made = made.filter(|&(nr, made_args, _)| nr as u64 == regs.orig_rax && made_args == args);
     match made {
-        Some(retval) => regs.rax = retval as u64,
+        Some((_, _, retval)) => regs.rax = retval as u64,
         None => {
             regs.rax = -513i64 as u64;
             if bounce {

@@ -112,11 +112,10 @@ pub enum Served {
     /// An open failed with `errno`, walking `path` (the bytes the tracer
     /// walked, joined to the directory it walked them from).
     Failed { call: Performed, errno: i32, path: Option<String> },
-    /// A name call, answered with what the tracer's own call returned
-    /// (`answered`: false where a signal ended the thread's wait before the
-    /// answer; the call is made all the same, and its result is the one the
-    /// thread must get).
-    Named { call: Performed, named: Named, answered: bool },
+    /// A name call, answered with what the tracer's own call returned. It
+    /// is made, and reported, whether or not the answer reaches the thread
+    /// (a signal can end its wait first): the engine keeps the result.
+    Named { call: Performed, named: Named },
     /// Not the tracer's to perform: the engine makes the kernel run the
     /// call under ptrace.
     Bounce(Pid),
