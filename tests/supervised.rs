@@ -485,3 +485,36 @@ fn a_workload_changes_modes_and_owners_as_itself() {
         }
     }
 }
+
+/// A workload that confines itself with Landlock stays confined: the
+/// tracer, outside its domain, stops making its calls (they go to ptrace,
+/// where the kernel runs the workload's own), so each is refused as
+/// natively. Held against the same program run natively.
+#[test]
+fn a_landlocked_workload_stays_confined() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let program = fixture("landlock");
+    let args = [program.as_os_str(), file.as_os_str(), dir.path().as_os_str()];
+    let native = std::process::Command::new(&program).args(&args[1..]).output().unwrap();
+    if native.status.code() == Some(4) {
+        return common::skip("needs a kernel with Landlock");
+    }
+    let native = String::from_utf8(native.stdout).unwrap();
+    assert!(native.lines().all(|l| l.ends_with(" 13")), "natively every call is refused: {native}");
+    for name in ["made", "new", "victim"] {
+        let _ = std::fs::remove_dir(dir.path().join(name));
+        let _ = std::fs::remove_file(dir.path().join(name));
+    }
+    let run = Trace::with_flags(&["--stats"], &args).run();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout, native, "{}", run.stderr);
+    assert!(run.stderr.contains("confined itself with Landlock"), "{}", run.stderr);
+    for (syscall, path) in [("mkdir", "made"), ("unlink", "victim")] {
+        let path = common::real_path(dir.path().join(path).to_str().unwrap());
+        let events: Vec<_> =
+            run.events.iter().filter(|e| e["syscall"] == syscall && e["file"]["path"] == path.as_str()).collect();
+        assert_eq!(events.iter().map(|e| retval(e)).collect::<Vec<_>>(), [-i64::from(libc::EACCES)], "{}", run.stderr);
+    }
+}

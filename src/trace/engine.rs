@@ -24,7 +24,7 @@ use crate::proto::{self, event::Payload, Event, ForkKind};
 use crate::queue::EventSink;
 use crate::trace::abi::{Abi, SyscallEntry};
 use crate::trace::attach::{self, Seized};
-use crate::trace::decode::{self, Call, Ctx, Decoder, Next, Supervised};
+use crate::trace::decode::{self, Call, ConfiningCall, Ctx, Decoder, Next, Supervised};
 use crate::trace::guard;
 use crate::trace::mounts::Mounts;
 use crate::trace::names::Names;
@@ -431,6 +431,17 @@ impl Engine {
         }
     }
 
+    /// The tracer makes no more calls for the workload: from now on every
+    /// notified call goes to ptrace (bounced), where the kernel runs the
+    /// workload's own call under its own confinement.
+    fn supervisor_steps_back(&mut self, why: &str) {
+        if let Some(supervision) = &mut self.supervision {
+            if supervision.supervisor.step_back() {
+                log!("{why}; the tracer no longer makes calls for the workload, every one stops under ptrace");
+            }
+        }
+    }
+
     fn ctx(&mut self, tid: Pid) -> Ctx<'_> {
         Ctx { tid, procs: &mut self.procs, sink: &mut self.sink, names: self.names.as_mut(), mounts: &mut self.mounts }
     }
@@ -585,9 +596,18 @@ impl Engine {
 
     /// A watched call's exit: reported with what the program sees.
     fn on_exit(&mut self, tid: Pid, pending: Pending, retval: i64) {
-        if matches!(pending.decoder, Decoder::Credentials(_) | Decoder::Namespace(_) | Decoder::Prctl | Decoder::Umask)
-        {
-            self.supervisor_forgets(None);
+        match pending.decoder {
+            Decoder::Credentials(_)
+            | Decoder::Namespace(_)
+            | Decoder::Prctl
+            | Decoder::Confines(ConfiningCall::Umask) => self.supervisor_forgets(None),
+            Decoder::Confines(ConfiningCall::Landlock) if retval == 0 => {
+                self.supervisor_steps_back("a workload process confined itself with Landlock")
+            }
+            Decoder::Confines(ConfiningCall::Fanotify) if retval >= 0 && pending.call.args[0] & FAN_CONTENT != 0 => {
+                self.supervisor_steps_back("a workload process made a fanotify group with permission events")
+            }
+            _ => {}
         }
         match restart::classify(retval) {
             restart::Exit::Final(retval) => pending.decoder.exit(&mut self.ctx(tid), &pending.call, retval),
@@ -811,6 +831,10 @@ fn stop_pid(stop: &Stop) -> Pid {
         Stop::Signal(s) => s.pid,
     }
 }
+
+/// fanotify_init's FAN_CLASS_CONTENT and FAN_CLASS_PRE_CONTENT: groups whose
+/// listener answers permission events.
+const FAN_CONTENT: u64 = 0x04 | 0x08;
 
 /// Whether the filter hands this x86_64 call to the supervisor.
 fn notified(nr: u64, args: &[u64; 6]) -> bool {

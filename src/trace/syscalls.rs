@@ -10,8 +10,8 @@ use crate::trace::decode::PathArg::{At, Fd, Path, Text};
 use crate::trace::decode::PathArg::{AtOrFd, Returned};
 use crate::trace::decode::XattrValue::{Args, Struct};
 use crate::trace::decode::{
-    ChdirCall, CredCall, Decoder, ExecCall, FileCall as F, ModuleCall, NetCall, NsCall, OpenCall, RlimitCall,
-    SeccompCall, SendCall, SignalCall, UffdCall,
+    ChdirCall, ConfiningCall, CredCall, Decoder, ExecCall, FileCall as F, ModuleCall, NetCall, NsCall, OpenCall,
+    RlimitCall, SeccompCall, SendCall, SignalCall, UffdCall,
 };
 use crate::trace::decode::{LengthArg, TimeLayout, RAW_SOCKETS, SOCKOPTS_WATCHED};
 
@@ -263,9 +263,13 @@ pub static SYSCALLS: &[SyscallDef] = &[
     row("finit_module",    Some(313),  Some(350),  decode(Decoder::Module(ModuleCall::Finit))),
     row("delete_module",   Some(176),  Some(129),  decode(Decoder::Module(ModuleCall::Delete))),
     row("bpf",             Some(321),  Some(357),  decode(Decoder::Bpf)),
-    // What a file created next gets: no event, but a supervised creation
-    // uses the thread's mask, which only this call changes.
-    row("umask",           Some(95),   Some(60),   decode(Decoder::Umask)),
+    // No events: what the tracer may do for the workload's supervised calls.
+    // A supervised creation uses the thread's mask, which only umask
+    // changes; a Landlock domain or a fanotify content group (permission
+    // events) would confine or hold the tracer's own calls, which then stop.
+    row("umask",           Some(95),   Some(60),   decode(Decoder::Confines(ConfiningCall::Umask))),
+    row("landlock_restrict_self", Some(446), Some(446), decode(Decoder::Confines(ConfiningCall::Landlock))),
+    row("fanotify_init",   Some(300),  Some(338),  decode(Decoder::Confines(ConfiningCall::Fanotify))),
     // Signals to other processes.
     row("kill",            Some(62),   Some(37),   signal(SignalCall::Kill, 1)),
     row("tkill",           Some(200),  Some(238),  signal(SignalCall::Tkill, 1)),

@@ -66,9 +66,22 @@ pub enum Decoder {
     Bpf,
     /// Signals to other processes.
     Signal(SignalCall),
-    /// umask: no event; its exit tells the tracer that the creation masks
-    /// it keeps for supervised calls (`supervise/`) may be stale.
+    /// Calls with no event that change what the tracer may do for the
+    /// workload's supervised calls (`supervise/`).
+    Confines(ConfiningCall),
+}
+
+/// A call that changes how the tracer may make the workload's calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfiningCall {
+    /// The creation masks the tracer keeps may be stale.
     Umask,
+    /// landlock_restrict_self: the thread's calls are confined in a way the
+    /// tracer's own calls would not be.
+    Landlock,
+    /// fanotify_init: a content group's permission events could hold the
+    /// tracer's own opens.
+    Fanotify,
 }
 
 impl Decoder {
@@ -105,7 +118,7 @@ impl Decoder {
             Decoder::Prctl => process::prctl_entry(cx, call),
             Decoder::Rlimit(rlimit) => process::rlimit_entry(cx, call, rlimit),
             Decoder::Module(module) => kernel::module_entry(cx, call, module),
-            Decoder::Bpf | Decoder::Umask => Next::Exit,
+            Decoder::Bpf | Decoder::Confines(_) => Next::Exit,
             Decoder::Signal(signal) => process::signal_entry(cx, call, signal),
         }
     }
@@ -130,7 +143,7 @@ impl Decoder {
             Decoder::Signal(signal) => process::signal_exit(cx, call, retval, signal),
             // Decoded whole at entry: they never ask for the exit stop.
             Decoder::Socketcall | Decoder::Clone | Decoder::Userfaultfd(_) => {}
-            Decoder::Umask => {}
+            Decoder::Confines(_) => {}
         }
     }
 

@@ -254,6 +254,12 @@ impl Supervisor {
         }
     }
 
+    /// Makes no more calls for the workload: every call is bounced from now
+    /// on. Returns whether it made them until now.
+    pub fn step_back(&mut self) -> bool {
+        self.performer.take().is_some()
+    }
+
     /// Forgets a thread that ended or ran another program: a file held for
     /// its restarted call is closed.
     pub fn forget_thread(&mut self, tid: Pid) {
