@@ -518,3 +518,22 @@ fn a_landlocked_workload_stays_confined() {
         assert_eq!(events.iter().map(|e| retval(e)).collect::<Vec<_>>(), [-i64::from(libc::EACCES)], "{}", run.stderr);
     }
 }
+
+/// A workload that reads the marker of a sibling's bounced call and puts it
+/// on a call of its own does not get that call past the tracer's own
+/// making of it: the marker is taken off and the call is supervised.
+#[test]
+fn a_marker_a_workload_forges_buys_it_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let program = fixture("forged_marker");
+    let run = Trace::with_flags(&["--stats"], &[program.as_os_str(), dir.path().as_os_str()]).run();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let said = lines(&run);
+    assert_ne!(said["marker"], ["0"], "the bounced open's marker was in /proc: {}", run.stdout);
+    assert_eq!(said["mkdir"], ["0"], "{}", run.stderr);
+    assert!(run.stderr.contains("carried the tracer's marker"), "{}", run.stderr);
+    let made = common::real_path(dir.path().join("made").to_str().unwrap());
+    let mkdirs: Vec<_> = run.events.iter().filter(|e| e["syscall"] == "mkdirat").collect();
+    assert_eq!(mkdirs.len(), 1, "{:#?}", run.events);
+    assert_eq!((&mkdirs[0]["file"]["path"], retval(mkdirs[0])), (&serde_json::json!(made), 0), "{:#}", mkdirs[0]);
+}

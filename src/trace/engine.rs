@@ -140,6 +140,8 @@ struct Supervision {
     /// stop then makes the call return this result instead of restarting
     /// it (restarted, an unlink or a mkdir would fail the second time).
     made: HashMap<Pid, (i32, [u64; 6], i64)>,
+    /// Whether a workload call carrying the marker has been said.
+    forged_marker_seen: bool,
 }
 
 /// Where a bounced open is on its way back to ptrace.
@@ -260,7 +262,13 @@ impl Engine {
                 None
             }
         };
-        self.supervision = Some(Supervision { supervisor, child_stops, bounced: HashMap::new(), made: HashMap::new() });
+        self.supervision = Some(Supervision {
+            supervisor,
+            child_stops,
+            bounced: HashMap::new(),
+            made: HashMap::new(),
+            forged_marker_seen: false,
+        });
     }
 
     /// Traces until every tracee is gone.
@@ -384,19 +392,32 @@ impl Engine {
         }
     }
 
-    /// At a seccomp stop: a bounced open's, marked, is now under ptrace.
-    /// Returns when and with which parent it was first entered.
-    fn bounced_entered(&mut self, tid: Pid, entry: &SyscallEntry) -> Option<Entered> {
-        let supervision = self.supervision.as_mut()?;
+    /// At a seccomp stop: a bounced call's, marked, is now under ptrace.
+    /// Returns when and with which parent it was first entered. A call
+    /// that carries the marker without having been bounced was marked by
+    /// the workload itself (it can read the marker of a bounced call of a
+    /// sibling's in /proc): the marker is taken off, and the kernel's
+    /// second run of the filters after this stop hands the call to the
+    /// tracer as any other (Err).
+    fn bounced_entered(&mut self, tid: Pid, entry: &SyscallEntry) -> Result<Option<Entered>, ()> {
+        let Some(supervision) = self.supervision.as_mut() else { return Ok(None) };
         let marked = entry.abi == Abi::X86_64
             && matches!(syscalls::lookup(Abi::X86_64, entry.nr).map(|d| d.action), Some(Action::Supervise { .. }))
             && entry.args[supervise::MARKER_ARG] == supervision.supervisor.marker();
         match (marked, supervision.bounced.get(&tid)) {
             (true, Some(&Bounce::Marked(own, entered))) => {
                 supervision.bounced.insert(tid, Bounce::InCall(own));
-                Some(entered)
+                Ok(Some(entered))
             }
-            _ => None,
+            (true, _) => {
+                let _ = ptrace::set_sixth_arg(tid, 0);
+                if !supervision.forged_marker_seen {
+                    supervision.forged_marker_seen = true;
+                    log!("a workload call carried the tracer's marker of bounced calls; the tracer makes it as any other");
+                }
+                Err(())
+            }
+            (false, _) => Ok(None),
         }
     }
 
@@ -525,7 +546,7 @@ impl Engine {
         let time = SystemTime::now();
         let abi_in_data = |data| SeccompData::decode(data).abi();
         let Ok((entry, data)) = self.reader.read_seccomp(tid, abi_in_data) else { return Resume::Continue };
-        let bounced = self.bounced_entered(tid, &entry);
+        let Ok(bounced) = self.bounced_entered(tid, &entry) else { return self.resume_mode(tid) };
 
         if self.guarded(tid, &entry, time) {
             return self.resume_mode(tid);

@@ -184,6 +184,8 @@ struct Performer {
     views: HashMap<Pid, View>,
     /// Inodes of the tracer's mount and user namespaces.
     namespaces: (u64, u64),
+    /// The tracer's LSM label (SELinux, AppArmor), if the kernel has one.
+    label: Option<Vec<u8>>,
 }
 
 /// A thread whose calls the tracer can perform, as it last read it.
@@ -335,7 +337,8 @@ impl Performer {
         let root_id = procfs::cached_identity(root.as_raw_fd(), c"")?;
         let namespaces = namespaces_of("self")?;
         let mask = Mask::own();
-        Some(Performer { root, root_id, own: Own::current()?, mask, views: HashMap::new(), namespaces })
+        let label = label_of("self");
+        Some(Performer { root, root_id, own: Own::current()?, mask, views: HashMap::new(), namespaces, label })
     }
 
     /// Looks at the thread once, until `forget`.
@@ -359,9 +362,12 @@ impl Performer {
         let same_root =
             procfs::cached_identity(libc::AT_FDCWD, &proc_path(&format!("/proc/{tid}/root"))) == Some(self.root_id);
         let same_namespaces = namespaces_of(&tid.to_string()) == Some(self.namespaces);
+        // Under another label, an LSM would allow or deny the tracer's
+        // calls, not the thread's.
+        let same_label = label_of(&tid.to_string()) == self.label;
         let Some(status) = procfs::status(tid) else { return View::Foreign };
         match FsCredentials::from_status(&status.credentials) {
-            Some(credentials) if same_root && same_namespaces => {
+            Some(credentials) if same_root && same_namespaces && same_label => {
                 View::Like(Thread { credentials, mask: status.umask, tgid: status.tgid.map(Pid::from_raw) })
             }
             _ => View::Foreign,
@@ -404,6 +410,12 @@ impl Performer {
 
 fn proc_path(path: &str) -> CString {
     CString::new(path).expect("a /proc path has no NUL")
+}
+
+/// A process's LSM label (`who`: a pid or "self"); None where no LSM gives
+/// one.
+fn label_of(who: &str) -> Option<Vec<u8>> {
+    std::fs::read(format!("/proc/{who}/attr/current")).ok()
 }
 
 /// Inodes of a process's mount and user namespaces (`who`: a pid or "self").
