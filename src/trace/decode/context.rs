@@ -197,8 +197,13 @@ impl Ctx<'_> {
     }
 
     /// A path joined to the cwd or a directory fd as text, for a directory
-    /// the kernel does not resolve (the call fails too).
+    /// the kernel does not resolve (the call fails too). None where the
+    /// text could name another file than the kernel's walk (a `..` after a
+    /// name that may be a symlink).
     fn lexical(&self, dirfd: i32, path: &[u8]) -> Option<String> {
+        if paths::climbs_after_a_name(path) {
+            return None;
+        }
         let path = text::lossless(path);
         if path.starts_with('/') {
             return Some(paths::absolute("/", &path));

@@ -218,14 +218,42 @@ impl Base<'_> {
     }
 
     /// `raw` joined to where it is walked from, as text: the path a failed
-    /// walk is reported with.
+    /// walk is reported with. Joined as text, `..` would undo the name
+    /// before it, which the kernel followed if it was a symlink: such a
+    /// path is joined to the deepest directory its walk reached instead,
+    /// and the rest kept as written (None where that cannot be told).
     fn join(&self, raw: &[u8]) -> Option<String> {
+        if paths::climbs_after_a_name(raw) {
+            return self.reached(raw);
+        }
         let raw = text::lossless(raw);
         let base = match self.relative {
             false => "/".to_owned(),
             true => procfs::directory_name(self.fd())?,
         };
         Some(paths::absolute(&base, &raw))
+    }
+
+    /// The deepest directory a walk of `raw` reaches (the tracer's own walk
+    /// of ever shorter leading parts), and the rest of `raw` after it.
+    fn reached(&self, raw: &[u8]) -> Option<String> {
+        let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
+        let cuts = raw.iter().enumerate().filter(|&(_, &b)| b == b'/').map(|(at, _)| at).rev();
+        for cut in cuts {
+            let lead = if cut == 0 { &b"/"[..] } else { &raw[..cut] };
+            let Ok(lead) = CString::new(lead) else { return None };
+            match procfs::open_beneath(self.fd(), &lead, flags, 0, RESOLVE) {
+                Ok(dir) => {
+                    let rest = text::lossless(&raw[cut + 1..]);
+                    let dir = procfs::directory_name(&dir)?;
+                    return Some(format!("{}/{rest}", dir.trim_end_matches('/')));
+                }
+                Err(Errno::ENOENT | Errno::ENOTDIR) => continue,
+                Err(_) => return None,
+            }
+        }
+        let dir = procfs::directory_name(self.fd())?;
+        Some(format!("{}/{}", dir.trim_end_matches('/'), text::lossless(raw)))
     }
 }
 
