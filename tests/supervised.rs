@@ -537,3 +537,22 @@ fn a_marker_a_workload_forges_buys_it_nothing() {
     assert_eq!(mkdirs.len(), 1, "{:#?}", run.events);
     assert_eq!((&mkdirs[0]["file"]["path"], retval(mkdirs[0])), (&serde_json::json!(made), 0), "{:#}", mkdirs[0]);
 }
+
+/// A workload with a fanotify group of permission events opens its files
+/// itself: the tracer stops making its calls (its own open would wait on the
+/// workload's answer, with every tracee). The kernel names the opener.
+#[test]
+fn a_workload_s_fanotify_permission_group_sees_its_own_opens() {
+    if !common::require_root(&[common::CAP_SYS_ADMIN], "make a fanotify group with permission events") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let program = fixture("fanotify_perm");
+    let run = Trace::with_flags(&["--stats"], &[program.as_os_str(), file.as_os_str()]).run();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let said = lines(&run);
+    assert_eq!(said["opener"], said["child"], "{}", run.stdout);
+    assert!(run.stderr.contains("made a fanotify group with permission events"), "{}", run.stderr);
+}
