@@ -121,9 +121,7 @@ impl Supervisor {
         };
         self.answered(call, named)
     }
-}
 
-impl Supervisor {
     /// fchmod and fchown: made on the tracer's own duplicate of the thread's
     /// descriptor (pidfd_getfd), the same open file, whatever the thread's
     /// table holds at that number afterwards.
