@@ -18,7 +18,7 @@
 //!   too (EROFS, ENOSPC, EDQUOT, EISDIR, ETXTBSY, EPERM).
 
 use std::ffi::CString;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::errno::Errno;
 use nix::unistd::Pid;
@@ -116,14 +116,9 @@ impl Supervisor {
         }
         let args = OpenArgs { dirfd, raw, flags, mode, resolve };
         let Some((performer, thread)) = self.performer_for(n.tid) else { return Served::Bounce(n.tid) };
-        let opening = performer.open(n.tid, &args, thread);
+        let (opening, path) = performer.open(n.tid, &args, thread);
         match opening {
-            Opening::Opened(file, id) => {
-                // Deeper than the kernel names a file: the path walked.
-                let path = procfs::fd_path(Pid::this(), std::os::fd::AsRawFd::as_raw_fd(&file))
-                    .or_else(|| performer_path(self, n.tid, &args));
-                self.hand_over(call, file, id, path, args.flags & libc::O_CLOEXEC != 0)
-            }
+            Opening::Opened(file, id) => self.hand_over(call, file, id, path, args.flags & libc::O_CLOEXEC != 0),
             Opening::Failed(errno, path) => self.fail(call, errno, path),
             Opening::Bounce => Served::Bounce(n.tid),
         }
@@ -187,15 +182,21 @@ fn read_open_how(n: &Notification) -> Option<(Vec<u8>, i32, u32, u64)> {
     (known && mode_fits && combines).then_some((how, flags, mode as u32, resolve))
 }
 
-/// The path `args` walk, joined to where the thread walks it from.
-fn performer_path(supervisor: &Supervisor, tid: Pid, args: &OpenArgs) -> Option<String> {
-    let performer = supervisor.performer.as_ref()?;
-    performer.base(tid, args.dirfd, &args.raw)?.join(&args.raw)
-}
-
 impl Performer {
-    fn open(&self, tid: Pid, args: &OpenArgs, thread: &Thread) -> Opening {
-        let Some(base) = self.base(tid, args.dirfd, &args.raw) else { return Opening::Bounce };
+    /// Opens as the thread would; with a file, its path: the kernel's name
+    /// for it, or deeper than the kernel names a file, the path walked
+    /// (joined to the very directory walked from).
+    fn open(&self, tid: Pid, args: &OpenArgs, thread: &Thread) -> (Opening, Option<String>) {
+        let Some(base) = self.base(tid, args.dirfd, &args.raw) else { return (Opening::Bounce, None) };
+        let opening = self.open_from(&base, args, thread);
+        let path = match &opening {
+            Opening::Opened(file, _) => procfs::fd_path(Pid::this(), file.as_raw_fd()).or_else(|| base.join(&args.raw)),
+            _ => None,
+        };
+        (opening, path)
+    }
+
+    fn open_from(&self, base: &Base<'_>, args: &OpenArgs, thread: &Thread) -> Opening {
         let Ok(path) = CString::new(args.raw.clone()) else { return Opening::Bounce };
         let flags = args.flags;
         let creates = flags & (libc::O_CREAT | libc::O_PATH) == libc::O_CREAT;
@@ -213,7 +214,7 @@ impl Performer {
         let found = procfs::open_beneath(base.fd(), &path, libc::O_PATH | libc::O_CLOEXEC | walk_flags, 0, resolve);
         let found = match found {
             Ok(found) => found,
-            Err(Errno::ENOENT) if creates => return create(&base, &path, args).unwrap_or_else(failed),
+            Err(Errno::ENOENT) if creates => return create(base, &path, args).unwrap_or_else(failed),
             Err(errno @ (Errno::ENOENT | Errno::ENOTDIR | Errno::EACCES | Errno::ENAMETOOLONG)) => {
                 return failed(errno)
             }
