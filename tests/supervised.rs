@@ -536,6 +536,18 @@ fn a_marker_a_workload_forges_buys_it_nothing() {
     let mkdirs: Vec<_> = run.events.iter().filter(|e| e["syscall"] == "mkdirat").collect();
     assert_eq!(mkdirs.len(), 1, "{:#?}", run.events);
     assert_eq!((&mkdirs[0]["file"]["path"], retval(mkdirs[0])), (&serde_json::json!(made), 0), "{:#}", mkdirs[0]);
+    // A marked O_TMPFILE open is reported as any other: the marker hides
+    // no call.
+    let tmpfile: i64 = said["tmpfile"][0].parse().unwrap();
+    assert!(tmpfile >= 0, "{}", run.stdout);
+    let tmpfiles: Vec<_> = run
+        .of("open")
+        .into_iter()
+        .filter(|e| {
+            e["open"]["flags"].as_i64().is_some_and(|f| f & i64::from(libc::O_TMPFILE) == i64::from(libc::O_TMPFILE))
+        })
+        .collect();
+    assert_eq!(tmpfiles.iter().map(|e| retval(e)).collect::<Vec<_>>(), [tmpfile], "{:#?}", run.events);
 }
 
 /// A workload with a fanotify group of permission events opens its files

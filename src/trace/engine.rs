@@ -398,11 +398,13 @@ impl Engine {
     /// the workload itself (it can read the marker of a bounced call of a
     /// sibling's in /proc): the marker is taken off, and the kernel's
     /// second run of the filters after this stop hands the call to the
-    /// tracer as any other (Err).
+    /// tracer as any other (Err). A marked call of a form the filter never
+    /// hands to the tracer (an O_TMPFILE open) stops under ptrace anyway,
+    /// and is decoded here as any other.
     fn bounced_entered(&mut self, tid: Pid, entry: &SyscallEntry) -> Result<Option<Entered>, ()> {
         let Some(supervision) = self.supervision.as_mut() else { return Ok(None) };
         let marked = entry.abi == Abi::X86_64
-            && matches!(syscalls::lookup(Abi::X86_64, entry.nr).map(|d| d.action), Some(Action::Supervise { .. }))
+            && notified(entry.nr, &entry.args)
             && entry.args[supervise::MARKER_ARG] == supervision.supervisor.marker();
         match (marked, supervision.bounced.get(&tid)) {
             (true, Some(&Bounce::Marked(own, entered))) => {
