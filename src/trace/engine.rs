@@ -403,9 +403,10 @@ impl Engine {
     /// and is decoded here as any other.
     fn bounced_entered(&mut self, tid: Pid, entry: &SyscallEntry) -> Result<Option<Entered>, ()> {
         let Some(supervision) = self.supervision.as_mut() else { return Ok(None) };
+        // The marker first: the table is looked up only for a marked call.
         let marked = entry.abi == Abi::X86_64
-            && notified(entry.nr, &entry.args)
-            && entry.args[supervise::MARKER_ARG] == supervision.supervisor.marker();
+            && entry.args[supervise::MARKER_ARG] == supervision.supervisor.marker()
+            && notified(entry.nr, &entry.args);
         match (marked, supervision.bounced.get(&tid)) {
             (true, Some(&Bounce::Marked(own, entered))) => {
                 supervision.bounced.insert(tid, Bounce::InCall(own));

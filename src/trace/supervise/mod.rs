@@ -262,7 +262,9 @@ impl Supervisor {
         let _ = unotify::wake_on_one_cpu(&listener);
         let performer = Performer::new();
         if performer.is_none() {
-            crate::log::log!("cannot tell the tracer's own root and credentials; every open stops under ptrace");
+            crate::log::log!(
+                "cannot tell the tracer's own root and credentials; every supervised call stops under ptrace"
+            );
         }
         Supervisor { listener, marker, performer, held: HashMap::new() }
     }
