@@ -367,6 +367,24 @@ impl Engine {
         }
     }
 
+    /// Serves the notifications queued by now. Called before a dead
+    /// process's children are given to their new parent: a call one of them
+    /// entered while its parent lived, still waiting behind the death's
+    /// ptrace stop, names the parent it had. Each thread has at most one
+    /// queued notification, so at most one round per thread.
+    fn serve_queued_notifications(&mut self) {
+        for _ in 0..self.procs.thread_count() {
+            let Some(supervision) = &self.supervision else { return };
+            let mut listener = [PollFd::new(supervision.supervisor.listener().as_fd(), PollFlags::POLLIN)];
+            let queued = poll(&mut listener, PollTimeout::ZERO).is_ok_and(|ready| ready > 0)
+                && listener[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+            if !queued {
+                return;
+            }
+            self.serve_notification();
+        }
+    }
+
     fn report_supervised(&mut self, performed: &Performed, outcome: Supervised<'_>) {
         let n = &performed.notification;
         if Some(n.tid) == self.root && !self.root_started {
@@ -828,6 +846,7 @@ impl Engine {
         }
         let (_, process) = self.procs.remove_thread(pid);
         if let Some(process) = process {
+            self.serve_queued_notifications();
             self.procs.reparent_children(pid, |child| procfs::status(child)?.ppid.map(Pid::from_raw));
             let event = Event {
                 pid: pid.as_raw() as u32,

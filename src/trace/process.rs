@@ -85,6 +85,10 @@ impl ProcessTable {
         self.threads.is_empty()
     }
 
+    pub fn thread_count(&self) -> usize {
+        self.threads.len()
+    }
+
     /// Every traced thread.
     pub fn threads(&self) -> Vec<Pid> {
         self.threads.keys().copied().collect()
