@@ -268,14 +268,18 @@ fn a_path_a_sibling_rewrites_during_the_call_is_reported_as_the_kernel_used_it_o
     const COUNT: usize = 200;
     let program_dir = open_dir();
     let program = runnable_by_anyone(program_dir.path(), &fixture("attack_paths"));
-    // (mode, the syscall its events have, what follows the kernel's choice in the path)
+    // (mode, the syscall its events have, what follows the kernel's choice
+    // in the path, who flips: a sibling thread, or another process through
+    // a shared mapping, which the tracer cannot see share anything)
     let cases = [
-        ("unlink", "unlink", ""),
-        ("mkdir", "mkdir", ""),
-        ("open", "openat", "/x"),
-        ("dirfd", "unlinkat", "/victim"),
-        ("chmod", "chmod", ""),
-        ("fchmod", "fchmod", ""),
+        ("unlink", "unlink", "", "thread"),
+        ("mkdir", "mkdir", "", "thread"),
+        ("open", "openat", "/x", "thread"),
+        ("dirfd", "unlinkat", "/victim", "thread"),
+        ("chmod", "chmod", "", "thread"),
+        ("fchmod", "fchmod", "", "thread"),
+        ("unlink", "unlink", "", "process"),
+        ("mkdir", "mkdir", "", "process"),
     ];
     let expected_retval = |kind: &str, choice: &str| match (kind, choice) {
         ("open", "n") => -i64::from(libc::ENOENT),
@@ -284,18 +288,18 @@ fn a_path_a_sibling_rewrites_during_the_call_is_reported_as_the_kernel_used_it_o
     };
     for (flags, tracer_uid) in users() {
         for mode in MODES {
-            for (kind, syscall, rest) in cases {
+            for (kind, syscall, rest, by) in cases {
                 let dir = open_dir();
                 std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
                 let dir_path = dir.path().canonicalize().unwrap();
                 let count = COUNT.to_string();
-                let args = [program.as_os_str(), dir_path.as_os_str(), count.as_ref(), kind.as_ref()];
+                let args = [program.as_os_str(), dir_path.as_os_str(), count.as_ref(), kind.as_ref(), by.as_ref()];
                 let mut trace = Trace::with_flags(&[flags, mode, &["--stats"]].concat(), &args);
                 if let Some(uid) = tracer_uid {
                     trace = trace.run_by_user(uid, program_dir.path());
                 }
                 let run = trace.run();
-                let context = format!("{flags:?} tracer uid {tracer_uid:?} {mode:?} {kind}: {}", run.stderr);
+                let context = format!("{flags:?} tracer uid {tracer_uid:?} {mode:?} {kind} by {by}: {}", run.stderr);
                 assert_eq!(run.code(), Some(0), "{context}");
                 let choices: Vec<&str> = run.stdout.lines().collect();
                 assert_eq!(choices.len(), COUNT, "{context}");
@@ -456,8 +460,17 @@ fn an_exec_reports_the_program_the_kernel_ran_whatever_a_sibling_writes_in_its_p
     const COUNT: usize = 100;
     let program_dir = open_dir();
     let program = runnable_by_anyone(program_dir.path(), &fixture("attack_args"));
-    // Programs that know themselves; scripts that exit 10 and 11; a program and a missing name.
-    for (kind, mode) in [("program", "exec"), ("script", "exec"), ("missing", "fail")] {
+    // Programs that know themselves; scripts that exit 10 and 11; a program
+    // and a missing name. Flipped by a sibling thread, or by another process
+    // through a shared mapping, which the tracer cannot see share anything.
+    let cases = [
+        ("program", "exec", "thread"),
+        ("script", "exec", "thread"),
+        ("missing", "fail", "thread"),
+        ("program", "exec", "process"),
+        ("script", "exec", "process"),
+    ];
+    for (kind, mode, by) in cases {
         for (flags, tracer_uid) in users() {
             for seccomp in MODES {
                 let dir = open_dir();
@@ -483,13 +496,13 @@ fn an_exec_reports_the_program_the_kernel_ran_whatever_a_sibling_writes_in_its_p
                     assert!(status.success());
                 }
                 let count = COUNT.to_string();
-                let args = [program.as_os_str(), dir_path.as_os_str(), count.as_ref(), mode.as_ref()];
+                let args = [program.as_os_str(), dir_path.as_os_str(), count.as_ref(), mode.as_ref(), by.as_ref()];
                 let mut trace = Trace::with_flags(&[flags, seccomp].concat(), &args);
                 if let Some(uid) = tracer_uid {
                     trace = trace.run_by_user(uid, program_dir.path());
                 }
                 let run = trace.run();
-                let context = format!("{kind} {flags:?} tracer uid {tracer_uid:?} {seccomp:?}: {}", run.stderr);
+                let context = format!("{kind} by {by} {flags:?} tracer uid {tracer_uid:?} {seccomp:?}: {}", run.stderr);
                 assert_eq!(run.code(), Some(0), "{context}");
                 let ran: Vec<(i64, &str)> = run
                     .stdout

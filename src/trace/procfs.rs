@@ -51,6 +51,14 @@ pub struct FileId {
     pub stat: Option<FileStat>,
 }
 
+impl FileId {
+    /// Whether `other` is this very file, whatever its metadata did
+    /// meanwhile (a rename or a new link changes its ctime).
+    pub fn is(&self, other: &FileId) -> bool {
+        (self.device, self.inode, self.mount_id) == (other.device, other.inode, other.mount_id)
+    }
+}
+
 /// A file's type and permissions, owner and times, as statx gave them
 /// with its identity (one call: the same file).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

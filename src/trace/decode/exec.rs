@@ -88,13 +88,17 @@ pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, exec: ExecCall) -> Next {
         None => None,
     };
     call.partial = call.entry_path.is_none();
-    // Another task could rewrite the path, or change the directory it is
-    // looked up from, before the kernel reads it: what the kernel ran is
-    // checked at the exec event against the name it was asked for and the
-    // file that name led to here.
+    // Another process that writes this memory (a shared mapping,
+    // process_vm_writev) could rewrite the path before the kernel reads it,
+    // which the tracer cannot rule out: the kernel's copy of the name is
+    // checked at the exec event, for every exec. Another task sharing the
+    // tables could also change the directory the name is looked up from:
+    // then the file it led to here is checked too.
     call.shared = cx.procs.tables_shared(cx.tid);
-    if let (true, Some(raw)) = (call.shared, &raw) {
+    if let Some(raw) = &raw {
         call.entry_bytes = kernel_file_name(args.dirfd, raw);
+    }
+    if let (true, Some(raw)) = (call.shared, &raw) {
         call.entry_file = match fileless {
             true => procfs::fd_file(cx.tid, args.dirfd),
             false => procfs::opened_file(cx.tid, args.dirfd, raw, args.flags & libc::AT_SYMLINK_NOFOLLOW == 0),
@@ -119,15 +123,16 @@ fn kernel_file_name(dirfd: i32, raw: &[u8]) -> Vec<u8> {
     }
 }
 
-/// Why a successful exec by a process that shared its memory or descriptor
-/// table at entry cannot be reported as read there, or None. The kernel's
-/// own copy of the file name it was asked for (`execfn`, on the new stack,
-/// which nothing but the new image can write and which has not run yet)
-/// must be the name read at entry, and the file that name led to at entry
-/// must be the one the kernel ran (`/proc/PID/exe`; for a script, whose
-/// `exe` is its interpreter, the file the name leads to now).
+/// Why a successful exec cannot be reported as read at its entry, or
+/// empty. The kernel's own copy of the file name it was asked for
+/// (`execfn`, on the new stack, which nothing but the new image can write
+/// and which has not run yet) must be the name read at entry. Where another
+/// task shared the tables, the file that name led to at entry must also be
+/// the one the kernel ran (`/proc/PID/exe`; for a script, whose `exe` is
+/// its interpreter, the file the name leads to now).
 fn exec_unverified(cx: &Ctx<'_>, call: &Call, execfn: Option<&[u8]>, exe: Option<FileId>, script: bool) -> Vec<String> {
-    const RACE: &str = "another task sharing the memory or the descriptor table changed it while the call ran";
+    const RACE: &str = "another task sharing the memory or the descriptor table, or another process writing the \
+                        memory, changed it while the call ran";
     let Some(execfn) = execfn else {
         return vec![format!(
             "path: read at the call's entry; the kernel's copy of the file name on the new stack could not be \
@@ -142,21 +147,22 @@ fn exec_unverified(cx: &Ctx<'_>, call: &Call, execfn: Option<&[u8]>, exe: Option
         )];
     }
     let mut why = Vec::new();
+    if !call.shared {
+        return why;
+    }
     let ran = match script {
         false => exe,
         // The kernel keeps no reference to a script once its interpreter runs.
         true if execfn.starts_with(b"/dev/fd/") => None,
         true => procfs::opened_file(cx.tid, AT_FDCWD, execfn, true),
     };
-    // Which file, whatever its metadata did meanwhile.
-    let which_file = |file: Option<FileId>| file.map(|f| (f.device, f.inode, f.mount_id));
     if call.entry_file.is_none() {
         why.push(format!(
             "path: the name the kernel was asked to run, but the tracer could not follow it to a file at the \
              call's entry (a magic link such as /proc/self/exe, or a name not there then) to compare with the file \
              the kernel ran, and {RACE} may have"
         ));
-    } else if which_file(ran) != which_file(call.entry_file) {
+    } else if !ran.zip(call.entry_file).is_some_and(|(ran, named)| ran.is(&named)) {
         let which = if script { "the script the name leads to after the exec" } else { "the file the kernel ran" };
         why.push(format!(
             "path: the name the kernel was asked to run, but {which} is not the file that name led to at the \
@@ -309,10 +315,9 @@ pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime, caller:
         .ok()
         .filter(|(_, abi)| *abi != Abi::Unknown)
         .and_then(|(sp, abi)| memory::exec_strings(pid, sp, abi, EXEC_STRINGS_MAX));
-    let shared = call.as_ref().is_some_and(|c| c.shared);
     let execfn = from_stack
         .as_ref()
-        .filter(|_| shared)
+        .filter(|_| call.is_some())
         .and_then(|s| memory::read_cstring(pid, s.execfn_at, KERNEL_NAME_MAX).ok())
         .map(|(name, _)| name);
     let environ_path = format!("/proc/{pid}/environ");
@@ -361,8 +366,8 @@ pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime, caller:
     let mut path = call.as_ref().and_then(|c| c.entry_path.clone()).unwrap_or_else(|| executable.clone());
     let exe = procfs::exe_file(pid);
     let unverified = match &call {
-        Some(call) if call.shared => exec_unverified(cx, call, execfn.as_deref(), exe, !interpreter.is_empty()),
-        _ => Vec::new(),
+        Some(call) => exec_unverified(cx, call, execfn.as_deref(), exe, !interpreter.is_empty()),
+        None => Vec::new(),
     };
     // The kernel's name, when it is not the one read at entry.
     if let Some(name) = execfn.filter(|name| call.as_ref().is_some_and(|c| c.entry_bytes != *name)) {

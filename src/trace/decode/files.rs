@@ -214,13 +214,18 @@ pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, spec: FileCall) -> Next {
 
 pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
     let flags = spec.flags.map_or(0, |i| call.args[i] as u32);
+    // Another task sharing the memory or descriptor table may have changed
+    // the argument while the call ran; another process writing the memory
+    // (a shared mapping, process_vm_writev) may have too, which the tracer
+    // cannot rule out, so a call that changes a name is checked whatever
+    // the sharing.
     let shared = cx.procs.tables_shared(cx.tid);
-    // Read again at exit: to check what the call did while another task
-    // shares the memory or descriptor table, or because a created file has an
-    // identity only now.
+    let checked = shared || (retval >= 0 && changes_a_name(spec.operation, flags));
+    // Read again at exit: to check what the call did, or because a created
+    // file has an identity only now.
     let again = match spec.path {
         PathArg::Returned => None,
-        _ if shared || (call.entry_file.is_none() && retval >= 0) => read_file_arg(cx, call, spec.path),
+        _ if checked || (call.entry_file.is_none() && retval >= 0) => read_file_arg(cx, call, spec.path),
         _ => None,
     };
     let (returned_path, file) = match (spec.path, call.entry_file) {
@@ -231,7 +236,7 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, spec: FileCall) {
     // A returned descriptor is named by the kernel, not by an argument.
     let unverified = match spec.path {
         PathArg::Returned => None,
-        _ if shared => unverified(cx, call, spec, retval, flags, again),
+        _ if checked => unverified(cx, call, spec, retval, flags, again),
         _ => None,
     };
     let path = returned_path.or_else(|| call.entry_path.clone()).unwrap_or_default();
@@ -301,8 +306,8 @@ fn unverified(
     flags: u32,
     again: Option<(String, Option<FileId>)>,
 ) -> Option<String> {
-    const RACE: &str = "another task sharing the memory or the descriptor table changed the argument while the \
-                        call ran, and which one the kernel used is not known";
+    const RACE: &str = "another task sharing the memory or the descriptor table, or another process writing the \
+                        memory, changed the argument while the call ran, and which one the kernel used is not known";
     let (path, file) = again.unzip();
     if path != call.entry_path {
         let now = path.unwrap_or_else(|| "unreadable".to_owned());
@@ -321,16 +326,7 @@ fn unverified(
     let file = file.flatten();
     let target_file = target.flatten().and_then(|(_, file)| file);
     let confirmed = match spec.operation {
-        FileOperation::Unlink | FileOperation::Rmdir => call.entry_file.is_some() && file != call.entry_file,
-        FileOperation::Rename => call.entry_file.is_some() && target_file == call.entry_file,
-        // With AT_SYMLINK_FOLLOW the link is to the file a symlink names.
-        FileOperation::Link if flags & libc::AT_SYMLINK_FOLLOW as u32 == 0 => file.is_some() && file == target_file,
-        FileOperation::Mkdir | FileOperation::Symlink | FileOperation::Mknod => {
-            call.entry_file.is_none() && file.is_some()
-        }
-        // A mode, owner, time, length or attribute the file may have had
-        // already: no effect to look for.
-        _ => {
+        _ if !changes_a_name(spec.operation, flags) => {
             return Some(
                 "path: read from the workload's memory; another task sharing the memory or the descriptor table \
                  could have changed it before the kernel read it, and this call leaves no change of a name to \
@@ -338,10 +334,30 @@ fn unverified(
                     .to_owned(),
             )
         }
+        FileOperation::Unlink | FileOperation::Rmdir => {
+            call.entry_file.is_some_and(|removed| !file.is_some_and(|now| now.is(&removed)))
+        }
+        FileOperation::Rename => call.entry_file.zip(target_file).is_some_and(|(moved, now)| now.is(&moved)),
+        FileOperation::Link => file.zip(target_file).is_some_and(|(linked, now)| now.is(&linked)),
+        _ => call.entry_file.is_none() && file.is_some(),
     };
     (!confirmed).then(|| {
         "path: the kernel's state after the call does not show its effect on the file this path named: another \
-         task sharing the memory or the descriptor table may have changed the argument while the call ran"
+         task sharing the memory or the descriptor table, or another process writing the memory, may have changed \
+         the argument while the call ran"
             .to_owned()
     })
+}
+
+/// Whether a successful call leaves an effect on names that the kernel's
+/// state shows after it: a name removed, renamed, linked or created. A mode,
+/// owner, time, length or attribute the file may have had already, and a
+/// link that follows a symlink to some file, leave none to look for.
+fn changes_a_name(operation: FileOperation, flags: u32) -> bool {
+    match operation {
+        FileOperation::Unlink | FileOperation::Rmdir | FileOperation::Rename => true,
+        FileOperation::Link => flags & libc::AT_SYMLINK_FOLLOW as u32 == 0,
+        FileOperation::Mkdir | FileOperation::Symlink | FileOperation::Mknod => true,
+        _ => false,
+    }
 }

@@ -153,10 +153,11 @@ pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, ns: NsCall) -> Next {
         }
     };
     call.partial |= unread;
-    // Another task could rewrite the arguments before the kernel reads
-    // them: what a successful call did is looked for in mountinfo at exit.
+    // Another task, or another process writing this memory, could rewrite
+    // the arguments before the kernel reads them: what a successful call
+    // did is looked for in mountinfo at exit.
     call.shared = cx.procs.tables_shared(cx.tid);
-    if call.shared && matches!(ns, NsCall::Mount | NsCall::Umount) {
+    if matches!(ns, NsCall::Mount | NsCall::Umount) {
         call.entry_mounts = mounted_at(cx, call.entry_path.as_deref());
     }
     Next::Exit
@@ -169,6 +170,14 @@ fn mounted_at(cx: &Ctx<'_>, target: Option<&str>) -> Option<Vec<u64>> {
     Some(mounts::listed(cx.tid)?.into_iter().filter(|m| m.point == target).map(|m| m.id).collect())
 }
 
+/// Whether a call is one whose effect mountinfo shows whoever wrote its
+/// arguments: a successful unmount, or a new mount that is no bind or
+/// move. The rest is checked only where another task shares the memory:
+/// another process writing it is a residual risk there (see README).
+fn leaves_a_mount_change(call: &Call, retval: i64, ns: NsCall) -> bool {
+    retval >= 0 && (ns == NsCall::Umount || call.args[3] & (CHANGES_A_MOUNT | BINDS_OR_MOVES) == 0)
+}
+
 /// Flags with which mount(2) changes an existing mount instead of adding
 /// one: a remount, and the propagation changes (shared, private, slave,
 /// unbindable).
@@ -177,15 +186,15 @@ const CHANGES_A_MOUNT: u64 =
 /// Flags with which mount(2) puts an existing mount's tree elsewhere.
 const BINDS_OR_MOVES: u64 = libc::MS_BIND | libc::MS_MOVE;
 
-/// Why a mount or umount2 by a process sharing its memory with another
-/// task cannot be reported as read at entry, or None: a new mount must be
-/// in the thread's mountinfo at the target, of that type and from that
-/// source, and was not there at entry; an unmount must have taken away a
-/// mount that was at the target at entry. What leaves nothing to look for
+/// Why a mount or umount2 cannot be reported as read at entry, or None: a
+/// new mount must be in the thread's mountinfo at the target, of that type
+/// and from that source, and was not there at entry; an unmount must have
+/// taken away a mount that was at the target at entry. What leaves nothing to look for
 /// (a failure, a remount, a propagation change) is marked, and so is a
 /// bind or move's source.
 fn mount_unverified(cx: &Ctx<'_>, call: &Call, retval: i64, ns: NsCall) -> Option<String> {
-    const RACE: &str = "another task sharing the memory could have changed them before the kernel read them";
+    const RACE: &str = "another task sharing the memory, or another process writing it, could have changed them \
+                        before the kernel read them";
     let fields = if ns == NsCall::Umount { "path" } else { "path, source, fstype" };
     if retval < 0 {
         return Some(format!("{fields}: as read at the call's entry; it failed, and {RACE}"));
@@ -257,7 +266,9 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, ns: NsCall) {
         flag_names: names_of(ns, flags),
     };
     let unverified = match ns {
-        NsCall::Mount | NsCall::Umount if call.shared => mount_unverified(cx, call, retval, ns),
+        NsCall::Mount | NsCall::Umount if call.shared || leaves_a_mount_change(call, retval, ns) => {
+            mount_unverified(cx, call, retval, ns)
+        }
         _ => None,
     };
     let event = cx.call_event(call, retval, false, Payload::Namespace(event));

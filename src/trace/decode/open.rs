@@ -193,7 +193,7 @@ fn check_descriptor(cx: &mut Ctx<'_>, args: &OpenArgs, fd: i32) -> Checked {
         return Checked { path: Some(path), file: Some(file), unverified: Some(why.to_owned()) };
     }
     let follow = args.flags & libc::O_NOFOLLOW == 0;
-    if procfs::opened_file(cx.tid, args.dirfd, &raw, follow) == Some(file) {
+    if procfs::opened_file(cx.tid, args.dirfd, &raw, follow).is_some_and(|named| named.is(&file)) {
         return Checked { path: Some(path), file: Some(file), unverified: None };
     }
     let requested = cx.resolve(args.dirfd, &raw).unwrap_or_else(|| text::lossless(&raw));
