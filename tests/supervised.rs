@@ -266,8 +266,17 @@ const WORKLOAD_USERS: [(&[&str], &[&str]); 2] =
 
 /// `sh -c COMMAND PATH` run natively as `native_as`: its exit code.
 fn natively(native_as: &[&str], command: &str, path: &Path) -> Option<i32> {
-    let status = std::process::Command::new("setpriv").args(native_as).args(["sh", "-c", command]).arg(path).status();
-    status.unwrap().code()
+    natively_printing(native_as, command, path).0
+}
+
+/// `sh -c COMMAND PATH` run natively as `native_as`: its exit code (128 +
+/// the signal that killed it, as the tracer exits) and what it printed.
+fn natively_printing(native_as: &[&str], command: &str, path: &Path) -> (Option<i32>, String) {
+    use std::os::unix::process::ExitStatusExt;
+    let output = std::process::Command::new("setpriv").args(native_as).args(["sh", "-c", command]).arg(path).output();
+    let output = output.unwrap();
+    let code = output.status.code().or(output.status.signal().map(|signal| 128 + signal));
+    (code, String::from_utf8(output.stdout).unwrap())
 }
 
 /// `sh -c COMMAND PATH` traced with `flags`.
@@ -480,6 +489,72 @@ fn a_workload_changes_modes_and_owners_as_itself() {
             assert_eq!(events.len(), 1, "{context}: {:#?}", run.events);
             let expected = if native.0 == Some(0) { 0 } else { -i64::from(libc::EPERM) };
             assert_eq!(retval(events[0]), expected, "{context}: {:#}", events[0]);
+            assert!(events[0].get("unverified").is_none(), "{context}: {:#}", events[0]);
+            assert!(run.stat("supervised_calls") > 0, "{context}");
+        }
+    }
+}
+
+/// truncate and ftruncate cut what the kernel lets the workload cut, and
+/// are refused what it refuses: each call held against the same call made
+/// natively as the same user, from the same state, by what it returned,
+/// how the program ended (SIGXFSZ past its file size limit) and the length
+/// left. A lease the call must break is the thread's to wait for, never
+/// the tracer's: the truncate completes once the holder gives it up.
+#[test]
+fn a_workload_truncates_files_as_itself() {
+    if !is_root() {
+        return common::skip("needs root to make files of other owners");
+    }
+    let (dir, program) = workspace("truncates");
+    let at = |name: &str| dir.path().join(name);
+    let prepare = || {
+        for (name, owner) in [("mine", 1000), ("theirs", 2000)] {
+            std::fs::write(at(name), "0123456789").unwrap();
+            std::fs::set_permissions(at(name), std::fs::Permissions::from_mode(0o644)).unwrap();
+            std::os::unix::fs::chown(at(name), Some(owner), Some(owner)).unwrap();
+        }
+        std::fs::create_dir_all(at("dir")).unwrap();
+        let _ = std::fs::remove_file(at("fifo"));
+        nix::unistd::mkfifo(&at("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+    };
+    let lengths = || ["mine", "theirs"].map(|name| std::fs::metadata(at(name)).unwrap().len());
+    // (the fixture's mode, the name, the length, a shell prefix, the syscall its event has)
+    let cases = [
+        ("path", "mine", "3", "", "truncate"),
+        ("path", "theirs", "3", "", "truncate"),
+        ("path", "dir", "0", "", "truncate"),
+        ("path", "fifo", "0", "", "truncate"),
+        ("path", "missing/x", "0", "", "truncate"),
+        ("path", "mine", "-1", "", "truncate"),
+        ("path", "mine", "100000", "ulimit -f 1; ", "truncate"),
+        ("fd", "mine", "3", "", "ftruncate"),
+        ("fd-ro", "theirs", "3", "", "ftruncate"),
+        ("fd", "mine", "100000", "ulimit -f 1; ", "ftruncate"),
+        ("lease", "mine", "3", "", "truncate"),
+    ];
+    for (flags, native_as) in WORKLOAD_USERS {
+        for (mode, name, length, prefix, syscall) in cases {
+            let command = format!("{prefix}exec '{}' {mode} \"$0\" {length}", program.display());
+            let path = at(name);
+            prepare();
+            let (code, printed) = natively_printing(native_as, &command, &path);
+            let native = (code, printed.as_str(), lengths());
+            prepare();
+            let run = traced(flags, dir.path(), &command, &path);
+            let context = format!("{flags:?} {command} {name}: {}", run.stderr);
+            assert_eq!((run.code(), run.stdout.as_str(), lengths()), native, "{context}");
+            let real = format!("{}/{name}", common::real_path(dir.path().to_str().unwrap()));
+            let events: Vec<_> = run
+                .of("file")
+                .into_iter()
+                .filter(|e| e["syscall"] == syscall && e["file"]["path"] == real.as_str())
+                .collect();
+            assert_eq!(events.len(), 1, "{context}: {:#?}", run.events);
+            // Killed by SIGXFSZ, the program printed nothing: the call failed with EFBIG.
+            let errno: i64 = run.stdout.trim().parse().unwrap_or(libc::EFBIG.into());
+            assert_eq!(retval(events[0]), -errno, "{context}: {:#}", events[0]);
+            assert_eq!(events[0]["file"]["length"].as_str(), Some(length), "{context}: {:#}", events[0]);
             assert!(events[0].get("unverified").is_none(), "{context}: {:#}", events[0]);
             assert!(run.stat("supervised_calls") > 0, "{context}");
         }

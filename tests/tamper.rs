@@ -270,7 +270,9 @@ fn a_path_a_sibling_rewrites_during_the_call_is_reported_as_the_kernel_used_it_o
     let program = runnable_by_anyone(program_dir.path(), &fixture("attack_paths"));
     // (mode, the syscall its events have, what follows the kernel's choice
     // in the path, who flips: a sibling thread, or another process through
-    // a shared mapping, which the tracer cannot see share anything)
+    // a shared mapping, which the tracer cannot see share anything). Under
+    // ptrace, a truncate by another process's path is the residual README
+    // states (no effect on names to look for): in seccomp mode only.
     let cases = [
         ("unlink", "unlink", "", "thread"),
         ("mkdir", "mkdir", "", "thread"),
@@ -278,8 +280,11 @@ fn a_path_a_sibling_rewrites_during_the_call_is_reported_as_the_kernel_used_it_o
         ("dirfd", "unlinkat", "/victim", "thread"),
         ("chmod", "chmod", "", "thread"),
         ("fchmod", "fchmod", "", "thread"),
+        ("truncate", "truncate", "", "thread"),
+        ("ftruncate", "ftruncate", "", "thread"),
         ("unlink", "unlink", "", "process"),
         ("mkdir", "mkdir", "", "process"),
+        ("truncate", "truncate", "", "process"),
     ];
     let expected_retval = |kind: &str, choice: &str| match (kind, choice) {
         ("open", "n") => -i64::from(libc::ENOENT),
@@ -289,6 +294,9 @@ fn a_path_a_sibling_rewrites_during_the_call_is_reported_as_the_kernel_used_it_o
     for (flags, tracer_uid) in users() {
         for mode in MODES {
             for (kind, syscall, rest, by) in cases {
+                if (kind, by, mode.is_empty()) == ("truncate", "process", false) {
+                    continue;
+                }
                 let dir = open_dir();
                 std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
                 let dir_path = dir.path().canonicalize().unwrap();

@@ -279,6 +279,19 @@ pub fn root_file(tid: Pid) -> Option<FileId> {
     statx(libc::AT_FDCWD, format!("/proc/{tid}/root").as_bytes(), libc::AT_NO_AUTOMOUNT)
 }
 
+/// Thread `tid`'s file size limit (RLIMIT_FSIZE, soft; u64::MAX for
+/// unlimited), as /proc/TID/limits gives it to anyone: prlimit(2) on
+/// another process needs CAP_SYS_RESOURCE, which the tracer may not have.
+pub fn file_size_limit(tid: Pid) -> Option<u64> {
+    let (text, _) = read_bounded(&format!("/proc/{tid}/limits"), PAGE)?;
+    let text = std::str::from_utf8(&text).ok()?;
+    let soft = text.lines().find_map(|line| line.strip_prefix("Max file size"))?.split_whitespace().next()?;
+    match soft {
+        "unlimited" => Some(u64::MAX),
+        bytes => bytes.parse().ok(),
+    }
+}
+
 /// The program a process runs now (after an exec: the file the kernel ran).
 pub fn exe_file(pid: Pid) -> Option<FileId> {
     statx(libc::AT_FDCWD, format!("/proc/{pid}/exe").as_bytes(), libc::AT_NO_AUTOMOUNT)
@@ -612,6 +625,13 @@ pub fn set_status_flags(file: &OwnedFd, flags: i32) -> nix::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_size_limit_is_the_one_the_kernel_applies() {
+        use nix::sys::resource::{getrlimit, Resource};
+        let (soft, _) = getrlimit(Resource::RLIMIT_FSIZE).unwrap();
+        assert_eq!(file_size_limit(Pid::this()), Some(soft));
+    }
 
     #[test]
     fn paths_split_at_their_final_name_unless_it_names_a_directory() {

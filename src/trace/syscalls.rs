@@ -205,8 +205,8 @@ pub static SYSCALLS: &[SyscallDef] = &[
     row("utimensat",       Some(280),  Some(320),  file(F::new(Op::Utimes, AtOrFd(0, 1)).times(2, TimeLayout::Timespec).flags(3))),
     row("utimensat_time64", None,      Some(412),  file(F::new(Op::Utimes, AtOrFd(0, 1)).times(2, TimeLayout::Timespec64).flags(3))),
     // i386's truncate64 and ftruncate64 split the 64-bit length in two registers.
-    row("truncate",        Some(76),   Some(92),   file(F::new(Op::Truncate, Path(0)).length(LengthArg::Long(1)))),
-    row("ftruncate",       Some(77),   Some(93),   file(F::new(Op::Truncate, Fd(0)).length(LengthArg::Long(1)))),
+    row("truncate",        Some(76),   Some(92),   names(F::new(Op::Truncate, Path(0)).length(LengthArg::Long(1)))),
+    row("ftruncate",       Some(77),   Some(93),   names(F::new(Op::Truncate, Fd(0)).length(LengthArg::Long(1)))),
     row("truncate64",      None,       Some(193),  file(F::new(Op::Truncate, Path(0)).length(LengthArg::Split(1)))),
     row("ftruncate64",     None,       Some(194),  file(F::new(Op::Truncate, Fd(0)).length(LengthArg::Split(1)))),
     row("setxattr",        Some(188),  Some(226),  file(F::new(Op::Setxattr, Path(0)).xattr(1, Some(Args(2))).flags(4))),

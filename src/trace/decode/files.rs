@@ -162,6 +162,14 @@ impl FileCall {
         self.follows
     }
 
+    /// A truncate's length argument.
+    pub fn length_arg(&self) -> Option<LengthArg> {
+        match self.detail {
+            Detail::Length(length) => Some(length),
+            _ => None,
+        }
+    }
+
     /// mknod's device number argument.
     pub fn device_arg(&self) -> Option<usize> {
         match self.detail {

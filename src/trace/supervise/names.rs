@@ -1,8 +1,8 @@
 //! Supervised name calls: unlink, rmdir, mkdir, mknod, rename, link and symlink,
-//! and chmod and chown of the file a name leads to (and their `*at` forms),
-//! performed by the tracer on the names it read, and answered with what its
-//! own call returned; fchmod and fchown, on the tracer's own duplicate of
-//! the thread's descriptor.
+//! and chmod, chown and truncate of the file a name leads to (and their
+//! `*at` forms), performed by the tracer on the names it read, and answered
+//! with what its own call returned; fchmod, fchown and ftruncate, on the
+//! tracer's own duplicate of the thread's descriptor.
 //!
 //! Each name is split into its directory and its final name; the directory
 //! is walked as every supervised walk is (`mod.rs`), and the call is made
@@ -14,10 +14,16 @@
 //!   AT_SYMLINK_FOLLOW, whose symlink could lead to /proc/self/fd/N, the
 //!   tracer's own files; an unknown bit) are bounced;
 //! - mkdir and mknod run under the thread's creation mask;
-//! - chmod and chown act on the file the tracer's own walk of the final name
-//!   found (a symlink followed only within the root's mount, never a magic
-//!   link), through its own descriptor of it: the file reported is the file
-//!   changed;
+//! - chmod, chown and truncate act on the file the tracer's own walk of the
+//!   final name found (a symlink followed only within the root's mount,
+//!   never a magic link), through its own descriptor of it: the file
+//!   reported is the file changed. truncate opens it for writing without
+//!   blocking, so that a lease the workload holds never holds the tracer
+//!   (the call is bounced instead), then cuts it: the thread's write
+//!   permission, append-only and immutable flags and a running program's
+//!   ETXTBSY are checked by that open as by truncate(2); a length beyond
+//!   the thread's file size limit is bounced (the kernel signals the
+//!   caller);
 //! - the names are walked in the kernel's order (rename's old name first,
 //!   link's existing file first), so a call with two bad names fails with
 //!   the error the native call would have.
@@ -42,7 +48,7 @@ use nix::unistd::{Gid, Pid, Uid, UnlinkatFlags};
 
 use super::{Base, Performed, Performer, Served, Supervisor, Thread, RESOLVE};
 use crate::proto::FileOperation;
-use crate::trace::decode::{FileCall, Named, PathArg};
+use crate::trace::decode::{FileCall, LengthArg, Named, PathArg};
 use crate::trace::paths;
 use crate::trace::procfs::{self, FileId};
 use crate::trace::unotify;
@@ -81,6 +87,21 @@ enum NameCall {
         group: Option<Gid>,
         follows: bool,
     },
+    /// truncate and ftruncate, with the length: never negative (bounced:
+    /// the native call fails before it looks the name up).
+    Truncate(i64),
+}
+
+impl NameCall {
+    /// Whether the kernel would take the call as the thread's without a
+    /// signal: a truncate beyond the thread's file size limit (or the
+    /// tracer's) is for the thread to make, the kernel sends it SIGXFSZ.
+    fn within_limits(&self, tid: Pid) -> bool {
+        use nix::sys::resource::{getrlimit, Resource};
+        let NameCall::Truncate(length) = *self else { return true };
+        let own = getrlimit(Resource::RLIMIT_FSIZE).ok().map(|(soft, _)| soft);
+        [procfs::file_size_limit(tid), own].iter().all(|limit| limit.is_some_and(|limit| length as u64 <= limit))
+    }
 }
 
 impl Supervisor {
@@ -114,7 +135,9 @@ impl Supervisor {
         };
         let name = NameArg { dirfd, raw };
         let second = second.zip(second_raw).map(|((dirfd, _), raw)| NameArg { dirfd, raw });
-        let Some(kind) = call_of(spec, flags, n.args, &second) else { return Served::Bounce(n.tid) };
+        let Some(kind) = call_of(spec, flags, n.args, &second).filter(|c| c.within_limits(n.tid)) else {
+            return Served::Bounce(n.tid);
+        };
         let Some((performer, thread)) = self.performer_for(n.tid) else { return Served::Bounce(n.tid) };
         let Some(named) = performer.perform(n.tid, thread, kind, &name, second.as_ref()) else {
             return Served::Bounce(n.tid);
@@ -122,12 +145,13 @@ impl Supervisor {
         self.answered(call, named)
     }
 
-    /// fchmod and fchown: made on the tracer's own duplicate of the thread's
-    /// descriptor (pidfd_getfd), the same open file, whatever the thread's
-    /// table holds at that number afterwards.
+    /// fchmod, fchown and ftruncate: made on the tracer's own duplicate of
+    /// the thread's descriptor (pidfd_getfd), the same open file, whatever
+    /// the thread's table holds at that number afterwards.
     fn serve_descriptor_call(&mut self, call: Performed, spec: FileCall, fd: i32) -> Served {
         let n = call.notification;
-        let Some(kind @ (NameCall::Chmod(_) | NameCall::Chown { .. })) = call_of(spec, 0, n.args, &None) else {
+        let kind = call_of(spec, 0, n.args, &None).filter(|c| c.within_limits(n.tid));
+        let Some(kind @ (NameCall::Chmod(_) | NameCall::Chown { .. } | NameCall::Truncate(_))) = kind else {
             return Served::Bounce(n.tid);
         };
         let Some(tgid) = self.performer_for(n.tid).and_then(|(_, thread)| thread.tgid) else {
@@ -185,6 +209,10 @@ fn call_of(spec: FileCall, flags: i32, args: [u64; 6], second: &Option<NameArg>)
                 follows: spec.follows() && flags & libc::AT_SYMLINK_NOFOLLOW == 0,
             }
         }
+        FileOperation::Truncate => match spec.length_arg()? {
+            LengthArg::Long(i) if args[i] as i64 >= 0 => NameCall::Truncate(args[i] as i64),
+            _ => return None,
+        },
         _ => return None,
     };
     Some(call)
@@ -265,6 +293,7 @@ impl Performer {
         let result = match call {
             NameCall::Chmod(mode) => nix::sys::stat::fchmod(&file, mode),
             NameCall::Chown { owner, group, .. } => nix::unistd::fchown(&file, owner, group),
+            NameCall::Truncate(length) => nix::unistd::ftruncate(&file, length),
             _ => return None,
         };
         let path = procfs::fd_path(Pid::this(), file.as_raw_fd());
@@ -330,7 +359,7 @@ fn make(call: NameCall, name: &Walked, other: Option<&Walked>) -> Made {
         named just before it: another process changed the directory meanwhile, and which file the call acted on \
         is not known";
     let id = |walked: &Walked| procfs::file_id(&walked.dir, walked.last.as_bytes());
-    let same = |a: &Option<FileId>, b: &Option<FileId>| matches!((a, b), (Some(a), Some(b)) if (a.device, a.inode) == (b.device, b.inode));
+    let same = |a: &Option<FileId>, b: &Option<FileId>| a.zip(*b).is_some_and(|(a, b)| a.is(&b));
     let kind = |file: &Option<FileId>| file.and_then(|f| f.stat).map(|s| s.mode & libc::S_IFMT);
     let (result, file, confirmed) = match call {
         NameCall::Unlink(flags) => {
@@ -371,22 +400,35 @@ fn make(call: NameCall, name: &Walked, other: Option<&Walked>) -> Made {
                 Ok(file) => file,
                 Err(walk) => return walk.map(|errno| (-(errno as i64), None, None)),
             };
-            let changed = procfs::file_id(&file, b"");
             // chmod has no AT_EMPTY_PATH before fchmodat2 (Linux 6.6): the
             // /proc link of the tracer's own descriptor leads to the file.
             let path = format!("/proc/self/fd/{}", file.as_raw_fd());
             let result = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode.bits()))
                 .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)));
-            (result, changed, true)
+            // The file as the call left it.
+            (result, procfs::file_id(&file, b""), true)
         }
         NameCall::Chown { owner, group, follows } => {
             let file = match final_file(name, follows) {
                 Ok(file) => file,
                 Err(walk) => return walk.map(|errno| (-(errno as i64), None, None)),
             };
-            let changed = procfs::file_id(&file, b"");
             let result = nix::unistd::fchownat(&file, "", owner, group, AtFlags::AT_EMPTY_PATH);
-            (result, changed, true)
+            (result, procfs::file_id(&file, b""), true)
+        }
+        NameCall::Truncate(length) => {
+            let file = match final_file(name, true) {
+                Ok(file) => file,
+                Err(walk) => return walk.map(|errno| (-(errno as i64), None, None)),
+            };
+            let result = match kind(&procfs::file_id(&file, b"")) {
+                Some(libc::S_IFDIR) => Err(Errno::EISDIR),
+                Some(libc::S_IFREG) => truncate_through(&file, length)?,
+                // truncate(2) fails with EINVAL for these, but opening one
+                // could block or act (a FIFO, a device): the thread's own.
+                _ => return None,
+            };
+            (result, procfs::file_id(&file, b""), true)
         }
         NameCall::Link => {
             let existing = other?;
@@ -407,4 +449,19 @@ fn make(call: NameCall, name: &Walked, other: Option<&Walked>) -> Made {
         Ok(()) => (0, file, (!confirmed).then(|| UNCONFIRMED.to_owned())),
         Err(errno) => (-(errno as i64), file, None),
     })
+}
+
+/// truncate(2) of `file` (the tracer's O_PATH descriptor of a regular
+/// file), without waiting on a lease the workload holds: opened for
+/// writing without blocking through its /proc link (None, to bounce, when
+/// a lease is to be broken: the thread waits for it itself), then cut.
+fn truncate_through(file: &OwnedFd, length: i64) -> Option<Result<(), Errno>> {
+    use nix::fcntl::OFlag;
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let flags = OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC | OFlag::O_LARGEFILE;
+    match nix::fcntl::open(path.as_str(), flags, Mode::empty()) {
+        Ok(writable) => Some(nix::unistd::ftruncate(&writable, length)),
+        Err(Errno::EWOULDBLOCK) => None,
+        Err(errno) => Some(Err(errno)),
+    }
 }
