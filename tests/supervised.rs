@@ -561,6 +561,94 @@ fn a_workload_truncates_files_as_itself() {
     }
 }
 
+/// Extended attributes are set and removed as the kernel lets the workload
+/// (user.* with write permission, trusted.* and security.capability with
+/// the capability, never user.* on a symlink, XATTR_CREATE and
+/// XATTR_REPLACE, on a symlink itself for the l* forms), and the event
+/// names the attribute and file changed: each call held against the same
+/// call made natively as the same user, from the same state, by what it
+/// returned and the attributes left on every file.
+#[test]
+fn a_workload_sets_attributes_as_itself() {
+    if !is_root() {
+        return common::skip("needs root to make files of other owners and trusted attributes");
+    }
+    let (dir, program) = workspace("xattrs");
+    let at = |name: &str| dir.path().join(name);
+    let prepare = || {
+        for name in ["mine", "theirs", "to-mine"] {
+            let _ = std::fs::remove_file(at(name));
+        }
+        for (name, owner) in [("mine", 1000), ("theirs", 2000)] {
+            std::fs::write(at(name), "").unwrap();
+            std::fs::set_permissions(at(name), std::fs::Permissions::from_mode(0o644)).unwrap();
+            rustix::fs::setxattr(at(name), "user.old", b"0", rustix::fs::XattrFlags::empty()).unwrap();
+            std::os::unix::fs::chown(at(name), Some(owner), Some(owner)).unwrap();
+        }
+        std::os::unix::fs::symlink("mine", at("to-mine")).unwrap();
+        rustix::fs::lsetxattr(at("to-mine"), "trusted.old", b"0", rustix::fs::XattrFlags::empty()).unwrap();
+    };
+    const ATTRIBUTES: [&str; 7] =
+        ["user.x", "user.y", "user.z", "user.old", "trusted.x", "trusted.old", "security.capability"];
+    // Every attribute of every file (of the symlink itself for to-mine).
+    let state = || {
+        ["mine", "theirs", "to-mine"].map(|name| {
+            ATTRIBUTES.map(|attribute| {
+                let mut value = vec![0u8; 256];
+                let size = rustix::fs::lgetxattr(at(name), attribute, &mut value).ok()?;
+                value.truncate(size);
+                Some(value)
+            })
+        })
+    };
+    // (the fixture's mode, the file, the attribute, the value, the syscall its event has)
+    let cases = [
+        ("set", "mine", "user.x", "1", "setxattr"),
+        ("set", "theirs", "user.x", "1", "setxattr"),
+        ("set", "mine", "trusted.x", "1", "setxattr"),
+        ("set", "mine", "security.capability", "caps", "setxattr"),
+        ("set", "to-mine", "user.x", "1", "setxattr"),
+        ("lset", "to-mine", "trusted.x", "1", "lsetxattr"),
+        ("lset", "to-mine", "user.x", "1", "lsetxattr"),
+        ("create", "mine", "user.old", "2", "setxattr"),
+        ("replace", "mine", "user.y", "2", "setxattr"),
+        ("set", "mine", "long", "1", "setxattr"),
+        ("set", "mine", "user.z", "large", "setxattr"),
+        ("fset", "mine", "user.x", "3", "fsetxattr"),
+        ("remove", "mine", "user.old", "", "removexattr"),
+        ("remove", "theirs", "user.old", "", "removexattr"),
+        ("lremove", "to-mine", "trusted.old", "", "lremovexattr"),
+        ("fremove", "mine", "user.old", "", "fremovexattr"),
+    ];
+    for (flags, native_as) in WORKLOAD_USERS {
+        for (mode, name, attribute, value, syscall) in cases {
+            let command = format!("exec '{}' {mode} \"$0\" {attribute} {value}", program.display());
+            let path = at(name);
+            prepare();
+            let (code, printed) = natively_printing(native_as, &command, &path);
+            let native = (code, printed.as_str(), state());
+            prepare();
+            let run = traced(flags, dir.path(), &command, &path);
+            let context = format!("{flags:?} {command} {name}: {}", run.stderr);
+            assert_eq!((run.code(), run.stdout.as_str(), state()), native, "{context}");
+            let real = format!("{}/{name}", common::real_path(dir.path().to_str().unwrap()));
+            let events: Vec<_> = run
+                .of("file")
+                .into_iter()
+                .filter(|e| e["syscall"] == syscall && e["file"]["path"] == real.as_str())
+                .collect();
+            assert_eq!(events.len(), 1, "{context}: {:#?}", run.events);
+            let errno: i64 = run.stdout.trim().parse().unwrap();
+            assert_eq!(retval(events[0]), -errno, "{context}: {:#}", events[0]);
+            if attribute != "long" {
+                assert_eq!(events[0]["file"]["name"], attribute, "{context}: {:#}", events[0]);
+            }
+            assert!(events[0].get("unverified").is_none(), "{context}: {:#}", events[0]);
+            assert!(run.stat("supervised_calls") > 0, "{context}");
+        }
+    }
+}
+
 /// A workload that confines itself with Landlock stays confined: the
 /// tracer, outside its domain, stops making its calls (they go to ptrace,
 /// where the kernel runs the workload's own), so each is refused as

@@ -395,6 +395,7 @@ impl Engine {
         let mut call = Call::new(performed.name, &entry, performed.time);
         call.ppid = Some(self.ctx(n.tid).ppid());
         call.entry_bytes.clone_from(&performed.entry_bytes);
+        call.entry_target.clone_from(&performed.entry_target);
         performed.decoder.supervised(&mut self.ctx(n.tid), &call, outcome);
     }
 

@@ -162,6 +162,14 @@ impl FileCall {
         self.follows
     }
 
+    /// An attribute call's name argument, and where setxattr's value is.
+    pub fn xattr_args(&self) -> Option<(usize, Option<XattrValue>)> {
+        match self.detail {
+            Detail::Xattr { name, value } => Some((name, value)),
+            _ => None,
+        }
+    }
+
     /// A truncate's length argument.
     pub fn length_arg(&self) -> Option<LengthArg> {
         match self.detail {

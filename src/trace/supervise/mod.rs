@@ -99,8 +99,12 @@ pub struct Performed {
     pub name: &'static str,
     pub decoder: Decoder,
     /// Argument memory the tracer read once and acted on (openat2's
-    /// `open_how`), for the event, as a ptrace entry stop keeps it.
+    /// `open_how`, setxattr's value), for the event, as a ptrace entry stop
+    /// keeps it.
     pub entry_bytes: Vec<u8>,
+    /// A name the tracer read once and acted on besides the path (an
+    /// attribute's), for the event, as a ptrace entry stop keeps it.
+    pub entry_target: Option<String>,
 }
 
 /// What serving a notification came to.
@@ -315,7 +319,8 @@ impl Supervisor {
         let time = SystemTime::now();
         let supervised = (n.arch == AUDIT_ARCH_X86_64).then(|| syscalls::supervised(n.nr as u64, &n.args)).flatten();
         let Some((def, decoder)) = supervised else { return Served::Bounce(n.tid) };
-        let call = Performed { notification: n, time, name: def.name, decoder, entry_bytes: Vec::new() };
+        let call =
+            Performed { notification: n, time, name: def.name, decoder, entry_bytes: Vec::new(), entry_target: None };
         match decoder {
             Decoder::Open(open) => self.serve_open(call, open),
             Decoder::File(spec) => self.serve_name_call(call, spec),

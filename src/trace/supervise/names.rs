@@ -1,8 +1,9 @@
 //! Supervised name calls: unlink, rmdir, mkdir, mknod, rename, link and symlink,
-//! and chmod, chown and truncate of the file a name leads to (and their
-//! `*at` forms), performed by the tracer on the names it read, and answered
-//! with what its own call returned; fchmod, fchown and ftruncate, on the
-//! tracer's own duplicate of the thread's descriptor.
+//! and chmod, chown, truncate, setxattr and removexattr of the file a name
+//! leads to (and their `*at` and `l*` forms), performed by the tracer on
+//! the names (and attribute value) it read, and answered with what its own
+//! call returned; fchmod, fchown, ftruncate, fsetxattr and fremovexattr, on
+//! the tracer's own duplicate of the thread's descriptor.
 //!
 //! Each name is split into its directory and its final name; the directory
 //! is walked as every supervised walk is (`mod.rs`), and the call is made
@@ -14,8 +15,8 @@
 //!   AT_SYMLINK_FOLLOW, whose symlink could lead to /proc/self/fd/N, the
 //!   tracer's own files; an unknown bit) are bounced;
 //! - mkdir and mknod run under the thread's creation mask;
-//! - chmod, chown and truncate act on the file the tracer's own walk of the
-//!   final name found (a symlink followed only within the root's mount,
+//! - chmod, chown, truncate and the attribute calls act on the file the
+//!   tracer's own walk of the final name found (a symlink followed only within the root's mount,
 //!   never a magic link), through its own descriptor of it: the file
 //!   reported is the file changed. truncate opens it for writing without
 //!   blocking, so that a lease the workload holds never holds the tracer
@@ -48,10 +49,11 @@ use nix::unistd::{Gid, Pid, Uid, UnlinkatFlags};
 
 use super::{Base, Performed, Performer, Served, Supervisor, Thread, RESOLVE};
 use crate::proto::FileOperation;
-use crate::trace::decode::{FileCall, LengthArg, Named, PathArg};
+use crate::trace::decode::{FileCall, LengthArg, Named, PathArg, XattrValue};
+use crate::trace::memory;
 use crate::trace::paths;
 use crate::trace::procfs::{self, FileId};
-use crate::trace::unotify;
+use crate::trace::unotify::{self, Notification};
 
 /// A name argument: the directory descriptor it is relative to, and the
 /// bytes the tracer read.
@@ -90,7 +92,33 @@ enum NameCall {
     /// truncate and ftruncate, with the length: never negative (bounced:
     /// the native call fails before it looks the name up).
     Truncate(i64),
+    /// setxattr (a value) and removexattr (none), as the tracer read them,
+    /// with setxattr's flags, and whether a final symlink is followed.
+    Attribute {
+        attribute: Attribute,
+        flags: rustix::fs::XattrFlags,
+        follows: bool,
+    },
 }
+
+/// An attribute call's name and setxattr's value, read once.
+struct Attribute {
+    name: CString,
+    value: Option<Vec<u8>>,
+}
+
+impl Attribute {
+    /// The event reports the name and value the tracer acted on.
+    fn keep_for_event(&self, call: &mut Performed) {
+        call.entry_target = Some(crate::text::lossless(self.name.as_bytes()));
+        call.entry_bytes = self.value.clone().unwrap_or_default();
+    }
+}
+
+/// The largest attribute name and value the kernel takes (XATTR_NAME_MAX,
+/// XATTR_SIZE_MAX): longer ones fail, as the thread's own call.
+const ATTRIBUTE_NAME_MAX: usize = 255;
+const ATTRIBUTE_VALUE_MAX: u64 = 65536;
 
 impl NameCall {
     /// Whether the kernel would take the call as the thread's without a
@@ -105,7 +133,7 @@ impl NameCall {
 }
 
 impl Supervisor {
-    pub(super) fn serve_name_call(&mut self, call: Performed, spec: FileCall) -> Served {
+    pub(super) fn serve_name_call(&mut self, mut call: Performed, spec: FileCall) -> Served {
         let n = call.notification;
         if let PathArg::Fd(i) = spec.path_arg() {
             return self.serve_descriptor_call(call, spec, n.args[i] as i32);
@@ -125,17 +153,25 @@ impl Supervisor {
             },
             None => None,
         };
-        let strings = match second {
-            Some((_, addr)) => self.read_strings(&n, [path, addr]).map(|[a, b]| (a, Some(b))),
-            None => self.read_strings(&n, [path]).map(|[a]| (a, None)),
+        // The value first: the strings' read then checks the thread still waits.
+        let Some(value) = attribute_value(&n, spec) else { return Served::Bounce(n.tid) };
+        let attribute_name = spec.xattr_args().map(|(i, _)| n.args[i]);
+        let strings = match (second, attribute_name) {
+            (Some((_, addr)), _) => self.read_strings(&n, [path, addr]).map(|[a, b]| (a, Some(b), None)),
+            (None, Some(addr)) => self.read_strings(&n, [path, addr]).map(|[a, b]| (a, None, Some(b))),
+            (None, None) => self.read_strings(&n, [path]).map(|[a]| (a, None, None)),
         };
-        let (raw, second_raw) = match strings {
+        let (raw, second_raw, attribute_name) = match strings {
             Ok(strings) => strings,
             Err(unserved) => return unserved.of(n.tid),
         };
         let name = NameArg { dirfd, raw };
         let second = second.zip(second_raw).map(|((dirfd, _), raw)| NameArg { dirfd, raw });
-        let Some(kind) = call_of(spec, flags, n.args, &second).filter(|c| c.within_limits(n.tid)) else {
+        let attribute = attribute_of(attribute_name, value);
+        if let Some(attribute) = &attribute {
+            attribute.keep_for_event(&mut call);
+        }
+        let Some(kind) = call_of(spec, flags, n.args, &second, attribute).filter(|c| c.within_limits(n.tid)) else {
             return Served::Bounce(n.tid);
         };
         let Some((performer, thread)) = self.performer_for(n.tid) else { return Served::Bounce(n.tid) };
@@ -145,13 +181,27 @@ impl Supervisor {
         self.answered(call, named)
     }
 
-    /// fchmod, fchown and ftruncate: made on the tracer's own duplicate of
-    /// the thread's descriptor (pidfd_getfd), the same open file, whatever
-    /// the thread's table holds at that number afterwards.
-    fn serve_descriptor_call(&mut self, call: Performed, spec: FileCall, fd: i32) -> Served {
+    /// fchmod, fchown, ftruncate, fsetxattr and fremovexattr: made on the
+    /// tracer's own duplicate of the thread's descriptor (pidfd_getfd), the
+    /// same open file, whatever the thread's table holds at that number
+    /// afterwards.
+    fn serve_descriptor_call(&mut self, mut call: Performed, spec: FileCall, fd: i32) -> Served {
         let n = call.notification;
-        let kind = call_of(spec, 0, n.args, &None).filter(|c| c.within_limits(n.tid));
-        let Some(kind @ (NameCall::Chmod(_) | NameCall::Chown { .. } | NameCall::Truncate(_))) = kind else {
+        let Some(value) = attribute_value(&n, spec) else { return Served::Bounce(n.tid) };
+        let attribute = match spec.xattr_args().map(|(i, _)| self.read_strings(&n, [n.args[i]])) {
+            Some(Ok([name])) => attribute_of(Some(name), value),
+            Some(Err(unserved)) => return unserved.of(n.tid),
+            None => None,
+        };
+        if let Some(attribute) = &attribute {
+            attribute.keep_for_event(&mut call);
+        }
+        let flags = spec.flags_arg().map_or(0, |i| n.args[i] as u32 as i32);
+        let kind = call_of(spec, flags, n.args, &None, attribute).filter(|c| c.within_limits(n.tid));
+        let Some(
+            kind @ (NameCall::Chmod(_) | NameCall::Chown { .. } | NameCall::Truncate(_) | NameCall::Attribute { .. }),
+        ) = kind
+        else {
             return Served::Bounce(n.tid);
         };
         let Some(tgid) = self.performer_for(n.tid).and_then(|(_, thread)| thread.tgid) else {
@@ -175,9 +225,37 @@ impl Supervisor {
     }
 }
 
+/// setxattr's value in the waiting thread's memory, read once: Some(None)
+/// for a call without one, None to bounce (a value the kernel would refuse
+/// or could not read, setxattrat's `struct xattr_args`).
+fn attribute_value(n: &Notification, spec: FileCall) -> Option<Option<Vec<u8>>> {
+    let (addr, size) = match spec.xattr_args() {
+        Some((_, Some(XattrValue::Args(i)))) => (n.args[i], n.args[i + 1]),
+        Some((_, Some(XattrValue::Struct(_)))) => return None,
+        Some((_, None)) | None => return Some(None),
+    };
+    if size > ATTRIBUTE_VALUE_MAX {
+        return None;
+    }
+    let mut value = vec![0u8; size as usize];
+    (memory::read(n.tid, addr, &mut value) == value.len()).then_some(Some(value))
+}
+
+/// The attribute the tracer read, when its name is one the kernel takes.
+fn attribute_of(name: Option<Vec<u8>>, value: Option<Vec<u8>>) -> Option<Attribute> {
+    let name = name.filter(|name| !name.is_empty() && name.len() <= ATTRIBUTE_NAME_MAX)?;
+    Some(Attribute { name: CString::new(name).ok()?, value })
+}
+
 /// The call a row's arguments make; None for what the tracer does not make
 /// the same way.
-fn call_of(spec: FileCall, flags: i32, args: [u64; 6], second: &Option<NameArg>) -> Option<NameCall> {
+fn call_of(
+    spec: FileCall,
+    flags: i32,
+    args: [u64; 6],
+    second: &Option<NameArg>,
+    attribute: Option<Attribute>,
+) -> Option<NameCall> {
     let call = match spec.operation() {
         FileOperation::Unlink => match flags {
             0 => NameCall::Unlink(UnlinkatFlags::NoRemoveDir),
@@ -212,6 +290,11 @@ fn call_of(spec: FileCall, flags: i32, args: [u64; 6], second: &Option<NameArg>)
         FileOperation::Truncate => match spec.length_arg()? {
             LengthArg::Long(i) if args[i] as i64 >= 0 => NameCall::Truncate(args[i] as i64),
             _ => return None,
+        },
+        FileOperation::Setxattr | FileOperation::Removexattr => NameCall::Attribute {
+            flags: rustix::fs::XattrFlags::from_bits(flags as u32)?,
+            attribute: attribute?,
+            follows: spec.follows(),
         },
         _ => return None,
     };
@@ -294,6 +377,9 @@ impl Performer {
             NameCall::Chmod(mode) => nix::sys::stat::fchmod(&file, mode),
             NameCall::Chown { owner, group, .. } => nix::unistd::fchown(&file, owner, group),
             NameCall::Truncate(length) => nix::unistd::ftruncate(&file, length),
+            NameCall::Attribute { attribute, flags, .. } => {
+                change_attribute(AttributeOf::Descriptor(&file), &attribute, flags)
+            }
             _ => return None,
         };
         let path = procfs::fd_path(Pid::this(), file.as_raw_fd());
@@ -430,6 +516,19 @@ fn make(call: NameCall, name: &Walked, other: Option<&Walked>) -> Made {
             };
             (result, procfs::file_id(&file, b""), true)
         }
+        NameCall::Attribute { attribute, flags, follows } => {
+            let file = match final_file(name, follows) {
+                Ok(file) => file,
+                Err(walk) => return walk.map(|errno| (-(errno as i64), None, None)),
+            };
+            // No attribute call takes AT_EMPTY_PATH before setxattrat
+            // (Linux 6.13), and the f* forms refuse an O_PATH descriptor:
+            // the /proc link of the tracer's own descriptor leads to the
+            // file (to a symlink itself, for the l* forms).
+            let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+            let result = change_attribute(AttributeOf::Path(&path), &attribute, flags);
+            (result, procfs::file_id(&file, b""), true)
+        }
         NameCall::Link => {
             let existing = other?;
             let before = id(existing);
@@ -464,4 +563,25 @@ fn truncate_through(file: &OwnedFd, length: i64) -> Option<Result<(), Errno>> {
         Err(Errno::EWOULDBLOCK) => None,
         Err(errno) => Some(Err(errno)),
     }
+}
+
+/// What an attribute call names the file by.
+enum AttributeOf<'a> {
+    /// A path (the /proc link of the tracer's own descriptor).
+    Path(&'a str),
+    /// A descriptor open on the file (the f* forms').
+    Descriptor(&'a OwnedFd),
+}
+
+/// setxattr (a value) or removexattr (none) of the file.
+fn change_attribute(of: AttributeOf<'_>, attribute: &Attribute, flags: rustix::fs::XattrFlags) -> Result<(), Errno> {
+    use rustix::fs::{fremovexattr, fsetxattr, removexattr, setxattr};
+    let name = attribute.name.as_c_str();
+    let result = match (of, &attribute.value) {
+        (AttributeOf::Path(path), Some(value)) => setxattr(path, name, value, flags),
+        (AttributeOf::Path(path), None) => removexattr(path, name),
+        (AttributeOf::Descriptor(file), Some(value)) => fsetxattr(file, name, value, flags),
+        (AttributeOf::Descriptor(file), None) => fremovexattr(file, name),
+    };
+    result.map_err(|e| Errno::from_raw(e.raw_os_error()))
 }
