@@ -649,6 +649,90 @@ fn a_workload_sets_attributes_as_itself() {
     }
 }
 
+/// The utime family sets the times the kernel lets the workload set (its
+/// own files' to any time, others' it may write to now only), on a symlink
+/// itself with AT_SYMLINK_NOFOLLOW, and answers before any lookup what the
+/// kernel answers so (invalid times, both omitted): each call held against
+/// the same call made natively as the same user, from the same state, by
+/// what it returned and the times left on every file.
+#[test]
+fn a_workload_sets_times_as_itself() {
+    use std::os::unix::fs::MetadataExt;
+    if !is_root() {
+        return common::skip("needs root to make files of other owners");
+    }
+    let (dir, program) = workspace("utimes");
+    let at = |name: &str| dir.path().join(name);
+    const LONG_AGO: rustix::fs::Timespec = rustix::fs::Timespec { tv_sec: 600_000_000, tv_nsec: 0 };
+    let prepare = || {
+        for name in ["mine", "theirs", "shared", "to-mine"] {
+            let _ = std::fs::remove_file(at(name));
+        }
+        for (name, owner, mode) in [("mine", 1000, 0o644), ("theirs", 2000, 0o644), ("shared", 2000, 0o666)] {
+            std::fs::write(at(name), "").unwrap();
+            std::fs::set_permissions(at(name), std::fs::Permissions::from_mode(mode)).unwrap();
+            std::os::unix::fs::chown(at(name), Some(owner), Some(owner)).unwrap();
+        }
+        std::os::unix::fs::symlink("mine", at("to-mine")).unwrap();
+        let long_ago = rustix::fs::Timestamps { last_access: LONG_AGO, last_modification: LONG_AGO };
+        for name in ["mine", "theirs", "shared", "to-mine"] {
+            let nofollow = rustix::fs::AtFlags::SYMLINK_NOFOLLOW;
+            rustix::fs::utimensat(rustix::fs::CWD, at(name), &long_ago, nofollow).unwrap();
+        }
+    };
+    // The times of every file (of the symlink itself for to-mine); a time
+    // set to now is only "now": the native and the traced call differ.
+    let state = || {
+        let time = |seconds: i64, nanos: i64| if seconds > 1_500_000_000 { None } else { Some((seconds, nanos)) };
+        ["mine", "theirs", "shared", "to-mine"].map(|name| {
+            let meta = std::fs::symlink_metadata(at(name)).unwrap();
+            (time(meta.atime(), meta.atime_nsec()), time(meta.mtime(), meta.mtime_nsec()))
+        })
+    };
+    // (the fixture's mode, the file, the syscall its event has)
+    let cases = [
+        ("utimensat", "mine", "utimensat"),
+        ("utimensat", "theirs", "utimensat"),
+        ("utimensat", "shared", "utimensat"),
+        ("now", "theirs", "utimensat"),
+        ("now", "shared", "utimensat"),
+        ("utimensat", "to-mine", "utimensat"),
+        ("lutimensat", "to-mine", "utimensat"),
+        ("omit-access", "mine", "utimensat"),
+        ("omit-both", "missing", "utimensat"),
+        ("utimensat", "missing", "utimensat"),
+        ("invalid", "mine", "utimensat"),
+        ("futimens", "mine", "utimensat"),
+        ("futimens", "theirs", "utimensat"),
+        ("utimes", "mine", "utimes"),
+        ("utime", "mine", "utime"),
+    ];
+    for (flags, native_as) in WORKLOAD_USERS {
+        for (mode, name, syscall) in cases {
+            let command = format!("exec '{}' {mode} \"$0\"", program.display());
+            let path = at(name);
+            prepare();
+            let (code, printed) = natively_printing(native_as, &command, &path);
+            let native = (code, printed.as_str(), state());
+            prepare();
+            let run = traced(flags, dir.path(), &command, &path);
+            let context = format!("{flags:?} {command} {name}: {}", run.stderr);
+            assert_eq!((run.code(), run.stdout.as_str(), state()), native, "{context}");
+            let events = run.of("file").into_iter().filter(|e| e["syscall"] == syscall).collect::<Vec<_>>();
+            assert_eq!(events.len(), 1, "{context}: {:#?}", run.events);
+            let errno: i64 = run.stdout.trim().parse().unwrap();
+            assert_eq!(retval(events[0]), -errno, "{context}: {:#}", events[0]);
+            // A name the kernel never looked up has no path to report as fact.
+            if mode != "omit-both" {
+                let real = format!("{}/{name}", common::real_path(dir.path().to_str().unwrap()));
+                assert_eq!(events[0]["file"]["path"], real.as_str(), "{context}: {:#}", events[0]);
+            }
+            assert!(events[0].get("unverified").is_none(), "{context}: {:#}", events[0]);
+            assert!(run.stat("supervised_calls") > 0, "{context}");
+        }
+    }
+}
+
 /// A workload that confines itself with Landlock stays confined: the
 /// tracer, outside its domain, stops making its calls (they go to ptrace,
 /// where the kernel runs the workload's own), so each is refused as

@@ -283,6 +283,7 @@ fn a_path_a_sibling_rewrites_during_the_call_is_reported_as_the_kernel_used_it_o
         ("truncate", "truncate", "", "thread"),
         ("ftruncate", "ftruncate", "", "thread"),
         ("setxattr", "setxattr", "", "thread"),
+        ("utimensat", "utimensat", "", "thread"),
         ("unlink", "unlink", "", "process"),
         ("mkdir", "mkdir", "", "process"),
         ("truncate", "truncate", "", "process"),

@@ -199,10 +199,10 @@ pub static SYSCALLS: &[SyscallDef] = &[
     row("fchown32",        None,       Some(207),  file(F::new(Op::Chown, Fd(0)).owner(1))),
     // Timestomping: times as each call lays them out (i386's time32 forms
     // take 32-bit ones; utimensat_time64 is i386's 64-bit utimensat).
-    row("utime",           Some(132),  Some(30),   file(F::new(Op::Utimes, Path(0)).times(1, TimeLayout::Utimbuf))),
-    row("utimes",          Some(235),  Some(271),  file(F::new(Op::Utimes, Path(0)).times(1, TimeLayout::Timeval))),
-    row("futimesat",       Some(261),  Some(299),  file(F::new(Op::Utimes, AtOrFd(0, 1)).times(2, TimeLayout::Timeval))),
-    row("utimensat",       Some(280),  Some(320),  file(F::new(Op::Utimes, AtOrFd(0, 1)).times(2, TimeLayout::Timespec).flags(3))),
+    row("utime",           Some(132),  Some(30),   names(F::new(Op::Utimes, Path(0)).times(1, TimeLayout::Utimbuf))),
+    row("utimes",          Some(235),  Some(271),  names(F::new(Op::Utimes, Path(0)).times(1, TimeLayout::Timeval))),
+    row("futimesat",       Some(261),  Some(299),  names(F::new(Op::Utimes, AtOrFd(0, 1)).times(2, TimeLayout::Timeval))),
+    row("utimensat",       Some(280),  Some(320),  names(F::new(Op::Utimes, AtOrFd(0, 1)).times(2, TimeLayout::Timespec).flags(3))),
     row("utimensat_time64", None,      Some(412),  file(F::new(Op::Utimes, AtOrFd(0, 1)).times(2, TimeLayout::Timespec64).flags(3))),
     // i386's truncate64 and ftruncate64 split the 64-bit length in two registers.
     row("truncate",        Some(76),   Some(92),   names(F::new(Op::Truncate, Path(0)).length(LengthArg::Long(1)))),

@@ -80,7 +80,7 @@ pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, detail: Detail) -> bool {
             if addr == 0 {
                 return true;
             }
-            let len = 4 * word_size(call.abi, layout);
+            let len = times_size(call.abi, layout);
             call.entry_bytes = cx.read_bytes(addr, len);
             call.entry_bytes.len() == len
         }
@@ -177,9 +177,27 @@ fn word_size(abi: Abi, layout: TimeLayout) -> usize {
     }
 }
 
+/// How many bytes of a times array are read: four words, the most a
+/// layout takes.
+pub fn times_size(abi: Abi, layout: TimeLayout) -> usize {
+    4 * word_size(abi, layout)
+}
+
 /// The access and modification times, from the memory read at entry; None
 /// when it could not be read whole.
 fn times(bytes: &[u8], abi: Abi, layout: TimeLayout) -> Option<[proto::FileTime; 2]> {
+    let time = |(seconds, nanos)| match nanos {
+        UTIME_NOW => proto::FileTime { now: true, ..Default::default() },
+        UTIME_OMIT => proto::FileTime { omit: true, ..Default::default() },
+        nanos => proto::FileTime { seconds, nanos, ..Default::default() },
+    };
+    Some(timestamps(bytes, abi, layout)?.map(time))
+}
+
+/// The access and modification times as utimensat takes them: seconds,
+/// and nanoseconds or UTIME_NOW or UTIME_OMIT (which microseconds times
+/// a thousand never are); None when `bytes` are short.
+pub fn timestamps(bytes: &[u8], abi: Abi, layout: TimeLayout) -> Option<[(i64, i64); 2]> {
     let size = word_size(abi, layout);
     // time_t and long are signed; 32-bit ones are sign-extended.
     let word = |i: usize| -> Option<i64> {
@@ -189,23 +207,18 @@ fn times(bytes: &[u8], abi: Abi, layout: TimeLayout) -> Option<[proto::FileTime;
             _ => i64::from_ne_bytes(bytes.try_into().ok()?),
         })
     };
-    let given = |seconds: i64, nanos: i64| proto::FileTime { seconds, nanos, ..Default::default() };
-    let time = |i: usize| -> Option<proto::FileTime> {
+    let time = |i: usize| -> Option<(i64, i64)> {
         Some(match layout {
             // utimbuf holds the two times' seconds one after the other.
-            TimeLayout::Utimbuf => given(word(i)?, 0),
-            TimeLayout::Timeval => given(word(2 * i)?, word(2 * i + 1)?.saturating_mul(1000)),
+            TimeLayout::Utimbuf => (word(i)?, 0),
+            TimeLayout::Timeval => (word(2 * i)?, word(2 * i + 1)?.saturating_mul(1000)),
             TimeLayout::Timespec | TimeLayout::Timespec64 => {
                 let mut nanos = word(2 * i + 1)?;
                 // A 32-bit caller's 64-bit tv_nsec: the kernel keeps its low half.
                 if layout == TimeLayout::Timespec64 && abi == Abi::I386 {
                     nanos &= 0xffff_ffff;
                 }
-                match nanos {
-                    UTIME_NOW => proto::FileTime { now: true, ..Default::default() },
-                    UTIME_OMIT => proto::FileTime { omit: true, ..Default::default() },
-                    nanos => given(word(2 * i)?, nanos),
-                }
+                (word(2 * i)?, nanos)
             }
         })
     };

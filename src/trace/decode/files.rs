@@ -162,6 +162,14 @@ impl FileCall {
         self.follows
     }
 
+    /// The utime family's times argument, and its layout.
+    pub fn times_arg(&self) -> Option<(usize, TimeLayout)> {
+        match self.detail {
+            Detail::Times(index, layout) => Some((index, layout)),
+            _ => None,
+        }
+    }
+
     /// An attribute call's name argument, and where setxattr's value is.
     pub fn xattr_args(&self) -> Option<(usize, Option<XattrValue>)> {
         match self.detail {

@@ -27,7 +27,7 @@ pub use context::{Call, Ctx, Next};
 pub use control::{tracer_target_refused, SeccompCall, UffdCall};
 pub use creds::CredCall;
 pub use exec::{bound_args, bound_envs, split_nul, succeeded as exec_succeeded, ExecCall};
-pub use file_detail::{LengthArg, TimeLayout, XattrValue};
+pub use file_detail::{times_size, timestamps, LengthArg, TimeLayout, XattrValue};
 pub use files::{FileCall, Named, PathArg};
 pub use kernel::ModuleCall;
 pub use namespaces::NsCall;

@@ -1,9 +1,10 @@
 //! Supervised name calls: unlink, rmdir, mkdir, mknod, rename, link and symlink,
-//! and chmod, chown, truncate, setxattr and removexattr of the file a name
-//! leads to (and their `*at` and `l*` forms), performed by the tracer on
-//! the names (and attribute value) it read, and answered with what its own
-//! call returned; fchmod, fchown, ftruncate, fsetxattr and fremovexattr, on
-//! the tracer's own duplicate of the thread's descriptor.
+//! and chmod, chown, truncate, setxattr, removexattr and the utime family
+//! of the file a name leads to (and their `*at` and `l*` forms), performed
+//! by the tracer on the names (and attribute value, and times) it read, and
+//! answered with what its own call returned; fchmod, fchown, ftruncate,
+//! fsetxattr, fremovexattr and futimens (utimensat without a name), on the
+//! tracer's own duplicate of the thread's descriptor.
 //!
 //! Each name is split into its directory and its final name; the directory
 //! is walked as every supervised walk is (`mod.rs`), and the call is made
@@ -15,8 +16,8 @@
 //!   AT_SYMLINK_FOLLOW, whose symlink could lead to /proc/self/fd/N, the
 //!   tracer's own files; an unknown bit) are bounced;
 //! - mkdir and mknod run under the thread's creation mask;
-//! - chmod, chown, truncate and the attribute calls act on the file the
-//!   tracer's own walk of the final name found (a symlink followed only within the root's mount,
+//! - chmod, chown, truncate, the attribute calls and the utime family act
+//!   on the file the tracer's own walk of the final name found (a symlink followed only within the root's mount,
 //!   never a magic link), through its own descriptor of it: the file
 //!   reported is the file changed. truncate opens it for writing without
 //!   blocking, so that a lease the workload holds never holds the tracer
@@ -49,7 +50,8 @@ use nix::unistd::{Gid, Pid, Uid, UnlinkatFlags};
 
 use super::{Base, Performed, Performer, Served, Supervisor, Thread, RESOLVE};
 use crate::proto::FileOperation;
-use crate::trace::decode::{FileCall, LengthArg, Named, PathArg, XattrValue};
+use crate::trace::abi::Abi;
+use crate::trace::decode::{self, FileCall, LengthArg, Named, PathArg, XattrValue};
 use crate::trace::memory;
 use crate::trace::paths;
 use crate::trace::procfs::{self, FileId};
@@ -99,6 +101,12 @@ enum NameCall {
         flags: rustix::fs::XattrFlags,
         follows: bool,
     },
+    /// The utime family, with the times as utimensat takes them, and
+    /// whether a final symlink is followed.
+    Times {
+        times: rustix::fs::Timestamps,
+        follows: bool,
+    },
 }
 
 /// An attribute call's name and setxattr's value, read once.
@@ -107,11 +115,45 @@ struct Attribute {
     value: Option<Vec<u8>>,
 }
 
-impl Attribute {
-    /// The event reports the name and value the tracer acted on.
+/// What the tracer read once of the thread's memory besides the names:
+/// setxattr's value or the utime family's times (`memory`), and an
+/// attribute call's name. The event reports these, as the tracer acted on
+/// them.
+struct ReadOnce {
+    memory: Option<Vec<u8>>,
+    attribute_name: Option<Vec<u8>>,
+}
+
+impl ReadOnce {
     fn keep_for_event(&self, call: &mut Performed) {
-        call.entry_target = Some(crate::text::lossless(self.name.as_bytes()));
-        call.entry_bytes = self.value.clone().unwrap_or_default();
+        call.entry_target = self.attribute_name.as_deref().map(crate::text::lossless);
+        call.entry_bytes = self.memory.clone().unwrap_or_default();
+    }
+
+    /// The attribute, when its name is one the kernel takes.
+    fn attribute(&self) -> Option<Attribute> {
+        let name = self.attribute_name.clone().filter(|name| !name.is_empty() && name.len() <= ATTRIBUTE_NAME_MAX)?;
+        Some(Attribute { name: CString::new(name).ok()?, value: self.memory.clone() })
+    }
+
+    /// The times as utimensat takes them: both now for a NULL array. None
+    /// for what the kernel answers before it looks the name up, which the
+    /// tracer's walk would not: times out of range (EINVAL), both omitted
+    /// (success, whatever the name).
+    fn times(&self, layout: decode::TimeLayout) -> Option<rustix::fs::Timestamps> {
+        use rustix::fs::{UTIME_NOW, UTIME_OMIT};
+        let [access, modification] = match &self.memory {
+            Some(bytes) => decode::timestamps(bytes, Abi::X86_64, layout)?,
+            None => [(0, UTIME_NOW); 2],
+        };
+        let valid = |(_, nanos): (i64, i64)| (0..1_000_000_000).contains(&nanos) || nanos == UTIME_NOW;
+        let omitted = |(_, nanos): (i64, i64)| nanos == UTIME_OMIT;
+        let fine = (valid(access) || omitted(access)) && (valid(modification) || omitted(modification));
+        if !fine || (omitted(access) && omitted(modification)) {
+            return None;
+        }
+        let time = |(tv_sec, tv_nsec)| rustix::fs::Timespec { tv_sec, tv_nsec };
+        Some(rustix::fs::Timestamps { last_access: time(access), last_modification: time(modification) })
     }
 }
 
@@ -135,12 +177,18 @@ impl NameCall {
 impl Supervisor {
     pub(super) fn serve_name_call(&mut self, mut call: Performed, spec: FileCall) -> Served {
         let n = call.notification;
-        if let PathArg::Fd(i) = spec.path_arg() {
-            return self.serve_descriptor_call(call, spec, n.args[i] as i32);
+        match spec.path_arg() {
+            PathArg::Fd(i) => return self.serve_descriptor_call(call, spec, n.args[i] as i32),
+            // utimensat(fd, NULL): futimens; with AT_FDCWD, EFAULT: the thread's own.
+            PathArg::AtOrFd(dirfd, i) if n.args[i] == 0 => match n.args[dirfd] as i32 {
+                libc::AT_FDCWD => return Served::Bounce(n.tid),
+                fd => return self.serve_descriptor_call(call, spec, fd),
+            },
+            _ => {}
         }
         let name_at = |arg: PathArg| match arg {
             PathArg::Path(i) => Some((libc::AT_FDCWD, n.args[i])),
-            PathArg::At(dirfd, i) => Some((n.args[dirfd] as i32, n.args[i])),
+            PathArg::At(dirfd, i) | PathArg::AtOrFd(dirfd, i) => Some((n.args[dirfd] as i32, n.args[i])),
             _ => None,
         };
         let Some((dirfd, path)) = name_at(spec.path_arg()) else { return Served::Bounce(n.tid) };
@@ -153,8 +201,8 @@ impl Supervisor {
             },
             None => None,
         };
-        // The value first: the strings' read then checks the thread still waits.
-        let Some(value) = attribute_value(&n, spec) else { return Served::Bounce(n.tid) };
+        // The memory first: the strings' read then checks the thread still waits.
+        let Some(memory) = argument_memory(&n, spec) else { return Served::Bounce(n.tid) };
         let attribute_name = spec.xattr_args().map(|(i, _)| n.args[i]);
         let strings = match (second, attribute_name) {
             (Some((_, addr)), _) => self.read_strings(&n, [path, addr]).map(|[a, b]| (a, Some(b), None)),
@@ -167,11 +215,9 @@ impl Supervisor {
         };
         let name = NameArg { dirfd, raw };
         let second = second.zip(second_raw).map(|((dirfd, _), raw)| NameArg { dirfd, raw });
-        let attribute = attribute_of(attribute_name, value);
-        if let Some(attribute) = &attribute {
-            attribute.keep_for_event(&mut call);
-        }
-        let Some(kind) = call_of(spec, flags, n.args, &second, attribute).filter(|c| c.within_limits(n.tid)) else {
+        let once = ReadOnce { memory, attribute_name };
+        once.keep_for_event(&mut call);
+        let Some(kind) = call_of(spec, flags, n.args, &second, &once).filter(|c| c.within_limits(n.tid)) else {
             return Served::Bounce(n.tid);
         };
         let Some((performer, thread)) = self.performer_for(n.tid) else { return Served::Bounce(n.tid) };
@@ -181,25 +227,29 @@ impl Supervisor {
         self.answered(call, named)
     }
 
-    /// fchmod, fchown, ftruncate, fsetxattr and fremovexattr: made on the
-    /// tracer's own duplicate of the thread's descriptor (pidfd_getfd), the
-    /// same open file, whatever the thread's table holds at that number
-    /// afterwards.
+    /// fchmod, fchown, ftruncate, fsetxattr, fremovexattr and utimensat
+    /// without a name: made on the tracer's own duplicate of the thread's
+    /// descriptor (pidfd_getfd), the same open file, whatever the thread's
+    /// table holds at that number afterwards.
     fn serve_descriptor_call(&mut self, mut call: Performed, spec: FileCall, fd: i32) -> Served {
         let n = call.notification;
-        let Some(value) = attribute_value(&n, spec) else { return Served::Bounce(n.tid) };
-        let attribute = match spec.xattr_args().map(|(i, _)| self.read_strings(&n, [n.args[i]])) {
-            Some(Ok([name])) => attribute_of(Some(name), value),
+        let Some(memory) = argument_memory(&n, spec) else { return Served::Bounce(n.tid) };
+        let attribute_name = match spec.xattr_args().map(|(i, _)| self.read_strings(&n, [n.args[i]])) {
+            Some(Ok([name])) => Some(name),
             Some(Err(unserved)) => return unserved.of(n.tid),
             None => None,
         };
-        if let Some(attribute) = &attribute {
-            attribute.keep_for_event(&mut call);
-        }
+        let once = ReadOnce { memory, attribute_name };
+        once.keep_for_event(&mut call);
         let flags = spec.flags_arg().map_or(0, |i| n.args[i] as u32 as i32);
-        let kind = call_of(spec, flags, n.args, &None, attribute).filter(|c| c.within_limits(n.tid));
+        let kind = call_of(spec, flags, n.args, &None, &once).filter(|c| c.within_limits(n.tid));
         let Some(
-            kind @ (NameCall::Chmod(_) | NameCall::Chown { .. } | NameCall::Truncate(_) | NameCall::Attribute { .. }),
+            kind @ (NameCall::Chmod(_)
+            | NameCall::Chown { .. }
+            | NameCall::Truncate(_)
+            | NameCall::Attribute { .. }
+            // Without a name, utimensat takes no flags (EINVAL).
+            | NameCall::Times { follows: true, .. }),
         ) = kind
         else {
             return Served::Bounce(n.tid);
@@ -225,14 +275,16 @@ impl Supervisor {
     }
 }
 
-/// setxattr's value in the waiting thread's memory, read once: Some(None)
-/// for a call without one, None to bounce (a value the kernel would refuse
-/// or could not read, setxattrat's `struct xattr_args`).
-fn attribute_value(n: &Notification, spec: FileCall) -> Option<Option<Vec<u8>>> {
-    let (addr, size) = match spec.xattr_args() {
-        Some((_, Some(XattrValue::Args(i)))) => (n.args[i], n.args[i + 1]),
-        Some((_, Some(XattrValue::Struct(_)))) => return None,
-        Some((_, None)) | None => return Some(None),
+/// The argument memory besides names in the waiting thread's memory, read
+/// once: setxattr's value, the utime family's times. Some(None) for a call
+/// without any (or a NULL times array), None to bounce (a value the kernel
+/// would refuse or could not read, setxattrat's `struct xattr_args`).
+fn argument_memory(n: &Notification, spec: FileCall) -> Option<Option<Vec<u8>>> {
+    let (addr, size) = match (spec.xattr_args(), spec.times_arg()) {
+        (Some((_, Some(XattrValue::Args(i)))), _) => (n.args[i], n.args[i + 1]),
+        (Some((_, Some(XattrValue::Struct(_)))), _) => return None,
+        (_, Some((i, layout))) if n.args[i] != 0 => (n.args[i], decode::times_size(Abi::X86_64, layout) as u64),
+        _ => return Some(None),
     };
     if size > ATTRIBUTE_VALUE_MAX {
         return None;
@@ -241,21 +293,9 @@ fn attribute_value(n: &Notification, spec: FileCall) -> Option<Option<Vec<u8>>> 
     (memory::read(n.tid, addr, &mut value) == value.len()).then_some(Some(value))
 }
 
-/// The attribute the tracer read, when its name is one the kernel takes.
-fn attribute_of(name: Option<Vec<u8>>, value: Option<Vec<u8>>) -> Option<Attribute> {
-    let name = name.filter(|name| !name.is_empty() && name.len() <= ATTRIBUTE_NAME_MAX)?;
-    Some(Attribute { name: CString::new(name).ok()?, value })
-}
-
 /// The call a row's arguments make; None for what the tracer does not make
 /// the same way.
-fn call_of(
-    spec: FileCall,
-    flags: i32,
-    args: [u64; 6],
-    second: &Option<NameArg>,
-    attribute: Option<Attribute>,
-) -> Option<NameCall> {
+fn call_of(spec: FileCall, flags: i32, args: [u64; 6], second: &Option<NameArg>, once: &ReadOnce) -> Option<NameCall> {
     let call = match spec.operation() {
         FileOperation::Unlink => match flags {
             0 => NameCall::Unlink(UnlinkatFlags::NoRemoveDir),
@@ -293,9 +333,13 @@ fn call_of(
         },
         FileOperation::Setxattr | FileOperation::Removexattr => NameCall::Attribute {
             flags: rustix::fs::XattrFlags::from_bits(flags as u32)?,
-            attribute: attribute?,
+            attribute: once.attribute()?,
             follows: spec.follows(),
         },
+        // utimensat's AT_EMPTY_PATH is bounced.
+        FileOperation::Utimes if flags & !libc::AT_SYMLINK_NOFOLLOW == 0 => {
+            NameCall::Times { times: once.times(spec.times_arg()?.1)?, follows: flags & libc::AT_SYMLINK_NOFOLLOW == 0 }
+        }
         _ => return None,
     };
     Some(call)
@@ -380,6 +424,7 @@ impl Performer {
             NameCall::Attribute { attribute, flags, .. } => {
                 change_attribute(AttributeOf::Descriptor(&file), &attribute, flags)
             }
+            NameCall::Times { times, .. } => rustix::fs::futimens(&file, &times).map_err(errno_of),
             _ => return None,
         };
         let path = procfs::fd_path(Pid::this(), file.as_raw_fd());
@@ -529,6 +574,17 @@ fn make(call: NameCall, name: &Walked, other: Option<&Walked>) -> Made {
             let result = change_attribute(AttributeOf::Path(&path), &attribute, flags);
             (result, procfs::file_id(&file, b""), true)
         }
+        NameCall::Times { times, follows } => {
+            let file = match final_file(name, follows) {
+                Ok(file) => file,
+                Err(walk) => return walk.map(|errno| (-(errno as i64), None, None)),
+            };
+            // As for attributes: the /proc link of the tracer's descriptor.
+            let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+            let result = rustix::fs::utimensat(rustix::fs::CWD, path.as_str(), &times, rustix::fs::AtFlags::empty())
+                .map_err(errno_of);
+            (result, procfs::file_id(&file, b""), true)
+        }
         NameCall::Link => {
             let existing = other?;
             let before = id(existing);
@@ -583,5 +639,9 @@ fn change_attribute(of: AttributeOf<'_>, attribute: &Attribute, flags: rustix::f
         (AttributeOf::Descriptor(file), Some(value)) => fsetxattr(file, name, value, flags),
         (AttributeOf::Descriptor(file), None) => fremovexattr(file, name),
     };
-    result.map_err(|e| Errno::from_raw(e.raw_os_error()))
+    result.map_err(errno_of)
+}
+
+fn errno_of(error: rustix::io::Errno) -> Errno {
+    Errno::from_raw(error.raw_os_error())
 }
