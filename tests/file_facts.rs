@@ -333,3 +333,26 @@ fn owner_names_follow_a_mount_over_etc_passwd_and_a_rewrite_in_place() {
         assert_eq!(users, expected.iter().collect::<Vec<_>>());
     }
 }
+
+/// An event reported after its process is gone (a supervised ftruncate
+/// answered just before the program exits) still names the file's owner:
+/// the thread's root is known from its earlier events, not looked up in a
+/// /proc entry that is gone by then.
+#[test]
+fn a_call_just_before_the_exit_still_names_the_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().canonicalize().unwrap().join("file");
+    std::fs::write(&file, "0123456789").unwrap();
+    let owner = nix::unistd::User::from_uid(nix::unistd::getuid()).unwrap().map(|user| user.name);
+    let script = "for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do truncate -s 3 \"$0\"; done";
+    for mode in [&[] as &[&str], &["--disable-seccomp"]] {
+        let run = Trace::with_flags(mode, &["sh", "-c", script, file.to_str().unwrap()]).run();
+        assert_eq!(run.code(), Some(0), "{}", run.stderr);
+        let cuts = run.of("file");
+        let cuts: Vec<_> = cuts.iter().filter(|e| e["syscall"] == "ftruncate").collect();
+        assert_eq!(cuts.len(), 20, "{mode:?}: {:#?}", run.events);
+        for cut in cuts {
+            assert_eq!(cut["file"]["metadata"]["user"].as_str(), owner.as_deref(), "{mode:?}: {cut:#}");
+        }
+    }
+}

@@ -461,9 +461,15 @@ impl Engine {
         self.supervision.as_ref().is_some_and(|s| matches!(s.bounced.get(&tid), Some(Bounce::InCall(_))))
     }
 
-    /// A thread's credentials, root or namespaces may have changed, or its
-    /// id may be reused: what the supervisor knew of threads is forgotten.
-    fn supervisor_forgets(&mut self, tid: Option<Pid>) {
+    /// A thread's credentials, root or namespaces may have changed (None:
+    /// any thread's, a sibling sharing them may have changed them), or
+    /// `tid` exec'd or ended (its id may be reused): what the supervisor
+    /// knew of threads is forgotten (an exec can change credentials), and
+    /// the owner names' roots of those threads.
+    fn forget_threads(&mut self, tid: Option<Pid>) {
+        if let Some(names) = &mut self.names {
+            names.forget_threads(tid);
+        }
         if let Some(supervision) = &mut self.supervision {
             supervision.supervisor.forget();
             if let Some(tid) = tid {
@@ -643,7 +649,7 @@ impl Engine {
             Decoder::Credentials(_)
             | Decoder::Namespace(_)
             | Decoder::Prctl
-            | Decoder::Confines(ConfiningCall::Umask) => self.supervisor_forgets(None),
+            | Decoder::Confines(ConfiningCall::Umask) => self.forget_threads(None),
             Decoder::Confines(ConfiningCall::Landlock) if retval == 0 => {
                 self.supervisor_steps_back("a workload process confined itself with Landlock")
             }
@@ -834,13 +840,13 @@ impl Engine {
         self.interrupted.remove(&former);
         self.interrupted.remove(&tgid);
         let call = pending.filter(|p| matches!(p.decoder, Decoder::Exec(_))).map(|p| p.call);
-        self.supervisor_forgets(Some(former));
+        self.forget_threads(Some(former));
         decode::exec_succeeded(&mut self.ctx(tgid), call, time, former);
     }
 
     fn on_death(&mut self, pid: Pid, death: Death) {
         self.pending.remove(&pid);
-        self.supervisor_forgets(Some(pid));
+        self.forget_threads(Some(pid));
         // Killed by the signal that interrupted its call: the call did not complete.
         if let Some(interrupted) = self.interrupted.remove(&pid) {
             self.report_eintr(pid, interrupted);

@@ -3,6 +3,7 @@
 //! workload's to write: a FIFO, a device, a symlink out of its root or a
 //! huge file must neither stall nor fool the tracer thread.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
@@ -120,6 +121,10 @@ struct Fresh {
 #[derive(Default)]
 pub struct Names {
     roots: Vec<Root>,
+    /// Which root each thread has, as first looked up: kept until the
+    /// engine says a thread's root may have changed (`forget_threads`), so
+    /// that an event reported after its thread exited still has names.
+    thread_roots: HashMap<Pid, Place>,
     loaded: Vec<Loaded>,
     uses: u64,
     watch: EtcWatch,
@@ -218,9 +223,25 @@ impl Names {
         Some(Fresh { versions: versions.try_into().ok()?, mounts })
     }
 
+    /// Thread `tid`'s root may have changed (a chroot, a namespace, an
+    /// exec, its end: a reused id), or with None, every thread's.
+    pub fn forget_threads(&mut self, tid: Option<Pid>) {
+        match tid {
+            Some(tid) => self.thread_roots.remove(&tid),
+            None => return self.thread_roots.clear(),
+        };
+    }
+
     /// The index of thread `tid`'s root among the roots kept.
     fn root(&mut self, tid: Pid) -> Option<usize> {
-        let place = place_of(&procfs::root_file(tid)?);
+        let place = match self.thread_roots.get(&tid) {
+            Some(place) => *place,
+            None => {
+                let place = place_of(&procfs::root_file(tid)?);
+                self.thread_roots.insert(tid, place);
+                place
+            }
+        };
         let index = match self.roots.iter().position(|r| r.place == place) {
             Some(index) => index,
             None => {
