@@ -227,9 +227,9 @@ impl Names {
     /// exec, its end: a reused id), or with None, every thread's.
     pub fn forget_threads(&mut self, tid: Option<Pid>) {
         match tid {
-            Some(tid) => self.thread_roots.remove(&tid),
-            None => return self.thread_roots.clear(),
-        };
+            Some(tid) => drop(self.thread_roots.remove(&tid)),
+            None => self.thread_roots.clear(),
+        }
     }
 
     /// The index of thread `tid`'s root among the roots kept.
