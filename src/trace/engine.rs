@@ -318,7 +318,11 @@ impl Engine {
             let (listener, woken) = (ready(&fds[0]), fds[1..watched].first().map(ready));
             if woken.is_some_and(|r| r.contains(PollFlags::POLLIN)) {
                 if let Some(child_stops) = &supervision.child_stops {
-                    while let Ok(Some(_)) = child_stops.read_signal() {}
+                    // One read empties it: SIGCHLD is a standard signal, of
+                    // which at most one is pending (a second read would only
+                    // say EAGAIN, once per stop). Another one pending makes
+                    // the next poll return at once: no stop is missed.
+                    let _ = child_stops.read_signal();
                 }
             }
             if listener.contains(PollFlags::POLLIN) {

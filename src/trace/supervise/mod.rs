@@ -184,8 +184,17 @@ struct Performer {
     views: HashMap<Pid, View>,
     /// Inodes of the tracer's mount and user namespaces.
     namespaces: (u64, u64),
-    /// The tracer's LSM label (SELinux, AppArmor), if the kernel has one.
-    label: Option<Vec<u8>>,
+    /// The tracer's LSM label (SELinux, AppArmor).
+    label: Label,
+}
+
+/// The tracer's LSM label, or that this kernel gives none.
+enum Label {
+    /// No LSM of this kernel gives labels (`/proc/self/attr/current` says
+    /// EINVAL): nor does any thread have one, so none is read (the set of
+    /// LSMs is fixed at boot).
+    Unlabelled,
+    Of(Option<Vec<u8>>),
 }
 
 /// A thread whose calls the tracer can perform, as it last read it.
@@ -367,7 +376,10 @@ impl Performer {
         let root_id = procfs::cached_identity(root.as_raw_fd(), c"")?;
         let namespaces = namespaces_of("self")?;
         let mask = Mask::own();
-        let label = label_of("self");
+        let label = match label_of("self") {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Label::Unlabelled,
+            own => Label::Of(own.ok()),
+        };
         Some(Performer { root, root_id, own: Own::current()?, mask, views: HashMap::new(), namespaces, label })
     }
 
@@ -394,7 +406,10 @@ impl Performer {
         let same_namespaces = namespaces_of(&tid.to_string()) == Some(self.namespaces);
         // Under another label, an LSM would allow or deny the tracer's
         // calls, not the thread's.
-        let same_label = label_of(&tid.to_string()) == self.label;
+        let same_label = match &self.label {
+            Label::Unlabelled => true,
+            Label::Of(own) => label_of(&tid.to_string()).ok() == *own,
+        };
         let Some(status) = procfs::status(tid) else { return View::Foreign };
         match FsCredentials::from_status(&status.credentials) {
             Some(credentials) if same_root && same_namespaces && same_label => {
@@ -442,10 +457,10 @@ fn proc_path(path: &str) -> CString {
     CString::new(path).expect("a /proc path has no NUL")
 }
 
-/// A process's LSM label (`who`: a pid or "self"); None where no LSM gives
+/// A process's LSM label (`who`: a pid or "self"); EINVAL where no LSM gives
 /// one.
-fn label_of(who: &str) -> Option<Vec<u8>> {
-    std::fs::read(format!("/proc/{who}/attr/current")).ok()
+fn label_of(who: &str) -> std::io::Result<Vec<u8>> {
+    std::fs::read(format!("/proc/{who}/attr/current"))
 }
 
 /// Inodes of a process's mount and user namespaces (`who`: a pid or "self").
