@@ -464,16 +464,47 @@ impl Engine {
         self.supervision.as_ref().is_some_and(|s| matches!(s.bounced.get(&tid), Some(Bounce::InCall(_))))
     }
 
-    /// A thread's credentials, root or namespaces may have changed, or its
-    /// id may be reused: what the supervisor knew of threads is forgotten.
-    fn supervisor_forgets(&mut self, tid: Option<Pid>) {
+    /// A thread's credentials, root or namespaces may have changed: what
+    /// the supervisor knew of threads is forgotten.
+    fn supervisor_forgets_all(&mut self) {
         if let Some(supervision) = &mut self.supervision {
             supervision.supervisor.forget();
-            if let Some(tid) = tid {
-                supervision.bounced.remove(&tid);
-                supervision.made.remove(&tid);
-                supervision.supervisor.forget_thread(tid);
-            }
+        }
+    }
+
+    /// A new task that has not run yet takes what the supervisor knows of its
+    /// creator, unless it has namespaces of its own. `flags`: the creator's
+    /// clone entry's, matching the event or not. Supervised calls exist
+    /// only for a workload traced from its start, so every clone's entry
+    /// was seen: a fork or vfork event without one was fork(2) or vfork(2),
+    /// which make none; a clone's flags not known leave the child to be
+    /// looked at.
+    fn supervisor_inherits(
+        &mut self,
+        parent: Pid,
+        child: Pid,
+        child_tgid: Pid,
+        flags: Option<i32>,
+        kind: ForkEventKind,
+    ) {
+        let Some(supervision) = &mut self.supervision else { return };
+        let flags = match (flags, kind) {
+            (Some(flags), _) => flags,
+            (None, ForkEventKind::Fork | ForkEventKind::Vfork) => 0,
+            (None, ForkEventKind::Clone) => return,
+        };
+        if flags & (libc::CLONE_NEWNS | libc::CLONE_NEWUSER) == 0 {
+            supervision.supervisor.inherit(parent, child, child_tgid);
+        }
+    }
+
+    /// A thread ended (its id may be reused): what the supervisor knew of
+    /// it is forgotten.
+    fn supervisor_forgets(&mut self, tid: Pid) {
+        if let Some(supervision) = &mut self.supervision {
+            supervision.bounced.remove(&tid);
+            supervision.made.remove(&tid);
+            supervision.supervisor.forget_thread(tid);
         }
     }
 
@@ -646,7 +677,7 @@ impl Engine {
             Decoder::Credentials(_)
             | Decoder::Namespace(_)
             | Decoder::Prctl
-            | Decoder::Confines(ConfiningCall::Umask) => self.supervisor_forgets(None),
+            | Decoder::Confines(ConfiningCall::Umask) => self.supervisor_forgets_all(),
             Decoder::Confines(ConfiningCall::Landlock) if retval == 0 => {
                 self.supervisor_steps_back("a workload process confined itself with Landlock")
             }
@@ -749,6 +780,7 @@ impl Engine {
         let parent = stop.pid;
         let Ok(child) = stop.message().map(|pid| Pid::from_raw(pid as i32)) else { return };
         let request = self.procs.thread_mut(parent).and_then(|t| t.forking.take());
+        let entered_flags = request.map(|r| r.flags as i32);
         // The request must be the clone the kernel reports: a vfork is
         // reported as VFORK and a thread as CLONE.
         let request = request.filter(|r| {
@@ -763,7 +795,12 @@ impl Engine {
         let sibling = request.is_some_and(|r| r.flags as i32 & libc::CLONE_PARENT != 0);
         let tables = !thread && self.shares_tables_with_child(parent, request.map(|r| r.flags as i32), kind);
         let sharing = Sharing { thread, sibling, tables };
+        // A child adopted before this event has run: its own state is read.
+        let ran = self.procs.thread(child).is_some_and(|t| t.adopted_at.is_some());
         let child_tgid = self.procs.add_child(parent, child, sharing);
+        if !ran {
+            self.supervisor_inherits(parent, child, child_tgid, entered_flags, kind);
+        }
         if child_tgid == child {
             // A child adopted before this event may already have events of
             // its own: the fork is stamped no later than its first stop.
@@ -837,13 +874,17 @@ impl Engine {
         self.interrupted.remove(&former);
         self.interrupted.remove(&tgid);
         let call = pending.filter(|p| matches!(p.decoder, Decoder::Exec(_))).map(|p| p.call);
-        self.supervisor_forgets(Some(former));
-        decode::exec_succeeded(&mut self.ctx(tgid), call, time, former);
+        let status = decode::exec_succeeded(&mut self.ctx(tgid), call, time, former);
+        if let Some(supervision) = &mut self.supervision {
+            supervision.bounced.remove(&former);
+            supervision.made.remove(&former);
+            supervision.supervisor.exec(former, tgid, status.as_ref());
+        }
     }
 
     fn on_death(&mut self, pid: Pid, death: Death) {
         self.pending.remove(&pid);
-        self.supervisor_forgets(Some(pid));
+        self.supervisor_forgets(pid);
         // Killed by the signal that interrupted its call: the call did not complete.
         if let Some(interrupted) = self.interrupted.remove(&pid) {
             self.report_eintr(pid, interrupted);

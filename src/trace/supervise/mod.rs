@@ -14,7 +14,11 @@
 //! The tracer performs a call only where it is the call the workload's
 //! would have been; everything else is *bounced* to the ptrace path, where
 //! the kernel runs the workload's own call (`Served::Bounce`). The
-//! conditions shared by every call, each checked at every call:
+//! conditions shared by every call, each checked at every call against
+//! what the tracer knows of the thread (read from /proc once, or inherited
+//! from its creator at its fork and kept across its exec where the kernel
+//! carries it over, and forgotten at each watched call that can change
+//! it):
 //! - the filter notifies x86_64 calls only (`syscalls::Notified` says which
 //!   forms);
 //! - the thread has the tracer's root, mount namespace and user namespace
@@ -287,8 +291,9 @@ impl Supervisor {
     }
 
     /// Forgets what it knew of every thread: called when one changes its
-    /// credentials, root or namespaces (those calls stop under ptrace),
-    /// execs or ends.
+    /// credentials, root or namespaces (those calls stop under ptrace; a
+    /// chroot or pivot_root reaches the processes that share its root).
+    /// An exec or a death is the thread's alone (`exec`, `forget_thread`).
     pub fn forget(&mut self) {
         if let Some(performer) = &mut self.performer {
             performer.views.clear();
@@ -301,10 +306,45 @@ impl Supervisor {
         self.performer.take().is_some()
     }
 
-    /// Forgets a thread that ended or ran another program: a file held for
-    /// its restarted call is closed.
+    /// Forgets a thread that ended or ran another program (its id may be
+    /// reused; an exec may change its credentials): what the tracer knew of
+    /// it, and a file held for its restarted call, which is closed.
     pub fn forget_thread(&mut self, tid: Pid) {
         self.held.remove(&tid);
+        if let Some(performer) = &mut self.performer {
+            performer.views.remove(&tid);
+        }
+    }
+
+    /// A new task, at its creator's fork event, before it ran: it starts
+    /// where its creator is (root, mount and user namespaces, LSM label:
+    /// the caller rules out a clone that made it new namespaces) with its
+    /// credentials and creation mask, so what the tracer knows of the
+    /// creator holds for it, and the task is not looked at again in /proc.
+    /// Any later change of either is a watched call, which forgets every
+    /// thread.
+    pub fn inherit(&mut self, creator: Pid, child: Pid, child_tgid: Pid) {
+        let Some(performer) = &mut self.performer else { return };
+        let Some(View::Like(thread)) = performer.views.get(&creator) else { return };
+        let inherited = Thread { credentials: thread.credentials.clone(), mask: thread.mask, tgid: Some(child_tgid) };
+        performer.views.entry(child).or_insert(View::Like(inherited));
+    }
+
+    /// A process ran another program: `status`, read at its exec event, is
+    /// what it has now. An exec keeps its root and namespaces, so where
+    /// they were the tracer's before, only the credentials (set-id bits,
+    /// file capabilities) are new, and `status` gives them; the LSM label
+    /// an exec can change too, so with an LSM that gives labels the thread
+    /// is looked at again at its next call.
+    pub fn exec(&mut self, former: Pid, pid: Pid, status: Option<&procfs::Status>) {
+        let Some(performer) = &mut self.performer else { return };
+        let was_like = [former, pid].iter().any(|tid| matches!(performer.views.get(tid), Some(View::Like(_))));
+        self.forget_thread(former);
+        self.forget_thread(pid);
+        let (Some(performer), Some(status)) = (&mut self.performer, status) else { return };
+        if was_like && matches!(performer.label, Label::Unlabelled) {
+            performer.views.insert(pid, Performer::view_from(status, true));
+        }
     }
 
     /// Lets the notified call run as the kernel has it, unseen: for a thread
@@ -411,8 +451,14 @@ impl Performer {
             Label::Of(own) => label_of(&tid.to_string()).ok() == *own,
         };
         let Some(status) = procfs::status(tid) else { return View::Foreign };
+        Performer::view_from(&status, same_root && same_namespaces && same_label)
+    }
+
+    /// A thread with `status`, where `same_place` says whether it has the
+    /// tracer's root, namespaces and label.
+    fn view_from(status: &procfs::Status, same_place: bool) -> View {
         match FsCredentials::from_status(&status.credentials) {
-            Some(credentials) if same_root && same_namespaces && same_label => {
+            Some(credentials) if same_place => {
                 View::Like(Thread { credentials, mask: status.umask, tgid: status.tgid.map(Pid::from_raw) })
             }
             _ => View::Foreign,
