@@ -488,14 +488,12 @@ impl Engine {
         kind: ForkEventKind,
     ) {
         let Some(supervision) = &mut self.supervision else { return };
-        let flags = match (flags, kind) {
-            (Some(flags), _) => flags,
-            (None, ForkEventKind::Fork | ForkEventKind::Vfork) => 0,
-            (None, ForkEventKind::Clone) => return,
+        let own_namespaces = match (flags, kind) {
+            (Some(flags), _) => flags & (libc::CLONE_NEWNS | libc::CLONE_NEWUSER) != 0,
+            (None, ForkEventKind::Fork | ForkEventKind::Vfork) => false,
+            (None, ForkEventKind::Clone) => true,
         };
-        if flags & (libc::CLONE_NEWNS | libc::CLONE_NEWUSER) == 0 {
-            supervision.supervisor.inherit(parent, child, child_tgid);
-        }
+        supervision.supervisor.inherit(parent, child, child_tgid, own_namespaces);
     }
 
     /// A thread ended (its id may be reused): what the supervisor knew of

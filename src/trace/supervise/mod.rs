@@ -317,17 +317,25 @@ impl Supervisor {
     }
 
     /// A new task, at its creator's fork event, before it ran: it starts
-    /// where its creator is (root, mount and user namespaces, LSM label:
-    /// the caller rules out a clone that made it new namespaces) with its
-    /// credentials and creation mask, so what the tracer knows of the
-    /// creator holds for it, and the task is not looked at again in /proc.
-    /// Any later change of either is a watched call, which forgets every
-    /// thread.
-    pub fn inherit(&mut self, creator: Pid, child: Pid, child_tgid: Pid) {
+    /// where its creator is (root, mount and user namespaces, LSM label),
+    /// unless `own_namespaces` (its clone made it new ones, or its flags
+    /// are not known), with its credentials and creation mask, so what the
+    /// tracer knows of the creator holds for it, and the task is not looked
+    /// at again in /proc. Any later change of either is a watched call,
+    /// which forgets every thread.
+    pub fn inherit(&mut self, creator: Pid, child: Pid, child_tgid: Pid, own_namespaces: bool) {
         let Some(performer) = &mut self.performer else { return };
-        let Some(View::Like(thread)) = performer.views.get(&creator) else { return };
-        let inherited = Thread { credentials: thread.credentials.clone(), mask: thread.mask, tgid: Some(child_tgid) };
-        performer.views.entry(child).or_insert(View::Like(inherited));
+        let inherited = match performer.views.get(&creator) {
+            Some(View::Like(thread)) if !own_namespaces => {
+                Thread { credentials: thread.credentials.clone(), mask: thread.mask, tgid: Some(child_tgid) }
+            }
+            // Anything known of that id before was a former task's.
+            _ => {
+                performer.views.remove(&child);
+                return;
+            }
+        };
+        performer.views.insert(child, View::Like(inherited));
     }
 
     /// A process ran another program: `status`, read at its exec event, is
