@@ -611,3 +611,37 @@ fn a_set_user_id_program_opens_with_the_credentials_its_exec_gave_it() {
         assert!(run.stat("supervised_calls") > 0, "{}", run.stderr);
     }
 }
+
+/// A child cloned into a mount namespace of its own is not in the tracer's:
+/// the tracer does not take on what it knew of the parent for it, and the
+/// child's open is its own (sent back to ptrace), on its own namespace's
+/// mount, as the child's descriptor says (statx's mount id), where the
+/// parent's, made before, was the tracer's to make.
+#[test]
+fn a_child_cloned_into_its_own_mount_namespace_opens_on_its_own_mounts() {
+    if !common::require_root(&[common::CAP_SYS_ADMIN], "clone(CLONE_NEWNS)") {
+        return;
+    }
+    let (dir, program) = workspace("clone_ns");
+    let file = dir.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let run = run(&[], None, dir.path(), &[program.as_os_str(), file.as_os_str()]);
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let said: Vec<(u32, u64)> = run
+        .stdout
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .map(|w| (w[0].parse().unwrap(), w[1].parse().unwrap()))
+        .collect();
+    let [(parent, parent_mount), (child, child_mount)] = said[..] else { panic!("{}", run.stdout) };
+    // A new namespace's mounts are new mounts: the same id would be a file
+    // the tracer opened in its own namespace and handed to the child.
+    assert_ne!(parent_mount, child_mount, "the child's file is on the tracer's mount: {}", run.stderr);
+    let opens = run.opens_of(&common::real_path(file.to_str().unwrap()));
+    for (pid, mount) in [(parent, parent_mount), (child, child_mount)] {
+        let of: Vec<_> = opens.iter().filter(|e| e["pid"] == pid).collect();
+        assert_eq!(of.len(), 1, "{pid}: {opens:#?}");
+        assert_eq!(of[0]["open"]["mount_id"], mount.to_string(), "{pid}: {:#}", of[0]);
+    }
+    assert!(run.stat("supervised_calls") > 0 && run.stat("bounced_calls") > 0, "{}", run.stderr);
+}
