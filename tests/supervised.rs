@@ -818,3 +818,77 @@ fn a_workload_s_fanotify_permission_group_sees_its_own_opens() {
     assert_eq!(said["opener"], said["child"], "{}", run.stdout);
     assert!(run.stderr.contains("made a fanotify group with permission events"), "{}", run.stderr);
 }
+
+/// An exec can change a process's credentials (a set-user-id program): the
+/// new program's opens are made with the credentials it has after the exec,
+/// not those the tracer knew its shell (and so the forked child) to have.
+/// Each run held against the same run natively: a set-user-id root `cat`
+/// reads a root-only file for user 1000, a set-user-id 1000 one cannot for
+/// root.
+#[test]
+fn a_set_user_id_program_opens_with_the_credentials_its_exec_gave_it() {
+    use std::os::unix::fs::chown;
+    if !is_root() {
+        return common::skip("needs root to make set-user-id programs");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "x").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for (owner, (flags, native_as)) in [(0, WORKLOAD_USERS[1]), (1000, WORKLOAD_USERS[0])] {
+        let program = dir.path().join(format!("cat-{owner}"));
+        std::fs::copy("/bin/cat", &program).unwrap();
+        chown(&program, Some(owner), Some(owner)).unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o4755)).unwrap();
+        let native = std::process::Command::new("setpriv").args(native_as).arg(&program).arg(&secret).status();
+        let native = native.unwrap().code();
+        assert_eq!(native, Some(if owner == 0 { 0 } else { 1 }), "{program:?} natively");
+        // Forked by a shell that made opens of its own first.
+        let command = "\"$0\" \"$1\"; exit $?";
+        let args = ["sh".as_ref(), "-c".as_ref(), command.as_ref(), program.as_os_str(), secret.as_os_str()];
+        let run = run(flags, None, dir.path(), &args);
+        assert_eq!(run.code(), native, "{program:?}: {}", run.stderr);
+        let opens = run.opens_of(&common::real_path(secret.to_str().unwrap()));
+        assert_eq!(opens.len(), 1, "{program:?}: {:#?}", run.of("open"));
+        match native {
+            Some(0) => assert!(retval(opens[0]) >= 0, "{program:?}: {:#}", opens[0]),
+            _ => assert_eq!(retval(opens[0]), -libc::EACCES as i64, "{program:?}: {:#}", opens[0]),
+        }
+        assert!(run.stat("supervised_calls") > 0, "{}", run.stderr);
+    }
+}
+
+/// A child cloned into a mount namespace of its own is not in the tracer's:
+/// the tracer does not take on what it knew of the parent for it, and the
+/// child's open is its own (sent back to ptrace), on its own namespace's
+/// mount, as the child's descriptor says (statx's mount id), where the
+/// parent's, made before, was the tracer's to make.
+#[test]
+fn a_child_cloned_into_its_own_mount_namespace_opens_on_its_own_mounts() {
+    if !common::require_root(&[common::CAP_SYS_ADMIN], "clone(CLONE_NEWNS)") {
+        return;
+    }
+    let (dir, program) = workspace("clone_ns");
+    let file = dir.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let run = run(&[], None, dir.path(), &[program.as_os_str(), file.as_os_str()]);
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let said: Vec<(u32, u64)> = run
+        .stdout
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .map(|w| (w[0].parse().unwrap(), w[1].parse().unwrap()))
+        .collect();
+    let [(parent, parent_mount), (child, child_mount)] = said[..] else { panic!("{}", run.stdout) };
+    // A new namespace's mounts are new mounts: the same id would be a file
+    // the tracer opened in its own namespace and handed to the child.
+    assert_ne!(parent_mount, child_mount, "the child's file is on the tracer's mount: {}", run.stderr);
+    let opens = run.opens_of(&common::real_path(file.to_str().unwrap()));
+    for (pid, mount) in [(parent, parent_mount), (child, child_mount)] {
+        let of: Vec<_> = opens.iter().filter(|e| e["pid"] == pid).collect();
+        assert_eq!(of.len(), 1, "{pid}: {opens:#?}");
+        assert_eq!(of[0]["open"]["mount_id"], mount.to_string(), "{pid}: {:#}", of[0]);
+    }
+    assert!(run.stat("supervised_calls") > 0 && run.stat("bounced_calls") > 0, "{}", run.stderr);
+}

@@ -318,7 +318,11 @@ impl Engine {
             let (listener, woken) = (ready(&fds[0]), fds[1..watched].first().map(ready));
             if woken.is_some_and(|r| r.contains(PollFlags::POLLIN)) {
                 if let Some(child_stops) = &supervision.child_stops {
-                    while let Ok(Some(_)) = child_stops.read_signal() {}
+                    // One read empties it: SIGCHLD is a standard signal, of
+                    // which at most one is pending (a second read would only
+                    // say EAGAIN, once per stop). Another one pending makes
+                    // the next poll return at once: no stop is missed.
+                    let _ = child_stops.read_signal();
                 }
             }
             if listener.contains(PollFlags::POLLIN) {
@@ -461,22 +465,52 @@ impl Engine {
         self.supervision.as_ref().is_some_and(|s| matches!(s.bounced.get(&tid), Some(Bounce::InCall(_))))
     }
 
-    /// A thread's credentials, root or namespaces may have changed (None:
-    /// any thread's, a sibling sharing them may have changed them), or
-    /// `tid` exec'd or ended (its id may be reused): what the supervisor
-    /// knew of threads is forgotten (an exec can change credentials), and
-    /// the owner names' roots of those threads.
-    fn forget_threads(&mut self, tid: Option<Pid>) {
+    /// A thread's credentials, root or namespaces may have changed (a
+    /// sibling sharing them may have changed them): what the supervisor
+    /// and the owner names knew of threads is forgotten.
+    fn forget_all_threads(&mut self) {
         if let Some(names) = &mut self.names {
-            names.forget_threads(tid);
+            names.forget_threads(None);
         }
         if let Some(supervision) = &mut self.supervision {
             supervision.supervisor.forget();
-            if let Some(tid) = tid {
-                supervision.bounced.remove(&tid);
-                supervision.made.remove(&tid);
-                supervision.supervisor.forget_thread(tid);
-            }
+        }
+    }
+
+    /// A new task that has not run yet takes what the supervisor knows of its
+    /// creator, unless it has namespaces of its own. `flags`: the creator's
+    /// clone entry's, matching the event or not. Supervised calls exist
+    /// only for a workload traced from its start, so every clone's entry
+    /// was seen: a fork or vfork event without one was fork(2) or vfork(2),
+    /// which make none; a clone's flags not known leave the child to be
+    /// looked at.
+    fn supervisor_inherits(
+        &mut self,
+        parent: Pid,
+        child: Pid,
+        child_tgid: Pid,
+        flags: Option<i32>,
+        kind: ForkEventKind,
+    ) {
+        let Some(supervision) = &mut self.supervision else { return };
+        let own_namespaces = match (flags, kind) {
+            (Some(flags), _) => flags & (libc::CLONE_NEWNS | libc::CLONE_NEWUSER) != 0,
+            (None, ForkEventKind::Fork | ForkEventKind::Vfork) => false,
+            (None, ForkEventKind::Clone) => true,
+        };
+        supervision.supervisor.inherit(parent, child, child_tgid, own_namespaces);
+    }
+
+    /// A thread ended (its id may be reused): what the supervisor and the
+    /// owner names knew of it is forgotten.
+    fn forget_thread(&mut self, tid: Pid) {
+        if let Some(names) = &mut self.names {
+            names.forget_threads(Some(tid));
+        }
+        if let Some(supervision) = &mut self.supervision {
+            supervision.bounced.remove(&tid);
+            supervision.made.remove(&tid);
+            supervision.supervisor.forget_thread(tid);
         }
     }
 
@@ -649,7 +683,7 @@ impl Engine {
             Decoder::Credentials(_)
             | Decoder::Namespace(_)
             | Decoder::Prctl
-            | Decoder::Confines(ConfiningCall::Umask) => self.forget_threads(None),
+            | Decoder::Confines(ConfiningCall::Umask) => self.forget_all_threads(),
             Decoder::Confines(ConfiningCall::Landlock) if retval == 0 => {
                 self.supervisor_steps_back("a workload process confined itself with Landlock")
             }
@@ -752,6 +786,7 @@ impl Engine {
         let parent = stop.pid;
         let Ok(child) = stop.message().map(|pid| Pid::from_raw(pid as i32)) else { return };
         let request = self.procs.thread_mut(parent).and_then(|t| t.forking.take());
+        let entered_flags = request.map(|r| r.flags as i32);
         // The request must be the clone the kernel reports: a vfork is
         // reported as VFORK and a thread as CLONE.
         let request = request.filter(|r| {
@@ -766,7 +801,12 @@ impl Engine {
         let sibling = request.is_some_and(|r| r.flags as i32 & libc::CLONE_PARENT != 0);
         let tables = !thread && self.shares_tables_with_child(parent, request.map(|r| r.flags as i32), kind);
         let sharing = Sharing { thread, sibling, tables };
+        // A child adopted before this event has run: its own state is read.
+        let ran = self.procs.thread(child).is_some_and(|t| t.adopted_at.is_some());
         let child_tgid = self.procs.add_child(parent, child, sharing);
+        if !ran {
+            self.supervisor_inherits(parent, child, child_tgid, entered_flags, kind);
+        }
         if child_tgid == child {
             // A child adopted before this event may already have events of
             // its own: the fork is stamped no later than its first stop.
@@ -840,13 +880,23 @@ impl Engine {
         self.interrupted.remove(&former);
         self.interrupted.remove(&tgid);
         let call = pending.filter(|p| matches!(p.decoder, Decoder::Exec(_))).map(|p| p.call);
-        self.forget_threads(Some(former));
-        decode::exec_succeeded(&mut self.ctx(tgid), call, time, former);
+        let status = decode::exec_succeeded(&mut self.ctx(tgid), call, time, former);
+        // The exec'ing thread now has the process id, and its own root,
+        // not the former leader's.
+        if let Some(names) = &mut self.names {
+            names.forget_threads(Some(former));
+            names.forget_threads(Some(tgid));
+        }
+        if let Some(supervision) = &mut self.supervision {
+            supervision.bounced.remove(&former);
+            supervision.made.remove(&former);
+            supervision.supervisor.exec(former, tgid, status.as_ref());
+        }
     }
 
     fn on_death(&mut self, pid: Pid, death: Death) {
         self.pending.remove(&pid);
-        self.forget_threads(Some(pid));
+        self.forget_thread(pid);
         // Killed by the signal that interrupted its call: the call did not complete.
         if let Some(interrupted) = self.interrupted.remove(&pid) {
             self.report_eintr(pid, interrupted);

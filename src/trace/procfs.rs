@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::DirEntryExt;
 
@@ -156,7 +156,13 @@ pub fn descriptor_file(tid: Pid, fd: i32) -> Option<(String, FileId)> {
     let flags = OFlag::O_PATH | OFlag::O_CLOEXEC;
     let file = nix::fcntl::open(format!("/proc/{tid}/fd/{fd}").as_str(), flags, nix::sys::stat::Mode::empty()).ok()?;
     let id = file_id(&file, b"")?;
-    Some((readlink(&format!("/proc/self/fd/{}", file.as_raw_fd()))?, id))
+    Some((own_fd_path(&file)?, id))
+}
+
+/// The kernel's path for a descriptor of the tracer's own (`/proc/self`:
+/// no getpid to name the process).
+pub fn own_fd_path(file: &impl AsFd) -> Option<String> {
+    readlink(&format!("/proc/self/fd/{}", file.as_fd().as_raw_fd()))
 }
 
 /// Whether `tid` is a thread of the tracer's own process (the workload is
@@ -390,6 +396,32 @@ pub fn read_bounded(path: &str, max: usize) -> Option<(Vec<u8>, bool)> {
     Some((buf, cut))
 }
 
+/// Up to `max` bytes of a /proc file the kernel writes as one record
+/// (seq_file's single_open: status, stat): each read copies as much of the
+/// whole text as it has room for, so a read that leaves room was the last,
+/// and the one more read that would say so is not made. The flag says
+/// whether there was more than `max`.
+pub fn read_record(path: &str, max: usize) -> Option<(Vec<u8>, bool)> {
+    let mut file = File::open(path).ok()?;
+    let mut buf = vec![0; max.min(PAGE) + 1];
+    let mut len = 0;
+    loop {
+        let read = match file.read(&mut buf[len..]) {
+            Ok(read) => read,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        };
+        len += read;
+        if read == 0 || len < buf.len() || len > max {
+            break;
+        }
+        buf.resize((2 * len).min(max + 1), 0);
+    }
+    let cut = len > max;
+    buf.truncate(len.min(max));
+    Some((buf, cut))
+}
+
 /// Fields of /proc/TID/status we use.
 #[derive(Default)]
 pub struct Status {
@@ -409,7 +441,7 @@ pub fn status(tid: Pid) -> Option<Status> {
     // The Groups line, before the capability lines, can list NGROUPS_MAX
     // (65536) ids of up to 10 digits: a bound below that would let a
     // workload push its capabilities out of reach. Usually one page is read.
-    let (bytes, _) = read_bounded(&format!("/proc/{tid}/status"), 256 * PAGE)?;
+    let (bytes, _) = read_record(&format!("/proc/{tid}/status"), 256 * PAGE)?;
     Some(parse_status(&bytes))
 }
 
@@ -663,6 +695,36 @@ mod tests {
         assert_eq!(own_proc_links(thread, b"proc/thread-self"), Some(format!("proc/{me}/task/{thread}").into_bytes()));
         assert_eq!(own_proc_links(thread, b"proc/selfish"), None);
         assert_eq!(own_proc_links(thread, b"etc/passwd"), None);
+    }
+
+    #[test]
+    fn a_record_is_read_whole_or_cut_at_its_bound() {
+        // As root, this thread alone gets 3000 supplementary groups (raw
+        // setgroups: glibc's would set every thread's), so that its status
+        // is longer than a first read's room and the reads go on.
+        let own = nix::unistd::getgroups().unwrap();
+        let many: Vec<libc::gid_t> = (1..=3000).collect();
+        let set = |groups: &[libc::gid_t]| {
+            // SAFETY: setgroups reads `groups.len()` ids from a live slice.
+            unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) == 0 }
+        };
+        let long = nix::unistd::geteuid().is_root() && set(&many);
+        // Counters in both change from one read to the next: their ends and
+        // beginnings do not.
+        let (status, cut) = read_record("/proc/thread-self/status", 256 * PAGE).unwrap();
+        let last = b"nonvoluntary_ctxt_switches:";
+        let last_line = status[..status.len() - 1].rsplit(|&b| b == b'\n').next().unwrap();
+        assert!(!cut && last_line.starts_with(last), "{}", String::from_utf8_lossy(&status));
+        if long {
+            assert!(status.len() > 2 * PAGE);
+            assert_eq!(parse_status(&status).credentials.groups, many);
+            let own: Vec<libc::gid_t> = own.iter().map(|g| g.as_raw()).collect();
+            assert!(set(&own));
+        }
+        let (stat, cut) = read_record("/proc/thread-self/stat", 1024).unwrap();
+        assert!(!cut && stat.ends_with(b"\n"), "{}", String::from_utf8_lossy(&stat));
+        let (start, cut) = read_record("/proc/thread-self/status", 10).unwrap();
+        assert_eq!((start.len(), &start[..6], cut), (10, &b"Name:\t"[..], true));
     }
 
     #[test]

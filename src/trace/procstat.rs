@@ -36,7 +36,7 @@ pub fn parse_stat(text: &[u8]) -> Option<Stat> {
 }
 
 pub fn stat(pid: Pid) -> Option<Stat> {
-    let (bytes, _) = procfs::read_bounded(&format!("/proc/{pid}/stat"), 1024)?;
+    let (bytes, _) = procfs::read_record(&format!("/proc/{pid}/stat"), 1024)?;
     parse_stat(&bytes)
 }
 

@@ -308,8 +308,9 @@ fn terminal(pid: Pid) -> String {
 /// when that stack is not as expected), not from the old memory a thread
 /// could have changed after the entry stop. `call` is the exec's entry, when
 /// it was seen; `caller`, the thread that called it (the kernel has given
-/// it the process id by now).
-pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime, caller: Pid) {
+/// it the process id by now). Returns what /proc/PID/status said of the
+/// process after the exec (its credentials are the event's).
+pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime, caller: Pid) -> Option<procfs::Status> {
     let pid = cx.tgid();
     let from_stack = ptrace::stack_at_exec(pid)
         .ok()
@@ -384,7 +385,7 @@ pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime, caller:
         envs,
         envs_truncated,
         cwd: cx.cwd().unwrap_or_default(),
-        credentials: status.map(|s| s.credentials),
+        credentials: status.as_ref().map(|s| s.credentials.clone()),
         executable,
         interpreter,
         tty: terminal(pid),
@@ -405,6 +406,7 @@ pub fn succeeded(cx: &mut Ctx<'_>, call: Option<Call>, time: SystemTime, caller:
     event.tid = caller.as_raw() as u32;
     event.unverified = unverified.join("; ");
     cx.sink.emit(event);
+    status
 }
 
 #[cfg(test)]

@@ -14,7 +14,11 @@
 //! The tracer performs a call only where it is the call the workload's
 //! would have been; everything else is *bounced* to the ptrace path, where
 //! the kernel runs the workload's own call (`Served::Bounce`). The
-//! conditions shared by every call, each checked at every call:
+//! conditions shared by every call, each checked at every call against
+//! what the tracer knows of the thread (read from /proc once, or inherited
+//! from its creator at its fork and kept across its exec where the kernel
+//! carries it over, and forgotten at each watched call that can change
+//! it):
 //! - the filter notifies x86_64 calls only (`syscalls::Notified` says which
 //!   forms);
 //! - the thread has the tracer's root, mount namespace and user namespace
@@ -188,8 +192,17 @@ struct Performer {
     views: HashMap<Pid, View>,
     /// Inodes of the tracer's mount and user namespaces.
     namespaces: (u64, u64),
-    /// The tracer's LSM label (SELinux, AppArmor), if the kernel has one.
-    label: Option<Vec<u8>>,
+    /// The tracer's LSM label (SELinux, AppArmor).
+    label: Label,
+}
+
+/// The tracer's LSM label, or that this kernel gives none.
+enum Label {
+    /// No LSM of this kernel gives labels (`/proc/self/attr/current` says
+    /// EINVAL): nor does any thread have one, so none is read (the set of
+    /// LSMs is fixed at boot).
+    Unlabelled,
+    Of(Option<Vec<u8>>),
 }
 
 /// A thread whose calls the tracer can perform, as it last read it.
@@ -282,8 +295,9 @@ impl Supervisor {
     }
 
     /// Forgets what it knew of every thread: called when one changes its
-    /// credentials, root or namespaces (those calls stop under ptrace),
-    /// execs or ends.
+    /// credentials, root or namespaces (those calls stop under ptrace; a
+    /// chroot or pivot_root reaches the processes that share its root).
+    /// An exec or a death is the thread's alone (`exec`, `forget_thread`).
     pub fn forget(&mut self) {
         if let Some(performer) = &mut self.performer {
             performer.views.clear();
@@ -296,10 +310,53 @@ impl Supervisor {
         self.performer.take().is_some()
     }
 
-    /// Forgets a thread that ended or ran another program: a file held for
-    /// its restarted call is closed.
+    /// Forgets a thread that ended or ran another program (its id may be
+    /// reused; an exec may change its credentials): what the tracer knew of
+    /// it, and a file held for its restarted call, which is closed.
     pub fn forget_thread(&mut self, tid: Pid) {
         self.held.remove(&tid);
+        if let Some(performer) = &mut self.performer {
+            performer.views.remove(&tid);
+        }
+    }
+
+    /// A new task, at its creator's fork event, before it ran: it starts
+    /// where its creator is (root, mount and user namespaces, LSM label),
+    /// unless `own_namespaces` (its clone made it new ones, or its flags
+    /// are not known), with its credentials and creation mask, so what the
+    /// tracer knows of the creator holds for it, and the task is not looked
+    /// at again in /proc. Any later change of either is a watched call,
+    /// which forgets every thread.
+    pub fn inherit(&mut self, creator: Pid, child: Pid, child_tgid: Pid, own_namespaces: bool) {
+        let Some(performer) = &mut self.performer else { return };
+        let inherited = match performer.views.get(&creator) {
+            Some(View::Like(thread)) if !own_namespaces => {
+                Thread { credentials: thread.credentials.clone(), mask: thread.mask, tgid: Some(child_tgid) }
+            }
+            // Anything known of that id before was a former task's.
+            _ => {
+                performer.views.remove(&child);
+                return;
+            }
+        };
+        performer.views.insert(child, View::Like(inherited));
+    }
+
+    /// A process ran another program: `status`, read at its exec event, is
+    /// what it has now. An exec keeps its root and namespaces, so where
+    /// they were the tracer's before, only the credentials (set-id bits,
+    /// file capabilities) are new, and `status` gives them; the LSM label
+    /// an exec can change too, so with an LSM that gives labels the thread
+    /// is looked at again at its next call.
+    pub fn exec(&mut self, former: Pid, pid: Pid, status: Option<&procfs::Status>) {
+        let Some(performer) = &mut self.performer else { return };
+        let was_like = [former, pid].iter().any(|tid| matches!(performer.views.get(tid), Some(View::Like(_))));
+        self.forget_thread(former);
+        self.forget_thread(pid);
+        let (Some(performer), Some(status)) = (&mut self.performer, status) else { return };
+        if was_like && matches!(performer.label, Label::Unlabelled) {
+            performer.views.insert(pid, Performer::view_from(status, true));
+        }
     }
 
     /// Lets the notified call run as the kernel has it, unseen: for a thread
@@ -372,7 +429,10 @@ impl Performer {
         let root_id = procfs::cached_identity(root.as_raw_fd(), c"")?;
         let namespaces = namespaces_of("self")?;
         let mask = Mask::own();
-        let label = label_of("self");
+        let label = match label_of("self") {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Label::Unlabelled,
+            own => Label::Of(own.ok()),
+        };
         Some(Performer { root, root_id, own: Own::current()?, mask, views: HashMap::new(), namespaces, label })
     }
 
@@ -399,10 +459,19 @@ impl Performer {
         let same_namespaces = namespaces_of(&tid.to_string()) == Some(self.namespaces);
         // Under another label, an LSM would allow or deny the tracer's
         // calls, not the thread's.
-        let same_label = label_of(&tid.to_string()) == self.label;
+        let same_label = match &self.label {
+            Label::Unlabelled => true,
+            Label::Of(own) => label_of(&tid.to_string()).ok() == *own,
+        };
         let Some(status) = procfs::status(tid) else { return View::Foreign };
+        Performer::view_from(&status, same_root && same_namespaces && same_label)
+    }
+
+    /// A thread with `status`, where `same_place` says whether it has the
+    /// tracer's root, namespaces and label.
+    fn view_from(status: &procfs::Status, same_place: bool) -> View {
         match FsCredentials::from_status(&status.credentials) {
-            Some(credentials) if same_root && same_namespaces && same_label => {
+            Some(credentials) if same_place => {
                 View::Like(Thread { credentials, mask: status.umask, tgid: status.tgid.map(Pid::from_raw) })
             }
             _ => View::Foreign,
@@ -447,10 +516,10 @@ fn proc_path(path: &str) -> CString {
     CString::new(path).expect("a /proc path has no NUL")
 }
 
-/// A process's LSM label (`who`: a pid or "self"); None where no LSM gives
+/// A process's LSM label (`who`: a pid or "self"); EINVAL where no LSM gives
 /// one.
-fn label_of(who: &str) -> Option<Vec<u8>> {
-    std::fs::read(format!("/proc/{who}/attr/current")).ok()
+fn label_of(who: &str) -> std::io::Result<Vec<u8>> {
+    std::fs::read(format!("/proc/{who}/attr/current"))
 }
 
 /// Inodes of a process's mount and user namespaces (`who`: a pid or "self").

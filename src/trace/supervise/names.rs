@@ -427,7 +427,7 @@ impl Performer {
             NameCall::Times { times, .. } => rustix::fs::futimens(&file, &times).map_err(errno_of),
             _ => return None,
         };
-        let path = procfs::fd_path(Pid::this(), file.as_raw_fd());
+        let path = procfs::own_fd_path(&file);
         let retval = result.map_or_else(|errno| -(errno as i64), |()| 0);
         Some(Named { retval, path, target: None, file: procfs::file_id(&file, b""), unverified: None })
     }

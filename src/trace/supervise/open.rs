@@ -18,7 +18,7 @@
 //!   too (EROFS, ENOSPC, EDQUOT, EISDIR, ETXTBSY, EPERM).
 
 use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use nix::errno::Errno;
 use nix::unistd::Pid;
@@ -190,7 +190,7 @@ impl Performer {
         let Some(base) = self.base(tid, args.dirfd, &args.raw) else { return (Opening::Bounce, None) };
         let opening = self.open_from(&base, args, thread);
         let path = match &opening {
-            Opening::Opened(file, _) => procfs::fd_path(Pid::this(), file.as_raw_fd()).or_else(|| base.join(&args.raw)),
+            Opening::Opened(file, _) => procfs::own_fd_path(&file).or_else(|| base.join(&args.raw)),
             _ => None,
         };
         (opening, path)
