@@ -205,6 +205,48 @@ fn a_connect_reports_the_peer_the_kernel_reached_whatever_a_sibling_writes() {
     }
 }
 
+/// A unix connect whose address a sibling flips between two listeners:
+/// an abstract name is the kernel's answer whenever it differs from the
+/// one read (the event names the peer), a path that differs is marked;
+/// an event without a mark names the listener the kernel connected to.
+#[test]
+fn a_unix_connect_reports_the_peer_the_kernel_connected_or_is_marked() {
+    const COUNT: usize = 200;
+    for kind in ["abstract", "path"] {
+        for mode in MODES {
+            let dir = open_dir();
+            let dir_path = dir.path().canonicalize().unwrap();
+            let count = COUNT.to_string();
+            let program = fixture("attack_unix");
+            let args = [program.as_os_str(), dir_path.as_os_str(), count.as_ref(), kind.as_ref()];
+            let run = Trace::with_flags(mode, &args).run();
+            let context = format!("{kind} {mode:?}: {}", run.stderr);
+            assert_eq!(run.code(), Some(0), "{context}");
+            let reached: Vec<&str> = run.stdout.lines().collect();
+            assert_eq!(reached.len(), COUNT, "{context}");
+            let connects: Vec<_> =
+                run.of("connect").into_iter().filter(|e| e["connect"]["family"] == "ADDRESS_FAMILY_UNIX").collect();
+            assert_eq!(connects.len(), COUNT, "{context}");
+            let pid = pid_of(run.of("exec")[0]);
+            let name = |which: &str| match kind {
+                "abstract" => format!("@cws-{which}-{pid}"),
+                _ => format!("{}/{which}.sock", dir_path.display()),
+            };
+            let mut marked = 0;
+            for (event, which) in connects.iter().zip(&reached) {
+                assert_eq!(retval(event), 0, "{context}: {event:#?}");
+                let address = event["connect"]["address"].as_str().unwrap();
+                match (event["unverified"].as_str(), kind) {
+                    (None, _) | (Some(_), "abstract") => assert_eq!(address, name(which), "{context}: {event:#?}"),
+                    (Some(_), _) => {}
+                }
+                marked += usize::from(event["unverified"].is_string());
+            }
+            eprintln!("{context}: {marked} of {COUNT} unix connects marked");
+        }
+    }
+}
+
 #[test]
 fn an_open_names_the_file_the_kernel_opened_whatever_a_sibling_puts_at_its_descriptor() {
     const COUNT: usize = 200;

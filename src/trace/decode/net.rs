@@ -63,7 +63,8 @@ fn connect_exit(cx: &mut Ctx<'_>, call: &Call, retval: i64) {
     let socket = socket_of(cx, fd);
     let requested = parse_sockaddr(&call.entry_bytes);
     let partial = requested.is_none();
-    let (checked, unverified) = verify_peer(socket.as_ref(), requested, retval);
+    let shared = cx.procs.tables_shared(cx.tid);
+    let (checked, unverified) = verify_peer(socket.as_ref(), requested, retval, shared);
     let (family, address, port) = address_or_empty(checked);
     let connect = proto::ConnectEvent {
         address,

@@ -81,14 +81,19 @@ pub fn is_ip(family: AddressFamily) -> bool {
 }
 
 /// The address a connect reached, and why it could not be checked if not.
+/// `shared`: another task shares the caller's memory, and could have
+/// rewritten the address after the tracer read it.
 pub fn verify_peer(
     socket: Option<&OwnedFd>,
     requested: Option<Address>,
     retval: i64,
+    shared: bool,
 ) -> (Option<Address>, Option<String>) {
     let Some(requested) = requested else { return (None, None) };
+    if requested.0 == AddressFamily::Unix {
+        return verify_unix_peer(socket, requested, retval, shared);
+    }
     if !is_ip(requested.0) {
-        // A unix peer's name is whatever it bound, not what was asked.
         return (Some(requested), None);
     }
     if retval != 0 {
@@ -107,6 +112,50 @@ pub fn verify_peer(
             (Some(peer), Some(why))
         }
         None => (Some(requested), Some("address: the socket has no peer to check it against".to_owned())),
+    }
+}
+
+/// A unix connect: the peer's name is the one it bound. An abstract name
+/// is what a connect must give byte for byte, so a peer of another name is
+/// the kernel's answer. A path may have been bound relative to the
+/// server's directory, or through a symlink, so a peer bound under another
+/// path says nothing alone; where another task shares the memory, it is
+/// marked.
+fn verify_unix_peer(
+    socket: Option<&OwnedFd>,
+    requested: Address,
+    retval: i64,
+    shared: bool,
+) -> (Option<Address>, Option<String>) {
+    const RACE: &str = "another task sharing the memory could have changed it before the kernel read it";
+    if retval != 0 {
+        let why = shared.then(|| {
+            format!(
+                "address: read from the workload's memory; the connect failed, leaving no peer to check it, and {RACE}"
+            )
+        });
+        return (Some(requested), why);
+    }
+    let peer = socket.and_then(|s| procfs::socket_address(s, End::Peer)).and_then(|a| parse_sockaddr(&a));
+    match peer {
+        Some(peer) if peer == requested => (Some(peer), None),
+        Some(peer) if peer.1.starts_with('@') => {
+            let why = format!(
+                "address: {} was read from the workload's memory, but the socket's peer is the kernel's answer \
+                 (the memory changed after the read, or the descriptor was replaced)",
+                requested.1
+            );
+            (Some(peer), Some(why))
+        }
+        Some(peer) if shared => {
+            let why = format!(
+                "address: read from the workload's memory; the socket's peer is bound as {}, which may name the \
+                 same socket, and {RACE}",
+                peer.1
+            );
+            (Some(requested), Some(why))
+        }
+        _ => (Some(requested), None),
     }
 }
 
