@@ -284,6 +284,43 @@ fn traced(flags: &[&str], dir: &Path, command: &str, path: &Path) -> Run {
     run(flags, None, dir, &["sh".as_ref(), "-c".as_ref(), command.as_ref(), path.as_os_str()])
 }
 
+/// One call of a fixture that prints its errno, held against native: `sh -c
+/// COMMAND PATH` run natively as `native_as` and traced with `flags`, each
+/// from `prepare`'s state, must end alike (exit code, output, `state`). Its
+/// one event of `syscall` (on `path` unless None) must return the errno
+/// printed (EFBIG when the program was killed before printing: SIGXFSZ) and
+/// carry no mark. Returns that event.
+#[allow(clippy::too_many_arguments)]
+fn held_against_native<S: PartialEq + std::fmt::Debug>(
+    (flags, native_as): (&[&str], &[&str]),
+    dir: &Path,
+    command: &str,
+    path: &Path,
+    prepare: impl Fn(),
+    state: impl Fn() -> S,
+    syscall: &str,
+    event_path: Option<&str>,
+) -> serde_json::Value {
+    prepare();
+    let (code, printed) = natively_printing(native_as, command, path);
+    let native = (code, printed.as_str(), state());
+    prepare();
+    let run = traced(flags, dir, command, path);
+    let context = format!("{flags:?} {command} {path:?}: {}", run.stderr);
+    assert_eq!((run.code(), run.stdout.as_str(), state()), native, "{context}");
+    let events: Vec<_> = run
+        .of("file")
+        .into_iter()
+        .filter(|e| e["syscall"] == syscall && event_path.is_none_or(|p| e["file"]["path"] == p))
+        .collect();
+    assert_eq!(events.len(), 1, "{context}: {:#?}", run.events);
+    let errno: i64 = run.stdout.trim().parse().unwrap_or(libc::EFBIG.into());
+    assert_eq!(retval(events[0]), -errno, "{context}: {:#}", events[0]);
+    assert!(events[0].get("unverified").is_none(), "{context}: {:#}", events[0]);
+    assert!(run.stat("supervised_calls") > 0, "{context}");
+    events[0].clone()
+}
+
 /// Files and directories a workload creates are its own (owner, the
 /// directory's set-group-id group, its mask), and it is refused what the
 /// kernel refuses it: each traced shell's `: >> FILE` and `mkdir DIR` held
@@ -533,30 +570,21 @@ fn a_workload_truncates_files_as_itself() {
         ("fd", "mine", "100000", "ulimit -f 1; ", "ftruncate"),
         ("lease", "mine", "3", "", "truncate"),
     ];
-    for (flags, native_as) in WORKLOAD_USERS {
+    let real = |name: &str| format!("{}/{name}", common::real_path(dir.path().to_str().unwrap()));
+    for user in WORKLOAD_USERS {
         for (mode, name, length, prefix, syscall) in cases {
             let command = format!("{prefix}exec '{}' {mode} \"$0\" {length}", program.display());
-            let path = at(name);
-            prepare();
-            let (code, printed) = natively_printing(native_as, &command, &path);
-            let native = (code, printed.as_str(), lengths());
-            prepare();
-            let run = traced(flags, dir.path(), &command, &path);
-            let context = format!("{flags:?} {command} {name}: {}", run.stderr);
-            assert_eq!((run.code(), run.stdout.as_str(), lengths()), native, "{context}");
-            let real = format!("{}/{name}", common::real_path(dir.path().to_str().unwrap()));
-            let events: Vec<_> = run
-                .of("file")
-                .into_iter()
-                .filter(|e| e["syscall"] == syscall && e["file"]["path"] == real.as_str())
-                .collect();
-            assert_eq!(events.len(), 1, "{context}: {:#?}", run.events);
-            // Killed by SIGXFSZ, the program printed nothing: the call failed with EFBIG.
-            let errno: i64 = run.stdout.trim().parse().unwrap_or(libc::EFBIG.into());
-            assert_eq!(retval(events[0]), -errno, "{context}: {:#}", events[0]);
-            assert_eq!(events[0]["file"]["length"].as_str(), Some(length), "{context}: {:#}", events[0]);
-            assert!(events[0].get("unverified").is_none(), "{context}: {:#}", events[0]);
-            assert!(run.stat("supervised_calls") > 0, "{context}");
+            let event = held_against_native(
+                user,
+                dir.path(),
+                &command,
+                &at(name),
+                prepare,
+                lengths,
+                syscall,
+                Some(&real(name)),
+            );
+            assert_eq!(event["file"]["length"].as_str(), Some(length), "{command}: {event:#}");
         }
     }
 }
@@ -620,31 +648,15 @@ fn a_workload_sets_attributes_as_itself() {
         ("lremove", "to-mine", "trusted.old", "", "lremovexattr"),
         ("fremove", "mine", "user.old", "", "fremovexattr"),
     ];
-    for (flags, native_as) in WORKLOAD_USERS {
+    let real = |name: &str| format!("{}/{name}", common::real_path(dir.path().to_str().unwrap()));
+    for user in WORKLOAD_USERS {
         for (mode, name, attribute, value, syscall) in cases {
             let command = format!("exec '{}' {mode} \"$0\" {attribute} {value}", program.display());
-            let path = at(name);
-            prepare();
-            let (code, printed) = natively_printing(native_as, &command, &path);
-            let native = (code, printed.as_str(), state());
-            prepare();
-            let run = traced(flags, dir.path(), &command, &path);
-            let context = format!("{flags:?} {command} {name}: {}", run.stderr);
-            assert_eq!((run.code(), run.stdout.as_str(), state()), native, "{context}");
-            let real = format!("{}/{name}", common::real_path(dir.path().to_str().unwrap()));
-            let events: Vec<_> = run
-                .of("file")
-                .into_iter()
-                .filter(|e| e["syscall"] == syscall && e["file"]["path"] == real.as_str())
-                .collect();
-            assert_eq!(events.len(), 1, "{context}: {:#?}", run.events);
-            let errno: i64 = run.stdout.trim().parse().unwrap();
-            assert_eq!(retval(events[0]), -errno, "{context}: {:#}", events[0]);
+            let event =
+                held_against_native(user, dir.path(), &command, &at(name), prepare, state, syscall, Some(&real(name)));
             if attribute != "long" {
-                assert_eq!(events[0]["file"]["name"], attribute, "{context}: {:#}", events[0]);
+                assert_eq!(event["file"]["name"], attribute, "{command}: {event:#}");
             }
-            assert!(events[0].get("unverified").is_none(), "{context}: {:#}", events[0]);
-            assert!(run.stat("supervised_calls") > 0, "{context}");
         }
     }
 }
@@ -707,28 +719,13 @@ fn a_workload_sets_times_as_itself() {
         ("utimes", "mine", "utimes"),
         ("utime", "mine", "utime"),
     ];
-    for (flags, native_as) in WORKLOAD_USERS {
+    let real = |name: &str| format!("{}/{name}", common::real_path(dir.path().to_str().unwrap()));
+    for user in WORKLOAD_USERS {
         for (mode, name, syscall) in cases {
             let command = format!("exec '{}' {mode} \"$0\"", program.display());
-            let path = at(name);
-            prepare();
-            let (code, printed) = natively_printing(native_as, &command, &path);
-            let native = (code, printed.as_str(), state());
-            prepare();
-            let run = traced(flags, dir.path(), &command, &path);
-            let context = format!("{flags:?} {command} {name}: {}", run.stderr);
-            assert_eq!((run.code(), run.stdout.as_str(), state()), native, "{context}");
-            let events = run.of("file").into_iter().filter(|e| e["syscall"] == syscall).collect::<Vec<_>>();
-            assert_eq!(events.len(), 1, "{context}: {:#?}", run.events);
-            let errno: i64 = run.stdout.trim().parse().unwrap();
-            assert_eq!(retval(events[0]), -errno, "{context}: {:#}", events[0]);
             // A name the kernel never looked up has no path to report as fact.
-            if mode != "omit-both" {
-                let real = format!("{}/{name}", common::real_path(dir.path().to_str().unwrap()));
-                assert_eq!(events[0]["file"]["path"], real.as_str(), "{context}: {:#}", events[0]);
-            }
-            assert!(events[0].get("unverified").is_none(), "{context}: {:#}", events[0]);
-            assert!(run.stat("supervised_calls") > 0, "{context}");
+            let path = (mode != "omit-both").then(|| real(name));
+            held_against_native(user, dir.path(), &command, &at(name), prepare, state, syscall, path.as_deref());
         }
     }
 }
