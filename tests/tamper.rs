@@ -365,7 +365,7 @@ fn a_process_whose_tables_are_its_own_gets_no_unverified_mark() {
 }
 
 #[test]
-fn signals_and_pidfds_aimed_at_the_tracer_are_refused_and_reported() {
+fn signals_pidfds_and_limits_aimed_at_the_tracer_are_refused_and_reported() {
     let dir = open_dir();
     let marker = dir.path().join("marker");
     std::fs::write(&marker, "x").unwrap();
@@ -379,6 +379,8 @@ fn signals_and_pidfds_aimed_at_the_tracer_are_refused_and_reported() {
         ("rt_sigqueueinfo", "process", "SIGSTOP"),
         ("pidfd_open", "process", ""),
         ("pidfd_send_signal", "process", "SIGSTOP"),
+        ("prlimit64", "process", ""),
+        ("prlimit64", "thread", ""),
     ];
     for (flags, tracer_uid) in users() {
         for mode in MODES {
@@ -397,7 +399,8 @@ fn signals_and_pidfds_aimed_at_the_tracer_are_refused_and_reported() {
                 "tracer thread is not its process\nkill thread SIGSTOP: EPERM\nkill process SIGSTOP: EPERM\n\
                  kill process SIGTERM: EPERM\ntkill thread SIGKILL: EPERM\ntgkill SIGSTOP: EPERM\n\
                  rt_sigqueueinfo SIGSTOP: EPERM\npidfd_open: EPERM\npidfd_send_signal SIGSTOP: EPERM\n\
-                 kill process 0: {probe}\nopen: ok\n"
+                 kill process 0: {probe}\nprlimit64 process NOFILE: EPERM\nprlimit64 thread FSIZE: EPERM\n\
+                 prlimit64 process read: {probe}\ntracer limits kept\nopen: ok\n"
             );
             assert_eq!((run.code(), run.stdout.as_str()), (Some(0), expected.as_str()), "{context}");
             let events: Vec<(&str, i64, &str, i64)> = run
