@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use common::{fixture, pid_of, retval, users, Run, Trace};
@@ -365,6 +365,35 @@ fn a_process_whose_tables_are_its_own_gets_no_unverified_mark() {
 }
 
 #[test]
+fn an_unnamed_file_linked_from_its_descriptor_is_confirmed() {
+    // linkat(fd, "", dir, name, AT_EMPTY_PATH), the way to name an
+    // O_TMPFILE file: the file linked is the descriptor's, which the name
+    // leads to after the call.
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = dir.path().canonicalize().unwrap();
+    for mode in MODES {
+        let name = dir_path.join(format!("named{}", mode.len()));
+        let run =
+            Trace::with_flags(mode, &[fixture("flink").as_os_str(), dir_path.as_os_str(), name.as_os_str()]).run();
+        let inode = std::fs::metadata(&name).map(|m| m.ino().to_string()).unwrap_or_default();
+        assert_eq!(
+            (run.code(), run.stdout.as_str()),
+            (Some(0), format!("{inode} linked\n").as_str()),
+            "{}",
+            run.stderr
+        );
+        let links = run.of("file");
+        let link: Vec<_> = links.iter().filter(|e| e["syscall"] == "linkat").collect();
+        assert_eq!(link.len(), 1, "{mode:?}: {links:#?}");
+        let event = link[0];
+        assert_eq!(retval(event), 0, "{mode:?}: {event:#?}");
+        assert_eq!(event["file"]["path"], name.to_str().unwrap(), "{mode:?}: {event:#?}");
+        assert_eq!(event["file"]["inode"], inode.as_str(), "{mode:?}: {event:#?}");
+        assert!(event.get("unverified").is_none(), "{mode:?}: {event:#?}");
+    }
+}
+
+#[test]
 fn signals_pidfds_and_limits_aimed_at_the_tracer_are_refused_and_reported() {
     let dir = open_dir();
     let marker = dir.path().join("marker");
@@ -469,7 +498,6 @@ fn a_threaded_program_s_ordinary_opens_are_confirmed() {
 
 #[test]
 fn an_exec_reports_the_program_the_kernel_ran_whatever_a_sibling_writes_in_its_path() {
-    use std::os::unix::fs::MetadataExt;
     const COUNT: usize = 100;
     let program_dir = open_dir();
     let program = runnable_by_anyone(program_dir.path(), &fixture("attack_args"));
