@@ -646,6 +646,49 @@ fn openat2_reports_the_access_mode_the_kernel_gave_whatever_a_sibling_writes_in_
 }
 
 #[test]
+fn a_mount_at_a_symlink_is_reported_where_the_kernel_mounted() {
+    // mount(2) and umount2(2) follow the target's final symlink: the event
+    // names the mount point, which mountinfo confirms, unmarked.
+    if !common::require_root(&[common::CAP_SYS_ADMIN], "mount tmpfs in a mount namespace of its own") {
+        return;
+    }
+    let program = fixture("mount_symlink");
+    for mode in MODES {
+        let dir = tempfile::tempdir().unwrap();
+        let dir_path = dir.path().canonicalize().unwrap();
+        let unshare = ["unshare", "-m", "--propagation", "private"].map(std::ffi::OsStr::new);
+        let run = Trace::with_flags(mode, &[&unshare[..], &[program.as_os_str(), dir_path.as_os_str()]].concat()).run();
+        let context = format!("{mode:?}: {}", run.stderr);
+        let expected =
+            "mount link: ok, real mounted\numount2 link: ok, real not mounted\nmount link: ok, real mounted\n\
+                        umount2 link nofollow: EINVAL, real mounted\numount2 real: ok, real not mounted\n";
+        assert_eq!((run.code(), run.stdout.as_str()), (Some(0), expected), "{context}");
+        let at = |name: &str| dir_path.join(name).to_str().unwrap().to_owned();
+        let calls: Vec<(&str, i64, &str, bool)> = run
+            .of("namespace")
+            .into_iter()
+            .filter(|e| e["syscall"] == "mount" || e["syscall"] == "umount2")
+            // unshare's own: / made private.
+            .filter(|e| e["namespace"]["path"] != "/")
+            .map(|e| {
+                let path = e["namespace"]["path"].as_str().unwrap();
+                (e["syscall"].as_str().unwrap(), retval(e), path, e.get("unverified").is_some())
+            })
+            .collect();
+        let einval = -i64::from(libc::EINVAL);
+        let (real, link) = (at("real"), at("link"));
+        let expected = [
+            ("mount", 0, real.as_str(), false),
+            ("umount2", 0, real.as_str(), false),
+            ("mount", 0, real.as_str(), false),
+            ("umount2", einval, link.as_str(), false),
+            ("umount2", 0, real.as_str(), false),
+        ];
+        assert_eq!(calls, expected, "{context}: {:#?}", run.of("namespace"));
+    }
+}
+
+#[test]
 fn a_mount_and_an_unmount_are_reported_as_the_kernel_did_them_whatever_a_sibling_writes() {
     const COUNT: usize = 100;
     if !common::require_root(&[common::CAP_SYS_ADMIN], "mount tmpfs in a mount namespace of its own") {

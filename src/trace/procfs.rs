@@ -38,6 +38,14 @@ pub fn resolve_path(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<String> {
     resolve(tid, dirfd, raw, false).map(|(path, _)| path)
 }
 
+/// [`resolve_path`] with the final symlink followed, as mount(2) and
+/// umount2(2) take their target: the path of what it leads to now; None
+/// when it leads nowhere from the tracer's side.
+pub fn resolve_path_followed(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<String> {
+    let opened = open_in_view(tid, dirfd, raw.first() == Some(&b'/'), raw, nix::fcntl::OFlag::empty())?;
+    Some(text::lossless(&directory_path(&opened)?))
+}
+
 /// Which file a name leads to, whatever its name: st_dev as stat(2) gives
 /// it, the inode, and the mount id where the kernel gives it (5.8+).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -231,6 +231,14 @@ impl Ctx<'_> {
         self.resolve(dirfd, &raw)
     }
 
+    /// Reads a path argument and resolves it with its final symlink
+    /// followed (see [`procfs::resolve_path_followed`]); as [`Self::read_path`]
+    /// where it leads nowhere. None when unreadable.
+    pub fn read_followed_path(&mut self, dirfd: i32, addr: u64) -> Option<String> {
+        let raw = self.read_raw_path(addr)?;
+        procfs::resolve_path_followed(self.tid, dirfd, &raw).or_else(|| self.resolve(dirfd, &raw))
+    }
+
     /// A path argument's bytes; None when unreadable.
     pub fn read_raw_path(&self, addr: u64) -> Option<Vec<u8>> {
         memory::read_cstring(self.tid, addr, PATH_MAX).ok().map(|(raw, _)| raw)
