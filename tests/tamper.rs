@@ -497,6 +497,48 @@ fn a_threaded_program_s_ordinary_opens_are_confirmed() {
 }
 
 #[test]
+fn an_exec_reports_the_program_the_kernel_ran_whatever_a_process_sharing_its_directory_does() {
+    // Another process that shares only the working directory (CLONE_FS)
+    // changes it while a relative name is looked up from it: the event
+    // names the program the kernel ran, or is marked.
+    const COUNT: usize = 100;
+    let program = fixture("attack_cwd");
+    for mode in MODES {
+        let dir = tempfile::tempdir().unwrap();
+        let dir_path = dir.path().canonicalize().unwrap();
+        for which in ["da", "db"] {
+            std::fs::create_dir(dir_path.join(which)).unwrap();
+            std::fs::copy(&program, dir_path.join(which).join("p")).unwrap();
+        }
+        let count = COUNT.to_string();
+        let run = Trace::with_flags(mode, &[program.as_os_str(), dir_path.as_os_str(), count.as_ref()]).run();
+        let context = format!("{mode:?}: {}", run.stderr);
+        assert_eq!(run.code(), Some(0), "{context}");
+        let ran: Vec<(i64, &str)> = run
+            .stdout
+            .lines()
+            .map(|l| l.split_once(' ').map(|(pid, which)| (pid.parse().unwrap(), which)).unwrap())
+            .collect();
+        assert_eq!(ran.len(), COUNT, "{context}");
+        let mut unverified = 0;
+        for (pid, which) in ran {
+            let execs: Vec<_> = run.of("exec").into_iter().filter(|e| pid_of(e) == pid).collect();
+            assert_eq!(execs.len(), 1, "{context}: {pid}: {execs:#?}");
+            let event = execs[0];
+            assert_eq!(retval(event), 0, "{context}: {event:#?}");
+            if event["unverified"].is_string() {
+                unverified += 1;
+                continue;
+            }
+            // Reported as fact: it must be the program that ran.
+            let expected = dir_path.join(format!("d{which}")).join("p");
+            assert_eq!(event["exec"]["path"], expected.to_str().unwrap(), "{context}: {event:#?}");
+        }
+        eprintln!("{context}: {unverified} of {COUNT} execs unverified");
+    }
+}
+
+#[test]
 fn an_exec_reports_the_program_the_kernel_ran_whatever_a_sibling_writes_in_its_path() {
     const COUNT: usize = 100;
     let program_dir = open_dir();
