@@ -850,7 +850,8 @@ impl Engine {
             (None, ForkEventKind::Clone) => return true,
         };
         flags & libc::CLONE_FILES != 0
-            || (flags & libc::CLONE_VM != 0 && (flags & libc::CLONE_VFORK == 0 || self.procs.tables_shared(parent)))
+            || (flags & libc::CLONE_VM != 0
+                && (flags & libc::CLONE_VFORK == 0 || self.procs.memory_or_table_shared(parent)))
     }
 
     /// A new task whose first stop came before its creator's fork event:

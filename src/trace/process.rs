@@ -147,7 +147,13 @@ impl ProcessTable {
     /// the kernel did differ from what the kernel saw, while `tid` is
     /// stopped.
     pub fn tables_shared(&self, tid: Pid) -> bool {
-        self.process_of(tid).is_none_or(|p| p.threads > 1 || p.shared_with_processes || p.shares_directory)
+        self.memory_or_table_shared(tid) || self.process_of(tid).is_some_and(|p| p.shares_directory)
+    }
+
+    /// Whether a task other than `tid` may use its memory or descriptor
+    /// table (its working directory aside).
+    pub fn memory_or_table_shared(&self, tid: Pid) -> bool {
+        self.process_of(tid).is_none_or(|p| p.threads > 1 || p.shared_with_processes)
     }
 
     /// A task created by thread `parent`; returns its tgid. A child already
@@ -288,6 +294,7 @@ mod tests {
         table.exec(leader, leader);
         table.exec(child, child);
         assert!(table.tables_shared(leader) && table.tables_shared(child), "an exec keeps CLONE_FS shared");
+        assert!(!table.memory_or_table_shared(leader), "a vfork child of it shares no directory");
         table.add_process(adopted, leader);
         table.add_child(leader, adopted, Sharing { directory: true, ..Sharing::default() });
         table.exec(adopted, adopted);
