@@ -82,27 +82,30 @@ pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, exec: ExecCall) -> Next {
     let raw = memory::read_cstring(cx.tid, args.path, PATH_MAX).ok().map(|(raw, _)| raw);
     // execveat(fd, "", AT_EMPTY_PATH): the descriptor itself (fileless exec).
     let fileless = raw.as_ref().is_some_and(|raw| raw.is_empty()) && args.flags & libc::AT_EMPTY_PATH != 0;
-    call.entry_path = match &raw {
-        Some(_) if fileless => cx.fd_path(args.dirfd),
-        Some(raw) => cx.resolve(args.dirfd, raw),
-        None => None,
-    };
-    call.partial = call.entry_path.is_none();
     // Another process that writes this memory (a shared mapping,
     // process_vm_writev) could rewrite the path before the kernel reads it,
     // which the tracer cannot rule out: the kernel's copy of the name is
     // checked at the exec event, for every exec. Another task sharing the
-    // tables could also change the directory the name is looked up from:
-    // then the file it led to here is checked too.
+    // tables or the working directory could also change the directory the
+    // name is looked up from: then the file it led to here is checked too,
+    // found with the path from one look at that directory (or descriptor).
     call.shared = cx.procs.tables_shared(cx.tid);
+    let follows = args.flags & libc::AT_SYMLINK_NOFOLLOW == 0;
+    let (path, file) = match &raw {
+        Some(_) if fileless && call.shared => procfs::descriptor_file(cx.tid, args.dirfd).unzip(),
+        Some(_) if fileless => (cx.fd_path(args.dirfd), None),
+        Some(raw) if call.shared => match procfs::resolve_opened_file(cx.tid, args.dirfd, raw, follows) {
+            Some((path, file)) => (Some(path), file),
+            None => (cx.resolve(args.dirfd, raw), None),
+        },
+        Some(raw) => (cx.resolve(args.dirfd, raw), None),
+        None => (None, None),
+    };
+    call.entry_path = path;
+    call.entry_file = file;
+    call.partial = call.entry_path.is_none();
     if let Some(raw) = &raw {
         call.entry_bytes = kernel_file_name(args.dirfd, raw);
-    }
-    if let (true, Some(raw)) = (call.shared, &raw) {
-        call.entry_file = match fileless {
-            true => procfs::fd_file(cx.tid, args.dirfd),
-            false => procfs::opened_file(cx.tid, args.dirfd, raw, args.flags & libc::AT_SYMLINK_NOFOLLOW == 0),
-        };
     }
     // The caller's argv: for a `#!` script the kernel replaces argv[0] by
     // the interpreter's line and the script's path.
