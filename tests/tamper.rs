@@ -539,6 +539,33 @@ fn an_exec_reports_the_program_the_kernel_ran_whatever_a_process_sharing_its_dir
 }
 
 #[test]
+fn a_script_run_by_a_relative_name_where_the_directory_is_shared_is_marked() {
+    // The kernel keeps no reference to a script: a relative name looked up
+    // again after the exec could lead back to the file it led to at entry
+    // while another ran (a sibling changed the working directory, and back).
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = dir.path().canonicalize().unwrap();
+    let script = dir_path.join("s");
+    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for mode in MODES {
+        for (name, path_marked) in [("./s", true), (script.to_str().unwrap(), false)] {
+            let run =
+                Trace::with_flags(mode, &[fixture("threaded_script").as_os_str(), dir_path.as_os_str(), name.as_ref()])
+                    .run();
+            let context = format!("{mode:?} {name}: {}", run.stderr);
+            assert_eq!(run.code(), Some(0), "{context}");
+            let execs: Vec<_> =
+                run.of("exec").into_iter().filter(|e| e["exec"]["path"] == script.to_str().unwrap()).collect();
+            assert_eq!(execs.len(), 1, "{context}: {:#?}", run.of("exec"));
+            let unverified = execs[0]["unverified"].as_str().unwrap_or_default();
+            assert!(unverified.contains("args: argv[0] of a script"), "{context}: {unverified}");
+            assert_eq!(unverified.contains("path:"), path_marked, "{context}: {unverified}");
+        }
+    }
+}
+
+#[test]
 fn an_exec_reports_the_program_the_kernel_ran_whatever_a_sibling_writes_in_its_path() {
     const COUNT: usize = 100;
     let program_dir = open_dir();

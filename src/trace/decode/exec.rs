@@ -153,19 +153,26 @@ fn exec_unverified(cx: &Ctx<'_>, call: &Call, execfn: Option<&[u8]>, exe: Option
     if !call.shared {
         return why;
     }
-    let ran = match script {
+    // The kernel keeps no reference to a script once its interpreter runs:
+    // it is looked for by name again, but a relative name's directory (the
+    // working directory, a descriptor) the sharer may have changed and
+    // changed back since the kernel's look.
+    let relative_script = script && (execfn.starts_with(b"/dev/fd/") || !execfn.starts_with(b"/"));
+    let ran = || match script {
         false => exe,
-        // The kernel keeps no reference to a script once its interpreter runs.
-        true if execfn.starts_with(b"/dev/fd/") => None,
         true => procfs::opened_file(cx.tid, AT_FDCWD, execfn, true),
     };
-    if call.entry_file.is_none() {
+    if relative_script {
+        why.push(format!(
+            "path: the name the kernel was asked to run, a script's, relative to a directory that a task sharing              it could have changed while the call ran and changed back since: the kernel keeps no reference to              the script to compare with, and {RACE} may have"
+        ));
+    } else if call.entry_file.is_none() {
         why.push(format!(
             "path: the name the kernel was asked to run, but the tracer could not follow it to a file at the \
              call's entry (a magic link such as /proc/self/exe, or a name not there then) to compare with the file \
              the kernel ran, and {RACE} may have"
         ));
-    } else if !ran.zip(call.entry_file).is_some_and(|(ran, named)| ran.is(&named)) {
+    } else if !ran().zip(call.entry_file).is_some_and(|(ran, named)| ran.is(&named)) {
         let which = if script { "the script the name leads to after the exec" } else { "the file the kernel ran" };
         why.push(format!(
             "path: the name the kernel was asked to run, but {which} is not the file that name led to at the \
