@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use common::{fixture, pid_of, retval, users, Run, Trace};
@@ -407,7 +407,36 @@ fn a_process_whose_tables_are_its_own_gets_no_unverified_mark() {
 }
 
 #[test]
-fn signals_and_pidfds_aimed_at_the_tracer_are_refused_and_reported() {
+fn an_unnamed_file_linked_from_its_descriptor_is_confirmed() {
+    // linkat(fd, "", dir, name, AT_EMPTY_PATH), the way to name an
+    // O_TMPFILE file: the file linked is the descriptor's, which the name
+    // leads to after the call.
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = dir.path().canonicalize().unwrap();
+    for mode in MODES {
+        let name = dir_path.join(format!("named{}", mode.len()));
+        let run =
+            Trace::with_flags(mode, &[fixture("flink").as_os_str(), dir_path.as_os_str(), name.as_os_str()]).run();
+        let inode = std::fs::metadata(&name).map(|m| m.ino().to_string()).unwrap_or_default();
+        assert_eq!(
+            (run.code(), run.stdout.as_str()),
+            (Some(0), format!("{inode} linked\n").as_str()),
+            "{}",
+            run.stderr
+        );
+        let links = run.of("file");
+        let link: Vec<_> = links.iter().filter(|e| e["syscall"] == "linkat").collect();
+        assert_eq!(link.len(), 1, "{mode:?}: {links:#?}");
+        let event = link[0];
+        assert_eq!(retval(event), 0, "{mode:?}: {event:#?}");
+        assert_eq!(event["file"]["path"], name.to_str().unwrap(), "{mode:?}: {event:#?}");
+        assert_eq!(event["file"]["inode"], inode.as_str(), "{mode:?}: {event:#?}");
+        assert!(event.get("unverified").is_none(), "{mode:?}: {event:#?}");
+    }
+}
+
+#[test]
+fn signals_pidfds_and_limits_aimed_at_the_tracer_are_refused_and_reported() {
     let dir = open_dir();
     let marker = dir.path().join("marker");
     std::fs::write(&marker, "x").unwrap();
@@ -421,6 +450,8 @@ fn signals_and_pidfds_aimed_at_the_tracer_are_refused_and_reported() {
         ("rt_sigqueueinfo", "process", "SIGSTOP"),
         ("pidfd_open", "process", ""),
         ("pidfd_send_signal", "process", "SIGSTOP"),
+        ("prlimit64", "process", ""),
+        ("prlimit64", "thread", ""),
     ];
     for (flags, tracer_uid) in users() {
         for mode in MODES {
@@ -439,7 +470,8 @@ fn signals_and_pidfds_aimed_at_the_tracer_are_refused_and_reported() {
                 "tracer thread is not its process\nkill thread SIGSTOP: EPERM\nkill process SIGSTOP: EPERM\n\
                  kill process SIGTERM: EPERM\ntkill thread SIGKILL: EPERM\ntgkill SIGSTOP: EPERM\n\
                  rt_sigqueueinfo SIGSTOP: EPERM\npidfd_open: EPERM\npidfd_send_signal SIGSTOP: EPERM\n\
-                 kill process 0: {probe}\nopen: ok\n"
+                 kill process 0: {probe}\nprlimit64 process NOFILE: EPERM\nprlimit64 thread FSIZE: EPERM\n\
+                 prlimit64 process read: {probe}\ntracer limits kept\nopen: ok\n"
             );
             assert_eq!((run.code(), run.stdout.as_str()), (Some(0), expected.as_str()), "{context}");
             let events: Vec<(&str, i64, &str, i64)> = run
@@ -507,8 +539,76 @@ fn a_threaded_program_s_ordinary_opens_are_confirmed() {
 }
 
 #[test]
+fn an_exec_reports_the_program_the_kernel_ran_whatever_a_process_sharing_its_directory_does() {
+    // Another process that shares only the working directory (CLONE_FS)
+    // changes it while a relative name is looked up from it: the event
+    // names the program the kernel ran, or is marked.
+    const COUNT: usize = 100;
+    let program = fixture("attack_cwd");
+    for mode in MODES {
+        let dir = tempfile::tempdir().unwrap();
+        let dir_path = dir.path().canonicalize().unwrap();
+        for which in ["da", "db"] {
+            std::fs::create_dir(dir_path.join(which)).unwrap();
+            std::fs::copy(&program, dir_path.join(which).join("p")).unwrap();
+        }
+        let count = COUNT.to_string();
+        let run = Trace::with_flags(mode, &[program.as_os_str(), dir_path.as_os_str(), count.as_ref()]).run();
+        let context = format!("{mode:?}: {}", run.stderr);
+        assert_eq!(run.code(), Some(0), "{context}");
+        let ran: Vec<(i64, &str)> = run
+            .stdout
+            .lines()
+            .map(|l| l.split_once(' ').map(|(pid, which)| (pid.parse().unwrap(), which)).unwrap())
+            .collect();
+        assert_eq!(ran.len(), COUNT, "{context}");
+        let mut unverified = 0;
+        for (pid, which) in ran {
+            let execs: Vec<_> = run.of("exec").into_iter().filter(|e| pid_of(e) == pid).collect();
+            assert_eq!(execs.len(), 1, "{context}: {pid}: {execs:#?}");
+            let event = execs[0];
+            assert_eq!(retval(event), 0, "{context}: {event:#?}");
+            if event["unverified"].is_string() {
+                unverified += 1;
+                continue;
+            }
+            // Reported as fact: it must be the program that ran.
+            let expected = dir_path.join(format!("d{which}")).join("p");
+            assert_eq!(event["exec"]["path"], expected.to_str().unwrap(), "{context}: {event:#?}");
+        }
+        eprintln!("{context}: {unverified} of {COUNT} execs unverified");
+    }
+}
+
+#[test]
+fn a_script_run_by_a_relative_name_where_the_directory_is_shared_is_marked() {
+    // The kernel keeps no reference to a script: a relative name looked up
+    // again after the exec could lead back to the file it led to at entry
+    // while another ran (a sibling changed the working directory, and back).
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = dir.path().canonicalize().unwrap();
+    let script = dir_path.join("s");
+    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for mode in MODES {
+        for (name, path_marked) in [("./s", true), (script.to_str().unwrap(), false)] {
+            let run =
+                Trace::with_flags(mode, &[fixture("threaded_script").as_os_str(), dir_path.as_os_str(), name.as_ref()])
+                    .run();
+            let context = format!("{mode:?} {name}: {}", run.stderr);
+            assert_eq!(run.code(), Some(0), "{context}");
+            let execs: Vec<_> =
+                run.of("exec").into_iter().filter(|e| e["exec"]["path"] == script.to_str().unwrap()).collect();
+            assert_eq!(execs.len(), 1, "{context}: {:#?}", run.of("exec"));
+            let unverified = execs[0]["unverified"].as_str().unwrap_or_default();
+            assert!(unverified.contains("args: argv[0] of a script"), "{context}: {unverified}");
+            assert_eq!(unverified.contains("path:"), path_marked, "{context}: {unverified}");
+        }
+    }
+}
+
+#[test]
 fn an_exec_reports_the_program_the_kernel_ran_whatever_a_sibling_writes_in_its_path() {
-    use std::os::unix::fs::MetadataExt;
     const COUNT: usize = 100;
     let program_dir = open_dir();
     let program = runnable_by_anyone(program_dir.path(), &fixture("attack_args"));
@@ -653,6 +753,49 @@ fn openat2_reports_the_access_mode_the_kernel_gave_whatever_a_sibling_writes_in_
             }
             eprintln!("{context}: {corrected} of {COUNT} open_how flags changed after the tracer read them");
         }
+    }
+}
+
+#[test]
+fn a_mount_at_a_symlink_is_reported_where_the_kernel_mounted() {
+    // mount(2) and umount2(2) follow the target's final symlink: the event
+    // names the mount point, which mountinfo confirms, unmarked.
+    if !common::require_root(&[common::CAP_SYS_ADMIN], "mount tmpfs in a mount namespace of its own") {
+        return;
+    }
+    let program = fixture("mount_symlink");
+    for mode in MODES {
+        let dir = tempfile::tempdir().unwrap();
+        let dir_path = dir.path().canonicalize().unwrap();
+        let unshare = ["unshare", "-m", "--propagation", "private"].map(std::ffi::OsStr::new);
+        let run = Trace::with_flags(mode, &[&unshare[..], &[program.as_os_str(), dir_path.as_os_str()]].concat()).run();
+        let context = format!("{mode:?}: {}", run.stderr);
+        let expected =
+            "mount link: ok, real mounted\numount2 link: ok, real not mounted\nmount link: ok, real mounted\n\
+                        umount2 link nofollow: EINVAL, real mounted\numount2 real: ok, real not mounted\n";
+        assert_eq!((run.code(), run.stdout.as_str()), (Some(0), expected), "{context}");
+        let at = |name: &str| dir_path.join(name).to_str().unwrap().to_owned();
+        let calls: Vec<(&str, i64, &str, bool)> = run
+            .of("namespace")
+            .into_iter()
+            .filter(|e| e["syscall"] == "mount" || e["syscall"] == "umount2")
+            // unshare's own: / made private.
+            .filter(|e| e["namespace"]["path"] != "/")
+            .map(|e| {
+                let path = e["namespace"]["path"].as_str().unwrap();
+                (e["syscall"].as_str().unwrap(), retval(e), path, e.get("unverified").is_some())
+            })
+            .collect();
+        let einval = -i64::from(libc::EINVAL);
+        let (real, link) = (at("real"), at("link"));
+        let expected = [
+            ("mount", 0, real.as_str(), false),
+            ("umount2", 0, real.as_str(), false),
+            ("mount", 0, real.as_str(), false),
+            ("umount2", einval, link.as_str(), false),
+            ("umount2", 0, real.as_str(), false),
+        ];
+        assert_eq!(calls, expected, "{context}: {:#?}", run.of("namespace"));
     }
 }
 

@@ -800,7 +800,10 @@ impl Engine {
         };
         let sibling = request.is_some_and(|r| r.flags as i32 & libc::CLONE_PARENT != 0);
         let tables = !thread && self.shares_tables_with_child(parent, request.map(|r| r.flags as i32), kind);
-        let sharing = Sharing { thread, sibling, tables };
+        // A clone's flags not known may have had CLONE_FS.
+        let directory =
+            !thread && request.map_or(kind == ForkEventKind::Clone, |r| r.flags as i32 & libc::CLONE_FS != 0);
+        let sharing = Sharing { thread, sibling, tables, directory };
         // A child adopted before this event has run: its own state is read.
         let ran = self.procs.thread(child).is_some_and(|t| t.adopted_at.is_some());
         let child_tgid = self.procs.add_child(parent, child, sharing);
@@ -847,7 +850,8 @@ impl Engine {
             (None, ForkEventKind::Clone) => return true,
         };
         flags & libc::CLONE_FILES != 0
-            || (flags & libc::CLONE_VM != 0 && (flags & libc::CLONE_VFORK == 0 || self.procs.tables_shared(parent)))
+            || (flags & libc::CLONE_VM != 0
+                && (flags & libc::CLONE_VFORK == 0 || self.procs.memory_or_table_shared(parent)))
     }
 
     /// A new task whose first stop came before its creator's fork event:

@@ -1,9 +1,13 @@
 //! Calls aimed at the tracer itself. A signal that stops the tracer freezes
 //! tracing (and the workload with it), one that kills it kills the workload
-//! (it fails closed); a pidfd of it is the way to signal it later. Any
-//! signal but 0 (an existence check) sent to the tracer's process or one of
-//! its threads, and pidfd_open of its pid, are refused with EPERM at the
-//! stop and reported.
+//! (it fails closed); a pidfd of it is the way to signal it later; a
+//! resource limit set on it (prlimit64 needs no capability to lower the
+//! limits of a process of the same user) would take from it descriptors
+//! (its /proc reads and its own supervised calls), memory or file size
+//! (its events file; a growing supervised truncate). Any signal but 0 (an
+//! existence check) sent to the tracer's process or one of its threads,
+//! pidfd_open of its pid, and prlimit64 with a new limit for it, are
+//! refused with EPERM at the stop and reported.
 //!
 //! The filter stops these calls by argument where it can: a process id
 //! that is the tracer's, with a signal that is not 0. A call that names
@@ -46,13 +50,27 @@ pub enum Target {
     Pidfd(usize),
 }
 
+/// Which calls aimed at the tracer harm it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Harm {
+    /// Those whose signal argument is not 0 (0 only asks whether the target
+    /// is there): the filter compares the argument's low word, as the
+    /// kernel takes an int.
+    Signal(usize),
+    /// Those whose new-limit pointer argument is not NULL (a NULL one only
+    /// reads the limits): a pointer the filter does not compare (its low
+    /// word may be 0), checked at the stop.
+    NewLimit(usize),
+    /// Every one (pidfd_open).
+    Always,
+}
+
 pub struct Guard {
     pub name: &'static str,
     pub x86_64: u32,
     pub i386: u32,
     pub target: Target,
-    /// The signal argument; None for pidfd_open.
-    pub signal: Option<usize>,
+    pub harm: Harm,
 }
 
 impl Guard {
@@ -65,22 +83,26 @@ impl Guard {
     }
 }
 
-const fn guard(name: &'static str, x86_64: u32, i386: u32, target: Target, signal: Option<usize>) -> Guard {
-    Guard { name, x86_64, i386, target, signal }
+const fn guard(name: &'static str, x86_64: u32, i386: u32, target: Target, harm: Harm) -> Guard {
+    Guard { name, x86_64, i386, target, harm }
 }
 
+use Harm::{Always, NewLimit, Signal};
 use Target::{AnyTask, Pidfd, Task, Tgid};
 
 #[rustfmt::skip]
 pub static GUARDS: &[Guard] = &[
-    //    name                  x86_64  i386  target    signal
-    guard("kill",               62,     37,   Task(0),  Some(1)),
-    guard("tkill",              200,    238,  Task(0),  Some(1)),
-    guard("tgkill",             234,    270,  Tgid(0),  Some(2)),
-    guard("rt_sigqueueinfo",    129,    178,  AnyTask(0), Some(1)),
-    guard("rt_tgsigqueueinfo",  297,    335,  Tgid(0),  Some(2)),
-    guard("pidfd_send_signal",  424,    424,  Pidfd(0), Some(1)),
-    guard("pidfd_open",         434,    434,  Task(0),  None),
+    //    name                  x86_64  i386  target      harm
+    guard("kill",               62,     37,   Task(0),    Signal(1)),
+    guard("tkill",              200,    238,  Task(0),    Signal(1)),
+    guard("tgkill",             234,    270,  Tgid(0),    Signal(2)),
+    guard("rt_sigqueueinfo",    129,    178,  AnyTask(0), Signal(1)),
+    guard("rt_tgsigqueueinfo",  297,    335,  Tgid(0),    Signal(2)),
+    guard("pidfd_send_signal",  424,    424,  Pidfd(0),   Signal(1)),
+    guard("pidfd_open",         434,    434,  Task(0),    Always),
+    // The table's prlimit64 row stops the calls with a new limit, so a
+    // call naming another of the tracer's threads is checked too.
+    guard("prlimit64",          302,    340,  Task(0),    NewLimit(2)),
 ];
 
 pub fn lookup(abi: Abi, nr: u64) -> Option<&'static Guard> {
@@ -88,7 +110,7 @@ pub fn lookup(abi: Abi, nr: u64) -> Option<&'static Guard> {
 }
 
 /// A guarded call that aims at the tracer: the tracer's process or thread
-/// it names, and the signal.
+/// it names, and the signal (0 for a call that sends none).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Aim {
     pub pid: i32,
@@ -100,10 +122,11 @@ pub struct Aim {
 /// filter's argument checks are only a first sieve (full-ptrace mode has
 /// no filter, and a filter of the workload's own can stop anything).
 pub fn aims_at_tracer(guard: &Guard, tid: Pid, args: &[u64; 6], tracer: Pid) -> Option<Aim> {
-    let signal = guard.signal.map_or(0, |i| args[i] as i32);
-    if guard.signal.is_some() && signal == 0 {
-        return None;
-    }
+    let signal = match guard.harm {
+        Signal(i) => Some(args[i] as i32).filter(|&signal| signal != 0)?,
+        NewLimit(i) => Some(0).filter(|_| args[i] != 0)?,
+        Always => 0,
+    };
     let pid = match guard.target {
         Tgid(i) => Some(args[i] as i32).filter(|&pid| pid == tracer.as_raw())?,
         Task(i) | AnyTask(i) => {
@@ -151,5 +174,11 @@ mod tests {
         assert_eq!(aims_at_tracer(tgkill, tracer, &[me, own_thread, 0, 0, 0, 0], tracer), None);
         let open = lookup(Abi::X86_64, 434).unwrap();
         assert!(aims_at_tracer(open, tracer, &[me, 0, 0, 0, 0, 0], tracer).is_some());
+        // A new limit at an address whose low word is 0 is a new limit.
+        let prlimit = lookup(Abi::X86_64, 302).unwrap();
+        let limit = 1u64 << 32;
+        assert_eq!(aims_at_tracer(prlimit, tracer, &[me, 7, limit, 0, 0, 0], tracer).map(|a| a.signal), Some(0));
+        assert_eq!(aims_at_tracer(prlimit, tracer, &[me, 7, 0, limit, 0, 0], tracer), None, "reads only");
+        assert_eq!(aims_at_tracer(prlimit, tracer, &[0, 7, limit, 0, 0, 0], tracer), None, "its own");
     }
 }

@@ -54,6 +54,11 @@ pub struct Process {
     /// it is not known whether one does. Kept until its exec, which gives it
     /// tables of its own.
     shared_with_processes: bool,
+    /// Another process may share its working directory and root (a clone
+    /// with CLONE_FS but not CLONE_THREAD, either side, or one whose flags
+    /// are not known), from which its relative names are looked up. An exec
+    /// keeps them shared: kept for good.
+    shares_directory: bool,
 }
 
 /// How a new task relates to the one that created it.
@@ -65,6 +70,9 @@ pub struct Sharing {
     /// Not a thread, but the child shares its creator's descriptor table
     /// or memory (CLONE_FILES, CLONE_VM).
     pub tables: bool,
+    /// Not a thread, but the child shares its creator's working directory
+    /// and root (CLONE_FS).
+    pub directory: bool,
 }
 
 /// Processes alive under the tracer, readable from the signal forwarder.
@@ -129,15 +137,22 @@ impl ProcessTable {
 
     fn insert_process(&mut self, pid: Pid, ppid: Pid, shared_with_processes: bool) {
         self.threads.insert(pid, Thread::unknown(pid));
-        self.processes.insert(pid, Process { ppid, threads: 1, shared_with_processes });
+        self.processes.insert(pid, Process { ppid, threads: 1, shared_with_processes, shares_directory: false });
         self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(pid.as_raw());
     }
 
-    /// Whether a task other than `tid` may use its descriptor table or its
-    /// memory: another thread, or another process (see `Process`). Only
-    /// then can what the tracer reads of them after the kernel did differ
-    /// from what the kernel saw, while `tid` is stopped.
+    /// Whether a task other than `tid` may use its descriptor table, its
+    /// memory or its working directory: another thread, or another process
+    /// (see `Process`). Only then can what the tracer reads of them after
+    /// the kernel did differ from what the kernel saw, while `tid` is
+    /// stopped.
     pub fn tables_shared(&self, tid: Pid) -> bool {
+        self.memory_or_table_shared(tid) || self.process_of(tid).is_some_and(|p| p.shares_directory)
+    }
+
+    /// Whether a task other than `tid` may use its memory or descriptor
+    /// table (its working directory aside).
+    pub fn memory_or_table_shared(&self, tid: Pid) -> bool {
         self.process_of(tid).is_none_or(|p| p.threads > 1 || p.shared_with_processes)
     }
 
@@ -156,9 +171,15 @@ impl ProcessTable {
         let grandparent = parent.as_ref().map(|p| p.ppid);
         if let Some(parent) = parent {
             parent.shared_with_processes |= sharing.tables;
+            parent.shares_directory |= sharing.directory;
         }
-        if let Some(known) = self.threads.get(&child) {
-            return known.tgid;
+        if let Some(known) = self.threads.get(&child).map(|t| t.tgid) {
+            // Adopted before this event: how it shares its directory is
+            // known only now, and outlives its exec.
+            if let Some(process) = self.processes.get_mut(&known) {
+                process.shares_directory |= sharing.directory;
+            }
+            return known;
         }
         if sharing.thread {
             self.add_thread(child, parent_tgid);
@@ -166,6 +187,9 @@ impl ProcessTable {
         }
         let ppid = if sharing.sibling { grandparent.unwrap_or(parent_tgid) } else { parent_tgid };
         self.insert_process(child, ppid, sharing.tables);
+        if let Some(process) = self.processes.get_mut(&child) {
+            process.shares_directory = sharing.directory;
+        }
         child
     }
 
@@ -259,6 +283,22 @@ mod tests {
         assert!(table.tables_shared(leader) && table.tables_shared(shared));
         table.exec(shared, shared);
         assert!(!table.tables_shared(shared));
+    }
+
+    #[test]
+    fn a_working_directory_shared_with_another_process_stays_shared_after_exec() {
+        let mut table = table();
+        let (leader, child, adopted) = (Pid::from_raw(10), Pid::from_raw(12), Pid::from_raw(14));
+        table.exec(leader, leader);
+        table.add_child(leader, child, Sharing { directory: true, ..Sharing::default() });
+        table.exec(leader, leader);
+        table.exec(child, child);
+        assert!(table.tables_shared(leader) && table.tables_shared(child), "an exec keeps CLONE_FS shared");
+        assert!(!table.memory_or_table_shared(leader), "a vfork child of it shares no directory");
+        table.add_process(adopted, leader);
+        table.add_child(leader, adopted, Sharing { directory: true, ..Sharing::default() });
+        table.exec(adopted, adopted);
+        assert!(table.tables_shared(adopted), "known at the fork event of a child adopted before it");
     }
 
     #[test]

@@ -38,6 +38,14 @@ pub fn resolve_path(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<String> {
     resolve(tid, dirfd, raw, false).map(|(path, _)| path)
 }
 
+/// [`resolve_path`] with the final symlink followed, as mount(2) and
+/// umount2(2) take their target: the path of what it leads to now; None
+/// when it leads nowhere from the tracer's side.
+pub fn resolve_path_followed(tid: Pid, dirfd: i32, raw: &[u8]) -> Option<String> {
+    let opened = open_in_view(tid, dirfd, raw.first() == Some(&b'/'), raw, nix::fcntl::OFlag::empty())?;
+    Some(text::lossless(&directory_path(&opened)?))
+}
+
 /// Which file a name leads to, whatever its name: st_dev as stat(2) gives
 /// it, the inode, and the mount id where the kernel gives it (5.8+).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,14 +94,32 @@ fn resolve(tid: Pid, dirfd: i32, raw: &[u8], identify: bool) -> Option<(String, 
     let (dir, name) = split_final_name(raw);
     let opened = open_in_view(tid, dirfd, raw.first() == Some(&b'/'), dir, OFlag::O_DIRECTORY)?;
     let file = identify.then(|| file_id(&opened, name.unwrap_or_default())).flatten();
-    let mut path = directory_path(&opened)?;
+    Some((path_in(&opened, name)?, file))
+}
+
+/// [`resolve_path`], and the file an open(2) of `raw` would open now (see
+/// [`opened_file`]), both looked up from one reference to the thread's
+/// working directory, directory descriptor or root: another task changing
+/// that meanwhile cannot have the two come from different ones.
+pub fn resolve_opened_file(tid: Pid, dirfd: i32, raw: &[u8], follow: bool) -> Option<(String, Option<FileId>)> {
+    use nix::fcntl::OFlag;
+    let view = View::of(tid, dirfd, raw.first() == Some(&b'/'))?;
+    let (dir, name) = split_final_name(raw);
+    let opened = view.open(dir, OFlag::O_DIRECTORY)?;
+    let file = view.open(raw, if follow { OFlag::empty() } else { OFlag::O_NOFOLLOW }).and_then(|f| file_id(&f, b""));
+    Some((path_in(&opened, name)?, file))
+}
+
+/// The path of directory `dir` joined to `name`.
+fn path_in(dir: &OwnedFd, name: Option<&[u8]>) -> Option<String> {
+    let mut path = directory_path(dir)?;
     if let Some(name) = name {
         if path != b"/" {
             path.push(b'/');
         }
         path.extend_from_slice(name);
     }
-    Some((text::lossless(&path), file))
+    Some(text::lossless(&path))
 }
 
 /// `relative` (leading slashes ignored, "" for the base itself) opened
@@ -101,27 +127,47 @@ fn resolve(tid: Pid, dirfd: i32, raw: &[u8], identify: bool) -> Option<(String, 
 /// argument: its root for an absolute path (which then cannot climb out of
 /// it), its working directory, or its directory descriptor `dirfd`.
 fn open_in_view(tid: Pid, dirfd: i32, absolute: bool, relative: &[u8], flags: nix::fcntl::OFlag) -> Option<OwnedFd> {
-    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
-    const AT_FDCWD: i32 = -100;
-    let (base, resolve) = match (absolute, dirfd) {
-        (true, _) => (format!("/proc/{tid}/root"), ResolveFlag::RESOLVE_IN_ROOT),
-        (false, AT_FDCWD) => (format!("/proc/{tid}/cwd"), ResolveFlag::empty()),
-        (false, fd) => (format!("/proc/{tid}/fd/{fd}"), ResolveFlag::empty()),
-    };
-    let directory = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-    let base = nix::fcntl::open(base.as_str(), directory, nix::sys::stat::Mode::empty()).ok()?;
-    let relative = &relative[relative.iter().position(|&b| b != b'/').unwrap_or(relative.len())..];
-    let own = if absolute { own_proc_links(tid, relative) } else { None };
-    let relative = match own.as_deref().unwrap_or(relative) {
-        b"" => std::ffi::OsStr::new("."),
-        relative => std::ffi::OsStr::from_bytes(relative),
-    };
-    // The workload's /proc/self and /proc/PID/cwd would be the tracer's own
-    // or another view: magic links are refused, and the caller falls back.
-    let how = OpenHow::new()
-        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | flags)
-        .resolve(resolve | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    openat2(&base, relative, how).ok()
+    View::of(tid, dirfd, absolute)?.open(relative, flags)
+}
+
+/// Where thread `tid` starts resolving a path argument, as the tracer
+/// holds it.
+struct View {
+    tid: Pid,
+    base: OwnedFd,
+    absolute: bool,
+}
+
+impl View {
+    fn of(tid: Pid, dirfd: i32, absolute: bool) -> Option<View> {
+        use nix::fcntl::OFlag;
+        const AT_FDCWD: i32 = -100;
+        let base = match (absolute, dirfd) {
+            (true, _) => format!("/proc/{tid}/root"),
+            (false, AT_FDCWD) => format!("/proc/{tid}/cwd"),
+            (false, fd) => format!("/proc/{tid}/fd/{fd}"),
+        };
+        let directory = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let base = nix::fcntl::open(base.as_str(), directory, nix::sys::stat::Mode::empty()).ok()?;
+        Some(View { tid, base, absolute })
+    }
+
+    fn open(&self, relative: &[u8], flags: nix::fcntl::OFlag) -> Option<OwnedFd> {
+        use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+        let resolve = if self.absolute { ResolveFlag::RESOLVE_IN_ROOT } else { ResolveFlag::empty() };
+        let relative = &relative[relative.iter().position(|&b| b != b'/').unwrap_or(relative.len())..];
+        let own = if self.absolute { own_proc_links(self.tid, relative) } else { None };
+        let relative = match own.as_deref().unwrap_or(relative) {
+            b"" => std::ffi::OsStr::new("."),
+            relative => std::ffi::OsStr::from_bytes(relative),
+        };
+        // The workload's /proc/self and /proc/PID/cwd would be the tracer's own
+        // or another view: magic links are refused, and the caller falls back.
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | flags)
+            .resolve(resolve | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        openat2(&self.base, relative, how).ok()
+    }
 }
 
 /// `proc/self` and `proc/thread-self` at the start of an absolute path, as

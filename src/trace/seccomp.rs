@@ -12,7 +12,7 @@ use nix::unistd::Pid;
 
 use crate::trace::abi::{Abi, AUDIT_ARCH_I386, AUDIT_ARCH_X86_64, X32_SYSCALL_BIT};
 use crate::trace::condition::{ArgTest, When};
-use crate::trace::guard::{Target, GUARDS};
+use crate::trace::guard::{Harm, Target, GUARDS};
 use crate::trace::supervise;
 use crate::trace::syscalls::{Action, Notified, NOT_SUPERVISED_FLAGS, SYSCALLS};
 
@@ -94,8 +94,9 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
 
 /// For every guarded call (`guard.rs`) that has a number in `abi`: stop it
 /// when its process id argument is `tracer` and its signal is not 0 (a
-/// call that may name another of the tracer's threads, or a pidfd, is
-/// checked at the stop). Ends with the syscall number loaded again.
+/// call that may name another of the tracer's threads, or a pidfd, and a
+/// new limit's pointer are checked at the stop). Ends with the syscall
+/// number loaded again.
 fn push_guards(prog: &mut Vec<libc::sock_filter>, abi: Abi, tracer: u32) {
     let trace = libc::SECCOMP_RET_TRACE | SeccompData::Guard { abi }.encode();
     for g in GUARDS {
@@ -106,7 +107,7 @@ fn push_guards(prog: &mut Vec<libc::sock_filter>, abi: Abi, tracer: u32) {
         if let Target::Tgid(i) | Target::Task(i) = g.target {
             tests.push((OFFSET_ARGS + 8 * i as u32, tracer, true));
         }
-        if let Some(i) = g.signal {
+        if let Harm::Signal(i) = g.harm {
             tests.push((OFFSET_ARGS + 8 * i as u32, 0, false));
         }
         let len = 2 * tests.len() + 1;
@@ -438,7 +439,8 @@ mod tests {
         let guards: usize = GUARDS
             .iter()
             .map(|g| {
-                2 * (1 + matches!(g.target, Target::Tgid(_) | Target::Task(_)) as usize + g.signal.is_some() as usize)
+                let signal = matches!(g.harm, Harm::Signal(_));
+                2 * (1 + matches!(g.target, Target::Tgid(_) | Target::Task(_)) as usize + signal as usize)
             })
             .sum();
         assert_eq!(jeqs, checks + guards + 2, "two arch checks plus one per number and argument");
@@ -498,7 +500,10 @@ mod tests {
         let guard_stops = |abi: Abi, nr: u32, args: &[u64; 6]| {
             GUARDS.iter().find(|g| g.number(abi) == Some(nr)).is_some_and(|g| {
                 matches!(g.target, Target::Pidfd(_) | Target::AnyTask(_))
-                    && g.signal.is_none_or(|i| args[i] as u32 != 0)
+                    && match g.harm {
+                        Harm::Signal(i) => args[i] as u32 != 0,
+                        Harm::NewLimit(_) | Harm::Always => true,
+                    }
             })
         };
         for (index, def) in SYSCALLS.iter().enumerate() {

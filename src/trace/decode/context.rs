@@ -213,16 +213,30 @@ impl Ctx<'_> {
     }
 
     /// Reads a path argument, resolves it, and identifies the file it names
-    /// now (see [`procfs::resolve_file`]); None when unreadable.
+    /// now (see [`procfs::resolve_file`]); None when unreadable. An empty
+    /// name from a descriptor of a file that is no directory names that
+    /// file (AT_EMPTY_PATH: linkat of an O_TMPFILE file; without the flag
+    /// the call fails).
     pub fn read_file(&mut self, dirfd: i32, addr: u64) -> Option<(String, Option<FileId>)> {
         let raw = self.read_raw_path(addr)?;
-        procfs::resolve_file(self.tid, dirfd, &raw).or_else(|| Some((self.lexical(dirfd, &raw)?, None)))
+        procfs::resolve_file(self.tid, dirfd, &raw).or_else(|| {
+            let file = (raw.is_empty() && dirfd != AT_FDCWD).then(|| procfs::fd_file(self.tid, dirfd)).flatten();
+            Some((self.lexical(dirfd, &raw)?, file))
+        })
     }
 
     /// Reads a path argument and resolves it; None when unreadable.
     pub fn read_path(&mut self, dirfd: i32, addr: u64) -> Option<String> {
         let raw = self.read_raw_path(addr)?;
         self.resolve(dirfd, &raw)
+    }
+
+    /// Reads a path argument and resolves it with its final symlink
+    /// followed (see [`procfs::resolve_path_followed`]); as [`Self::read_path`]
+    /// where it leads nowhere. None when unreadable.
+    pub fn read_followed_path(&mut self, dirfd: i32, addr: u64) -> Option<String> {
+        let raw = self.read_raw_path(addr)?;
+        procfs::resolve_path_followed(self.tid, dirfd, &raw).or_else(|| self.resolve(dirfd, &raw))
     }
 
     /// A path argument's bytes; None when unreadable.

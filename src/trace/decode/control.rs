@@ -142,6 +142,6 @@ pub fn userfaultfd_entry(cx: &mut Ctx<'_>, call: &mut Call, uffd: UffdCall) -> N
 pub fn tracer_target_refused(cx: &mut Ctx<'_>, call: &Call, aim: Aim) {
     let signal_name = nix::sys::signal::Signal::try_from(aim.signal).map_or("", |s| s.as_str());
     let event = proto::TracerTargetEvent { pid: aim.pid, signal: aim.signal, signal_name: signal_name.to_owned() };
-    let reason = "a signal or pidfd aimed at the tracer is refused to traced workloads";
+    let reason = "a signal, pidfd or resource limit aimed at the tracer is refused to traced workloads";
     cx.emit_refused(call, libc::EPERM, reason, Payload::TracerTarget(event));
 }

@@ -82,27 +82,30 @@ pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, exec: ExecCall) -> Next {
     let raw = memory::read_cstring(cx.tid, args.path, PATH_MAX).ok().map(|(raw, _)| raw);
     // execveat(fd, "", AT_EMPTY_PATH): the descriptor itself (fileless exec).
     let fileless = raw.as_ref().is_some_and(|raw| raw.is_empty()) && args.flags & libc::AT_EMPTY_PATH != 0;
-    call.entry_path = match &raw {
-        Some(_) if fileless => cx.fd_path(args.dirfd),
-        Some(raw) => cx.resolve(args.dirfd, raw),
-        None => None,
-    };
-    call.partial = call.entry_path.is_none();
     // Another process that writes this memory (a shared mapping,
     // process_vm_writev) could rewrite the path before the kernel reads it,
     // which the tracer cannot rule out: the kernel's copy of the name is
     // checked at the exec event, for every exec. Another task sharing the
-    // tables could also change the directory the name is looked up from:
-    // then the file it led to here is checked too.
+    // tables or the working directory could also change the directory the
+    // name is looked up from: then the file it led to here is checked too,
+    // found with the path from one look at that directory (or descriptor).
     call.shared = cx.procs.tables_shared(cx.tid);
+    let follows = args.flags & libc::AT_SYMLINK_NOFOLLOW == 0;
+    let (path, file) = match &raw {
+        Some(_) if fileless && call.shared => procfs::descriptor_file(cx.tid, args.dirfd).unzip(),
+        Some(_) if fileless => (cx.fd_path(args.dirfd), None),
+        Some(raw) if call.shared => match procfs::resolve_opened_file(cx.tid, args.dirfd, raw, follows) {
+            Some((path, file)) => (Some(path), file),
+            None => (cx.resolve(args.dirfd, raw), None),
+        },
+        Some(raw) => (cx.resolve(args.dirfd, raw), None),
+        None => (None, None),
+    };
+    call.entry_path = path;
+    call.entry_file = file;
+    call.partial = call.entry_path.is_none();
     if let Some(raw) = &raw {
         call.entry_bytes = kernel_file_name(args.dirfd, raw);
-    }
-    if let (true, Some(raw)) = (call.shared, &raw) {
-        call.entry_file = match fileless {
-            true => procfs::fd_file(cx.tid, args.dirfd),
-            false => procfs::opened_file(cx.tid, args.dirfd, raw, args.flags & libc::AT_SYMLINK_NOFOLLOW == 0),
-        };
     }
     // The caller's argv: for a `#!` script the kernel replaces argv[0] by
     // the interpreter's line and the script's path.
@@ -150,19 +153,26 @@ fn exec_unverified(cx: &Ctx<'_>, call: &Call, execfn: Option<&[u8]>, exe: Option
     if !call.shared {
         return why;
     }
-    let ran = match script {
+    // The kernel keeps no reference to a script once its interpreter runs:
+    // it is looked for by name again, but a relative name's directory (the
+    // working directory, a descriptor) the sharer may have changed and
+    // changed back since the kernel's look.
+    let relative_script = script && (execfn.starts_with(b"/dev/fd/") || !execfn.starts_with(b"/"));
+    let ran = || match script {
         false => exe,
-        // The kernel keeps no reference to a script once its interpreter runs.
-        true if execfn.starts_with(b"/dev/fd/") => None,
         true => procfs::opened_file(cx.tid, AT_FDCWD, execfn, true),
     };
-    if call.entry_file.is_none() {
+    if relative_script {
+        why.push(format!(
+            "path: the name the kernel was asked to run, a script's, relative to a directory that a task sharing              it could have changed while the call ran and changed back since: the kernel keeps no reference to              the script to compare with, and {RACE} may have"
+        ));
+    } else if call.entry_file.is_none() {
         why.push(format!(
             "path: the name the kernel was asked to run, but the tracer could not follow it to a file at the \
              call's entry (a magic link such as /proc/self/exe, or a name not there then) to compare with the file \
              the kernel ran, and {RACE} may have"
         ));
-    } else if !ran.zip(call.entry_file).is_some_and(|(ran, named)| ran.is(&named)) {
+    } else if !ran().zip(call.entry_file).is_some_and(|(ran, named)| ran.is(&named)) {
         let which = if script { "the script the name leads to after the exec" } else { "the file the kernel ran" };
         why.push(format!(
             "path: the name the kernel was asked to run, but {which} is not the file that name led to at the \

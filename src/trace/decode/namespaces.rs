@@ -60,6 +60,7 @@ const MOUNT_FLAGS: &[(u64, &str)] = &[
 
 const MS_BIND: u64 = 1 << 12;
 const MS_MOVE: u64 = 1 << 13;
+const UMOUNT_NOFOLLOW: u32 = 1 << 3;
 
 /// The magic old programs put in mount's high 16 bits; the kernel drops
 /// those bits when it finds it (a name for the magic, not for each bit).
@@ -124,8 +125,18 @@ fn read_text(cx: &Ctx<'_>, addr: u64) -> Option<String> {
 pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, ns: NsCall) -> Next {
     let [a0, a1, a2, ..] = call.args;
     let unread = match ns {
-        NsCall::Chroot | NsCall::Umount | NsCall::UmountNoFlags => {
+        NsCall::Chroot => {
             call.entry_path = cx.read_path(AT_FDCWD, a0);
+            call.entry_path.is_none()
+        }
+        // The kernel follows the target's final symlink (umount2 unless
+        // told not to): the mount is where it leads, which mountinfo shows.
+        NsCall::Umount | NsCall::UmountNoFlags => {
+            let follows = ns == NsCall::UmountNoFlags || a1 as u32 & UMOUNT_NOFOLLOW == 0;
+            call.entry_path = match follows {
+                true => cx.read_followed_path(AT_FDCWD, a0),
+                false => cx.read_path(AT_FDCWD, a0),
+            };
             call.entry_path.is_none()
         }
         NsCall::PivotRoot => {
@@ -134,7 +145,7 @@ pub fn entry(cx: &mut Ctx<'_>, call: &mut Call, ns: NsCall) -> Next {
             call.entry_path.is_none() || call.entry_target.is_none()
         }
         NsCall::Mount => {
-            call.entry_path = cx.read_path(AT_FDCWD, a1);
+            call.entry_path = cx.read_followed_path(AT_FDCWD, a1);
             // Both may be NULL (a remount, a propagation change). A bind
             // mount's or a move's source is a path, resolved as the kernel does.
             call.entry_target = match a0 {
