@@ -25,6 +25,16 @@ const CACHED_MAX: usize = 4;
 const ROOTS_MAX: usize = 4;
 /// Most lookups between two tries to watch a root.
 const WATCH_RETRY_MAX: u64 = 1024;
+/// Lookups in a root before it is first watched. Watches save two statx
+/// per lookup, but closing an inotify instance that holds them waits for
+/// the kernel's grace period (13 ms here), which a short run pays at its
+/// exit: a root is watched once it has been looked up often enough.
+const WATCH_AFTER: u64 = 64;
+/// How recent a change of an unwatched database may be for its version
+/// (size, mtime, ctime) not to tell a later write apart: file times come
+/// from the kernel's coarse clock, one tick (at most 10 ms) apart. Such a
+/// database is read for the lookup and not kept.
+const SAME_TICK_NS: i64 = 50_000_000;
 
 /// Which database.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -70,6 +80,15 @@ fn kind(file: &FileId) -> Kind {
 /// directory may have different mounts on top of its files.
 type Place = (u64, u64, Option<u64>);
 
+/// Whether a database changed within a clock tick or so of now: a write
+/// in that tick could leave its version as it is.
+fn changed_lately(version: &Version) -> bool {
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(i64::MAX, |d| d.as_nanos() as i64);
+    let (.., mtime, ctime) = *version;
+    [mtime, ctime].iter().any(|time| time.is_none_or(|time| now.saturating_sub(time) < SAME_TICK_NS))
+}
+
 fn place_of(file: &FileId) -> Place {
     (file.device, file.inode, file.unique_mount_id.or(file.mount_id))
 }
@@ -94,9 +113,10 @@ struct Root {
     last_used: u64,
     /// While nothing watched has changed: both databases' versions.
     fresh: Option<Fresh>,
-    /// When watching failed (a symlinked /etc, a filesystem not watched,
-    /// the watch limit...): lookups to go before the next try, and how
-    /// many the one after waits (doubling, so that a root that cannot be
+    /// Lookups to go before the first try to watch (`WATCH_AFTER`), or,
+    /// when watching failed (a symlinked /etc, a filesystem not watched,
+    /// the watch limit...), before the next try, and how many the one after
+    /// waits (doubling, so that a root that cannot be
     /// watched costs the tries next to nothing).
     watch_retry: (u64, u64),
 }
@@ -255,7 +275,8 @@ impl Names {
                     let oldest = (0..self.roots.len()).min_by_key(|&i| self.roots[i].last_used)?;
                     self.roots.swap_remove(oldest);
                 }
-                self.roots.push(Root { place, dir, etc: None, last_used: 0, fresh: None, watch_retry: (0, 0) });
+                let watch_retry = (WATCH_AFTER, 0);
+                self.roots.push(Root { place, dir, etc: None, last_used: 0, fresh: None, watch_retry });
                 self.roots.len() - 1
             }
         };
@@ -290,11 +311,14 @@ impl Names {
                     None => self.open_in_etc(root, database, version)?,
                 };
                 let names = Entries::parse(read_regular(&file)?);
+                let watched = self.roots[root].fresh.is_some();
+                if !watched && changed_lately(&version) {
+                    return names.get(id);
+                }
                 if self.loaded.len() == CACHED_MAX {
                     let oldest = (0..self.loaded.len()).min_by_key(|&i| self.loaded[i].last_used)?;
                     self.loaded.swap_remove(oldest);
                 }
-                let watched = self.roots[root].fresh.is_some();
                 self.loaded.push(Loaded { version, names, last_used: 0, watched });
                 self.loaded.len() - 1
             }
@@ -403,6 +427,15 @@ impl Entries {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_database_changed_within_a_tick_is_not_kept() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
+        let version = |mtime, ctime| (1, 2, Some(3), 4, mtime, ctime);
+        assert!(changed_lately(&version(Some(now - 1_000_000_000), Some(now))));
+        assert!(changed_lately(&version(Some(now - 1_000_000_000), None)));
+        assert!(!changed_lately(&version(Some(now - 1_000_000_000), Some(now - 1_000_000_000))));
+    }
 
     #[test]
     fn entries_map_ids_to_names_first_one_winning() {
