@@ -140,7 +140,7 @@ struct Supervision {
     /// stop then makes the call return this result instead of restarting
     /// it (restarted, an unlink or a mkdir would fail the second time).
     made: HashMap<Pid, (i32, [u64; 6], i64)>,
-    /// Whether a workload call carrying the marker has been said.
+    /// Whether a workload call carrying the marker has been logged.
     forged_marker_seen: bool,
 }
 

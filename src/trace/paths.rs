@@ -1,9 +1,6 @@
 //! Lexical path arithmetic for paths the kernel has not resolved for us
 //! (failed calls): join to a base directory and fold `.` and `..`.
 
-/// `path` made absolute against `base` (itself absolute), with `.`, `..`
-/// and repeated slashes folded. `..` at the root stays at the root, as the
-/// kernel does.
 /// Whether joining `path` as text could name another file than the walk
 /// the kernel made of it: a `..` after a name, which the kernel takes from
 /// where that name led (a symlink's target), not from the name.
@@ -20,6 +17,9 @@ pub fn climbs_after_a_name(path: &[u8]) -> bool {
     false
 }
 
+/// `path` made absolute against `base` (itself absolute), with `.`, `..`
+/// and repeated slashes folded. `..` at the root stays at the root, as the
+/// kernel does.
 pub fn absolute(base: &str, path: &str) -> String {
     let mut parts: Vec<&str> = Vec::new();
     let joined = if path.starts_with('/') { [path, ""] } else { [base, path] };

@@ -205,10 +205,15 @@ pub fn descriptor_file(tid: Pid, fd: i32) -> Option<(String, FileId)> {
     Some((own_fd_path(&file)?, id))
 }
 
-/// The kernel's path for a descriptor of the tracer's own (`/proc/self`:
-/// no getpid to name the process).
+/// The kernel's path for a descriptor of the tracer's own.
 pub fn own_fd_path(file: &impl AsFd) -> Option<String> {
-    readlink(&format!("/proc/self/fd/{}", file.as_fd().as_raw_fd()))
+    readlink(&own_link(file))
+}
+
+/// The /proc magic link of a descriptor of the tracer's own, which leads
+/// to that very file (`/proc/self`: no getpid to name the process).
+pub fn own_link(file: &impl AsFd) -> String {
+    format!("/proc/self/fd/{}", file.as_fd().as_raw_fd())
 }
 
 /// Whether `tid` is a thread of the tracer's own process (the workload is
@@ -686,7 +691,7 @@ pub fn open_beneath(dir: &OwnedFd, path: &std::ffi::CStr, flags: i32, mode: u32,
 /// tracer's refers to (through its /proc magic link): the kernel checks
 /// the open's permissions on that very file.
 pub fn reopen(file: &OwnedFd, flags: i32) -> nix::Result<OwnedFd> {
-    let path = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).expect("no NUL in a number");
+    let path = std::ffi::CString::new(own_link(file)).expect("no NUL in a number");
     // SAFETY: `path` is NUL-terminated; open returns a new descriptor or -1.
     let fd = nix::errno::Errno::result(unsafe { libc::open(path.as_ptr(), flags) })?;
     // SAFETY: a descriptor open just returned, owned by no one else.

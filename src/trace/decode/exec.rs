@@ -164,7 +164,9 @@ fn exec_unverified(cx: &Ctx<'_>, call: &Call, execfn: Option<&[u8]>, exe: Option
     };
     if relative_script {
         why.push(format!(
-            "path: the name the kernel was asked to run, a script's, relative to a directory that a task sharing              it could have changed while the call ran and changed back since: the kernel keeps no reference to              the script to compare with, and {RACE} may have"
+            "path: the name the kernel was asked to run, a script's, relative to a directory that a task sharing \
+             it could have changed while the call ran and changed back since: the kernel keeps no reference to \
+             the script to compare with, and {RACE} may have"
         ));
     } else if call.entry_file.is_none() {
         why.push(format!(

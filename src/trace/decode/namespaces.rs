@@ -200,9 +200,9 @@ const BINDS_OR_MOVES: u64 = libc::MS_BIND | libc::MS_MOVE;
 /// Why a mount or umount2 cannot be reported as read at entry, or None: a
 /// new mount must be in the thread's mountinfo at the target, of that type
 /// and from that source, and was not there at entry; an unmount must have
-/// taken away a mount that was at the target at entry. What leaves nothing to look for
-/// (a failure, a remount, a propagation change) is marked, and so is a
-/// bind or move's source.
+/// taken away a mount that was at the target at entry. What leaves nothing
+/// to look for (a failure, a remount, a propagation change) is marked, and
+/// so is a bind or move's source.
 fn mount_unverified(cx: &Ctx<'_>, call: &Call, retval: i64, ns: NsCall) -> Option<String> {
     const RACE: &str = "another task sharing the memory, or another process writing it, could have changed them \
                         before the kernel read them";

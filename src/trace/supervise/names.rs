@@ -17,9 +17,9 @@
 //!   tracer's own files; an unknown bit) are bounced;
 //! - mkdir and mknod run under the thread's creation mask;
 //! - chmod, chown, truncate, the attribute calls and the utime family act
-//!   on the file the tracer's own walk of the final name found (a symlink followed only within the root's mount,
-//!   never a magic link), through its own descriptor of it: the file
-//!   reported is the file changed. truncate opens it for writing without
+//!   on the file the tracer's own walk of the final name found (a symlink
+//!   followed only within the root's mount, never a magic link), through
+//!   its own descriptor of it: the file reported is the file changed. truncate opens it for writing without
 //!   blocking, so that a lease the workload holds never holds the tracer
 //!   (the call is bounced instead), then cuts it: the thread's write
 //!   permission, append-only and immutable flags and a running program's
@@ -163,6 +163,16 @@ const ATTRIBUTE_NAME_MAX: usize = 255;
 const ATTRIBUTE_VALUE_MAX: u64 = 65536;
 
 impl NameCall {
+    /// Whether a call that changes a file follows a final symlink to it.
+    fn follows(&self) -> bool {
+        match self {
+            NameCall::Chown { follows, .. } | NameCall::Attribute { follows, .. } | NameCall::Times { follows, .. } => {
+                *follows
+            }
+            _ => true,
+        }
+    }
+
     /// Whether the kernel would take the call as the thread's without a
     /// signal: a truncate beyond the thread's file size limit (or the
     /// tracer's) is for the thread to make, the kernel sends it SIGXFSZ.
@@ -526,63 +536,17 @@ fn make(call: NameCall, name: &Walked, other: Option<&Walked>) -> Made {
             let moved = same(&id(new), &before);
             (result, before, moved)
         }
-        NameCall::Chmod(mode) => {
-            let file = match final_file(name, true) {
+        NameCall::Chmod(_)
+        | NameCall::Chown { .. }
+        | NameCall::Truncate(_)
+        | NameCall::Attribute { .. }
+        | NameCall::Times { .. } => {
+            let file = match final_file(name, call.follows()) {
                 Ok(file) => file,
                 Err(walk) => return walk.map(|errno| (-(errno as i64), None, None)),
             };
-            // chmod has no AT_EMPTY_PATH before fchmodat2 (Linux 6.6): the
-            // /proc link of the tracer's own descriptor leads to the file.
-            let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-            let result = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode.bits()))
-                .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)));
+            let result = change_final_file(&file, call)?;
             // The file as the call left it.
-            (result, procfs::file_id(&file, b""), true)
-        }
-        NameCall::Chown { owner, group, follows } => {
-            let file = match final_file(name, follows) {
-                Ok(file) => file,
-                Err(walk) => return walk.map(|errno| (-(errno as i64), None, None)),
-            };
-            let result = nix::unistd::fchownat(&file, "", owner, group, AtFlags::AT_EMPTY_PATH);
-            (result, procfs::file_id(&file, b""), true)
-        }
-        NameCall::Truncate(length) => {
-            let file = match final_file(name, true) {
-                Ok(file) => file,
-                Err(walk) => return walk.map(|errno| (-(errno as i64), None, None)),
-            };
-            let result = match kind(&procfs::file_id(&file, b"")) {
-                Some(libc::S_IFDIR) => Err(Errno::EISDIR),
-                Some(libc::S_IFREG) => truncate_through(&file, length)?,
-                // truncate(2) fails with EINVAL for these, but opening one
-                // could block or act (a FIFO, a device): the thread's own.
-                _ => return None,
-            };
-            (result, procfs::file_id(&file, b""), true)
-        }
-        NameCall::Attribute { attribute, flags, follows } => {
-            let file = match final_file(name, follows) {
-                Ok(file) => file,
-                Err(walk) => return walk.map(|errno| (-(errno as i64), None, None)),
-            };
-            // No attribute call takes AT_EMPTY_PATH before setxattrat
-            // (Linux 6.13), and the f* forms refuse an O_PATH descriptor:
-            // the /proc link of the tracer's own descriptor leads to the
-            // file (to a symlink itself, for the l* forms).
-            let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-            let result = change_attribute(AttributeOf::Path(&path), &attribute, flags);
-            (result, procfs::file_id(&file, b""), true)
-        }
-        NameCall::Times { times, follows } => {
-            let file = match final_file(name, follows) {
-                Ok(file) => file,
-                Err(walk) => return walk.map(|errno| (-(errno as i64), None, None)),
-            };
-            // As for attributes: the /proc link of the tracer's descriptor.
-            let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-            let result = rustix::fs::utimensat(rustix::fs::CWD, path.as_str(), &times, rustix::fs::AtFlags::empty())
-                .map_err(errno_of);
             (result, procfs::file_id(&file, b""), true)
         }
         NameCall::Link => {
@@ -606,19 +570,42 @@ fn make(call: NameCall, name: &Walked, other: Option<&Walked>) -> Made {
     })
 }
 
-/// truncate(2) of `file` (the tracer's O_PATH descriptor of a regular
-/// file), without waiting on a lease the workload holds: opened for
-/// writing without blocking through its /proc link (None, to bounce, when
-/// a lease is to be broken: the thread waits for it itself), then cut.
-fn truncate_through(file: &OwnedFd, length: i64) -> Option<Result<(), Errno>> {
-    use nix::fcntl::OFlag;
-    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-    let flags = OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC | OFlag::O_LARGEFILE;
-    match nix::fcntl::open(path.as_str(), flags, Mode::empty()) {
-        Ok(writable) => Some(nix::unistd::ftruncate(&writable, length)),
-        Err(Errno::EWOULDBLOCK) => None,
-        Err(errno) => Some(Err(errno)),
-    }
+/// Makes `call`, one that changes a file, on `file`: the tracer's O_PATH
+/// descriptor of the file the final name led to. None to bounce. The calls
+/// that take no AT_EMPTY_PATH (chmod before fchmodat2, the attribute calls
+/// before setxattrat, utimensat) and whose f* forms refuse an O_PATH
+/// descriptor go through its /proc link, which leads to that very file
+/// (to a symlink itself, for the l* forms).
+fn change_final_file(file: &OwnedFd, call: NameCall) -> Option<Result<(), Errno>> {
+    let link = procfs::own_link(file);
+    let result = match call {
+        NameCall::Chmod(mode) => std::fs::set_permissions(&link, std::fs::Permissions::from_mode(mode.bits()))
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))),
+        NameCall::Chown { owner, group, .. } => nix::unistd::fchownat(file, "", owner, group, AtFlags::AT_EMPTY_PATH),
+        NameCall::Truncate(length) => match procfs::file_id(file, b"").and_then(|f| f.stat) {
+            Some(stat) if stat.mode & libc::S_IFMT == libc::S_IFDIR => Err(Errno::EISDIR),
+            // Opened for writing without blocking: a lease to break bounces
+            // the call (the thread waits for its holder, never the tracer).
+            Some(stat) if stat.mode & libc::S_IFMT == libc::S_IFREG => {
+                let flags = libc::O_WRONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_LARGEFILE;
+                match procfs::reopen(file, flags) {
+                    Ok(writable) => nix::unistd::ftruncate(&writable, length),
+                    Err(Errno::EWOULDBLOCK) => return None,
+                    Err(errno) => Err(errno),
+                }
+            }
+            // truncate(2) fails with EINVAL for these, but opening one
+            // could block or act (a FIFO, a device): the thread's own.
+            _ => return None,
+        },
+        NameCall::Attribute { attribute, flags, .. } => change_attribute(AttributeOf::Path(&link), &attribute, flags),
+        NameCall::Times { times, .. } => {
+            rustix::fs::utimensat(rustix::fs::CWD, link.as_str(), &times, rustix::fs::AtFlags::empty())
+                .map_err(errno_of)
+        }
+        _ => return None,
+    };
+    Some(result)
 }
 
 /// What an attribute call names the file by.
