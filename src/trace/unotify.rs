@@ -91,8 +91,65 @@ pub fn answer_continue(listener: &OwnedFd, id: u64) -> nix::Result<()> {
 /// instead of each waking the other's idle CPU, which costs tens of
 /// microseconds in a VM. Older kernels refuse it; nothing else changes.
 pub fn wake_on_one_cpu(listener: &OwnedFd) -> nix::Result<()> {
-    const SYNC_WAKE_UP: u64 = 1;
-    // SAFETY: NOTIF_SET_FLAGS reads the u64 it is pointed at.
-    let rc = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS, &SYNC_WAKE_UP) };
+    const SYNC_WAKE_UP: libc::c_ulong = 1;
+    // SAFETY: NOTIF_SET_FLAGS reads no memory: despite its _IOW(.., __u64)
+    // number, the kernel takes the flags as the argument's value
+    // (`seccomp_notify_set_flags(filter, arg)`); a pointer to them is
+    // refused with EINVAL.
+    let rc = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS, SYNC_WAKE_UP) };
     Errno::result(rc).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::FromRawFd;
+
+    use super::*;
+
+    /// A listener of an allow-all filter, installed on a thread of its own
+    /// that ends at once: the filter binds that thread only.
+    fn listener() -> OwnedFd {
+        let allow = [libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        }];
+        std::thread::spawn(move || {
+            let prog = libc::sock_fprog { len: 1, filter: allow.as_ptr() as *mut _ };
+            // SAFETY: prctl takes integers; seccomp copies `prog`, which
+            // outlives the call.
+            let fd = unsafe {
+                assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+                libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+                    &prog as *const libc::sock_fprog,
+                )
+            };
+            assert!(fd >= 0, "no listener: {}", Errno::last());
+            // SAFETY: the kernel just made this descriptor, owned by no one else.
+            unsafe { OwnedFd::from_raw_fd(fd as i32) }
+        })
+        .join()
+        .expect("filter thread")
+    }
+
+    fn kernel_release() -> (u32, u32) {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
+        let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse().unwrap_or(0));
+        (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
+    }
+
+    #[test]
+    fn the_kernel_takes_the_one_cpu_wake_up_where_it_has_it() {
+        let listener = listener();
+        let result = wake_on_one_cpu(&listener);
+        if kernel_release() >= (6, 6) {
+            assert_eq!(result, Ok(()), "Linux 6.6 and later have SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP");
+        } else {
+            assert_eq!(result, Err(Errno::EINVAL));
+        }
+    }
 }
