@@ -370,6 +370,11 @@ impl Scan {
     /// reported again after an exec if it was reported before. `exec`: the
     /// time of the exec that named it, which its event then carries.
     fn examine(&mut self, pid: i32, exec: Option<SystemTime>) {
+        // The engine's to report, and nothing to read: most connector
+        // messages are of the traced tree's own forks and execs.
+        if self.traced(pid) {
+            return;
+        }
         // Gone already: it ended before it could be read (its exit settles a known one).
         let Some(stat) = procstat::stat(Pid::from_raw(pid)) else { return };
         if let Some(known) = self.known.get(&pid) {
@@ -455,6 +460,11 @@ impl Scan {
         Some(ppid)
     }
 
+    /// Whether the engine traces process `pid` now.
+    fn traced(&self, pid: i32) -> bool {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).contains(&pid)
+    }
+
     /// Whether to report `pid`: false for the tracer, its ancestors and
     /// descendants, kernel threads and other cgroups; None when its parent
     /// chain could not be read whole. `stats` holds the reads made so far.
@@ -462,7 +472,7 @@ impl Scan {
         if pid == self.me || pid == KTHREADD || self.ancestors.contains(&pid) {
             return Some(false);
         }
-        if self.live.lock().unwrap_or_else(|e| e.into_inner()).contains(&pid) {
+        if self.traced(pid) {
             return Some(false);
         }
         let mut current = pid;
