@@ -132,6 +132,11 @@ struct Supervision {
     /// None where no signalfd could be had: the engine then looks at both
     /// every few milliseconds.
     child_stops: Option<SignalFd>,
+    /// A wait found no stop since `child_stops` was last read: every stop
+    /// since raised a SIGCHLD, which keeps `child_stops` readable until
+    /// read, so the next wait may as well wait for it (one syscall less
+    /// per supervised call).
+    stops_collected: bool,
     bounced: HashMap<Pid, Bounce>,
     /// The last name call the tracer made for each thread (number,
     /// arguments, result), until the thread's next notification: a signal
@@ -265,6 +270,7 @@ impl Engine {
         self.supervision = Some(Supervision {
             supervisor,
             child_stops,
+            stops_collected: false,
             bounced: HashMap::new(),
             made: HashMap::new(),
             forged_marker_seen: false,
@@ -300,9 +306,13 @@ impl Engine {
     /// come first are served meanwhile.
     fn next_stop(&mut self) -> nix::Result<Stop> {
         loop {
-            let Some(supervision) = &self.supervision else { return ptrace::wait_any() };
-            if let Some(stop) = ptrace::poll_any()? {
-                return Ok(stop);
+            let Some(supervision) = &mut self.supervision else { return ptrace::wait_any() };
+            if !supervision.stops_collected || supervision.child_stops.is_none() {
+                match ptrace::poll_any()? {
+                    // Others may be queued behind it under one SIGCHLD.
+                    Some(stop) => return Ok(stop),
+                    None => supervision.stops_collected = true,
+                }
             }
             // No allocation per wait: the signalfd's slot, without one, is
             // the listener again and left out of the poll.
@@ -323,6 +333,7 @@ impl Engine {
                     // say EAGAIN, once per stop). Another one pending makes
                     // the next poll return at once: no stop is missed.
                     let _ = child_stops.read_signal();
+                    supervision.stops_collected = false;
                 }
             }
             if listener.contains(PollFlags::POLLIN) {
