@@ -8,7 +8,7 @@
 //!   `CWS_STATIC_BINARY`; every failing step is reported.
 //! - `dist`: the distributed binary (`dist` profile: fat LTO), fully static
 //!   (glibc, crt-static) and stripped, at `TARGET_DIR/dist/cws-instrumentation`.
-//! - `bench [--quick] [--runs N] [--only W0b,W1,W10] [--tracer PATH] [--stops-reference PATH]`: tracing
+//! - `bench [--quick] [--runs N] [--only W0b,W1,W10] [--tracer PATH] [--stops-reference PATH] [--only-ingest]`: tracing
 //!   overhead against native and strace, side by side, and `serve` ingest
 //!   (see `bench/mod.rs`).
 //! - `image`: a `FROM scratch` image holding only `/cws-instrumentation`,
@@ -249,7 +249,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::bench(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => {
             eprintln!(
-                "usage: cargo xtask demo|ci|dist|image|bench [--quick] [--runs N] [--only W0b,W1,W10] [--tracer PATH] [--stops-reference PATH]"
+                "usage: cargo xtask demo|ci|dist|image|bench [--quick] [--runs N] [--only W0b,W1,W10] [--tracer PATH] [--stops-reference PATH] [--only-ingest]"
             );
             return ExitCode::from(2);
         }

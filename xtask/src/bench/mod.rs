@@ -21,7 +21,8 @@
 //! measured against each, and JSON to `TARGET_DIR/bench/results.json`
 //! (cargo's target directory). Last, W9: the /proc scan's CPU per scan with
 //! 1,000 processes present, and the process connector's per 1,000
-//! processes started (`--only-procscan` runs only that). W10, not timed:
+//! processes started (`--only-procscan` runs only that; `--only-ingest`
+//! the ingest alone). W10, not timed:
 //! the stops and events per call of each family of issue 11's calls
 //! (`families`). `--only` runs only the workloads named (by their ids, W10
 //! among them), without the ingest and /proc scan parts.
@@ -304,6 +305,10 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         None => crate::dist()?.display().to_string(),
     };
     let dir = crate::target_subdir("bench")?;
+    if args.iter().any(|a| a == "--only-ingest") {
+        let project = programs::build_project(&dir, sizes.c_files)?;
+        return ingest::measure(&tracer, &dir, &project, sizes.ingest_events).map(drop);
+    }
     let getpid = compile(&dir, "getpid", programs::GETPID)?;
     let openclose = compile(&dir, "openclose", programs::OPENCLOSE)?;
     let connect = compile(&dir, "connect", programs::CONNECT)?;
