@@ -167,6 +167,11 @@ struct Entered {
     ppid: u32,
 }
 
+/// Ended processes whose fork event is awaited, at most: each costs a
+/// little; past this, the list starts over (those fork events are then
+/// stamped when handled).
+const UNANNOUNCED_MAX: usize = 1024;
+
 /// How long the engine waits on the listener alone, without a signalfd.
 const POLL_WITHOUT_SIGNALFD: u16 = 5;
 
@@ -194,6 +199,12 @@ pub struct Engine {
     root_death: Option<Death>,
     stats: Stats,
     supervision: Option<Supervision>,
+    /// Processes that ended before their creator's fork event was handled
+    /// (the kernel's wait may give a new child's stops first, its whole
+    /// life long): their parent and when they were adopted, until the
+    /// event comes, which is then stamped no later than their first stop
+    /// and adds no process. Dropped with their parent.
+    unannounced: HashMap<Pid, (Pid, SystemTime)>,
     /// ptrace requests are only valid from the thread that attached.
     _single_thread: PhantomData<*const ()>,
 }
@@ -243,6 +254,7 @@ impl Engine {
             root_started: false,
             stats: Stats::default(),
             supervision: None,
+            unannounced: HashMap::new(),
             _single_thread: PhantomData,
         }
     }
@@ -815,16 +827,30 @@ impl Engine {
         let directory =
             !thread && request.map_or(kind == ForkEventKind::Clone, |r| r.flags as i32 & libc::CLONE_FS != 0);
         let sharing = Sharing { thread, sibling, tables, directory };
+        let parent_tgid = self.procs.thread(parent).map(|t| t.tgid);
+        let grandparent = self.procs.process_of(parent).map(|p| p.ppid);
+        let ended = match self.unannounced.remove(&child) {
+            Some((ppid, adopted))
+                if self.procs.thread(child).is_none() && (Some(ppid) == parent_tgid || Some(ppid) == grandparent) =>
+            {
+                Some(adopted)
+            }
+            _ => None,
+        };
         // A child adopted before this event has run: its own state is read.
-        let ran = self.procs.thread(child).is_some_and(|t| t.adopted_at.is_some());
-        let child_tgid = self.procs.add_child(parent, child, sharing);
-        if !ran {
+        let adopted = self.procs.thread_mut(child).and_then(|t| t.adopted_at.take());
+        let child_tgid = match ended {
+            Some(_) => child,
+            None => self.procs.add_child(parent, child, sharing),
+        };
+        if adopted.is_none() && ended.is_none() {
             self.supervisor_inherits(parent, child, child_tgid, entered_flags, kind);
         }
         if child_tgid == child {
             // A child adopted before this event may already have events of
-            // its own: the fork is stamped no later than its first stop.
-            let adopted_at = self.procs.thread(child).and_then(|t| t.adopted_at);
+            // its own, or have ended: the fork is stamped no later than its
+            // first stop.
+            let adopted_at = adopted.or(ended);
             let time = request.map_or_else(SystemTime::now, |r| r.time);
             let time = adopted_at.map_or(time, |adopted| time.min(adopted));
             let (fork_kind, default_syscall) = match kind {
@@ -916,8 +942,17 @@ impl Engine {
         if let Some(interrupted) = self.interrupted.remove(&pid) {
             self.report_eintr(pid, interrupted);
         }
-        let (_, process) = self.procs.remove_thread(pid);
+        let (thread, process) = self.procs.remove_thread(pid);
         if let Some(process) = process {
+            // Its fork events not handled yet will not come now: its
+            // children that ended before them are forgotten.
+            self.unannounced.retain(|_, (ppid, _)| *ppid != pid);
+            if let Some(adopted) = thread.and_then(|t| t.adopted_at) {
+                if self.unannounced.len() >= UNANNOUNCED_MAX {
+                    self.unannounced.clear();
+                }
+                self.unannounced.insert(pid, (process.ppid, adopted));
+            }
             self.serve_queued_notifications();
             self.procs.reparent_children(pid, |child| procfs::status(child)?.ppid.map(Pid::from_raw));
             let event = Event {
