@@ -344,6 +344,7 @@ fn a_call_just_before_the_exit_still_names_the_owner() {
     let file = dir.path().canonicalize().unwrap().join("file");
     std::fs::write(&file, "0123456789").unwrap();
     let owner = nix::unistd::User::from_uid(nix::unistd::getuid()).unwrap().map(|user| user.name);
+    assert!(owner.is_some(), "the test runs as a user with a name");
     let script = "for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do truncate -s 3 \"$0\"; done";
     for mode in [&[] as &[&str], &["--disable-seccomp"]] {
         let run = Trace::with_flags(mode, &["sh", "-c", script, file.to_str().unwrap()]).run();

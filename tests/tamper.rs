@@ -238,7 +238,10 @@ fn a_unix_connect_reports_the_peer_the_kernel_connected_or_is_marked() {
                 let address = event["connect"]["address"].as_str().unwrap();
                 match (event["unverified"].as_str(), kind) {
                     (None, _) | (Some(_), "abstract") => assert_eq!(address, name(which), "{context}: {event:#?}"),
-                    (Some(_), _) => {}
+                    // Marked: the name read, one of the two the sibling writes.
+                    (Some(_), _) => {
+                        assert!([name("a"), name("b")].contains(&address.to_owned()), "{context}: {event:#?}")
+                    }
                 }
                 marked += usize::from(event["unverified"].is_string());
             }
