@@ -827,16 +827,12 @@ impl Engine {
         let directory =
             !thread && request.map_or(kind == ForkEventKind::Clone, |r| r.flags as i32 & libc::CLONE_FS != 0);
         let sharing = Sharing { thread, sibling, tables, directory };
-        let parent_tgid = self.procs.thread(parent).map(|t| t.tgid);
-        let grandparent = self.procs.process_of(parent).map(|p| p.ppid);
-        let ended = match self.unannounced.remove(&child) {
-            Some((ppid, adopted))
-                if self.procs.thread(child).is_none() && (Some(ppid) == parent_tgid || Some(ppid) == grandparent) =>
-            {
-                Some(adopted)
-            }
-            _ => None,
-        };
+        // Ended already: its parent is this one, or with CLONE_PARENT this one's.
+        let ended = self.unannounced.remove(&child).and_then(|(ppid, adopted)| {
+            let created = self.procs.thread(parent).is_some_and(|t| t.tgid == ppid)
+                || self.procs.process_of(parent).is_some_and(|p| p.ppid == ppid);
+            (created && self.procs.thread(child).is_none()).then_some(adopted)
+        });
         // A child adopted before this event has run: its own state is read.
         let adopted = self.procs.thread_mut(child).and_then(|t| t.adopted_at.take());
         let child_tgid = match ended {
@@ -937,11 +933,12 @@ impl Engine {
 
     fn on_death(&mut self, pid: Pid, death: Death) {
         self.pending.remove(&pid);
-        self.forget_thread(pid);
-        // Killed by the signal that interrupted its call: the call did not complete.
+        // Killed by the signal that interrupted its call: the call did not
+        // complete (reported while the names still know its root).
         if let Some(interrupted) = self.interrupted.remove(&pid) {
             self.report_eintr(pid, interrupted);
         }
+        self.forget_thread(pid);
         let (thread, process) = self.procs.remove_thread(pid);
         if let Some(process) = process {
             // Its fork events not handled yet will not come now: its

@@ -14,11 +14,13 @@
 //! its upper or lower directory directly, which the kernel calls undefined)
 //! and stores through a writable shared mapping raise no inotify event.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use nix::sys::statfs::{self, FsType};
+
+use crate::trace::procfs;
 
 /// Watch entries kept; past this the instance is made anew (dropping every
 /// watch, old files' included) and every root is checked again.
@@ -100,7 +102,7 @@ impl EtcWatch {
         }
         let Some(inotify) = &self.inotify else { return false };
         // The link of our own descriptor leads to that very inode.
-        let Ok(wd) = inotify.add_watch(format!("/proc/self/fd/{}", file.as_raw_fd()).as_str(), role.mask()) else {
+        let Ok(wd) = inotify.add_watch(procfs::own_link(file).as_str(), role.mask()) else {
             return false;
         };
         if !self.watches.contains(&(wd, role)) {

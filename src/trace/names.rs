@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{Mode, SFlag};
@@ -81,12 +81,14 @@ fn kind(file: &FileId) -> Kind {
 type Place = (u64, u64, Option<u64>);
 
 /// Whether a database changed within a clock tick or so of now: a write
-/// in that tick could leave its version as it is.
+/// in that tick could leave its version as it is. Its ctime says: every
+/// change sets it, and no call sets it to another time (an mtime can be
+/// set to the future, which would keep a root from ever being cached).
 fn changed_lately(version: &Version) -> bool {
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(i64::MAX, |d| d.as_nanos() as i64);
-    let (.., mtime, ctime) = *version;
-    [mtime, ctime].iter().any(|time| time.is_none_or(|time| now.saturating_sub(time) < SAME_TICK_NS))
+    let (.., ctime) = *version;
+    ctime.is_none_or(|ctime| now.saturating_sub(ctime) < SAME_TICK_NS)
 }
 
 fn place_of(file: &FileId) -> Place {
@@ -267,8 +269,10 @@ impl Names {
             None => {
                 let directory = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
                 let dir = nix::fcntl::open(format!("/proc/{tid}/root").as_str(), directory, Mode::empty()).ok()?;
-                // The root may have changed since: kept only when it is the one met.
+                // The root may have changed since: kept only when it is the
+                // one met, and looked up again at the next lookup if not.
                 if place_of(&procfs::file_id(&dir, b"")?) != place {
+                    self.thread_roots.remove(&tid);
                     return None;
                 }
                 if self.roots.len() == ROOTS_MAX {
@@ -371,7 +375,7 @@ impl Names {
 /// regular file: reopened through its descriptor, so it is the same file.
 fn read_regular(file: &OwnedFd) -> Option<Vec<u8>> {
     use std::os::unix::fs::OpenOptionsExt;
-    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let path = procfs::own_link(file);
     let flags = libc::O_NONBLOCK | libc::O_NOCTTY;
     let opened = std::fs::OpenOptions::new().read(true).custom_flags(flags).open(path).ok()?;
     let mut bytes = Vec::new();
@@ -435,6 +439,8 @@ mod tests {
         assert!(changed_lately(&version(Some(now - 1_000_000_000), Some(now))));
         assert!(changed_lately(&version(Some(now - 1_000_000_000), None)));
         assert!(!changed_lately(&version(Some(now - 1_000_000_000), Some(now - 1_000_000_000))));
+        let future = now + 3_600_000_000_000;
+        assert!(!changed_lately(&version(Some(future), Some(now - 1_000_000_000))), "an mtime set ahead is no change");
     }
 
     #[test]

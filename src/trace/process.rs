@@ -117,13 +117,13 @@ impl ProcessTable {
 
     /// The process the tracer started: its tables are its own.
     pub fn add_root(&mut self, pid: Pid, ppid: Pid) {
-        self.insert_process(pid, ppid, false);
+        self.insert_process(pid, ppid, false, false);
     }
 
     /// A process whose state is not known yet: everything comes from /proc,
     /// and another process may share its tables.
     pub fn add_process(&mut self, pid: Pid, ppid: Pid) {
-        self.insert_process(pid, ppid, true);
+        self.insert_process(pid, ppid, true, false);
     }
 
     /// A thread of `tgid` whose state is not known yet.
@@ -135,9 +135,9 @@ impl ProcessTable {
         }
     }
 
-    fn insert_process(&mut self, pid: Pid, ppid: Pid, shared_with_processes: bool) {
+    fn insert_process(&mut self, pid: Pid, ppid: Pid, shared_with_processes: bool, shares_directory: bool) {
         self.threads.insert(pid, Thread::unknown(pid));
-        self.processes.insert(pid, Process { ppid, threads: 1, shared_with_processes, shares_directory: false });
+        self.processes.insert(pid, Process { ppid, threads: 1, shared_with_processes, shares_directory });
         self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(pid.as_raw());
     }
 
@@ -186,10 +186,7 @@ impl ProcessTable {
             return parent_tgid;
         }
         let ppid = if sharing.sibling { grandparent.unwrap_or(parent_tgid) } else { parent_tgid };
-        self.insert_process(child, ppid, sharing.tables);
-        if let Some(process) = self.processes.get_mut(&child) {
-            process.shares_directory = sharing.directory;
-        }
+        self.insert_process(child, ppid, sharing.tables, sharing.directory);
         child
     }
 

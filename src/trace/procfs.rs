@@ -370,7 +370,7 @@ fn directory_path(dir: &OwnedFd) -> Option<Vec<u8>> {
     let mut ancestor: Option<OwnedFd> = None;
     loop {
         let current = ancestor.as_ref().unwrap_or(dir);
-        match std::fs::read_link(format!("/proc/self/fd/{}", current.as_raw_fd())) {
+        match std::fs::read_link(own_link(&current)) {
             Ok(known) => {
                 let mut path = known.into_os_string().into_vec();
                 for name in names.iter().rev() {
@@ -387,7 +387,7 @@ fn directory_path(dir: &OwnedFd) -> Option<Vec<u8>> {
         let own = fstat(current).ok()?;
         let parent =
             openat(current, "..", OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).ok()?;
-        let entries = std::fs::read_dir(format!("/proc/self/fd/{}", parent.as_raw_fd())).ok()?;
+        let entries = std::fs::read_dir(own_link(&parent)).ok()?;
         let name = entries.take(NAME_SCAN_MAX).filter_map(Result::ok).find(|e| e.ino() == own.st_ino)?;
         names.push(name.file_name().into_vec());
         ancestor = Some(parent);

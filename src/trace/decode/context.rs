@@ -45,8 +45,8 @@ pub struct Call {
     pub entry_bytes: Vec<u8>,
     /// Set when something could not be read at entry.
     pub partial: bool,
-    /// Whether another task shared the caller's memory or descriptor table
-    /// at entry (see `ProcessTable::tables_shared`), for a decoder whose
+    /// Whether another task shared the caller's memory, descriptor table
+    /// or working directory at entry (see `ProcessTable::tables_shared`), for a decoder whose
     /// check at exit needs what entry saw (an exec's tables are the new
     /// image's by its exec event).
     pub shared: bool,
@@ -220,8 +220,13 @@ impl Ctx<'_> {
     pub fn read_file(&mut self, dirfd: i32, addr: u64) -> Option<(String, Option<FileId>)> {
         let raw = self.read_raw_path(addr)?;
         procfs::resolve_file(self.tid, dirfd, &raw).or_else(|| {
-            let file = (raw.is_empty() && dirfd != AT_FDCWD).then(|| procfs::fd_file(self.tid, dirfd)).flatten();
-            Some((self.lexical(dirfd, &raw)?, file))
+            // Path and file from one look at the descriptor, which a
+            // sibling could swap between two.
+            let descriptor = (raw.is_empty() && dirfd != AT_FDCWD).then(|| procfs::descriptor_file(self.tid, dirfd));
+            match descriptor.flatten() {
+                Some((path, file)) => Some((path, Some(file))),
+                None => Some((self.lexical(dirfd, &raw)?, None)),
+            }
         })
     }
 

@@ -123,14 +123,13 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, send: SendCall) {
         cx.emit_call(call, retval, true, Payload::Connect(connect));
         return;
     }
+    let shared = cx.procs.tables_shared(cx.tid);
     for raw in found {
         let requested = sockaddr::parse_sockaddr(raw);
         let partial = requested.is_none();
         let (checked, unverified) = match (stream, requested) {
             // A send's success is the bytes it sent; the check takes a connect's 0.
-            (true, requested) => {
-                sockaddr::verify_peer(socket.as_ref(), requested, retval.min(0), cx.procs.tables_shared(cx.tid))
-            }
+            (true, requested) => sockaddr::verify_peer(socket.as_ref(), requested, retval.min(0), shared),
             (false, Some(requested)) if sockaddr::is_ip(requested.0) => {
                 let why = "address: read from the workload's memory as the kernel read it; the kernel keeps no \
                            record of a datagram's destination to check it against";
@@ -138,10 +137,10 @@ pub fn exit(cx: &mut Ctx<'_>, call: &Call, retval: i64, send: SendCall) {
             }
             // A unix datagram's destination neither: marked where another
             // task shares the memory (syslog's every message is one).
-            (false, Some(requested)) if cx.procs.tables_shared(cx.tid) => {
+            (false, Some(requested)) if shared => {
                 let why = "address: read from the workload's memory; the kernel keeps no record of a datagram's \
-                           destination to check it against, and another task sharing the memory could have changed \
-                           it before the kernel read it";
+                           destination to check it against, and another task sharing the memory (or the working \
+                           directory of a relative path) could have changed it before the kernel read it";
                 (Some(requested), Some(why.to_owned()))
             }
             (false, requested) => (requested, None),

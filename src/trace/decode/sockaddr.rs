@@ -127,7 +127,8 @@ fn verify_unix_peer(
     retval: i64,
     shared: bool,
 ) -> (Option<Address>, Option<String>) {
-    const RACE: &str = "another task sharing the memory could have changed it before the kernel read it";
+    const RACE: &str = "another task sharing the memory, or the working directory a relative path is looked up \
+                        from, could have changed it before the kernel read it";
     if retval != 0 {
         let why = shared.then(|| {
             format!(
